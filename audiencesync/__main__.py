@@ -1,0 +1,5 @@
+import sys
+
+from audiencesync.cli import main
+
+sys.exit(main())

@@ -1,0 +1,201 @@
+"""The command line. It only wires: parse, load config, call the library, map errors to exit statuses."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import IO
+
+from tqdm import tqdm
+
+from audiencesync import __version__, store
+from audiencesync.config import Config, find_config, load_config
+from audiencesync.errors import (
+    AudienceSyncError,
+    ConfigError,
+    GleapAuthError,
+    MissingTokenError,
+    StoreError,
+)
+from audiencesync.sources import display_url
+from audiencesync.sync import CycleReport, Progress, Syncer
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1  # changes remain pending or failed, or a source failed
+EXIT_CONFIG = 2
+EXIT_STORE = 3
+EXIT_INTERRUPTED = 130
+
+# Checked in order: the first matching class decides the exit status.
+EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
+    (ConfigError, EXIT_CONFIG),
+    (MissingTokenError, EXIT_CONFIG),
+    (StoreError, EXIT_STORE),
+    (GleapAuthError, EXIT_INCOMPLETE),
+    (AudienceSyncError, EXIT_INCOMPLETE),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="audiencesync",
+        description="Sync audience membership from SQL sources into Gleap.",
+    )
+    parser.add_argument("--version", action="version", version=f"audiencesync {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $AUDIENCESYNC_CONFIG, then ./audiencesync.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="log verbosity on stderr (default: WARNING)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sync = commands.add_parser("sync", help="run one sync cycle now")
+    sync.add_argument(
+        "--audience",
+        action="append",
+        metavar="KEY",
+        dest="audiences",
+        help="only this audience (repeatable; default: all)",
+    )
+    sync.add_argument("--full", action="store_true", help="re-send the current value to every member")
+    sync.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the calls as JSON lines instead of sending them; change nothing",
+    )
+    sync.set_defaults(handler=_cmd_sync)
+
+    db = commands.add_parser("db", help="manage the membership store")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    db_commands.add_parser("upgrade", help="apply pending schema migrations").set_defaults(handler=_cmd_db_upgrade)
+    db_commands.add_parser("current", help="show the store's schema revision").set_defaults(
+        handler=_cmd_db_current
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Callable[[argparse.Namespace, Config], int] = args.handler
+    try:
+        config = load_config(find_config(args.config))
+        return handler(args, config)
+    except AudienceSyncError as exc:
+        print(f"audiencesync: error: {exc}", file=sys.stderr)
+        return next(status for cls, status in EXIT_STATUS if isinstance(exc, cls))
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`); stop quietly like other CLIs.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INCOMPLETE
+    except KeyboardInterrupt:
+        print("audiencesync: interrupted; unacknowledged changes stay pending", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _open_store(config: Config) -> store.Store:
+    return store.Store(store.create_engine(config.store.url))
+
+
+def _cmd_db_upgrade(args: argparse.Namespace, config: Config) -> int:
+    target = _open_store(config)
+    applied = store.upgrade(target.engine)
+    _, head = store.schema_revisions(target.engine)
+    where = display_url(config.store.url)
+    print(f"{where}: {'upgraded to' if applied else 'already at'} schema revision {head}")
+    return EXIT_OK
+
+
+def _cmd_db_current(args: argparse.Namespace, config: Config) -> int:
+    target = _open_store(config)
+    current, head = store.schema_revisions(target.engine)
+    state = "up to date" if current == head else f"behind; run `audiencesync db upgrade` to reach {head}"
+    print(f"{display_url(config.store.url)}: schema revision {current or 'none'} ({state})")
+    return EXIT_OK
+
+
+def _cmd_sync(args: argparse.Namespace, config: Config) -> int:
+    if args.audiences:
+        for key in args.audiences:
+            config.audience(key)  # refuse unknown keys before touching anything
+    target = _open_store(config)
+    if not args.dry_run:
+        if config.gleap.api_token is None:
+            raise MissingTokenError()
+        store.upgrade(target.engine)
+    syncer = Syncer(config, target)
+    try:
+        report = syncer.run_cycle(
+            args.audiences,
+            full=args.full,
+            dry_run=args.dry_run,
+            out=sys.stdout,
+            progress=_progress_bar if sys.stderr.isatty() else None,
+        )
+    finally:
+        syncer.sources.dispose()
+        target.engine.dispose()
+    _print_summary(report, sys.stderr if args.dry_run else sys.stdout)
+    if report.aborted is not None:
+        print(f"audiencesync: error: {report.aborted}", file=sys.stderr)
+    return EXIT_OK if report.complete else EXIT_INCOMPLETE
+
+
+def _progress_bar(total: int) -> Progress:
+    bar = tqdm(total=total, unit="call", desc="delivering", file=sys.stderr, dynamic_ncols=True)
+
+    def tick(done: int) -> None:
+        bar.update(done)
+        if bar.n >= total:
+            bar.close()
+
+    return tick
+
+
+def _print_summary(report: CycleReport, out: IO[str]) -> None:
+    columns = ("audience", "result", "mode", "members", "entered", "left", "sent", "failed", "pending", "skipped")
+    rows = [
+        (
+            a.key,
+            a.status,
+            a.mode,
+            str(a.members),
+            str(a.entered),
+            str(a.left),
+            str(a.sent),
+            str(a.failed),
+            str(a.pending),
+            str(a.skipped_rows),
+        )
+        for a in report.audiences
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    for line in (columns, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip(), file=out)
+    if report.dry_run:
+        print(f"dry run: {report.calls} call(s) would be made; nothing was sent or stored", file=out)
+    for a in report.audiences:
+        if a.error:
+            print(f"{a.key}: {a.error}", file=out)
+        if a.invalid_samples:
+            print(f"{a.key}: skipped invalid ids, e.g. {'; '.join(a.invalid_samples)}", file=out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Loading and validating the TOML configuration into frozen, typed objects.
+
+Everything is checked before anything runs; each problem is reported with the
+file, the place in it and the fix (see ``errors.ConfigError``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from audiencesync.errors import ConfigError
+from audiencesync.keys import key_for_name, key_problem
+
+ENV_CONFIG = "AUDIENCESYNC_CONFIG"
+ENV_TOKEN = "GLEAP_API_TOKEN"
+DEFAULT_CONFIG_NAME = "audiencesync.toml"
+
+
+class Secret:
+    """A string that never shows itself in reprs, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str
+
+
+@dataclass(frozen=True)
+class GleapConfig:
+    base_url: str = "https://api.gleap.io"
+    api_token: Secret | None = None
+    requests_per_minute: int = 1000
+    max_concurrency: int = 8
+    timeout_seconds: float = 30.0
+    max_retries: int = 6
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    url: str
+
+
+@dataclass(frozen=True)
+class AudienceConfig:
+    name: str
+    key: str
+    source: str
+    query: str
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    store: StoreConfig
+    gleap: GleapConfig
+    sources: Mapping[str, SourceConfig]
+    audiences: tuple[AudienceConfig, ...]
+
+    def audience(self, key: str) -> AudienceConfig:
+        for audience in self.audiences:
+            if audience.key == key:
+                return audience
+        known = ", ".join(a.key for a in self.audiences) or "none"
+        raise ConfigError(
+            f"no audience has the key {key!r}",
+            path=str(self.path),
+            fix=f"use one of the configured keys: {known}",
+        )
+
+
+def find_config(cli_path: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """The config file to use: --config, then $AUDIENCESYNC_CONFIG, then ./audiencesync.toml."""
+    if cli_path:
+        return Path(cli_path)
+    if environ.get(ENV_CONFIG):
+        return Path(environ[ENV_CONFIG])
+    return Path(DEFAULT_CONFIG_NAME)
+
+
+def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            "the config file does not exist",
+            path=str(path),
+            fix=f"pass --config PATH, set {ENV_CONFIG}, or create ./{DEFAULT_CONFIG_NAME} "
+            "(config.example.toml is a starting point)",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file ({exc.strerror})", path=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("the file is not UTF-8 text", path=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already names the line and column.
+        raise ConfigError(f"invalid TOML: {exc}", path=str(path)) from None
+    return _parse(raw, path, environ)
+
+
+T = TypeVar("T")
+
+
+class _Table:
+    """One TOML table being read: type-checks each key and reports leftovers as typos."""
+
+    def __init__(self, data: Any, path: Path, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError("must be a table", path=str(path), where=where)
+        self._data = dict(data)
+        self._path = path
+        self.where = where
+
+    def error(self, message: str, fix: str | None = None, key: str | None = None) -> ConfigError:
+        where = f"{self.where}.{key}" if key else self.where
+        return ConfigError(message, path=str(self._path), where=where, fix=fix)
+
+    def take(self, key: str, kind: type[T], default: T | None = None, *, required: bool = False) -> T:
+        if key not in self._data:
+            if required or default is None:
+                raise self.error(f"the key {key!r} is required", fix=f"add {key} = ...")
+            return default
+        value = self._data.pop(key)
+        # TOML integers are fine where a float is expected; booleans are not numbers here.
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise self.error(
+                f"must be a {kind.__name__}, not {type(value).__name__}",
+                key=key,
+                fix=f"write {key} as a TOML {kind.__name__}",
+            )
+        return value
+
+    def take_optional(self, key: str, kind: type[T]) -> T | None:
+        if key not in self._data:
+            return None
+        return self.take(key, kind, required=True)
+
+    def take_positive(self, key: str, kind: type[T], default: T) -> T:
+        value = self.take(key, kind, default)
+        if value <= 0:  # type: ignore[operator]
+            raise self.error("must be greater than zero", key=key, fix=f"set {key} to a positive number")
+        return value
+
+    def finish(self, allowed: list[str]) -> None:
+        for key in self._data:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(allowed)}"
+            raise self.error(f"unknown key {key!r}", key=key, fix=f"remove it or fix its spelling ({hint})")
+
+
+def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Config:
+    root = _Table(raw, path, "top level")
+    store_t = _Table(root.take("store", dict, {}), path, "[store]")
+    gleap_t = _Table(root.take("gleap", dict, {}), path, "[gleap]")
+    sources_raw = root.take("sources", dict, {})
+    audiences_raw = root.take("audiences", list, [])
+    root.finish(["store", "gleap", "sources", "audiences"])
+
+    store = StoreConfig(url=_resolve_url(store_t.take("url", str, "sqlite:///audiencesync.db"), path, store_t))
+    store_t.finish(["url"])
+
+    defaults = GleapConfig()
+    file_token = gleap_t.take_optional("api_token", str)
+    env_token = environ.get(ENV_TOKEN)
+    token = env_token or file_token
+    gleap = GleapConfig(
+        base_url=gleap_t.take("base_url", str, defaults.base_url).rstrip("/"),
+        api_token=Secret(token) if token else None,
+        requests_per_minute=gleap_t.take_positive("requests_per_minute", int, defaults.requests_per_minute),
+        max_concurrency=gleap_t.take_positive("max_concurrency", int, defaults.max_concurrency),
+        timeout_seconds=gleap_t.take_positive("timeout_seconds", float, defaults.timeout_seconds),
+        max_retries=gleap_t.take("max_retries", int, defaults.max_retries),
+    )
+    gleap_t.finish(["base_url", "api_token", "requests_per_minute", "max_concurrency", "timeout_seconds", "max_retries"])
+    if not gleap.base_url.startswith(("http://", "https://")):
+        raise gleap_t.error("must be an http(s) URL", key="base_url", fix='write base_url = "https://api.gleap.io"')
+
+    sources: dict[str, SourceConfig] = {}
+    for name, table in sources_raw.items():
+        source_t = _Table(table, path, f"[sources.{name}]")
+        sources[name] = SourceConfig(name=name, url=_resolve_url(source_t.take("url", str, required=True), path, source_t))
+        source_t.finish(["url"])
+
+    audiences: list[AudienceConfig] = []
+    seen: dict[str, str] = {}
+    for index, table in enumerate(audiences_raw, start=1):
+        audience_t = _Table(table, path, f"[[audiences]] #{index}")
+        name = audience_t.take("name", str, required=True).strip()
+        if name:
+            audience_t.where = f"[[audiences]] #{index} ({name!r})"
+        else:
+            raise audience_t.error("the name is empty", key="name", fix="give the audience a name")
+        explicit_key = audience_t.take_optional("key", str)
+        key = explicit_key if explicit_key is not None else key_for_name(name)
+        problem = key_problem(key)
+        if problem:
+            fix = (
+                'set an explicit key, e.g. key = "my_audience"'
+                if explicit_key is None
+                else "use lowercase letters, digits and single underscores, not a Gleap contact field"
+            )
+            raise audience_t.error(problem, key="key" if explicit_key is not None else "name", fix=fix)
+        if key in seen:
+            raise audience_t.error(
+                f"the key {key!r} is already used by audience {seen[key]!r}",
+                fix="rename one audience or give it an explicit, different key",
+            )
+        seen[key] = name
+        source = audience_t.take("source", str, required=True)
+        if source not in sources:
+            known = ", ".join(sources) or "none defined"
+            raise audience_t.error(
+                f"unknown source {source!r}",
+                key="source",
+                fix=f"use one of the [sources.NAME] tables ({known}) or add [sources.{source}]",
+            )
+        query = audience_t.take("query", str, required=True).strip()
+        if not query:
+            raise audience_t.error("the query is empty", key="query", fix="write a SELECT that yields a user_id column")
+        audience_t.finish(["name", "key", "source", "query"])
+        audiences.append(AudienceConfig(name=name, key=key, source=source, query=query))
+
+    return Config(
+        path=path,
+        store=store,
+        gleap=gleap,
+        sources=sources,
+        audiences=tuple(audiences),
+    )
+
+
+def _resolve_url(url: str, config_path: Path, table: _Table) -> str:
+    """Validate a database URL; relative SQLite paths are taken relative to the config file."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise table.error(
+            "is not a valid database URL",
+            key="url",
+            fix='write a SQLAlchemy URL such as "sqlite:///audiencesync.db" or "postgresql+psycopg://user@host/db"',
+        ) from None
+    database = parsed.database
+    if parsed.get_backend_name() == "sqlite" and database and database != ":memory:" and not database.startswith("file:"):
+        if not Path(database).is_absolute():
+            parsed = parsed.set(database=str((config_path.parent / database).resolve()))
+    return parsed.render_as_string(hide_password=False)

@@ -1,0 +1,80 @@
+"""The exception tree. Every expected failure is an ``AudienceSyncError``.
+
+The CLI maps each class to an exit status in one place (``cli.EXIT_STATUS``),
+and prints ``str(error)`` without a traceback, so every message here says what
+went wrong, which thing it concerns, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class AudienceSyncError(Exception):
+    """Root of every error audiencesync raises on purpose."""
+
+
+class ConfigError(AudienceSyncError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        where: str | None = None,
+        fix: str | None = None,
+    ) -> None:
+        self.path = path
+        self.where = where
+        self.fix = fix
+        parts = []
+        if path:
+            parts.append(f"{path}:")
+        if where:
+            parts.append(f"{where}:")
+        parts.append(message)
+        text = " ".join(parts)
+        if fix:
+            text += f" Fix: {fix}"
+        super().__init__(text)
+
+
+class StoreError(AudienceSyncError):
+    """The membership store cannot be used (unreachable, wrong schema version...)."""
+
+
+class SourceError(AudienceSyncError):
+    """An audience's source query failed; the audience's snapshot is left untouched."""
+
+    def __init__(self, message: str, *, audience: str, source: str) -> None:
+        self.audience = audience
+        self.source = source
+        super().__init__(f"audience {audience!r} (source {source!r}): {message}")
+
+
+class GleapError(AudienceSyncError):
+    """Talking to Gleap failed in a way that concerns the whole cycle."""
+
+
+class GleapAuthError(GleapError):
+    """Gleap refused the token (401/403): nothing more can be delivered this cycle."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        reason = "is wrong or was revoked" if status == 401 else "lacks the rights for this call"
+        super().__init__(
+            f"Gleap answered {status}: the API token {reason}. "
+            "Fix: copy the secret API token from Gleap (Project > Settings > Security) "
+            "into the GLEAP_API_TOKEN environment variable. "
+            "Nothing was marked delivered; the next run sends the pending changes."
+        )
+
+
+class MissingTokenError(GleapError):
+    """No Gleap token is configured and the command needs one."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no Gleap API token is set. Fix: export GLEAP_API_TOKEN=<secret token> "
+            "(Gleap: Project > Settings > Security), or set api_token under [gleap] in the "
+            "config file; or pass --dry-run to see the calls without sending them."
+        )

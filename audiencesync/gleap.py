@@ -1,0 +1,167 @@
+"""Gleap's admin API: identify calls with rate limiting, concurrency and retries."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from audiencesync import __version__
+from audiencesync.config import GleapConfig, Secret
+from audiencesync.errors import GleapAuthError
+from audiencesync.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+IDENTIFY_PATH = "/admin/identify"
+# As Segment's action destinations do: these may succeed when tried again.
+RETRYABLE_STATUSES = frozenset({408, 423, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 300.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int  # 0 when no answer came (timeout, connection dropped)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+class _Transient(Exception):
+    def __init__(self, status: int, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def identify_body(user_id: str, attributes: dict[str, bool]) -> dict[str, Any]:
+    # userId last so that no attribute can override it (as Gleap's own SDK does).
+    return {**attributes, "userId": user_id}
+
+
+class GleapClient:
+    """One long-lived HTTP client per cycle, shared by all delivery tasks."""
+
+    def __init__(
+        self,
+        config: GleapConfig,
+        token: Secret,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        limiter: TokenBucket | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.config = config
+        self._token = token
+        self._transport = transport
+        self.limiter = limiter or TokenBucket(config.requests_per_minute)
+        self._backoff = wait_exponential_jitter(initial=backoff_initial, max=backoff_max, jitter=backoff_initial)
+        self._client: httpx.AsyncClient | None = None
+        self.retries = 0
+
+    async def __aenter__(self) -> GleapClient:
+        # The pool is as large as the concurrency, so no task ever waits on it (PoolTimeout).
+        limits = httpx.Limits(
+            max_connections=self.config.max_concurrency, max_keepalive_connections=self.config.max_concurrency
+        )
+        self._client = httpx.AsyncClient(
+            base_url=self.config.base_url,
+            headers={"Api-Token": self._token.reveal(), "User-Agent": f"audiencesync/{__version__}"},
+            timeout=httpx.Timeout(self.config.timeout_seconds),
+            limits=limits,
+            transport=self._transport,
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Transient):
+            if exc.status == 429:
+                return 0.0  # the shared limiter was paused for Retry-After; waiting here too would double it
+            if exc.retry_after is not None:
+                return exc.retry_after
+        return float(self._backoff(state))
+
+    async def identify(self, user_id: str, attributes: dict[str, bool]) -> Answer:
+        """Send one identify call; retries transient failures, raises GleapAuthError on 401/403."""
+        body = identify_body(user_id, attributes)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.config.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception_type(_Transient),
+            reraise=True,
+            before_sleep=self._count_retry,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._send(body)
+        except _Transient as exc:
+            return Answer(exc.status, f"gave up after {self.config.max_retries + 1} attempts: {exc}")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        self.retries += 1
+
+    async def _send(self, body: dict[str, Any]) -> Answer:
+        assert self._client is not None, "use GleapClient as an async context manager"
+        await self.limiter.acquire()
+        try:
+            response = await self._client.post(IDENTIFY_PATH, json=body)
+        except httpx.TimeoutException:
+            raise _Transient(0, f"no answer within {self.config.timeout_seconds:g} s") from None
+        except httpx.TransportError as exc:
+            raise _Transient(0, f"connection failed ({type(exc).__name__})") from None
+        status = response.status_code
+        if 200 <= status < 300:
+            return Answer(status)
+        if status in (401, 403):
+            raise GleapAuthError(status)
+        text = response.text.strip()[:500]
+        if status in RETRYABLE_STATUSES:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if status == 429:
+                # Everyone shares the project's limit: hold back every task, not just this one.
+                self.limiter.pause(retry_after if retry_after is not None else 1.0)
+            raise _Transient(status, f"HTTP {status} {text}".strip(), retry_after)
+        return Answer(status, f"HTTP {status}: {text}" if text else f"HTTP {status}")

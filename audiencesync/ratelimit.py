@@ -1,0 +1,52 @@
+"""A token bucket shared by every call to one Gleap project.
+
+Hand-written rather than taken from aiolimiter because the rate must be able
+to drop when Gleap answers 429 and climb back afterwards, which fixed-rate
+limiters don't offer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+
+class TokenBucket:
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        burst: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.rate = per_minute / 60.0
+        # A small burst keeps a fresh start from spending a minute's budget at once,
+        # which is what trips a server's own sliding window.
+        self.capacity = float(burst if burst is not None else max(1, min(per_minute // 60, 10)))
+        self._tokens = self.capacity
+        self._clock = clock
+        self._sleep = sleep
+        self._updated = clock()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+
+    async def acquire(self) -> None:
+        # The lock makes waiters queue in order instead of stampeding on refill.
+        async with self._lock:
+            self._refill()
+            while self._tokens < 1.0:
+                await self._sleep((1.0 - self._tokens) / self.rate)
+                self._refill()
+            self._tokens -= 1.0
+
+    def pause(self, seconds: float) -> None:
+        """Spend the bucket ahead, so nobody sends for ``seconds`` (a Retry-After)."""
+        # Several tasks hit by the same 429 must not add their pauses up.
+        self._refill()
+        self._tokens = min(self._tokens, -seconds * self.rate)

@@ -1,0 +1,136 @@
+"""The membership store's tables, as SQLAlchemy Core metadata.
+
+The database schema itself is created only by the Alembic migrations in
+``migrations/``; this module mirrors it for queries, and a test checks that
+the two agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out; SQLite would otherwise hand back naive ones."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use an aware UTC datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+# A change is pending while Gleap has not acknowledged the current value, or an
+# admin asked for a full resend. Kept as a generated column so it can never
+# drift from the values it is derived from, and so it can be indexed.
+PENDING_EXPR = "resend OR desired <> coalesce(acked, false)"
+
+audiences = sa.Table(
+    "audiences",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(255), nullable=False, unique=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    # Set by the first refresh that succeeded: before it, a sync is the initial full sync.
+    sa.Column("refreshed_at", UtcDateTime, nullable=True),
+)
+
+memberships = sa.Table(
+    "memberships",
+    metadata,
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), primary_key=True),
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    # What the source says now.
+    sa.Column("desired", sa.Boolean, nullable=False),
+    # The last value Gleap acknowledged with a 2xx; NULL when Gleap was never told.
+    sa.Column("acked", sa.Boolean, nullable=True),
+    sa.Column("resend", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("pending", sa.Boolean, sa.Computed(PENDING_EXPR, persisted=True)),
+    sa.Column("changed_at", UtcDateTime, nullable=False),
+    sa.Column("acked_at", UtcDateTime, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_status", sa.Integer, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Index(
+        "ix_memberships_pending",
+        "user_id",
+        "audience_id",
+        sqlite_where=sa.text("pending = 1"),
+        postgresql_where=sa.text("pending"),
+    ),
+)
+
+sync_runs = sa.Table(
+    "sync_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("cycle_id", sa.String(36), nullable=False, index=True),
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), nullable=False),
+    sa.Column("mode", sa.String(16), nullable=False),  # initial | incremental | full
+    sa.Column("status", sa.String(16), nullable=False),  # running | succeeded | partial | failed | aborted | interrupted
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("finished_at", UtcDateTime, nullable=True),
+    sa.Column("source_rows", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("members", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("entered", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("left", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("skipped_rows", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("duplicate_rows", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("sent", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("pending_after", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Index("ix_sync_runs_audience_id_started_at", "audience_id", "started_at"),
+)
+
+membership_changes = sa.Table(
+    "membership_changes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), nullable=False),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("sync_runs.id"), nullable=False, index=True),
+    sa.Column("change", sa.String(8), nullable=False),  # entered | left
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Index("ix_membership_changes_audience_id_user_id", "audience_id", "user_id"),
+)
+
+# What Gleap was told, one row per audience value per acknowledged or refused call.
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("sync_runs.id"), nullable=False, index=True),
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), nullable=False),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("value", sa.Boolean, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Index("ix_deliveries_audience_id_user_id", "audience_id", "user_id"),
+)

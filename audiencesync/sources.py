@@ -1,0 +1,144 @@
+"""Reading an audience's members from its source database, in batches."""
+
+from __future__ import annotations
+
+import decimal
+import logging
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from audiencesync.config import AudienceConfig, SourceConfig
+from audiencesync.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 255
+SAMPLE_SIZE = 5
+
+
+def display_url(url: str) -> str:
+    """A database URL fit to show: the password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def canonical_user_id(value: Any) -> str | None:
+    """The one string form Gleap gets for a source value, or None when it is no usable id.
+
+    Integers (and integral floats and decimals, which drivers produce for
+    NUMERIC columns) lose any ".0"; UUIDs are lowercase and hyphenated.
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float | decimal.Decimal):
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+        if value == int(value):
+            return str(int(value))
+        return str(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    text = str(value)
+    if not text.strip():
+        return None
+    return text
+
+
+def _bad_id_reason(user_id: str) -> str | None:
+    if len(user_id) > MAX_ID_LENGTH:
+        return f"longer than {MAX_ID_LENGTH} characters"
+    if any(ord(c) < 32 or ord(c) == 127 for c in user_id):
+        return "holds control characters"
+    return None
+
+
+@dataclass
+class ReadStats:
+    """What a source read saw; filled in while the batches are consumed."""
+
+    rows: int = 0
+    skipped_blank: int = 0
+    skipped_invalid: int = 0
+    invalid_samples: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_blank + self.skipped_invalid
+
+
+class Sources:
+    """The configured source databases; engines are made on first use and kept."""
+
+    def __init__(self, configs: Mapping[str, SourceConfig], *, batch_size: int = 10_000) -> None:
+        self._configs = configs
+        self._engines: dict[str, Engine] = {}
+        self.batch_size = batch_size
+
+    def engine(self, name: str) -> Engine:
+        if name not in self._engines:
+            self._engines[name] = sa.create_engine(self._configs[name].url, pool_pre_ping=True)
+        return self._engines[name]
+
+    def dispose(self) -> None:
+        for engine in self._engines.values():
+            engine.dispose()
+        self._engines.clear()
+
+    def read_ids(self, audience: AudienceConfig, stats: ReadStats) -> Iterator[list[str]]:
+        """Yield batches of canonical user ids from the audience's query.
+
+        Rows are streamed with a server-side cursor where the driver has one, so
+        memory holds one batch at a time. Errors become ``SourceError``s naming
+        the audience and the source (its URL with the password masked).
+        """
+        source = self._configs[audience.source]
+        try:
+            with self.engine(source.name).connect() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=self.batch_size).execute(
+                    sa.text(audience.query)
+                )
+                columns = list(result.keys())
+                if "user_id" not in columns:
+                    raise SourceError(
+                        f"the query returned the columns {columns} but no 'user_id'. "
+                        "Fix: alias the id column, e.g. SELECT id AS user_id FROM ...",
+                        audience=audience.key,
+                        source=source.name,
+                    )
+                index = columns.index("user_id")
+                for partition in result.partitions():
+                    batch: list[str] = []
+                    for row in partition:
+                        stats.rows += 1
+                        user_id = canonical_user_id(row[index])
+                        if user_id is None:
+                            stats.skipped_blank += 1
+                            continue
+                        reason = _bad_id_reason(user_id)
+                        if reason is not None:
+                            stats.skipped_invalid += 1
+                            if len(stats.invalid_samples) < SAMPLE_SIZE:
+                                stats.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
+                            continue
+                        batch.append(user_id)
+                    if batch:
+                        yield batch
+        except SQLAlchemyError as exc:
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise SourceError(
+                f"the query failed on {display_url(source.url)}: {detail}",
+                audience=audience.key,
+                source=source.name,
+            ) from exc

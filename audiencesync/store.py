@@ -1,0 +1,435 @@
+"""The membership store: engine setup, migrations, and every query on it."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import OperationalError
+
+from audiencesync import diff
+from audiencesync.diff import DiffCounts
+from audiencesync.errors import StoreError
+from audiencesync.schema import audiences, deliveries, memberships, sync_runs
+from audiencesync.sources import display_url
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for the store, with SQLite set up for one writer and many readers."""
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        _tune_sqlite(engine)
+    return engine
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not pysqlite, decide when transactions begin (see "begin").
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A deferred transaction that reads then writes fails at once with
+        # "database is locked" when another connection writes, busy_timeout or
+        # not; IMMEDIATE takes the write lock up front and waits for it instead.
+        # Readers ask for DEFERRED so they never wait on a writer (WAL).
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'IMMEDIATE')}")
+
+
+# --- migrations ---------------------------------------------------------------
+
+
+def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(importlib.resources.files("audiencesync.migrations")))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the store's revision, the newest this version of audiencesync knows)."""
+    script = ScriptDirectory.from_config(_alembic_config())
+    head = script.get_current_head()
+    assert head is not None
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise StoreError(
+            f"cannot open the store at {display_url(engine.url.render_as_string(hide_password=False))}: "
+            f"{str(exc.orig).strip()}. Fix: check [store] url and that the database is reachable."
+        ) from None
+    if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
+        raise StoreError(
+            f"the store is at schema revision {current!r}, made by a newer audiencesync. "
+            "Fix: upgrade audiencesync (pip install -U audiencesync); this version will not touch it."
+        )
+    return current, head
+
+
+def upgrade(engine: Engine) -> bool:
+    """Apply pending migrations. Returns whether anything was applied."""
+    current, head = schema_revisions(engine)
+    if current == head:
+        return False
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "head")
+    return True
+
+
+def _upgrade_in(conn: Connection) -> None:
+    """Migrate inside the caller's open transaction (a rehearsal rolls it back)."""
+    command.upgrade(_alembic_config(conn), "head")
+
+
+# --- records ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Audience:
+    id: int
+    key: str
+    name: str
+    refreshed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    audience_id: int
+    user_id: str
+    value: bool
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Gleap's answer to one call, which carried one or more audiences' values."""
+
+    changes: tuple[PendingChange, ...]
+    status: int
+    error: str | None = None
+
+    @property
+    def acknowledged(self) -> bool:
+        return 200 <= self.status < 300
+
+
+def pending_users(dialect: str, audience_ids: Sequence[int], after: str, limit: int) -> sa.Subquery:
+    """The next ``limit`` users after ``after`` with something pending in these audiences."""
+    # Without table statistics SQLite walks the primary key and sorts every
+    # pending row for each page; the partial index is already in user order.
+    # SQLAlchemy renders no table hints for SQLite, hence the text.
+    hint, true = (" INDEXED BY ix_memberships_pending", "1") if dialect == "sqlite" else ("", "true")
+    return (
+        sa.text(
+            f"SELECT user_id FROM memberships{hint} "  # noqa: S608 - constants only
+            f"WHERE pending = {true} AND audience_id IN :ids AND user_id > :after "
+            "GROUP BY user_id ORDER BY user_id LIMIT :limit"
+        )
+        .bindparams(sa.bindparam("ids", list(audience_ids), expanding=True), after=after, limit=limit)
+        .columns(user_id=sa.String)
+        .subquery("next_users")
+    )
+
+
+class Store:
+    def __init__(self, engine: Engine, *, clock: Clock = utc_now) -> None:
+        self.engine = engine
+        self.clock = clock
+        self._pinned: Connection | None = None
+
+    # Every write goes through _write and every read through _read, so a
+    # rehearsal (dry run) can route them all into one transaction it rolls back.
+
+    @contextlib.contextmanager
+    def _connection(self, begin: str) -> Iterator[Connection]:
+        if self._pinned is not None:
+            yield self._pinned
+            return
+        with self.engine.connect() as conn:
+            yield conn.execution_options(sqlite_begin=begin)
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: Connection) -> Iterator[Connection]:
+        if self._pinned is not None:
+            with conn.begin_nested():
+                yield conn
+        else:
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._connection("IMMEDIATE") as conn, self._transaction(conn):
+            yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._connection("DEFERRED") as conn, self._transaction(conn):
+            yield conn
+
+    @contextlib.contextmanager
+    def rehearsal(self) -> Iterator[Store]:
+        """A view of this store whose writes are all rolled back at the end."""
+        with self.engine.connect() as conn:
+            conn.execution_options(sqlite_begin="DEFERRED")
+            outer = conn.begin()
+            try:
+                # A dry run against a new or older store sees the schema it
+                # would get, and the rollback below takes that back too.
+                current, head = schema_revisions(self.engine)
+                if current != head:
+                    _upgrade_in(conn)
+                rehearsal = Store(self.engine, clock=self.clock)
+                rehearsal._pinned = conn
+                yield rehearsal
+            finally:
+                outer.rollback()
+
+    # --- audiences and runs ---
+
+    def ensure_audience(self, key: str, name: str) -> Audience:
+        with self._write() as conn:
+            row = conn.execute(sa.select(audiences).where(audiences.c.key == key)).one_or_none()
+            if row is None:
+                conn.execute(sa.insert(audiences).values(key=key, name=name, created_at=self.clock()))
+                row = conn.execute(sa.select(audiences).where(audiences.c.key == key)).one()
+            elif row.name != name:
+                conn.execute(sa.update(audiences).where(audiences.c.id == row.id).values(name=name))
+        return Audience(id=row.id, key=row.key, name=name, refreshed_at=row.refreshed_at)
+
+    def start_run(self, cycle_id: str, audience: Audience, mode: str) -> int:
+        with self._write() as conn:
+            run_id: int = conn.execute(
+                sa.insert(sync_runs)
+                .values(
+                    cycle_id=cycle_id,
+                    audience_id=audience.id,
+                    mode=mode,
+                    status="running",
+                    started_at=self.clock(),
+                )
+                .returning(sync_runs.c.id)
+            ).scalar_one()
+        return run_id
+
+    def update_run(self, run_id: int, **values: Any) -> None:
+        with self._write() as conn:
+            conn.execute(sa.update(sync_runs).where(sync_runs.c.id == run_id).values(**values))
+
+    def finish_run(self, run_id: int, status: str, *, error: str | None = None) -> dict[str, Any]:
+        """Close a run, counting what is still pending for its audience; returns the run's row.
+
+        A run that would succeed but leaves changes pending is recorded as ``partial``.
+        """
+        with self._write() as conn:
+            audience_id = conn.execute(
+                sa.select(sync_runs.c.audience_id).where(sync_runs.c.id == run_id)
+            ).scalar_one()
+            pending = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(memberships)
+                .where(memberships.c.audience_id == audience_id, memberships.c.pending == sa.true())
+            ).scalar_one()
+            if status == "succeeded" and pending:
+                status = "partial"
+            conn.execute(
+                sa.update(sync_runs)
+                .where(sync_runs.c.id == run_id)
+                .values(status=status, error=error, finished_at=self.clock(), pending_after=pending)
+            )
+            return dict(conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id)).one()._mapping)
+
+    def mark_interrupted(self) -> int:
+        """Close runs a killed process left open; their unacknowledged changes are still pending."""
+        with self._write() as conn:
+            return conn.execute(
+                sa.update(sync_runs)
+                .where(sync_runs.c.status == "running")
+                .values(status="interrupted", finished_at=self.clock(), error="the process stopped mid-run")
+            ).rowcount
+
+    # --- the diff ---
+
+    def refresh(self, audience: Audience, run_id: int, batches: Iterable[list[str]], *, full: bool) -> DiffCounts:
+        """Make the audience's snapshot equal ``batches`` (the source's ids), recording each change.
+
+        The source is read completely into a staging table first; only then does
+        one short write transaction apply the diff. A source that fails midway
+        therefore leaves the snapshot untouched.
+        """
+        name = diff.new_stage_name()
+        with self._connection("DEFERRED") as conn:
+            try:
+                # Staging writes only a TEMP table: no lock on the store is held
+                # while the (possibly slow) source query streams in.
+                with self._transaction(conn):
+                    diff.create_stage(conn, name)
+                    diff.load_stage(conn, name, batches)
+                if self._pinned is None:
+                    conn.execution_options(sqlite_begin="IMMEDIATE")
+                with self._transaction(conn):
+                    now = self.clock()
+                    counts = diff.apply_stage(conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full)
+                    conn.execute(
+                        sa.update(audiences).where(audiences.c.id == audience.id).values(refreshed_at=now)
+                    )
+                    conn.execute(
+                        sa.update(sync_runs)
+                        .where(sync_runs.c.id == run_id)
+                        .values(members=counts.members, entered=counts.entered, left=counts.left)
+                    )
+            finally:
+                if self._pinned is None:
+                    conn.execution_options(sqlite_begin="DEFERRED")
+                with self._transaction(conn):
+                    diff.drop_stage(conn, name)
+        return counts
+
+    # --- delivery ---
+
+    def pending_pages(self, audience_ids: Sequence[int], page_size: int = 500) -> Iterator[list[PendingChange]]:
+        """Pending changes of these audiences, a page of users at a time, ordered by user.
+
+        Every change of a user is in the same page, so one call can carry all of
+        that user's audiences. Keyset pagination by user id: rows acknowledged or
+        failed meanwhile never make a page repeat or skip anyone.
+        """
+        if not audience_ids:
+            return
+        after = ""
+        m = memberships.alias("m")
+        while True:
+            users = pending_users(self.engine.dialect.name, audience_ids, after, page_size)
+            query = (
+                sa.select(m.c.audience_id, m.c.user_id, m.c.desired)
+                .where(
+                    m.c.pending == sa.true(),
+                    m.c.audience_id.in_(audience_ids),
+                    m.c.user_id.in_(sa.select(users.c.user_id)),
+                )
+                .order_by(m.c.user_id, m.c.audience_id)
+            )
+            with self._read() as conn:
+                page = [PendingChange(r.audience_id, r.user_id, r.desired) for r in conn.execute(query)]
+            if not page:
+                return
+            yield page
+            after = page[-1].user_id
+
+    def record(self, results: Sequence[Delivery], run_ids: dict[int, int]) -> None:
+        """Store Gleap's answers in one transaction: acknowledged values, failures, the delivery log."""
+        if not results:
+            return
+        now = self.clock()
+        acked: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
+        log_rows: list[dict[str, Any]] = []
+        sent: dict[int, int] = {}
+        failures: dict[int, int] = {}
+        for result in results:
+            for change in result.changes:
+                row = {"a": change.audience_id, "u": change.user_id, "v": change.value, "s": result.status}
+                log_rows.append(
+                    {
+                        "run_id": run_ids[change.audience_id],
+                        "audience_id": change.audience_id,
+                        "user_id": change.user_id,
+                        "value": change.value,
+                        "status": result.status,
+                        "error": result.error,
+                        "at": now,
+                    }
+                )
+                if result.acknowledged:
+                    acked.append(row)
+                    sent[change.audience_id] = sent.get(change.audience_id, 0) + 1
+                else:
+                    failed.append(row | {"e": result.error})
+                    failures[change.audience_id] = failures.get(change.audience_id, 0) + 1
+        with self._write() as conn:
+            leavers = [{"a": row["a"], "u": row["u"]} for row in acked if not row["v"]]
+            if acked:
+                # The value sent, not the current desired one, becomes acknowledged:
+                # if the source changed meanwhile, the row stays pending.
+                # If the user left and the row was dropped while the call was in
+                # flight, the row comes back as a non-member Gleap has a value for.
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO memberships (audience_id, user_id, desired, acked, resend, changed_at, "
+                        "acked_at, attempts, last_status) VALUES (:a, :u, false, :v, false, :t, :t, 0, :s) "
+                        "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, resend = false, "
+                        "acked_at = excluded.acked_at, attempts = 0, last_status = excluded.last_status, "
+                        "last_error = NULL"
+                    ),
+                    [row | {"t": now} for row in acked],
+                )
+            if leavers:
+                conn.execute(
+                    sa.text(
+                        "DELETE FROM memberships WHERE audience_id = :a AND user_id = :u "
+                        "AND desired = false AND pending = false"
+                    ),
+                    leavers,
+                )
+            if failed:
+                conn.execute(
+                    sa.text(
+                        "UPDATE memberships SET attempts = attempts + 1, last_status = :s, last_error = :e "
+                        "WHERE audience_id = :a AND user_id = :u"
+                    ),
+                    failed,
+                )
+            conn.execute(sa.insert(deliveries), log_rows)
+            for audience_id in sent.keys() | failures.keys():
+                conn.execute(
+                    sa.update(sync_runs)
+                    .where(sync_runs.c.id == run_ids[audience_id])
+                    .values(
+                        sent=sync_runs.c.sent + sent.get(audience_id, 0),
+                        failed=sync_runs.c.failed + failures.get(audience_id, 0),
+                    )
+                )
+
+    def pending_count(self, audience_ids: Sequence[int]) -> int:
+        with self._read() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(memberships)
+                    .where(memberships.c.pending == sa.true(), memberships.c.audience_id.in_(audience_ids))
+                ).scalar_one()
+            )
+
+    def memberships_of(self, audience_key: str) -> dict[str, tuple[bool, bool | None]]:
+        """user id -> (desired, acked) for one audience. For tests and small audits."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(memberships.c.user_id, memberships.c.desired, memberships.c.acked)
+                .join(audiences, audiences.c.id == memberships.c.audience_id)
+                .where(audiences.c.key == audience_key)
+            )
+            return {r.user_id: (r.desired, r.acked) for r in rows}

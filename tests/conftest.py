@@ -1,0 +1,145 @@
+"""Shared fixtures: stores on SQLite and (when configured) PostgreSQL, a source DB, configs."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import sqlalchemy as sa
+
+from audiencesync import store as store_mod
+from audiencesync.config import Config, load_config
+
+if TYPE_CHECKING:
+    from tests.gleap_standin import GleapStandIn
+
+POSTGRES_URL = os.environ.get("AUDIENCESYNC_TEST_POSTGRES_URL")
+TOKEN = "test-token-9f2c1d"
+
+
+def _reset_postgres(url: str) -> None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+            conn.exec_driver_sql("CREATE SCHEMA public")
+    except sa.exc.OperationalError as exc:
+        # A configured server that doesn't answer must fail the run, not skip
+        # half the suite and pass green.
+        pytest.fail(f"AUDIENCESYNC_TEST_POSTGRES_URL is set but the server is unreachable: {exc.orig}")
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "postgresql",
+            marks=[
+                pytest.mark.postgres,
+                pytest.mark.skipif(not POSTGRES_URL, reason="AUDIENCESYNC_TEST_POSTGRES_URL is not set"),
+            ],
+        ),
+    ]
+)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of an empty store: a fresh SQLite file, or a wiped PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    assert POSTGRES_URL
+    _reset_postgres(POSTGRES_URL)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[store_mod.Store]:
+    engine = store_mod.create_engine(store_url)
+    store_mod.upgrade(engine)
+    yield store_mod.Store(engine)
+    engine.dispose()
+
+
+class SourceDB:
+    """A SQLite source database with a ``members(user_id, segment)`` table tests rewrite at will."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE members (user_id, segment TEXT NOT NULL DEFAULT 'a')")
+        conn.close()
+
+    def set(self, ids: list[object], segment: str = "a") -> None:
+        with sqlite3.connect(self.path) as conn:
+            conn.execute("DELETE FROM members WHERE segment = ?", (segment,))
+            conn.executemany("INSERT INTO members VALUES (?, ?)", [(i, segment) for i in ids])
+        conn.close()
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> SourceDB:
+    return SourceDB(tmp_path / "source.db")
+
+
+@pytest.fixture
+def gleap() -> Iterator[GleapStandIn]:
+    from tests.gleap_standin import GleapStandIn
+
+    with GleapStandIn(TOKEN) as server:
+        yield server
+
+
+ConfigFactory = Callable[..., Config]
+
+
+@pytest.fixture
+def make_config(
+    tmp_path: Path, store_url: str, source: SourceDB, monkeypatch: pytest.MonkeyPatch
+) -> ConfigFactory:
+    """Write a config file for the test's store and source, then load it."""
+    monkeypatch.delenv("GLEAP_API_TOKEN", raising=False)
+
+    def make(
+        base_url: str = "http://127.0.0.1:9",
+        audiences: str | None = None,
+        token: str | None = TOKEN,
+        extra_gleap: str = "",
+    ) -> Config:
+        if audiences is None:
+            audiences = """
+                [[audiences]]
+                name = "Segment A"
+                source = "main"
+                query = "SELECT user_id FROM members WHERE segment = 'a'"
+            """
+        token_line = f'api_token = "{token}"' if token else ""
+        text = textwrap.dedent(
+            f"""
+            [store]
+            url = "{store_url}"
+
+            [gleap]
+            base_url = "{base_url}"
+            {token_line}
+            requests_per_minute = 600000
+            max_concurrency = 4
+            timeout_seconds = 2
+            max_retries = 3
+            {extra_gleap}
+
+            [sources.main]
+            url = "{source.url}"
+            """
+        ) + textwrap.dedent(audiences)
+        path = tmp_path / "audiencesync.toml"
+        path.write_text(text)
+        path.chmod(0o600)
+        return load_config(path)
+
+    return make

@@ -1,0 +1,208 @@
+"""The store on a real database: migrations, the SQL diff, pending changes, acknowledgements."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from audiencesync import store as store_mod
+from audiencesync.errors import StoreError
+from audiencesync.schema import membership_changes, metadata
+from audiencesync.store import Delivery, PendingChange, Store
+
+
+def refresh(store: Store, key: str, ids: list[str], *, full: bool = False, batch: int = 2) -> tuple[int, int, int]:
+    audience = store.ensure_audience(key, key)
+    run_id = store.start_run("cycle", audience, "incremental")
+    batches = [ids[i : i + batch] for i in range(0, len(ids), batch)]
+    counts = store.refresh(audience, run_id, iter(batches), full=full)
+    return counts.members, counts.entered, counts.left
+
+
+def pending(store: Store, key: str) -> dict[str, bool]:
+    audience = store.ensure_audience(key, key)
+    return {c.user_id: c.value for page in store.pending_pages([audience.id]) for c in page}
+
+
+def ack_all(store: Store, key: str, status: int = 200) -> None:
+    audience = store.ensure_audience(key, key)
+    run_id = store.start_run("cycle", audience, "incremental")
+    for page in store.pending_pages([audience.id]):
+        store.record([Delivery((c,), status) for c in page], {audience.id: run_id})
+
+
+def test_fresh_database_upgrades_to_head_and_matches_the_models(store: Store) -> None:
+    current, head = store_mod.schema_revisions(store.engine)
+    assert current == head
+    with store.engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diffs == []
+    assert store_mod.upgrade(store.engine) is False  # idempotent
+
+
+def test_store_from_a_newer_version_is_refused(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'fffffffffff'"))
+    with pytest.raises(StoreError, match="newer audiencesync"):
+        store_mod.upgrade(store.engine)
+
+
+def test_first_refresh_makes_every_member_pending_true(store: Store) -> None:
+    assert refresh(store, "a", ["u1", "u2", "u3"]) == (3, 3, 0)
+    assert pending(store, "a") == {"u1": True, "u2": True, "u3": True}
+
+
+def test_duplicates_count_once(store: Store) -> None:
+    assert refresh(store, "a", ["u1", "u1", "u2", "u2", "u2"]) == (2, 2, 0)
+
+
+def test_unchanged_source_after_acks_leaves_nothing_pending(store: Store) -> None:
+    refresh(store, "a", ["u1", "u2"])
+    ack_all(store, "a")
+    assert pending(store, "a") == {}
+    assert refresh(store, "a", ["u2", "u1"]) == (2, 0, 0)
+    assert pending(store, "a") == {}
+
+
+def test_churn_pends_only_the_changes(store: Store) -> None:
+    refresh(store, "a", ["u1", "u2", "u3"])
+    ack_all(store, "a")
+    assert refresh(store, "a", ["u2", "u3", "u4"]) == (3, 1, 1)
+    assert pending(store, "a") == {"u1": False, "u4": True}
+    with store.engine.connect() as conn:
+        changes = conn.execute(
+            sa.select(membership_changes.c.user_id, membership_changes.c.change).order_by(membership_changes.c.id)
+        ).all()
+    assert [tuple(c) for c in changes][-2:] == [("u1", "left"), ("u4", "entered")]
+
+
+def test_leaver_acknowledged_false_is_dropped_from_the_snapshot(store: Store) -> None:
+    refresh(store, "a", ["u1", "u2"])
+    ack_all(store, "a")
+    refresh(store, "a", ["u2"])
+    ack_all(store, "a")
+    assert store.memberships_of("a") == {"u2": (True, True)}
+
+
+def test_flip_before_delivery_sends_the_latest_value_or_nothing(store: Store) -> None:
+    refresh(store, "a", ["u1", "u2"])
+    ack_all(store, "a")
+    # u2 leaves and comes back before anything was delivered: Gleap already has true.
+    refresh(store, "a", ["u1"])
+    refresh(store, "a", ["u1", "u2"])
+    assert pending(store, "a") == {}
+    # u3 enters and leaves before delivery: Gleap never had u3, so nothing is sent.
+    refresh(store, "a", ["u1", "u2", "u3"])
+    refresh(store, "a", ["u1", "u2"])
+    assert pending(store, "a") == {}
+    # u1 leaves, comes back, leaves again: only the latest value (false) goes out.
+    refresh(store, "a", ["u2"])
+    refresh(store, "a", ["u1", "u2"])
+    refresh(store, "a", ["u2"])
+    assert pending(store, "a") == {"u1": False}
+
+
+def test_ack_of_a_stale_value_keeps_the_change_pending(store: Store) -> None:
+    refresh(store, "a", ["u1"])
+    audience = store.ensure_audience("a", "a")
+    run_id = store.start_run("cycle", audience, "incremental")
+    in_flight = PendingChange(audience.id, "u1", True)
+    refresh(store, "a", [])  # u1 left while the true was on its way
+    store.record([Delivery((in_flight,), 200)], {audience.id: run_id})
+    assert pending(store, "a") == {"u1": False}
+
+
+def test_failed_delivery_stays_pending_with_the_error(store: Store) -> None:
+    refresh(store, "a", ["u1", "u2"])
+    audience = store.ensure_audience("a", "a")
+    run_id = store.start_run("cycle", audience, "incremental")
+    store.record(
+        [
+            Delivery((PendingChange(audience.id, "u1", True),), 400, "HTTP 400: bad id"),
+            Delivery((PendingChange(audience.id, "u2", True),), 200),
+        ],
+        {audience.id: run_id},
+    )
+    assert pending(store, "a") == {"u1": True}
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT attempts, last_status, last_error FROM memberships WHERE user_id='u1'")).one()
+    assert tuple(row) == (1, 400, "HTTP 400: bad id")
+    finished = store.finish_run(run_id, "succeeded")
+    assert (finished["status"], finished["sent"], finished["failed"], finished["pending_after"]) == (
+        "partial",
+        1,
+        1,
+        1,
+    )
+
+
+def test_full_refresh_resends_current_members_only(store: Store) -> None:
+    refresh(store, "a", ["u1", "u2"])
+    ack_all(store, "a")
+    refresh(store, "a", ["u2", "u3"], full=True)
+    assert pending(store, "a") == {"u1": False, "u2": True, "u3": True}
+
+
+def test_pending_pages_group_a_users_audiences_and_never_split_them(store: Store) -> None:
+    users = [f"u{i:03d}" for i in range(50)]
+    refresh(store, "a", users)
+    refresh(store, "b", users[::2])
+    ids = [store.ensure_audience(k, k).id for k in ("a", "b")]
+    pages = list(store.pending_pages(ids, page_size=7))
+    seen: list[str] = []
+    for page in pages:
+        page_users = [c.user_id for c in page]
+        assert page_users == sorted(page_users)
+        seen.extend(dict.fromkeys(page_users))
+    assert seen == users  # every user exactly once, in order, across pages
+    assert sum(len(p) for p in pages) == 75
+
+
+def test_rehearsal_changes_nothing(store: Store) -> None:
+    refresh(store, "a", ["u1"])
+    with store.rehearsal() as rehearsal:
+        refresh(rehearsal, "a", ["u2", "u3"])
+        refresh(rehearsal, "new", ["x"])
+        # u1 left before Gleap ever heard of it: nothing to send for u1.
+        assert pending(rehearsal, "a") == {"u2": True, "u3": True}
+    assert pending(store, "a") == {"u1": True}
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM audiences")).scalar_one() == 1
+
+
+def test_failing_source_mid_read_leaves_the_snapshot_untouched(store: Store) -> None:
+    refresh(store, "a", ["u1", "u2"])
+    audience = store.ensure_audience("a", "a")
+    run_id = store.start_run("cycle", audience, "incremental")
+
+    def broken() -> object:
+        yield ["u1"]
+        raise RuntimeError("source died")
+
+    with pytest.raises(RuntimeError):
+        store.refresh(audience, run_id, broken(), full=False)  # type: ignore[arg-type]
+    assert store.memberships_of("a") == {"u1": (True, None), "u2": (True, None)}
+
+
+def test_rehearsal_on_an_empty_database_creates_no_tables(store_url: str) -> None:
+    engine = store_mod.create_engine(store_url)
+    try:
+        with Store(engine).rehearsal() as rehearsal:
+            refresh(rehearsal, "a", ["u1"])
+        assert store_mod.schema_revisions(engine)[0] is None
+        assert "memberships" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_pending_query_uses_the_partial_index_on_sqlite(store: Store) -> None:
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite query plan")
+    users = store_mod.pending_users("sqlite", [1, 2], "u1", 500)
+    sql = sa.select(users.c.user_id).compile(store.engine, compile_kwargs={"literal_binds": True})
+    with store.engine.connect() as conn:
+        plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}").all()
+    assert any("ix_memberships_pending" in str(row) for row in plan), plan
+    assert not any("TEMP B-TREE" in str(row) for row in plan), plan
