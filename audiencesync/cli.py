@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="manage the membership store")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
-    db_commands.add_parser("upgrade", help="apply pending schema migrations").set_defaults(handler=_cmd_db_upgrade)
+    db_commands.add_parser("upgrade", help="apply pending schema migrations").set_defaults(
+        handler=_cmd_db_upgrade
+    )
     db_commands.add_parser("current", help="show the store's schema revision").set_defaults(
         handler=_cmd_db_current
     )
@@ -169,7 +171,18 @@ def _progress_bar(total: int) -> Progress:
 
 
 def _print_summary(report: CycleReport, out: IO[str]) -> None:
-    columns = ("audience", "result", "mode", "members", "entered", "left", "sent", "failed", "pending", "skipped")
+    columns = (
+        "audience",
+        "result",
+        "mode",
+        "members",
+        "entered",
+        "left",
+        "sent",
+        "failed",
+        "pending",
+        "skipped",
+    )
     rows = [
         (
             a.key,
@@ -187,7 +200,9 @@ def _print_summary(report: CycleReport, out: IO[str]) -> None:
     ]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
     for line in (columns, *rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip(), file=out)
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip(), file=out
+        )
     if report.dry_run:
         print(f"dry run: {report.calls} call(s) would be made; nothing was sent or stored", file=out)
     for a in report.audiences:

@@ -21,7 +21,7 @@ from audiencesync.errors import ConfigError
 from audiencesync.keys import key_for_name, key_problem
 
 ENV_CONFIG = "AUDIENCESYNC_CONFIG"
-ENV_TOKEN = "GLEAP_API_TOKEN"
+ENV_TOKEN = "GLEAP_API_TOKEN"  # noqa: S105 - the name of the variable, not a secret
 DEFAULT_CONFIG_NAME = "audiencesync.toml"
 
 
@@ -132,12 +132,20 @@ T = TypeVar("T")
 class _Table:
     """One TOML table being read: type-checks each key and reports leftovers as typos."""
 
-    def __init__(self, data: Any, path: Path, where: str) -> None:
+    def __init__(self, data: Any, path: Path, where: str, allowed: list[str]) -> None:
         if not isinstance(data, dict):
             raise ConfigError("must be a table", path=str(path), where=where)
         self._data = dict(data)
         self._path = path
         self.where = where
+        # Typos first: a misspelt key would otherwise surface as a missing one.
+        for key in self._data:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(allowed)}"
+                raise self.error(
+                    f"unknown key {key!r}", key=key, fix=f"remove it or fix its spelling ({hint})"
+                )
 
     def error(self, message: str, fix: str | None = None, key: str | None = None) -> ConfigError:
         where = f"{self.where}.{key}" if key else self.where
@@ -171,23 +179,27 @@ class _Table:
             raise self.error("must be greater than zero", key=key, fix=f"set {key} to a positive number")
         return value
 
-    def finish(self, allowed: list[str]) -> None:
-        for key in self._data:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(allowed)}"
-            raise self.error(f"unknown key {key!r}", key=key, fix=f"remove it or fix its spelling ({hint})")
+
+GLEAP_KEYS = (
+    "base_url",
+    "api_token",
+    "requests_per_minute",
+    "max_concurrency",
+    "timeout_seconds",
+    "max_retries",
+)
 
 
 def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Config:
-    root = _Table(raw, path, "top level")
-    store_t = _Table(root.take("store", dict, {}), path, "[store]")
-    gleap_t = _Table(root.take("gleap", dict, {}), path, "[gleap]")
+    root = _Table(raw, path, "top level", ["store", "gleap", "sources", "audiences"])
+    store_t = _Table(root.take("store", dict, {}), path, "[store]", ["url"])
+    gleap_t = _Table(root.take("gleap", dict, {}), path, "[gleap]", list(GLEAP_KEYS))
     sources_raw = root.take("sources", dict, {})
     audiences_raw = root.take("audiences", list, [])
-    root.finish(["store", "gleap", "sources", "audiences"])
 
-    store = StoreConfig(url=_resolve_url(store_t.take("url", str, "sqlite:///audiencesync.db"), path, store_t))
-    store_t.finish(["url"])
+    store = StoreConfig(
+        url=_resolve_url(store_t.take("url", str, "sqlite:///audiencesync.db"), path, store_t)
+    )
 
     defaults = GleapConfig()
     file_token = gleap_t.take_optional("api_token", str)
@@ -201,20 +213,22 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         timeout_seconds=gleap_t.take_positive("timeout_seconds", float, defaults.timeout_seconds),
         max_retries=gleap_t.take("max_retries", int, defaults.max_retries),
     )
-    gleap_t.finish(["base_url", "api_token", "requests_per_minute", "max_concurrency", "timeout_seconds", "max_retries"])
     if not gleap.base_url.startswith(("http://", "https://")):
-        raise gleap_t.error("must be an http(s) URL", key="base_url", fix='write base_url = "https://api.gleap.io"')
+        raise gleap_t.error(
+            "must be an http(s) URL", key="base_url", fix='write base_url = "https://api.gleap.io"'
+        )
 
     sources: dict[str, SourceConfig] = {}
     for name, table in sources_raw.items():
-        source_t = _Table(table, path, f"[sources.{name}]")
-        sources[name] = SourceConfig(name=name, url=_resolve_url(source_t.take("url", str, required=True), path, source_t))
-        source_t.finish(["url"])
+        source_t = _Table(table, path, f"[sources.{name}]", ["url"])
+        sources[name] = SourceConfig(
+            name=name, url=_resolve_url(source_t.take("url", str, required=True), path, source_t)
+        )
 
     audiences: list[AudienceConfig] = []
     seen: dict[str, str] = {}
     for index, table in enumerate(audiences_raw, start=1):
-        audience_t = _Table(table, path, f"[[audiences]] #{index}")
+        audience_t = _Table(table, path, f"[[audiences]] #{index}", ["name", "key", "source", "query"])
         name = audience_t.take("name", str, required=True).strip()
         if name:
             audience_t.where = f"[[audiences]] #{index} ({name!r})"
@@ -246,8 +260,9 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
             )
         query = audience_t.take("query", str, required=True).strip()
         if not query:
-            raise audience_t.error("the query is empty", key="query", fix="write a SELECT that yields a user_id column")
-        audience_t.finish(["name", "key", "source", "query"])
+            raise audience_t.error(
+                "the query is empty", key="query", fix="write a SELECT that yields a user_id column"
+            )
         audiences.append(AudienceConfig(name=name, key=key, source=source, query=query))
 
     return Config(
@@ -270,7 +285,12 @@ def _resolve_url(url: str, config_path: Path, table: _Table) -> str:
             fix='write a SQLAlchemy URL such as "sqlite:///audiencesync.db" or "postgresql+psycopg://user@host/db"',
         ) from None
     database = parsed.database
-    if parsed.get_backend_name() == "sqlite" and database and database != ":memory:" and not database.startswith("file:"):
-        if not Path(database).is_absolute():
-            parsed = parsed.set(database=str((config_path.parent / database).resolve()))
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and database
+        and database != ":memory:"
+        and not database.startswith("file:")
+        and not Path(database).is_absolute()
+    ):
+        parsed = parsed.set(database=str((config_path.parent / database).resolve()))
     return parsed.render_as_string(hide_password=False)

@@ -48,7 +48,7 @@ def load_stage(conn: Connection, name: str, batches: Iterable[list[str]]) -> Non
     assert driver is not None
     if conn.dialect.name == "sqlite":
         cursor = driver.cursor()
-        sql = f"INSERT OR IGNORE INTO {name} (user_id) VALUES (?)"  # noqa: S608 - generated name
+        sql = f"INSERT OR IGNORE INTO {name} (user_id) VALUES (?)"
         for batch in batches:
             cursor.executemany(sql, ((user_id,) for user_id in batch))
         cursor.close()
@@ -58,7 +58,7 @@ def load_stage(conn: Connection, name: str, batches: Iterable[list[str]]) -> Non
                 copy.write_row((user_id,))
         conn.exec_driver_sql(f"ANALYZE {name}")
     else:  # any other store: portable but slower executemany through SQLAlchemy
-        insert = text(f"INSERT INTO {name} (user_id) VALUES (:u)")  # noqa: S608
+        insert = text(f"INSERT INTO {name} (user_id) VALUES (:u)")
         for batch in batches:
             conn.execute(insert, [{"u": user_id} for user_id in batch])
 
@@ -74,24 +74,26 @@ def apply_stage(
 ) -> DiffCounts:
     """Make the snapshot equal the stage, recording every change. Runs in the caller's transaction."""
     params = {"a": audience_id, "r": run_id, "t": now}
-    members = conn.execute(text(f"SELECT count(DISTINCT user_id) FROM {name}")).scalar_one()  # noqa: S608
+    members = conn.execute(text(f"SELECT count(DISTINCT user_id) FROM {name}")).scalar_one()
 
-    not_in_stage = f"NOT EXISTS (SELECT 1 FROM {name} s WHERE s.user_id = m.user_id)"
+    def not_in_stage(alias: str) -> str:
+        return f"NOT EXISTS (SELECT 1 FROM {name} s WHERE s.user_id = {alias}.user_id)"
+
     not_member = (
         "NOT EXISTS (SELECT 1 FROM memberships m WHERE m.audience_id = :a "
         "AND m.user_id = s.user_id AND m.desired = true)"
     )
     left = conn.execute(
         text(
-            "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "  # noqa: S608
+            "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "
             "SELECT m.audience_id, m.user_id, :r, 'left', :t FROM memberships m "
-            f"WHERE m.audience_id = :a AND m.desired = true AND {not_in_stage}"
+            f"WHERE m.audience_id = :a AND m.desired = true AND {not_in_stage('m')}"
         ),
         params,
     ).rowcount
     entered = conn.execute(
         text(
-            "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "  # noqa: S608
+            "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "
             f"SELECT DISTINCT :a, s.user_id, :r, 'entered', :t FROM {name} s WHERE {not_member}"
         ),
         params,
@@ -100,17 +102,18 @@ def apply_stage(
         # A leaver's pending resend is void: only the new value (false) matters.
         conn.execute(
             text(
-                "UPDATE memberships SET desired = false, resend = false, changed_at = :t "  # noqa: S608
-                f"WHERE audience_id = :a AND desired = true AND {not_in_stage.replace('m.user_id', 'memberships.user_id')}"
+                "UPDATE memberships SET desired = false, resend = false, changed_at = :t "
+                f"WHERE audience_id = :a AND desired = true AND {not_in_stage('memberships')}"
             ),
             params,
         )
     if entered:
         conn.execute(
             text(
-                "INSERT INTO memberships (audience_id, user_id, desired, resend, changed_at, attempts) "  # noqa: S608
+                "INSERT INTO memberships (audience_id, user_id, desired, resend, changed_at, attempts) "
                 f"SELECT DISTINCT :a, s.user_id, true, false, :t, 0 FROM {name} s WHERE {not_member} "
-                "ON CONFLICT (audience_id, user_id) DO UPDATE SET desired = true, changed_at = excluded.changed_at"
+                "ON CONFLICT (audience_id, user_id) "
+                "DO UPDATE SET desired = true, changed_at = excluded.changed_at"
             ),
             params,
         )

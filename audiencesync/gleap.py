@@ -88,7 +88,9 @@ class GleapClient:
         self._token = token
         self._transport = transport
         self.limiter = limiter or TokenBucket(config.requests_per_minute)
-        self._backoff = wait_exponential_jitter(initial=backoff_initial, max=backoff_max, jitter=backoff_initial)
+        self._backoff = wait_exponential_jitter(
+            multiplier=backoff_initial, max=backoff_max, jitter=backoff_initial
+        )
         self._client: httpx.AsyncClient | None = None
         self.retries = 0
 

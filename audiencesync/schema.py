@@ -92,7 +92,9 @@ sync_runs = sa.Table(
     sa.Column("cycle_id", sa.String(36), nullable=False, index=True),
     sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), nullable=False),
     sa.Column("mode", sa.String(16), nullable=False),  # initial | incremental | full
-    sa.Column("status", sa.String(16), nullable=False),  # running | succeeded | partial | failed | aborted | interrupted
+    sa.Column(
+        "status", sa.String(16), nullable=False
+    ),  # running | succeeded | partial | failed | aborted | interrupted
     sa.Column("started_at", UtcDateTime, nullable=False),
     sa.Column("finished_at", UtcDateTime, nullable=True),
     sa.Column("source_rows", sa.Integer, nullable=False, server_default="0"),

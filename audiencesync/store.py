@@ -145,7 +145,7 @@ def pending_users(dialect: str, audience_ids: Sequence[int], after: str, limit: 
     hint, true = (" INDEXED BY ix_memberships_pending", "1") if dialect == "sqlite" else ("", "true")
     return (
         sa.text(
-            f"SELECT user_id FROM memberships{hint} "  # noqa: S608 - constants only
+            f"SELECT user_id FROM memberships{hint} "
             f"WHERE pending = {true} AND audience_id IN :ids AND user_id > :after "
             "GROUP BY user_id ORDER BY user_id LIMIT :limit"
         )
@@ -274,7 +274,9 @@ class Store:
 
     # --- the diff ---
 
-    def refresh(self, audience: Audience, run_id: int, batches: Iterable[list[str]], *, full: bool) -> DiffCounts:
+    def refresh(
+        self, audience: Audience, run_id: int, batches: Iterable[list[str]], *, full: bool
+    ) -> DiffCounts:
         """Make the audience's snapshot equal ``batches`` (the source's ids), recording each change.
 
         The source is read completely into a staging table first; only then does
@@ -293,7 +295,9 @@ class Store:
                     conn.execution_options(sqlite_begin="IMMEDIATE")
                 with self._transaction(conn):
                     now = self.clock()
-                    counts = diff.apply_stage(conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full)
+                    counts = diff.apply_stage(
+                        conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full
+                    )
                     conn.execute(
                         sa.update(audiences).where(audiences.c.id == audience.id).values(refreshed_at=now)
                     )
@@ -311,7 +315,9 @@ class Store:
 
     # --- delivery ---
 
-    def pending_pages(self, audience_ids: Sequence[int], page_size: int = 500) -> Iterator[list[PendingChange]]:
+    def pending_pages(
+        self, audience_ids: Sequence[int], page_size: int = 500
+    ) -> Iterator[list[PendingChange]]:
         """Pending changes of these audiences, a page of users at a time, ordered by user.
 
         Every change of a user is in the same page, so one call can carry all of
@@ -381,9 +387,9 @@ class Store:
                     sa.text(
                         "INSERT INTO memberships (audience_id, user_id, desired, acked, resend, changed_at, "
                         "acked_at, attempts, last_status) VALUES (:a, :u, false, :v, false, :t, :t, 0, :s) "
-                        "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, resend = false, "
-                        "acked_at = excluded.acked_at, attempts = 0, last_status = excluded.last_status, "
-                        "last_error = NULL"
+                        "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, "
+                        "resend = false, acked_at = excluded.acked_at, attempts = 0, "
+                        "last_status = excluded.last_status, last_error = NULL"
                     ),
                     [row | {"t": now} for row in acked],
                 )

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import IO, Any
+from typing import IO
 
 import httpx
 
@@ -154,11 +154,14 @@ class Syncer:
             total = store.pending_count(audience_ids)
             tick = progress(total) if progress is not None and total else None
             try:
-                report.calls, report.retries = asyncio.run(self._deliver(store, audience_ids, keys, run_ids, tick))
+                report.calls, report.retries = asyncio.run(
+                    self._deliver(store, audience_ids, keys, run_ids, tick)
+                )
             except GleapAuthError as exc:
                 report.aborted = exc
 
-        for audience_id, (_, run_id, audience_report) in runs.items():
+        for _, run_id, audience_report in runs.values():
+            error: str | None
             if report.aborted is not None:
                 status, error = "aborted", str(report.aborted)
             elif audience_report.status == "failed":
@@ -203,7 +206,9 @@ class Syncer:
             duplicate_rows=audience_report.duplicate_rows,
         )
 
-    def _print_calls(self, store: Store, audience_ids: list[int], keys: dict[int, str], out: IO[str] | None) -> int:
+    def _print_calls(
+        self, store: Store, audience_ids: list[int], keys: dict[int, str], out: IO[str] | None
+    ) -> int:
         calls = 0
         url = self.config.gleap.base_url + IDENTIFY_PATH
         for page in store.pending_pages(audience_ids, self.page_size):

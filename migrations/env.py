@@ -26,7 +26,9 @@ connection = context.config.attributes.get("connection")
 if connection is not None:
     _run(connection)
 else:
-    url = context.get_x_argument(as_dictionary=True).get("url") or context.config.get_main_option("sqlalchemy.url")
+    url = context.get_x_argument(as_dictionary=True).get("url") or context.config.get_main_option(
+        "sqlalchemy.url"
+    )
     if not url:
         raise SystemExit("pass the store URL: alembic -x url=sqlite:///audiencesync.db upgrade head")
     engine = create_engine(url)

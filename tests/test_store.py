@@ -13,7 +13,9 @@ from audiencesync.schema import membership_changes, metadata
 from audiencesync.store import Delivery, PendingChange, Store
 
 
-def refresh(store: Store, key: str, ids: list[str], *, full: bool = False, batch: int = 2) -> tuple[int, int, int]:
+def refresh(
+    store: Store, key: str, ids: list[str], *, full: bool = False, batch: int = 2
+) -> tuple[int, int, int]:
     audience = store.ensure_audience(key, key)
     run_id = store.start_run("cycle", audience, "incremental")
     batches = [ids[i : i + batch] for i in range(0, len(ids), batch)]
@@ -73,7 +75,9 @@ def test_churn_pends_only_the_changes(store: Store) -> None:
     assert pending(store, "a") == {"u1": False, "u4": True}
     with store.engine.connect() as conn:
         changes = conn.execute(
-            sa.select(membership_changes.c.user_id, membership_changes.c.change).order_by(membership_changes.c.id)
+            sa.select(membership_changes.c.user_id, membership_changes.c.change).order_by(
+                membership_changes.c.id
+            )
         ).all()
     assert [tuple(c) for c in changes][-2:] == [("u1", "left"), ("u4", "entered")]
 
@@ -127,7 +131,9 @@ def test_failed_delivery_stays_pending_with_the_error(store: Store) -> None:
     )
     assert pending(store, "a") == {"u1": True}
     with store.engine.connect() as conn:
-        row = conn.execute(sa.text("SELECT attempts, last_status, last_error FROM memberships WHERE user_id='u1'")).one()
+        row = conn.execute(
+            sa.text("SELECT attempts, last_status, last_error FROM memberships WHERE user_id='u1'")
+        ).one()
     assert tuple(row) == (1, 400, "HTTP 400: bad id")
     finished = store.finish_run(run_id, "succeeded")
     assert (finished["status"], finished["sent"], finished["failed"], finished["pending_after"]) == (

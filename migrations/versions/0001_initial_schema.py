@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -94,9 +93,7 @@ def upgrade() -> None:
             ["audience_id", "started_at"],
             unique=False,
         )
-        batch_op.create_index(
-            batch_op.f("ix_sync_runs_cycle_id"), ["cycle_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_sync_runs_cycle_id"), ["cycle_id"], unique=False)
 
     op.create_table(
         "deliveries",
@@ -113,9 +110,7 @@ def upgrade() -> None:
             ["audiences.id"],
             name=op.f("fk_deliveries_audience_id_audiences"),
         ),
-        sa.ForeignKeyConstraint(
-            ["run_id"], ["sync_runs.id"], name=op.f("fk_deliveries_run_id_sync_runs")
-        ),
+        sa.ForeignKeyConstraint(["run_id"], ["sync_runs.id"], name=op.f("fk_deliveries_run_id_sync_runs")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
     )
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
@@ -124,9 +119,7 @@ def upgrade() -> None:
             ["audience_id", "user_id"],
             unique=False,
         )
-        batch_op.create_index(
-            batch_op.f("ix_deliveries_run_id"), ["run_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_deliveries_run_id"), ["run_id"], unique=False)
 
     op.create_table(
         "membership_changes",
@@ -154,9 +147,7 @@ def upgrade() -> None:
             ["audience_id", "user_id"],
             unique=False,
         )
-        batch_op.create_index(
-            batch_op.f("ix_membership_changes_run_id"), ["run_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_membership_changes_run_id"), ["run_id"], unique=False)
 
 
 def downgrade() -> None:

@@ -1,0 +1,523 @@
+"""A loopback HTTP server that speaks Gleap's admin API and misbehaves on demand.
+
+Tests talk to it over real sockets (not a mocked transport) so that connection
+pooling, keep-alive, timeouts and dropped connections behave as they do in
+production. Stdlib only, so it can also run as a plain subprocess::
+
+    python tests/gleap_standin.py --port 0 --token T --state-file PATH
+
+which prints ``READY http://127.0.0.1:<port>`` and rewrites PATH whenever
+contacts change, until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hmac
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+AUTH_PATH: Final = "/admin/auth"
+IDENTIFY_PATH: Final = "/admin/identify"
+RATE_WINDOW_SECONDS: Final = 60.0
+_JSON: Final = "application/json"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-cased header names
+    body: Any  # parsed JSON or None
+    status: int  # status answered (0 when the connection was dropped)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int  # 0 means: drop the connection without answering
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _UserFault:
+    status: int
+    body: str
+    remaining: int | None  # None: never used up
+
+
+class _Invalid:
+    """Marks a body that is not valid JSON, which is not the same as a JSON ``null``."""
+
+
+_INVALID: Final = _Invalid()
+
+
+def _json_reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Reply:
+    return _Reply(status, json.dumps(payload).encode(), {"Content-Type": _JSON, **(headers or {})})
+
+
+def _text_reply(status: int, text: str, headers: dict[str, str] | None = None) -> _Reply:
+    extra = dict(headers or {})
+    if text:
+        try:
+            json.loads(text)
+            extra.setdefault("Content-Type", _JSON)
+        except ValueError:
+            extra.setdefault("Content-Type", "text/plain; charset=utf-8")
+    return _Reply(status, text.encode(), extra)
+
+
+def _reject_constant(name: str) -> Any:
+    # JSON.parse on Gleap's side refuses NaN/Infinity; Python would accept them silently.
+    raise ValueError(f"not JSON: {name}")
+
+
+def _parse_json(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        return _INVALID
+
+
+def _take(rules: deque[Any]) -> Any:
+    """Pop the next rule whose count is not spent; rules are ``[count, value]`` lists."""
+    while rules:
+        rule = rules[0]
+        if rule[0] <= 0:
+            rules.popleft()
+            continue
+        rule[0] -= 1
+        if rule[0] == 0:
+            rules.popleft()
+        return rule[1]
+    return None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    standin: GleapStandIn
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up and stop() cutting connections are expected here, not worth a traceback.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as httpx's pool expects
+    server_version = "GleapStandIn/1"
+    # Headers and body go out in two writes; with Nagle on, each answer waits for
+    # the client's delayed ACK (~40 ms), which would cap throughput at a crawl.
+    disable_nagle_algorithm = True
+    sys_version = ""
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.standin._connection_opened(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.standin._connection_closed(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # test output should show the test's own logs, not one line per request
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def _read_body(self) -> bytes | None:
+        """The whole body, or None when it cannot be framed (then the connection must close)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked()
+        length_header = self.headers.get("Content-Length")
+        if length_header is None:
+            return b""
+        try:
+            length = int(length_header)
+        except ValueError:
+            return None
+        if length < 0:
+            return None
+        raw = self.rfile.read(length)
+        return raw if len(raw) == length else None
+
+    def _read_chunked(self) -> bytes | None:
+        parts: list[bytes] = []
+        while True:
+            size_line = self.rfile.readline(65537)
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                return None
+            if size == 0:
+                # Skip trailers up to the blank line that ends the message.
+                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            chunk = self.rfile.read(size)
+            if len(chunk) != size:
+                return None
+            parts.append(chunk)
+            self.rfile.readline(3)  # the CRLF after each chunk
+
+    def _dispatch(self) -> None:
+        standin = self.server.standin
+        seq = standin._arrived()
+        headers: dict[str, str] = {}
+        for name, value in self.headers.items():
+            key = name.lower()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        raw = self._read_body()
+        if raw is None:
+            self.close_connection = True  # the stream is out of step; nothing after this can be trusted
+            reply = _json_reply(400, {"message": "Bad request body framing"})
+            parsed: Any = None
+        else:
+            parsed = _parse_json(raw)
+            reply = standin._answer(self.command, self.path, headers, parsed)
+        recorded_body = None if parsed is _INVALID else parsed
+        standin._record(seq, RecordedRequest(self.command, self.path, headers, recorded_body, reply.status))
+        if reply.status == 0:
+            self._drop()
+            return
+        self.send_response(reply.status)
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(reply.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        # Already gone is fine too: the client sees the same thing either way.
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+
+class GleapStandIn:
+    """Gleap's ``/admin/auth`` and ``/admin/identify`` on 127.0.0.1, with fault injection.
+
+    Fault rules are consumed per kind in FIFO order, and only by identify requests
+    carrying a valid token. For one identify the order of evaluation is: drop_next,
+    fail_next, rate limit, body validation (400), fail_user, success. delay_next is
+    orthogonal: it postpones whatever the answer turns out to be (a drop included).
+    """
+
+    def __init__(self, token: str = "test-token", *, rate_limit_per_minute: int | None = None) -> None:
+        self._lock = threading.Lock()
+        self._token = token
+        self.rate_limit_per_minute = rate_limit_per_minute
+        self._requests: dict[int, RecordedRequest] = {}
+        self._next_seq = 0
+        # Requests that arrived before reset_log() belong to the old log even if they finish later.
+        self._log_epoch = 0
+        self._identify_calls: list[dict[str, Any]] = []
+        self._contacts: dict[str, dict[str, Any]] = {}
+        self._fail_rules: deque[list[Any]] = deque()
+        self._delay_rules: deque[list[Any]] = deque()
+        self._drop_rules: deque[list[Any]] = deque()
+        self._user_faults: dict[str, deque[_UserFault]] = {}
+        self._window: deque[float] = deque()
+        self._connections: set[socket.socket] = set()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> GleapStandIn:
+        """Serve on 127.0.0.1; after a stop() it comes back on the same port (an outage that ends)."""
+        if self._server is not None:
+            raise RuntimeError("GleapStandIn is already running")
+        server = _Server(("127.0.0.1", self._port), _Handler)
+        server.standin = self
+        self._port = server.server_address[1]
+        self._stopping.clear()
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="gleap-standin", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        server.server_close()
+        # Idle keep-alive connections would otherwise go on being answered by a "stopped" server.
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> GleapStandIn:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("GleapStandIn is not running; call start() first")
+        return f"http://127.0.0.1:{self._port}"
+
+    # -- state for assertions ----------------------------------------------------------------------
+
+    @property
+    def token(self) -> str:
+        with self._lock:
+            return self._token
+
+    @token.setter
+    def token(self, token: str) -> None:
+        self.set_token(token)
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return [self._requests[seq] for seq in sorted(self._requests)]
+
+    @property
+    def contacts(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._contacts)
+
+    @property
+    def identify_calls(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._identify_calls)
+
+    def reset_log(self) -> None:
+        with self._lock:
+            self._requests.clear()
+            self._identify_calls.clear()
+            self._log_epoch = self._next_seq
+
+    # -- fault injection ---------------------------------------------------------------------------
+
+    def fail_next(self, count: int, status: int, *, retry_after: str | None = None, body: str = "") -> None:
+        headers = {"Retry-After": retry_after} if retry_after is not None else {}
+        with self._lock:
+            self._fail_rules.append([count, _text_reply(status, body, headers)])
+
+    def fail_user(self, user_id: str, status: int, *, body: str = "", times: int | None = None) -> None:
+        with self._lock:
+            self._user_faults.setdefault(user_id, deque()).append(_UserFault(status, body, times))
+
+    def delay_next(self, count: int, seconds: float) -> None:
+        with self._lock:
+            self._delay_rules.append([count, seconds])
+
+    def drop_next(self, count: int) -> None:
+        with self._lock:
+            self._drop_rules.append([count, True])
+
+    def clear_faults(self) -> None:
+        """Forget every pending fault rule (fail_user(times=None) is otherwise permanent)."""
+        with self._lock:
+            self._fail_rules.clear()
+            self._delay_rules.clear()
+            self._drop_rules.clear()
+            self._user_faults.clear()
+
+    def set_token(self, token: str) -> None:
+        with self._lock:
+            self._token = token
+
+    # -- request handling (called from handler threads) --------------------------------------------
+
+    def _connection_opened(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections.add(conn)
+
+    def _connection_closed(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+    def _arrived(self) -> int:
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            return seq
+
+    def _record(self, seq: int, request: RecordedRequest) -> None:
+        # Recorded before the answer goes out, so a test that has its response can assert on the log.
+        with self._lock:
+            if seq >= self._log_epoch:
+                self._requests[seq] = request
+
+    def _answer(self, method: str, path: str, headers: dict[str, str], body: Any) -> _Reply:
+        with self._lock:
+            token = self._token
+        offered = headers.get("api-token")
+        if offered is None or not hmac.compare_digest(offered.encode(), token.encode()):
+            return _json_reply(401, {"message": "Unauthorized"})
+        route = urlsplit(path).path
+        if route == AUTH_PATH:
+            if method != "GET":
+                return _json_reply(405, {"message": "Method not allowed"}, {"Allow": "GET"})
+            return _json_reply(200, {"ok": True})
+        if route == IDENTIFY_PATH:
+            if method != "POST":
+                return _json_reply(405, {"message": "Method not allowed"}, {"Allow": "POST"})
+            return self._identify(headers, body)
+        return _json_reply(404, {"message": f"Not found: {route}"})
+
+    def _identify(self, headers: dict[str, str], body: Any) -> _Reply:
+        with self._lock:
+            delay: float | None = _take(self._delay_rules)
+            drop = _take(self._drop_rules) is not None
+            failure: _Reply | None = None if drop else _take(self._fail_rules)
+            limit_headers, limited = ({}, False) if drop or failure else self._admit()
+
+        if delay and self._stopping.wait(delay):
+            return _Reply(0)  # stopped mid-request: a dead server answers nothing
+        if drop:
+            return _Reply(0)
+        if failure is not None:
+            return failure
+        if limited:
+            return _json_reply(429, {"message": "Too many requests"}, {"Retry-After": "1", **limit_headers})
+
+        content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type != _JSON:
+            return _json_reply(400, {"message": "Content-Type must be application/json"}, limit_headers)
+        if not isinstance(body, dict):
+            return _json_reply(400, {"message": "Body must be a JSON object"}, limit_headers)
+        user_id = body.get("userId")
+        if not isinstance(user_id, str) or not user_id:
+            return _json_reply(400, {"message": "userId must be a non-empty string"}, limit_headers)
+
+        with self._lock:
+            fault = self._user_fault(user_id)
+            if fault is None:
+                self._contacts.setdefault(user_id, {}).update(copy.deepcopy(body))
+                self._identify_calls.append(copy.deepcopy(body))
+        if fault is not None:
+            return _text_reply(fault.status, fault.body, limit_headers)
+        self._contacts_changed()
+        return _json_reply(200, {"userId": user_id, "ok": True}, limit_headers)
+
+    def _user_fault(self, user_id: str) -> _UserFault | None:
+        faults = self._user_faults.get(user_id)
+        if not faults:
+            return None
+        fault = faults[0]
+        if fault.remaining is not None:
+            fault.remaining -= 1
+            if fault.remaining <= 0:
+                faults.popleft()
+        return fault
+
+    def _admit(self) -> tuple[dict[str, str], bool]:
+        """Sliding-window limiter; only admitted requests count, so a client that backs off gets through."""
+        limit = self.rate_limit_per_minute
+        if limit is None:
+            return {}, False
+        now = time.monotonic()
+        while self._window and now - self._window[0] >= RATE_WINDOW_SECONDS:
+            self._window.popleft()
+        limited = len(self._window) >= limit
+        if not limited:
+            self._window.append(now)
+        headers = {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(limit - len(self._window))}
+        return headers, limited
+
+    def _contacts_changed(self) -> None:
+        """Hook for subclasses; runs after each successful identify, before the answer is sent."""
+
+
+class _StateFileStandIn(GleapStandIn):
+    """The standalone process's view for a parent test: contacts mirrored into a JSON file."""
+
+    def __init__(self, state_file: Path, token: str, rate_limit_per_minute: int | None) -> None:
+        super().__init__(token, rate_limit_per_minute=rate_limit_per_minute)
+        self.state_file = state_file
+        # Serialises writers, and each snapshots inside it, so an older state never lands last.
+        self._write_lock = threading.Lock()
+
+    def _contacts_changed(self) -> None:
+        with self._write_lock:
+            with self._lock:
+                state = {"contacts": self._contacts, "identify_calls": len(self._identify_calls)}
+                text = json.dumps(state, sort_keys=True)
+            # Written whole then renamed, so a reader never sees half a file.
+            fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=f".{self.state_file.name}.")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as out:
+                    out.write(text)
+                os.replace(tmp, self.state_file)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the Gleap stand-in as a process.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token", default="test-token")
+    parser.add_argument("--state-file", type=Path, required=True)
+    parser.add_argument("--rate-limit", type=int, default=None, help="identify requests per minute")
+    args = parser.parse_args(argv)
+
+    # Blocked before any thread starts, so every thread inherits the mask and sigwait() receives them.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    standin = _StateFileStandIn(args.state_file, args.token, args.rate_limit)
+    standin._port = args.port
+    standin._contacts_changed()  # the file exists from READY on, so a parent can read it at any time
+    standin.start()
+    print(f"READY {standin.base_url}", flush=True)
+    signal.sigwait(stop_signals)
+    standin.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Config loading: every mistake is refused with the file, the place and the fix."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from audiencesync.cli import main
+from audiencesync.config import find_config, load_config
+from audiencesync.errors import ConfigError
+
+BASE = """
+[store]
+url = "sqlite:///store.db"
+
+[sources.warehouse]
+url = "sqlite:///source.db"
+"""
+
+AUDIENCE = """
+[[audiences]]
+name = "High Value Users"
+source = "warehouse"
+query = "SELECT user_id FROM t"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "audiencesync.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GLEAP_API_TOKEN", raising=False)
+    config = load_config(Path(__file__).parent.parent / "config.example.toml")
+    assert [a.key for a in config.audiences] == ["order_completed_last_30_days", "high_value_users"]
+    assert config.gleap.requests_per_minute == 1000 and config.gleap.api_token is None
+
+
+def test_defaults_keys_and_relative_sqlite_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLEAP_API_TOKEN", "from-env")
+    config = load_config(write(tmp_path, BASE + AUDIENCE + '[gleap]\napi_token = "from-file"\n'))
+    assert config.audiences[0].key == "high_value_users"
+    assert config.store.url == f"sqlite:///{tmp_path / 'store.db'}"
+    assert config.sources["warehouse"].url == f"sqlite:///{tmp_path / 'source.db'}"
+    assert config.gleap.api_token is not None and config.gleap.api_token.reveal() == "from-env"
+    assert "from-env" not in repr(config)
+    assert config.gleap.base_url == "https://api.gleap.io" and config.gleap.max_concurrency == 8
+
+
+def test_config_path_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert find_config("x.toml", {"AUDIENCESYNC_CONFIG": "y.toml"}) == Path("x.toml")
+    assert find_config(None, {"AUDIENCESYNC_CONFIG": "y.toml"}) == Path("y.toml")
+    assert find_config(None, {}) == Path("audiencesync.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            AUDIENCE.replace('"warehouse"', '"warehous"'),
+            ["unknown source 'warehous'", "High Value Users", "warehouse"],
+        ),
+        (
+            AUDIENCE.replace('query = "SELECT user_id FROM t"', ""),
+            ["'query' is required", "High Value Users"],
+        ),
+        (AUDIENCE.replace('name = "High Value Users"', ""), ["'name' is required", "#1"]),
+        (AUDIENCE.replace("query =", "querry ="), ["unknown key 'querry'", "did you mean 'query'"]),
+        (AUDIENCE + AUDIENCE, ["'high_value_users' is already used", "#2"]),
+        (AUDIENCE.replace("High Value Users", "!!!"), ["the key is empty", "explicit key"]),
+        (AUDIENCE + 'key = "High__Value"\n', ["single underscores"]),
+        (AUDIENCE.replace("High Value Users", "Email"), ["contact field 'email'"]),
+        (AUDIENCE + 'key = "plan"\n', ["contact field 'plan'"]),
+        (AUDIENCE.replace('query = "SELECT user_id FROM t"', 'query = "  "'), ["the query is empty"]),
+        (AUDIENCE + "[gleap]\nmax_concurrency = 0\n", ["[gleap].max_concurrency", "greater than zero"]),
+        (AUDIENCE + '[gleap]\nrequests_per_minute = "fast"\n', ["must be a int"]),
+        (AUDIENCE + '[gleap]\nbase_url = "api.gleap.io"\n', ["http(s) URL"]),
+        (AUDIENCE + "[extra]\nx = 1\n", ["unknown key 'extra'"]),
+        (AUDIENCE + "[sources.other]\n", ["'url' is required", "[sources.other]"]),
+    ],
+)
+def test_bad_config_is_refused_with_a_useful_message(tmp_path: Path, text: str, expected: list[str]) -> None:
+    path = write(tmp_path, BASE + text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "\n[[audiences]]\nname = \n")
+    with pytest.raises(ConfigError, match=r"invalid TOML: .*line 9"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"does not exist.*--config"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_cli_exits_2_on_config_errors_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, BASE + AUDIENCE.replace('"warehouse"', '"nowhere"'))
+    assert main(["--config", str(path), "sync", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown source 'nowhere'" in err and "Traceback" not in err
+
+
+def test_cli_refuses_unknown_audience_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, BASE + AUDIENCE)
+    assert main(["--config", str(path), "sync", "--dry-run", "--audience", "nope"]) == 2
+    assert "high_value_users" in capsys.readouterr().err
+
+
+def test_cli_without_token_refuses_and_says_how(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GLEAP_API_TOKEN", raising=False)
+    path = write(tmp_path, BASE + AUDIENCE)
+    assert main(["--config", str(path), "sync"]) == 2
+    err = capsys.readouterr().err
+    assert "GLEAP_API_TOKEN" in err and "--dry-run" in err
+    assert not (tmp_path / "store.db").exists()  # refused before touching the store
