@@ -12,7 +12,7 @@ from typing import IO
 from tqdm import tqdm
 
 from audiencesync import __version__, store
-from audiencesync.config import Config, find_config, load_config
+from audiencesync.config import Config, display_url, find_config, load_config
 from audiencesync.errors import (
     AudienceSyncError,
     ConfigError,
@@ -20,7 +20,6 @@ from audiencesync.errors import (
     MissingTokenError,
     StoreError,
 )
-from audiencesync.sources import display_url
 from audiencesync.sync import CycleReport, Progress, Syncer
 
 log = logging.getLogger(__name__)

@@ -97,6 +97,11 @@ class Config:
         )
 
 
+def display_url(url: str) -> str:
+    """A database URL fit to show: the password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def find_config(cli_path: str | None, environ: Mapping[str, str] = os.environ) -> Path:
     """The config file to use: --config, then $AUDIENCESYNC_CONFIG, then ./audiencesync.toml."""
     if cli_path:

@@ -10,21 +10,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from audiencesync.config import AudienceConfig, SourceConfig
+from audiencesync.config import AudienceConfig, SourceConfig, display_url
 from audiencesync.errors import SourceError
 
 log = logging.getLogger(__name__)
 
 MAX_ID_LENGTH = 255
 SAMPLE_SIZE = 5
-
-
-def display_url(url: str) -> str:
-    """A database URL fit to show: the password masked."""
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def canonical_user_id(value: Any) -> str | None:
@@ -118,7 +113,7 @@ class Sources:
                         source=source.name,
                     )
                 index = columns.index("user_id")
-                for partition in result.partitions():
+                for partition in result.partitions(self.batch_size):
                     batch: list[str] = []
                     for row in partition:
                         stats.rows += 1

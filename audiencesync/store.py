@@ -18,10 +18,10 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import OperationalError
 
 from audiencesync import diff
+from audiencesync.config import display_url
 from audiencesync.diff import DiffCounts
 from audiencesync.errors import StoreError
 from audiencesync.schema import audiences, deliveries, memberships, sync_runs
-from audiencesync.sources import display_url
 
 Clock = Callable[[], datetime]
 

@@ -1,0 +1,99 @@
+"""The `audiencesync` console script as a real process: output, exit statuses, no leaked token."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TOKEN, ConfigFactory, SourceDB
+from tests.gleap_standin import GleapStandIn
+
+
+def run(config_path: Path, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "GLEAP_API_TOKEN"}
+    if token is not None:
+        env["GLEAP_API_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "audiencesync", "--config", str(config_path), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_sync_then_nothing_to_do_then_a_failure(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2", "u3"])
+    config = make_config(gleap.base_url, token=None)
+    done = run(config.path, "--log-level", "DEBUG", "sync", token=TOKEN)
+    assert done.returncode == 0, done.stderr
+    assert "segment_a" in done.stdout and "succeeded" in done.stdout
+    assert "segment_a: succeeded (initial) members=3 entered=3" in done.stderr  # the summary log line
+    assert set(gleap.contacts) == {"u1", "u2", "u3"}
+
+    again = run(config.path, "sync", token=TOKEN)
+    assert again.returncode == 0 and len(gleap.identify_calls) == 3
+
+    source.set(["u1", "u4"])
+    gleap.fail_user("u4", 422, body="unprocessable")
+    partial = run(config.path, "--log-level", "DEBUG", "sync", token=TOKEN)
+    assert partial.returncode == 1
+    assert "partial" in partial.stdout
+    for output in (done, again, partial):
+        assert TOKEN not in output.stdout + output.stderr
+
+
+def test_rejected_token_exits_1_with_advice_and_no_secret(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    config = make_config(gleap.base_url, token=None)
+    wrong = "wrong-token-1234"
+    result = run(config.path, "--log-level", "DEBUG", "sync", token=wrong)
+    assert result.returncode == 1
+    assert "GLEAP_API_TOKEN" in result.stderr and "401" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert wrong not in result.stdout + result.stderr
+
+
+def test_dry_run_prints_json_lines_on_stdout_and_the_summary_on_stderr(
+    make_config: ConfigFactory, source: SourceDB
+) -> None:
+    source.set(["u1", 2])
+    config = make_config(token=None)
+    result = run(config.path, "sync", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["json"] for line in lines] == [
+        {"segment_a": True, "userId": "2"},
+        {"segment_a": True, "userId": "u1"},
+    ]
+    assert "1 call" not in result.stderr and "2 call(s) would be made" in result.stderr
+
+
+def test_unreachable_store_exits_3(tmp_path: Path, make_config: ConfigFactory, store_url: str) -> None:
+    if not store_url.startswith("sqlite"):
+        pytest.skip("one store is enough to show the mapping")
+    config = make_config()
+    text = config.path.read_text().replace(store_url, f"sqlite:///{tmp_path}/missing/dir/store.db")
+    config.path.write_text(text)
+    result = run(config.path, "sync", token=TOKEN)
+    assert result.returncode == 3, result.stderr
+    assert "cannot open the store" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_db_upgrade_and_current(make_config: ConfigFactory) -> None:
+    config = make_config()
+    assert "schema revision none" in run(config.path, "db", "current").stdout
+    upgraded = run(config.path, "db", "upgrade")
+    assert upgraded.returncode == 0 and "upgraded to" in upgraded.stdout
+    assert "up to date" in run(config.path, "db", "current").stdout
+    assert "already at" in run(config.path, "db", "upgrade").stdout

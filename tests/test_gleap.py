@@ -1,0 +1,125 @@
+"""The Gleap client against the loopback stand-in, and its pure helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from audiencesync.config import GleapConfig, Secret
+from audiencesync.errors import GleapAuthError
+from audiencesync.gleap import Answer, GleapClient, identify_body, parse_retry_after
+from audiencesync.ratelimit import TokenBucket
+from tests.conftest import TOKEN
+from tests.gleap_standin import GleapStandIn
+
+
+def identify(gleap: GleapStandIn, user_id: str = "u1", **config: object) -> tuple[Answer, int]:
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=1, max_retries=3, **config)  # type: ignore[arg-type]
+
+    async def go() -> tuple[Answer, int]:
+        async with GleapClient(settings, Secret(TOKEN), backoff_initial=0.01) as client:
+            answer = await client.identify(user_id, {"vip": True})
+            return answer, client.retries
+
+    return asyncio.run(go())
+
+
+def test_identify_sends_the_token_and_the_body(gleap: GleapStandIn) -> None:
+    answer, retries = identify(gleap)
+    assert answer.ok and retries == 0
+    [request] = gleap.requests
+    assert request.method == "POST" and request.path == "/admin/identify"
+    assert request.headers["api-token"] == TOKEN
+    assert request.body == {"vip": True, "userId": "u1"}
+
+
+def test_429_is_retried_after_the_pause_it_asks_for(gleap: GleapStandIn) -> None:
+    gleap.fail_next(1, 429, retry_after="1")
+    started = time.monotonic()
+    answer, retries = identify(gleap)
+    elapsed = time.monotonic() - started
+    assert answer.ok and retries == 1 and elapsed >= 0.9
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408])
+def test_transient_statuses_are_retried(gleap: GleapStandIn, status: int) -> None:
+    gleap.fail_next(2, status)
+    answer, retries = identify(gleap)
+    assert answer.ok and retries == 2
+
+
+def test_dropped_connection_is_retried(gleap: GleapStandIn) -> None:
+    gleap.drop_next(1)
+    answer, retries = identify(gleap)
+    assert answer.ok and retries == 1
+
+
+def test_giving_up_reports_the_last_failure(gleap: GleapStandIn) -> None:
+    gleap.fail_next(10, 503, body="overloaded")
+    answer, retries = identify(gleap)
+    assert not answer.ok and answer.status == 503 and retries == 3
+    assert answer.error is not None and "gave up after 4 attempts" in answer.error
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_permanent_failures_are_returned_with_the_text(gleap: GleapStandIn, status: int) -> None:
+    gleap.fail_user("u1", status, body='{"message": "nope"}')
+    answer, retries = identify(gleap)
+    assert answer.status == status and retries == 0
+    assert answer.error == f'HTTP {status}: {{"message": "nope"}}'
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_failures_raise(gleap: GleapStandIn, status: int) -> None:
+    if status == 401:
+        gleap.set_token("other")
+    else:
+        gleap.fail_next(1, 403)
+    with pytest.raises(GleapAuthError) as info:
+        identify(gleap)
+    assert info.value.status == status and TOKEN not in str(info.value)
+
+
+def test_identify_body_keeps_user_id_last_and_authoritative() -> None:
+    assert identify_body("u1", {"a": True}) == {"a": True, "userId": "u1"}
+
+
+def test_parse_retry_after() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("Thu, 01 Jan 2026 12:00:30 GMT", now) == 30.0
+    assert parse_retry_after("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0
+    assert parse_retry_after("99999") == 300.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_token_bucket_paces_and_pauses() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    bucket = TokenBucket(60, burst=2, clock=lambda: now[0], sleep=sleep)
+
+    async def take(n: int) -> None:
+        for _ in range(n):
+            await bucket.acquire()
+
+    asyncio.run(take(4))  # 2 from the burst, then one a second
+    assert now[0] == pytest.approx(2.0)
+    bucket.pause(5)
+    bucket.pause(5)  # a second 429 in the same moment does not add up
+    asyncio.run(take(1))
+    assert now[0] == pytest.approx(8.0)
+    assert slept
+
+
+def test_secret_hides_itself() -> None:
+    secret = Secret("s3cr3t")
+    assert "s3cr3t" not in repr(secret) and "s3cr3t" not in str(secret) and "s3cr3t" not in f"{secret}"
+    assert secret.reveal() == "s3cr3t"

@@ -1,0 +1,81 @@
+"""Reading sources: canonical ids, streaming in batches, clear errors."""
+
+from __future__ import annotations
+
+import decimal
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from audiencesync.config import AudienceConfig, SourceConfig
+from audiencesync.errors import SourceError
+from audiencesync.sources import ReadStats, Sources, canonical_user_id
+from tests.conftest import POSTGRES_URL
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (42, "42"),
+        (42.0, "42"),
+        (decimal.Decimal("42.000"), "42"),
+        (1.5, "1.5"),
+        ("u1", "u1"),
+        (" u1 ", " u1 "),
+        (uuid.UUID("12345678-1234-5678-1234-567812345678"), "12345678-1234-5678-1234-567812345678"),
+        (b"bytes-id", "bytes-id"),
+        (None, None),
+        ("", None),
+        ("  \t", None),
+        (True, None),
+        (float("nan"), None),
+    ],
+)
+def test_canonical_user_id(value: object, expected: str | None) -> None:
+    assert canonical_user_id(value) == expected
+
+
+def audience(query: str) -> AudienceConfig:
+    return AudienceConfig(name="A", key="a", source="src", query=query)
+
+
+def test_reads_in_batches(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (user_id INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t VALUES " + ",".join(f"({i})" for i in range(25)) + ",(NULL)")
+    engine.dispose()
+    sources = Sources({"src": SourceConfig("src", url)}, batch_size=10)
+    stats = ReadStats()
+    batches = list(
+        sources.read_ids(audience("SELECT user_id FROM t ORDER BY user_id IS NULL, user_id"), stats)
+    )
+    sources.dispose()
+    assert [len(b) for b in batches] == [10, 10, 5]
+    assert batches[0][:3] == ["0", "1", "2"]
+    assert (stats.rows, stats.skipped) == (26, 1)
+
+
+def test_sql_error_names_audience_and_source_and_masks_the_password() -> None:
+    sources = Sources({"src": SourceConfig("src", "postgresql+psycopg://bob:hunter2@127.0.0.1:1/x")})
+    with pytest.raises(SourceError) as info:
+        list(sources.read_ids(audience("SELECT 1 AS user_id"), ReadStats()))
+    message = str(info.value)
+    assert "'a'" in message and "'src'" in message and "hunter2" not in message and "***" in message
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="AUDIENCESYNC_TEST_POSTGRES_URL is not set")
+@pytest.mark.postgres
+def test_postgres_source_streams_with_a_server_side_cursor() -> None:
+    assert POSTGRES_URL
+    sources = Sources({"src": SourceConfig("src", POSTGRES_URL)}, batch_size=1000)
+    stats = ReadStats()
+    query = "SELECT gen_random_uuid() AS user_id FROM generate_series(1, 2500) UNION ALL SELECT NULL"
+    batches = list(sources.read_ids(audience(query), stats))
+    sources.dispose()
+    assert [len(b) for b in batches] == [1000, 1000, 500]
+    assert all(len(i) == 36 and i == i.lower() for i in batches[0])
+    assert stats.skipped == 1
