@@ -271,7 +271,10 @@ class GleapStandIn:
         self._port = server.server_address[1]
         self._stopping.clear()
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="gleap-standin", daemon=True)
+        # A short poll interval keeps stop() (and so every test using the fixture) quick.
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="gleap-standin", daemon=True
+        )
         self._thread.start()
         return self
 
