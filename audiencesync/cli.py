@@ -17,9 +17,12 @@ from audiencesync.errors import (
     AudienceSyncError,
     ConfigError,
     GleapAuthError,
+    LeaseLostError,
     MissingTokenError,
+    StoreBusyError,
     StoreError,
 )
+from audiencesync.lease import WriterLease
 from audiencesync.sync import CycleReport, Progress, Syncer
 
 log = logging.getLogger(__name__)
@@ -28,12 +31,15 @@ EXIT_OK = 0
 EXIT_INCOMPLETE = 1  # changes remain pending or failed, or a source failed
 EXIT_CONFIG = 2
 EXIT_STORE = 3
+EXIT_BUSY = 4  # another process holds the store's writer lease
 EXIT_INTERRUPTED = 130
 
 # Checked in order: the first matching class decides the exit status.
 EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
     (ConfigError, EXIT_CONFIG),
     (MissingTokenError, EXIT_CONFIG),
+    (StoreBusyError, EXIT_BUSY),
+    (LeaseLostError, EXIT_INCOMPLETE),
     (StoreError, EXIT_STORE),
     (GleapAuthError, EXIT_INCOMPLETE),
     (AudienceSyncError, EXIT_INCOMPLETE),
@@ -74,7 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the calls as JSON lines instead of sending them; change nothing",
     )
+    sync.add_argument(
+        "--allow-removals",
+        action="store_true",
+        help="release the mass-removal guard for this run (needs --audience)",
+    )
+    sync.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="if another sync holds the store, wait this long for it (default: 0)",
+    )
     sync.set_defaults(handler=_cmd_sync)
+
+    failures = commands.add_parser("failures", help="list changes parked after repeated rejections")
+    failures.add_argument("--audience", metavar="KEY", help="only this audience")
+    failures.set_defaults(handler=_cmd_failures)
+
+    retry = commands.add_parser("retry", help="re-queue parked changes for the next sync")
+    retry.add_argument("--audience", metavar="KEY", help="only this audience")
+    retry.add_argument("--user", metavar="ID", help="only this user id")
+    retry.add_argument("--all", action="store_true", help="every parked change (when no filter is given)")
+    retry.set_defaults(handler=_cmd_retry)
 
     db = commands.add_parser("db", help="manage the membership store")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
@@ -114,6 +142,38 @@ def _open_store(config: Config) -> store.Store:
     return store.Store(store.create_engine(config.store.url))
 
 
+def _cmd_failures(args: argparse.Namespace, config: Config) -> int:
+    if args.audience:
+        config.audience(args.audience)
+    target = _open_store(config)
+    store.schema_revisions(target.engine)  # refuses a store from a newer version
+    parked = target.parked(args.audience)
+    for change in parked:
+        print(
+            f"{change.audience}\t{change.user_id}\t{str(change.value).lower()}\t"
+            f"attempts={change.attempts}\tparked={change.parked_at:%Y-%m-%d %H:%M:%S}\t{change.last_error}"
+        )
+    print(
+        f"{len(parked)} parked change(s)" + ("; re-queue with `audiencesync retry`" if parked else ""),
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _cmd_retry(args: argparse.Namespace, config: Config) -> int:
+    if not (args.audience or args.user or args.all):
+        raise ConfigError(
+            "retry needs a selection", fix="pass --audience KEY, --user ID, or --all for every parked change"
+        )
+    if args.audience:
+        config.audience(args.audience)
+    target = _open_store(config)
+    store.schema_revisions(target.engine)
+    count = target.requeue(args.audience, args.user)
+    print(f"re-queued {count} change(s); the next sync sends them")
+    return EXIT_OK
+
+
 def _cmd_db_upgrade(args: argparse.Namespace, config: Config) -> int:
     target = _open_store(config)
     applied = store.upgrade(target.engine)
@@ -135,27 +195,44 @@ def _cmd_sync(args: argparse.Namespace, config: Config) -> int:
     if args.audiences:
         for key in args.audiences:
             config.audience(key)  # refuse unknown keys before touching anything
-    target = _open_store(config)
-    if not args.dry_run:
-        if config.gleap.api_token is None:
-            raise MissingTokenError()
-        store.upgrade(target.engine)
+    if args.allow_removals and not args.audiences:
+        raise ConfigError(
+            "--allow-removals releases the guard for named audiences only",
+            fix="add --audience KEY for each audience whose removals you have checked",
+        )
+    if not args.dry_run and config.gleap.api_token is None:
+        raise MissingTokenError()
+    engine = store.create_engine(config.store.url)
+    lease = WriterLease(engine, store.utc_now, ttl_seconds=config.sync.lease_seconds)
+    try:
+        if args.dry_run:
+            # A dry run writes nothing, so it needs no lease and never waits for one.
+            report = _run_cycle(args, config, store.Store(engine))
+        else:
+            store.upgrade(engine)
+            with lease.held(args.wait):
+                report = _run_cycle(args, config, store.Store(engine, fence=lease.check))
+    finally:
+        engine.dispose()
+    _print_summary(report, sys.stderr if args.dry_run else sys.stdout)
+    if report.aborted is not None:
+        print(f"audiencesync: error: {report.aborted}", file=sys.stderr)
+    return EXIT_OK if report.complete else EXIT_INCOMPLETE
+
+
+def _run_cycle(args: argparse.Namespace, config: Config, target: store.Store) -> CycleReport:
     syncer = Syncer(config, target)
     try:
-        report = syncer.run_cycle(
+        return syncer.run_cycle(
             args.audiences,
             full=args.full,
             dry_run=args.dry_run,
             out=sys.stdout,
             progress=_progress_bar if sys.stderr.isatty() else None,
+            allow_removals=args.allow_removals,
         )
     finally:
         syncer.sources.dispose()
-        target.engine.dispose()
-    _print_summary(report, sys.stderr if args.dry_run else sys.stdout)
-    if report.aborted is not None:
-        print(f"audiencesync: error: {report.aborted}", file=sys.stderr)
-    return EXIT_OK if report.complete else EXIT_INCOMPLETE
 
 
 def _progress_bar(total: int) -> Progress:

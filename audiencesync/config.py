@@ -7,12 +7,15 @@ file, the place in it and the fix (see ``errors.ConfigError``).
 from __future__ import annotations
 
 import difflib
+import logging
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -23,6 +26,8 @@ from audiencesync.keys import key_for_name, key_problem
 ENV_CONFIG = "AUDIENCESYNC_CONFIG"
 ENV_TOKEN = "GLEAP_API_TOKEN"  # noqa: S105 - the name of the variable, not a secret
 DEFAULT_CONFIG_NAME = "audiencesync.toml"
+
+log = logging.getLogger(__name__)
 
 
 class Secret:
@@ -62,11 +67,21 @@ class GleapConfig:
     timeout_seconds: float = 30.0
     max_retries: int = 6
 
+    allow_http: bool = False
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    max_removal_fraction: float = 0.5
+    max_attempts: int = 5
+    lease_seconds: float = 60.0
+
 
 @dataclass(frozen=True)
 class SourceConfig:
     name: str
     url: str
+    timeout_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,8 @@ class AudienceConfig:
     key: str
     source: str
     query: str
+    max_removal_fraction: float = 0.5
+    allow_empty: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,7 @@ class Config:
     path: Path
     store: StoreConfig
     gleap: GleapConfig
+    sync: SyncConfig
     sources: Mapping[str, SourceConfig]
     audiences: tuple[AudienceConfig, ...]
 
@@ -192,13 +210,18 @@ GLEAP_KEYS = (
     "max_concurrency",
     "timeout_seconds",
     "max_retries",
+    "allow_http",
 )
+SYNC_KEYS = ("max_removal_fraction", "max_attempts", "lease_seconds")
+AUDIENCE_KEYS = ("name", "key", "source", "query", "max_removal_fraction", "allow_empty")
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Config:
-    root = _Table(raw, path, "top level", ["store", "gleap", "sources", "audiences"])
+    root = _Table(raw, path, "top level", ["store", "gleap", "sync", "sources", "audiences"])
     store_t = _Table(root.take("store", dict, {}), path, "[store]", ["url"])
     gleap_t = _Table(root.take("gleap", dict, {}), path, "[gleap]", list(GLEAP_KEYS))
+    sync_t = _Table(root.take("sync", dict, {}), path, "[sync]", list(SYNC_KEYS))
     sources_raw = root.take("sources", dict, {})
     audiences_raw = root.take("audiences", list, [])
 
@@ -217,23 +240,32 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         max_concurrency=gleap_t.take_positive("max_concurrency", int, defaults.max_concurrency),
         timeout_seconds=gleap_t.take_positive("timeout_seconds", float, defaults.timeout_seconds),
         max_retries=gleap_t.take("max_retries", int, defaults.max_retries),
+        allow_http=gleap_t.take("allow_http", bool, False),
     )
-    if not gleap.base_url.startswith(("http://", "https://")):
-        raise gleap_t.error(
-            "must be an http(s) URL", key="base_url", fix='write base_url = "https://api.gleap.io"'
-        )
+    _check_base_url(gleap, gleap_t)
+    if file_token and not env_token:
+        _warn_if_readable(path)
+
+    sync_defaults = SyncConfig()
+    sync = SyncConfig(
+        max_removal_fraction=_fraction(sync_t, sync_defaults.max_removal_fraction),
+        max_attempts=sync_t.take_positive("max_attempts", int, sync_defaults.max_attempts),
+        lease_seconds=sync_t.take_positive("lease_seconds", float, sync_defaults.lease_seconds),
+    )
 
     sources: dict[str, SourceConfig] = {}
     for name, table in sources_raw.items():
-        source_t = _Table(table, path, f"[sources.{name}]", ["url"])
+        source_t = _Table(table, path, f"[sources.{name}]", ["url", "timeout_seconds"])
         sources[name] = SourceConfig(
-            name=name, url=_resolve_url(source_t.take("url", str, required=True), path, source_t)
+            name=name,
+            url=_resolve_url(source_t.take("url", str, required=True), path, source_t),
+            timeout_seconds=source_t.take_positive("timeout_seconds", float, SourceConfig.timeout_seconds),
         )
 
     audiences: list[AudienceConfig] = []
     seen: dict[str, str] = {}
     for index, table in enumerate(audiences_raw, start=1):
-        audience_t = _Table(table, path, f"[[audiences]] #{index}", ["name", "key", "source", "query"])
+        audience_t = _Table(table, path, f"[[audiences]] #{index}", list(AUDIENCE_KEYS))
         name = audience_t.take("name", str, required=True).strip()
         if name:
             audience_t.where = f"[[audiences]] #{index} ({name!r})"
@@ -268,15 +300,67 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
             raise audience_t.error(
                 "the query is empty", key="query", fix="write a SELECT that yields a user_id column"
             )
-        audiences.append(AudienceConfig(name=name, key=key, source=source, query=query))
+        audiences.append(
+            AudienceConfig(
+                name=name,
+                key=key,
+                source=source,
+                query=query,
+                max_removal_fraction=_fraction(audience_t, sync.max_removal_fraction),
+                allow_empty=audience_t.take("allow_empty", bool, False),
+            )
+        )
 
     return Config(
         path=path,
         store=store,
         gleap=gleap,
+        sync=sync,
         sources=sources,
         audiences=tuple(audiences),
     )
+
+
+def _fraction(table: _Table, default: float) -> float:
+    value = table.take("max_removal_fraction", float, default)
+    if not 0.0 <= value <= 1.0:
+        raise table.error(
+            "must be between 0 and 1",
+            key="max_removal_fraction",
+            fix="write the largest share of members one cycle may remove, e.g. 0.5",
+        )
+    return value
+
+
+def _check_base_url(gleap: GleapConfig, table: _Table) -> None:
+    parts = urlsplit(gleap.base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise table.error(
+            "must be an http(s) URL", key="base_url", fix='write base_url = "https://api.gleap.io"'
+        )
+    loopback = parts.hostname in LOOPBACK_HOSTS or parts.hostname.startswith("127.")
+    if parts.scheme == "http" and not loopback and not gleap.allow_http:
+        raise table.error(
+            "is plain http to a remote host, which would send the API token unencrypted",
+            key="base_url",
+            fix="use https, or set allow_http = true for an on-premise Gleap on a trusted network",
+        )
+
+
+def _warn_if_readable(path: Path) -> None:
+    """The token sits in the file: warn when others can read it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning(
+            "%s holds api_token and is readable by group or others (mode %s). "
+            "Fix: chmod 600 %s, or move the token to the GLEAP_API_TOKEN environment variable.",
+            path,
+            stat.filemode(mode),
+            path,
+        )
 
 
 def _resolve_url(url: str, config_path: Path, table: _Table) -> str:

@@ -23,6 +23,11 @@ class DiffCounts:
     entered: int
     left: int
 
+    @property
+    def previous(self) -> int:
+        """Members before this change."""
+        return self.members - self.entered + self.left
+
 
 def new_stage_name() -> str:
     # Unique per refresh so that a stage left behind by an error on a pooled
@@ -102,7 +107,9 @@ def apply_stage(
         # A leaver's pending resend is void: only the new value (false) matters.
         conn.execute(
             text(
-                "UPDATE memberships SET desired = false, resend = false, changed_at = :t "
+                # A new value is a new change: earlier failures and parking don't carry over.
+                "UPDATE memberships SET desired = false, resend = false, changed_at = :t, "
+                "attempts = 0, parked_at = NULL "
                 f"WHERE audience_id = :a AND desired = true AND {not_in_stage('memberships')}"
             ),
             params,
@@ -113,7 +120,8 @@ def apply_stage(
                 "INSERT INTO memberships (audience_id, user_id, desired, resend, changed_at, attempts) "
                 f"SELECT DISTINCT :a, s.user_id, true, false, :t, 0 FROM {name} s WHERE {not_member} "
                 "ON CONFLICT (audience_id, user_id) "
-                "DO UPDATE SET desired = true, changed_at = excluded.changed_at"
+                "DO UPDATE SET desired = true, changed_at = excluded.changed_at, "
+                "attempts = 0, parked_at = NULL"
             ),
             params,
         )

@@ -7,6 +7,8 @@ went wrong, which thing it concerns, and how to fix it.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 
 class AudienceSyncError(Exception):
     """Root of every error audiencesync raises on purpose."""
@@ -40,6 +42,33 @@ class ConfigError(AudienceSyncError):
 
 class StoreError(AudienceSyncError):
     """The membership store cannot be used (unreachable, wrong schema version...)."""
+
+
+class StoreBusyError(StoreError):
+    """Another audiencesync process holds the store's writer lease."""
+
+    def __init__(self, *, holder: str, since: datetime, expires: datetime, waited: float) -> None:
+        self.holder = holder
+        self.since = since
+        self.expires = expires
+        waited_text = f" after waiting {waited:g} s" if waited else ""
+        super().__init__(
+            f"the store is in use by another audiencesync ({holder}, since {since:%Y-%m-%d %H:%M:%S} UTC; "
+            f"its lease runs to {expires:%H:%M:%S} UTC unless renewed){waited_text}. "
+            "Fix: let it finish, pass --wait SECONDS to queue behind it, or stop that process. "
+            "If it crashed, its lease expires by itself."
+        )
+
+
+class LeaseLostError(StoreError):
+    """This process no longer holds the writer lease, so it must not write."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this process lost the store's writer lease (it stalled past the lease's expiry and "
+            "another process took over). Nothing more was written; the next run carries on. "
+            "Fix: check for long pauses (swap, suspended VM) or a clock jump on this host."
+        )
 
 
 class SourceError(AudienceSyncError):

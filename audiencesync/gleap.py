@@ -10,13 +10,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from audiencesync import __version__
 from audiencesync.config import GleapConfig, Secret
@@ -31,14 +25,43 @@ RETRYABLE_STATUSES = frozenset({408, 423, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 300.0
 
 
+# A 429 says "later", not "wrong": it doesn't use up a call's retries, but a
+# call can't wait on the limiter for ever either.
+MAX_RATE_LIMITED = 30
+
+
 @dataclass(frozen=True)
 class Answer:
     status: int  # 0 when no answer came (timeout, connection dropped)
     error: str | None = None
+    retries: int = 0
+    rate_limited: int = 0
 
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300
+
+    @property
+    def permanent(self) -> bool:
+        """Gleap refused this call's content; sending it again unchanged won't help."""
+        return not self.ok and self.status != 0 and self.status not in RETRYABLE_STATUSES
+
+
+class _Budget:
+    """Counts one call's failed attempts; tells tenacity when to stop."""
+
+    def __init__(self, max_retries: int) -> None:
+        self.max_retries = max_retries
+        self.failures = 0
+        self.rate_limited = 0
+
+    def exhausted(self, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Transient) and exc.status == 429:
+            self.rate_limited += 1
+            return self.rate_limited > MAX_RATE_LIMITED
+        self.failures += 1
+        return self.failures > self.max_retries
 
 
 class _Transient(Exception):
@@ -93,6 +116,7 @@ class GleapClient:
         )
         self._client: httpx.AsyncClient | None = None
         self.retries = 0
+        self.rate_limited = 0
 
     async def __aenter__(self) -> GleapClient:
         # The pool is as large as the concurrency, so no task ever waits on it (PoolTimeout).
@@ -127,23 +151,25 @@ class GleapClient:
     async def identify(self, user_id: str, attributes: dict[str, bool]) -> Answer:
         """Send one identify call; retries transient failures, raises GleapAuthError on 401/403."""
         body = identify_body(user_id, attributes)
+        budget = _Budget(self.config.max_retries)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.config.max_retries + 1),
+            stop=budget.exhausted,
             wait=self._wait,
             retry=retry_if_exception_type(_Transient),
             reraise=True,
-            before_sleep=self._count_retry,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._send(body)
+                    answer = await self._send(body)
         except _Transient as exc:
-            return Answer(exc.status, f"gave up after {self.config.max_retries + 1} attempts: {exc}")
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _count_retry(self, state: RetryCallState) -> None:
-        self.retries += 1
+            answer = Answer(
+                exc.status, f"gave up after {budget.failures + budget.rate_limited} attempts: {exc}"
+            )
+        retries = budget.failures + budget.rate_limited - (0 if answer.ok or answer.permanent else 1)
+        self.retries += retries
+        self.rate_limited += budget.rate_limited
+        return Answer(answer.status, answer.error, retries=retries, rate_limited=budget.rate_limited)
 
     async def _send(self, body: dict[str, Any]) -> Answer:
         assert self._client is not None, "use GleapClient as an async context manager"
@@ -156,6 +182,7 @@ class GleapClient:
             raise _Transient(0, f"connection failed ({type(exc).__name__})") from None
         status = response.status_code
         if 200 <= status < 300:
+            self.limiter.recover()
             return Answer(status)
         if status in (401, 403):
             raise GleapAuthError(status)
@@ -164,6 +191,6 @@ class GleapClient:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if status == 429:
                 # Everyone shares the project's limit: hold back every task, not just this one.
-                self.limiter.pause(retry_after if retry_after is not None else 1.0)
+                self.limiter.slow_down(retry_after if retry_after is not None else 1.0)
             raise _Transient(status, f"HTTP {status} {text}".strip(), retry_after)
         return Answer(status, f"HTTP {status}: {text}" if text else f"HTTP {status}")

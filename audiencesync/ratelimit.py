@@ -2,7 +2,9 @@
 
 Hand-written rather than taken from aiolimiter because the rate must be able
 to drop when Gleap answers 429 and climb back afterwards, which fixed-rate
-limiters don't offer.
+limiters don't offer. The adjustment is additive-increase/multiplicative-
+decrease, as in TCP: halve on a 429, win back 2% of the configured rate with
+each success.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ class TokenBucket:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.rate = per_minute / 60.0
+        self.max_rate = per_minute / 60.0
+        self.min_rate = self.max_rate / 16
+        self.rate = self.max_rate
         # A small burst keeps a fresh start from spending a minute's budget at once,
         # which is what trips a server's own sliding window.
         self.capacity = float(burst if burst is not None else max(1, min(per_minute // 60, 10)))
@@ -50,3 +54,15 @@ class TokenBucket:
         # Several tasks hit by the same 429 must not add their pauses up.
         self._refill()
         self._tokens = min(self._tokens, -seconds * self.rate)
+
+    def slow_down(self, pause_seconds: float) -> None:
+        """A 429: pause everyone, then go on at half the rate."""
+        self._refill()
+        self.rate = max(self.min_rate, self.rate / 2)
+        self.pause(pause_seconds)
+
+    def recover(self) -> None:
+        """A success: climb back towards the configured rate."""
+        if self.rate < self.max_rate:
+            self._refill()
+            self.rate = min(self.max_rate, self.rate + self.max_rate / 50)

@@ -76,6 +76,9 @@ memberships = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_status", sa.Integer, nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
+    # Set when a change failed permanently max_attempts times: no run retries it
+    # until an admin re-queues it (`audiencesync retry`).
+    sa.Column("parked_at", UtcDateTime, nullable=True),
     sa.Index(
         "ix_memberships_pending",
         "user_id",
@@ -92,9 +95,8 @@ sync_runs = sa.Table(
     sa.Column("cycle_id", sa.String(36), nullable=False, index=True),
     sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), nullable=False),
     sa.Column("mode", sa.String(16), nullable=False),  # initial | incremental | full
-    sa.Column(
-        "status", sa.String(16), nullable=False
-    ),  # running | succeeded | partial | failed | aborted | interrupted
+    # running | succeeded | partial | held | failed | aborted | interrupted
+    sa.Column("status", sa.String(16), nullable=False),
     sa.Column("started_at", UtcDateTime, nullable=False),
     sa.Column("finished_at", UtcDateTime, nullable=True),
     sa.Column("source_rows", sa.Integer, nullable=False, server_default="0"),
@@ -106,6 +108,8 @@ sync_runs = sa.Table(
     sa.Column("sent", sa.Integer, nullable=False, server_default="0"),
     sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
     sa.Column("pending_after", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("retries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("rate_limited", sa.Integer, nullable=False, server_default="0"),
     sa.Column("error", sa.Text, nullable=True),
     sa.Index("ix_sync_runs_audience_id_started_at", "audience_id", "started_at"),
 )
@@ -135,4 +139,19 @@ deliveries = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("at", UtcDateTime, nullable=False),
     sa.Index("ix_deliveries_audience_id_user_id", "audience_id", "user_id"),
+)
+
+# One row per named lease. The writer lease makes sure that only one process
+# changes a store at a time; a holder that dies stops renewing it, and it
+# expires.
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(255), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("acquired_at", UtcDateTime, nullable=False),
+    sa.Column("renewed_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
 )

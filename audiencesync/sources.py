@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import decimal
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from audiencesync.config import AudienceConfig, SourceConfig, display_url
@@ -99,37 +101,25 @@ class Sources:
         the audience and the source (its URL with the password masked).
         """
         source = self._configs[audience.source]
+        deadline = time.monotonic() + source.timeout_seconds
         try:
-            with self.engine(source.name).connect() as conn:
-                result = conn.execution_options(stream_results=True, yield_per=self.batch_size).execute(
-                    sa.text(audience.query)
-                )
-                columns = list(result.keys())
-                if "user_id" not in columns:
-                    raise SourceError(
-                        f"the query returned the columns {columns} but no 'user_id'. "
-                        "Fix: alias the id column, e.g. SELECT id AS user_id FROM ...",
-                        audience=audience.key,
-                        source=source.name,
-                    )
-                index = columns.index("user_id")
-                for partition in result.partitions(self.batch_size):
-                    batch: list[str] = []
-                    for row in partition:
-                        stats.rows += 1
-                        user_id = canonical_user_id(row[index])
-                        if user_id is None:
-                            stats.skipped_blank += 1
-                            continue
-                        reason = _bad_id_reason(user_id)
-                        if reason is not None:
-                            stats.skipped_invalid += 1
-                            if len(stats.invalid_samples) < SAMPLE_SIZE:
-                                stats.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
-                            continue
-                        batch.append(user_id)
-                    if batch:
-                        yield batch
+            with (
+                self.engine(source.name).connect() as conn,
+                _Watchdog(conn, source.timeout_seconds) as watchdog,
+            ):
+                try:
+                    yield from self._stream(conn, audience, source, stats, deadline)
+                except SQLAlchemyError:
+                    if watchdog.fired:
+                        raise _TimedOut() from None
+                    raise
+        except _TimedOut:
+            raise SourceError(
+                f"the query ran past timeout_seconds = {source.timeout_seconds:g} and was cancelled. "
+                f"Fix: make the query faster, or raise [sources.{source.name}] timeout_seconds",
+                audience=audience.key,
+                source=source.name,
+            ) from None
         except SQLAlchemyError as exc:
             detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             raise SourceError(
@@ -137,3 +127,77 @@ class Sources:
                 audience=audience.key,
                 source=source.name,
             ) from exc
+
+    def _stream(
+        self,
+        conn: Connection,
+        audience: AudienceConfig,
+        source: SourceConfig,
+        stats: ReadStats,
+        deadline: float,
+    ) -> Iterator[list[str]]:
+        result = conn.execution_options(stream_results=True, yield_per=self.batch_size).execute(
+            sa.text(audience.query)
+        )
+        columns = list(result.keys())
+        if "user_id" not in columns:
+            raise SourceError(
+                f"the query returned the columns {columns} but no 'user_id'. "
+                "Fix: alias the id column, e.g. SELECT id AS user_id FROM ...",
+                audience=audience.key,
+                source=source.name,
+            )
+        index = columns.index("user_id")
+        for partition in result.partitions(self.batch_size):
+            # Drivers that can't be cancelled are still stopped between batches.
+            if time.monotonic() > deadline:
+                raise _TimedOut()
+            batch: list[str] = []
+            for row in partition:
+                stats.rows += 1
+                user_id = canonical_user_id(row[index])
+                if user_id is None:
+                    stats.skipped_blank += 1
+                    continue
+                reason = _bad_id_reason(user_id)
+                if reason is not None:
+                    stats.skipped_invalid += 1
+                    if len(stats.invalid_samples) < SAMPLE_SIZE:
+                        stats.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
+                    continue
+                batch.append(user_id)
+            if batch:
+                yield batch
+
+
+class _TimedOut(Exception):
+    pass
+
+
+class _Watchdog:
+    """Cancels the connection's running statement once the source's time is up."""
+
+    def __init__(self, conn: Connection, seconds: float) -> None:
+        self._driver = conn.connection.driver_connection
+        self._timer = threading.Timer(seconds, self._cancel)
+        self._timer.daemon = True
+        self.fired = False
+
+    def _cancel(self) -> None:
+        self.fired = True
+        # sqlite3 has interrupt(); psycopg has cancel_safe() (3.2+) or cancel().
+        for name in ("interrupt", "cancel_safe", "cancel"):
+            method = getattr(self._driver, name, None)
+            if callable(method):
+                try:
+                    method()
+                except Exception as exc:  # the statement may have just finished
+                    log.debug("cancelling the source query failed: %s", exc)
+                return
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()

@@ -14,14 +14,14 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, Transaction, event
 from sqlalchemy.exc import OperationalError
 
 from audiencesync import diff
 from audiencesync.config import display_url
 from audiencesync.diff import DiffCounts
 from audiencesync.errors import StoreError
-from audiencesync.schema import audiences, deliveries, memberships, sync_runs
+from audiencesync.schema import UtcDateTime, audiences, deliveries, memberships, sync_runs
 
 Clock = Callable[[], datetime]
 
@@ -129,16 +129,42 @@ class Delivery:
     """Gleap's answer to one call, which carried one or more audiences' values."""
 
     changes: tuple[PendingChange, ...]
-    status: int
+    status: int  # 0 when no answer came
     error: str | None = None
+    permanent: bool = False  # Gleap rejected the call itself (400/404/422...), not a passing fault
+    retries: int = 0
+    rate_limited: int = 0
 
     @property
     def acknowledged(self) -> bool:
         return 200 <= self.status < 300
 
 
+@dataclass(frozen=True)
+class Refresh:
+    counts: DiffCounts
+    held: str | None  # why the diff was not applied, or None when it was
+
+
+@dataclass(frozen=True)
+class ParkedChange:
+    audience: str
+    user_id: str
+    value: bool
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    parked_at: datetime
+
+
+Guard = Callable[[DiffCounts], str | None]
+
+# What a delivery may pick up: pending and not parked.
+_DELIVERABLE = sa.and_(memberships.c.pending == sa.true(), memberships.c.parked_at.is_(None))
+
+
 def pending_users(dialect: str, audience_ids: Sequence[int], after: str, limit: int) -> sa.Subquery:
-    """The next ``limit`` users after ``after`` with something pending in these audiences."""
+    """The next ``limit`` users after ``after`` with something deliverable in these audiences."""
     # Without table statistics SQLite walks the primary key and sorts every
     # pending row for each page; the partial index is already in user order.
     # SQLAlchemy renders no table hints for SQLite, hence the text.
@@ -146,7 +172,7 @@ def pending_users(dialect: str, audience_ids: Sequence[int], after: str, limit: 
     return (
         sa.text(
             f"SELECT user_id FROM memberships{hint} "
-            f"WHERE pending = {true} AND audience_id IN :ids AND user_id > :after "
+            f"WHERE pending = {true} AND parked_at IS NULL AND audience_id IN :ids AND user_id > :after "
             "GROUP BY user_id ORDER BY user_id LIMIT :limit"
         )
         .bindparams(sa.bindparam("ids", list(audience_ids), expanding=True), after=after, limit=limit)
@@ -156,9 +182,22 @@ def pending_users(dialect: str, audience_ids: Sequence[int], after: str, limit: 
 
 
 class Store:
-    def __init__(self, engine: Engine, *, clock: Clock = utc_now) -> None:
+    """Every query on the store. Seams: the engine, a clock, and a fence run in each write.
+
+    The fence (the writer lease's check) raises when this process may no
+    longer write, which rolls the write back.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Clock = utc_now,
+        fence: Callable[[Connection], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.clock = clock
+        self.fence = fence
         self._pinned: Connection | None = None
 
     # Every write goes through _write and every read through _read, so a
@@ -173,17 +212,16 @@ class Store:
             yield conn.execution_options(sqlite_begin=begin)
 
     @contextlib.contextmanager
-    def _transaction(self, conn: Connection) -> Iterator[Connection]:
-        if self._pinned is not None:
-            with conn.begin_nested():
-                yield conn
-        else:
-            with conn.begin():
-                yield conn
+    def _transaction(self, conn: Connection, *, write: bool = False) -> Iterator[Transaction]:
+        transaction = conn.begin_nested() if self._pinned is not None else conn.begin()
+        with transaction:
+            if write and self.fence is not None:
+                self.fence(conn)
+            yield transaction
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self._connection("IMMEDIATE") as conn, self._transaction(conn):
+        with self._connection("IMMEDIATE") as conn, self._transaction(conn, write=True):
             yield conn
 
     @contextlib.contextmanager
@@ -194,13 +232,13 @@ class Store:
     @contextlib.contextmanager
     def rehearsal(self) -> Iterator[Store]:
         """A view of this store whose writes are all rolled back at the end."""
+        current, head = schema_revisions(self.engine)
         with self.engine.connect() as conn:
             conn.execution_options(sqlite_begin="DEFERRED")
             outer = conn.begin()
             try:
                 # A dry run against a new or older store sees the schema it
                 # would get, and the rollback below takes that back too.
-                current, head = schema_revisions(self.engine)
                 if current != head:
                     _upgrade_in(conn)
                 rehearsal = Store(self.engine, clock=self.clock)
@@ -243,7 +281,7 @@ class Store:
     def finish_run(self, run_id: int, status: str, *, error: str | None = None) -> dict[str, Any]:
         """Close a run, counting what is still pending for its audience; returns the run's row.
 
-        A run that would succeed but leaves changes pending is recorded as ``partial``.
+        A run that would succeed but leaves changes pending or parked is recorded as ``partial``.
         """
         with self._write() as conn:
             audience_id = conn.execute(
@@ -264,7 +302,10 @@ class Store:
             return dict(conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id)).one()._mapping)
 
     def mark_interrupted(self) -> int:
-        """Close runs a killed process left open; their unacknowledged changes are still pending."""
+        """Close runs a killed process left open; their unacknowledged changes are still pending.
+
+        Only safe under the writer lease: any run still open then belongs to a dead process.
+        """
         with self._write() as conn:
             return conn.execute(
                 sa.update(sync_runs)
@@ -275,15 +316,23 @@ class Store:
     # --- the diff ---
 
     def refresh(
-        self, audience: Audience, run_id: int, batches: Iterable[list[str]], *, full: bool
-    ) -> DiffCounts:
+        self,
+        audience: Audience,
+        run_id: int,
+        batches: Iterable[list[str]],
+        *,
+        full: bool,
+        guard: Guard | None = None,
+    ) -> Refresh:
         """Make the audience's snapshot equal ``batches`` (the source's ids), recording each change.
 
         The source is read completely into a staging table first; only then does
         one short write transaction apply the diff. A source that fails midway
-        therefore leaves the snapshot untouched.
+        therefore leaves the snapshot untouched. When ``guard`` objects to the
+        counts, the whole diff is rolled back and the reason returned.
         """
         name = diff.new_stage_name()
+        held: str | None = None
         with self._connection("DEFERRED") as conn:
             try:
                 # Staging writes only a TEMP table: no lock on the store is held
@@ -293,32 +342,32 @@ class Store:
                     diff.load_stage(conn, name, batches)
                 if self._pinned is None:
                     conn.execution_options(sqlite_begin="IMMEDIATE")
-                with self._transaction(conn):
+                with self._transaction(conn, write=True) as transaction:
                     now = self.clock()
                     counts = diff.apply_stage(
                         conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full
                     )
-                    conn.execute(
-                        sa.update(audiences).where(audiences.c.id == audience.id).values(refreshed_at=now)
-                    )
-                    conn.execute(
-                        sa.update(sync_runs)
-                        .where(sync_runs.c.id == run_id)
-                        .values(members=counts.members, entered=counts.entered, left=counts.left)
-                    )
+                    held = guard(counts) if guard is not None else None
+                    if held is not None:
+                        transaction.rollback()
+                    else:
+                        conn.execute(
+                            sa.update(audiences).where(audiences.c.id == audience.id).values(refreshed_at=now)
+                        )
             finally:
                 if self._pinned is None:
                     conn.execution_options(sqlite_begin="DEFERRED")
                 with self._transaction(conn):
                     diff.drop_stage(conn, name)
-        return counts
+        self.update_run(run_id, members=counts.members, entered=counts.entered, left=counts.left)
+        return Refresh(counts, held)
 
     # --- delivery ---
 
     def pending_pages(
         self, audience_ids: Sequence[int], page_size: int = 500
     ) -> Iterator[list[PendingChange]]:
-        """Pending changes of these audiences, a page of users at a time, ordered by user.
+        """Deliverable changes of these audiences, a page of users at a time, ordered by user.
 
         Every change of a user is in the same page, so one call can carry all of
         that user's audiences. Keyset pagination by user id: rows acknowledged or
@@ -334,6 +383,7 @@ class Store:
                 sa.select(m.c.audience_id, m.c.user_id, m.c.desired)
                 .where(
                     m.c.pending == sa.true(),
+                    m.c.parked_at.is_(None),
                     m.c.audience_id.in_(audience_ids),
                     m.c.user_id.in_(sa.select(users.c.user_id)),
                 )
@@ -346,16 +396,21 @@ class Store:
             yield page
             after = page[-1].user_id
 
-    def record(self, results: Sequence[Delivery], run_ids: dict[int, int]) -> None:
-        """Store Gleap's answers in one transaction: acknowledged values, failures, the delivery log."""
+    def record(self, results: Sequence[Delivery], run_ids: dict[int, int], *, max_attempts: int = 5) -> None:
+        """Store Gleap's answers in one transaction: acknowledged values, failures, the delivery log.
+
+        A permanent failure counts towards ``max_attempts``; at the limit the
+        change is parked. A transient one (Gleap unreachable, retries used up)
+        stays pending as it was, for the next run.
+        """
         if not results:
             return
         now = self.clock()
         acked: list[dict[str, Any]] = []
-        failed: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        unreached: list[dict[str, Any]] = []
         log_rows: list[dict[str, Any]] = []
-        sent: dict[int, int] = {}
-        failures: dict[int, int] = {}
+        tallies: dict[int, dict[str, int]] = {}
         for result in results:
             for change in result.changes:
                 row = {"a": change.audience_id, "u": change.user_id, "v": change.value, "s": result.status}
@@ -370,65 +425,115 @@ class Store:
                         "at": now,
                     }
                 )
+                tally = tallies.setdefault(
+                    change.audience_id, dict.fromkeys(("sent", "failed", "retries", "rl"), 0)
+                )
+                tally["retries"] += result.retries
+                tally["rl"] += result.rate_limited
                 if result.acknowledged:
-                    acked.append(row)
-                    sent[change.audience_id] = sent.get(change.audience_id, 0) + 1
+                    acked.append(row | {"t": now})
+                    tally["sent"] += 1
                 else:
-                    failed.append(row | {"e": result.error})
-                    failures[change.audience_id] = failures.get(change.audience_id, 0) + 1
+                    (rejected if result.permanent else unreached).append(row | {"e": result.error, "t": now})
+                    tally["failed"] += 1
         with self._write() as conn:
-            leavers = [{"a": row["a"], "u": row["u"]} for row in acked if not row["v"]]
             if acked:
                 # The value sent, not the current desired one, becomes acknowledged:
-                # if the source changed meanwhile, the row stays pending.
-                # If the user left and the row was dropped while the call was in
-                # flight, the row comes back as a non-member Gleap has a value for.
+                # if the source changed meanwhile, the row stays pending. If the user
+                # left and the row was dropped while the call was in flight, it comes
+                # back as a non-member that Gleap has a value for.
                 conn.execute(
                     sa.text(
                         "INSERT INTO memberships (audience_id, user_id, desired, acked, resend, changed_at, "
                         "acked_at, attempts, last_status) VALUES (:a, :u, false, :v, false, :t, :t, 0, :s) "
                         "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, "
                         "resend = false, acked_at = excluded.acked_at, attempts = 0, "
-                        "last_status = excluded.last_status, last_error = NULL"
+                        "last_status = excluded.last_status, last_error = NULL, parked_at = NULL"
                     ),
-                    [row | {"t": now} for row in acked],
+                    acked,
                 )
-            if leavers:
+                leavers = [{"a": row["a"], "u": row["u"]} for row in acked if not row["v"]]
+                if leavers:
+                    conn.execute(
+                        sa.text(
+                            "DELETE FROM memberships WHERE audience_id = :a AND user_id = :u "
+                            "AND desired = false AND pending = false"
+                        ),
+                        leavers,
+                    )
+            if rejected:
                 conn.execute(
                     sa.text(
-                        "DELETE FROM memberships WHERE audience_id = :a AND user_id = :u "
-                        "AND desired = false AND pending = false"
-                    ),
-                    leavers,
+                        "UPDATE memberships SET attempts = attempts + 1, last_status = :s, last_error = :e, "
+                        "parked_at = CASE WHEN attempts + 1 >= :max THEN :t ELSE NULL END "
+                        "WHERE audience_id = :a AND user_id = :u AND desired = :v"
+                    ).bindparams(sa.bindparam("t", type_=UtcDateTime)),
+                    [row | {"max": max_attempts} for row in rejected],
                 )
-            if failed:
+            if unreached:
                 conn.execute(
                     sa.text(
-                        "UPDATE memberships SET attempts = attempts + 1, last_status = :s, last_error = :e "
+                        "UPDATE memberships SET last_status = :s, last_error = :e "
                         "WHERE audience_id = :a AND user_id = :u"
                     ),
-                    failed,
+                    unreached,
                 )
             conn.execute(sa.insert(deliveries), log_rows)
-            for audience_id in sent.keys() | failures.keys():
+            for audience_id, tally in tallies.items():
                 conn.execute(
                     sa.update(sync_runs)
                     .where(sync_runs.c.id == run_ids[audience_id])
                     .values(
-                        sent=sync_runs.c.sent + sent.get(audience_id, 0),
-                        failed=sync_runs.c.failed + failures.get(audience_id, 0),
+                        sent=sync_runs.c.sent + tally["sent"],
+                        failed=sync_runs.c.failed + tally["failed"],
+                        retries=sync_runs.c.retries + tally["retries"],
+                        rate_limited=sync_runs.c.rate_limited + tally["rl"],
                     )
                 )
 
     def pending_count(self, audience_ids: Sequence[int]) -> int:
+        """Changes the next delivery would send (pending and not parked)."""
         with self._read() as conn:
             return int(
                 conn.execute(
                     sa.select(sa.func.count())
                     .select_from(memberships)
-                    .where(memberships.c.pending == sa.true(), memberships.c.audience_id.in_(audience_ids))
+                    .where(_DELIVERABLE, memberships.c.audience_id.in_(audience_ids))
                 ).scalar_one()
             )
+
+    # --- parked failures ---
+
+    def parked(self, audience_key: str | None = None) -> list[ParkedChange]:
+        query = (
+            sa.select(
+                audiences.c.key,
+                memberships.c.user_id,
+                memberships.c.desired,
+                memberships.c.attempts,
+                memberships.c.last_status,
+                memberships.c.last_error,
+                memberships.c.parked_at,
+            )
+            .join(audiences, audiences.c.id == memberships.c.audience_id)
+            .where(memberships.c.parked_at.is_not(None), memberships.c.pending == sa.true())
+            .order_by(audiences.c.key, memberships.c.user_id)
+        )
+        if audience_key is not None:
+            query = query.where(audiences.c.key == audience_key)
+        with self._read() as conn:
+            return [ParkedChange(*row) for row in conn.execute(query)]
+
+    def requeue(self, audience_key: str | None = None, user_id: str | None = None) -> int:
+        """Un-park failed changes so the next run tries them again, with a fresh attempt budget."""
+        query = sa.update(memberships).where(memberships.c.parked_at.is_not(None))
+        if audience_key is not None:
+            ids = sa.select(audiences.c.id).where(audiences.c.key == audience_key).scalar_subquery()
+            query = query.where(memberships.c.audience_id == ids)
+        if user_id is not None:
+            query = query.where(memberships.c.user_id == user_id)
+        with self._write() as conn:
+            return conn.execute(query.values(parked_at=None, attempts=0)).rowcount
 
     def memberships_of(self, audience_key: str) -> dict[str, tuple[bool, bool | None]]:
         """user id -> (desired, acked) for one audience. For tests and small audits."""

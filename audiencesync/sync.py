@@ -14,10 +14,11 @@ from typing import IO
 import httpx
 
 from audiencesync.config import AudienceConfig, Config
+from audiencesync.diff import DiffCounts
 from audiencesync.errors import AudienceSyncError, GleapAuthError, MissingTokenError, SourceError
 from audiencesync.gleap import IDENTIFY_PATH, GleapClient, identify_body
 from audiencesync.sources import ReadStats, Sources
-from audiencesync.store import Audience, Delivery, PendingChange, Store
+from audiencesync.store import Audience, Delivery, Guard, PendingChange, Store
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class AudienceReport:
     sent: int = 0
     failed: int = 0
     pending: int = 0
+    retries: int = 0
+    rate_limited: int = 0
     skipped_rows: int = 0
     duplicate_rows: int = 0
     invalid_samples: list[str] = field(default_factory=list)
@@ -44,7 +47,7 @@ class AudienceReport:
         text = (
             f"{self.key}: {self.status} ({self.mode}) members={self.members} entered={self.entered} "
             f"left={self.left} sent={self.sent} failed={self.failed} pending={self.pending} "
-            f"skipped_rows={self.skipped_rows}"
+            f"retries={self.retries} rate_limited={self.rate_limited} skipped_rows={self.skipped_rows}"
         )
         if self.invalid_samples:
             text += f" invalid_ids=[{'; '.join(self.invalid_samples)}]"
@@ -59,8 +62,11 @@ class CycleReport:
     audiences: list[AudienceReport]
     dry_run: bool = False
     calls: int = 0
-    retries: int = 0
     aborted: GleapAuthError | None = None
+
+    @property
+    def retries(self) -> int:
+        return sum(a.retries for a in self.audiences)
 
     @property
     def complete(self) -> bool:
@@ -104,11 +110,13 @@ class Syncer:
         dry_run: bool = False,
         out: IO[str] | None = None,
         progress: Callable[[int], Progress] | None = None,
+        allow_removals: bool = False,
     ) -> CycleReport:
         """Refresh then deliver the selected audiences (all when ``keys`` is None).
 
         ``out`` receives the dry run's calls as JSON lines. ``progress`` is called
         with the number of calls to make and returns a callback for each call done.
+        ``allow_removals`` releases the mass-removal guard for this cycle.
         """
         selected = [self.config.audience(k) for k in keys] if keys else list(self.config.audiences)
         if not dry_run and self.config.gleap.api_token is None:
@@ -116,12 +124,12 @@ class Syncer:
         report = CycleReport(cycle_id=str(uuid.uuid4()), audiences=[], dry_run=dry_run)
         if dry_run:
             with self.store.rehearsal() as rehearsal:
-                self._cycle(rehearsal, selected, full, report, out, progress)
+                self._cycle(rehearsal, selected, full, allow_removals, report, out, progress)
         else:
             interrupted = self.store.mark_interrupted()
             if interrupted:
                 log.warning("%d run(s) of an earlier process were left open; marked interrupted", interrupted)
-            self._cycle(self.store, selected, full, report, out, progress)
+            self._cycle(self.store, selected, full, allow_removals, report, out, progress)
         for audience_report in report.audiences:
             log.info("%s", audience_report.summary())
         return report
@@ -131,6 +139,7 @@ class Syncer:
         store: Store,
         selected: list[AudienceConfig],
         full: bool,
+        allow_removals: bool,
         report: CycleReport,
         out: IO[str] | None,
         progress: Callable[[int], Progress] | None,
@@ -143,7 +152,8 @@ class Syncer:
             audience_report = AudienceReport(key=config.key, mode=mode)
             report.audiences.append(audience_report)
             runs[audience.id] = (audience, run_id, audience_report)
-            self._refresh(store, config, audience, run_id, full, audience_report)
+            guard = None if allow_removals else removal_guard(config)
+            self._refresh(store, config, audience, run_id, full, guard, audience_report)
 
         audience_ids = list(runs)
         run_ids = {audience_id: run_id for audience_id, (_, run_id, _) in runs.items()}
@@ -154,9 +164,7 @@ class Syncer:
             total = store.pending_count(audience_ids)
             tick = progress(total) if progress is not None and total else None
             try:
-                report.calls, report.retries = asyncio.run(
-                    self._deliver(store, audience_ids, keys, run_ids, tick)
-                )
+                report.calls = asyncio.run(self._deliver(store, audience_ids, keys, run_ids, tick))
             except GleapAuthError as exc:
                 report.aborted = exc
 
@@ -164,12 +172,13 @@ class Syncer:
             error: str | None
             if report.aborted is not None:
                 status, error = "aborted", str(report.aborted)
-            elif audience_report.status == "failed":
-                status, error = "failed", audience_report.error
+            elif audience_report.status in ("failed", "held"):
+                status, error = audience_report.status, audience_report.error
             else:
                 status, error = "succeeded", None
             row = store.finish_run(run_id, status, error=error)
             audience_report.failed, audience_report.pending = row["failed"], row["pending_after"]
+            audience_report.retries, audience_report.rate_limited = row["retries"], row["rate_limited"]
             # In a dry run nothing was sent: what is pending is what the printed calls would deliver.
             audience_report.sent = 0 if report.dry_run else row["sent"]
             audience_report.status = "planned" if report.dry_run and status == "succeeded" else row["status"]
@@ -181,16 +190,23 @@ class Syncer:
         audience: Audience,
         run_id: int,
         full: bool,
+        guard: Guard | None,
         audience_report: AudienceReport,
     ) -> None:
         stats = ReadStats()
         try:
-            counts = store.refresh(audience, run_id, self.sources.read_ids(config, stats), full=full)
+            refresh = store.refresh(
+                audience, run_id, self.sources.read_ids(config, stats), full=full, guard=guard
+            )
         except SourceError as exc:
             # The snapshot is untouched; pending changes from earlier cycles still go out.
             audience_report.status, audience_report.error = "failed", str(exc)
             log.error("%s", exc)
             return
+        counts = refresh.counts
+        if refresh.held is not None:
+            audience_report.status, audience_report.error = "held", refresh.held
+            log.error("audience %r held: %s", config.key, refresh.held)
         audience_report.members, audience_report.entered, audience_report.left = (
             counts.members,
             counts.entered,
@@ -226,8 +242,8 @@ class Syncer:
         keys: dict[int, str],
         run_ids: dict[int, int],
         tick: Progress | None,
-    ) -> tuple[int, int]:
-        """Send every pending change of these audiences; returns (calls made, retries).
+    ) -> int:
+        """Send every pending change of these audiences; returns the number of calls made.
 
         Calls run concurrently (up to max_concurrency) through the shared rate
         limiter; answers are written to the store as soon as they arrive, so a
@@ -238,6 +254,7 @@ class Syncer:
         answers: asyncio.Queue[Delivery | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.config.gleap.max_concurrency)
         calls = 0
+        max_attempts = self.config.sync.max_attempts
 
         async def write_answers() -> None:
             done = False
@@ -252,14 +269,23 @@ class Syncer:
                     if answers.empty():
                         break
                     item = answers.get_nowait()
-                await asyncio.to_thread(store.record, batch, run_ids)
+                await asyncio.to_thread(store.record, batch, run_ids, max_attempts=max_attempts)
                 if tick is not None:
                     tick(len(batch))
 
         async def send(client: GleapClient, user_id: str, changes: list[PendingChange]) -> None:
             try:
                 answer = await client.identify(user_id, {keys[c.audience_id]: c.value for c in changes})
-                await answers.put(Delivery(tuple(changes), answer.status, answer.error))
+                await answers.put(
+                    Delivery(
+                        tuple(changes),
+                        answer.status,
+                        answer.error,
+                        permanent=answer.permanent,
+                        retries=answer.retries,
+                        rate_limited=answer.rate_limited,
+                    )
+                )
                 if not answer.ok:
                     log.warning("identify %s refused: %s", user_id, answer.error)
             finally:
@@ -286,7 +312,35 @@ class Syncer:
                     answers.put_nowait(None)
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
-        return calls, client.retries
+        return calls
+
+
+def removal_guard(audience: AudienceConfig) -> Guard:
+    """Hold a cycle that would remove too much of an audience: a half-loaded or broken
+    source must not send thousands of wrong ``false``s."""
+
+    def guard(counts: DiffCounts) -> str | None:
+        if not counts.left or counts.previous == 0:
+            return None
+        release = f"audiencesync sync --audience {audience.key} --allow-removals"
+        if counts.members == 0:
+            if audience.allow_empty:
+                return None
+            return (
+                f"the source returned no rows, which would remove all {counts.previous} members. "
+                f"Nothing was applied. Fix: check the source; if it is right, release it once with "
+                f"`{release}`, or set allow_empty = true on the audience"
+            )
+        if counts.left > audience.max_removal_fraction * counts.previous:
+            return (
+                f"this cycle would remove {counts.left} of {counts.previous} members "
+                f"({counts.left / counts.previous:.0%}, more than max_removal_fraction = "
+                f"{audience.max_removal_fraction:g}). Nothing was applied. Fix: check the source; "
+                f"if it is right, release it once with `{release}`"
+            )
+        return None
+
+    return guard
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

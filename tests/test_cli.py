@@ -42,7 +42,7 @@ def test_sync_then_nothing_to_do_then_a_failure(
     again = run(config.path, "sync", token=TOKEN)
     assert again.returncode == 0 and len(gleap.identify_calls) == 3
 
-    source.set(["u1", "u4"])
+    source.set(["u1", "u2", "u4"])
     gleap.fail_user("u4", 422, body="unprocessable")
     partial = run(config.path, "--log-level", "DEBUG", "sync", token=TOKEN)
     assert partial.returncode == 1

@@ -19,7 +19,7 @@ def refresh(
     audience = store.ensure_audience(key, key)
     run_id = store.start_run("cycle", audience, "incremental")
     batches = [ids[i : i + batch] for i in range(0, len(ids), batch)]
-    counts = store.refresh(audience, run_id, iter(batches), full=full)
+    counts = store.refresh(audience, run_id, iter(batches), full=full).counts
     return counts.members, counts.entered, counts.left
 
 
@@ -124,7 +124,7 @@ def test_failed_delivery_stays_pending_with_the_error(store: Store) -> None:
     run_id = store.start_run("cycle", audience, "incremental")
     store.record(
         [
-            Delivery((PendingChange(audience.id, "u1", True),), 400, "HTTP 400: bad id"),
+            Delivery((PendingChange(audience.id, "u1", True),), 400, "HTTP 400: bad id", permanent=True),
             Delivery((PendingChange(audience.id, "u2", True),), 200),
         ],
         {audience.id: run_id},

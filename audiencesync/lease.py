@@ -1,0 +1,182 @@
+"""The writer lease: one process at a time changes a store.
+
+A row in ``leases`` names the holder and when its claim expires. The holder
+renews it from a heartbeat thread every third of the TTL. A holder that dies
+stops renewing, so its claim runs out and the next process takes over. Every
+write transaction checks that the lease is still ours (fencing), so a holder
+that stalled past its expiry can't write over its successor's work.
+
+Expiry is judged by the clocks of the hosts that run audiencesync: keep them
+in sync (NTP) when several hosts share one store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine
+
+from audiencesync.errors import LeaseLostError, StoreBusyError
+from audiencesync.schema import UtcDateTime, leases
+
+log = logging.getLogger(__name__)
+
+WRITER = "writer"
+
+
+@dataclass(frozen=True)
+class Holder:
+    holder: str
+    host: str
+    pid: int
+    acquired_at: datetime
+    renewed_at: datetime
+    expires_at: datetime
+
+
+class WriterLease:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Callable[[], datetime],
+        *,
+        ttl_seconds: float = 60.0,
+        name: str = WRITER,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.ttl = timedelta(seconds=ttl_seconds)
+        self.name = name
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.holder = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self.lost = threading.Event()
+
+    def try_acquire(self) -> Holder | None:
+        """Take the lease if it is free, expired or already ours; else return who holds it."""
+        now = self.clock()
+        values = {
+            "holder": self.holder,
+            "host": self.host,
+            "pid": self.pid,
+            "acquired_at": now,
+            "renewed_at": now,
+            "expires_at": now + self.ttl,
+        }
+        with self.engine.connect() as conn, conn.begin():
+            # ON CONFLICT: two processes starting at once on an empty table must
+            # not both insert; the loser falls through to the conditional update.
+            created = conn.execute(
+                sa.text(
+                    "INSERT INTO leases (name, holder, host, pid, acquired_at, renewed_at, expires_at) "
+                    "VALUES (:name, :holder, :host, :pid, :acquired_at, :renewed_at, :expires_at) "
+                    "ON CONFLICT (name) DO NOTHING"
+                ).bindparams(
+                    sa.bindparam("acquired_at", type_=UtcDateTime),
+                    sa.bindparam("renewed_at", type_=UtcDateTime),
+                    sa.bindparam("expires_at", type_=UtcDateTime),
+                ),
+                {"name": self.name, **values},
+            ).rowcount
+            if created:
+                return None
+            row = conn.execute(sa.select(leases).where(leases.c.name == self.name)).one()
+            taken = conn.execute(
+                sa.update(leases)
+                .where(
+                    leases.c.name == self.name,
+                    sa.or_(leases.c.holder == self.holder, leases.c.expires_at < now),
+                )
+                .values(**values)
+            ).rowcount
+            if taken:
+                if row.holder != self.holder:
+                    log.warning(
+                        "took over the store's lease from %s (pid %s), which had expired", row.host, row.pid
+                    )
+                return None
+            return Holder(row.holder, row.host, row.pid, row.acquired_at, row.renewed_at, row.expires_at)
+
+    def acquire(
+        self,
+        wait_seconds: float = 0.0,
+        *,
+        poll_seconds: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            holder = self.try_acquire()
+            if holder is None:
+                return
+            if time.monotonic() >= deadline:
+                raise StoreBusyError(
+                    holder=f"{holder.host} pid {holder.pid}",
+                    since=holder.acquired_at,
+                    expires=holder.expires_at,
+                    waited=wait_seconds,
+                )
+            sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))
+
+    def renew(self) -> None:
+        now = self.clock()
+        with self.engine.connect() as conn, conn.begin():
+            renewed = conn.execute(
+                sa.update(leases)
+                .where(leases.c.name == self.name, leases.c.holder == self.holder)
+                .values(renewed_at=now, expires_at=now + self.ttl)
+            ).rowcount
+        if not renewed:
+            self.lost.set()
+            raise LeaseLostError()
+
+    def release(self) -> None:
+        with self.engine.connect() as conn, conn.begin():
+            conn.execute(sa.delete(leases).where(leases.c.name == self.name, leases.c.holder == self.holder))
+
+    def check(self, conn: Connection) -> None:
+        """Fencing: raise unless this process still holds an unexpired lease. Call inside a write."""
+        row = conn.execute(
+            sa.select(leases.c.holder, leases.c.expires_at).where(leases.c.name == self.name)
+        ).one_or_none()
+        if row is None or row.holder != self.holder or row.expires_at < self.clock():
+            self.lost.set()
+            raise LeaseLostError()
+
+    @contextlib.contextmanager
+    def held(self, wait_seconds: float = 0.0) -> Iterator[WriterLease]:
+        """Hold the lease for the block, renewing it in the background; release it after."""
+        self.acquire(wait_seconds)
+        self._stop.clear()
+        beat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
+        beat.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            beat.join()
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                self.release()
+
+    def _heartbeat(self) -> None:
+        interval = self.ttl.total_seconds() / 3
+        while not self._stop.wait(interval):
+            try:
+                self.renew()
+            except LeaseLostError:
+                log.error("lost the store's lease; this process will stop writing")
+                return
+            except sa.exc.SQLAlchemyError as exc:
+                # A passing database hiccup: try again next beat, the TTL leaves room.
+                log.warning("could not renew the store's lease: %s", exc)
