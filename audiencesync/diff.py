@@ -8,13 +8,14 @@ users are found with NOT EXISTS anti-joins against ``memberships``.
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, text
+
+from audiencesync import failpoints
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,14 @@ def load_stage(conn: Connection, name: str, batches: Iterable[list[str]]) -> Non
         sql = f"INSERT OR IGNORE INTO {name} (user_id) VALUES (?)"
         for batch in batches:
             cursor.executemany(sql, ((user_id,) for user_id in batch))
+            failpoints.reach("stage-batch")
         cursor.close()
     elif conn.dialect.name == "postgresql":
         with driver.cursor() as cursor, cursor.copy(f"COPY {name} (user_id) FROM STDIN") as copy:
-            for user_id in itertools.chain.from_iterable(batches):
-                copy.write_row((user_id,))
+            for batch in batches:
+                for user_id in batch:
+                    copy.write_row((user_id,))
+                failpoints.reach("stage-batch")
         conn.exec_driver_sql(f"ANALYZE {name}")
     else:  # any other store: portable but slower executemany through SQLAlchemy
         insert = text(f"INSERT INTO {name} (user_id) VALUES (:u)")

@@ -44,6 +44,16 @@ class Holder:
     expires_at: datetime
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
 class WriterLease:
     def __init__(
         self,
@@ -92,19 +102,25 @@ class WriterLease:
             if created:
                 return None
             row = conn.execute(sa.select(leases).where(leases.c.name == self.name)).one()
+            # A holder on this host whose process is gone (killed, crashed) need not
+            # be waited out: nobody can renew its lease any more.
+            dead = row.host == self.host and row.pid != self.pid and not _pid_alive(row.pid)
             taken = conn.execute(
                 sa.update(leases)
                 .where(
                     leases.c.name == self.name,
-                    sa.or_(leases.c.holder == self.holder, leases.c.expires_at < now),
+                    sa.or_(
+                        leases.c.holder == self.holder,
+                        leases.c.expires_at < now,
+                        leases.c.holder == row.holder if dead else sa.false(),
+                    ),
                 )
                 .values(**values)
             ).rowcount
             if taken:
                 if row.holder != self.holder:
-                    log.warning(
-                        "took over the store's lease from %s (pid %s), which had expired", row.host, row.pid
-                    )
+                    why = "whose process is gone" if dead else "which had expired"
+                    log.warning("took over the store's lease from %s pid %s, %s", row.host, row.pid, why)
                 return None
             return Holder(row.holder, row.host, row.pid, row.acquired_at, row.renewed_at, row.expires_at)
 

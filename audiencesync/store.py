@@ -17,7 +17,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, Transaction, event
 from sqlalchemy.exc import OperationalError
 
-from audiencesync import diff
+from audiencesync import diff, failpoints
 from audiencesync.config import display_url
 from audiencesync.diff import DiffCounts
 from audiencesync.errors import StoreError
@@ -340,6 +340,7 @@ class Store:
                 with self._transaction(conn):
                     diff.create_stage(conn, name)
                     diff.load_stage(conn, name, batches)
+                failpoints.reach("after-stage")
                 if self._pinned is None:
                     conn.execution_options(sqlite_begin="IMMEDIATE")
                 with self._transaction(conn, write=True) as transaction:
@@ -347,6 +348,7 @@ class Store:
                     counts = diff.apply_stage(
                         conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full
                     )
+                    failpoints.reach("before-commit")
                     held = guard(counts) if guard is not None else None
                     if held is not None:
                         transaction.rollback()
@@ -490,6 +492,7 @@ class Store:
                         rate_limited=sync_runs.c.rate_limited + tally["rl"],
                     )
                 )
+        failpoints.reach("after-record")
 
     def pending_count(self, audience_ids: Sequence[int]) -> int:
         """Changes the next delivery would send (pending and not parked)."""

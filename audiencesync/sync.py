@@ -270,26 +270,32 @@ class Syncer:
                         break
                     item = answers.get_nowait()
                 await asyncio.to_thread(store.record, batch, run_ids, max_attempts=max_attempts)
+                for _ in batch:
+                    slots.release()
                 if tick is not None:
                     tick(len(batch))
 
         async def send(client: GleapClient, user_id: str, changes: list[PendingChange]) -> None:
             try:
                 answer = await client.identify(user_id, {keys[c.audience_id]: c.value for c in changes})
-                await answers.put(
-                    Delivery(
-                        tuple(changes),
-                        answer.status,
-                        answer.error,
-                        permanent=answer.permanent,
-                        retries=answer.retries,
-                        rate_limited=answer.rate_limited,
-                    )
-                )
-                if not answer.ok:
-                    log.warning("identify %s refused: %s", user_id, answer.error)
-            finally:
+            except BaseException:
                 slots.release()
+                raise
+            # The slot is freed by the writer once the answer is stored, so at
+            # most max_concurrency calls are ever sent but not yet recorded:
+            # that bounds what a crash can make the next run send again.
+            answers.put_nowait(
+                Delivery(
+                    tuple(changes),
+                    answer.status,
+                    answer.error,
+                    permanent=answer.permanent,
+                    retries=answer.retries,
+                    rate_limited=answer.rate_limited,
+                )
+            )
+            if not answer.ok:
+                log.warning("identify %s refused: %s", user_id, answer.error)
 
         client = GleapClient(
             self.config.gleap, token, transport=self.transport, backoff_initial=self.backoff_initial

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,7 +75,7 @@ class SourceDB:
             conn.execute("CREATE TABLE members (user_id, segment TEXT NOT NULL DEFAULT 'a')")
         conn.close()
 
-    def set(self, ids: list[object], segment: str = "a") -> None:
+    def set(self, ids: Sequence[object], segment: str = "a") -> None:
         with sqlite3.connect(self.path) as conn:
             conn.execute("DELETE FROM members WHERE segment = ?", (segment,))
             conn.executemany("INSERT INTO members VALUES (?, ?)", [(i, segment) for i in ids])
@@ -110,6 +110,7 @@ def make_config(
         audiences: str | None = None,
         token: str | None = TOKEN,
         extra_gleap: str = "",
+        extra: str = "",
     ) -> Config:
         if audiences is None:
             audiences = """
@@ -119,8 +120,9 @@ def make_config(
                 query = "SELECT user_id FROM members WHERE segment = 'a'"
             """
         token_line = f'api_token = "{token}"' if token else ""
-        text = textwrap.dedent(
-            f"""
+        text = (
+            textwrap.dedent(
+                f"""
             [store]
             url = "{store_url}"
 
@@ -136,7 +138,10 @@ def make_config(
             [sources.main]
             url = "{source.url}"
             """
-        ) + textwrap.dedent(audiences)
+            )
+            + textwrap.dedent(extra)
+            + textwrap.dedent(audiences)
+        )
         path = tmp_path / "audiencesync.toml"
         path.write_text(text)
         path.chmod(0o600)
