@@ -93,6 +93,50 @@ def test_bad_config_is_refused_with_a_useful_message(tmp_path: Path, text: str, 
         assert fragment in message
 
 
+@pytest.mark.parametrize(
+    ("gleap", "ok"),
+    [
+        ('base_url = "http://127.0.0.1:8080"', True),
+        ('base_url = "http://localhost:8080"', True),
+        ('base_url = "http://gleap.internal"', False),
+        ('base_url = "http://gleap.internal"\nallow_http = true', True),
+        ('base_url = "https://gleap.internal"', True),
+    ],
+)
+def test_plain_http_only_to_loopback_unless_allowed(tmp_path: Path, gleap: str, ok: bool) -> None:
+    path = write(tmp_path, BASE + AUDIENCE + f"[gleap]\n{gleap}\n")
+    if ok:
+        load_config(path)
+    else:
+        with pytest.raises(ConfigError, match=r"unencrypted.*allow_http"):
+            load_config(path)
+
+
+def test_readable_config_holding_the_token_draws_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GLEAP_API_TOKEN", raising=False)
+    path = write(tmp_path, BASE + AUDIENCE + '[gleap]\napi_token = "t0k3n"\n')
+    path.chmod(0o644)
+    load_config(path)
+    assert "readable by group or others" in caplog.text and "chmod 600" in caplog.text
+    assert "t0k3n" not in caplog.text
+    caplog.clear()
+    path.chmod(0o600)
+    load_config(path)
+    assert caplog.text == ""
+
+
+def test_sync_settings_and_per_audience_guard(tmp_path: Path) -> None:
+    text = BASE + "[sync]\nmax_removal_fraction = 0.2\nmax_attempts = 3\n" + AUDIENCE
+    text += AUDIENCE.replace("High Value", "Other") + "max_removal_fraction = 0.9\nallow_empty = true\n"
+    config = load_config(write(tmp_path, text))
+    assert config.sync.max_attempts == 3
+    assert [(a.max_removal_fraction, a.allow_empty) for a in config.audiences] == [(0.2, False), (0.9, True)]
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        load_config(write(tmp_path, BASE + "[sync]\nmax_removal_fraction = 1.5\n" + AUDIENCE))
+
+
 def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + "\n[[audiences]]\nname = \n")
     with pytest.raises(ConfigError, match=r"invalid TOML: .*line 9"):

@@ -375,7 +375,10 @@ def test_the_token_never_leaks(
     outputs = []
     gleap.fail_next(2, 503)
     gleap.fail_user("bad", 400, body="nope")
-    outputs.append(sync(config, env=env))  # retries and a rejection
+    debug = start(config, "--log-level", "DEBUG", "sync", env=env)  # retries and a rejection, all logged
+    stdout, stderr = debug.communicate(timeout=120)
+    outputs.append(subprocess.CompletedProcess(debug.args, debug.returncode, stdout, stderr))
+    assert "HTTP Request" in stderr  # the debug log really was on
     outputs.append(
         subprocess.run(
             [
@@ -397,10 +400,12 @@ def test_the_token_never_leaks(
     )
     gleap.set_token("rotated")
     outputs.append(sync(config, "--full", env=env))  # 401
-    # An unexpected crash with a traceback, mid-delivery.
+    # An unexpected error with a traceback, mid-delivery.
     gleap.set_token(secret)
     source.set(["u1", "u2", "bad", "u3", "u4"])
-    outputs.append(sync(config, env=env | {"AUDIENCESYNC_FAILPOINT": "after-record"}))
+    crashed = sync(config, env=env | {"AUDIENCESYNC_FAILPOINT": "after-record:1:raise"})
+    assert "Traceback" in crashed.stderr and "failpoint after-record" in crashed.stderr
+    outputs.append(crashed)
     for output in outputs:
         assert secret not in output.stdout + output.stderr
     assert any("401" in o.stderr for o in outputs)
