@@ -159,6 +159,8 @@ class ParkedChange:
 
 Guard = Callable[[DiffCounts], str | None]
 
+ANALYZE_AFTER_CHANGES = 10_000
+
 # What a delivery may pick up: pending and not parked.
 _DELIVERABLE = sa.and_(memberships.c.pending == sa.true(), memberships.c.parked_at.is_(None))
 
@@ -361,8 +363,21 @@ class Store:
                     conn.execution_options(sqlite_begin="DEFERRED")
                 with self._transaction(conn):
                     diff.drop_stage(conn, name)
+        if held is None and self._pinned is None and counts.entered + counts.left > ANALYZE_AFTER_CHANGES:
+            self._analyze()
         self.update_run(run_id, members=counts.members, entered=counts.entered, left=counts.left)
         return Refresh(counts, held)
+
+    def _analyze(self) -> None:
+        """Refresh PostgreSQL's statistics after a big change.
+
+        Without them, right after a bulk refresh, the planner sorts every pending
+        row for each page of pending_pages (measured: 63 s per million rows,
+        against 1.7 s after ANALYZE). SQLite is steered by an index hint instead.
+        """
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.connect() as conn, conn.begin():
+                conn.exec_driver_sql("ANALYZE memberships")
 
     # --- delivery ---
 
