@@ -91,12 +91,20 @@ def schema_revisions(engine: Engine) -> tuple[str | None, str]:
     return current, head
 
 
+MIGRATION_LOCK_ID = 0x61756473796E63  # "audsync"
+
+
 def upgrade(engine: Engine) -> bool:
     """Apply pending migrations. Returns whether anything was applied."""
     current, head = schema_revisions(engine)
     if current == head:
         return False
     with engine.begin() as conn:
+        # Two processes starting on a new store must not both run the DDL. SQLite's
+        # BEGIN IMMEDIATE already serialises them; PostgreSQL needs a lock. Alembic
+        # reads the revision again inside, so the second one finds nothing to do.
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
         command.upgrade(_alembic_config(conn), "head")
     return True
 
