@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from audiencesync import __version__, store
 from audiencesync.config import Config, display_url, find_config, load_config
+from audiencesync.delivery import Progress
 from audiencesync.errors import (
     AudienceSyncError,
     ConfigError,
@@ -23,7 +24,7 @@ from audiencesync.errors import (
     StoreError,
 )
 from audiencesync.lease import WriterLease
-from audiencesync.sync import CycleReport, Progress, Syncer
+from audiencesync.sync import CycleReport, Syncer
 
 log = logging.getLogger(__name__)
 

@@ -133,7 +133,7 @@ class PendingChange:
 
 
 @dataclass(frozen=True)
-class Delivery:
+class Outcome:
     """Gleap's answer to one call, which carried one or more audiences' values."""
 
     changes: tuple[PendingChange, ...]
@@ -173,21 +173,28 @@ ANALYZE_AFTER_CHANGES = 10_000
 _DELIVERABLE = sa.and_(memberships.c.pending == sa.true(), memberships.c.parked_at.is_(None))
 
 
-def pending_users(dialect: str, audience_ids: Sequence[int], after: str, limit: int) -> sa.Subquery:
-    """The next ``limit`` users after ``after`` with something deliverable in these audiences."""
-    # Without table statistics SQLite walks the primary key and sorts every
-    # pending row for each page; the partial index is already in user order.
-    # SQLAlchemy renders no table hints for SQLite, hence the text.
-    hint, true = (" INDEXED BY ix_memberships_pending", "1") if dialect == "sqlite" else ("", "true")
-    return (
-        sa.text(
-            f"SELECT user_id FROM memberships{hint} "
-            f"WHERE pending = {true} AND parked_at IS NULL AND audience_id IN :ids AND user_id > :after "
-            "GROUP BY user_id ORDER BY user_id LIMIT :limit"
-        )
-        .bindparams(sa.bindparam("ids", list(audience_ids), expanding=True), after=after, limit=limit)
-        .columns(user_id=sa.String)
+def pending_page_query(
+    audience_id: int, audience_ids: Sequence[int], after: str, limit: int
+) -> sa.Select[Any]:
+    """Users after ``after`` with a deliverable change in ``audience_id``, with all their deliverable
+    changes in ``audience_ids``; the primary key serves both the filter and the order."""
+    users = (
+        sa.select(memberships.c.user_id)
+        .where(memberships.c.audience_id == audience_id, memberships.c.user_id > after, _DELIVERABLE)
+        .order_by(memberships.c.user_id)
+        .limit(limit)
         .subquery("next_users")
+    )
+    m = memberships.alias("m")
+    return (
+        sa.select(m.c.audience_id, m.c.user_id, m.c.desired)
+        .where(
+            m.c.pending == sa.true(),
+            m.c.parked_at.is_(None),
+            m.c.audience_id.in_(audience_ids),
+            m.c.user_id.in_(sa.select(users.c.user_id)),
+        )
+        .order_by(m.c.user_id, m.c.audience_id)
     )
 
 
@@ -389,39 +396,20 @@ class Store:
 
     # --- delivery ---
 
-    def pending_pages(
-        self, audience_ids: Sequence[int], page_size: int = 500
-    ) -> Iterator[list[PendingChange]]:
-        """Deliverable changes of these audiences, a page of users at a time, ordered by user.
+    def pending_page(
+        self, audience_id: int, audience_ids: Sequence[int], after: str, limit: int
+    ) -> list[PendingChange]:
+        """The next ``limit`` users after ``after`` with a deliverable change in ``audience_id``,
+        with all their deliverable changes in ``audience_ids``, ordered by user.
 
-        Every change of a user is in the same page, so one call can carry all of
-        that user's audiences. Keyset pagination by user id: rows acknowledged or
+        Keyset pagination by user id over the primary key: rows acknowledged or
         failed meanwhile never make a page repeat or skip anyone.
         """
-        if not audience_ids:
-            return
-        after = ""
-        m = memberships.alias("m")
-        while True:
-            users = pending_users(self.engine.dialect.name, audience_ids, after, page_size)
-            query = (
-                sa.select(m.c.audience_id, m.c.user_id, m.c.desired)
-                .where(
-                    m.c.pending == sa.true(),
-                    m.c.parked_at.is_(None),
-                    m.c.audience_id.in_(audience_ids),
-                    m.c.user_id.in_(sa.select(users.c.user_id)),
-                )
-                .order_by(m.c.user_id, m.c.audience_id)
-            )
-            with self._read() as conn:
-                page = [PendingChange(r.audience_id, r.user_id, r.desired) for r in conn.execute(query)]
-            if not page:
-                return
-            yield page
-            after = page[-1].user_id
+        with self._read() as conn:
+            rows = conn.execute(pending_page_query(audience_id, audience_ids, after, limit))
+            return [PendingChange(r.audience_id, r.user_id, r.desired) for r in rows]
 
-    def record(self, results: Sequence[Delivery], run_ids: dict[int, int], *, max_attempts: int = 5) -> None:
+    def record(self, results: Sequence[Outcome], run_ids: dict[int, int], *, max_attempts: int = 5) -> None:
         """Store Gleap's answers in one transaction: acknowledged values, failures, the delivery log.
 
         A permanent failure counts towards ``max_attempts``; at the limit the

@@ -5,24 +5,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import groupby
 from typing import IO
 
 import httpx
 
 from audiencesync.config import AudienceConfig, Config
+from audiencesync.delivery import Deliverer, Progress, plan_calls
 from audiencesync.diff import DiffCounts
-from audiencesync.errors import AudienceSyncError, GleapAuthError, MissingTokenError, SourceError
-from audiencesync.gleap import IDENTIFY_PATH, GleapClient, identify_body
+from audiencesync.errors import GleapAuthError, MissingTokenError, SourceError
+from audiencesync.gleap import IDENTIFY_PATH, identify_body
 from audiencesync.sources import ReadStats, Sources
-from audiencesync.store import Audience, Delivery, Guard, PendingChange, Store
+from audiencesync.store import Audience, Guard, Store
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int], None]
 
 
 @dataclass
@@ -76,14 +75,21 @@ class CycleReport:
         )
 
 
-def identify_calls(changes: Iterable[PendingChange]) -> Iterator[tuple[str, list[PendingChange]]]:
-    """Group pending changes (ordered by user) into one call per user."""
-    for user_id, group in groupby(changes, key=lambda c: c.user_id):
-        yield user_id, list(group)
+@dataclass
+class Run:
+    """One audience's run: its refresh, and the delivery of what is pending for it."""
+
+    audience: Audience
+    run_id: int
+    report: AudienceReport
 
 
 class Syncer:
-    """Runs cycles for one config against one store. Seams: the store, an httpx transport."""
+    """Refreshes audiences and delivers their changes. Seams: the store, sources, an httpx transport.
+
+    ``run_cycle`` is the one-shot `sync`; the daemon calls ``refresh`` and
+    ``deliverer`` separately, on its own schedule.
+    """
 
     def __init__(
         self,
@@ -93,7 +99,7 @@ class Syncer:
         sources: Sources | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         backoff_initial: float = 0.5,
-        page_size: int = 500,
+        page_size: int = 100,
     ) -> None:
         self.config = config
         self.store = store
@@ -101,6 +107,20 @@ class Syncer:
         self.transport = transport
         self.backoff_initial = backoff_initial
         self.page_size = page_size
+
+    def deliverer(self, store: Store | None = None) -> Deliverer:
+        token = self.config.gleap.api_token
+        if token is None:
+            raise MissingTokenError()
+        return Deliverer(
+            store or self.store,
+            self.config.gleap,
+            token,
+            max_attempts=self.config.sync.max_attempts,
+            transport=self.transport,
+            backoff_initial=self.backoff_initial,
+            page_size=self.page_size,
+        )
 
     def run_cycle(
         self,
@@ -111,6 +131,7 @@ class Syncer:
         out: IO[str] | None = None,
         progress: Callable[[int], Progress] | None = None,
         allow_removals: bool = False,
+        stop: threading.Event | None = None,
     ) -> CycleReport:
         """Refresh then deliver the selected audiences (all when ``keys`` is None).
 
@@ -124,201 +145,114 @@ class Syncer:
         report = CycleReport(cycle_id=str(uuid.uuid4()), audiences=[], dry_run=dry_run)
         if dry_run:
             with self.store.rehearsal() as rehearsal:
-                self._cycle(rehearsal, selected, full, allow_removals, report, out, progress)
+                runs = [self.refresh(a, report.cycle_id, full=full, store=rehearsal) for a in selected]
+                report.calls = self._print_calls(rehearsal, runs, out)
+                self._finish(rehearsal, runs, report)
         else:
             interrupted = self.store.mark_interrupted()
             if interrupted:
                 log.warning("%d run(s) of an earlier process were left open; marked interrupted", interrupted)
-            self._cycle(self.store, selected, full, allow_removals, report, out, progress)
-        for audience_report in report.audiences:
-            log.info("%s", audience_report.summary())
-        return report
-
-    def _cycle(
-        self,
-        store: Store,
-        selected: list[AudienceConfig],
-        full: bool,
-        allow_removals: bool,
-        report: CycleReport,
-        out: IO[str] | None,
-        progress: Callable[[int], Progress] | None,
-    ) -> None:
-        runs: dict[int, tuple[Audience, int, AudienceReport]] = {}
-        for config in selected:
-            audience = store.ensure_audience(config.key, config.name)
-            mode = "initial" if audience.refreshed_at is None else ("full" if full else "incremental")
-            run_id = store.start_run(report.cycle_id, audience, mode)
-            audience_report = AudienceReport(key=config.key, mode=mode)
-            report.audiences.append(audience_report)
-            runs[audience.id] = (audience, run_id, audience_report)
-            guard = None if allow_removals else removal_guard(config)
-            self._refresh(store, config, audience, run_id, full, guard, audience_report)
-
-        audience_ids = list(runs)
-        run_ids = {audience_id: run_id for audience_id, (_, run_id, _) in runs.items()}
-        keys = {audience_id: audience.key for audience_id, (audience, _, _) in runs.items()}
-        if report.dry_run:
-            report.calls = self._print_calls(store, audience_ids, keys, out)
-        else:
-            total = store.pending_count(audience_ids)
+            runs = [
+                self.refresh(a, report.cycle_id, full=full, allow_removals=allow_removals) for a in selected
+            ]
+            audience_ids = [run.audience.id for run in runs]
+            total = self.store.pending_count(audience_ids)
             tick = progress(total) if progress is not None and total else None
+            run_ids = {run.audience.id: run.run_id for run in runs}
+            keys_by_id = {run.audience.id: run.audience.key for run in runs}
             try:
-                report.calls = asyncio.run(self._deliver(store, audience_ids, keys, run_ids, tick))
+                report.calls = asyncio.run(
+                    self.deliverer().drain(
+                        audience_ids, keys_by_id, run_ids.__getitem__, stop=stop, tick=tick
+                    )
+                )
             except GleapAuthError as exc:
                 report.aborted = exc
+            self._finish(self.store, runs, report)
+        for run in runs:
+            log.info("%s", run.report.summary())
+        return report
 
-        for _, run_id, audience_report in runs.values():
-            error: str | None
-            if report.aborted is not None:
-                status, error = "aborted", str(report.aborted)
-            elif audience_report.status in ("failed", "held"):
-                status, error = audience_report.status, audience_report.error
-            else:
-                status, error = "succeeded", None
-            row = store.finish_run(run_id, status, error=error)
-            audience_report.failed, audience_report.pending = row["failed"], row["pending_after"]
-            audience_report.retries, audience_report.rate_limited = row["retries"], row["rate_limited"]
-            # In a dry run nothing was sent: what is pending is what the printed calls would deliver.
-            audience_report.sent = 0 if report.dry_run else row["sent"]
-            audience_report.status = "planned" if report.dry_run and status == "succeeded" else row["status"]
-
-    def _refresh(
+    def refresh(
         self,
-        store: Store,
         config: AudienceConfig,
-        audience: Audience,
-        run_id: int,
-        full: bool,
-        guard: Guard | None,
-        audience_report: AudienceReport,
-    ) -> None:
+        cycle_id: str,
+        *,
+        full: bool = False,
+        allow_removals: bool = False,
+        store: Store | None = None,
+    ) -> Run:
+        """Start a run for the audience and bring its snapshot up to date with its source.
+
+        A source failure or a held diff is recorded in the run's report, not raised:
+        the other audiences go on.
+        """
+        store = store or self.store
+        audience = store.ensure_audience(config.key, config.name)
+        mode = "initial" if audience.refreshed_at is None else ("full" if full else "incremental")
+        run = Run(
+            audience, store.start_run(cycle_id, audience, mode), AudienceReport(key=config.key, mode=mode)
+        )
         stats = ReadStats()
+        guard = None if allow_removals else removal_guard(config)
         try:
             refresh = store.refresh(
-                audience, run_id, self.sources.read_ids(config, stats), full=full, guard=guard
+                audience, run.run_id, self.sources.read_ids(config, stats), full=full, guard=guard
             )
         except SourceError as exc:
             # The snapshot is untouched; pending changes from earlier cycles still go out.
-            audience_report.status, audience_report.error = "failed", str(exc)
+            run.report.status, run.report.error = "failed", str(exc)
             log.error("%s", exc)
-            return
+            return run
         counts = refresh.counts
         if refresh.held is not None:
-            audience_report.status, audience_report.error = "held", refresh.held
+            run.report.status, run.report.error = "held", refresh.held
             log.error("audience %r held: %s", config.key, refresh.held)
-        audience_report.members, audience_report.entered, audience_report.left = (
-            counts.members,
-            counts.entered,
-            counts.left,
-        )
-        audience_report.skipped_rows = stats.skipped
-        audience_report.duplicate_rows = stats.rows - stats.skipped - counts.members
-        audience_report.invalid_samples = stats.invalid_samples
+        run.report.members, run.report.entered, run.report.left = counts.members, counts.entered, counts.left
+        run.report.skipped_rows = stats.skipped
+        run.report.duplicate_rows = stats.rows - stats.skipped - counts.members
+        run.report.invalid_samples = stats.invalid_samples
         store.update_run(
-            run_id,
+            run.run_id,
             source_rows=stats.rows,
             skipped_rows=stats.skipped,
-            duplicate_rows=audience_report.duplicate_rows,
+            duplicate_rows=run.report.duplicate_rows,
         )
+        return run
 
-    def _print_calls(
-        self, store: Store, audience_ids: list[int], keys: dict[int, str], out: IO[str] | None
-    ) -> int:
-        calls = 0
+    def finish(self, run: Run, *, aborted: GleapAuthError | None = None, store: Store | None = None) -> None:
+        """Close the run, recording how it ended and what is still pending."""
+        store = store or self.store
+        dry_run = store is not self.store
+        error: str | None
+        if aborted is not None:
+            status, error = "aborted", str(aborted)
+        elif run.report.status in ("failed", "held"):
+            status, error = run.report.status, run.report.error
+        else:
+            status, error = "succeeded", None
+        row = store.finish_run(run.run_id, status, error=error)
+        run.report.failed, run.report.pending = row["failed"], row["pending_after"]
+        run.report.retries, run.report.rate_limited = row["retries"], row["rate_limited"]
+        # In a dry run nothing was sent: what is pending is what the printed calls would deliver.
+        run.report.sent = 0 if dry_run else row["sent"]
+        run.report.status = "planned" if dry_run and status == "succeeded" else row["status"]
+
+    def _finish(self, store: Store, runs: list[Run], report: CycleReport) -> None:
+        for run in runs:
+            self.finish(run, aborted=report.aborted, store=store)
+            report.audiences.append(run.report)
+
+    def _print_calls(self, store: Store, runs: list[Run], out: IO[str] | None) -> int:
+        keys = {run.audience.id: run.audience.key for run in runs}
         url = self.config.gleap.base_url + IDENTIFY_PATH
-        for page in store.pending_pages(audience_ids, self.page_size):
-            for user_id, changes in identify_calls(page):
-                body = identify_body(user_id, {keys[c.audience_id]: c.value for c in changes})
-                if out is not None:
-                    out.write(json.dumps({"method": "POST", "url": url, "json": body}) + "\n")
-                calls += 1
-        return calls
-
-    async def _deliver(
-        self,
-        store: Store,
-        audience_ids: list[int],
-        keys: dict[int, str],
-        run_ids: dict[int, int],
-        tick: Progress | None,
-    ) -> int:
-        """Send every pending change of these audiences; returns the number of calls made.
-
-        Calls run concurrently (up to max_concurrency) through the shared rate
-        limiter; answers are written to the store as soon as they arrive, so a
-        crash can only re-send the calls whose answers were not yet recorded.
-        """
-        token = self.config.gleap.api_token
-        assert token is not None
-        answers: asyncio.Queue[Delivery | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.config.gleap.max_concurrency)
-        calls = 0
-        max_attempts = self.config.sync.max_attempts
-
-        async def write_answers() -> None:
-            done = False
-            while not done:
-                batch: list[Delivery] = []
-                item = await answers.get()
-                while True:
-                    if item is None:
-                        done = True
-                        break
-                    batch.append(item)
-                    if answers.empty():
-                        break
-                    item = answers.get_nowait()
-                await asyncio.to_thread(store.record, batch, run_ids, max_attempts=max_attempts)
-                for _ in batch:
-                    slots.release()
-                if tick is not None:
-                    tick(len(batch))
-
-        async def send(client: GleapClient, user_id: str, changes: list[PendingChange]) -> None:
-            try:
-                answer = await client.identify(user_id, {keys[c.audience_id]: c.value for c in changes})
-            except BaseException:
-                slots.release()
-                raise
-            # The slot is freed by the writer once the answer is stored, so at
-            # most max_concurrency calls are ever sent but not yet recorded:
-            # that bounds what a crash can make the next run send again.
-            answers.put_nowait(
-                Delivery(
-                    tuple(changes),
-                    answer.status,
-                    answer.error,
-                    permanent=answer.permanent,
-                    retries=answer.retries,
-                    rate_limited=answer.rate_limited,
-                )
-            )
-            if not answer.ok:
-                log.warning("identify %s refused: %s", user_id, answer.error)
-
-        client = GleapClient(
-            self.config.gleap, token, transport=self.transport, backoff_initial=self.backoff_initial
-        )
-        try:
-            async with client, asyncio.TaskGroup() as supervisor:
-                supervisor.create_task(write_answers())
-                try:
-                    async with asyncio.TaskGroup() as senders:
-                        # Keyset pages never repeat a user, so reading ahead while
-                        # earlier calls are still in flight is safe.
-                        pages = store.pending_pages(audience_ids, self.page_size)
-                        while (page := await asyncio.to_thread(next, pages, None)) is not None:
-                            for user_id, changes in identify_calls(page):
-                                await slots.acquire()
-                                senders.create_task(send(client, user_id, changes))
-                                calls += 1
-                finally:
-                    # Whatever happened, the answers already received get recorded.
-                    answers.put_nowait(None)
-        except BaseExceptionGroup as group:
-            raise _first_error(group) from None
-        return calls
+        printed: set[str] = set()
+        for user_id, changes in plan_calls(store, list(keys), printed, self.page_size):
+            printed.add(user_id)
+            body = identify_body(user_id, {keys[c.audience_id]: c.value for c in changes})
+            if out is not None:
+                out.write(json.dumps({"method": "POST", "url": url, "json": body}) + "\n")
+        return len(printed)
 
 
 def removal_guard(audience: AudienceConfig) -> Guard:
@@ -347,21 +281,3 @@ def removal_guard(audience: AudienceConfig) -> Guard:
         return None
 
     return guard
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error that matters in a task group's failure: ours before any other."""
-    leaves: list[BaseException] = []
-
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        else:
-            leaves.append(error)
-
-    collect(group)
-    for error in leaves:
-        if isinstance(error, AudienceSyncError):
-            return error
-    return leaves[0]

@@ -8,9 +8,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from audiencesync import store as store_mod
+from audiencesync.delivery import plan_calls
 from audiencesync.errors import StoreError
 from audiencesync.schema import membership_changes, metadata
-from audiencesync.store import Delivery, PendingChange, Store
+from audiencesync.store import Outcome, PendingChange, Store
 
 
 def refresh(
@@ -25,14 +26,14 @@ def refresh(
 
 def pending(store: Store, key: str) -> dict[str, bool]:
     audience = store.ensure_audience(key, key)
-    return {c.user_id: c.value for page in store.pending_pages([audience.id]) for c in page}
+    return {c.user_id: c.value for _, changes in plan_calls(store, [audience.id], set()) for c in changes}
 
 
 def ack_all(store: Store, key: str, status: int = 200) -> None:
     audience = store.ensure_audience(key, key)
     run_id = store.start_run("cycle", audience, "incremental")
-    for page in store.pending_pages([audience.id]):
-        store.record([Delivery((c,), status) for c in page], {audience.id: run_id})
+    calls = list(plan_calls(store, [audience.id], set()))
+    store.record([Outcome(tuple(changes), status) for _, changes in calls], {audience.id: run_id})
 
 
 def test_fresh_database_upgrades_to_head_and_matches_the_models(store: Store) -> None:
@@ -114,7 +115,7 @@ def test_ack_of_a_stale_value_keeps_the_change_pending(store: Store) -> None:
     run_id = store.start_run("cycle", audience, "incremental")
     in_flight = PendingChange(audience.id, "u1", True)
     refresh(store, "a", [])  # u1 left while the true was on its way
-    store.record([Delivery((in_flight,), 200)], {audience.id: run_id})
+    store.record([Outcome((in_flight,), 200)], {audience.id: run_id})
     assert pending(store, "a") == {"u1": False}
 
 
@@ -124,8 +125,8 @@ def test_failed_delivery_stays_pending_with_the_error(store: Store) -> None:
     run_id = store.start_run("cycle", audience, "incremental")
     store.record(
         [
-            Delivery((PendingChange(audience.id, "u1", True),), 400, "HTTP 400: bad id", permanent=True),
-            Delivery((PendingChange(audience.id, "u2", True),), 200),
+            Outcome((PendingChange(audience.id, "u1", True),), 400, "HTTP 400: bad id", permanent=True),
+            Outcome((PendingChange(audience.id, "u2", True),), 200),
         ],
         {audience.id: run_id},
     )
@@ -151,19 +152,22 @@ def test_full_refresh_resends_current_members_only(store: Store) -> None:
     assert pending(store, "a") == {"u1": False, "u2": True, "u3": True}
 
 
-def test_pending_pages_group_a_users_audiences_and_never_split_them(store: Store) -> None:
+def test_calls_carry_all_of_a_users_audiences_once_and_audiences_take_turns(store: Store) -> None:
     users = [f"u{i:03d}" for i in range(50)]
-    refresh(store, "a", users)
-    refresh(store, "b", users[::2])
-    ids = [store.ensure_audience(k, k).id for k in ("a", "b")]
-    pages = list(store.pending_pages(ids, page_size=7))
-    seen: list[str] = []
-    for page in pages:
-        page_users = [c.user_id for c in page]
-        assert page_users == sorted(page_users)
-        seen.extend(dict.fromkeys(page_users))
-    assert seen == users  # every user exactly once, in order, across pages
-    assert sum(len(p) for p in pages) == 75
+    refresh(store, "big", users)
+    refresh(store, "small", ["u049", "x1", "x2"])
+    ids = [store.ensure_audience(k, k).id for k in ("big", "small")]
+    called: set[str] = set()
+    order: list[str] = []
+    for user_id, changes in plan_calls(store, ids, called, page_size=7):
+        assert all(c.user_id == user_id for c in changes)
+        called.add(user_id)
+        order.append(user_id)
+        if user_id == "u049":
+            assert {c.audience_id for c in changes} == set(ids)  # one call, both audiences
+    assert sorted(order) == sorted({*users, "x1", "x2"})  # everyone exactly once
+    # The small audience's users don't wait for the big audience's 50: they come in the first turns.
+    assert order.index("x2") < 10
 
 
 def test_rehearsal_changes_nothing(store: Store) -> None:
@@ -203,12 +207,11 @@ def test_rehearsal_on_an_empty_database_creates_no_tables(store_url: str) -> Non
         engine.dispose()
 
 
-def test_pending_query_uses_the_partial_index_on_sqlite(store: Store) -> None:
+def test_pending_page_query_walks_the_primary_key_in_order(store: Store) -> None:
     if store.engine.dialect.name != "sqlite":
         pytest.skip("SQLite query plan")
-    users = store_mod.pending_users("sqlite", [1, 2], "u1", 500)
-    sql = sa.select(users.c.user_id).compile(store.engine, compile_kwargs={"literal_binds": True})
+    query = store_mod.pending_page_query(1, [1, 2], "u1", 100)
+    sql = query.compile(store.engine, compile_kwargs={"literal_binds": True})
     with store.engine.connect() as conn:
         plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}").all()
-    assert any("ix_memberships_pending" in str(row) for row in plan), plan
-    assert not any("TEMP B-TREE" in str(row) for row in plan), plan
+    assert not any("SCAN" in str(row) and "memberships" in str(row) for row in plan), plan

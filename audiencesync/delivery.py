@@ -1,0 +1,247 @@
+"""Draining pending changes to Gleap: fair across audiences, bounded, resumable.
+
+Audiences take turns a page of users at a time, so a new audience's hours-long
+first sync never starves the few changes of the others. Each user gets one
+call carrying all of their pending audience values. Calls run concurrently
+through the shared rate limiter, and every answer is stored as soon as it
+arrives. A call's concurrency slot is freed only then, so at most
+``max_concurrency`` calls are ever sent but not yet recorded: that bounds what
+a crash can make the next run send again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
+from itertools import groupby
+
+import httpx
+
+from audiencesync.config import GleapConfig, Secret
+from audiencesync.errors import AudienceSyncError
+from audiencesync.gleap import GleapClient
+from audiencesync.store import Outcome, PendingChange, Store
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+def plan_calls(
+    store: Store, audience_ids: Sequence[int], skip: Container[str], page_size: int = 100
+) -> Iterator[tuple[str, list[PendingChange]]]:
+    """(user id, that user's pending changes) for one pass over these audiences, in turns.
+
+    Users in ``skip`` (already called in this pass) are passed over. Keyset
+    cursors per audience make the pass finite even when calls fail.
+    """
+    cursors = dict.fromkeys(audience_ids, "")
+    while cursors:
+        for audience_id in list(cursors):
+            page = store.pending_page(audience_id, audience_ids, cursors[audience_id], page_size)
+            if not page:
+                del cursors[audience_id]
+                continue
+            cursors[audience_id] = max(change.user_id for change in page)
+            for user_id, changes in groupby(page, key=lambda c: c.user_id):
+                if user_id not in skip:
+                    yield user_id, list(changes)
+
+
+class Deliverer:
+    """Sends what is pending. Seams: the store, an httpx transport, a clock for progress lines."""
+
+    def __init__(
+        self,
+        store: Store,
+        gleap: GleapConfig,
+        token: Secret,
+        *,
+        max_attempts: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+        backoff_initial: float = 0.5,
+        page_size: int = 100,
+        progress_every: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.gleap = gleap
+        self.token = token
+        self.max_attempts = max_attempts
+        self.transport = transport
+        self.backoff_initial = backoff_initial
+        self.page_size = page_size
+        self.progress_every = progress_every
+        self.clock = clock
+
+    async def drain(
+        self,
+        audience_ids: Sequence[int],
+        keys: Mapping[int, str],
+        run_ids: Callable[[int], int],
+        *,
+        stop: threading.Event | None = None,
+        grace_seconds: float = 30.0,
+        tick: Progress | None = None,
+    ) -> int:
+        """One pass over everything pending in these audiences; returns the number of calls made.
+
+        When ``stop`` is set, no new call starts; calls in flight get
+        ``grace_seconds`` to finish (their answers are stored), then are
+        cancelled and stay pending.
+        """
+        answers: asyncio.Queue[Outcome | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.gleap.max_concurrency)
+        called: set[str] = set()  # users already called in this pass
+        calls = 0
+        progress = _ProgressLog(self.store, audience_ids, self.clock, self.progress_every)
+
+        async def write_answers() -> None:
+            done = False
+            while not done:
+                batch: list[Outcome] = []
+                item = await answers.get()
+                while True:
+                    if item is None:
+                        done = True
+                        break
+                    batch.append(item)
+                    if answers.empty():
+                        break
+                    item = answers.get_nowait()
+                if batch:
+                    ids = {c.audience_id: run_ids(c.audience_id) for o in batch for c in o.changes}
+                    await asyncio.to_thread(self.store.record, batch, ids, max_attempts=self.max_attempts)
+                    progress.sent(len(batch))
+                    if tick is not None:
+                        tick(len(batch))
+                for _ in batch:
+                    slots.release()
+
+        async def send(client: GleapClient, user_id: str, changes: list[PendingChange]) -> None:
+            try:
+                answer = await client.identify(user_id, {keys[c.audience_id]: c.value for c in changes})
+            except BaseException:
+                slots.release()
+                raise
+            answers.put_nowait(
+                Outcome(
+                    tuple(changes),
+                    answer.status,
+                    answer.error,
+                    permanent=answer.permanent,
+                    retries=answer.retries,
+                    rate_limited=answer.rate_limited,
+                )
+            )
+            if not answer.ok:
+                log.warning("identify %s refused: %s", user_id, answer.error)
+
+        async def stopper(tasks: set[asyncio.Task[None]]) -> None:
+            assert stop is not None
+            while not stop.is_set():
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0)  # let the producer notice and stop first
+            _, unfinished = await asyncio.wait(tasks, timeout=grace_seconds) if tasks else ((), set())
+            for task in unfinished:
+                task.cancel()
+
+        client = GleapClient(
+            self.gleap, self.token, transport=self.transport, backoff_initial=self.backoff_initial
+        )
+        plan = plan_calls(self.store, audience_ids, called, self.page_size)
+        try:
+            async with client, asyncio.TaskGroup() as supervisor:
+                supervisor.create_task(write_answers())
+                try:
+                    in_flight: set[asyncio.Task[None]] = set()
+                    async with asyncio.TaskGroup() as senders:
+                        watcher = senders.create_task(stopper(in_flight)) if stop is not None else None
+                        while not (stop is not None and stop.is_set()):
+                            item = await asyncio.to_thread(next, plan, None)
+                            if item is None:
+                                break
+                            user_id, changes = item
+                            await slots.acquire()
+                            if stop is not None and stop.is_set():
+                                slots.release()
+                                break
+                            called.add(user_id)
+                            task = senders.create_task(send(client, user_id, changes))
+                            in_flight.add(task)
+                            task.add_done_callback(in_flight.discard)
+                            calls += 1
+                        if watcher is not None and stop is not None and not stop.is_set():
+                            # Drained normally: wait for the calls, not for a stop signal.
+                            watcher.cancel()
+                finally:
+                    # Whatever happened, the answers already received get recorded.
+                    answers.put_nowait(None)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        progress.done()
+        return calls
+
+
+class _ProgressLog:
+    """A log line at least every ``every`` seconds during a long delivery: sent, remaining, rate, ETA."""
+
+    def __init__(
+        self, store: Store, audience_ids: Sequence[int], clock: Callable[[], float], every: float
+    ) -> None:
+        self.store = store
+        self.audience_ids = audience_ids
+        self.clock = clock
+        self.every = every
+        self.started = self.last = clock()
+        self.count = 0
+
+    def sent(self, n: int) -> None:
+        self.count += n
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        remaining = self.store.pending_count(self.audience_ids)
+        rate = self.count / max(now - self.started, 1e-9)
+        eta = remaining / rate if rate else float("inf")
+        log.info(
+            "delivering: %d sent, %d remaining, %.1f calls/s, ETA %s",
+            self.count,
+            remaining,
+            rate,
+            _duration(eta),
+        )
+
+    def done(self) -> None:
+        if self.count and self.clock() - self.started >= self.every:
+            log.info("delivery pass done: %d sent in %s", self.count, _duration(self.clock() - self.started))
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that matters in a task group's failure: ours before any other."""
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(group)
+    for error in leaves:
+        if isinstance(error, AudienceSyncError):
+            return error
+    return leaves[0]
