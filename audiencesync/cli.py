@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import IO
+from datetime import UTC, datetime
+from typing import IO, Any
 
 from tqdm import tqdm
 
@@ -24,6 +26,7 @@ from audiencesync.errors import (
     StoreError,
 )
 from audiencesync.lease import WriterLease
+from audiencesync.scheduler import Daemon
 from audiencesync.sync import CycleReport, Syncer
 
 log = logging.getLogger(__name__)
@@ -60,10 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
-        help="log verbosity on stderr (default: WARNING)",
+        help="log verbosity on stderr (default: INFO for run, WARNING otherwise)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="log lines as text or as one JSON object each (default: text)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -95,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.set_defaults(handler=_cmd_sync)
 
+    run = commands.add_parser("run", help="run as a daemon: refresh each audience on its schedule, deliver")
+    run.set_defaults(handler=_cmd_run)
+
+    status = commands.add_parser("status", help="per audience: members, pending, failed, last and next run")
+    status.add_argument("--format", choices=["table", "json"], default="table")
+    status.set_defaults(handler=_cmd_status)
+
     failures = commands.add_parser("failures", help="list changes parked after repeated rejections")
     failures.add_argument("--audience", metavar="KEY", help="only this audience")
     failures.set_defaults(handler=_cmd_failures)
@@ -118,11 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    handler_ = logging.StreamHandler(sys.stderr)
+    handler_.setFormatter(
+        JsonFormatter() if args.log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
     )
+    level = args.log_level or ("INFO" if args.command == "run" else "WARNING")
+    logging.basicConfig(level=level, handlers=[handler_], force=True)
+    if level == "INFO":
+        # httpx logs every request at INFO: a line per identify call would drown the summaries.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     handler: Callable[[argparse.Namespace, Config], int] = args.handler
     try:
         config = load_config(find_config(args.config))
@@ -137,6 +156,126 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("audiencesync: interrupted; unacknowledged changes stay pending", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _cmd_run(args: argparse.Namespace, config: Config) -> int:
+    if config.gleap.api_token is None:
+        raise MissingTokenError()
+    if not config.audiences:
+        raise ConfigError("no [[audiences]] are configured", path=str(config.path), fix="add at least one")
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+def _cmd_status(args: argparse.Namespace, config: Config) -> int:
+    target = _open_store(config)
+    current, _ = store.schema_revisions(target.engine)
+    if current is None:
+        print("the store is empty: no sync has run yet", file=sys.stderr)
+        return EXIT_OK
+    rows = target.status()
+    holder = target.lease_holder()
+    configured = {a.key for a in config.audiences}
+    if args.format == "json":
+        print(json.dumps(_status_json(rows, holder, configured), default=_iso, indent=2))
+        return EXIT_OK
+    table: list[tuple[str, ...]] = [
+        (
+            "audience",
+            "members",
+            "pending",
+            "failed",
+            "last run",
+            "result",
+            "entered",
+            "left",
+            "sent",
+            "next run",
+        )
+    ]
+    for row in rows:
+        last = row.last_run or {}
+        table.append(
+            (
+                row.key + ("" if row.key in configured else " (not in config)"),
+                str(row.members),
+                str(row.pending),
+                str(row.parked),
+                _when(last.get("started_at")),
+                str(last.get("status", "-")),
+                str(last.get("entered", "-")),
+                str(last.get("left", "-")),
+                str(last.get("sent", "-")),
+                _when(row.next_run_at),
+            )
+        )
+    _print_table(table, sys.stdout)
+    if holder is None:
+        print("daemon: none holds the store")
+    else:
+        print(
+            f"daemon: {holder['host']} pid {holder['pid']}, active since {_when(holder['acquired_at'])}, "
+            f"last heartbeat {_when(holder['renewed_at'])}, lease to {_when(holder['expires_at'])}"
+        )
+    return EXIT_OK
+
+
+def _status_json(
+    rows: list[store.AudienceStatus], holder: dict[str, Any] | None, configured: set[str]
+) -> dict[str, Any]:
+    return {
+        "audiences": [
+            {
+                "key": row.key,
+                "configured": row.key in configured,
+                "members": row.members,
+                "pending": row.pending,
+                "failed": row.parked,
+                "refreshed_at": row.refreshed_at,
+                "next_run_at": row.next_run_at,
+                "last_run": row.last_run,
+            }
+            for row in rows
+        ],
+        "lease": holder,
+    }
+
+
+def _iso(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _when(value: object) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S}" if isinstance(value, datetime) else "-"
+
+
+def _print_table(rows: list[tuple[str, ...]], out: IO[str]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out
+        )
 
 
 def _open_store(config: Config) -> store.Store:
@@ -248,38 +387,19 @@ def _progress_bar(total: int) -> Progress:
 
 
 def _print_summary(report: CycleReport, out: IO[str]) -> None:
-    columns = (
-        "audience",
-        "result",
-        "mode",
-        "members",
-        "entered",
-        "left",
-        "sent",
-        "failed",
-        "pending",
-        "skipped",
-    )
-    rows = [
+    rows: list[tuple[str, ...]] = [
+        ("audience", "result", "mode", "members", "entered", "left", "sent", "failed", "pending", "skipped")
+    ]
+    rows += [
         (
             a.key,
             a.status,
             a.mode,
-            str(a.members),
-            str(a.entered),
-            str(a.left),
-            str(a.sent),
-            str(a.failed),
-            str(a.pending),
-            str(a.skipped_rows),
+            *(str(n) for n in (a.members, a.entered, a.left, a.sent, a.failed, a.pending, a.skipped_rows)),
         )
         for a in report.audiences
     ]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
-    for line in (columns, *rows):
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip(), file=out
-        )
+    _print_table(rows, out)
     if report.dry_run:
         print(f"dry run: {report.calls} call(s) would be made; nothing was sent or stored", file=out)
     for a in report.audiences:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -78,6 +79,21 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    interval: float = 2 * 3600.0
+    jitter: float = 3600.0
+    shutdown_grace_seconds: float = 30.0
+    # APScheduler's default is 1 s: a busy start-up would silently drop a run.
+    misfire_grace_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     name: str
     url: str
@@ -92,6 +108,8 @@ class AudienceConfig:
     query: str
     max_removal_fraction: float = 0.5
     allow_empty: bool = False
+    interval: float = ScheduleConfig.interval
+    jitter: float = ScheduleConfig.jitter
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,8 @@ class Config:
     gleap: GleapConfig
     sync: SyncConfig
     sources: Mapping[str, SourceConfig]
+    schedule: ScheduleConfig
+    server: ServerConfig | None
     audiences: tuple[AudienceConfig, ...]
 
     def audience(self, key: str) -> AudienceConfig:
@@ -213,15 +233,30 @@ GLEAP_KEYS = (
     "allow_http",
 )
 SYNC_KEYS = ("max_removal_fraction", "max_attempts", "lease_seconds")
-AUDIENCE_KEYS = ("name", "key", "source", "query", "max_removal_fraction", "allow_empty")
+AUDIENCE_KEYS = (
+    "name",
+    "key",
+    "source",
+    "query",
+    "max_removal_fraction",
+    "allow_empty",
+    "interval",
+    "jitter",
+)
+SCHEDULE_KEYS = ("interval", "jitter", "shutdown_grace_seconds", "misfire_grace_seconds")
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?")
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Config:
-    root = _Table(raw, path, "top level", ["store", "gleap", "sync", "sources", "audiences"])
+    root = _Table(
+        raw, path, "top level", ["store", "gleap", "sync", "schedule", "server", "sources", "audiences"]
+    )
     store_t = _Table(root.take("store", dict, {}), path, "[store]", ["url"])
     gleap_t = _Table(root.take("gleap", dict, {}), path, "[gleap]", list(GLEAP_KEYS))
     sync_t = _Table(root.take("sync", dict, {}), path, "[sync]", list(SYNC_KEYS))
+    schedule_t = _Table(root.take("schedule", dict, {}), path, "[schedule]", list(SCHEDULE_KEYS))
+    server_t = _Table(root.take("server", dict, {}), path, "[server]", ["listen"])
     sources_raw = root.take("sources", dict, {})
     audiences_raw = root.take("audiences", list, [])
 
@@ -252,6 +287,19 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         max_attempts=sync_t.take_positive("max_attempts", int, sync_defaults.max_attempts),
         lease_seconds=sync_t.take_positive("lease_seconds", float, sync_defaults.lease_seconds),
     )
+
+    schedule_defaults = ScheduleConfig()
+    schedule = ScheduleConfig(
+        interval=_duration(schedule_t, "interval", schedule_defaults.interval),
+        jitter=_duration(schedule_t, "jitter", schedule_defaults.jitter, allow_zero=True),
+        shutdown_grace_seconds=schedule_t.take_positive(
+            "shutdown_grace_seconds", float, schedule_defaults.shutdown_grace_seconds
+        ),
+        misfire_grace_seconds=schedule_t.take_positive(
+            "misfire_grace_seconds", float, schedule_defaults.misfire_grace_seconds
+        ),
+    )
+    server = _listen(server_t)
 
     sources: dict[str, SourceConfig] = {}
     for name, table in sources_raw.items():
@@ -308,6 +356,8 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
                 query=query,
                 max_removal_fraction=_fraction(audience_t, sync.max_removal_fraction),
                 allow_empty=audience_t.take("allow_empty", bool, False),
+                interval=_duration(audience_t, "interval", schedule.interval),
+                jitter=_duration(audience_t, "jitter", schedule.jitter, allow_zero=True),
             )
         )
 
@@ -317,8 +367,43 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         gleap=gleap,
         sync=sync,
         sources=sources,
+        schedule=schedule,
+        server=server,
         audiences=tuple(audiences),
     )
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in "90s", "45m", "2h" or "1h30m"; None when the text is not such a duration."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match or not any(match.groups()):
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
+
+
+def _duration(table: _Table, key: str, default: float, *, allow_zero: bool = False) -> float:
+    text = table.take_optional(key, str)
+    if text is None:
+        return default
+    seconds = parse_duration(text)
+    if seconds is None or (seconds == 0 and not allow_zero):
+        raise table.error(
+            f"{text!r} is not a duration",
+            key=key,
+            fix=f'write {key} as a string like "90s", "45m", "2h" or "1h30m"',
+        )
+    return seconds
+
+
+def _listen(table: _Table) -> ServerConfig | None:
+    listen = table.take_optional("listen", str)
+    if listen is None:
+        return None
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise table.error(f"{listen!r} is not HOST:PORT", key="listen", fix='write listen = "127.0.0.1:9464"')
+    return ServerConfig(host.strip("[]"), int(port))
 
 
 def _fraction(table: _Table, default: float) -> float:

@@ -66,6 +66,7 @@ class Deliverer:
         page_size: int = 100,
         progress_every: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        observe: Callable[[Sequence[Outcome]], None] | None = None,
     ) -> None:
         self.store = store
         self.gleap = gleap
@@ -76,6 +77,7 @@ class Deliverer:
         self.page_size = page_size
         self.progress_every = progress_every
         self.clock = clock
+        self.observe = observe
 
     async def drain(
         self,
@@ -116,6 +118,8 @@ class Deliverer:
                     ids = {c.audience_id: run_ids(c.audience_id) for o in batch for c in o.changes}
                     await asyncio.to_thread(self.store.record, batch, ids, max_attempts=self.max_attempts)
                     progress.sent(len(batch))
+                    if self.observe is not None:
+                        self.observe(batch)
                     if tick is not None:
                         tick(len(batch))
                 for _ in batch:

@@ -172,9 +172,17 @@ class WriterLease:
 
     @contextlib.contextmanager
     def held(self, wait_seconds: float = 0.0) -> Iterator[WriterLease]:
-        """Hold the lease for the block, renewing it in the background; release it after."""
+        """Acquire the lease (waiting up to ``wait_seconds``) and keep it for the block."""
         self.acquire(wait_seconds)
+        with self.kept():
+            yield self
+
+    @contextlib.contextmanager
+    def kept(self, *, release: Callable[[], bool] = lambda: True) -> Iterator[WriterLease]:
+        """Renew the acquired lease in the background for the block; release it after,
+        unless ``release()`` says no (work may still be running)."""
         self._stop.clear()
+        self.lost.clear()
         beat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         beat.start()
         try:
@@ -182,8 +190,9 @@ class WriterLease:
         finally:
             self._stop.set()
             beat.join()
-            with contextlib.suppress(sa.exc.SQLAlchemyError):
-                self.release()
+            if release():
+                with contextlib.suppress(sa.exc.SQLAlchemyError):
+                    self.release()
 
     def _heartbeat(self) -> None:
         interval = self.ttl.total_seconds() / 3

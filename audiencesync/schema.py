@@ -58,6 +58,8 @@ audiences = sa.Table(
     sa.Column("created_at", UtcDateTime, nullable=False),
     # Set by the first refresh that succeeded: before it, a sync is the initial full sync.
     sa.Column("refreshed_at", UtcDateTime, nullable=True),
+    # When the daemon will refresh it next (shown by `status`); NULL when no daemon schedules it.
+    sa.Column("next_run_at", UtcDateTime, nullable=True),
 )
 
 memberships = sa.Table(

@@ -21,7 +21,7 @@ from audiencesync import diff, failpoints
 from audiencesync.config import display_url
 from audiencesync.diff import DiffCounts
 from audiencesync.errors import StoreError
-from audiencesync.schema import UtcDateTime, audiences, deliveries, memberships, sync_runs
+from audiencesync.schema import UtcDateTime, audiences, deliveries, leases, memberships, sync_runs
 
 Clock = Callable[[], datetime]
 
@@ -163,6 +163,18 @@ class ParkedChange:
     last_status: int | None
     last_error: str | None
     parked_at: datetime
+
+
+@dataclass(frozen=True)
+class AudienceStatus:
+    key: str
+    name: str
+    members: int
+    pending: int
+    parked: int
+    refreshed_at: datetime | None
+    next_run_at: datetime | None
+    last_run: dict[str, Any] | None
 
 
 Guard = Callable[[DiffCounts], str | None]
@@ -548,6 +560,68 @@ class Store:
             query = query.where(memberships.c.user_id == user_id)
         with self._write() as conn:
             return conn.execute(query.values(parked_at=None, attempts=0)).rowcount
+
+    # --- status -----------------------------------------------------------------
+
+    def set_next_run(self, audience_key: str, when: datetime | None) -> None:
+        with self._write() as conn:
+            conn.execute(sa.update(audiences).where(audiences.c.key == audience_key).values(next_run_at=when))
+
+    def status(self) -> list[AudienceStatus]:
+        """Per audience: members, pending, parked, the last run and the next. Reads only, never waits."""
+        counts = (
+            sa.select(
+                memberships.c.audience_id,
+                sa.func.count().filter(memberships.c.desired == sa.true()).label("members"),
+                sa.func.count().filter(_DELIVERABLE).label("pending"),
+                sa.func.count().filter(memberships.c.parked_at.is_not(None)).label("parked"),
+            )
+            .group_by(memberships.c.audience_id)
+            .subquery()
+        )
+        last_ids = (
+            sa.select(sync_runs.c.audience_id, sa.func.max(sync_runs.c.id).label("run_id"))
+            .group_by(sync_runs.c.audience_id)
+            .subquery()
+        )
+        query = (
+            sa.select(
+                audiences,
+                sa.func.coalesce(counts.c.members, 0).label("members"),
+                sa.func.coalesce(counts.c.pending, 0).label("pending"),
+                sa.func.coalesce(counts.c.parked, 0).label("parked"),
+                last_ids.c.run_id,
+            )
+            .outerjoin(counts, counts.c.audience_id == audiences.c.id)
+            .outerjoin(last_ids, last_ids.c.audience_id == audiences.c.id)
+            .order_by(audiences.c.key)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+            run_rows = {
+                r.id: dict(r._mapping)
+                for r in conn.execute(
+                    sa.select(sync_runs).where(sync_runs.c.id.in_([r.run_id for r in rows]))
+                )
+            }
+        return [
+            AudienceStatus(
+                key=r.key,
+                name=r.name,
+                members=r.members,
+                pending=r.pending,
+                parked=r.parked,
+                refreshed_at=r.refreshed_at,
+                next_run_at=r.next_run_at,
+                last_run=run_rows.get(r.run_id),
+            )
+            for r in rows
+        ]
+
+    def lease_holder(self, name: str = "writer") -> dict[str, Any] | None:
+        with self._read() as conn:
+            row = conn.execute(sa.select(leases).where(leases.c.name == name)).one_or_none()
+            return dict(row._mapping) if row is not None else None
 
     def memberships_of(self, audience_key: str) -> dict[str, tuple[bool, bool | None]]:
         """user id -> (desired, acked) for one audience. For tests and small audits."""

@@ -1,0 +1,393 @@
+"""The daemon: `audiencesync run`.
+
+It wires the parts together:
+- the writer lease, and a standby loop until this process holds it;
+- one APScheduler job per audience, which only refreshes the snapshot (quick);
+- a single delivery thread, which drains every audience's pending changes in
+  turns through the shared rate limiter;
+- signals: SIGTERM and SIGINT stop it gracefully, a second one exits at once,
+  and SIGHUP reloads the config;
+- the optional /healthz and /metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType
+
+import httpx
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from audiencesync import store as store_mod
+from audiencesync.config import AudienceConfig, Config, load_config
+from audiencesync.errors import AudienceSyncError, ConfigError, GleapAuthError, LeaseLostError
+from audiencesync.lease import WriterLease
+from audiencesync.metrics import Metrics
+from audiencesync.server import Server
+from audiencesync.sources import Sources
+from audiencesync.sync import Run, Syncer
+
+log = logging.getLogger(__name__)
+
+# How long the delivery thread sleeps when nothing is pending, unless a refresh wakes it.
+IDLE_SECONDS = 30.0
+# After Gleap refused the token, wait this long before trying again (a rotated token
+# can be fixed with a SIGHUP reload meanwhile).
+AUTH_BACKOFF_SECONDS = 300.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        backoff_initial: float = 0.5,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.backoff_initial = backoff_initial
+        self.engine = store_mod.create_engine(config.store.url)
+        self.lease = WriterLease(self.engine, store_mod.utc_now, ttl_seconds=config.sync.lease_seconds)
+        self.store = store_mod.Store(self.engine, fence=self.lease.check)
+        self.syncer = self._syncer(config)
+        self.stop = threading.Event()  # the process is to stop
+        self.halt = threading.Event()  # the current active period is to end (stop, or the lease lost)
+        self.wake = threading.Event()
+        self._reload = threading.Event()
+        self._signals = 0
+        self._lock = threading.Lock()
+        self._open: dict[int, Run] = {}  # audience id -> its run still delivering
+        self._refreshing = 0
+        self._started = store_mod.utc_now()
+        self.active = False
+        self.scheduler: BackgroundScheduler | None = None
+        self._delivery: threading.Thread | None = None
+        self.metrics = Metrics(self.store.status)
+        self.server: Server | None = None
+
+    def _syncer(self, config: Config) -> Syncer:
+        return Syncer(
+            config, self.store, sources=Sources(config.sources), transport=self.transport,
+            backoff_initial=self.backoff_initial,
+        )  # fmt: skip
+
+    # --- the process ----------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # Every write is a transaction, so dying here leaves the store consistent;
+            # unacknowledged changes stay pending.
+            os.write(2, b"audiencesync: second signal, exiting now\n")
+            os._exit(1)
+        self.stop.set()
+        self.halt.set()
+        self.wake.set()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._reload.set()
+
+    def run(self) -> int:
+        """Serve until stopped. Returns the exit status."""
+        store_mod.upgrade(self.engine)
+        if self.config.server is not None:
+            self.server = Server(self.config.server.host, self.config.server.port, self.metrics, self.health)
+            self.server.start()
+            log.info("serving /healthz and /metrics on %s:%d", self.config.server.host, self.server.port)
+        try:
+            while not self.stop.is_set():
+                if not self._standby():
+                    break
+                try:
+                    self._serve()
+                except LeaseLostError as exc:
+                    log.error("%s Going back to standby.", exc)
+                    self._shutdown_work()
+        finally:
+            if self.server is not None:
+                self.server.stop()
+            self.syncer.sources.dispose()
+            self.engine.dispose()
+        log.info("stopped")
+        return 0
+
+    def _standby(self) -> bool:
+        """Wait until this process holds the lease; False if told to stop first."""
+        announced = 0.0
+        while not self.stop.is_set():
+            holder = self.lease.try_acquire()
+            if holder is None:
+                log.info("active: holding the store's lease as %s", self.lease.holder)
+                return True
+            if time.monotonic() - announced > 300:
+                log.info(
+                    "standby: the store is held by %s pid %d (lease to %s); waiting to take over",
+                    holder.host,
+                    holder.pid,
+                    f"{holder.expires_at:%H:%M:%S} UTC",
+                )
+                announced = time.monotonic()
+            self._pause(self.lease.ttl.total_seconds() / 3)
+        return False
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            if self._reload.is_set():
+                self.reload()
+            self.stop.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _serve(self) -> None:
+        self.halt.clear()
+        with self.lease.kept(release=lambda: self._refreshing == 0):
+            self.active = True
+            interrupted = self.store.mark_interrupted()
+            if interrupted:
+                log.warning("%d run(s) of an earlier process were left open; marked interrupted", interrupted)
+            self.scheduler = BackgroundScheduler(
+                timezone=UTC,
+                executors={"default": ThreadPoolExecutor(max_workers=4)},
+                job_defaults={
+                    "coalesce": True,  # missed runs collapse into one
+                    "max_instances": 1,  # an audience never refreshes twice at once
+                    "misfire_grace_time": int(self.config.schedule.misfire_grace_seconds),
+                },
+            )
+            for audience in self.config.audiences:
+                self._schedule(audience, start_now=self._due_now(audience))
+            self.scheduler.start()
+            self._delivery = threading.Thread(target=self._deliver_forever, name="delivery", daemon=True)
+            self._delivery.start()
+            try:
+                while not self.halt.is_set() and not self.lease.lost.is_set():
+                    if self._reload.is_set():
+                        self.reload()
+                    self.halt.wait(0.2)
+            finally:
+                self._shutdown_work()
+            if self.lease.lost.is_set():
+                raise LeaseLostError()
+
+    def _shutdown_work(self) -> None:
+        """Stop starting work, give in-flight calls their grace, close the open runs."""
+        self.halt.set()
+        self.wake.set()
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        grace = self.config.schedule.shutdown_grace_seconds
+        if self._delivery is not None:
+            self._delivery.join(timeout=grace + 5)
+        deadline = time.monotonic() + grace
+        while self._refreshing and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._refreshing:
+            log.warning("a source query is still running; leaving the lease to expire rather than release it")
+        with self._lock:
+            runs = list(self._open.values())
+            self._open.clear()
+        for run in runs:
+            with contextlib.suppress(AudienceSyncError):
+                self._close(run)
+        self.active = False
+
+    # --- scheduling -------------------------------------------------------------
+
+    def _due_now(self, audience: AudienceConfig) -> bool:
+        """Never synced, overdue, or changes still pending: don't wait a whole interval."""
+        existing = self.store.ensure_audience(audience.key, audience.name)
+        if existing.refreshed_at is None or self.store.pending_count([existing.id]) > 0:
+            return True
+        return store_mod.utc_now() - existing.refreshed_at > timedelta(seconds=audience.interval)
+
+    def _schedule(self, audience: AudienceConfig, *, start_now: bool) -> None:
+        assert self.scheduler is not None
+        trigger = IntervalTrigger(seconds=audience.interval, jitter=audience.jitter or None, timezone=UTC)
+        self.scheduler.add_job(
+            self._refresh_job,
+            trigger,
+            args=[audience.key],
+            id=audience.key,
+            name=f"refresh {audience.key}",
+            replace_existing=True,
+            **({"next_run_time": datetime.now(UTC)} if start_now else {}),
+        )
+        self._record_next_run(audience.key)
+
+    def _record_next_run(self, key: str) -> None:
+        job = self.scheduler.get_job(key) if self.scheduler is not None else None
+        next_run = job.next_run_time if job is not None else None
+        with contextlib.suppress(AudienceSyncError):
+            self.store.set_next_run(key, next_run)
+
+    def _refresh_job(self, key: str) -> None:
+        if self.halt.is_set():
+            return
+        try:
+            audience = self.config.audience(key)
+        except ConfigError:
+            return  # removed by a reload a moment ago
+        with self._lock:
+            self._refreshing += 1
+        started = time.monotonic()
+        try:
+            existing = self.store.ensure_audience(audience.key, audience.name)
+            with self._lock:
+                previous = self._open.pop(existing.id, None)
+            if previous is not None:
+                self._close(previous)
+            run = self.syncer.refresh(audience, str(uuid.uuid4()))
+            self.metrics.cycle_duration.labels(key).observe(time.monotonic() - started)
+            if run.report.status in ("failed", "held"):
+                self._close(run)
+            else:
+                with self._lock:
+                    self._open[run.audience.id] = run
+            self.wake.set()
+        except LeaseLostError:
+            self.lease.lost.set()
+            self.halt.set()
+        except Exception:
+            log.exception("refreshing %s failed", key)
+        finally:
+            with self._lock:
+                self._refreshing -= 1
+            self._record_next_run(key)
+
+    def _close(self, run: Run) -> None:
+        """Finish a run and log its one summary line."""
+        self.syncer.finish(run)
+        self.metrics.cycles.labels(run.report.key, run.report.status).inc()
+        log.info("%s", run.report.summary())
+
+    # --- delivery -----------------------------------------------------------------
+
+    def _deliver_forever(self) -> None:
+        while not self.halt.is_set() and not self.lease.lost.is_set():
+            with self._lock:
+                runs = dict(self._open)
+            calls = 0
+            if runs:
+                try:
+                    calls = self._drain(runs)
+                except GleapAuthError as exc:
+                    log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
+                    self.wake.clear()
+                    self.wake.wait(AUTH_BACKOFF_SECONDS)
+                    continue
+                except LeaseLostError:
+                    self.lease.lost.set()
+                    self.halt.set()
+                    return
+                except Exception:
+                    log.exception("delivery failed; trying again shortly")
+                    self.halt.wait(IDLE_SECONDS)
+                    continue
+                self._close_drained(runs)
+            if not calls:
+                self.wake.wait(IDLE_SECONDS)
+                self.wake.clear()
+
+    def _drain(self, runs: dict[int, Run]) -> int:
+        deliverer = self.syncer.deliverer()
+        deliverer.observe = self.metrics.outcomes
+        keys = {audience_id: run.audience.key for audience_id, run in runs.items()}
+
+        def run_id(audience_id: int) -> int:
+            with self._lock:
+                run = self._open.get(audience_id) or runs[audience_id]
+            return run.run_id
+
+        return asyncio.run(
+            deliverer.drain(
+                list(runs),
+                keys,
+                run_id,
+                stop=self.halt,
+                grace_seconds=self.config.schedule.shutdown_grace_seconds,
+            )
+        )
+
+    def _close_drained(self, runs: dict[int, Run]) -> None:
+        for audience_id, run in runs.items():
+            if self.store.pending_count([audience_id]):
+                continue
+            with self._lock:
+                if self._open.get(audience_id) is not run:
+                    continue  # a newer refresh took over this audience
+                del self._open[audience_id]
+            self._close(run)
+
+    # --- reload and health ----------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; add, remove and reschedule audiences without a restart."""
+        self._reload.clear()
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("reload refused, still running the previous config: %s", exc)
+            return
+        if new.store.url != self.config.store.url:
+            log.error("reload refused: [store] url can't change while running; restart the daemon instead")
+            return
+        old = {a.key: a for a in self.config.audiences}
+        fresh = {a.key: a for a in new.audiences}
+        old_syncer = self.syncer
+        self.config = new
+        self.syncer = self._syncer(new)
+        if self.scheduler is not None:
+            for key in old.keys() - fresh.keys():
+                self.scheduler.remove_job(key)
+                self.store.set_next_run(key, None)
+            for key, audience in fresh.items():
+                before = old.get(key)
+                if before is None:
+                    self._schedule(audience, start_now=self._due_now(audience))
+                elif (before.interval, before.jitter) != (audience.interval, audience.jitter):
+                    self._schedule(audience, start_now=False)
+        # Running refreshes may still use the old sources; their engines close when idle.
+        old_syncer.sources.dispose()
+        log.info(
+            "reloaded %s: %d audience(s) (%d added, %d removed)",
+            Path(new.path),
+            len(fresh),
+            len(fresh.keys() - old.keys()),
+            len(old.keys() - fresh.keys()),
+        )
+
+    def health(self) -> tuple[bool, str]:
+        if not self.active:
+            return (True, "standby") if not self.stop.is_set() else (False, "stopping")
+        if self.scheduler is None or not self.scheduler.running:
+            return False, "the scheduler is not running"
+        if self._delivery is None or not self._delivery.is_alive():
+            return False, "the delivery loop is not running"
+        now = store_mod.utc_now()
+        intervals = {a.key: a.interval for a in self.config.audiences}
+        late = []
+        for row in self.store.status():
+            if row.key not in intervals:
+                continue
+            last = row.refreshed_at or self._started
+            if now - max(last, self._started) > timedelta(seconds=2 * intervals[row.key]):
+                late.append(f"{row.key} (last success {last:%Y-%m-%d %H:%M} UTC)")
+        if late:
+            return False, "no successful cycle within twice the interval: " + ", ".join(late)
+        return True, "ok"
