@@ -140,8 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = args.log_level or ("INFO" if args.command == "run" else "WARNING")
     logging.basicConfig(level=level, handlers=[handler_], force=True)
     if level == "INFO":
-        # httpx logs every request at INFO: a line per identify call would drown the summaries.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        # These log every request, job run and migration step at INFO: they would
+        # drown the one summary line per audience per cycle.
+        for chatty in ("httpx", "apscheduler", "alembic"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     handler: Callable[[argparse.Namespace, Config], int] = args.handler
     try:
         config = load_config(find_config(args.config))

@@ -170,9 +170,10 @@ class Daemon:
                     "misfire_grace_time": int(self.config.schedule.misfire_grace_seconds),
                 },
             )
+            # Started first, so that each job gets its next run time as it is added.
+            self.scheduler.start()
             for audience in self.config.audiences:
                 self._schedule(audience, start_now=self._due_now(audience))
-            self.scheduler.start()
             self._delivery = threading.Thread(target=self._deliver_forever, name="delivery", daemon=True)
             self._delivery.start()
             try:

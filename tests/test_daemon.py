@@ -1,0 +1,232 @@
+"""`audiencesync run` as a real process: schedule, status, health, metrics, signals, standby, reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from audiencesync.config import Config
+from tests.conftest import TOKEN, ConfigFactory, SourceDB
+from tests.gleap_standin import GleapStandIn
+
+SCHEDULE = """
+[schedule]
+interval = "2s"
+jitter = "1s"
+shutdown_grace_seconds = 5
+
+[sync]
+lease_seconds = 3
+"""
+
+TWO_AUDIENCES = """
+[[audiences]]
+name = "Segment A"
+source = "main"
+query = "SELECT user_id FROM members WHERE segment = 'a'"
+
+[[audiences]]
+name = "Segment B"
+source = "main"
+query = "SELECT user_id FROM members WHERE segment = 'b'"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, config: Config, log: Path) -> None:
+        self.log = log
+        env = {k: v for k, v in os.environ.items() if k != "AUDIENCESYNC_FAILPOINT"} | {
+            "GLEAP_API_TOKEN": TOKEN
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "audiencesync", "--config", str(config.path), "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+            env=env,
+        )
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[[Config], Daemon]]:
+    started: list[Daemon] = []
+
+    def start(config: Config) -> Daemon:
+        daemon = Daemon(config, tmp_path / f"daemon{len(started)}.log")
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def members_true(gleap: GleapStandIn, key: str = "segment_a") -> set[str]:
+    return {user for user, attributes in gleap.contacts.items() if attributes.get(key) is True}
+
+
+def cli(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "audiencesync", "--config", str(config.path), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=os.environ | {"GLEAP_API_TOKEN": TOKEN},
+    )
+
+
+def test_daemon_syncs_on_schedule_and_serves_status_health_and_metrics(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, daemons: Callable[[Config], Daemon]
+) -> None:
+    port = free_port()
+    first = [f"u{i:03d}" for i in range(200)]
+    source.set(first)
+    config = make_config(
+        gleap.base_url, token=None, extra=SCHEDULE + f'[server]\nlisten = "127.0.0.1:{port}"\n'
+    )
+    daemon = daemons(config)
+    wait_for(lambda: members_true(gleap) == set(first), what="the first full sync")
+
+    # Churn lands on the next scheduled cycle, 2-3 s later.
+    second = [*first[20:], "new1", "new2"]
+    source.set(second)
+    wait_for(lambda: members_true(gleap) == set(second), timeout=15, what="the scheduled cycle")
+    assert gleap.contacts["u000"]["segment_a"] is False
+
+    # status works while the daemon runs.
+    status = cli(config, "status", "--format", "json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    [audience] = data["audiences"]
+    assert audience["key"] == "segment_a" and audience["members"] == len(second)
+    assert audience["next_run_at"] is not None and audience["last_run"]["status"] in ("succeeded", "running")
+    assert data["lease"]["pid"] == daemon.process.pid
+    table = cli(config, "status")
+    assert "segment_a" in table.stdout and f"pid {daemon.process.pid}" in table.stdout
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        assert response.status == 200 and response.read().strip() == b"ok"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert 'audiencesync_identify_calls_total{status="200"}' in metrics
+    assert f'audiencesync_members{{audience="segment_a"}} {float(len(second))}' in metrics
+    assert 'audiencesync_cycles_total{audience="segment_a",result="succeeded"}' in metrics
+    assert "audiencesync_cycle_duration_seconds_bucket" in metrics
+    assert 'audiencesync_pending_changes{audience="segment_a"}' in metrics
+
+    assert daemon.stop() == 0
+    output = daemon.output
+    assert "segment_a: succeeded (initial) members=200 entered=200" in output  # the summary line
+    assert TOKEN not in output
+
+
+def test_sigterm_mid_delivery_exits_0_and_leaves_a_consistent_store(
+    make_config: ConfigFactory,
+    source: SourceDB,
+    gleap: GleapStandIn,
+    daemons: Callable[[Config], Daemon],
+    store_url: str,
+) -> None:
+    members = [f"u{i:03d}" for i in range(400)]
+    source.set(members)
+    config = make_config(gleap.base_url, token=None, extra=SCHEDULE)
+    gleap.delay_next(10_000, 0.02)
+    daemon = daemons(config)
+    wait_for(lambda: len(gleap.identify_calls) >= 50, what="delivery to start")
+    assert daemon.stop() == 0
+    sent = len(gleap.identify_calls)
+    assert sent < 400, "the stop came too late to be mid-delivery"
+
+    engine = sa.create_engine(store_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM leases")).scalar_one() == 0  # released
+        statuses = {r[0] for r in conn.execute(sa.text("SELECT status FROM sync_runs"))}
+        acked = conn.execute(sa.text("SELECT count(*) FROM memberships WHERE acked")).scalar_one()
+    engine.dispose()
+    assert "running" not in statuses
+    assert acked == len(members_true(gleap))  # every answer received was recorded
+
+    gleap.clear_faults()
+    rerun = cli(config, "sync")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert members_true(gleap) == set(members)
+    assert len(gleap.identify_calls) <= 400 + config.gleap.max_concurrency
+
+
+def test_standby_takes_over_when_the_active_daemon_dies(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, daemons: Callable[[Config], Daemon]
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, token=None, extra=SCHEDULE)
+    active = daemons(config)
+    wait_for(lambda: members_true(gleap) == {"u1", "u2"}, what="the first daemon's sync")
+    standby = daemons(config)
+    wait_for(lambda: "standby: the store is held by" in standby.output, what="the standby message")
+    time.sleep(1)
+    assert "active:" not in standby.output
+
+    active.process.kill()
+    active.process.wait()
+    wait_for(lambda: "active:" in standby.output, timeout=10, what="the takeover")
+    source.set(["u1", "u2", "u3"])
+    wait_for(lambda: members_true(gleap) == {"u1", "u2", "u3"}, timeout=15, what="the new daemon's cycle")
+    assert standby.stop() == 0
+
+
+def test_sighup_reload_adds_an_audience_and_refuses_a_broken_config(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, daemons: Callable[[Config], Daemon]
+) -> None:
+    source.set(["u1"], "a")
+    source.set(["u7", "u8"], "b")
+    config = make_config(gleap.base_url, token=None, extra=SCHEDULE)
+    daemon = daemons(config)
+    wait_for(lambda: members_true(gleap) == {"u1"}, what="the first sync")
+
+    make_config(gleap.base_url, token=None, extra=SCHEDULE, audiences=TWO_AUDIENCES)
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: members_true(gleap, "segment_b") == {"u7", "u8"}, timeout=15, what="the added audience")
+    assert "reloaded" in daemon.output and "1 added" in daemon.output
+
+    config.path.write_text(config.path.read_text() + "\n[[audiences]]\nname = 'Broken'\n")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in daemon.output, timeout=10, what="the refusal")
+    assert daemon.process.poll() is None  # still running the previous config
+    source.set(["u1", "u2"], "a")
+    wait_for(lambda: members_true(gleap) == {"u1", "u2"}, timeout=15, what="a cycle after the refusal")
+    assert daemon.stop() == 0
