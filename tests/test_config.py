@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from audiencesync.cli import main
-from audiencesync.config import find_config, load_config
+from audiencesync.config import find_config, load_config, parse_duration
 from audiencesync.errors import ConfigError
 
 BASE = """
@@ -135,6 +136,45 @@ def test_sync_settings_and_per_audience_guard(tmp_path: Path) -> None:
     assert [(a.max_removal_fraction, a.allow_empty) for a in config.audiences] == [(0.2, False), (0.9, True)]
     with pytest.raises(ConfigError, match="between 0 and 1"):
         load_config(write(tmp_path, BASE + "[sync]\nmax_removal_fraction = 1.5\n" + AUDIENCE))
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90),
+        ("45m", 2700),
+        ("2h", 7200),
+        ("1h30m", 5400),
+        ("1.5s", 1.5),
+        ("2x", None),
+        ("", None),
+        ("h", None),
+    ],
+)
+def test_durations(text: str, seconds: float | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_schedule_server_and_per_audience_overrides(tmp_path: Path) -> None:
+    text = BASE + '[schedule]\ninterval = "90s"\njitter = "0s"\n[server]\nlisten = "127.0.0.1:9464"\n'
+    text += AUDIENCE + AUDIENCE.replace("High Value", "Other") + 'interval = "1h30m"\njitter = "10m"\n'
+    config = load_config(write(tmp_path, text))
+    assert config.server is not None and (config.server.host, config.server.port) == ("127.0.0.1", 9464)
+    assert [(a.interval, a.jitter) for a in config.audiences] == [(90, 0), (5400, 600)]
+    assert config.schedule.misfire_grace_seconds > 1  # never APScheduler's 1 s default
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('[schedule]\ninterval = "2 hours"\n', 'write interval as a string like "90s"'),
+        ('[schedule]\ninterval = "0s"\n', "is not a duration"),
+        ('[server]\nlisten = "9464"\n', "is not HOST:PORT"),
+    ],
+)
+def test_bad_schedule_or_server(tmp_path: Path, extra: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(write(tmp_path, BASE + extra + AUDIENCE))
 
 
 def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
