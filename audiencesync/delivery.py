@@ -88,12 +88,16 @@ class Deliverer:
         stop: threading.Event | None = None,
         grace_seconds: float = 30.0,
         tick: Progress | None = None,
+        new_work: threading.Event | None = None,
     ) -> int:
         """One pass over everything pending in these audiences; returns the number of calls made.
 
         When ``stop`` is set, no new call starts; calls in flight get
         ``grace_seconds`` to finish (their answers are stored), then are
-        cancelled and stay pending.
+        cancelled and stay pending. When ``new_work`` is set (a refresh added
+        changes), the pass ends early and normally, so that the caller can
+        start a new one that includes them: an audience whose turn has passed
+        must not wait for a long first sync to finish.
         """
         answers: asyncio.Queue[Outcome | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.gleap.max_concurrency)
@@ -165,6 +169,8 @@ class Deliverer:
                     async with asyncio.TaskGroup() as senders:
                         watcher = senders.create_task(stopper(in_flight)) if stop is not None else None
                         while not (stop is not None and stop.is_set()):
+                            if new_work is not None and new_work.is_set():
+                                break
                             item = await asyncio.to_thread(next, plan, None)
                             if item is None:
                                 break

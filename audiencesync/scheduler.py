@@ -281,6 +281,7 @@ class Daemon:
 
     def _deliver_forever(self) -> None:
         while not self.halt.is_set() and not self.lease.lost.is_set():
+            self.wake.clear()
             with self._lock:
                 runs = dict(self._open)
             calls = 0
@@ -303,7 +304,6 @@ class Daemon:
                 self._close_drained(runs)
             if not calls:
                 self.wake.wait(IDLE_SECONDS)
-                self.wake.clear()
 
     def _drain(self, runs: dict[int, Run]) -> int:
         deliverer = self.syncer.deliverer()
@@ -322,6 +322,7 @@ class Daemon:
                 run_id,
                 stop=self.halt,
                 grace_seconds=self.config.schedule.shutdown_grace_seconds,
+                new_work=self.wake,
             )
         )
 

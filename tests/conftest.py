@@ -111,6 +111,7 @@ def make_config(
         token: str | None = TOKEN,
         extra_gleap: str = "",
         extra: str = "",
+        requests_per_minute: int = 600_000,
     ) -> Config:
         if audiences is None:
             audiences = """
@@ -129,7 +130,7 @@ def make_config(
             [gleap]
             base_url = "{base_url}"
             {token_line}
-            requests_per_minute = 600000
+            requests_per_minute = {requests_per_minute}
             max_concurrency = 4
             timeout_seconds = 2
             max_retries = 3

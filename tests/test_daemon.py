@@ -230,3 +230,45 @@ def test_sighup_reload_adds_an_audience_and_refuses_a_broken_config(
     source.set(["u1", "u2"], "a")
     wait_for(lambda: members_true(gleap) == {"u1", "u2"}, timeout=15, what="a cycle after the refusal")
     assert daemon.stop() == 0
+
+
+def test_a_long_first_sync_does_not_hold_back_another_audiences_changes(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, daemons: Callable[[Config], Daemon]
+) -> None:
+    big = [f"big{i:04d}" for i in range(1500)]
+    source.set(big, "a")
+    source.set(["s1", "s2"], "b")
+    # 100 calls a second: the big audience's first sync takes about 15 s.
+    config = make_config(
+        gleap.base_url, token=None, extra=SCHEDULE, audiences=TWO_AUDIENCES, requests_per_minute=6000
+    )
+    daemon = daemons(config)
+    wait_for(lambda: members_true(gleap, "segment_b") == {"s1", "s2"}, timeout=10, what="the small audience")
+    source.set(["s1", "s2", "s3"], "b")
+    wait_for(lambda: "s3" in members_true(gleap, "segment_b"), timeout=10, what="the small audience's change")
+    assert len(members_true(gleap, "segment_a")) < len(big)  # ...while the big first sync still runs
+    wait_for(lambda: members_true(gleap, "segment_a") == set(big), timeout=60, what="the big first sync")
+    assert daemon.stop() == 0
+
+
+def test_a_second_signal_exits_at_once_and_the_store_stays_consistent(
+    make_config: ConfigFactory,
+    source: SourceDB,
+    gleap: GleapStandIn,
+    daemons: Callable[[Config], Daemon],
+) -> None:
+    members = [f"u{i:03d}" for i in range(300)]
+    source.set(members)
+    config = make_config(gleap.base_url, token=None, extra=SCHEDULE.replace("= 5", "= 60"))
+    gleap.delay_next(10_000, 1.5)  # calls in flight would hold a graceful stop for a while
+    daemon = daemons(config)
+    wait_for(lambda: len(gleap.identify_calls) >= 8, what="delivery to start")
+    daemon.process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert daemon.stop(signal.SIGTERM, timeout=10) == 1
+    assert time.monotonic() - started < 5
+    gleap.clear_faults()
+    rerun = cli(config, "sync")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert members_true(gleap) == set(members)

@@ -123,3 +123,20 @@ def test_secret_hides_itself() -> None:
     secret = Secret("s3cr3t")
     assert "s3cr3t" not in repr(secret) and "s3cr3t" not in str(secret) and "s3cr3t" not in f"{secret}"
     assert secret.reveal() == "s3cr3t"
+
+
+def test_progress_lines_come_at_least_every_interval(caplog: pytest.LogCaptureFixture) -> None:
+    from audiencesync.delivery import _ProgressLog
+
+    class FakeStore:
+        def pending_count(self, audience_ids: object) -> int:
+            return 900
+
+    now = [0.0]
+    progress = _ProgressLog(FakeStore(), [1], lambda: now[0], every=60)  # type: ignore[arg-type]
+    caplog.set_level("INFO")
+    for _ in range(100):  # 100 answers over 100 s
+        now[0] += 1
+        progress.sent(1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivering:")]
+    assert lines == ["delivering: 60 sent, 900 remaining, 1.0 calls/s, ETA 15m00s"]
