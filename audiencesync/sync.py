@@ -220,10 +220,16 @@ class Syncer:
         )
         return run
 
-    def finish(self, run: Run, *, aborted: GleapAuthError | None = None, store: Store | None = None) -> None:
+    def finish(
+        self,
+        run: Run,
+        *,
+        aborted: GleapAuthError | None = None,
+        store: Store | None = None,
+        dry_run: bool = False,
+    ) -> None:
         """Close the run, recording how it ended and what is still pending."""
         store = store or self.store
-        dry_run = store is not self.store
         error: str | None
         if aborted is not None:
             status, error = "aborted", str(aborted)
@@ -240,7 +246,7 @@ class Syncer:
 
     def _finish(self, store: Store, runs: list[Run], report: CycleReport) -> None:
         for run in runs:
-            self.finish(run, aborted=report.aborted, store=store)
+            self.finish(run, aborted=report.aborted, store=store, dry_run=report.dry_run)
             report.audiences.append(run.report)
 
     def _print_calls(self, store: Store, runs: list[Run], out: IO[str] | None) -> int:
