@@ -13,7 +13,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from audiencesync import __version__, store
+from audiencesync import __version__, audit, store
 from audiencesync.config import Config, display_url, find_config, load_config
 from audiencesync.delivery import Progress
 from audiencesync.errors import (
@@ -110,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--format", choices=["table", "json"], default="table")
     status.set_defaults(handler=_cmd_status)
 
+    history = commands.add_parser("history", help="a user's membership changes and what Gleap was told")
+    history.add_argument("user", metavar="USER_ID")
+    history.add_argument("--audience", metavar="KEY", help="only this audience")
+    history.add_argument("--format", choices=["table", "json"], default="table")
+    history.set_defaults(handler=_cmd_history)
+
+    members = commands.add_parser("members", help="an audience's members, now or at a past time")
+    members.add_argument("audience", metavar="KEY")
+    members.add_argument(
+        "--at", metavar="TIME", help="ISO 8601 time, e.g. 2026-11-01T12:00:00Z (default: now)"
+    )
+    members.set_defaults(handler=_cmd_members)
+
     failures = commands.add_parser("failures", help="list changes parked after repeated rejections")
     failures.add_argument("--audience", metavar="KEY", help="only this audience")
     failures.set_defaults(handler=_cmd_failures)
@@ -176,6 +189,51 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+def _cmd_history(args: argparse.Namespace, config: Config) -> int:
+    engine = _open_store(config).engine
+    store.schema_revisions(engine)
+    events = audit.history(engine, args.user, args.audience)
+    if args.format == "json":
+        print(json.dumps([vars(e) for e in events], default=_iso, indent=2))
+        return EXIT_OK
+    rows: list[tuple[str, ...]] = [("time (UTC)", "audience", "event", "detail", "run")]
+    for e in events:
+        if e.kind == "told":
+            detail = f"{str(e.value).lower()} -> {e.status or 'no answer'}" + (
+                f" {e.error}" if e.error else ""
+            )
+        else:
+            detail = ""
+        rows.append((_when(e.at), e.audience, e.kind, detail, str(e.run_id or "")))
+    _print_table(rows, sys.stdout)
+    if not events:
+        print(f"no history for user {args.user!r}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_members(args: argparse.Namespace, config: Config) -> int:
+    engine = _open_store(config).engine
+    store.schema_revisions(engine)
+    at = None
+    if args.at:
+        try:
+            at = datetime.fromisoformat(args.at)
+        except ValueError:
+            raise ConfigError(
+                f"--at {args.at!r} is not a time", fix="write it as 2026-11-01T12:00:00Z"
+            ) from None
+        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+    count = 0
+    for user_id in audit.members_at(engine, args.audience, at):
+        print(user_id)
+        count += 1
+    print(
+        f"{count} member(s) of {args.audience}" + (f" at {at:%Y-%m-%d %H:%M:%S} UTC" if at else ""),
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace, config: Config) -> int:
