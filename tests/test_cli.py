@@ -97,3 +97,56 @@ def test_db_upgrade_and_current(make_config: ConfigFactory) -> None:
     assert upgraded.returncode == 0 and "upgraded to" in upgraded.stdout
     assert "up to date" in run(config.path, "db", "current").stdout
     assert "already at" in run(config.path, "db", "upgrade").stdout
+
+
+def test_json_logs_are_one_object_per_line(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    config = make_config(gleap.base_url, token=None)
+    result = run(config.path, "--log-format", "json", "--log-level", "INFO", "sync", token=TOKEN)
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    summary = [e for e in entries if e["logger"] == "audiencesync.sync"]
+    assert (
+        summary and summary[0]["level"] == "INFO" and summary[0]["message"].startswith("segment_a: succeeded")
+    )
+    assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
+
+
+def test_progress_bar_on_a_terminal(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    source.set([f"u{i}" for i in range(30)])
+    config = make_config(gleap.base_url, token=None)
+    controller, terminal = pty.openpty()
+    # A real terminal has a size; a new pty has 0x0, in which tqdm draws nothing.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k != "GLEAP_API_TOKEN"} | {"GLEAP_API_TOKEN": TOKEN}
+    process = subprocess.run(
+        [sys.executable, "-m", "audiencesync", "--config", str(config.path), "sync"],
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert process.returncode == 0
+    text = output.decode(errors="replace")
+    assert "delivering" in text and "30/30" in text and "call/s" in text

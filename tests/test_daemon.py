@@ -272,3 +272,16 @@ def test_a_second_signal_exits_at_once_and_the_store_stays_consistent(
     rerun = cli(config, "sync")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert members_true(gleap) == set(members)
+
+
+def test_health_reports_standby_and_what_is_wrong(make_config: ConfigFactory) -> None:
+    from audiencesync.scheduler import Daemon as DaemonCore
+
+    core = DaemonCore(make_config())
+    try:
+        assert core.health() == (True, "standby")
+        core.active = True
+        ok, reason = core.health()
+        assert not ok and "scheduler is not running" in reason
+    finally:
+        core.engine.dispose()
