@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from audiencesync.config import Config
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
+from tests.test_sync import TWO_AUDIENCES
 
 SCHEDULE = """
 [schedule]
@@ -28,18 +29,6 @@ shutdown_grace_seconds = 5
 
 [sync]
 lease_seconds = 3
-"""
-
-TWO_AUDIENCES = """
-[[audiences]]
-name = "Segment A"
-source = "main"
-query = "SELECT user_id FROM members WHERE segment = 'a'"
-
-[[audiences]]
-name = "Segment B"
-source = "main"
-query = "SELECT user_id FROM members WHERE segment = 'b'"
 """
 
 
