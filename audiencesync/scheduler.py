@@ -119,7 +119,6 @@ class Daemon:
                     self._serve()
                 except LeaseLostError as exc:
                     log.error("%s Going back to standby.", exc)
-                    self._shutdown_work()
         finally:
             if self.server is not None:
                 self.server.stop()
