@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,32 @@ def test_health_reports_standby_and_what_is_wrong(make_config: ConfigFactory) ->
         assert not ok and "scheduler is not running" in reason
     finally:
         core.engine.dispose()
+
+
+def test_a_daemon_that_loses_its_lease_stops_writing_and_goes_back_to_standby(
+    make_config: ConfigFactory,
+    source: SourceDB,
+    gleap: GleapStandIn,
+    daemons: Callable[[Config], Daemon],
+    store_url: str,
+) -> None:
+    source.set(["u1"])
+    config = make_config(gleap.base_url, token=None, extra=SCHEDULE)
+    daemon = daemons(config)
+    wait_for(lambda: members_true(gleap) == {"u1"}, what="the first sync")
+
+    engine = sa.create_engine(store_url)
+    steal = "UPDATE leases SET holder = 'thief', host = 'elsewhere', pid = 1, expires_at = :until"
+    with engine.begin() as conn:  # another host takes the store over
+        conn.execute(sa.text(steal), {"until": datetime.now(UTC) + timedelta(hours=1)})
+    wait_for(lambda: "Going back to standby" in daemon.output, timeout=15, what="the lost lease")
+    wait_for(
+        lambda: "standby: the store is held by elsewhere pid 1" in daemon.output, timeout=10, what="standby"
+    )
+    with engine.begin() as conn:  # ...and gives it back
+        conn.execute(sa.text("DELETE FROM leases"))
+    engine.dispose()
+    wait_for(lambda: daemon.output.count("active:") == 2, timeout=15, what="the daemon to take over again")
+    source.set(["u1", "u2"])
+    wait_for(lambda: members_true(gleap) == {"u1", "u2"}, timeout=15, what="a cycle after the takeover")
+    assert daemon.stop() == 0
