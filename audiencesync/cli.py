@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from audiencesync import __version__, audit, store
-from audiencesync.config import Config, display_url, find_config, load_config
+from audiencesync.config import Config, Secret, display_url, find_config, load_config
 from audiencesync.delivery import Progress
 from audiencesync.errors import (
     AudienceSyncError,
@@ -25,8 +26,10 @@ from audiencesync.errors import (
     StoreBusyError,
     StoreError,
 )
+from audiencesync.gleap import GleapClient
 from audiencesync.lease import WriterLease
 from audiencesync.scheduler import Daemon
+from audiencesync.sources import Sources
 from audiencesync.sync import CycleReport, Syncer
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--format", choices=["table", "json"], default="table")
     status.set_defaults(handler=_cmd_status)
 
+    check = commands.add_parser("check", help="check the config, the store, each source and the Gleap token")
+    check.set_defaults(handler=_cmd_check)
+
     history = commands.add_parser("history", help="a user's membership changes and what Gleap was told")
     history.add_argument("user", metavar="USER_ID")
     history.add_argument("--audience", metavar="KEY", help="only this audience")
@@ -189,6 +195,47 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+def _cmd_check(args: argparse.Namespace, config: Config) -> int:
+    """Each part an admin sets up, checked on its own: one line each, all of them even if one fails."""
+    results: list[tuple[str, str | None]] = [(f"config {config.path}", None)]
+    engine = store.create_engine(config.store.url)
+    try:
+        current, head = store.schema_revisions(engine)
+        state = (
+            "up to date" if current == head else f"at {current or 'no schema'}; `sync` migrates it to {head}"
+        )
+        results.append((f"store {display_url(config.store.url)} ({state})", None))
+    except AudienceSyncError as exc:
+        results.append((f"store {display_url(config.store.url)}", str(exc)))
+    finally:
+        engine.dispose()
+    sources = Sources(config.sources)
+    for audience in config.audiences:
+        try:
+            sources.check(audience)
+            results.append((f"audience {audience.key} (source {audience.source})", None))
+        except AudienceSyncError as exc:
+            results.append((f"audience {audience.key} (source {audience.source})", str(exc)))
+    sources.dispose()
+    token = config.gleap.api_token
+    if token is None:
+        results.append(("gleap token", str(MissingTokenError())))
+    else:
+        try:
+            asyncio.run(_check_token(config, token))
+            results.append((f"gleap token at {config.gleap.base_url}", None))
+        except AudienceSyncError as exc:
+            results.append((f"gleap token at {config.gleap.base_url}", str(exc)))
+    for what, problem in results:
+        print(f"{'FAIL' if problem else 'ok':4}  {what}" + (f"\n      {problem}" if problem else ""))
+    return EXIT_INCOMPLETE if any(problem for _, problem in results) else EXIT_OK
+
+
+async def _check_token(config: Config, token: Secret) -> None:
+    async with GleapClient(config.gleap, token) as client:
+        await client.check_token()
 
 
 def _cmd_history(args: argparse.Namespace, config: Config) -> int:

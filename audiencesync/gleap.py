@@ -14,12 +14,13 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from audiencesync import __version__
 from audiencesync.config import GleapConfig, Secret
-from audiencesync.errors import GleapAuthError
+from audiencesync.errors import GleapAuthError, GleapError
 from audiencesync.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
 IDENTIFY_PATH = "/admin/identify"
+AUTH_PATH = "/admin/auth"
 # As Segment's action destinations do: these may succeed when tried again.
 RETRYABLE_STATUSES = frozenset({408, 423, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 300.0
@@ -170,6 +171,23 @@ class GleapClient:
         self.retries += retries
         self.rate_limited += budget.rate_limited
         return Answer(answer.status, answer.error, retries=retries, rate_limited=budget.rate_limited)
+
+    async def check_token(self) -> None:
+        """Ask Gleap whether the token is valid; raises GleapAuthError or GleapError if not."""
+        assert self._client is not None, "use GleapClient as an async context manager"
+        try:
+            response = await self._client.get(AUTH_PATH)
+        except httpx.TransportError as exc:
+            raise GleapError(
+                f"cannot reach Gleap at {self.config.base_url} ({type(exc).__name__}). "
+                "Fix: check [gleap] base_url and the network"
+            ) from None
+        if response.status_code in (401, 403):
+            raise GleapAuthError(response.status_code)
+        if not 200 <= response.status_code < 300:
+            raise GleapError(
+                f"Gleap answered {response.status_code} to {AUTH_PATH}: {response.text.strip()[:200]}"
+            )
 
     async def _send(self, body: dict[str, Any]) -> Answer:
         assert self._client is not None, "use GleapClient as an async context manager"

@@ -133,6 +133,11 @@ class Sources:
                 source=source.name,
             ) from exc
 
+    def check(self, audience: AudienceConfig) -> None:
+        """Run the audience's query just far enough to see its columns and first row."""
+        for _ in self.read_ids(audience, ReadStats()):
+            break
+
     def _stream(
         self,
         conn: Connection,

@@ -150,3 +150,30 @@ def test_progress_bar_on_a_terminal(
     assert process.returncode == 0
     text = output.decode(errors="replace")
     assert "delivering" in text and "30/30" in text and "call/s" in text
+
+
+def test_check_reports_each_part(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) -> None:
+    source.set(["u1"])
+    audiences = """
+        [[audiences]]
+        name = "Segment A"
+        source = "main"
+        query = "SELECT user_id FROM members"
+
+        [[audiences]]
+        name = "Broken"
+        source = "main"
+        query = "SELECT segment FROM members"
+    """
+    config = make_config(gleap.base_url, token=None, audiences=audiences)
+    good = run(config.path, "check", token=TOKEN)
+    assert good.returncode == 1  # the broken audience
+    lines = good.stdout.splitlines()
+    assert any(line.startswith("ok    gleap token") for line in lines)
+    assert any(line.startswith("ok    audience segment_a") for line in lines)
+    assert any(line.startswith("FAIL  audience broken") for line in lines) and "no 'user_id'" in good.stdout
+    assert any(line.startswith("ok    store") and "schema" in line for line in lines)
+
+    wrong = run(config.path, "check", token="not-the-token")
+    assert "FAIL  gleap token" in wrong.stdout and "401" in wrong.stdout
+    assert "not-the-token" not in wrong.stdout + wrong.stderr
