@@ -116,8 +116,6 @@ class GleapClient:
             multiplier=backoff_initial, max=backoff_max, jitter=backoff_initial
         )
         self._client: httpx.AsyncClient | None = None
-        self.retries = 0
-        self.rate_limited = 0
 
     async def __aenter__(self) -> GleapClient:
         # The pool is as large as the concurrency, so no task ever waits on it (PoolTimeout).
@@ -168,8 +166,6 @@ class GleapClient:
                 exc.status, f"gave up after {budget.failures + budget.rate_limited} attempts: {exc}"
             )
         retries = budget.failures + budget.rate_limited - (0 if answer.ok or answer.permanent else 1)
-        self.retries += retries
-        self.rate_limited += budget.rate_limited
         return Answer(answer.status, answer.error, retries=retries, rate_limited=budget.rate_limited)
 
     async def check_token(self) -> None:

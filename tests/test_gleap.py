@@ -22,7 +22,7 @@ def identify(gleap: GleapStandIn, user_id: str = "u1", **config: object) -> tupl
     async def go() -> tuple[Answer, int]:
         async with GleapClient(settings, Secret(TOKEN), backoff_initial=0.01) as client:
             answer = await client.identify(user_id, {"vip": True})
-            return answer, client.retries
+            return answer, answer.retries
 
     return asyncio.run(go())
 
