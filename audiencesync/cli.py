@@ -25,6 +25,7 @@ from audiencesync.errors import (
     MissingTokenError,
     StoreBusyError,
     StoreError,
+    StoreMissingError,
 )
 from audiencesync.gleap import GleapClient
 from audiencesync.lease import WriterLease
@@ -200,7 +201,7 @@ class JsonFormatter(logging.Formatter):
 def _cmd_check(args: argparse.Namespace, config: Config) -> int:
     """Each part an admin sets up, checked on its own: one line each, all of them even if one fails."""
     results: list[tuple[str, str | None]] = [(f"config {config.path}", None)]
-    engine = store.create_engine(config.store.url)
+    engine = store.engine_for(config.store)
     try:
         current, head = store.schema_revisions(engine)
         state = (
@@ -386,7 +387,7 @@ def _print_table(rows: list[tuple[str, ...]], out: IO[str]) -> None:
 
 
 def _open_store(config: Config) -> store.Store:
-    return store.Store(store.create_engine(config.store.url))
+    return store.Store(store.engine_for(config.store))
 
 
 def _cmd_failures(args: argparse.Namespace, config: Config) -> int:
@@ -422,7 +423,8 @@ def _cmd_retry(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace, config: Config) -> int:
-    target = _open_store(config)
+    # The one command that may create a new store.
+    target = store.Store(store.engine_for(config.store, create=True))
     applied = store.upgrade(target.engine)
     _, head = store.schema_revisions(target.engine)
     where = display_url(config.store.url)
@@ -449,7 +451,15 @@ def _cmd_sync(args: argparse.Namespace, config: Config) -> int:
         )
     if not args.dry_run and config.gleap.api_token is None:
         raise MissingTokenError()
-    engine = store.create_engine(config.store.url)
+    try:
+        engine = store.engine_for(config.store)
+    except StoreMissingError:
+        if not args.dry_run:
+            raise
+        # The dry run of a first sync: plan against an empty store in memory,
+        # and leave no file behind.
+        engine = store.create_engine("sqlite://", create=True)
+        store.upgrade(engine)
     lease = WriterLease(engine, store.utc_now, ttl_seconds=config.sync.lease_seconds)
     try:
         if args.dry_run:

@@ -57,6 +57,8 @@ class Secret:
 @dataclass(frozen=True)
 class StoreConfig:
     url: str
+    # How long a write waits for SQLite's lock before it fails (and is retried).
+    busy_timeout_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,13 @@ class GleapConfig:
     max_concurrency: int = 8
     timeout_seconds: float = 30.0
     max_retries: int = 6
-
     allow_http: bool = False
+    # Gleap sets a contact's last activity to "now" on every identify unless told
+    # not to: a background sync must not make every contact look active today.
+    prevent_last_activity_update: bool = True
+    # The circuit breaker: this many failed calls in a row (no answer or a 5xx),
+    # for at least two different users, with no success between, stop delivery.
+    breaker_failures: int = 20
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,10 @@ class SyncConfig:
     max_removal_fraction: float = 0.5
     max_attempts: int = 5
     lease_seconds: float = 60.0
+    # A user whose delivery failed waits this long before the next try, doubling
+    # with each further failure up to retry_backoff_max.
+    retry_backoff_seconds: float = 60.0
+    retry_backoff_max_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,8 @@ class ScheduleConfig:
 class ServerConfig:
     host: str
     port: int
+    # /healthz answers 503 when work is due and nothing was acknowledged for this long.
+    stall_after_seconds: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -231,8 +244,10 @@ GLEAP_KEYS = (
     "timeout_seconds",
     "max_retries",
     "allow_http",
+    "prevent_last_activity_update",
+    "breaker_failures",
 )
-SYNC_KEYS = ("max_removal_fraction", "max_attempts", "lease_seconds")
+SYNC_KEYS = ("max_removal_fraction", "max_attempts", "lease_seconds", "retry_backoff", "retry_backoff_max")
 AUDIENCE_KEYS = (
     "name",
     "key",
@@ -252,16 +267,19 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
     root = _Table(
         raw, path, "top level", ["store", "gleap", "sync", "schedule", "server", "sources", "audiences"]
     )
-    store_t = _Table(root.take("store", dict, {}), path, "[store]", ["url"])
+    store_t = _Table(root.take("store", dict, {}), path, "[store]", ["url", "busy_timeout_seconds"])
     gleap_t = _Table(root.take("gleap", dict, {}), path, "[gleap]", list(GLEAP_KEYS))
     sync_t = _Table(root.take("sync", dict, {}), path, "[sync]", list(SYNC_KEYS))
     schedule_t = _Table(root.take("schedule", dict, {}), path, "[schedule]", list(SCHEDULE_KEYS))
-    server_t = _Table(root.take("server", dict, {}), path, "[server]", ["listen"])
+    server_t = _Table(root.take("server", dict, {}), path, "[server]", ["listen", "stall_after"])
     sources_raw = root.take("sources", dict, {})
     audiences_raw = root.take("audiences", list, [])
 
     store = StoreConfig(
-        url=_resolve_url(store_t.take("url", str, "sqlite:///audiencesync.db"), path, store_t)
+        url=_resolve_url(store_t.take("url", str, "sqlite:///audiencesync.db"), path, store_t),
+        busy_timeout_seconds=store_t.take_positive(
+            "busy_timeout_seconds", float, StoreConfig.busy_timeout_seconds
+        ),
     )
 
     defaults = GleapConfig()
@@ -276,6 +294,10 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         timeout_seconds=gleap_t.take_positive("timeout_seconds", float, defaults.timeout_seconds),
         max_retries=gleap_t.take("max_retries", int, defaults.max_retries),
         allow_http=gleap_t.take("allow_http", bool, False),
+        prevent_last_activity_update=gleap_t.take(
+            "prevent_last_activity_update", bool, defaults.prevent_last_activity_update
+        ),
+        breaker_failures=gleap_t.take_positive("breaker_failures", int, defaults.breaker_failures),
     )
     _check_base_url(gleap, gleap_t)
     if file_token and not env_token:
@@ -286,6 +308,12 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         max_removal_fraction=_fraction(sync_t, sync_defaults.max_removal_fraction),
         max_attempts=sync_t.take_positive("max_attempts", int, sync_defaults.max_attempts),
         lease_seconds=sync_t.take_positive("lease_seconds", float, sync_defaults.lease_seconds),
+        retry_backoff_seconds=_duration(
+            sync_t, "retry_backoff", sync_defaults.retry_backoff_seconds, allow_zero=True
+        ),
+        retry_backoff_max_seconds=_duration(
+            sync_t, "retry_backoff_max", sync_defaults.retry_backoff_max_seconds, allow_zero=True
+        ),
     )
 
     schedule_defaults = ScheduleConfig()
@@ -403,7 +431,8 @@ def _listen(table: _Table) -> ServerConfig | None:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise table.error(f"{listen!r} is not HOST:PORT", key="listen", fix='write listen = "127.0.0.1:9464"')
-    return ServerConfig(host.strip("[]"), int(port))
+    stall_after = _duration(table, "stall_after", ServerConfig.stall_after_seconds)
+    return ServerConfig(host.strip("[]"), int(port), stall_after)
 
 
 def _fraction(table: _Table, default: float) -> float:

@@ -107,3 +107,31 @@ class MissingTokenError(GleapError):
             "(Gleap: Project > Settings > Security), or set api_token under [gleap] in the "
             "config file; or pass --dry-run to see the calls without sending them."
         )
+
+
+class StoreMissingError(StoreError):
+    """The SQLite store file does not exist, and this command must not create it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(
+            f"the store file {path} does not exist. Fix: check [store] url (a typo would start a new, "
+            "empty store and re-send every member); to create a new store there, run "
+            "`audiencesync db upgrade`."
+        )
+
+
+class GleapUnavailableError(GleapError):
+    """The circuit breaker opened: Gleap failed for many users in a row (unreachable or 5xx)."""
+
+    def __init__(self, *, base_url: str, failures: int, users: int, last_error: str) -> None:
+        self.base_url = base_url
+        self.failures = failures
+        self.users = users
+        self.last_error = last_error
+        super().__init__(
+            f"Gleap at {base_url} is failing: {failures} calls in a row for {users} different users "
+            f"got no answer or a 5xx (last: {last_error}). Delivery stopped; every change is still "
+            "pending. Fix: check the network and Gleap's status page, or [gleap] base_url; "
+            "the next run carries on."
+        )

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from audiencesync.errors import LeaseLostError, StoreBusyError
-from audiencesync.schema import UtcDateTime, leases
+from audiencesync.schema import UtcDateTime, leases, write_connection
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class WriterLease:
             "renewed_at": now,
             "expires_at": now + self.ttl,
         }
-        with self.engine.connect() as conn, conn.begin():
+        with write_connection(self.engine) as conn, conn.begin():
             # ON CONFLICT: two processes starting at once on an empty table must
             # not both insert; the loser falls through to the conditional update.
             created = conn.execute(
@@ -147,7 +147,7 @@ class WriterLease:
 
     def renew(self) -> None:
         now = self.clock()
-        with self.engine.connect() as conn, conn.begin():
+        with write_connection(self.engine) as conn, conn.begin():
             renewed = conn.execute(
                 sa.update(leases)
                 .where(leases.c.name == self.name, leases.c.holder == self.holder)
@@ -158,7 +158,7 @@ class WriterLease:
             raise LeaseLostError()
 
     def release(self) -> None:
-        with self.engine.connect() as conn, conn.begin():
+        with write_connection(self.engine) as conn, conn.begin():
             conn.execute(sa.delete(leases).where(leases.c.name == self.name, leases.c.holder == self.holder))
 
     def check(self, conn: Connection) -> None:

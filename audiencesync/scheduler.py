@@ -58,7 +58,7 @@ class Daemon:
         self.config = config
         self.transport = transport
         self.backoff_initial = backoff_initial
-        self.engine = store_mod.create_engine(config.store.url)
+        self.engine = store_mod.engine_for(config.store)
         self.lease = WriterLease(self.engine, store_mod.utc_now, ttl_seconds=config.sync.lease_seconds)
         self.store = store_mod.Store(self.engine, fence=self.lease.check)
         self.syncer = self._syncer(config)

@@ -11,7 +11,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Dialect
+
+
+def write_connection(engine: sa.Engine) -> sa.Connection:
+    """A connection whose transactions take SQLite's write lock up front (BEGIN IMMEDIATE).
+
+    A deferred transaction that reads and then writes fails at once with
+    "database is locked" when another connection wrote meanwhile; an immediate
+    one waits for the lock (busy_timeout) instead. Every other transaction is
+    deferred, so readers never take the lock. No effect on PostgreSQL.
+    """
+    return engine.connect().execution_options(sqlite_begin="IMMEDIATE")
+
 
 metadata = sa.MetaData(
     naming_convention={
@@ -23,11 +36,28 @@ metadata = sa.MetaData(
 )
 
 
+# SQLite has no timestamp type: store ISO 8601 text that carries its offset, so an
+# analyst reading the file sees UTC said plainly, and string order is time order.
+SQLITE_STORAGE_FORMAT = (
+    "%(year)04d-%(month)02d-%(day)02d %(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d+00:00"
+)
+
+
 class UtcDateTime(sa.TypeDecorator[datetime]):
-    """Aware UTC datetimes in and out; SQLite would otherwise hand back naive ones."""
+    """Aware UTC datetimes in and out, on both databases.
+
+    PostgreSQL keeps them as ``timestamptz``. SQLite keeps text such as
+    ``2026-12-01 19:25:25.123456+00:00``: one fixed format, so comparisons in
+    SQL stay correct.
+    """
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sqlite.DATETIME(storage_format=SQLITE_STORAGE_FORMAT))  # type: ignore[no-untyped-call]
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -44,10 +74,12 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
         return value.astimezone(UTC)  # type: ignore[no-any-return]
 
 
-# A change is pending while Gleap has not acknowledged the current value, or an
-# admin asked for a full resend. Kept as a generated column so it can never
-# drift from the values it is derived from, and so it can be indexed.
-PENDING_EXPR = "resend OR desired <> coalesce(acked, false)"
+# A change is pending while Gleap has not acknowledged the current value, while
+# an admin's full resend is owed, or while a call's outcome is unknown (Gleap
+# may hold either value, so the latest must be sent and acknowledged). Kept as a
+# generated column so it can never drift from the values it is derived from,
+# and so it can be indexed.
+PENDING_EXPR = "resend OR unknown OR desired <> coalesce(acked, false)"
 
 audiences = sa.Table(
     "audiences",
@@ -72,10 +104,18 @@ memberships = sa.Table(
     # The last value Gleap acknowledged with a 2xx; NULL when Gleap was never told.
     sa.Column("acked", sa.Boolean, nullable=True),
     sa.Column("resend", sa.Boolean, nullable=False, server_default=sa.false()),
+    # A call for this row was sent (or about to be) and no verdict came back:
+    # set before the call goes out, cleared only by a 2xx or a clear rejection.
+    sa.Column("unknown", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("pending", sa.Boolean, sa.Computed(PENDING_EXPR, persisted=True)),
     sa.Column("changed_at", UtcDateTime, nullable=False),
     sa.Column("acked_at", UtcDateTime, nullable=True),
+    # Rejections (verdicts) of the current value; at max_attempts the change is parked.
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # Failed deliveries of the current value of any kind, for the per-user backoff.
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    # Not before this time: the backoff after a failure. NULL: as soon as possible.
+    sa.Column("next_attempt_at", UtcDateTime, nullable=True),
     sa.Column("last_status", sa.Integer, nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
     # Set when a change failed permanently max_attempts times: no run retries it
@@ -96,7 +136,8 @@ sync_runs = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("cycle_id", sa.String(36), nullable=False, index=True),
     sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), nullable=False),
-    sa.Column("mode", sa.String(16), nullable=False),  # initial | incremental | full
+    # initial | incremental | full | delivery (no refresh: pending changes only)
+    sa.Column("mode", sa.String(16), nullable=False),
     # running | succeeded | partial | held | failed | aborted | interrupted
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("started_at", UtcDateTime, nullable=False),
@@ -109,7 +150,11 @@ sync_runs = sa.Table(
     sa.Column("duplicate_rows", sa.Integer, nullable=False, server_default="0"),
     sa.Column("sent", sa.Integer, nullable=False, server_default="0"),
     sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("pending_after", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("unknown", sa.Integer, nullable=False, server_default="0"),  # calls with no verdict
+    # What the audience still owed Gleap when the run closed.
+    sa.Column("pending_after", sa.Integer, nullable=False, server_default="0"),  # not parked
+    sa.Column("parked_after", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("unknown_after", sa.Integer, nullable=False, server_default="0"),
     sa.Column("retries", sa.Integer, nullable=False, server_default="0"),
     sa.Column("rate_limited", sa.Integer, nullable=False, server_default="0"),
     sa.Column("error", sa.Text, nullable=True),
@@ -156,4 +201,31 @@ leases = sa.Table(
     sa.Column("acquired_at", UtcDateTime, nullable=False),
     sa.Column("renewed_at", UtcDateTime, nullable=False),
     sa.Column("expires_at", UtcDateTime, nullable=False),
+    # "daemon" (audiencesync run) or "sync" (a one-shot run): an admin command
+    # asks a daemon to act for it instead of waiting for the lease.
+    sa.Column("role", sa.String(16), nullable=False, server_default="sync"),
+    # The holder's PID namespace and boot, so "pid N is gone" is only believed
+    # of a process that this host's kernel would show.
+    sa.Column("instance", sa.String(255), nullable=False, server_default=""),
+    # The daemon's own view of its health, for `status` in another process.
+    sa.Column("health", sa.Text, nullable=True),
+    sa.Column("progress_at", UtcDateTime, nullable=True),  # the last acknowledged call
+)
+
+# Admin actions asked of a running daemon (release a held audience, full resync).
+# The command that asks waits for ``state`` to leave pending/running.
+admin_requests = sa.Table(
+    "admin_requests",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # release | full
+    sa.Column("audience_key", sa.String(255), nullable=False),
+    sa.Column("requested_at", UtcDateTime, nullable=False),
+    sa.Column("requested_by", sa.String(255), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # pending | running | done | failed
+    sa.Column("started_at", UtcDateTime, nullable=True),
+    sa.Column("finished_at", UtcDateTime, nullable=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("sync_runs.id"), nullable=True),
+    sa.Column("result", sa.Text, nullable=True),
+    sa.Index("ix_admin_requests_state", "state"),
 )

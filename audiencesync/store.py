@@ -7,6 +7,7 @@ import importlib.resources
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,10 +19,18 @@ from sqlalchemy import Connection, Engine, Transaction, event
 from sqlalchemy.exc import OperationalError
 
 from audiencesync import diff, failpoints
-from audiencesync.config import display_url
+from audiencesync.config import StoreConfig, display_url
 from audiencesync.diff import DiffCounts
-from audiencesync.errors import StoreError
-from audiencesync.schema import UtcDateTime, audiences, deliveries, leases, memberships, sync_runs
+from audiencesync.errors import StoreError, StoreMissingError
+from audiencesync.schema import (
+    UtcDateTime,
+    audiences,
+    deliveries,
+    leases,
+    memberships,
+    sync_runs,
+    write_connection,
+)
 
 Clock = Callable[[], datetime]
 
@@ -30,22 +39,45 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def create_engine(url: str) -> Engine:
-    """An engine for the store, with SQLite set up for one writer and many readers."""
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite URL, or None for another database or an in-memory one."""
+    parsed = sa.make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None  # a URI filename: its own mode= decides
+    return Path(database)
+
+
+def create_engine(url: str, *, create: bool = False, busy_timeout_seconds: float = 30.0) -> Engine:
+    """An engine for the store, with SQLite set up for one writer and many readers.
+
+    A SQLite file that does not exist is refused unless ``create``: a typo in
+    the URL must not start a new, empty store (and re-send every member).
+    """
+    path = sqlite_path(url)
+    if path is not None and not create and not path.exists():
+        raise StoreMissingError(str(path))
     engine = sa.create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
-        _tune_sqlite(engine)
+        _tune_sqlite(engine, busy_timeout_seconds)
     return engine
 
 
-def _tune_sqlite(engine: Engine) -> None:
+def engine_for(config: StoreConfig, *, create: bool = False) -> Engine:
+    """The engine for a configured store (see ``create_engine``)."""
+    return create_engine(config.url, create=create, busy_timeout_seconds=config.busy_timeout_seconds)
+
+
+def _tune_sqlite(engine: Engine, busy_timeout_seconds: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not pysqlite, decide when transactions begin (see "begin").
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_seconds * 1000)}")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -55,8 +87,9 @@ def _tune_sqlite(engine: Engine) -> None:
         # A deferred transaction that reads then writes fails at once with
         # "database is locked" when another connection writes, busy_timeout or
         # not; IMMEDIATE takes the write lock up front and waits for it instead.
-        # Readers ask for DEFERRED so they never wait on a writer (WAL).
-        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'IMMEDIATE')}")
+        # Everything else, readers above all, begins DEFERRED: in WAL mode a reader
+        # then never takes the write lock, however slowly it drains its rows.
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
 
 
 # --- migrations ---------------------------------------------------------------
@@ -99,7 +132,7 @@ def upgrade(engine: Engine) -> bool:
     current, head = schema_revisions(engine)
     if current == head:
         return False
-    with engine.begin() as conn:
+    with write_connection(engine) as conn, conn.begin():
         # Two processes starting on a new store must not both run the DDL. SQLite's
         # BEGIN IMMEDIATE already serialises them; PostgreSQL needs a lock. Alembic
         # reads the revision again inside, so the second one finds nothing to do.
@@ -170,8 +203,10 @@ class AudienceStatus:
     key: str
     name: str
     members: int
-    pending: int
+    pending: int  # owed to Gleap and not parked (waiting for a backoff included)
     parked: int
+    unknown: int  # calls whose outcome is unknown; pending until a verdict comes
+    oldest_pending_at: datetime | None  # when the oldest pending change was made
     refreshed_at: datetime | None
     next_run_at: datetime | None
     last_run: dict[str, Any] | None
@@ -575,6 +610,8 @@ class Store:
                 sa.func.count().filter(memberships.c.desired == sa.true()).label("members"),
                 sa.func.count().filter(_DELIVERABLE).label("pending"),
                 sa.func.count().filter(memberships.c.parked_at.is_not(None)).label("parked"),
+                sa.func.count().filter(memberships.c.unknown == sa.true()).label("unknown"),
+                sa.func.min(memberships.c.changed_at).filter(_DELIVERABLE).label("oldest_pending_at"),
             )
             .group_by(memberships.c.audience_id)
             .subquery()
@@ -590,6 +627,8 @@ class Store:
                 sa.func.coalesce(counts.c.members, 0).label("members"),
                 sa.func.coalesce(counts.c.pending, 0).label("pending"),
                 sa.func.coalesce(counts.c.parked, 0).label("parked"),
+                sa.func.coalesce(counts.c.unknown, 0).label("unknown"),
+                counts.c.oldest_pending_at,
                 last_ids.c.run_id,
             )
             .outerjoin(counts, counts.c.audience_id == audiences.c.id)
@@ -611,6 +650,8 @@ class Store:
                 members=r.members,
                 pending=r.pending,
                 parked=r.parked,
+                unknown=r.unknown,
+                oldest_pending_at=r.oldest_pending_at,
                 refreshed_at=r.refreshed_at,
                 next_run_at=r.next_run_at,
                 last_run=run_rows.get(r.run_id),

@@ -59,7 +59,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def store(store_url: str) -> Iterator[store_mod.Store]:
-    engine = store_mod.create_engine(store_url)
+    engine = store_mod.create_engine(store_url, create=True)
     store_mod.upgrade(engine)
     yield store_mod.Store(engine)
     engine.dispose()
@@ -112,6 +112,7 @@ def make_config(
         extra_gleap: str = "",
         extra: str = "",
         requests_per_minute: int = 600_000,
+        create_store: bool = True,
     ) -> Config:
         if audiences is None:
             audiences = """
@@ -146,6 +147,12 @@ def make_config(
         path = tmp_path / "audiencesync.toml"
         path.write_text(text)
         path.chmod(0o600)
-        return load_config(path)
+        config = load_config(path)
+        if create_store:
+            # As an admin would with `audiencesync db upgrade`: sync never creates a store.
+            engine = store_mod.create_engine(config.store.url, create=True)
+            store_mod.upgrade(engine)
+            engine.dispose()
+        return config
 
     return make

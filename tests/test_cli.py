@@ -87,12 +87,17 @@ def test_unreachable_store_exits_3(tmp_path: Path, make_config: ConfigFactory, s
     config.path.write_text(text)
     result = run(config.path, "sync", token=TOKEN)
     assert result.returncode == 3, result.stderr
-    assert "cannot open the store" in result.stderr and "Traceback" not in result.stderr
+    assert "missing/dir/store.db does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "missing").exists()
 
 
-def test_db_upgrade_and_current(make_config: ConfigFactory) -> None:
-    config = make_config()
-    assert "schema revision none" in run(config.path, "db", "current").stdout
+def test_db_upgrade_and_current(make_config: ConfigFactory, store_url: str) -> None:
+    config = make_config(create_store=False)
+    current = run(config.path, "db", "current")
+    if store_url.startswith("sqlite"):
+        assert current.returncode == 3 and "does not exist" in current.stderr
+    else:
+        assert "schema revision none" in current.stdout
     upgraded = run(config.path, "db", "upgrade")
     assert upgraded.returncode == 0 and "upgraded to" in upgraded.stdout
     assert "up to date" in run(config.path, "db", "current").stdout
@@ -172,7 +177,7 @@ def test_check_reports_each_part(make_config: ConfigFactory, source: SourceDB, g
     assert any(line.startswith("ok    gleap token") for line in lines)
     assert any(line.startswith("ok    audience segment_a") for line in lines)
     assert any(line.startswith("FAIL  audience broken") for line in lines) and "no 'user_id'" in good.stdout
-    assert any(line.startswith("ok    store") and "schema" in line for line in lines)
+    assert any(line.startswith("ok    store") and "up to date" in line for line in lines)
 
     wrong = run(config.path, "check", token="not-the-token")
     assert "FAIL  gleap token" in wrong.stdout and "401" in wrong.stdout

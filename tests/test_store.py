@@ -197,7 +197,7 @@ def test_failing_source_mid_read_leaves_the_snapshot_untouched(store: Store) -> 
 
 
 def test_rehearsal_on_an_empty_database_creates_no_tables(store_url: str) -> None:
-    engine = store_mod.create_engine(store_url)
+    engine = store_mod.create_engine(store_url, create=True)
     try:
         with Store(engine).rehearsal() as rehearsal:
             refresh(rehearsal, "a", ["u1"])
