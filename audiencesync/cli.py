@@ -21,6 +21,7 @@ from audiencesync.errors import (
     AudienceSyncError,
     ConfigError,
     GleapAuthError,
+    GleapUnavailableError,
     LeaseLostError,
     MissingTokenError,
     StoreBusyError,
@@ -40,6 +41,7 @@ EXIT_INCOMPLETE = 1  # changes remain pending or failed, or a source failed
 EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_BUSY = 4  # another process holds the store's writer lease
+EXIT_GLEAP_DOWN = 5  # the circuit breaker opened: Gleap failed for many users in a row
 EXIT_INTERRUPTED = 130
 
 # Checked in order: the first matching class decides the exit status.
@@ -474,6 +476,8 @@ def _cmd_sync(args: argparse.Namespace, config: Config) -> int:
     _print_summary(report, sys.stderr if args.dry_run else sys.stdout)
     if report.aborted is not None:
         print(f"audiencesync: error: {report.aborted}", file=sys.stderr)
+    if isinstance(report.aborted, GleapUnavailableError):
+        return EXIT_GLEAP_DOWN
     return EXIT_OK if report.complete else EXIT_INCOMPLETE
 
 

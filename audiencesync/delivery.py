@@ -19,11 +19,14 @@ from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from itertools import groupby
 
 import httpx
+from sqlalchemy.exc import SQLAlchemyError
 
+from audiencesync import failpoints
+from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
-from audiencesync.errors import AudienceSyncError
-from audiencesync.gleap import GleapClient
-from audiencesync.store import Outcome, PendingChange, Store
+from audiencesync.errors import AudienceSyncError, GleapAuthError, GleapUnavailableError
+from audiencesync.gleap import MAX_CUSTOM_KEYS, GleapClient
+from audiencesync.store import Backoff, Outcome, PendingChange, Store
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +34,20 @@ Progress = Callable[[int], None]
 
 
 def plan_calls(
-    store: Store, audience_ids: Sequence[int], skip: Container[str], page_size: int = 100
+    store: Store,
+    audience_ids: Sequence[int],
+    skip: Container[str],
+    page_size: int = 100,
+    *,
+    on_page: Callable[[list[PendingChange]], None] | None = None,
 ) -> Iterator[tuple[str, list[PendingChange]]]:
-    """(user id, that user's pending changes) for one pass over these audiences, in turns.
+    """(user id, changes for one call) for one pass over these audiences, in turns.
 
-    Users in ``skip`` (already called in this pass) are passed over. Keyset
-    cursors per audience make the pass finite even when calls fail.
+    A user's due changes go in one call, or in several when they carry more
+    than Gleap's 35 custom keys. Users in ``skip`` (already called in this
+    pass) are passed over. Keyset cursors per audience make the pass finite
+    even when calls fail. ``on_page`` sees each page's changes before any of
+    them is yielded (the write-ahead mark of calls about to go out).
     """
     cursors = dict.fromkeys(audience_ids, "")
     while cursors:
@@ -46,9 +57,20 @@ def plan_calls(
                 del cursors[audience_id]
                 continue
             cursors[audience_id] = max(change.user_id for change in page)
-            for user_id, changes in groupby(page, key=lambda c: c.user_id):
-                if user_id not in skip:
-                    yield user_id, list(changes)
+            calls = [
+                (user_id, chunk)
+                for user_id, changes in groupby(page, key=lambda c: c.user_id)
+                if user_id not in skip
+                for chunk in batched(list(changes), MAX_CUSTOM_KEYS)
+            ]
+            if on_page is not None and calls:
+                on_page([change for _, chunk in calls for change in chunk])
+            yield from calls
+
+
+def batched(items: list[PendingChange], size: int) -> Iterator[list[PendingChange]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 class Deliverer:
@@ -61,6 +83,8 @@ class Deliverer:
         token: Secret,
         *,
         max_attempts: int,
+        backoff: Backoff | None = None,
+        breaker: CircuitBreaker | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         backoff_initial: float = 0.5,
         page_size: int = 100,
@@ -72,6 +96,8 @@ class Deliverer:
         self.gleap = gleap
         self.token = token
         self.max_attempts = max_attempts
+        self.backoff = backoff or Backoff()
+        self.breaker = breaker or CircuitBreaker(gleap.breaker_failures)
         self.transport = transport
         self.backoff_initial = backoff_initial
         self.page_size = page_size
@@ -90,20 +116,29 @@ class Deliverer:
         tick: Progress | None = None,
         new_work: threading.Event | None = None,
     ) -> int:
-        """One pass over everything pending in these audiences; returns the number of calls made.
+        """One pass over everything due in these audiences; returns the number of calls made.
 
         When ``stop`` is set, no new call starts; calls in flight get
         ``grace_seconds`` to finish (their answers are stored), then are
         cancelled and stay pending. When ``new_work`` is set (a refresh added
         changes), the pass ends early and normally, so that the caller can
         start a new one that includes them: an audience whose turn has passed
-        must not wait for a long first sync to finish.
+        must not wait for a long first sync to finish. When the circuit breaker
+        opens, the pass ends once the answers in hand are stored, and raises
+        ``GleapUnavailableError``.
+
+        Before a page of calls goes out, its rows are marked outcome-unknown
+        in the store (write-ahead): a crash mid-call then leaves the change
+        pending whatever the source says next. Rows marked but never sent are
+        given their mark back at the end.
         """
         answers: asyncio.Queue[Outcome | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.gleap.max_concurrency)
         called: set[str] = set()  # users already called in this pass
+        refused: GleapAuthError | None = None
         calls = 0
         progress = _ProgressLog(self.store, audience_ids, self.clock, self.progress_every)
+        marked = _Marks(self.store)
 
         async def write_answers() -> None:
             done = False
@@ -119,8 +154,11 @@ class Deliverer:
                         break
                     item = answers.get_nowait()
                 if batch:
+                    failpoints.reach("before-record")
                     ids = {c.audience_id: run_ids(c.audience_id) for o in batch for c in o.changes}
-                    await asyncio.to_thread(self.store.record, batch, ids, max_attempts=self.max_attempts)
+                    await asyncio.to_thread(
+                        self.store.record, batch, ids, max_attempts=self.max_attempts, backoff=self.backoff
+                    )
                     progress.sent(len(batch))
                     if self.observe is not None:
                         self.observe(batch)
@@ -132,6 +170,14 @@ class Deliverer:
         async def send(client: GleapClient, user_id: str, changes: list[PendingChange]) -> None:
             try:
                 answer = await client.identify(user_id, {keys[c.audience_id]: c.value for c in changes})
+            except GleapAuthError as exc:
+                # A verdict on the token: nothing was applied. The calls in flight
+                # finish (and are refused) rather than being cancelled half-sent.
+                nonlocal refused
+                refused = refused or exc
+                marked.unsent(changes)
+                slots.release()
+                return
             except BaseException:
                 slots.release()
                 raise
@@ -143,10 +189,15 @@ class Deliverer:
                     permanent=answer.permanent,
                     retries=answer.retries,
                     rate_limited=answer.rate_limited,
+                    maybe_applied=answer.maybe_applied,
                 )
             )
-            if not answer.ok:
+            if not answer.ok and not self.breaker.is_open:
                 log.warning("identify %s refused: %s", user_id, answer.error)
+
+        def halted() -> bool:
+            """No new call starts: told to stop, Gleap down for everyone, or the token refused."""
+            return (stop is not None and stop.is_set()) or self.breaker.is_open or refused is not None
 
         async def stopper(tasks: set[asyncio.Task[None]]) -> None:
             assert stop is not None
@@ -158,9 +209,13 @@ class Deliverer:
                 task.cancel()
 
         client = GleapClient(
-            self.gleap, self.token, transport=self.transport, backoff_initial=self.backoff_initial
+            self.gleap,
+            self.token,
+            transport=self.transport,
+            breaker=self.breaker,
+            backoff_initial=self.backoff_initial,
         )
-        plan = plan_calls(self.store, audience_ids, called, self.page_size)
+        plan = plan_calls(self.store, audience_ids, called, self.page_size, on_page=marked.mark)
         try:
             async with client, asyncio.TaskGroup() as supervisor:
                 supervisor.create_task(write_answers())
@@ -168,7 +223,7 @@ class Deliverer:
                     in_flight: set[asyncio.Task[None]] = set()
                     async with asyncio.TaskGroup() as senders:
                         watcher = senders.create_task(stopper(in_flight)) if stop is not None else None
-                        while not (stop is not None and stop.is_set()):
+                        while not halted():
                             if new_work is not None and new_work.is_set():
                                 break
                             item = await asyncio.to_thread(next, plan, None)
@@ -176,10 +231,11 @@ class Deliverer:
                                 break
                             user_id, changes = item
                             await slots.acquire()
-                            if stop is not None and stop.is_set():
+                            if halted():
                                 slots.release()
                                 break
                             called.add(user_id)
+                            marked.sent(changes)
                             task = senders.create_task(send(client, user_id, changes))
                             in_flight.add(task)
                             task.add_done_callback(in_flight.discard)
@@ -192,8 +248,59 @@ class Deliverer:
                     answers.put_nowait(None)
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
+        finally:
+            await asyncio.to_thread(marked.restore)
         progress.done()
+        if refused is not None:
+            raise refused
+        if self.breaker.is_open:
+            raise GleapUnavailableError(
+                base_url=self.gleap.base_url,
+                failures=self.breaker.failures,
+                users=len(self.breaker.users),
+                last_error=self.breaker.last_error or "unknown",
+            )
         return calls
+
+
+class _Marks:
+    """Rows marked outcome-unknown ahead of their call, until the call is handed to a sender.
+
+    Once handed over, the mark stays until the answer is stored: a call
+    cancelled or killed in flight may have reached Gleap.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._open: dict[tuple[int, str], PendingChange] = {}
+
+    def mark(self, changes: list[PendingChange]) -> None:
+        self.store.mark_unknown(changes)
+        with self._lock:
+            self._open.update(((c.audience_id, c.user_id), c) for c in changes)
+
+    def sent(self, changes: Sequence[PendingChange]) -> None:
+        with self._lock:
+            for change in changes:
+                self._open.pop((change.audience_id, change.user_id), None)
+
+    def unsent(self, changes: Sequence[PendingChange]) -> None:
+        with self._lock:
+            self._open.update(((c.audience_id, c.user_id), c) for c in changes)
+
+    def restore(self) -> None:
+        """Never sent: these rows get back the mark they had before this pass."""
+        with self._lock:
+            unsent = list(self._open.values())
+            self._open.clear()
+        if not unsent:
+            return
+        try:
+            self.store.restore_unknown(unsent)
+        except (AudienceSyncError, SQLAlchemyError) as exc:
+            # Harmless: they stay pending, and the next pass sends them once more.
+            log.warning("could not clear the marks of %d unsent call(s): %s", len(unsent), exc)
 
 
 class _ProgressLog:

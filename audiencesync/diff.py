@@ -9,13 +9,12 @@ users are found with NOT EXISTS anti-joins against ``memberships``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, TextClause, bindparam, text
 
-from audiencesync import failpoints
+from audiencesync.schema import UtcDateTime
 
 
 @dataclass(frozen=True)
@@ -48,28 +47,33 @@ def drop_stage(conn: Connection, name: str) -> None:
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
 
 
-def load_stage(conn: Connection, name: str, batches: Iterable[list[str]]) -> None:
-    """Bulk-load ids into the stage through the driver, one batch in memory at a time."""
+def load_batch(conn: Connection, name: str, batch: list[str]) -> None:
+    """Bulk-load one batch of ids into the stage through the driver (executemany, or COPY)."""
     driver = conn.connection.driver_connection
     assert driver is not None
     if conn.dialect.name == "sqlite":
         cursor = driver.cursor()
-        sql = f"INSERT OR IGNORE INTO {name} (user_id) VALUES (?)"
-        for batch in batches:
-            cursor.executemany(sql, ((user_id,) for user_id in batch))
-            failpoints.reach("stage-batch")
+        cursor.executemany(
+            f"INSERT OR IGNORE INTO {name} (user_id) VALUES (?)", ((user_id,) for user_id in batch)
+        )
         cursor.close()
     elif conn.dialect.name == "postgresql":
         with driver.cursor() as cursor, cursor.copy(f"COPY {name} (user_id) FROM STDIN") as copy:
-            for batch in batches:
-                for user_id in batch:
-                    copy.write_row((user_id,))
-                failpoints.reach("stage-batch")
-        conn.exec_driver_sql(f"ANALYZE {name}")
+            for user_id in batch:
+                copy.write_row((user_id,))
     else:  # any other store: portable but slower executemany through SQLAlchemy
-        insert = text(f"INSERT INTO {name} (user_id) VALUES (:u)")
-        for batch in batches:
-            conn.execute(insert, [{"u": user_id} for user_id in batch])
+        conn.execute(text(f"INSERT INTO {name} (user_id) VALUES (:u)"), [{"u": user_id} for user_id in batch])
+
+
+def analyze_stage(conn: Connection, name: str) -> None:
+    """Statistics for the planner (PostgreSQL); without them it guesses a tiny stage."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"ANALYZE {name}")
+
+
+def _timed(sql: str) -> TextClause:
+    # Typed, so that SQLite stores the same text format as every other write.
+    return text(sql).bindparams(bindparam("t", type_=UtcDateTime))
 
 
 def apply_stage(
@@ -93,7 +97,7 @@ def apply_stage(
         "AND m.user_id = s.user_id AND m.desired = true)"
     )
     left = conn.execute(
-        text(
+        _timed(
             "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "
             "SELECT m.audience_id, m.user_id, :r, 'left', :t FROM memberships m "
             f"WHERE m.audience_id = :a AND m.desired = true AND {not_in_stage('m')}"
@@ -101,7 +105,7 @@ def apply_stage(
         params,
     ).rowcount
     entered = conn.execute(
-        text(
+        _timed(
             "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "
             f"SELECT DISTINCT :a, s.user_id, :r, 'entered', :t FROM {name} s WHERE {not_member}"
         ),
@@ -110,22 +114,23 @@ def apply_stage(
     if left:
         # A leaver's pending resend is void: only the new value (false) matters.
         conn.execute(
-            text(
-                # A new value is a new change: earlier failures and parking don't carry over.
+            _timed(
+                # A new value is a new change: earlier failures, backoff and parking don't
+                # carry over. The unknown mark does: Gleap may still hold anything.
                 "UPDATE memberships SET desired = false, resend = false, changed_at = :t, "
-                "attempts = 0, parked_at = NULL "
+                "attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL "
                 f"WHERE audience_id = :a AND desired = true AND {not_in_stage('memberships')}"
             ),
             params,
         )
     if entered:
         conn.execute(
-            text(
+            _timed(
                 "INSERT INTO memberships (audience_id, user_id, desired, resend, changed_at, attempts) "
                 f"SELECT DISTINCT :a, s.user_id, true, false, :t, 0 FROM {name} s WHERE {not_member} "
                 "ON CONFLICT (audience_id, user_id) "
                 "DO UPDATE SET desired = true, changed_at = excluded.changed_at, "
-                "attempts = 0, parked_at = NULL"
+                "attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL"
             ),
             params,
         )
@@ -136,8 +141,12 @@ def apply_stage(
         params,
     )
     if full:
+        # The admin asked for everything now: backoffs end too (parked changes stay parked).
         conn.execute(
-            text("UPDATE memberships SET resend = true WHERE audience_id = :a AND desired = true"),
+            text(
+                "UPDATE memberships SET resend = true, failures = 0, next_attempt_at = NULL "
+                "WHERE audience_id = :a AND desired = true"
+            ),
             params,
         )
     return DiffCounts(members=members, entered=entered, left=left)

@@ -13,6 +13,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from audiencesync import __version__
+from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError, GleapError
 from audiencesync.ratelimit import TokenBucket
@@ -21,9 +22,18 @@ log = logging.getLogger(__name__)
 
 IDENTIFY_PATH = "/admin/identify"
 AUTH_PATH = "/admin/auth"
-# As Segment's action destinations do: these may succeed when tried again.
-RETRYABLE_STATUSES = frozenset({408, 423, 429, 500, 502, 503, 504})
+# Gleap's documented limit on custom data keys in one identify call.
+MAX_CUSTOM_KEYS = 35
 MAX_RETRY_AFTER = 300.0
+
+
+def retryable(status: int) -> bool:
+    """408, 429 and every 5xx but 501 may succeed when tried again (GLEAP_API.md).
+
+    501 Not Implemented means a wrong URL, not a passing fault; every other 4xx
+    is a verdict on the call itself.
+    """
+    return status in (408, 429) or (500 <= status < 600 and status != 501)
 
 
 # A 429 says "later", not "wrong": it doesn't use up a call's retries, but a
@@ -37,6 +47,9 @@ class Answer:
     error: str | None = None
     retries: int = 0
     rate_limited: int = 0
+    # Some attempt reached Gleap without a verdict (a timeout after sending, a
+    # dropped answer, a 5xx): Gleap may have applied it.
+    maybe_applied: bool = False
 
     @property
     def ok(self) -> bool:
@@ -45,7 +58,7 @@ class Answer:
     @property
     def permanent(self) -> bool:
         """Gleap refused this call's content; sending it again unchanged won't help."""
-        return not self.ok and self.status != 0 and self.status not in RETRYABLE_STATUSES
+        return not self.ok and self.status != 0 and not retryable(self.status)
 
 
 class _Budget:
@@ -66,10 +79,13 @@ class _Budget:
 
 
 class _Transient(Exception):
-    def __init__(self, status: int, detail: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, status: int, detail: str, retry_after: float | None = None, *, sent: bool = True
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.retry_after = retry_after
+        self.sent = sent  # False only when the request certainly never left (connect failed)
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -95,6 +111,16 @@ def identify_body(user_id: str, attributes: dict[str, bool]) -> dict[str, Any]:
     return {**attributes, "userId": user_id}
 
 
+def identify_params(config: GleapConfig) -> dict[str, str]:
+    """The identify call's query string: by default, leave the contact's last activity alone."""
+    return {"preventLastActivityUpdate": "true"} if config.prevent_last_activity_update else {}
+
+
+def identify_url(config: GleapConfig) -> str:
+    """The full identify URL, as a dry run prints it."""
+    return str(httpx.URL(config.base_url + IDENTIFY_PATH, params=identify_params(config)))
+
+
 class GleapClient:
     """One long-lived HTTP client per cycle, shared by all delivery tasks."""
 
@@ -105,6 +131,7 @@ class GleapClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         limiter: TokenBucket | None = None,
+        breaker: CircuitBreaker | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
@@ -112,6 +139,8 @@ class GleapClient:
         self._token = token
         self._transport = transport
         self.limiter = limiter or TokenBucket(config.requests_per_minute)
+        self.breaker = breaker or CircuitBreaker(config.breaker_failures)
+        self._params = identify_params(config)
         self._backoff = wait_exponential_jitter(
             multiplier=backoff_initial, max=backoff_max, jitter=backoff_initial
         )
@@ -148,25 +177,50 @@ class GleapClient:
         return float(self._backoff(state))
 
     async def identify(self, user_id: str, attributes: dict[str, bool]) -> Answer:
-        """Send one identify call; retries transient failures, raises GleapAuthError on 401/403."""
+        """Send one identify call; retries transient failures, raises GleapAuthError on 401/403.
+
+        Stops retrying as soon as the circuit breaker opens: Gleap is down for
+        everyone, and the caller stops the delivery pass.
+        """
+        if len(attributes) > MAX_CUSTOM_KEYS:
+            raise ValueError(f"{len(attributes)} custom keys in one call; Gleap takes {MAX_CUSTOM_KEYS}")
         body = identify_body(user_id, attributes)
         budget = _Budget(self.config.max_retries)
+        sent = False
+
+        def stop(state: RetryCallState) -> bool:
+            return self.breaker.is_open or budget.exhausted(state)
+
         retrying = AsyncRetrying(
-            stop=budget.exhausted,
+            stop=stop,
             wait=self._wait,
+            sleep=self.breaker.sleep,
             retry=retry_if_exception_type(_Transient),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    answer = await self._send(body)
+                    try:
+                        answer = await self._send(body)
+                    except _Transient as exc:
+                        sent = sent or exc.sent
+                        if exc.status != 429:
+                            self.breaker.failure(user_id, str(exc))
+                        raise
+                    self.breaker.success()
         except _Transient as exc:
             answer = Answer(
                 exc.status, f"gave up after {budget.failures + budget.rate_limited} attempts: {exc}"
             )
         retries = budget.failures + budget.rate_limited - (0 if answer.ok or answer.permanent else 1)
-        return Answer(answer.status, answer.error, retries=retries, rate_limited=budget.rate_limited)
+        return Answer(
+            answer.status,
+            answer.error,
+            retries=retries,
+            rate_limited=budget.rate_limited,
+            maybe_applied=sent and not answer.ok,
+        )
 
     async def check_token(self) -> None:
         """Ask Gleap whether the token is valid; raises GleapAuthError or GleapError if not."""
@@ -189,7 +243,10 @@ class GleapClient:
         assert self._client is not None, "use GleapClient as an async context manager"
         await self.limiter.acquire()
         try:
-            response = await self._client.post(IDENTIFY_PATH, json=body)
+            response = await self._client.post(IDENTIFY_PATH, json=body, params=self._params)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Refused or never connected: the request did not leave this host.
+            raise _Transient(0, f"cannot connect ({type(exc).__name__})", sent=False) from None
         except httpx.TimeoutException:
             raise _Transient(0, f"no answer within {self.config.timeout_seconds:g} s") from None
         except httpx.TransportError as exc:
@@ -201,7 +258,7 @@ class GleapClient:
         if status in (401, 403):
             raise GleapAuthError(status)
         text = response.text.strip()[:500]
-        if status in RETRYABLE_STATUSES:
+        if retryable(status):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if status == 429:
                 # Everyone shares the project's limit: hold back every task, not just this one.

@@ -6,7 +6,7 @@ import contextlib
 import importlib.resources
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Transaction, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import OperationalError
 
 from audiencesync import diff, failpoints
@@ -142,11 +142,6 @@ def upgrade(engine: Engine) -> bool:
     return True
 
 
-def _upgrade_in(conn: Connection) -> None:
-    """Migrate inside the caller's open transaction (a rehearsal rolls it back)."""
-    command.upgrade(_alembic_config(conn), "head")
-
-
 # --- records ------------------------------------------------------------------
 
 
@@ -163,6 +158,8 @@ class PendingChange:
     audience_id: int
     user_id: str
     value: bool
+    unknown: bool = False  # an earlier call's outcome is unknown (as read, before this call)
+    failures: int = 0  # failed deliveries of this value so far
 
 
 @dataclass(frozen=True)
@@ -175,10 +172,28 @@ class Outcome:
     permanent: bool = False  # Gleap rejected the call itself (400/404/422...), not a passing fault
     retries: int = 0
     rate_limited: int = 0
+    maybe_applied: bool = True  # no verdict, and the request may have reached Gleap
 
     @property
     def acknowledged(self) -> bool:
         return 200 <= self.status < 300
+
+    @property
+    def unknown(self) -> bool:
+        """Gleap may or may not have applied this call."""
+        return not self.acknowledged and not self.permanent and self.maybe_applied
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How long a user whose delivery failed waits before the next try: doubling, capped."""
+
+    seconds: float = 60.0
+    max_seconds: float = 3600.0
+
+    def delay(self, failures: int) -> float:
+        """The wait after the ``failures``-th failure in a row (1 for the first)."""
+        return float(min(self.max_seconds, self.seconds * 2 ** min(failures - 1, 40)))
 
 
 @dataclass(frozen=True)
@@ -216,28 +231,39 @@ Guard = Callable[[DiffCounts], str | None]
 
 ANALYZE_AFTER_CHANGES = 10_000
 
-# What a delivery may pick up: pending and not parked.
+# Owed to Gleap and not parked: what `status`, the summary and /metrics call pending.
 _DELIVERABLE = sa.and_(memberships.c.pending == sa.true(), memberships.c.parked_at.is_(None))
 
 
+def _due(table: sa.FromClause, now: datetime) -> sa.ColumnElement[bool]:
+    """Deliverable now: pending, not parked, and past its backoff."""
+    return sa.and_(
+        table.c.pending == sa.true(),
+        table.c.parked_at.is_(None),
+        sa.or_(table.c.next_attempt_at.is_(None), table.c.next_attempt_at <= now),
+    )
+
+
 def pending_page_query(
-    audience_id: int, audience_ids: Sequence[int], after: str, limit: int
+    audience_id: int, audience_ids: Sequence[int], after: str, limit: int, now: datetime | None = None
 ) -> sa.Select[Any]:
-    """Users after ``after`` with a deliverable change in ``audience_id``, with all their deliverable
+    """Users after ``after`` with a due change in ``audience_id``, with all their due
     changes in ``audience_ids``; the primary key serves both the filter and the order."""
+    now = now or utc_now()
     users = (
         sa.select(memberships.c.user_id)
-        .where(memberships.c.audience_id == audience_id, memberships.c.user_id > after, _DELIVERABLE)
+        .where(
+            memberships.c.audience_id == audience_id, memberships.c.user_id > after, _due(memberships, now)
+        )
         .order_by(memberships.c.user_id)
         .limit(limit)
         .subquery("next_users")
     )
     m = memberships.alias("m")
     return (
-        sa.select(m.c.audience_id, m.c.user_id, m.c.desired)
+        sa.select(m.c.audience_id, m.c.user_id, m.c.desired, m.c.unknown, m.c.failures)
         .where(
-            m.c.pending == sa.true(),
-            m.c.parked_at.is_(None),
+            _due(m, now),
             m.c.audience_id.in_(audience_ids),
             m.c.user_id.in_(sa.select(users.c.user_id)),
         )
@@ -262,54 +288,20 @@ class Store:
         self.engine = engine
         self.clock = clock
         self.fence = fence
-        self._pinned: Connection | None = None
-
-    # Every write goes through _write and every read through _read, so a
-    # rehearsal (dry run) can route them all into one transaction it rolls back.
-
-    @contextlib.contextmanager
-    def _connection(self, begin: str) -> Iterator[Connection]:
-        if self._pinned is not None:
-            yield self._pinned
-            return
-        with self.engine.connect() as conn:
-            yield conn.execution_options(sqlite_begin=begin)
-
-    @contextlib.contextmanager
-    def _transaction(self, conn: Connection, *, write: bool = False) -> Iterator[Transaction]:
-        transaction = conn.begin_nested() if self._pinned is not None else conn.begin()
-        with transaction:
-            if write and self.fence is not None:
-                self.fence(conn)
-            yield transaction
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self._connection("IMMEDIATE") as conn, self._transaction(conn, write=True):
+        """A write transaction: SQLite's lock taken up front, the lease checked first."""
+        with write_connection(self.engine) as conn, conn.begin():
+            if self.fence is not None:
+                self.fence(conn)
             yield conn
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self._connection("DEFERRED") as conn, self._transaction(conn):
+        """A read transaction; on SQLite it never takes the write lock (WAL)."""
+        with self.engine.connect() as conn, conn.begin():
             yield conn
-
-    @contextlib.contextmanager
-    def rehearsal(self) -> Iterator[Store]:
-        """A view of this store whose writes are all rolled back at the end."""
-        current, head = schema_revisions(self.engine)
-        with self.engine.connect() as conn:
-            conn.execution_options(sqlite_begin="DEFERRED")
-            outer = conn.begin()
-            try:
-                # A dry run against a new or older store sees the schema it
-                # would get, and the rollback below takes that back too.
-                if current != head:
-                    _upgrade_in(conn)
-                rehearsal = Store(self.engine, clock=self.clock)
-                rehearsal._pinned = conn
-                yield rehearsal
-            finally:
-                outer.rollback()
 
     # --- audiences and runs ---
 
@@ -351,17 +343,27 @@ class Store:
             audience_id = conn.execute(
                 sa.select(sync_runs.c.audience_id).where(sync_runs.c.id == run_id)
             ).scalar_one()
-            pending = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(memberships)
-                .where(memberships.c.audience_id == audience_id, memberships.c.pending == sa.true())
-            ).scalar_one()
-            if status == "succeeded" and pending:
+            counts = conn.execute(
+                sa.select(
+                    sa.func.count().filter(_DELIVERABLE),
+                    sa.func.count().filter(memberships.c.parked_at.is_not(None), memberships.c.pending),
+                    sa.func.count().filter(memberships.c.unknown == sa.true()),
+                ).where(memberships.c.audience_id == audience_id)
+            ).one()
+            pending, parked, unknown = (int(n or 0) for n in counts)
+            if status == "succeeded" and (pending or parked):
                 status = "partial"
             conn.execute(
                 sa.update(sync_runs)
                 .where(sync_runs.c.id == run_id)
-                .values(status=status, error=error, finished_at=self.clock(), pending_after=pending)
+                .values(
+                    status=status,
+                    error=error,
+                    finished_at=self.clock(),
+                    pending_after=pending,
+                    parked_after=parked,
+                    unknown_after=unknown,
+                )
             )
             return dict(conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id)).one()._mapping)
 
@@ -390,24 +392,30 @@ class Store:
     ) -> Refresh:
         """Make the audience's snapshot equal ``batches`` (the source's ids), recording each change.
 
-        The source is read completely into a staging table first; only then does
-        one short write transaction apply the diff. A source that fails midway
-        therefore leaves the snapshot untouched. When ``guard`` objects to the
-        counts, the whole diff is rolled back and the reason returned.
+        The source is read completely into a session-scoped TEMP table first,
+        one short transaction per batch, so no transaction stays open while a
+        slow source streams in (it would hold back VACUUM on PostgreSQL, and
+        SQLite's lock is never taken for it). Only then does one write
+        transaction apply the diff. A source that fails midway therefore leaves
+        the snapshot untouched. When ``guard`` objects to the counts, the whole
+        diff is rolled back and the reason returned.
         """
         name = diff.new_stage_name()
         held: str | None = None
-        with self._connection("DEFERRED") as conn:
+        with self.engine.connect() as conn:
             try:
-                # Staging writes only a TEMP table: no lock on the store is held
-                # while the (possibly slow) source query streams in.
-                with self._transaction(conn):
+                with conn.begin():
                     diff.create_stage(conn, name)
-                    diff.load_stage(conn, name, batches)
+                for batch in batches:
+                    with conn.begin():
+                        diff.load_batch(conn, name, batch)
+                    failpoints.reach("stage-batch")
+                with conn.begin():
+                    diff.analyze_stage(conn, name)
                 failpoints.reach("after-stage")
-                if self._pinned is None:
-                    conn.execution_options(sqlite_begin="IMMEDIATE")
-                with self._transaction(conn, write=True) as transaction:
+                with conn.execution_options(sqlite_begin="IMMEDIATE").begin() as transaction:
+                    if self.fence is not None:
+                        self.fence(conn)
                     now = self.clock()
                     counts = diff.apply_stage(
                         conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full
@@ -421,11 +429,12 @@ class Store:
                             sa.update(audiences).where(audiences.c.id == audience.id).values(refreshed_at=now)
                         )
             finally:
-                if self._pinned is None:
-                    conn.execution_options(sqlite_begin="DEFERRED")
-                with self._transaction(conn):
+                conn.execution_options(sqlite_begin="DEFERRED")
+                if conn.in_transaction():
+                    conn.rollback()
+                with conn.begin():
                     diff.drop_stage(conn, name)
-        if held is None and self._pinned is None and counts.entered + counts.left > ANALYZE_AFTER_CHANGES:
+        if held is None and counts.entered + counts.left > ANALYZE_AFTER_CHANGES:
             self._analyze()
         self.update_run(run_id, members=counts.members, entered=counts.entered, left=counts.left)
         return Refresh(counts, held)
@@ -453,22 +462,53 @@ class Store:
         failed meanwhile never make a page repeat or skip anyone.
         """
         with self._read() as conn:
-            rows = conn.execute(pending_page_query(audience_id, audience_ids, after, limit))
-            return [PendingChange(r.audience_id, r.user_id, r.desired) for r in rows]
+            rows = conn.execute(pending_page_query(audience_id, audience_ids, after, limit, self.clock()))
+            return [PendingChange(r.audience_id, r.user_id, r.desired, r.unknown, r.failures) for r in rows]
 
-    def record(self, results: Sequence[Outcome], run_ids: dict[int, int], *, max_attempts: int = 5) -> None:
+    def mark_unknown(self, changes: Sequence[PendingChange]) -> None:
+        """Write-ahead for calls about to go out: until a verdict is stored, Gleap may hold either value."""
+        if not changes:
+            return
+        with self._write() as conn:
+            conn.execute(
+                sa.text("UPDATE memberships SET unknown = true WHERE audience_id = :a AND user_id = :u"),
+                [{"a": c.audience_id, "u": c.user_id} for c in changes],
+            )
+
+    def restore_unknown(self, changes: Sequence[PendingChange]) -> None:
+        """Calls marked but never sent: give the rows back the mark they had."""
+        if not changes:
+            return
+        with self._write() as conn:
+            conn.execute(
+                sa.text("UPDATE memberships SET unknown = :k WHERE audience_id = :a AND user_id = :u"),
+                [{"a": c.audience_id, "u": c.user_id, "k": c.unknown} for c in changes],
+            )
+
+    def record(
+        self,
+        results: Sequence[Outcome],
+        run_ids: dict[int, int],
+        *,
+        max_attempts: int = 5,
+        backoff: Backoff | None = None,
+    ) -> None:
         """Store Gleap's answers in one transaction: acknowledged values, failures, the delivery log.
 
-        A permanent failure counts towards ``max_attempts``; at the limit the
-        change is parked. A transient one (Gleap unreachable, retries used up)
-        stays pending as it was, for the next run.
+        - 2xx: the value sent is acknowledged, and the outcome is known again.
+        - A verdict (a 4xx but 408/429): the call was not applied, so the row's
+          unknown mark is what it was before; it counts towards ``max_attempts``,
+          and at the limit the change is parked.
+        - No verdict (timeout, dropped answer, 5xx, retries used up): Gleap may
+          have applied it, so the row stays marked unknown (and pending).
+        Every failure pushes the user's next attempt back (``backoff``).
         """
         if not results:
             return
+        backoff = backoff or Backoff()
         now = self.clock()
         acked: list[dict[str, Any]] = []
-        rejected: list[dict[str, Any]] = []
-        unreached: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
         log_rows: list[dict[str, Any]] = []
         tallies: dict[int, dict[str, int]] = {}
         for result in results:
@@ -486,16 +526,27 @@ class Store:
                     }
                 )
                 tally = tallies.setdefault(
-                    change.audience_id, dict.fromkeys(("sent", "failed", "retries", "rl"), 0)
+                    change.audience_id, dict.fromkeys(("sent", "failed", "unknown", "retries", "rl"), 0)
                 )
                 tally["retries"] += result.retries
                 tally["rl"] += result.rate_limited
                 if result.acknowledged:
                     acked.append(row | {"t": now})
                     tally["sent"] += 1
-                else:
-                    (rejected if result.permanent else unreached).append(row | {"e": result.error, "t": now})
-                    tally["failed"] += 1
+                    continue
+                tally["failed"] += 1
+                tally["unknown"] += result.unknown
+                failed.append(
+                    row
+                    | {
+                        "e": result.error,
+                        "t": now,
+                        "k": change.unknown or result.unknown,
+                        "verdict": result.permanent,
+                        "next": now + timedelta(seconds=backoff.delay(change.failures + 1)),
+                        "max": max_attempts,
+                    }
+                )
         with self._write() as conn:
             if acked:
                 # The value sent, not the current desired one, becomes acknowledged:
@@ -504,12 +555,14 @@ class Store:
                 # back as a non-member that Gleap has a value for.
                 conn.execute(
                     sa.text(
-                        "INSERT INTO memberships (audience_id, user_id, desired, acked, resend, changed_at, "
-                        "acked_at, attempts, last_status) VALUES (:a, :u, false, :v, false, :t, :t, 0, :s) "
+                        "INSERT INTO memberships (audience_id, user_id, desired, acked, resend, unknown, "
+                        "changed_at, acked_at, attempts, failures, last_status) "
+                        "VALUES (:a, :u, false, :v, false, false, :t, :t, 0, 0, :s) "
                         "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, "
-                        "resend = false, acked_at = excluded.acked_at, attempts = 0, "
-                        "last_status = excluded.last_status, last_error = NULL, parked_at = NULL"
-                    ),
+                        "resend = false, unknown = false, acked_at = excluded.acked_at, attempts = 0, "
+                        "failures = 0, next_attempt_at = NULL, last_status = excluded.last_status, "
+                        "last_error = NULL, parked_at = NULL"
+                    ).bindparams(sa.bindparam("t", type_=UtcDateTime)),
                     acked,
                 )
                 leavers = [{"a": row["a"], "u": row["u"]} for row in acked if not row["v"]]
@@ -521,22 +574,26 @@ class Store:
                         ),
                         leavers,
                     )
-            if rejected:
+            if failed:
+                # A failure is about the value sent: if the source changed it meanwhile,
+                # the new value starts with a clean slate (only the mark is kept).
                 conn.execute(
                     sa.text(
-                        "UPDATE memberships SET attempts = attempts + 1, last_status = :s, last_error = :e, "
-                        "parked_at = CASE WHEN attempts + 1 >= :max THEN :t ELSE NULL END "
-                        "WHERE audience_id = :a AND user_id = :u AND desired = :v"
-                    ).bindparams(sa.bindparam("t", type_=UtcDateTime)),
-                    [row | {"max": max_attempts} for row in rejected],
-                )
-            if unreached:
-                conn.execute(
-                    sa.text(
-                        "UPDATE memberships SET last_status = :s, last_error = :e "
+                        "UPDATE memberships SET unknown = :k, last_status = :s, last_error = :e, "
+                        "failures = CASE WHEN desired = :v THEN failures + 1 ELSE failures END, "
+                        "next_attempt_at = CASE WHEN desired = :v THEN :next ELSE next_attempt_at END, "
+                        "attempts = CASE WHEN desired = :v AND :verdict THEN attempts + 1 ELSE attempts END, "
+                        "parked_at = CASE WHEN desired = :v AND :verdict AND attempts + 1 >= :max THEN :t "
+                        "ELSE parked_at END "
                         "WHERE audience_id = :a AND user_id = :u"
+                    ).bindparams(
+                        sa.bindparam("t", type_=UtcDateTime),
+                        sa.bindparam("next", type_=UtcDateTime),
+                        sa.bindparam("verdict", type_=sa.Boolean),
+                        sa.bindparam("k", type_=sa.Boolean),
+                        sa.bindparam("v", type_=sa.Boolean),
                     ),
-                    unreached,
+                    failed,
                 )
             conn.execute(sa.insert(deliveries), log_rows)
             for audience_id, tally in tallies.items():
@@ -546,6 +603,7 @@ class Store:
                     .values(
                         sent=sync_runs.c.sent + tally["sent"],
                         failed=sync_runs.c.failed + tally["failed"],
+                        unknown=sync_runs.c.unknown + tally["unknown"],
                         retries=sync_runs.c.retries + tally["retries"],
                         rate_limited=sync_runs.c.rate_limited + tally["rl"],
                     )
@@ -553,13 +611,20 @@ class Store:
         failpoints.reach("after-record")
 
     def pending_count(self, audience_ids: Sequence[int]) -> int:
-        """Changes the next delivery would send (pending and not parked)."""
+        """Changes owed to Gleap and not parked (those waiting out a backoff included)."""
+        return self._count(_DELIVERABLE, audience_ids)
+
+    def due_count(self, audience_ids: Sequence[int]) -> int:
+        """Changes a delivery pass would send now: pending, not parked, past their backoff."""
+        return self._count(_due(memberships, self.clock()), audience_ids)
+
+    def _count(self, condition: sa.ColumnElement[bool], audience_ids: Sequence[int]) -> int:
         with self._read() as conn:
             return int(
                 conn.execute(
                     sa.select(sa.func.count())
                     .select_from(memberships)
-                    .where(_DELIVERABLE, memberships.c.audience_id.in_(audience_ids))
+                    .where(condition, memberships.c.audience_id.in_(audience_ids))
                 ).scalar_one()
             )
 
@@ -594,7 +659,9 @@ class Store:
         if user_id is not None:
             query = query.where(memberships.c.user_id == user_id)
         with self._write() as conn:
-            return conn.execute(query.values(parked_at=None, attempts=0)).rowcount
+            return conn.execute(
+                query.values(parked_at=None, attempts=0, failures=0, next_attempt_at=None)
+            ).rowcount
 
     # --- status -----------------------------------------------------------------
 
@@ -609,7 +676,9 @@ class Store:
                 memberships.c.audience_id,
                 sa.func.count().filter(memberships.c.desired == sa.true()).label("members"),
                 sa.func.count().filter(_DELIVERABLE).label("pending"),
-                sa.func.count().filter(memberships.c.parked_at.is_not(None)).label("parked"),
+                sa.func.count()
+                .filter(memberships.c.parked_at.is_not(None), memberships.c.pending == sa.true())
+                .label("parked"),
                 sa.func.count().filter(memberships.c.unknown == sa.true()).label("unknown"),
                 sa.func.min(memberships.c.changed_at).filter(_DELIVERABLE).label("oldest_pending_at"),
             )

@@ -9,17 +9,29 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import IO
 
 import httpx
+import sqlalchemy as sa
+from sqlalchemy import Connection
 
+from audiencesync import diff, plan
 from audiencesync.config import AudienceConfig, Config
-from audiencesync.delivery import Deliverer, Progress, plan_calls
+from audiencesync.delivery import Deliverer, Progress
 from audiencesync.diff import DiffCounts
-from audiencesync.errors import GleapAuthError, MissingTokenError, SourceError
-from audiencesync.gleap import IDENTIFY_PATH, identify_body
+from audiencesync.errors import (
+    GleapAuthError,
+    GleapError,
+    GleapUnavailableError,
+    MissingTokenError,
+    SourceError,
+    StoreError,
+)
+from audiencesync.gleap import MAX_CUSTOM_KEYS, identify_body, identify_url
+from audiencesync.schema import audiences
 from audiencesync.sources import ReadStats, Sources
-from audiencesync.store import Audience, Guard, Store
+from audiencesync.store import Audience, Backoff, Guard, Store, create_engine, schema_revisions, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +46,9 @@ class AudienceReport:
     left: int = 0
     sent: int = 0
     failed: int = 0
-    pending: int = 0
+    pending: int = 0  # owed to Gleap and not parked
+    parked: int = 0
+    unknown: int = 0  # calls whose outcome is unknown (pending until a verdict comes)
     retries: int = 0
     rate_limited: int = 0
     skipped_rows: int = 0
@@ -46,7 +60,8 @@ class AudienceReport:
         text = (
             f"{self.key}: {self.status} ({self.mode}) members={self.members} entered={self.entered} "
             f"left={self.left} sent={self.sent} failed={self.failed} pending={self.pending} "
-            f"retries={self.retries} rate_limited={self.rate_limited} skipped_rows={self.skipped_rows}"
+            f"parked={self.parked} unknown={self.unknown} retries={self.retries} "
+            f"rate_limited={self.rate_limited} skipped_rows={self.skipped_rows}"
         )
         if self.invalid_samples:
             text += f" invalid_ids=[{'; '.join(self.invalid_samples)}]"
@@ -61,7 +76,7 @@ class CycleReport:
     audiences: list[AudienceReport]
     dry_run: bool = False
     calls: int = 0
-    aborted: GleapAuthError | None = None
+    aborted: GleapError | None = None  # Gleap refused the token, or its breaker opened
 
     @property
     def retries(self) -> int:
@@ -117,6 +132,9 @@ class Syncer:
             self.config.gleap,
             token,
             max_attempts=self.config.sync.max_attempts,
+            backoff=Backoff(
+                self.config.sync.retry_backoff_seconds, self.config.sync.retry_backoff_max_seconds
+            ),
             transport=self.transport,
             backoff_initial=self.backoff_initial,
             page_size=self.page_size,
@@ -144,10 +162,10 @@ class Syncer:
             raise MissingTokenError()
         report = CycleReport(cycle_id=str(uuid.uuid4()), audiences=[], dry_run=dry_run)
         if dry_run:
-            with self.store.rehearsal() as rehearsal:
-                runs = [self.refresh(a, report.cycle_id, full=full, store=rehearsal) for a in selected]
-                report.calls = self._print_calls(rehearsal, runs, out)
-                self._finish(rehearsal, runs, report)
+            self._dry_run(report, selected, full=full, allow_removals=allow_removals, out=out)
+            for audience_report in report.audiences:
+                log.info("%s", audience_report.summary())
+            return report
         else:
             interrupted = self.store.mark_interrupted()
             if interrupted:
@@ -166,7 +184,7 @@ class Syncer:
                         audience_ids, keys_by_id, run_ids.__getitem__, stop=stop, tick=tick
                     )
                 )
-            except GleapAuthError as exc:
+            except (GleapAuthError, GleapUnavailableError) as exc:
                 report.aborted = exc
             self._finish(self.store, runs, report)
         for run in runs:
@@ -180,14 +198,13 @@ class Syncer:
         *,
         full: bool = False,
         allow_removals: bool = False,
-        store: Store | None = None,
     ) -> Run:
         """Start a run for the audience and bring its snapshot up to date with its source.
 
         A source failure or a held diff is recorded in the run's report, not raised:
         the other audiences go on.
         """
-        store = store or self.store
+        store = self.store
         audience = store.ensure_audience(config.key, config.name)
         mode = "initial" if audience.refreshed_at is None else ("full" if full else "incremental")
         run = Run(
@@ -224,12 +241,10 @@ class Syncer:
         self,
         run: Run,
         *,
-        aborted: GleapAuthError | None = None,
-        store: Store | None = None,
-        dry_run: bool = False,
+        aborted: GleapError | None = None,
     ) -> None:
         """Close the run, recording how it ended and what is still pending."""
-        store = store or self.store
+        store = self.store
         error: str | None
         if aborted is not None:
             status, error = "aborted", str(aborted)
@@ -239,26 +254,110 @@ class Syncer:
             status, error = "succeeded", None
         row = store.finish_run(run.run_id, status, error=error)
         run.report.failed, run.report.pending = row["failed"], row["pending_after"]
+        run.report.parked, run.report.unknown = row["parked_after"], row["unknown_after"]
         run.report.retries, run.report.rate_limited = row["retries"], row["rate_limited"]
-        # In a dry run nothing was sent: what is pending is what the printed calls would deliver.
-        run.report.sent = 0 if dry_run else row["sent"]
-        run.report.status = "planned" if dry_run and status == "succeeded" else row["status"]
+        run.report.sent = row["sent"]
+        run.report.status = row["status"]
 
     def _finish(self, store: Store, runs: list[Run], report: CycleReport) -> None:
         for run in runs:
-            self.finish(run, aborted=report.aborted, store=store, dry_run=report.dry_run)
+            self.finish(run, aborted=report.aborted)
             report.audiences.append(run.report)
 
-    def _print_calls(self, store: Store, runs: list[Run], out: IO[str] | None) -> int:
-        keys = {run.audience.id: run.audience.key for run in runs}
-        url = self.config.gleap.base_url + IDENTIFY_PATH
-        printed: set[str] = set()
-        for user_id, changes in plan_calls(store, list(keys), printed, self.page_size):
-            printed.add(user_id)
-            body = identify_body(user_id, {keys[c.audience_id]: c.value for c in changes})
-            if out is not None:
-                out.write(json.dumps({"method": "POST", "url": url, "json": body}) + "\n")
-        return len(printed)
+    # --- the dry run ----------------------------------------------------------
+
+    def _dry_run(
+        self,
+        report: CycleReport,
+        selected: Sequence[AudienceConfig],
+        *,
+        full: bool,
+        allow_removals: bool,
+        out: IO[str] | None,
+    ) -> None:
+        """Print the calls a sync would make now, as JSON lines, writing nothing to the store."""
+        current, head = schema_revisions(self.store.engine)
+        engine = self.store.engine
+        if current is None:
+            # A store no sync has used yet: plan against an empty one in memory,
+            # so that nothing (not even the schema) is written to the real one.
+            engine = create_engine("sqlite://", create=True)
+            upgrade(engine)
+        elif current != head:
+            raise StoreError(
+                f"the store is at schema revision {current}, older than this audiencesync's ({head}); "
+                "a dry run only reads, so it can't plan against the old schema. "
+                "Fix: run `audiencesync db upgrade` (a real sync does it by itself)."
+            )
+        url = identify_url(self.config.gleap)
+        now = self.store.clock()
+        try:
+            with engine.connect() as conn, conn.begin():
+                table = plan.create_plan(conn)
+                for config in selected:
+                    report.audiences.append(
+                        self._plan_audience(
+                            conn, table, config, full=full, allow_removals=allow_removals, now=now
+                        )
+                    )
+                for user_id, attributes in plan.planned_calls(conn, table, MAX_CUSTOM_KEYS):
+                    report.calls += 1
+                    if out is not None:
+                        body = identify_body(user_id, attributes)
+                        out.write(json.dumps({"method": "POST", "url": url, "json": body}) + "\n")
+                plan.drop_plan(conn, table)
+        finally:
+            if engine is not self.store.engine:
+                engine.dispose()
+
+    def _plan_audience(
+        self,
+        conn: Connection,
+        table: str,
+        config: AudienceConfig,
+        *,
+        full: bool,
+        allow_removals: bool,
+        now: datetime,
+    ) -> AudienceReport:
+        row = conn.execute(
+            sa.select(audiences.c.id, audiences.c.refreshed_at).where(audiences.c.key == config.key)
+        ).one_or_none()
+        audience_id = row.id if row is not None else None
+        initial = row is None or row.refreshed_at is None
+        report = AudienceReport(
+            key=config.key, mode="initial" if initial else ("full" if full else "incremental")
+        )
+        stats = ReadStats()
+        stage = diff.new_stage_name()
+        diff.create_stage(conn, stage)
+        try:
+            for batch in self.sources.read_ids(config, stats):
+                diff.load_batch(conn, stage, batch)
+            diff.analyze_stage(conn, stage)
+        except SourceError as exc:
+            report.status, report.error = "failed", str(exc)
+            log.error("%s", exc)
+            report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            diff.drop_stage(conn, stage)
+            return report
+        counts = plan.preview_counts(conn, stage, audience_id)
+        held = None if allow_removals else removal_guard(config)(counts)
+        report.members, report.entered, report.left = counts.members, counts.entered, counts.left
+        report.skipped_rows = stats.skipped
+        report.duplicate_rows = stats.rows - stats.skipped - counts.members
+        report.invalid_samples = stats.invalid_samples
+        if held is not None:
+            report.status, report.error = "held", held
+            log.error("audience %r held: %s", config.key, held)
+            report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+        else:
+            report.status = "planned"
+            report.pending = plan.add_applied(
+                conn, table, key=config.key, audience_id=audience_id, stage=stage, full=full, now=now
+            )
+        diff.drop_stage(conn, stage)
+        return report
 
 
 def removal_guard(audience: AudienceConfig) -> Guard:

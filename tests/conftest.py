@@ -113,6 +113,7 @@ def make_config(
         extra: str = "",
         requests_per_minute: int = 600_000,
         create_store: bool = True,
+        sync: str = 'retry_backoff = "0s"',
     ) -> Config:
         if audiences is None:
             audiences = """
@@ -136,6 +137,9 @@ def make_config(
             timeout_seconds = 2
             max_retries = 3
             {extra_gleap}
+
+            [sync]
+            {sync}
 
             [sources.main]
             url = "{source.url}"

@@ -35,6 +35,12 @@ from urllib.parse import urlsplit
 AUTH_PATH: Final = "/admin/auth"
 IDENTIFY_PATH: Final = "/admin/identify"
 RATE_WINDOW_SECONDS: Final = 60.0
+# Gleap's documented limits on an identify call's custom data.
+MAX_CUSTOM_KEYS: Final = 35
+CONTACT_FIELDS: Final = frozenset(
+    {"userId", "email", "name", "phone", "companyName", "companyId", "lang", "plan", "value",
+     "createdAt", "lastActivity", "lastPageView"}
+)  # fmt: skip
 _JSON: Final = "application/json"
 
 
@@ -255,6 +261,7 @@ class GleapStandIn:
         self._fail_rules: deque[list[Any]] = deque()
         self._delay_rules: deque[list[Any]] = deque()
         self._drop_rules: deque[list[Any]] = deque()
+        self._lose_rules: deque[list[Any]] = deque()
         self._user_faults: dict[str, deque[_UserFault]] = {}
         self._window: deque[float] = deque()
         self._connections: set[socket.socket] = set()
@@ -360,6 +367,11 @@ class GleapStandIn:
         with self._lock:
             self._delay_rules.append([count, seconds])
 
+    def lose_answer_next(self, count: int) -> None:
+        """Apply the next ``count`` identifies, then drop the connection: the answer is lost."""
+        with self._lock:
+            self._lose_rules.append([count, True])
+
     def drop_next(self, count: int) -> None:
         with self._lock:
             self._drop_rules.append([count, True])
@@ -370,6 +382,7 @@ class GleapStandIn:
             self._fail_rules.clear()
             self._delay_rules.clear()
             self._drop_rules.clear()
+            self._lose_rules.clear()
             self._user_faults.clear()
 
     def set_token(self, token: str) -> None:
@@ -421,6 +434,7 @@ class GleapStandIn:
             drop = _take(self._drop_rules) is not None
             failure: _Reply | None = None if drop else _take(self._fail_rules)
             limit_headers, limited = ({}, False) if drop or failure else self._admit()
+            lose = not (drop or failure or limited) and _take(self._lose_rules) is not None
 
         if delay and self._stopping.wait(delay):
             return _Reply(0)  # stopped mid-request: a dead server answers nothing
@@ -439,6 +453,12 @@ class GleapStandIn:
         user_id = body.get("userId")
         if not isinstance(user_id, str) or not user_id:
             return _json_reply(400, {"message": "userId must be a non-empty string"}, limit_headers)
+        custom = {k: v for k, v in body.items() if k not in CONTACT_FIELDS}
+        if len(custom) > MAX_CUSTOM_KEYS:
+            message = f"At most {MAX_CUSTOM_KEYS} custom data keys per call, got {len(custom)}"
+            return _json_reply(400, {"message": message}, limit_headers)
+        if not all(isinstance(v, str | int | float | bool) for v in custom.values()):
+            return _json_reply(400, {"message": "Custom data values must be strings, numbers or booleans"})
 
         with self._lock:
             fault = self._user_fault(user_id)
@@ -448,6 +468,8 @@ class GleapStandIn:
         if fault is not None:
             return _text_reply(fault.status, fault.body, limit_headers)
         self._contacts_changed()
+        if lose:
+            return _Reply(0)  # applied, but the answer never reaches the client
         return _json_reply(200, {"userId": user_id, "ok": True}, limit_headers)
 
     def _user_fault(self, user_id: str) -> _UserFault | None:

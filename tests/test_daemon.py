@@ -27,10 +27,8 @@ SCHEDULE = """
 interval = "2s"
 jitter = "1s"
 shutdown_grace_seconds = 5
-
-[sync]
-lease_seconds = 3
 """
+SYNC = 'lease_seconds = 3\nretry_backoff = "0s"'
 
 
 def free_port() -> int:
@@ -108,7 +106,7 @@ def test_daemon_syncs_on_schedule_and_serves_status_health_and_metrics(
     first = [f"u{i:03d}" for i in range(200)]
     source.set(first)
     config = make_config(
-        gleap.base_url, token=None, extra=SCHEDULE + f'[server]\nlisten = "127.0.0.1:{port}"\n'
+        gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE + f'[server]\nlisten = "127.0.0.1:{port}"\n'
     )
     daemon = daemons(config)
     wait_for(lambda: members_true(gleap) == set(first), what="the first full sync")
@@ -155,7 +153,7 @@ def test_sigterm_mid_delivery_exits_0_and_leaves_a_consistent_store(
 ) -> None:
     members = [f"u{i:03d}" for i in range(400)]
     source.set(members)
-    config = make_config(gleap.base_url, token=None, extra=SCHEDULE)
+    config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE)
     gleap.delay_next(10_000, 0.02)
     daemon = daemons(config)
     wait_for(lambda: len(gleap.identify_calls) >= 50, what="delivery to start")
@@ -183,7 +181,7 @@ def test_standby_takes_over_when_the_active_daemon_dies(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, daemons: Callable[[Config], Daemon]
 ) -> None:
     source.set(["u1", "u2"])
-    config = make_config(gleap.base_url, token=None, extra=SCHEDULE)
+    config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE)
     active = daemons(config)
     wait_for(lambda: members_true(gleap) == {"u1", "u2"}, what="the first daemon's sync")
     standby = daemons(config)
@@ -204,11 +202,11 @@ def test_sighup_reload_adds_an_audience_and_refuses_a_broken_config(
 ) -> None:
     source.set(["u1"], "a")
     source.set(["u7", "u8"], "b")
-    config = make_config(gleap.base_url, token=None, extra=SCHEDULE)
+    config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE)
     daemon = daemons(config)
     wait_for(lambda: members_true(gleap) == {"u1"}, what="the first sync")
 
-    make_config(gleap.base_url, token=None, extra=SCHEDULE, audiences=TWO_AUDIENCES)
+    make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE, audiences=TWO_AUDIENCES)
     daemon.process.send_signal(signal.SIGHUP)
     wait_for(lambda: members_true(gleap, "segment_b") == {"u7", "u8"}, timeout=15, what="the added audience")
     assert "reloaded" in daemon.output and "1 added" in daemon.output
@@ -230,7 +228,12 @@ def test_a_long_first_sync_does_not_hold_back_another_audiences_changes(
     source.set(["s1", "s2"], "b")
     # 100 calls a second: the big audience's first sync takes about 15 s.
     config = make_config(
-        gleap.base_url, token=None, extra=SCHEDULE, audiences=TWO_AUDIENCES, requests_per_minute=6000
+        gleap.base_url,
+        token=None,
+        sync=SYNC,
+        extra=SCHEDULE,
+        audiences=TWO_AUDIENCES,
+        requests_per_minute=6000,
     )
     daemon = daemons(config)
     wait_for(lambda: members_true(gleap, "segment_b") == {"s1", "s2"}, timeout=10, what="the small audience")
@@ -249,7 +252,7 @@ def test_a_second_signal_exits_at_once_and_the_store_stays_consistent(
 ) -> None:
     members = [f"u{i:03d}" for i in range(300)]
     source.set(members)
-    config = make_config(gleap.base_url, token=None, extra=SCHEDULE.replace("= 5", "= 60"))
+    config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE.replace("= 5", "= 60"))
     gleap.delay_next(10_000, 1.5)  # calls in flight would hold a graceful stop for a while
     daemon = daemons(config)
     wait_for(lambda: len(gleap.identify_calls) >= 8, what="delivery to start")
@@ -285,7 +288,7 @@ def test_a_daemon_that_loses_its_lease_stops_writing_and_goes_back_to_standby(
     store_url: str,
 ) -> None:
     source.set(["u1"])
-    config = make_config(gleap.base_url, token=None, extra=SCHEDULE)
+    config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE)
     daemon = daemons(config)
     wait_for(lambda: members_true(gleap) == {"u1"}, what="the first sync")
 

@@ -31,7 +31,7 @@ def test_identify_sends_the_token_and_the_body(gleap: GleapStandIn) -> None:
     answer, retries = identify(gleap)
     assert answer.ok and retries == 0
     [request] = gleap.requests
-    assert request.method == "POST" and request.path == "/admin/identify"
+    assert request.method == "POST" and request.path == "/admin/identify?preventLastActivityUpdate=true"
     assert request.headers["api-token"] == TOKEN
     assert request.body == {"vip": True, "userId": "u1"}
 

@@ -217,7 +217,7 @@ def test_rejections_park_after_max_attempts_until_requeued(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
 ) -> None:
     source.set(["u1", "bad"])
-    config = make_config(gleap.base_url, token=None, extra="[sync]\nmax_attempts = 2\n")
+    config = make_config(gleap.base_url, token=None, sync='max_attempts = 2\nretry_backoff = "0s"')
     token = {"GLEAP_API_TOKEN": TOKEN}
     gleap.fail_user("bad", 422, body='{"message": "userId rejected"}')
     assert sync(config, env=token).returncode == 1  # attempt 1
@@ -290,7 +290,7 @@ def test_second_sync_waits_or_names_the_holder(
 
 
 def test_expired_lease_of_a_dead_holder_is_taken_over(make_config: ConfigFactory, store_url: str) -> None:
-    engine = store_mod.create_engine(store_url)
+    engine = store_mod.create_engine(store_url, create=True)
     store_mod.upgrade(engine)
     now = store_mod.utc_now()
     with engine.begin() as conn:
@@ -314,7 +314,7 @@ def test_expired_lease_of_a_dead_holder_is_taken_over(make_config: ConfigFactory
 
 
 def test_a_process_that_lost_its_lease_stops_writing(store_url: str) -> None:
-    engine = store_mod.create_engine(store_url)
+    engine = store_mod.create_engine(store_url, create=True)
     store_mod.upgrade(engine)
     clock = [store_mod.utc_now()]
     mine = WriterLease(engine, lambda: clock[0], ttl_seconds=10)

@@ -300,12 +300,12 @@ def test_dry_run_prints_the_exact_calls_and_changes_nothing(
     assert lines == [
         {
             "method": "POST",
-            "url": f"{gleap.base_url}/admin/identify",
+            "url": f"{gleap.base_url}/admin/identify?preventLastActivityUpdate=true",
             "json": {"segment_a": False, "userId": "u1"},
         },
         {
             "method": "POST",
-            "url": f"{gleap.base_url}/admin/identify",
+            "url": f"{gleap.base_url}/admin/identify?preventLastActivityUpdate=true",
             "json": {"segment_a": True, "userId": "u3"},
         },
     ]

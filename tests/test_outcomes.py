@@ -1,0 +1,321 @@
+"""Hardened delivery: unknown outcomes, per-user backoff, retryable statuses, Gleap's documented
+limits, the circuit breaker and counts that agree. Against the loopback stand-in, on both stores."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from audiencesync import store as store_mod
+from audiencesync.config import Config
+from audiencesync.gleap import retryable
+from audiencesync.schema import memberships
+from audiencesync.store import Store
+from audiencesync.sync import CycleReport, Syncer
+from tests.conftest import TOKEN, ConfigFactory, SourceDB
+from tests.gleap_standin import GleapStandIn
+from tests.test_reliability import sync
+from tests.test_sync import only
+
+KEY = "segment_a"
+
+
+class Clock:
+    """A store clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = store_mod.utc_now()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def cycle(config: Config, clock: Clock | None = None, **kwargs: object) -> CycleReport:
+    engine = store_mod.engine_for(config.store)
+    syncer = Syncer(config, Store(engine, clock=clock or store_mod.utc_now), backoff_initial=0.01)
+    try:
+        return syncer.run_cycle(**kwargs)  # type: ignore[arg-type]
+    finally:
+        syncer.sources.dispose()
+        engine.dispose()
+
+
+def row(config: Config, user_id: str) -> dict[str, object] | None:
+    engine = store_mod.engine_for(config.store)
+    with engine.connect() as conn:
+        found = conn.execute(sa.select(memberships).where(memberships.c.user_id == user_id)).one_or_none()
+    engine.dispose()
+    return dict(found._mapping) if found is not None else None
+
+
+# --- A1: unknown outcomes -----------------------------------------------------------
+
+
+def test_lost_answer_then_flip_back_to_the_acknowledged_value_is_still_sent(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url)
+    assert cycle(config).complete
+    # u1 leaves; Gleap applies the false, but every answer is lost (4 attempts).
+    source.set(["u2"])
+    gleap.lose_answer_next(4)
+    report = cycle(config)
+    assert gleap.contacts["u1"][KEY] is False
+    assert only(report).unknown == 1 and not report.complete
+    # The source flips back to what Gleap last acknowledged. Gleap may hold false: send true.
+    source.set(["u1", "u2"])
+    gleap.reset_log()
+    report = cycle(config)
+    assert report.complete, report.audiences
+    assert gleap.identify_calls == [{KEY: True, "userId": "u1"}]
+    assert gleap.contacts["u1"][KEY] is True
+    settled = row(config, "u1")
+    assert settled is not None and not settled["unknown"]
+
+
+def test_lost_answer_for_a_new_member_who_then_leaves_sends_false(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    config = make_config(gleap.base_url)
+    assert cycle(config).complete
+    source.set(["u1", "n1"])
+    gleap.lose_answer_next(4)
+    cycle(config)
+    assert gleap.contacts["n1"][KEY] is True  # applied, though we never heard so
+    source.set(["u1"])  # n1 leaves before any acknowledgement
+    gleap.reset_log()
+    report = cycle(config)
+    assert report.complete
+    assert gleap.identify_calls == [{KEY: False, "userId": "n1"}]
+    assert row(config, "n1") is None  # acknowledged false: nothing left to keep
+
+
+def test_a_refused_connection_is_not_an_unknown_outcome(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    down = make_config("http://127.0.0.1:9")  # nothing listens: the request never leaves
+    report = cycle(down)
+    assert only(report).unknown == 0 and only(report).pending == 1
+    source.set([])
+    allowed = make_config(gleap.base_url, audiences=_ALLOW_EMPTY)
+    report = cycle(allowed)
+    assert report.complete and gleap.identify_calls == []  # Gleap never had u1
+
+
+_ALLOW_EMPTY = """
+    [[audiences]]
+    name = "Segment A"
+    source = "main"
+    query = "SELECT user_id FROM members WHERE segment = 'a'"
+    allow_empty = true
+"""
+
+
+def test_a_killed_call_stays_unknown_and_the_flip_back_is_sent(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    """The write-ahead mark: a crash after the call left, before its answer was stored."""
+    source.set(["u1"])
+    config = make_config(gleap.base_url, token=None)
+    env = {"GLEAP_API_TOKEN": TOKEN}
+    assert sync(config, env=env).returncode == 0
+    source.set([], "a")
+    released = make_config(gleap.base_url, token=None, audiences=_ALLOW_EMPTY)
+    # Die just after Gleap's first answer arrives, before it is recorded.
+    killed = sync(released, env=env | {"AUDIENCESYNC_FAILPOINT": "before-record:1"})
+    assert gleap.contacts["u1"][KEY] is False
+    assert killed.returncode != 0
+    source.set(["u1"])
+    gleap.reset_log()
+    assert sync(released, env=env).returncode == 0
+    assert gleap.contacts["u1"][KEY] is True
+
+
+# --- A2: per-user backoff, parking only for verdicts ---------------------------------------
+
+
+def test_transient_failures_back_off_per_user_and_never_park(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(
+        gleap.base_url, sync='max_attempts = 2\nretry_backoff = "1m"\nretry_backoff_max = "4m"'
+    )
+    clock = Clock()
+    gleap.fail_user("u1", 503, times=None)
+    cycle(config, clock)
+    first = row(config, "u1")
+    assert first is not None and first["failures"] == 1 and first["parked_at"] is None
+    assert first["next_attempt_at"] == clock.now + timedelta(minutes=1)
+    gleap.reset_log()
+    cycle(config, clock)  # too early: u1 is not tried again
+    assert gleap.requests == []
+    delays = []
+    for _ in range(5):
+        before = row(config, "u1")
+        assert before is not None
+        clock.now = before["next_attempt_at"]  # type: ignore[assignment]
+        cycle(config, clock)
+        after = row(config, "u1")
+        assert after is not None and after["parked_at"] is None  # 5xx is never a verdict
+        delays.append(after["next_attempt_at"] - clock.now)  # type: ignore[operator]
+    assert delays == [timedelta(minutes=m) for m in (2, 4, 4, 4, 4)]  # doubling, capped
+    gleap.clear_faults()
+    clock.advance(240)
+    report = cycle(config, clock)
+    assert report.complete and gleap.contacts["u1"][KEY] is True
+
+
+def test_verdicts_park_after_max_attempts_spread_over_time(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    config = make_config(gleap.base_url, sync='max_attempts = 3\nretry_backoff = "1m"')
+    clock = Clock()
+    gleap.fail_user("u1", 422, body='{"message": "bad user"}', times=None)
+    for expected in (1, 2):
+        cycle(config, clock)
+        r = row(config, "u1")
+        assert r is not None and r["attempts"] == expected and r["parked_at"] is None
+        cycle(config, clock)  # within the backoff: not tried, not counted
+        assert row(config, "u1")["attempts"] == expected  # type: ignore[index]
+        clock.advance(3600)
+    cycle(config, clock)
+    r = row(config, "u1")
+    assert r is not None and r["attempts"] == 3 and r["parked_at"] is not None
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(408, True), (429, True), (500, True), (502, True), (520, True), (599, True), (501, False)]
+    + [(s, False) for s in (400, 401, 403, 404, 409, 422, 423)],
+)
+def test_retryable_statuses(status: int, expected: bool) -> None:
+    assert retryable(status) is expected
+
+
+@pytest.mark.parametrize(("status", "verdict"), [(520, False), (501, True), (423, True)])
+def test_statuses_beyond_the_usual_five_are_classified(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, status: int, verdict: bool
+) -> None:
+    source.set(["u1"])
+    config = make_config(gleap.base_url)
+    gleap.fail_user("u1", status, times=None)
+    cycle(config)
+    calls = len(gleap.requests)
+    r = row(config, "u1")
+    assert r is not None
+    assert calls == (1 if verdict else 4)  # a verdict isn't retried; 520 is, up to max_retries
+    assert r["attempts"] == (1 if verdict else 0)
+    assert bool(r["unknown"]) is (not verdict)  # a 5xx may have been applied
+
+
+# --- D13 and D14: Gleap's documented behaviour ----------------------------------------------
+
+
+def test_identify_leaves_last_activity_alone_unless_told(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    cycle(make_config(gleap.base_url))
+    assert [r.path for r in gleap.requests] == ["/admin/identify?preventLastActivityUpdate=true"]
+    gleap.reset_log()
+    source.set(["u1", "u2"])
+    cycle(make_config(gleap.base_url, extra_gleap="prevent_last_activity_update = false"))
+    assert [r.path for r in gleap.requests if r.body and r.body.get("userId") == "u2"] == ["/admin/identify"]
+
+
+def test_sixty_audiences_for_one_user_go_in_calls_of_at_most_35_keys(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    audiences = "".join(
+        f'\n[[audiences]]\nname = "Segment {i:02d}"\nsource = "main"\n'
+        f"query = \"SELECT user_id FROM members WHERE segment = 'a'\"\n"
+        for i in range(60)
+    )
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=audiences)
+    report = cycle(config)
+    assert report.complete and report.calls == 4
+    sizes = sorted(len(body) - 1 for body in gleap.identify_calls)
+    assert sizes == [25, 25, 35, 35]
+    assert all(r.status == 200 for r in gleap.requests)  # the stand-in refuses more than 35
+    assert gleap.contacts["u1"] == {"userId": "u1", **{f"segment_{i:02d}": True for i in range(60)}}
+    # Each call is acknowledged on its own: the second call of u2 failing leaves only its keys pending.
+    source.set(["u1"])
+    gleap.reset_log()
+    gleap.fail_next(1, 400)
+    report = cycle(config)
+    assert sum(a.pending for a in report.audiences) in (25, 35)
+
+
+# --- B7: the circuit breaker ----------------------------------------------------------------
+
+
+def test_gleap_down_for_everyone_ends_the_run_fast_and_loses_nothing(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    members = [f"u{i:05d}" for i in range(2_000)]
+    source.set(members)
+    config = make_config(gleap.base_url, token=None)
+    gleap.fail_next(100_000, 503, body="upstream down")
+    started = time.monotonic()
+    result = sync(config, env={"GLEAP_API_TOKEN": TOKEN})
+    elapsed = time.monotonic() - started
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert f"Gleap at {gleap.base_url} is failing" in result.stderr and "HTTP 503" in result.stderr
+    # One clear error, not a warning per user (only those that gave up before it opened).
+    assert result.stderr.count("refused") <= config.gleap.max_concurrency
+    # Far fewer attempts than 2,000 users x 4 attempts: it stopped at the breaker.
+    assert len(gleap.requests) <= 20 + 4 * config.gleap.max_concurrency
+    assert elapsed < 120
+    engine = store_mod.engine_for(config.store)
+    store = Store(engine)
+    status = store.status()[0]
+    assert status.pending == 2_000 and status.parked == 0
+    assert store.lease_holder() is None  # the lease was released
+    engine.dispose()
+    gleap.clear_faults()
+    later = make_config(gleap.base_url, token=None, sync='retry_backoff = "0s"')
+    assert sync(later, env={"GLEAP_API_TOKEN": TOKEN}).returncode == 0
+    assert {u for u, c in gleap.contacts.items() if c.get(KEY) is True} == set(members)
+
+
+def test_one_failing_user_does_not_open_the_breaker(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set([f"u{i:03d}" for i in range(50)])
+    config = make_config(gleap.base_url, extra_gleap="breaker_failures = 3")
+    gleap.fail_user("u000", 503, times=None)
+    report = cycle(config)
+    assert report.aborted is None and only(report).sent == 49 and only(report).pending == 1
+
+
+# --- E18: counts that agree ----------------------------------------------------------------
+
+
+def test_pending_parked_and_unknown_agree_between_the_summary_and_status(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2", "u3", "u4"])
+    config = make_config(gleap.base_url, sync='max_attempts = 1\nretry_backoff = "0s"')
+    gleap.fail_user("u1", 400, times=None)  # parked at once
+    gleap.fail_user("u2", 503, times=None)  # pending, outcome unknown
+    report = cycle(config)
+    a = only(report)
+    assert (a.sent, a.pending, a.parked, a.unknown) == (2, 1, 1, 1)
+    assert a.status == "partial"
+    assert "parked=1" in a.summary() and "unknown=1" in a.summary()
+    engine = store_mod.engine_for(config.store)
+    [status] = Store(engine).status()
+    engine.dispose()
+    assert (status.pending, status.parked, status.unknown) == (a.pending, a.parked, a.unknown)
