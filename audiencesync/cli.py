@@ -27,6 +27,7 @@ from audiencesync.errors import (
     StoreBusyError,
     StoreError,
     StoreMissingError,
+    iso_time,
 )
 from audiencesync.gleap import GleapClient
 from audiencesync.lease import WriterLease
@@ -203,17 +204,24 @@ class JsonFormatter(logging.Formatter):
 def _cmd_check(args: argparse.Namespace, config: Config) -> int:
     """Each part an admin sets up, checked on its own: one line each, all of them even if one fails."""
     results: list[tuple[str, str | None]] = [(f"config {config.path}", None)]
-    engine = store.engine_for(config.store)
     try:
-        current, head = store.schema_revisions(engine)
-        state = (
-            "up to date" if current == head else f"at {current or 'no schema'}; `sync` migrates it to {head}"
-        )
-        results.append((f"store {display_url(config.store.url)} ({state})", None))
+        # Never create=True: a check must leave no new store file behind.
+        engine = store.engine_for(config.store)
     except AudienceSyncError as exc:
         results.append((f"store {display_url(config.store.url)}", str(exc)))
-    finally:
-        engine.dispose()
+    else:
+        try:
+            current, head = store.schema_revisions(engine)
+            state = (
+                "up to date"
+                if current == head
+                else f"at {current or 'no schema'}; `sync` migrates it to {head}"
+            )
+            results.append((f"store {display_url(config.store.url)} ({state})", None))
+        except AudienceSyncError as exc:
+            results.append((f"store {display_url(config.store.url)}", str(exc)))
+        finally:
+            engine.dispose()
     sources = Sources(config.sources)
     for audience in config.audiences:
         try:
@@ -242,13 +250,15 @@ async def _check_token(config: Config, token: Secret) -> None:
 
 
 def _cmd_history(args: argparse.Namespace, config: Config) -> int:
+    if args.audience:
+        config.audience(args.audience)  # refuse an unknown key before touching the store
     engine = _open_store(config).engine
     store.schema_revisions(engine)
     events = audit.history(engine, args.user, args.audience)
     if args.format == "json":
         print(json.dumps([vars(e) for e in events], default=_iso, indent=2))
         return EXIT_OK
-    rows: list[tuple[str, ...]] = [("time (UTC)", "audience", "event", "detail", "run")]
+    rows: list[tuple[str, ...]] = [("time", "audience", "event", "detail", "run")]
     for e in events:
         if e.kind == "told":
             detail = f"{str(e.value).lower()} -> {e.status or 'no answer'}" + (
@@ -264,6 +274,7 @@ def _cmd_history(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_members(args: argparse.Namespace, config: Config) -> int:
+    config.audience(args.audience)  # refuse an unknown key before touching the store
     engine = _open_store(config).engine
     store.schema_revisions(engine)
     at = None
@@ -280,7 +291,7 @@ def _cmd_members(args: argparse.Namespace, config: Config) -> int:
         print(user_id)
         count += 1
     print(
-        f"{count} member(s) of {args.audience}" + (f" at {at:%Y-%m-%d %H:%M:%S} UTC" if at else ""),
+        f"{count} member(s) of {args.audience}" + (f" at {_when(at)}" if at else ""),
         file=sys.stderr,
     )
     return EXIT_OK
@@ -371,13 +382,20 @@ def _status_json(
 
 
 def _iso(value: object) -> str:
+    """JSON's ``default``: datetimes as ISO 8601 with their offset (UTC when the value has none)."""
     if isinstance(value, datetime):
-        return value.isoformat()
+        return _aware(value).isoformat()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _when(value: object) -> str:
-    return f"{value:%Y-%m-%d %H:%M:%S}" if isinstance(value, datetime) else "-"
+    """A time for people: ISO 8601 to the second, with its offset, e.g. 2026-12-01T19:25:25+00:00."""
+    return iso_time(value) if isinstance(value, datetime) else "-"
+
+
+def _aware(value: datetime) -> datetime:
+    # The store hands out aware UTC datetimes; a naive one can only mean UTC too.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _print_table(rows: list[tuple[str, ...]], out: IO[str]) -> None:
@@ -401,7 +419,7 @@ def _cmd_failures(args: argparse.Namespace, config: Config) -> int:
     for change in parked:
         print(
             f"{change.audience}\t{change.user_id}\t{str(change.value).lower()}\t"
-            f"attempts={change.attempts}\tparked={change.parked_at:%Y-%m-%d %H:%M:%S}\t{change.last_error}"
+            f"attempts={change.attempts}\tparked={_when(change.parked_at)}\t{change.last_error}"
         )
     print(
         f"{len(parked)} parked change(s)" + ("; re-queue with `audiencesync retry`" if parked else ""),

@@ -6,23 +6,36 @@ file, the place in it and the fix (see ``errors.ConfigError``).
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-import re
 import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
-
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from typing import Any
 
 from audiencesync.errors import ConfigError
 from audiencesync.keys import key_for_name, key_problem
+from audiencesync.tomltable import Table, parse_duration
+from audiencesync.urls import check_base_url, display_url, resolve_url
+
+# Re-exported: other modules import these from here.
+__all__ = [
+    "AudienceConfig",
+    "Config",
+    "GleapConfig",
+    "ScheduleConfig",
+    "Secret",
+    "ServerConfig",
+    "SourceConfig",
+    "StoreConfig",
+    "SyncConfig",
+    "display_url",
+    "find_config",
+    "load_config",
+    "parse_duration",
+]
 
 ENV_CONFIG = "AUDIENCESYNC_CONFIG"
 ENV_TOKEN = "GLEAP_API_TOKEN"  # noqa: S105 - the name of the variable, not a secret
@@ -148,11 +161,6 @@ class Config:
         )
 
 
-def display_url(url: str) -> str:
-    """A database URL fit to show: the password masked."""
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def find_config(cli_path: str | None, environ: Mapping[str, str] = os.environ) -> Path:
     """The config file to use: --config, then $AUDIENCESYNC_CONFIG, then ./audiencesync.toml."""
     if cli_path:
@@ -182,60 +190,6 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     return _parse(raw, path, environ)
 
 
-T = TypeVar("T")
-
-
-class _Table:
-    """One TOML table being read: type-checks each key and reports leftovers as typos."""
-
-    def __init__(self, data: Any, path: Path, where: str, allowed: list[str]) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError("must be a table", path=str(path), where=where)
-        self._data = dict(data)
-        self._path = path
-        self.where = where
-        # Typos first: a misspelt key would otherwise surface as a missing one.
-        for key in self._data:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(allowed)}"
-                raise self.error(
-                    f"unknown key {key!r}", key=key, fix=f"remove it or fix its spelling ({hint})"
-                )
-
-    def error(self, message: str, fix: str | None = None, key: str | None = None) -> ConfigError:
-        where = f"{self.where}.{key}" if key else self.where
-        return ConfigError(message, path=str(self._path), where=where, fix=fix)
-
-    def take(self, key: str, kind: type[T], default: T | None = None, *, required: bool = False) -> T:
-        if key not in self._data:
-            if required or default is None:
-                raise self.error(f"the key {key!r} is required", fix=f"add {key} = ...")
-            return default
-        value = self._data.pop(key)
-        # TOML integers are fine where a float is expected; booleans are not numbers here.
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise self.error(
-                f"must be a {kind.__name__}, not {type(value).__name__}",
-                key=key,
-                fix=f"write {key} as a TOML {kind.__name__}",
-            )
-        return value
-
-    def take_optional(self, key: str, kind: type[T]) -> T | None:
-        if key not in self._data:
-            return None
-        return self.take(key, kind, required=True)
-
-    def take_positive(self, key: str, kind: type[T], default: T) -> T:
-        value = self.take(key, kind, default)
-        if value <= 0:  # type: ignore[operator]
-            raise self.error("must be greater than zero", key=key, fix=f"set {key} to a positive number")
-        return value
-
-
 GLEAP_KEYS = (
     "base_url",
     "api_token",
@@ -259,24 +213,22 @@ AUDIENCE_KEYS = (
     "jitter",
 )
 SCHEDULE_KEYS = ("interval", "jitter", "shutdown_grace_seconds", "misfire_grace_seconds")
-_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?")
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Config:
-    root = _Table(
+    root = Table(
         raw, path, "top level", ["store", "gleap", "sync", "schedule", "server", "sources", "audiences"]
     )
-    store_t = _Table(root.take("store", dict, {}), path, "[store]", ["url", "busy_timeout_seconds"])
-    gleap_t = _Table(root.take("gleap", dict, {}), path, "[gleap]", list(GLEAP_KEYS))
-    sync_t = _Table(root.take("sync", dict, {}), path, "[sync]", list(SYNC_KEYS))
-    schedule_t = _Table(root.take("schedule", dict, {}), path, "[schedule]", list(SCHEDULE_KEYS))
-    server_t = _Table(root.take("server", dict, {}), path, "[server]", ["listen", "stall_after"])
+    store_t = Table(root.take("store", dict, {}), path, "[store]", ["url", "busy_timeout_seconds"])
+    gleap_t = Table(root.take("gleap", dict, {}), path, "[gleap]", list(GLEAP_KEYS))
+    sync_t = Table(root.take("sync", dict, {}), path, "[sync]", list(SYNC_KEYS))
+    schedule_t = Table(root.take("schedule", dict, {}), path, "[schedule]", list(SCHEDULE_KEYS))
+    server_t = Table(root.take("server", dict, {}), path, "[server]", ["listen", "stall_after"])
     sources_raw = root.take("sources", dict, {})
     audiences_raw = root.take("audiences", list, [])
 
     store = StoreConfig(
-        url=_resolve_url(store_t.take("url", str, "sqlite:///audiencesync.db"), path, store_t),
+        url=_url(store_t, store_t.take("url", str, "sqlite:///audiencesync.db"), environ),
         busy_timeout_seconds=store_t.take_positive(
             "busy_timeout_seconds", float, StoreConfig.busy_timeout_seconds
         ),
@@ -299,7 +251,9 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         ),
         breaker_failures=gleap_t.take_positive("breaker_failures", int, defaults.breaker_failures),
     )
-    _check_base_url(gleap, gleap_t)
+    check_base_url(
+        gleap.base_url, allow_http=gleap.allow_http, config_path=path, where=gleap_t.place("base_url")
+    )
     if file_token and not env_token:
         _warn_if_readable(path)
 
@@ -308,18 +262,24 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         max_removal_fraction=_fraction(sync_t, sync_defaults.max_removal_fraction),
         max_attempts=sync_t.take_positive("max_attempts", int, sync_defaults.max_attempts),
         lease_seconds=sync_t.take_positive("lease_seconds", float, sync_defaults.lease_seconds),
-        retry_backoff_seconds=_duration(
-            sync_t, "retry_backoff", sync_defaults.retry_backoff_seconds, allow_zero=True
+        retry_backoff_seconds=sync_t.take_duration(
+            "retry_backoff", sync_defaults.retry_backoff_seconds, allow_zero=True
         ),
-        retry_backoff_max_seconds=_duration(
-            sync_t, "retry_backoff_max", sync_defaults.retry_backoff_max_seconds, allow_zero=True
+        retry_backoff_max_seconds=sync_t.take_duration(
+            "retry_backoff_max", sync_defaults.retry_backoff_max_seconds, allow_zero=True
         ),
     )
+    if sync.retry_backoff_max_seconds < sync.retry_backoff_seconds:
+        raise sync_t.error(
+            "is shorter than retry_backoff, so the backoff could never grow",
+            key="retry_backoff_max",
+            fix="set retry_backoff_max to at least retry_backoff",
+        )
 
     schedule_defaults = ScheduleConfig()
     schedule = ScheduleConfig(
-        interval=_duration(schedule_t, "interval", schedule_defaults.interval),
-        jitter=_duration(schedule_t, "jitter", schedule_defaults.jitter, allow_zero=True),
+        interval=schedule_t.take_duration("interval", schedule_defaults.interval),
+        jitter=schedule_t.take_duration("jitter", schedule_defaults.jitter, allow_zero=True),
         shutdown_grace_seconds=schedule_t.take_positive(
             "shutdown_grace_seconds", float, schedule_defaults.shutdown_grace_seconds
         ),
@@ -331,17 +291,17 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
 
     sources: dict[str, SourceConfig] = {}
     for name, table in sources_raw.items():
-        source_t = _Table(table, path, f"[sources.{name}]", ["url", "timeout_seconds"])
+        source_t = Table(table, path, f"[sources.{name}]", ["url", "timeout_seconds"])
         sources[name] = SourceConfig(
             name=name,
-            url=_resolve_url(source_t.take("url", str, required=True), path, source_t),
+            url=_url(source_t, source_t.take("url", str, required=True), environ),
             timeout_seconds=source_t.take_positive("timeout_seconds", float, SourceConfig.timeout_seconds),
         )
 
     audiences: list[AudienceConfig] = []
     seen: dict[str, str] = {}
     for index, table in enumerate(audiences_raw, start=1):
-        audience_t = _Table(table, path, f"[[audiences]] #{index}", list(AUDIENCE_KEYS))
+        audience_t = Table(table, path, f"[[audiences]] #{index}", list(AUDIENCE_KEYS))
         name = audience_t.take("name", str, required=True).strip()
         if name:
             audience_t.where = f"[[audiences]] #{index} ({name!r})"
@@ -384,8 +344,8 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
                 query=query,
                 max_removal_fraction=_fraction(audience_t, sync.max_removal_fraction),
                 allow_empty=audience_t.take("allow_empty", bool, False),
-                interval=_duration(audience_t, "interval", schedule.interval),
-                jitter=_duration(audience_t, "jitter", schedule.jitter, allow_zero=True),
+                interval=audience_t.take_duration("interval", schedule.interval),
+                jitter=audience_t.take_duration("jitter", schedule.jitter, allow_zero=True),
             )
         )
 
@@ -401,41 +361,18 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
     )
 
 
-def parse_duration(text: str) -> float | None:
-    """Seconds in "90s", "45m", "2h" or "1h30m"; None when the text is not such a duration."""
-    match = _DURATION.fullmatch(text.strip())
-    if not match or not any(match.groups()):
-        return None
-    hours, minutes, seconds = match.groups()
-    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
-
-
-def _duration(table: _Table, key: str, default: float, *, allow_zero: bool = False) -> float:
-    text = table.take_optional(key, str)
-    if text is None:
-        return default
-    seconds = parse_duration(text)
-    if seconds is None or (seconds == 0 and not allow_zero):
-        raise table.error(
-            f"{text!r} is not a duration",
-            key=key,
-            fix=f'write {key} as a string like "90s", "45m", "2h" or "1h30m"',
-        )
-    return seconds
-
-
-def _listen(table: _Table) -> ServerConfig | None:
+def _listen(table: Table) -> ServerConfig | None:
     listen = table.take_optional("listen", str)
     if listen is None:
         return None
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise table.error(f"{listen!r} is not HOST:PORT", key="listen", fix='write listen = "127.0.0.1:9464"')
-    stall_after = _duration(table, "stall_after", ServerConfig.stall_after_seconds)
+    stall_after = table.take_duration("stall_after", ServerConfig.stall_after_seconds)
     return ServerConfig(host.strip("[]"), int(port), stall_after)
 
 
-def _fraction(table: _Table, default: float) -> float:
+def _fraction(table: Table, default: float) -> float:
     value = table.take("max_removal_fraction", float, default)
     if not 0.0 <= value <= 1.0:
         raise table.error(
@@ -444,21 +381,6 @@ def _fraction(table: _Table, default: float) -> float:
             fix="write the largest share of members one cycle may remove, e.g. 0.5",
         )
     return value
-
-
-def _check_base_url(gleap: GleapConfig, table: _Table) -> None:
-    parts = urlsplit(gleap.base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise table.error(
-            "must be an http(s) URL", key="base_url", fix='write base_url = "https://api.gleap.io"'
-        )
-    loopback = parts.hostname in LOOPBACK_HOSTS or parts.hostname.startswith("127.")
-    if parts.scheme == "http" and not loopback and not gleap.allow_http:
-        raise table.error(
-            "is plain http to a remote host, which would send the API token unencrypted",
-            key="base_url",
-            fix="use https, or set allow_http = true for an on-premise Gleap on a trusted network",
-        )
 
 
 def _warn_if_readable(path: Path) -> None:
@@ -477,23 +399,5 @@ def _warn_if_readable(path: Path) -> None:
         )
 
 
-def _resolve_url(url: str, config_path: Path, table: _Table) -> str:
-    """Validate a database URL; relative SQLite paths are taken relative to the config file."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise table.error(
-            "is not a valid database URL",
-            key="url",
-            fix='write a SQLAlchemy URL such as "sqlite:///audiencesync.db" or "postgresql+psycopg://user@host/db"',
-        ) from None
-    database = parsed.database
-    if (
-        parsed.get_backend_name() == "sqlite"
-        and database
-        and database != ":memory:"
-        and not database.startswith("file:")
-        and not Path(database).is_absolute()
-    ):
-        parsed = parsed.set(database=str((config_path.parent / database).resolve()))
-    return parsed.render_as_string(hide_password=False)
+def _url(table: Table, url: str, environ: Mapping[str, str]) -> str:
+    return resolve_url(url, config_path=table.path, where=table.place("url"), environ=environ)

@@ -7,7 +7,13 @@ went wrong, which thing it concerns, and how to fix it.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+
+
+def iso_time(value: datetime) -> str:
+    """How every message shows a time: ISO 8601 to the second with its offset (naive means UTC)."""
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    return aware.isoformat(timespec="seconds")
 
 
 class AudienceSyncError(Exception):
@@ -53,8 +59,8 @@ class StoreBusyError(StoreError):
         self.expires = expires
         waited_text = f" after waiting {waited:g} s" if waited else ""
         super().__init__(
-            f"the store is in use by another audiencesync ({holder}, since {since:%Y-%m-%d %H:%M:%S} UTC; "
-            f"its lease runs to {expires:%H:%M:%S} UTC unless renewed){waited_text}. "
+            f"the store is in use by another audiencesync ({holder}, since {iso_time(since)}; "
+            f"its lease runs to {iso_time(expires)} unless renewed){waited_text}. "
             "Fix: let it finish, pass --wait SECONDS to queue behind it, or stop that process. "
             "If it crashed, its lease expires by itself."
         )

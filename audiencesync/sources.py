@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audiencesync.config import AudienceConfig, SourceConfig, display_url
 from audiencesync.errors import SourceError
+from audiencesync.urls import sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class Sources:
         the audience and the source (its URL with the password masked).
         """
         source = self._configs[audience.source]
+        _refuse_missing_file(audience, source)
         deadline = time.monotonic() + source.timeout_seconds
         try:
             with (
@@ -178,6 +180,19 @@ class Sources:
                 batch.append(user_id)
             if batch:
                 yield batch
+
+
+def _refuse_missing_file(audience: AudienceConfig, source: SourceConfig) -> None:
+    """sqlite3 would create a missing file and read it as an empty audience; refuse instead."""
+    path = sqlite_file(source.url)
+    if path is not None and not path.exists():
+        raise SourceError(
+            f"the source file {path} does not exist. Fix: check [sources.{source.name}] url "
+            "(relative paths are taken from the config file's directory); audiencesync never "
+            "creates a source",
+            audience=audience.key,
+            source=source.name,
+        )
 
 
 class _TimedOut(Exception):

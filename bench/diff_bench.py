@@ -62,7 +62,7 @@ from audiencesync.schema import memberships
 from audiencesync.sources import ReadStats, Sources
 from audiencesync.store import Audience, Store
 from audiencesync.sync import Syncer
-from tests import gleap_standin
+from tests import gleap_standin, postgres_guard
 
 TOKEN = "bench-token"
 CONCURRENCY = 8
@@ -421,6 +421,8 @@ def main() -> int:
 
     if args.store == "postgresql" and not args.postgres_url:
         parser.error("--store postgresql needs --postgres-url or AUDIENCESYNC_TEST_POSTGRES_URL")
+    if args.store == "postgresql" and (refusal := postgres_guard.refusal(args.postgres_url)):
+        parser.error(refusal)
     if args.members < 1 or not 0 <= args.churn <= 1 or args.calls < 1:
         parser.error("--members and --calls must be positive and --churn between 0 and 1")
     return bench(args)

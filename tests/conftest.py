@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config, load_config
+from tests import postgres_guard
 
 if TYPE_CHECKING:
     from tests.gleap_standin import GleapStandIn
@@ -23,6 +24,9 @@ TOKEN = "test-token-9f2c1d"
 
 
 def _reset_postgres(url: str) -> None:
+    refusal = postgres_guard.refusal(url)
+    if refusal is not None:
+        pytest.fail(refusal, pytrace=False)
     engine = sa.create_engine(url)
     try:
         with engine.begin() as conn:

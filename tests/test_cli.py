@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from audiencesync.errors import StoreBusyError
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 
@@ -182,3 +185,136 @@ def test_check_reports_each_part(make_config: ConfigFactory, source: SourceDB, g
     wrong = run(config.path, "check", token="not-the-token")
     assert "FAIL  gleap token" in wrong.stdout and "401" in wrong.stdout
     assert "not-the-token" not in wrong.stdout + wrong.stderr
+
+
+ISO_WITH_OFFSET = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00"
+
+
+def write_config(tmp_path: Path, store_url: str, source_url: str, extra: str = "") -> Path:
+    path = tmp_path / "plain.toml"
+    path.write_text(
+        f'[store]\nurl = "{store_url}"\n\n[gleap]\nbase_url = "http://127.0.0.1:9"\n\n'
+        f'[sources.main]\nurl = "{source_url}"\n{extra}\n'
+        '[[audiences]]\nname = "Segment A"\nsource = "main"\nquery = "SELECT user_id FROM members"\n\n'
+        '[[audiences]]\nname = "Segment B"\nsource = "main"\nquery = "SELECT user_id FROM members"\n'
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sync", "--dry-run", "--audience", "segment_c"],
+        ["history", "u1", "--audience", "segment_c"],
+        ["members", "segment_c"],
+        ["failures", "--audience", "segment_c"],
+        ["retry", "--audience", "segment_c"],
+    ],
+)
+def test_every_command_refuses_an_unconfigured_audience_key(
+    tmp_path: Path, source: SourceDB, command: list[str]
+) -> None:
+    # No store file at all: the key must be refused before the store is even looked at.
+    store_path = tmp_path / "never.db"
+    config = write_config(tmp_path, f"sqlite:///{store_path}", source.url)
+    result = run(config, *command)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no audience has the key 'segment_c'" in result.stderr
+    assert "segment_a, segment_b" in result.stderr and "Traceback" not in result.stderr
+    assert not store_path.exists()
+
+
+def test_times_print_as_iso_8601_with_an_offset(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, token=None, extra="[sync]\nmax_attempts = 1\n")
+    gleap.fail_user("u2", 422, body="unprocessable")
+    assert run(config.path, "sync", token=TOKEN).returncode == 1
+
+    table = run(config.path, "history", "u1")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split()[0] == "time"
+    assert re.search(rf"^{ISO_WITH_OFFSET}  segment_a  entered", table.stdout, re.MULTILINE), table.stdout
+
+    as_json = json.loads(run(config.path, "history", "u1", "--format", "json").stdout)
+    assert as_json and all(re.fullmatch(r"\d{4}-.*T.*\+00:00", event["at"]) for event in as_json)
+
+    parked = run(config.path, "failures")
+    assert re.search(rf"\tparked={ISO_WITH_OFFSET}\t", parked.stdout), parked.stdout
+
+    members = run(config.path, "members", "segment_a", "--at", "2999-11-01T12:00:00Z")
+    assert members.returncode == 0 and set(members.stdout.split()) == {"u1", "u2"}
+    assert "at 2999-11-01T12:00:00+00:00" in members.stderr
+
+
+def test_store_busy_message_shows_iso_times() -> None:
+    since = datetime(2026, 12, 1, 19, 25, 25, 123456, tzinfo=UTC)
+    message = str(StoreBusyError(holder="h pid 1", since=since, expires=since, waited=0))
+    assert "since 2026-12-01T19:25:25+00:00;" in message and "runs to 2026-12-01T19:25:25+00:00" in message
+
+
+def test_check_reports_a_missing_store_and_leaves_no_file(
+    tmp_path: Path, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    store_path = tmp_path / "typo.db"
+    config = write_config(tmp_path, f"sqlite:///{store_path}", source.url)
+    result = run(config, "check", token=TOKEN)
+    assert result.returncode == 1, result.stderr
+    assert f"FAIL  store sqlite:///{store_path}\n" in result.stdout
+    assert f"the store file {store_path} does not exist" in result.stdout and "db upgrade" in result.stdout
+    assert "ok    audience segment_a" in result.stdout  # the other parts are still checked
+    assert not store_path.exists()
+
+
+def test_a_missing_sqlite_source_is_an_error_and_is_never_created(
+    tmp_path: Path, make_config: ConfigFactory, store_url: str
+) -> None:
+    if not store_url.startswith("sqlite"):
+        pytest.skip("the source, not the store, is under test")
+    config = make_config()
+    missing = tmp_path / "no_such_source.db"
+    config.path.write_text(
+        re.sub(r'(\[sources\.main\]\nurl = )"[^"]*"', rf'\1"sqlite:///{missing}"', config.path.read_text())
+    )
+    checked = run(config.path, "check", token=TOKEN)
+    assert checked.returncode == 1
+    assert "FAIL  audience segment_a (source main)" in checked.stdout
+    assert f"(source 'main'): the source file {missing} does not exist" in checked.stdout
+    for command in (["sync", "--dry-run"], ["sync"]):
+        synced = run(config.path, *command, token=TOKEN)
+        assert synced.returncode == 1 and f"{missing} does not exist" in synced.stdout + synced.stderr
+    assert not missing.exists()
+
+
+def test_a_password_from_the_environment_is_never_shown(tmp_path: Path, source: SourceDB) -> None:
+    password = "s3cr3t-pa55"
+    unreachable = "postgresql+psycopg://postgres:${H1_DB_PASSWORD}@127.0.0.1:1/test_nowhere"
+    config = write_config(tmp_path, unreachable, unreachable.replace("test_nowhere", "test_source"))
+    env = {k: v for k, v in os.environ.items() if k != "GLEAP_API_TOKEN"} | {"H1_DB_PASSWORD": password}
+
+    def run_with_env(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "audiencesync", "--config", str(path), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+
+    checked = run_with_env(config, "check")
+    assert "FAIL  store postgresql+psycopg://postgres:***@127.0.0.1:1/test_nowhere" in checked.stdout
+    assert "FAIL  audience segment_a" in checked.stdout and "postgres:***@" in checked.stdout
+    synced = run_with_env(config, "sync", "--dry-run")
+    assert synced.returncode == 3 and "postgres:***@" in synced.stderr
+
+    # A URL that only breaks once expanded: the error must not quote it.
+    env["H1_DB_PASSWORD"] = f"{password}@@ not a url"
+    broken = write_config(tmp_path, "${H1_DB_PASSWORD}", source.url)
+    refused = run_with_env(broken, "check")
+    assert refused.returncode == 2
+    assert "[store].url: is not a valid database URL (after expanding ${...})" in refused.stderr
+    for output in (checked, synced, refused):
+        assert password not in output.stdout + output.stderr

@@ -7,9 +7,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from audiencesync.cli import main
-from audiencesync.config import find_config, load_config, parse_duration
+from audiencesync.config import display_url, find_config, load_config, parse_duration
 from audiencesync.errors import ConfigError
 
 BASE = """
@@ -98,7 +99,17 @@ def test_bad_config_is_refused_with_a_useful_message(tmp_path: Path, text: str, 
     ("gleap", "ok"),
     [
         ('base_url = "http://127.0.0.1:8080"', True),
+        ('base_url = "http://127.3.4.5:8080"', True),
+        ('base_url = "http://[::1]:8080"', True),
         ('base_url = "http://localhost:8080"', True),
+        ('base_url = "http://LocalHost:8080"', True),
+        ('base_url = "http://127.example.com"', False),
+        ('base_url = "http://127.0.0.1.nip.io"', False),
+        ('base_url = "http://localhost.example.com"', False),
+        ('base_url = "http://128.0.0.1"', False),
+        ('base_url = "http://0.0.0.0:8080"', False),
+        ('base_url = "http://[::ffff:127.0.0.1]:8080"', False),
+        ('base_url = "http://[::2]:8080"', False),
         ('base_url = "http://gleap.internal"', False),
         ('base_url = "http://gleap.internal"\nallow_http = true', True),
         ('base_url = "https://gleap.internal"', True),
@@ -212,3 +223,92 @@ def test_cli_without_token_refuses_and_says_how(
     err = capsys.readouterr().err
     assert "GLEAP_API_TOKEN" in err and "--dry-run" in err
     assert not (tmp_path / "store.db").exists()  # refused before touching the store
+
+
+def test_new_settings_parse(tmp_path: Path) -> None:
+    text = BASE.replace('url = "sqlite:///store.db"', 'url = "sqlite:///store.db"\nbusy_timeout_seconds = 5')
+    text += "[gleap]\nprevent_last_activity_update = false\nbreaker_failures = 3\n"
+    text += '[sync]\nretry_backoff = "30s"\nretry_backoff_max = "1h30m"\n'
+    text += '[server]\nlisten = "127.0.0.1:9464"\nstall_after = "5m"\n' + AUDIENCE
+    config = load_config(write(tmp_path, text))
+    assert config.store.busy_timeout_seconds == 5.0
+    assert config.gleap.prevent_last_activity_update is False and config.gleap.breaker_failures == 3
+    assert (config.sync.retry_backoff_seconds, config.sync.retry_backoff_max_seconds) == (30, 5400)
+    assert config.server is not None and config.server.stall_after_seconds == 300
+
+
+def test_new_settings_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE + '[server]\nlisten = "127.0.0.1:9464"\n' + AUDIENCE))
+    assert config.store.busy_timeout_seconds == 30.0
+    assert config.gleap.prevent_last_activity_update is True and config.gleap.breaker_failures == 20
+    assert (config.sync.retry_backoff_seconds, config.sync.retry_backoff_max_seconds) == (60, 3600)
+    assert config.server is not None and config.server.stall_after_seconds == 900
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("[store]\nbusy_timeout_seconds = 0\n", ["[store].busy_timeout_seconds", "greater than zero"]),
+        ('[store]\nbusy_timeout_seconds = "30s"\n', ["[store].busy_timeout_seconds", "must be a float"]),
+        ('[gleap]\nprevent_last_activity_update = "no"\n', ["prevent_last_activity_update", "bool"]),
+        ("[gleap]\nbreaker_failures = 0\n", ["[gleap].breaker_failures", "greater than zero"]),
+        ("[gleap]\nbreaker_failures = 2.5\n", ["[gleap].breaker_failures", "must be a int"]),
+        ("[sync]\nretry_backoff = 60\n", ["[sync].retry_backoff", "must be a str"]),
+        ('[sync]\nretry_backoff = "1 minute"\n', ["[sync].retry_backoff", "is not a duration"]),
+        ('[sync]\nretry_backoff_max = "1x"\n', ["[sync].retry_backoff_max", "is not a duration"]),
+        (
+            '[sync]\nretry_backoff = "2h"\nretry_backoff_max = "1h"\n',
+            ["[sync].retry_backoff_max", "at least retry_backoff"],
+        ),
+        ('[server]\nlisten = "127.0.0.1:9464"\nstall_after = "0s"\n', ["[server].stall_after", "duration"]),
+        ('[server]\nlisten = "127.0.0.1:9464"\nstall_afterr = "5m"\n', ["did you mean 'stall_after'"]),
+    ],
+)
+def test_new_settings_are_validated(tmp_path: Path, extra: str, expected: list[str]) -> None:
+    text = BASE + AUDIENCE + extra
+    if extra.startswith("[store]"):
+        text = BASE.replace("[store]\n", extra) + AUDIENCE
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    for fragment in expected:
+        assert fragment in str(info.value)
+
+
+def test_database_urls_expand_environment_variables(tmp_path: Path) -> None:
+    environ = {"PGPASS": "pa$$w0rd", "WAREHOUSE_DIR": str(tmp_path / "wh")}
+    text = BASE.replace(
+        'url = "sqlite:///store.db"', 'url = "postgresql+psycopg://app:${PGPASS}@db.internal/audiencesync"'
+    ).replace('url = "sqlite:///source.db"', 'url = "sqlite:///${WAREHOUSE_DIR}/source.db"')
+    config = load_config(write(tmp_path, text + AUDIENCE), environ)
+    assert make_url(config.store.url).password == "pa$$w0rd"
+    assert display_url(config.store.url) == "postgresql+psycopg://app:***@db.internal/audiencesync"
+    assert config.sources["warehouse"].url == f"sqlite:///{tmp_path / 'wh' / 'source.db'}"
+    # Only ${NAME} is a reference: a bare $ (common in passwords) stays as written.
+    literal = BASE.replace('url = "sqlite:///store.db"', 'url = "postgresql+psycopg://app:a$b@h/db"')
+    assert make_url(load_config(write(tmp_path, literal + AUDIENCE), {}).store.url).password == "a$b"
+
+
+def test_display_url_masks_a_password_in_the_query_too() -> None:
+    shown = display_url("postgresql+psycopg://app@h/db?password=hunter2&sslmode=require")
+    assert "hunter2" not in shown and "sslmode=require" in shown
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [("[store]", "[store].url"), ("[sources.warehouse]", "[sources.warehouse].url")],
+)
+def test_a_missing_environment_variable_is_named(tmp_path: Path, table: str, key: str) -> None:
+    text = BASE + AUDIENCE
+    head, _, tail = text.partition(table + "\n")
+    text = (
+        head
+        + table
+        + '\nurl = "postgresql+psycopg://app:${NOT_SET_ANYWHERE}@h/db"\n'
+        + tail.split("\n", 1)[1]
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    message = str(info.value)
+    assert str(path) in message and key in message
+    assert "environment variable 'NOT_SET_ANYWHERE'" in message and "export NOT_SET_ANYWHERE=" in message

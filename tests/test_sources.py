@@ -79,3 +79,14 @@ def test_postgres_source_streams_with_a_server_side_cursor() -> None:
     assert [len(b) for b in batches] == [1000, 1000, 500]
     assert all(len(i) == 36 and i == i.lower() for i in batches[0])
     assert stats.skipped == 1
+
+
+def test_a_missing_sqlite_file_is_refused_and_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "gone.db"
+    sources = Sources({"dw": SourceConfig(name="dw", url=f"sqlite:///{missing}")})
+    target = AudienceConfig(name="A", key="a", source="dw", query="SELECT 1 AS user_id")
+    with pytest.raises(SourceError) as info:
+        list(sources.read_ids(target, ReadStats()))
+    assert f"(source 'dw'): the source file {missing} does not exist" in str(info.value)
+    assert "[sources.dw] url" in str(info.value)
+    assert not missing.exists()
