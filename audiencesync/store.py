@@ -1,145 +1,34 @@
-"""The membership store: engine setup, migrations, and every query on it."""
+"""The membership store: every query on audiences, memberships and runs.
+
+Engines and migrations live in ``database``, the bookkeeping of Gleap's
+answers in ``outcomes``; both are re-exported here for the callers that
+think of them as the store's.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, Engine
 
-from audiencesync import diff, failpoints
-from audiencesync.config import StoreConfig, display_url
-from audiencesync.diff import DiffCounts
-from audiencesync.errors import StoreError, StoreMissingError
-from audiencesync.schema import (
-    UtcDateTime,
-    audiences,
-    deliveries,
-    leases,
-    memberships,
-    sync_runs,
-    write_connection,
+from audiencesync import diff, failpoints, outcomes
+from audiencesync.database import (
+    create_engine as create_engine,
+    engine_for as engine_for,
+    schema_revisions as schema_revisions,
+    upgrade as upgrade,
+    utc_now as utc_now,
 )
+from audiencesync.diff import DiffCounts
+from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
+from audiencesync.schema import audiences, leases, memberships, sync_runs, write_connection
 
 Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file behind a SQLite URL, or None for another database or an in-memory one."""
-    parsed = sa.make_url(url)
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return None
-    if database.startswith("file:"):
-        return None  # a URI filename: its own mode= decides
-    return Path(database)
-
-
-def create_engine(url: str, *, create: bool = False, busy_timeout_seconds: float = 30.0) -> Engine:
-    """An engine for the store, with SQLite set up for one writer and many readers.
-
-    A SQLite file that does not exist is refused unless ``create``: a typo in
-    the URL must not start a new, empty store (and re-send every member).
-    """
-    path = sqlite_path(url)
-    if path is not None and not create and not path.exists():
-        raise StoreMissingError(str(path))
-    engine = sa.create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
-        _tune_sqlite(engine, busy_timeout_seconds)
-    return engine
-
-
-def engine_for(config: StoreConfig, *, create: bool = False) -> Engine:
-    """The engine for a configured store (see ``create_engine``)."""
-    return create_engine(config.url, create=create, busy_timeout_seconds=config.busy_timeout_seconds)
-
-
-def _tune_sqlite(engine: Engine, busy_timeout_seconds: float) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy, not pysqlite, decide when transactions begin (see "begin").
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_seconds * 1000)}")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # A deferred transaction that reads then writes fails at once with
-        # "database is locked" when another connection writes, busy_timeout or
-        # not; IMMEDIATE takes the write lock up front and waits for it instead.
-        # Everything else, readers above all, begins DEFERRED: in WAL mode a reader
-        # then never takes the write lock, however slowly it drains its rows.
-        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
-
-
-# --- migrations ---------------------------------------------------------------
-
-
-def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(importlib.resources.files("audiencesync.migrations")))
-    if connection is not None:
-        cfg.attributes["connection"] = connection
-    return cfg
-
-
-def schema_revisions(engine: Engine) -> tuple[str | None, str]:
-    """(the store's revision, the newest this version of audiencesync knows)."""
-    script = ScriptDirectory.from_config(_alembic_config())
-    head = script.get_current_head()
-    assert head is not None
-    try:
-        with engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-    except OperationalError as exc:
-        raise StoreError(
-            f"cannot open the store at {display_url(engine.url.render_as_string(hide_password=False))}: "
-            f"{str(exc.orig).strip()}. Fix: check [store] url and that the database is reachable."
-        ) from None
-    if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
-        raise StoreError(
-            f"the store is at schema revision {current!r}, made by a newer audiencesync. "
-            "Fix: upgrade audiencesync (pip install -U audiencesync); this version will not touch it."
-        )
-    return current, head
-
-
-MIGRATION_LOCK_ID = 0x61756473796E63  # "audsync"
-
-
-def upgrade(engine: Engine) -> bool:
-    """Apply pending migrations. Returns whether anything was applied."""
-    current, head = schema_revisions(engine)
-    if current == head:
-        return False
-    with write_connection(engine) as conn, conn.begin():
-        # Two processes starting on a new store must not both run the DDL. SQLite's
-        # BEGIN IMMEDIATE already serialises them; PostgreSQL needs a lock. Alembic
-        # reads the revision again inside, so the second one finds nothing to do.
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
-        command.upgrade(_alembic_config(conn), "head")
-    return True
 
 
 # --- records ------------------------------------------------------------------
@@ -151,49 +40,6 @@ class Audience:
     key: str
     name: str
     refreshed_at: datetime | None
-
-
-@dataclass(frozen=True)
-class PendingChange:
-    audience_id: int
-    user_id: str
-    value: bool
-    unknown: bool = False  # an earlier call's outcome is unknown (as read, before this call)
-    failures: int = 0  # failed deliveries of this value so far
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """Gleap's answer to one call, which carried one or more audiences' values."""
-
-    changes: tuple[PendingChange, ...]
-    status: int  # 0 when no answer came
-    error: str | None = None
-    permanent: bool = False  # Gleap rejected the call itself (400/404/422...), not a passing fault
-    retries: int = 0
-    rate_limited: int = 0
-    maybe_applied: bool = True  # no verdict, and the request may have reached Gleap
-
-    @property
-    def acknowledged(self) -> bool:
-        return 200 <= self.status < 300
-
-    @property
-    def unknown(self) -> bool:
-        """Gleap may or may not have applied this call."""
-        return not self.acknowledged and not self.permanent and self.maybe_applied
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """How long a user whose delivery failed waits before the next try: doubling, capped."""
-
-    seconds: float = 60.0
-    max_seconds: float = 3600.0
-
-    def delay(self, failures: int) -> float:
-        """The wait after the ``failures``-th failure in a row (1 for the first)."""
-        return float(min(self.max_seconds, self.seconds * 2 ** min(failures - 1, 40)))
 
 
 @dataclass(frozen=True)
@@ -493,121 +339,18 @@ class Store:
         max_attempts: int = 5,
         backoff: Backoff | None = None,
     ) -> None:
-        """Store Gleap's answers in one transaction: acknowledged values, failures, the delivery log.
-
-        - 2xx: the value sent is acknowledged, and the outcome is known again.
-        - A verdict (a 4xx but 408/429): the call was not applied, so the row's
-          unknown mark is what it was before; it counts towards ``max_attempts``,
-          and at the limit the change is parked.
-        - No verdict (timeout, dropped answer, 5xx, retries used up): Gleap may
-          have applied it, so the row stays marked unknown (and pending).
-        Every failure pushes the user's next attempt back (``backoff``).
-        """
+        """Store Gleap's answers in one transaction (see ``outcomes.write_outcomes``)."""
         if not results:
             return
-        backoff = backoff or Backoff()
-        now = self.clock()
-        acked: list[dict[str, Any]] = []
-        failed: list[dict[str, Any]] = []
-        log_rows: list[dict[str, Any]] = []
-        tallies: dict[int, dict[str, int]] = {}
-        for result in results:
-            for change in result.changes:
-                row = {"a": change.audience_id, "u": change.user_id, "v": change.value, "s": result.status}
-                log_rows.append(
-                    {
-                        "run_id": run_ids[change.audience_id],
-                        "audience_id": change.audience_id,
-                        "user_id": change.user_id,
-                        "value": change.value,
-                        "status": result.status,
-                        "error": result.error,
-                        "at": now,
-                    }
-                )
-                tally = tallies.setdefault(
-                    change.audience_id, dict.fromkeys(("sent", "failed", "unknown", "retries", "rl"), 0)
-                )
-                tally["retries"] += result.retries
-                tally["rl"] += result.rate_limited
-                if result.acknowledged:
-                    acked.append(row | {"t": now})
-                    tally["sent"] += 1
-                    continue
-                tally["failed"] += 1
-                tally["unknown"] += result.unknown
-                failed.append(
-                    row
-                    | {
-                        "e": result.error,
-                        "t": now,
-                        "k": change.unknown or result.unknown,
-                        "verdict": result.permanent,
-                        "next": now + timedelta(seconds=backoff.delay(change.failures + 1)),
-                        "max": max_attempts,
-                    }
-                )
         with self._write() as conn:
-            if acked:
-                # The value sent, not the current desired one, becomes acknowledged:
-                # if the source changed meanwhile, the row stays pending. If the user
-                # left and the row was dropped while the call was in flight, it comes
-                # back as a non-member that Gleap has a value for.
-                conn.execute(
-                    sa.text(
-                        "INSERT INTO memberships (audience_id, user_id, desired, acked, resend, unknown, "
-                        "changed_at, acked_at, attempts, failures, last_status) "
-                        "VALUES (:a, :u, false, :v, false, false, :t, :t, 0, 0, :s) "
-                        "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, "
-                        "resend = false, unknown = false, acked_at = excluded.acked_at, attempts = 0, "
-                        "failures = 0, next_attempt_at = NULL, last_status = excluded.last_status, "
-                        "last_error = NULL, parked_at = NULL"
-                    ).bindparams(sa.bindparam("t", type_=UtcDateTime)),
-                    acked,
-                )
-                leavers = [{"a": row["a"], "u": row["u"]} for row in acked if not row["v"]]
-                if leavers:
-                    conn.execute(
-                        sa.text(
-                            "DELETE FROM memberships WHERE audience_id = :a AND user_id = :u "
-                            "AND desired = false AND pending = false"
-                        ),
-                        leavers,
-                    )
-            if failed:
-                # A failure is about the value sent: if the source changed it meanwhile,
-                # the new value starts with a clean slate (only the mark is kept).
-                conn.execute(
-                    sa.text(
-                        "UPDATE memberships SET unknown = :k, last_status = :s, last_error = :e, "
-                        "failures = CASE WHEN desired = :v THEN failures + 1 ELSE failures END, "
-                        "next_attempt_at = CASE WHEN desired = :v THEN :next ELSE next_attempt_at END, "
-                        "attempts = CASE WHEN desired = :v AND :verdict THEN attempts + 1 ELSE attempts END, "
-                        "parked_at = CASE WHEN desired = :v AND :verdict AND attempts + 1 >= :max THEN :t "
-                        "ELSE parked_at END "
-                        "WHERE audience_id = :a AND user_id = :u"
-                    ).bindparams(
-                        sa.bindparam("t", type_=UtcDateTime),
-                        sa.bindparam("next", type_=UtcDateTime),
-                        sa.bindparam("verdict", type_=sa.Boolean),
-                        sa.bindparam("k", type_=sa.Boolean),
-                        sa.bindparam("v", type_=sa.Boolean),
-                    ),
-                    failed,
-                )
-            conn.execute(sa.insert(deliveries), log_rows)
-            for audience_id, tally in tallies.items():
-                conn.execute(
-                    sa.update(sync_runs)
-                    .where(sync_runs.c.id == run_ids[audience_id])
-                    .values(
-                        sent=sync_runs.c.sent + tally["sent"],
-                        failed=sync_runs.c.failed + tally["failed"],
-                        unknown=sync_runs.c.unknown + tally["unknown"],
-                        retries=sync_runs.c.retries + tally["retries"],
-                        rate_limited=sync_runs.c.rate_limited + tally["rl"],
-                    )
-                )
+            outcomes.write_outcomes(
+                conn,
+                results,
+                run_ids,
+                now=self.clock(),
+                max_attempts=max_attempts,
+                backoff=backoff or Backoff(),
+            )
         failpoints.reach("after-record")
 
     def pending_count(self, audience_ids: Sequence[int]) -> int:

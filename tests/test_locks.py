@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync import store as store_mod
+from audiencesync import database, store as store_mod
 from audiencesync.config import Config
 from audiencesync.schema import SQLITE_STORAGE_FORMAT
 from audiencesync.store import Store
@@ -250,7 +250,7 @@ def test_migration_normalises_old_sqlite_timestamps_and_keeps_memberships(tmp_pa
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = store_mod.create_engine(url, create=True)
     with engine.begin() as conn:
-        command.upgrade(store_mod._alembic_config(conn), "0003")
+        command.upgrade(database._alembic_config(conn), "0003")
         conn.exec_driver_sql(
             "INSERT INTO audiences (key, name, created_at) VALUES ('a', 'A', '2026-11-30 10:00:00.123456')"
         )

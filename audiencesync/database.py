@@ -1,0 +1,113 @@
+"""The store's database: engines set up for one writer and many readers, and schema migrations."""
+
+from __future__ import annotations
+
+import importlib.resources
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import OperationalError
+
+from audiencesync.config import StoreConfig, display_url
+from audiencesync.errors import StoreError, StoreMissingError
+from audiencesync.schema import write_connection
+from audiencesync.urls import sqlite_file
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_engine(url: str, *, create: bool = False, busy_timeout_seconds: float = 30.0) -> Engine:
+    """An engine for the store, with SQLite set up for one writer and many readers.
+
+    A SQLite file that does not exist is refused unless ``create``: a typo in
+    the URL must not start a new, empty store (and re-send every member).
+    """
+    path = sqlite_file(url)
+    if path is not None and not create and not path.exists():
+        raise StoreMissingError(str(path))
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        _tune_sqlite(engine, busy_timeout_seconds)
+    return engine
+
+
+def engine_for(config: StoreConfig, *, create: bool = False) -> Engine:
+    """The engine for a configured store (see ``create_engine``)."""
+    return create_engine(config.url, create=create, busy_timeout_seconds=config.busy_timeout_seconds)
+
+
+def _tune_sqlite(engine: Engine, busy_timeout_seconds: float) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not pysqlite, decide when transactions begin (see "begin").
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_seconds * 1000)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A deferred transaction that reads then writes fails at once with
+        # "database is locked" when another connection writes, busy_timeout or
+        # not; IMMEDIATE takes the write lock up front and waits for it instead.
+        # Everything else, readers above all, begins DEFERRED: in WAL mode a reader
+        # then never takes the write lock, however slowly it drains its rows.
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
+
+
+def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(importlib.resources.files("audiencesync.migrations")))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the store's revision, the newest this version of audiencesync knows)."""
+    script = ScriptDirectory.from_config(_alembic_config())
+    head = script.get_current_head()
+    assert head is not None
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise StoreError(
+            f"cannot open the store at {display_url(engine.url.render_as_string(hide_password=False))}: "
+            f"{str(exc.orig).strip()}. Fix: check [store] url and that the database is reachable."
+        ) from None
+    if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
+        raise StoreError(
+            f"the store is at schema revision {current!r}, made by a newer audiencesync. "
+            "Fix: upgrade audiencesync (pip install -U audiencesync); this version will not touch it."
+        )
+    return current, head
+
+
+MIGRATION_LOCK_ID = 0x61756473796E63  # "audsync"
+
+
+def upgrade(engine: Engine) -> bool:
+    """Apply pending migrations. Returns whether anything was applied."""
+    current, head = schema_revisions(engine)
+    if current == head:
+        return False
+    with write_connection(engine) as conn, conn.begin():
+        # Two processes starting on a new store must not both run the DDL. SQLite's
+        # BEGIN IMMEDIATE already serialises them; PostgreSQL needs a lock. Alembic
+        # reads the revision again inside, so the second one finds nothing to do.
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
+        command.upgrade(_alembic_config(conn), "head")
+    return True

@@ -1,0 +1,182 @@
+"""What Gleap was told: one call's changes, its outcome, and how outcomes are written to the store.
+
+Each answer moves the rows it concerns along: acknowledged, rejected (a
+verdict), or unknown (no verdict; Gleap may have applied it). Failures push
+the user's next attempt back, per user, across runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from audiencesync.schema import UtcDateTime, deliveries, sync_runs
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    audience_id: int
+    user_id: str
+    value: bool
+    unknown: bool = False  # an earlier call's outcome is unknown (as read, before this call)
+    failures: int = 0  # failed deliveries of this value so far
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Gleap's answer to one call, which carried one or more audiences' values."""
+
+    changes: tuple[PendingChange, ...]
+    status: int  # 0 when no answer came
+    error: str | None = None
+    permanent: bool = False  # Gleap rejected the call itself (400/404/422...), not a passing fault
+    retries: int = 0
+    rate_limited: int = 0
+    maybe_applied: bool = True  # no verdict, and the request may have reached Gleap
+
+    @property
+    def acknowledged(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def unknown(self) -> bool:
+        """Gleap may or may not have applied this call."""
+        return not self.acknowledged and not self.permanent and self.maybe_applied
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How long a user whose delivery failed waits before the next try: doubling, capped."""
+
+    seconds: float = 60.0
+    max_seconds: float = 3600.0
+
+    def delay(self, failures: int) -> float:
+        """The wait after the ``failures``-th failure in a row (1 for the first)."""
+        return float(min(self.max_seconds, self.seconds * 2 ** min(failures - 1, 40)))
+
+
+def write_outcomes(
+    conn: Connection,
+    results: Sequence[Outcome],
+    run_ids: dict[int, int],
+    *,
+    now: datetime,
+    max_attempts: int,
+    backoff: Backoff,
+) -> None:
+    """Store Gleap's answers in one transaction: acknowledged values, failures, the delivery log.
+
+    - 2xx: the value sent is acknowledged, and the outcome is known again.
+    - A verdict (a 4xx but 408/429): the call was not applied, so the row's
+      unknown mark is what it was before; it counts towards ``max_attempts``,
+      and at the limit the change is parked.
+    - No verdict (timeout, dropped answer, 5xx, retries used up): Gleap may
+      have applied it, so the row stays marked unknown (and pending).
+    Every failure pushes the user's next attempt back (``backoff``).
+    """
+    acked: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    log_rows: list[dict[str, Any]] = []
+    tallies: dict[int, dict[str, int]] = {}
+    for result in results:
+        for change in result.changes:
+            row = {"a": change.audience_id, "u": change.user_id, "v": change.value, "s": result.status}
+            log_rows.append(
+                {
+                    "run_id": run_ids[change.audience_id],
+                    "audience_id": change.audience_id,
+                    "user_id": change.user_id,
+                    "value": change.value,
+                    "status": result.status,
+                    "error": result.error,
+                    "at": now,
+                }
+            )
+            tally = tallies.setdefault(
+                change.audience_id, dict.fromkeys(("sent", "failed", "unknown", "retries", "rl"), 0)
+            )
+            tally["retries"] += result.retries
+            tally["rl"] += result.rate_limited
+            if result.acknowledged:
+                acked.append(row | {"t": now})
+                tally["sent"] += 1
+                continue
+            tally["failed"] += 1
+            tally["unknown"] += result.unknown
+            failed.append(
+                row
+                | {
+                    "e": result.error,
+                    "t": now,
+                    "k": change.unknown or result.unknown,
+                    "verdict": result.permanent,
+                    "next": now + timedelta(seconds=backoff.delay(change.failures + 1)),
+                    "max": max_attempts,
+                }
+            )
+    if acked:
+        # The value sent, not the current desired one, becomes acknowledged:
+        # if the source changed meanwhile, the row stays pending. If the user
+        # left and the row was dropped while the call was in flight, it comes
+        # back as a non-member that Gleap has a value for.
+        conn.execute(
+            sa.text(
+                "INSERT INTO memberships (audience_id, user_id, desired, acked, resend, unknown, "
+                "changed_at, acked_at, attempts, failures, last_status) "
+                "VALUES (:a, :u, false, :v, false, false, :t, :t, 0, 0, :s) "
+                "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, "
+                "resend = false, unknown = false, acked_at = excluded.acked_at, attempts = 0, "
+                "failures = 0, next_attempt_at = NULL, last_status = excluded.last_status, "
+                "last_error = NULL, parked_at = NULL"
+            ).bindparams(sa.bindparam("t", type_=UtcDateTime)),
+            acked,
+        )
+        leavers = [{"a": row["a"], "u": row["u"]} for row in acked if not row["v"]]
+        if leavers:
+            conn.execute(
+                sa.text(
+                    "DELETE FROM memberships WHERE audience_id = :a AND user_id = :u "
+                    "AND desired = false AND pending = false"
+                ),
+                leavers,
+            )
+    if failed:
+        # A failure is about the value sent: if the source changed it meanwhile,
+        # the new value starts with a clean slate (only the mark is kept).
+        conn.execute(
+            sa.text(
+                "UPDATE memberships SET unknown = :k, last_status = :s, last_error = :e, "
+                "failures = CASE WHEN desired = :v THEN failures + 1 ELSE failures END, "
+                "next_attempt_at = CASE WHEN desired = :v THEN :next ELSE next_attempt_at END, "
+                "attempts = CASE WHEN desired = :v AND :verdict THEN attempts + 1 ELSE attempts END, "
+                "parked_at = CASE WHEN desired = :v AND :verdict AND attempts + 1 >= :max THEN :t "
+                "ELSE parked_at END "
+                "WHERE audience_id = :a AND user_id = :u"
+            ).bindparams(
+                sa.bindparam("t", type_=UtcDateTime),
+                sa.bindparam("next", type_=UtcDateTime),
+                sa.bindparam("verdict", type_=sa.Boolean),
+                sa.bindparam("k", type_=sa.Boolean),
+                sa.bindparam("v", type_=sa.Boolean),
+            ),
+            failed,
+        )
+    conn.execute(sa.insert(deliveries), log_rows)
+    for audience_id, tally in tallies.items():
+        conn.execute(
+            sa.update(sync_runs)
+            .where(sync_runs.c.id == run_ids[audience_id])
+            .values(
+                sent=sync_runs.c.sent + tally["sent"],
+                failed=sync_runs.c.failed + tally["failed"],
+                unknown=sync_runs.c.unknown + tally["unknown"],
+                retries=sync_runs.c.retries + tally["retries"],
+                rate_limited=sync_runs.c.rate_limited + tally["rl"],
+            )
+        )
