@@ -527,17 +527,24 @@ def _progress_bar(total: int) -> Progress:
 
 def _print_summary(report: CycleReport, out: IO[str]) -> None:
     rows: list[tuple[str, ...]] = [
-        ("audience", "result", "mode", "members", "entered", "left", "sent", "failed", "pending", "skipped")
-    ]
-    rows += [
         (
-            a.key,
-            a.status,
-            a.mode,
-            *(str(n) for n in (a.members, a.entered, a.left, a.sent, a.failed, a.pending, a.skipped_rows)),
+            "audience", "result", "mode", "members", "entered", "left", "sent", "failed",
+            "pending", "parked", "unknown", "skipped",
         )
-        for a in report.audiences
-    ]
+    ]  # fmt: skip
+    for a in report.audiences:
+        counts = (
+            a.members,
+            a.entered,
+            a.left,
+            a.sent,
+            a.failed,
+            a.pending,
+            a.parked,
+            a.unknown,
+            a.skipped_rows,
+        )
+        rows.append((a.key, a.status, a.mode, *(str(n) for n in counts)))
     _print_table(rows, out)
     if report.dry_run:
         print(f"dry run: {report.calls} call(s) would be made; nothing was sent or stored", file=out)
@@ -546,6 +553,20 @@ def _print_summary(report: CycleReport, out: IO[str]) -> None:
             print(f"{a.key}: {a.error}", file=out)
         if a.invalid_samples:
             print(f"{a.key}: skipped invalid ids, e.g. {'; '.join(a.invalid_samples)}", file=out)
+    parked = sum(a.parked for a in report.audiences)
+    if parked:
+        print(
+            f"{parked} change(s) are parked after repeated rejections; see `audiencesync failures`, "
+            "fix the cause, then `audiencesync retry`",
+            file=out,
+        )
+    unknown = sum(a.unknown for a in report.audiences)
+    if unknown and not report.dry_run:
+        print(
+            f"{unknown} call(s) got no verdict from Gleap (it may have applied them); "
+            "they stay pending and go out again",
+            file=out,
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -292,7 +292,7 @@ def fresh_store(args: argparse.Namespace, sqlite_path: Path) -> str:
             conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
             conn.exec_driver_sql("CREATE SCHEMA public")
         engine.dispose()
-    engine = store_mod.create_engine(url)
+    engine = store_mod.create_engine(url, create=True)
     store_mod.upgrade(engine)
     engine.dispose()
     return url

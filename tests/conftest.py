@@ -19,7 +19,29 @@ from tests import postgres_guard
 if TYPE_CHECKING:
     from tests.gleap_standin import GleapStandIn
 
-POSTGRES_URL = os.environ.get("AUDIENCESYNC_TEST_POSTGRES_URL")
+
+def _worker_url(url: str | None) -> str | None:
+    """Under pytest-xdist each worker gets a database of its own (``test_gw0``...), made on first use:
+    the tests wipe schema public, so two workers must never share one."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not url or not worker:
+        return url
+    base = sa.make_url(url)
+    name = f"{base.database}_{worker}"
+    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            exists = conn.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).first()
+            if exists is None:
+                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError:
+        return url  # unreachable: _reset_postgres fails the tests with the reason
+    finally:
+        engine.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+POSTGRES_URL = _worker_url(os.environ.get("AUDIENCESYNC_TEST_POSTGRES_URL"))
 TOKEN = "test-token-9f2c1d"
 
 

@@ -276,3 +276,27 @@ def test_migration_normalises_old_sqlite_timestamps_and_keeps_memberships(tmp_pa
         ("u2", "2026-11-30 10:00:02.000000+00:00", None, 1, 0),
     ]
     assert datetime.fromisoformat(created).tzinfo == UTC
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["status", "--format", "json"], ["members", "segment_a"], ["history", "u1"], ["failures"]],
+)
+def test_read_only_commands_run_while_another_process_holds_the_write_lock(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str, command: list[str]
+) -> None:
+    source.set(["u1"])
+    config = make_config(gleap.base_url)
+    assert cycle(config).complete
+    # A reader that asked for the write lock would fail after the busy timeout.
+    text = config.path.read_text().replace("[store]\n", "[store]\nbusy_timeout_seconds = 0.5\n", 1)
+    config.path.write_text(text)
+    with hold_write_lock(store_url):
+        result = subprocess.run(
+            [sys.executable, "-m", "audiencesync", "--config", str(config.path), *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 0, result.stderr
+    assert "locked" not in result.stderr
