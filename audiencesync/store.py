@@ -563,6 +563,18 @@ class Store:
                 ).scalar_one()
             )
 
+    def due_count(self, audience_ids: Sequence[int]) -> int:
+        """Changes a delivery could send right now: deliverable, and any per-user backoff elapsed."""
+        due = memberships.c.next_attempt_at.is_(None) | (memberships.c.next_attempt_at <= self.clock())
+        with self._read() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(memberships)
+                    .where(_DELIVERABLE, due, memberships.c.audience_id.in_(audience_ids))
+                ).scalar_one()
+            )
+
     # --- parked failures ---
 
     def parked(self, audience_key: str | None = None) -> list[ParkedChange]:
