@@ -499,14 +499,15 @@ def _cmd_sync(args: argparse.Namespace, config: Config) -> int:
         if args.dry_run:
             # A dry run writes nothing, so it needs no lease and never waits for one.
             with interrupt:
-                report = _run_cycle(args, config, store.Store(engine), interrupt)
+                report = interrupt.run(lambda: _run_cycle(args, config, store.Store(engine), interrupt))
         else:
             store.upgrade(engine)
             daemon = _daemon_holding(engine) if (args.full or args.allow_removals) else None
             if daemon is not None:
                 return _ask_daemon(args, config, engine, daemon)
             with interrupt, lease.held(args.wait or 0.0):
-                report = _run_cycle(args, config, store.Store(engine, fence=lease.check), interrupt)
+                fenced = store.Store(engine, fence=lease.check)
+                report = interrupt.run(lambda: _run_cycle(args, config, fenced, interrupt))
     finally:
         engine.dispose()
     _print_summary(report, sys.stderr if args.dry_run else sys.stdout)
@@ -551,6 +552,30 @@ class _Interrupt:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    def run(self, work: Callable[[], CycleReport]) -> CycleReport:
+        """Do ``work`` on a worker thread, the main thread only waiting for it.
+
+        Python runs signal handlers on the main thread, between bytecodes: a main
+        thread stuck in a driver's C call (a slow source query) would never see
+        the signal that should cancel that very query.
+        """
+        outcome: list[CycleReport] = []
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                outcome.append(work())
+            except BaseException as exc:
+                failure.append(exc)
+
+        worker = threading.Thread(target=target, name="sync", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+        if failure:
+            raise failure[0]
+        return outcome[0]
 
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous.items():

@@ -467,9 +467,9 @@ class Daemon:
             except GleapUnavailableError as exc:
                 delay = probes.next()
                 if self.breaker.trip(str(exc), delay):
-                    log.error("%s Pausing delivery; probing again in %.0f s.", exc, delay)
+                    log.error("%s Pausing delivery; probing again in %g s.", exc, delay)
                 else:
-                    log.info("Gleap is still unavailable (%s); next probe in %.0f s", exc.last_error, delay)
+                    log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
                 self.metrics.breaker_open.set(1)
                 self.halt.wait(delay)
                 continue

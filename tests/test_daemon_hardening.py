@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sqlite3
@@ -235,6 +236,7 @@ def test_an_admin_request_nobody_takes_is_withdrawn(make_config: ConfigFactory, 
 def test_breaker_pauses_delivery_and_health_goes_503_and_back(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="audiencesync")
     port = free_port()
     source.set(["u1", "u2"])
     config = make_config(gleap.base_url, extra=SCHEDULE + f'[server]\nlisten = "127.0.0.1:{port}"\n')
