@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -31,13 +31,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from audiencesync import store as store_mod
+from audiencesync.admin import AdminDesk
 from audiencesync.backoff import Backoff
 from audiencesync.config import AudienceConfig, Config, load_config
-from audiencesync.errors import ConfigError, GleapAuthError, GleapUnavailableError, LeaseLostError
+from audiencesync.errors import ConfigError, GleapAuthError, GleapUnavailableError, LeaseLostError, brief
 from audiencesync.health import Breaker, Progress
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
-from audiencesync.requests import AdminRequest, AdminRequests
+from audiencesync.requests import AdminRequests
 from audiencesync.server import Server
 from audiencesync.sources import Sources
 from audiencesync.store import Outcome
@@ -78,7 +79,14 @@ class Daemon:
         )
         self.lease.health = self._lease_health
         self.store = store_mod.Store(self.engine, fence=self.lease.check)
-        self.requests = AdminRequests(self.engine, store_mod.utc_now, fence=self.lease.check)
+        self.admin = AdminDesk(
+            AdminRequests(self.engine, store_mod.utc_now, fence=self.lease.check),
+            refresh=self._refresh,
+            busy=self._is_busy,
+            submit=self._submit,
+            pending_count=lambda audience_id: self.store.pending_count([audience_id]),
+            lease_lost=lambda: self.halt.set(),
+        )
         self.breaker = Breaker(store_mod.utc_now)
         stall_after = config.server.stall_after_seconds if config.server is not None else 900.0
         self.progress = Progress(store_mod.utc_now, stall_after)
@@ -155,7 +163,7 @@ class Daemon:
                     delay = errors.next()
                     log.error(
                         "the active period ended on an error: %s. Retrying in %.0f s.",
-                        _brief(exc),
+                        brief(exc),
                         delay,
                         exc_info=errors.failures == 1,
                     )
@@ -178,7 +186,7 @@ class Daemon:
             except Exception as exc:
                 delay = errors.next()
                 log.error(
-                    "standby: can't reach the store's lease: %s. Retrying in %.0f s.", _brief(exc), delay
+                    "standby: can't reach the store's lease: %s. Retrying in %.0f s.", brief(exc), delay
                 )
                 self._pause(delay)
                 continue
@@ -238,7 +246,7 @@ class Daemon:
                         self.reload()
                     if time.monotonic() - polled >= REQUEST_POLL_SECONDS:
                         polled = time.monotonic()
-                        self._take_requests()
+                        self.admin.poll()
                     self.halt.wait(0.2)
             finally:
                 self._shutdown_work()
@@ -269,7 +277,7 @@ class Daemon:
             try:
                 self._close(run)
             except Exception as exc:  # the next process marks it interrupted
-                log.warning("could not close the run of %s: %s", run.report.key, _brief(exc))
+                log.warning("could not close the run of %s: %s", run.report.key, brief(exc))
         self.active = False
 
     # --- scheduling -------------------------------------------------------------
@@ -281,7 +289,7 @@ class Daemon:
         except LeaseLostError:
             raise
         except Exception as exc:
-            log.warning("can't read %s's state (%s); refreshing it now", audience.key, _brief(exc))
+            log.warning("can't read %s's state (%s); refreshing it now", audience.key, brief(exc))
             return True
         self._ids[audience.key] = existing.id
         if existing.refreshed_at is None or self.store.pending_count([existing.id]) > 0:
@@ -362,75 +370,13 @@ class Daemon:
                 self._busy.discard(key)
             self._record_next_run(key)
 
-    # --- admin requests ---------------------------------------------------------------
+    def _is_busy(self, key: str) -> bool:
+        with self._lock:
+            return key in self._busy
 
-    def _take_requests(self) -> None:
-        """Start the refresh each pending admin request asks for (at most one per audience at a time)."""
-        try:
-            pending = self.requests.pending()
-        except Exception as exc:
-            log.warning("can't read admin requests: %s", _brief(exc))
-            return
-        for request in pending:
-            with self._lock:
-                if request.audience_key in self._busy:
-                    continue  # a scheduled refresh is running; the next poll takes it
-            try:
-                if not self.requests.claim(request.id):
-                    continue  # withdrawn by the asker meanwhile
-            except LeaseLostError:
-                self.halt.set()
-                return
-            except Exception as exc:
-                log.warning("can't take admin request %d: %s", request.id, _brief(exc))
-                continue
-            log.info(
-                "admin request %d from %s: %s %s",
-                request.id,
-                request.requested_by,
-                request.kind,
-                request.audience_key,
-            )
-            assert self.scheduler is not None
-            self.scheduler.add_job(
-                self._admin_job, args=[request], id=f"admin-{request.id}", misfire_grace_time=None
-            )
-
-    def _admin_job(self, request: AdminRequest) -> None:
-        result: dict[str, object]
-        run_id: int | None = None
-        try:
-            run = self._refresh(
-                request.audience_key, full=request.full, allow_removals=request.allow_removals
-            )
-            if run is None:
-                ok, result = (
-                    False,
-                    {
-                        "error": f"the daemon could not refresh {request.audience_key} now "
-                        "(stopping, busy, or not in its config)"
-                    },
-                )
-            else:
-                run_id = run.run_id
-                status = run.report.status if run.report.status in ("failed", "held") else "refreshed"
-                ok = status == "refreshed"
-                result = {
-                    "status": status,
-                    "mode": run.report.mode,
-                    "members": run.report.members,
-                    "entered": run.report.entered,
-                    "left": run.report.left,
-                    "pending": self.store.pending_count([run.audience.id]),
-                    "error": run.report.error,
-                }
-        except Exception as exc:
-            log.exception("admin request %d failed", request.id)
-            ok, result = False, {"error": _brief(exc)}
-        try:
-            self.requests.finish(request.id, ok=ok, result=result, run_id=run_id)
-        except Exception as exc:
-            log.error("could not record the outcome of admin request %d: %s", request.id, _brief(exc))
+    def _submit(self, job: Callable[[], None], job_id: str) -> None:
+        assert self.scheduler is not None
+        self.scheduler.add_job(job, id=job_id, misfire_grace_time=None)
 
     def _close(self, run: Run) -> None:
         """Finish a run and log its one summary line."""
@@ -445,7 +391,7 @@ class Daemon:
             self._delivery_loop()
         except BaseException as exc:
             # Nothing should get here; if it does, /healthz must say so.
-            self._died = f"the delivery loop died: {_brief(exc)}"
+            self._died = f"the delivery loop died: {brief(exc)}"
             log.exception("the delivery loop died")
             raise
 
@@ -486,7 +432,7 @@ class Daemon:
                 delay = errors.next()
                 log.error(
                     "delivery failed: %s. Everything unacknowledged stays pending; retrying in %.0f s.",
-                    _brief(exc),
+                    brief(exc),
                     delay,
                     exc_info=errors.failures == 1,
                 )
@@ -621,7 +567,7 @@ class Daemon:
             stalled = self.progress.stalled(self._due())
             rows = self.store.status()
         except Exception as exc:
-            return False, f"the store can't be read: {_brief(exc)}"
+            return False, f"the store can't be read: {brief(exc)}"
         if stalled is not None:
             return False, stalled
         now = store_mod.utc_now()
@@ -641,9 +587,3 @@ class Daemon:
         """What the heartbeat writes into the lease row, for `status` in other processes."""
         ok, reason = self.health()
         return ("ok" if ok else f"unhealthy: {reason}"), self.progress.acked_at
-
-
-def _brief(exc: BaseException) -> str:
-    """An exception in one line: its class, and the database's own message when it has one."""
-    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return f"{type(exc).__name__}: {detail[0] if detail else ''}"

@@ -101,7 +101,7 @@ class Sources:
         with self._lock:
             running = list(self._running)
         for watchdog in running:
-            watchdog.cancel()
+            watchdog.cancel_until_done()
 
     def resume(self) -> None:
         self.cancelled.clear()
@@ -232,6 +232,18 @@ class _Watchdog:
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
         self.fired = False
+        self._done = threading.Event()
+
+    def cancel_until_done(self) -> None:
+        """Cancel now and again every 0.1 s until the read ends: a cancel that lands just
+        before the statement starts is a no-op for the driver, and must not be lost."""
+
+        def repeat() -> None:
+            while not self._done.is_set():
+                self.cancel()
+                self._done.wait(0.1)
+
+        threading.Thread(target=repeat, name="cancel-source-query", daemon=True).start()
 
     def _expire(self) -> None:
         self.fired = True
@@ -254,4 +266,5 @@ class _Watchdog:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
         self._timer.cancel()
