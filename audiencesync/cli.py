@@ -7,7 +7,11 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -31,6 +35,7 @@ from audiencesync.errors import (
 )
 from audiencesync.gleap import GleapClient
 from audiencesync.lease import WriterLease
+from audiencesync.requests import AdminRequests, kind_of
 from audiencesync.scheduler import Daemon
 from audiencesync.sources import Sources
 from audiencesync.sync import CycleReport, Syncer
@@ -43,7 +48,10 @@ EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_BUSY = 4  # another process holds the store's writer lease
 EXIT_GLEAP_DOWN = 5  # the circuit breaker opened: Gleap failed for many users in a row
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
+EXIT_TERMINATED = 143  # SIGTERM
+# How long `sync --full/--allow-removals` waits for a running daemon to carry it out.
+DAEMON_REQUEST_WAIT_SECONDS = 600.0
 
 # Checked in order: the first matching class decides the exit status.
 EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
@@ -104,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--wait",
         type=float,
-        default=0.0,
+        default=None,
         metavar="SECONDS",
-        help="if another sync holds the store, wait this long for it (default: 0)",
+        help="if another sync holds the store, wait this long for it (default: 0); when a daemon "
+        "holds it, how long to wait for the daemon to carry out --full/--allow-removals (default: 600)",
     )
     sync.set_defaults(handler=_cmd_sync)
 
@@ -325,6 +334,8 @@ def _cmd_status(args: argparse.Namespace, config: Config) -> int:
             "members",
             "pending",
             "failed",
+            "unknown",
+            "oldest pending",
             "last run",
             "result",
             "entered",
@@ -341,6 +352,8 @@ def _cmd_status(args: argparse.Namespace, config: Config) -> int:
                 str(row.members),
                 str(row.pending),
                 str(row.parked),
+                str(row.unknown),
+                _age(row.oldest_pending_at),
                 _when(last.get("started_at")),
                 str(last.get("status", "-")),
                 str(last.get("entered", "-")),
@@ -354,9 +367,12 @@ def _cmd_status(args: argparse.Namespace, config: Config) -> int:
         print("daemon: none holds the store")
     else:
         print(
-            f"daemon: {holder['host']} pid {holder['pid']}, active since {_when(holder['acquired_at'])}, "
-            f"last heartbeat {_when(holder['renewed_at'])}, lease to {_when(holder['expires_at'])}"
+            f"{holder.get('role') or 'holder'}: {holder['host']} pid {holder['pid']}, active since "
+            f"{_when(holder['acquired_at'])}, last heartbeat {_when(holder['renewed_at'])}, "
+            f"lease to {_when(holder['expires_at'])}"
         )
+        if holder.get("health"):
+            print(f"health: {holder['health']}; last acknowledged call {_when(holder.get('progress_at'))}")
     return EXIT_OK
 
 
@@ -371,6 +387,9 @@ def _status_json(
                 "members": row.members,
                 "pending": row.pending,
                 "failed": row.parked,
+                "unknown": row.unknown,
+                "oldest_pending_at": row.oldest_pending_at,
+                "oldest_pending_age_seconds": _age_seconds(row.oldest_pending_at),
                 "refreshed_at": row.refreshed_at,
                 "next_run_at": row.next_run_at,
                 "last_run": row.last_run,
@@ -379,6 +398,20 @@ def _status_json(
         ],
         "lease": holder,
     }
+
+
+def _age_seconds(when: datetime | None) -> float | None:
+    return None if when is None else max(0.0, (store.utc_now() - when).total_seconds())
+
+
+def _age(when: datetime | None) -> str:
+    """An age as 45s, 12m or 3h20m; '-' when nothing is pending."""
+    seconds = _age_seconds(when)
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m" if minutes else f"{secs}s")
 
 
 def _iso(value: object) -> str:
@@ -480,27 +513,161 @@ def _cmd_sync(args: argparse.Namespace, config: Config) -> int:
         # and leave no file behind.
         engine = store.create_engine("sqlite://", create=True)
         store.upgrade(engine)
-    lease = WriterLease(engine, store.utc_now, ttl_seconds=config.sync.lease_seconds)
+    lease = WriterLease(engine, store.utc_now, ttl_seconds=config.sync.lease_seconds, role="sync")
+    interrupt = _Interrupt(Sources(config.sources))
     try:
         if args.dry_run:
             # A dry run writes nothing, so it needs no lease and never waits for one.
-            report = _run_cycle(args, config, store.Store(engine))
+            with interrupt:
+                report = interrupt.run(lambda: _run_cycle(args, config, store.Store(engine), interrupt))
         else:
             store.upgrade(engine)
-            with lease.held(args.wait):
-                report = _run_cycle(args, config, store.Store(engine, fence=lease.check))
+            daemon = _daemon_holding(engine) if (args.full or args.allow_removals) else None
+            if daemon is not None:
+                return _ask_daemon(args, config, engine, daemon)
+            with interrupt, lease.held(args.wait or 0.0):
+                fenced = store.Store(engine, fence=lease.check)
+                report = interrupt.run(lambda: _run_cycle(args, config, fenced, interrupt))
     finally:
         engine.dispose()
     _print_summary(report, sys.stderr if args.dry_run else sys.stdout)
     if report.aborted is not None:
         print(f"audiencesync: error: {report.aborted}", file=sys.stderr)
+    if interrupt.signum is not None:
+        sent = sum(a.sent for a in report.audiences)
+        pending = sum(a.pending for a in report.audiences)
+        print(
+            f"audiencesync: stopped by {signal.Signals(interrupt.signum).name}: {sent} change(s) delivered, "
+            f"{pending} still pending for the next run",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED if interrupt.signum == signal.SIGINT else EXIT_TERMINATED
     if isinstance(report.aborted, GleapUnavailableError):
         return EXIT_GLEAP_DOWN
     return EXIT_OK if report.complete else EXIT_INCOMPLETE
 
 
-def _run_cycle(args: argparse.Namespace, config: Config, target: store.Store) -> CycleReport:
-    syncer = Syncer(config, target)
+class _Interrupt:
+    """SIGINT/SIGTERM during `sync`: stop starting calls, cancel source queries, report.
+
+    The first signal sets ``stop`` (calls in flight finish and are recorded) and
+    cancels running source queries (their snapshots stay untouched). A second
+    one exits at once: every write is a transaction, so the store stays consistent.
+    """
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
+        self.stop = threading.Event()
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            os.write(2, b"audiencesync: second signal, exiting now; unacknowledged changes stay pending\n")
+            os._exit(128 + signum)
+        self.signum = signum
+        self.stop.set()
+        self.sources.cancel()
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def run(self, work: Callable[[], CycleReport]) -> CycleReport:
+        """Do ``work`` on a worker thread, the main thread only waiting for it.
+
+        Python runs signal handlers on the main thread, between bytecodes: a main
+        thread stuck in a driver's C call (a slow source query) would never see
+        the signal that should cancel that very query.
+        """
+        outcome: list[CycleReport] = []
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                outcome.append(work())
+            except BaseException as exc:
+                failure.append(exc)
+
+        worker = threading.Thread(target=target, name="sync", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def _daemon_holding(engine: Any) -> dict[str, Any] | None:
+    """The lease row when a live daemon (`audiencesync run`) holds the store, else None."""
+    holder = store.Store(engine).lease_holder()
+    if holder is None or holder.get("role") != "daemon" or holder["expires_at"] < store.utc_now():
+        return None
+    return holder
+
+
+def _ask_daemon(args: argparse.Namespace, config: Config, engine: Any, daemon: dict[str, Any]) -> int:
+    """Queue --full/--allow-removals for the daemon holding the store, and wait for its outcome.
+
+    A request nobody picked up in time is withdrawn, so it can't surprise anyone
+    later; one the daemon already started is left to finish.
+    """
+    keys = args.audiences or [a.key for a in config.audiences]
+    kind = kind_of(full=args.full, allow_removals=args.allow_removals)
+    queue = AdminRequests(engine, store.utc_now)
+    asker = f"{socket.gethostname()} pid {os.getpid()}"
+    ids = {key: queue.submit(kind, key, asker) for key in keys}
+    wait = DAEMON_REQUEST_WAIT_SECONDS if args.wait is None else args.wait
+    what = {
+        "full": "fully resync",
+        "release": "release the removal guard of",
+        "release+full": "release and fully resync",
+    }[kind]
+    print(
+        f"the daemon on {daemon['host']} (pid {daemon['pid']}) holds the store; asked it to {what} "
+        f"{', '.join(keys)} in its next cycle. Waiting up to {wait:g} s for it...",
+        flush=True,
+    )
+    deadline = time.monotonic() + wait
+    results = {key: queue.get(request_id) for key, request_id in ids.items()}
+    while not all(r.finished for r in results.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        results = {key: queue.get(request_id) for key, request_id in ids.items()}
+    status = EXIT_OK
+    for key, request in results.items():
+        outcome = request.result or {}
+        if request.state == "done":
+            print(
+                f"{key}: {outcome.get('status')} ({outcome.get('mode')}) entered={outcome.get('entered')} "
+                f"left={outcome.get('left')}; {outcome.get('pending')} change(s) pending, "
+                "the daemon delivers them"
+            )
+            continue
+        status = EXIT_INCOMPLETE
+        if request.state == "failed":
+            detail = outcome.get("error") or outcome.get("status")
+            print(f"{key}: the daemon's refresh failed: {detail}")
+        elif queue.cancel(request.id, f"not picked up within {wait:g} s"):
+            print(
+                f"{key}: the daemon did not pick the request up within {wait:g} s; withdrawn. "
+                "Fix: check the daemon's log and /healthz, then ask again (a longer --wait)"
+            )
+        else:
+            print(f"{key}: the daemon is still carrying it out; `audiencesync status` shows the outcome")
+    return status
+
+
+def _run_cycle(
+    args: argparse.Namespace, config: Config, target: store.Store, interrupt: _Interrupt
+) -> CycleReport:
+    syncer = Syncer(config, target, sources=interrupt.sources)
     try:
         return syncer.run_cycle(
             args.audiences,
@@ -509,6 +676,7 @@ def _run_cycle(args: argparse.Namespace, config: Config, target: store.Store) ->
             out=sys.stdout,
             progress=_progress_bar if sys.stderr.isatty() else None,
             allow_removals=args.allow_removals,
+            stop=interrupt.stop,
         )
     finally:
         syncer.sources.dispose()

@@ -141,3 +141,9 @@ class GleapUnavailableError(GleapError):
             "pending. Fix: check the network and Gleap's status page, or [gleap] base_url; "
             "the next run carries on."
         )
+
+
+def brief(exc: BaseException) -> str:
+    """An exception in one line for a log: its class, and the database's own message when it has one."""
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {detail[0] if detail else ''}"

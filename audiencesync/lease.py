@@ -42,6 +42,25 @@ class Holder:
     acquired_at: datetime
     renewed_at: datetime
     expires_at: datetime
+    role: str = "sync"
+
+
+def instance_id() -> str:
+    """This process's PID namespace and boot: pids are only comparable within the same one.
+
+    Two containers may share a host name and each have a pid 7; only a holder in
+    our own namespace, since our own boot, can be judged dead by ``kill(pid, 0)``.
+    """
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = "?"
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            boot = file.read().strip()
+    except OSError:
+        boot = "?"
+    return f"pidns:{namespace} boot:{boot}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -62,6 +81,8 @@ class WriterLease:
         *,
         ttl_seconds: float = 60.0,
         name: str = WRITER,
+        role: str = "sync",
+        instance: str | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -69,6 +90,10 @@ class WriterLease:
         self.name = name
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        self.role = role  # "daemon" for `run`: admin commands then ask it instead of waiting
+        self.instance = instance if instance is not None else instance_id()
+        # What the heartbeat writes into the row for `status` in other processes.
+        self.health: Callable[[], tuple[str, datetime | None]] | None = None
         self.holder = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self.lost = threading.Event()
@@ -83,14 +108,17 @@ class WriterLease:
             "acquired_at": now,
             "renewed_at": now,
             "expires_at": now + self.ttl,
+            "role": self.role,
+            "instance": self.instance,
         }
         with write_connection(self.engine) as conn, conn.begin():
             # ON CONFLICT: two processes starting at once on an empty table must
             # not both insert; the loser falls through to the conditional update.
             created = conn.execute(
                 sa.text(
-                    "INSERT INTO leases (name, holder, host, pid, acquired_at, renewed_at, expires_at) "
-                    "VALUES (:name, :holder, :host, :pid, :acquired_at, :renewed_at, :expires_at) "
+                    "INSERT INTO leases (name, holder, host, pid, acquired_at, renewed_at, expires_at, "
+                    "role, instance) VALUES (:name, :holder, :host, :pid, :acquired_at, :renewed_at, "
+                    ":expires_at, :role, :instance) "
                     "ON CONFLICT (name) DO NOTHING"
                 ).bindparams(
                     sa.bindparam("acquired_at", type_=UtcDateTime),
@@ -103,8 +131,15 @@ class WriterLease:
                 return None
             row = conn.execute(sa.select(leases).where(leases.c.name == self.name)).one()
             # A holder on this host whose process is gone (killed, crashed) need not
-            # be waited out: nobody can renew its lease any more.
-            dead = row.host == self.host and row.pid != self.pid and not _pid_alive(row.pid)
+            # be waited out: nobody can renew its lease any more. Only believed of a
+            # holder in our own PID namespace and boot: a container with the same
+            # host name has pids our kernel view doesn't show.
+            dead = (
+                row.host == self.host
+                and row.instance == self.instance
+                and row.pid != self.pid
+                and not _pid_alive(row.pid)
+            )
             taken = conn.execute(
                 sa.update(leases)
                 .where(
@@ -122,7 +157,9 @@ class WriterLease:
                     why = "whose process is gone" if dead else "which had expired"
                     log.warning("took over the store's lease from %s pid %s, %s", row.host, row.pid, why)
                 return None
-            return Holder(row.holder, row.host, row.pid, row.acquired_at, row.renewed_at, row.expires_at)
+            return Holder(
+                row.holder, row.host, row.pid, row.acquired_at, row.renewed_at, row.expires_at, row.role
+            )
 
     def acquire(
         self,
@@ -147,11 +184,17 @@ class WriterLease:
 
     def renew(self) -> None:
         now = self.clock()
+        values: dict[str, object] = {"renewed_at": now, "expires_at": now + self.ttl}
+        if self.health is not None:
+            try:
+                values["health"], values["progress_at"] = self.health()
+            except Exception as exc:  # a failing health probe must never stop the renewal
+                values["health"] = f"unknown: {exc}"
         with write_connection(self.engine) as conn, conn.begin():
             renewed = conn.execute(
                 sa.update(leases)
                 .where(leases.c.name == self.name, leases.c.holder == self.holder)
-                .values(renewed_at=now, expires_at=now + self.ttl)
+                .values(**values)
             ).rowcount
         if not renewed:
             self.lost.set()
@@ -162,10 +205,18 @@ class WriterLease:
             conn.execute(sa.delete(leases).where(leases.c.name == self.name, leases.c.holder == self.holder))
 
     def check(self, conn: Connection) -> None:
-        """Fencing: raise unless this process still holds an unexpired lease. Call inside a write."""
-        row = conn.execute(
-            sa.select(leases.c.holder, leases.c.expires_at).where(leases.c.name == self.name)
-        ).one_or_none()
+        """Fencing: raise unless this process still holds an unexpired lease. Call inside a write.
+
+        On PostgreSQL the row is read FOR SHARE, and that row lock is held until the
+        caller's write commits: a takeover's UPDATE of the row waits for it, so the
+        check and the write are atomic. (Without it, a holder paused between check
+        and commit could write after its successor took over.) SQLite's BEGIN
+        IMMEDIATE already serialises every writer.
+        """
+        query = sa.select(leases.c.holder, leases.c.expires_at).where(leases.c.name == self.name)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update(read=True)
+        row = conn.execute(query).one_or_none()
         if row is None or row.holder != self.holder or row.expires_at < self.clock():
             self.lost.set()
             raise LeaseLostError()
@@ -202,6 +253,7 @@ class WriterLease:
             except LeaseLostError:
                 log.error("lost the store's lease; this process will stop writing")
                 return
-            except sa.exc.SQLAlchemyError as exc:
-                # A passing database hiccup: try again next beat, the TTL leaves room.
+            except Exception as exc:
+                # A passing database hiccup (locked, connection lost): try again next
+                # beat, the TTL leaves room. The heartbeat thread must never die of it.
                 log.warning("could not renew the store's lease: %s", exc)

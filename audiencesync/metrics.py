@@ -9,16 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from audiencesync.store import AudienceStatus, Outcome
+from audiencesync.store import AudienceStatus, Clock, Outcome, utc_now
 
 
 class Metrics:
-    def __init__(self, status: Callable[[], Sequence[AudienceStatus]]) -> None:
+    def __init__(self, status: Callable[[], Sequence[AudienceStatus]], clock: Clock = utc_now) -> None:
         self.registry = CollectorRegistry()
+        self.breaker_open = Gauge(
+            "audiencesync_gleap_breaker_open",
+            "1 while delivery is paused because Gleap is unavailable (circuit breaker open), else 0.",
+            registry=self.registry,
+        )
         self.cycles = Counter(
             "audiencesync_cycles",
             "Audience refresh cycles, by audience and result.",
@@ -42,7 +47,7 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
             registry=self.registry,
         )
-        self.registry.register(_StoreCollector(status))
+        self.registry.register(_StoreCollector(status, clock))
 
     def outcomes(self, outcomes: Iterable[Outcome]) -> None:
         for outcome in outcomes:
@@ -52,11 +57,13 @@ class Metrics:
 
 
 class _StoreCollector(Collector):
-    def __init__(self, status: Callable[[], Sequence[AudienceStatus]]) -> None:
+    def __init__(self, status: Callable[[], Sequence[AudienceStatus]], clock: Clock) -> None:
         self._status = status
+        self._clock = clock
 
     def collect(self) -> Iterable[Metric]:
         rows = self._status()
+        now = self._clock()
         gauges = {
             "members": GaugeMetricFamily("audiencesync_members", "Current members.", labels=["audience"]),
             "pending": GaugeMetricFamily(
@@ -67,7 +74,17 @@ class _StoreCollector(Collector):
                 "Changes parked after repeated rejections.",
                 labels=["audience"],
             ),
+            "unknown": GaugeMetricFamily(
+                "audiencesync_unknown_outcome_changes",
+                "Changes whose last call got no verdict (pending until one comes).",
+                labels=["audience"],
+            ),
         }
+        oldest = GaugeMetricFamily(
+            "audiencesync_oldest_pending_change_age_seconds",
+            "Age of the oldest change not yet acknowledged (0 when none is pending).",
+            labels=["audience"],
+        )
         last_success = GaugeMetricFamily(
             "audiencesync_last_success_timestamp_seconds",
             "When the audience was last refreshed successfully (Unix time).",
@@ -77,9 +94,13 @@ class _StoreCollector(Collector):
             gauges["members"].add_metric([row.key], row.members)
             gauges["pending"].add_metric([row.key], row.pending)
             gauges["parked"].add_metric([row.key], row.parked)
+            gauges["unknown"].add_metric([row.key], row.unknown)
+            age = (now - row.oldest_pending_at).total_seconds() if row.oldest_pending_at else 0.0
+            oldest.add_metric([row.key], max(0.0, age))
             if row.refreshed_at is not None:
                 last_success.add_metric([row.key], row.refreshed_at.timestamp())
         yield from gauges.values()
+        yield oldest
         yield last_success
 
     def describe(self) -> Iterable[Metric]:

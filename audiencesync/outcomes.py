@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from audiencesync.backoff import doubling
 from audiencesync.schema import UtcDateTime, deliveries, sync_runs
 
 
@@ -58,7 +59,7 @@ class Backoff:
 
     def delay(self, failures: int) -> float:
         """The wait after the ``failures``-th failure in a row (1 for the first)."""
-        return float(min(self.max_seconds, self.seconds * 2 ** min(failures - 1, 40)))
+        return doubling(self.seconds, self.max_seconds, failures)
 
 
 def write_outcomes(

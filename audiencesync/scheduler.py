@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -30,18 +31,34 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from audiencesync import store as store_mod
+from audiencesync.admin import AdminDesk
+from audiencesync.backoff import Backoff
+from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import AudienceConfig, Config, load_config
-from audiencesync.errors import AudienceSyncError, ConfigError, GleapAuthError, LeaseLostError
+from audiencesync.errors import (
+    ConfigError,
+    GleapAuthError,
+    GleapUnavailableError,
+    LeaseLostError,
+    brief,
+    iso_time,
+)
+from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
+from audiencesync.requests import AdminRequests
 from audiencesync.server import Server
 from audiencesync.sources import Sources
+from audiencesync.store import Outcome
 from audiencesync.sync import Run, Syncer
 
 log = logging.getLogger(__name__)
 
 # How long the delivery thread sleeps when nothing is pending, unless a refresh wakes it.
-IDLE_SECONDS = 30.0
+# It then looks for changes due without a refresh (re-queued, backoff elapsed).
+IDLE_SECONDS = 5.0
+# How often the daemon looks for admin requests (sync --allow-removals / --full).
+REQUEST_POLL_SECONDS = 2.0
 # After Gleap refused the token, wait this long before trying again (a rotated token
 # can be fixed with a SIGHUP reload meanwhile).
 AUTH_BACKOFF_SECONDS = 300.0
@@ -54,13 +71,35 @@ class Daemon:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         backoff_initial: float = 0.5,
+        breaker_backoff: tuple[float, float] = (30.0, 600.0),
+        error_backoff: tuple[float, float] = (1.0, 60.0),
     ) -> None:
         self.config = config
         self.transport = transport
         self.backoff_initial = backoff_initial
+        self.breaker_backoff = (
+            breaker_backoff  # Gleap unavailable: probe again after 30 s, doubling to 10 min
+        )
+        self.error_backoff = error_backoff  # a store error in a loop: retry after 1 s, doubling to 1 min
         self.engine = store_mod.engine_for(config.store)
-        self.lease = WriterLease(self.engine, store_mod.utc_now, ttl_seconds=config.sync.lease_seconds)
+        self.lease = WriterLease(
+            self.engine, store_mod.utc_now, ttl_seconds=config.sync.lease_seconds, role="daemon"
+        )
+        self.lease.health = self._lease_health
         self.store = store_mod.Store(self.engine, fence=self.lease.check)
+        self.admin = AdminDesk(
+            AdminRequests(self.engine, store_mod.utc_now, fence=self.lease.check),
+            refresh=self._refresh,
+            busy=self._is_busy,
+            submit=self._submit,
+            pending_count=lambda audience_id: self.store.pending_count([audience_id]),
+            lease_lost=lambda: self.halt.set(),
+        )
+        self.outage = Outage(store_mod.utc_now)
+        stall_after = config.server.stall_after_seconds if config.server is not None else 900.0
+        self.progress = Progress(store_mod.utc_now, stall_after)
+        self._ids: dict[str, int] = {}  # audience key -> id, for the configured audiences seen
+        self._busy: set[str] = set()  # audiences refreshing now
         self.syncer = self._syncer(config)
         self.stop = threading.Event()  # the process is to stop
         self.halt = threading.Event()  # the current active period is to end (stop, or the lease lost)
@@ -76,6 +115,7 @@ class Daemon:
         self._delivery: threading.Thread | None = None
         self.metrics = Metrics(self.store.status)
         self.server: Server | None = None
+        self._died: str | None = None  # why a loop thread ended, when it did
 
     def _syncer(self, config: Config) -> Syncer:
         return Syncer(
@@ -97,6 +137,10 @@ class Daemon:
             # unacknowledged changes stay pending.
             os.write(2, b"audiencesync: second signal, exiting now\n")
             os._exit(1)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """Stop gracefully, as on SIGTERM (thread-safe; tests call it directly)."""
         self.stop.set()
         self.halt.set()
         self.wake.set()
@@ -111,14 +155,27 @@ class Daemon:
             self.server = Server(self.config.server.host, self.config.server.port, self.metrics, self.health)
             self.server.start()
             log.info("serving /healthz and /metrics on %s:%d", self.config.server.host, self.server.port)
+        errors = Backoff(*self.error_backoff)
         try:
             while not self.stop.is_set():
                 if not self._standby():
                     break
                 try:
                     self._serve()
+                    errors.reset()
                 except LeaseLostError as exc:
                     log.error("%s Going back to standby.", exc)
+                except Exception as exc:
+                    # The store failed while starting or running the active period
+                    # (locked, connection lost): not a reason to exit. Stand by and retry.
+                    delay = errors.next()
+                    log.error(
+                        "the active period ended on an error: %s. Retrying in %.0f s.",
+                        brief(exc),
+                        delay,
+                        exc_info=errors.failures == 1,
+                    )
+                    self._pause(delay)
         finally:
             if self.server is not None:
                 self.server.stop()
@@ -130,8 +187,19 @@ class Daemon:
     def _standby(self) -> bool:
         """Wait until this process holds the lease; False if told to stop first."""
         announced = 0.0
+        errors = Backoff(*self.error_backoff)
         while not self.stop.is_set():
-            holder = self.lease.try_acquire()
+            try:
+                holder = self.lease.try_acquire()
+            except Exception as exc:
+                delay = errors.next()
+                log.error(
+                    "standby: can't reach the store's lease: %s. Retrying in %.0f s.", brief(exc), delay
+                )
+                self._pause(delay)
+                continue
+            if errors.reset():
+                log.info("standby: the store answers again")
             if holder is None:
                 log.info("active: holding the store's lease as %s", self.lease.holder)
                 return True
@@ -140,7 +208,7 @@ class Daemon:
                     "standby: the store is held by %s pid %d (lease to %s); waiting to take over",
                     holder.host,
                     holder.pid,
-                    f"{holder.expires_at:%H:%M:%S} UTC",
+                    iso_time(holder.expires_at),
                 )
                 announced = time.monotonic()
             self._pause(self.lease.ttl.total_seconds() / 3)
@@ -155,8 +223,12 @@ class Daemon:
 
     def _serve(self) -> None:
         self.halt.clear()
+        self.syncer.sources.resume()
+        self.outage.close()
+        self.metrics.breaker_open.set(0)
         with self.lease.kept(release=lambda: self._refreshing == 0):
             self.active = True
+            self.progress.start()
             interrupted = self.store.mark_interrupted()
             if interrupted:
                 log.warning("%d run(s) of an earlier process were left open; marked interrupted", interrupted)
@@ -175,10 +247,14 @@ class Daemon:
                 self._schedule(audience, start_now=self._due_now(audience))
             self._delivery = threading.Thread(target=self._deliver_forever, name="delivery", daemon=True)
             self._delivery.start()
+            polled = 0.0
             try:
                 while not self.halt.is_set() and not self.lease.lost.is_set():
                     if self._reload.is_set():
                         self.reload()
+                    if time.monotonic() - polled >= REQUEST_POLL_SECONDS:
+                        polled = time.monotonic()
+                        self.admin.poll()
                     self.halt.wait(0.2)
             finally:
                 self._shutdown_work()
@@ -191,6 +267,9 @@ class Daemon:
         self.wake.set()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        # A slow source query would hold the stop for as long as it runs: cancel it.
+        # Its refresh fails before applying anything, so the snapshot is untouched.
+        self.syncer.sources.cancel()
         grace = self.config.schedule.shutdown_grace_seconds
         if self._delivery is not None:
             self._delivery.join(timeout=grace + 5)
@@ -203,15 +282,24 @@ class Daemon:
             runs = list(self._open.values())
             self._open.clear()
         for run in runs:
-            with contextlib.suppress(AudienceSyncError):
+            try:
                 self._close(run)
+            except Exception as exc:  # the next process marks it interrupted
+                log.warning("could not close the run of %s: %s", run.report.key, brief(exc))
         self.active = False
 
     # --- scheduling -------------------------------------------------------------
 
     def _due_now(self, audience: AudienceConfig) -> bool:
         """Never synced, overdue, or changes still pending: don't wait a whole interval."""
-        existing = self.store.ensure_audience(audience.key, audience.name)
+        try:
+            existing = self.store.ensure_audience(audience.key, audience.name)
+        except LeaseLostError:
+            raise
+        except Exception as exc:
+            log.warning("can't read %s's state (%s); refreshing it now", audience.key, brief(exc))
+            return True
+        self._ids[audience.key] = existing.id
         if existing.refreshed_at is None or self.store.pending_count([existing.id]) > 0:
             return True
         return store_mod.utc_now() - existing.refreshed_at > timedelta(seconds=audience.interval)
@@ -233,42 +321,70 @@ class Daemon:
     def _record_next_run(self, key: str) -> None:
         job = self.scheduler.get_job(key) if self.scheduler is not None else None
         next_run = job.next_run_time if job is not None else None
-        with contextlib.suppress(AudienceSyncError):
+        with contextlib.suppress(Exception):  # only shown by `status`; the next refresh writes it again
             self.store.set_next_run(key, next_run)
 
     def _refresh_job(self, key: str) -> None:
+        try:
+            self._refresh(key)
+        except Exception:
+            log.exception("refreshing %s failed; its next scheduled run tries again", key)
+
+    def _refresh(self, key: str, *, full: bool = False, allow_removals: bool = False) -> Run | None:
+        """Refresh one audience's snapshot and hand its run to the delivery loop.
+
+        None when it did not run: stopping, no longer configured, or already refreshing.
+        """
         if self.halt.is_set():
-            return
+            return None
         try:
             audience = self.config.audience(key)
         except ConfigError:
-            return  # removed by a reload a moment ago
+            return None  # removed by a reload a moment ago
         with self._lock:
+            if key in self._busy:
+                return None
+            self._busy.add(key)
             self._refreshing += 1
         started = time.monotonic()
         try:
             existing = self.store.ensure_audience(audience.key, audience.name)
+            self._ids[key] = existing.id
             with self._lock:
                 previous = self._open.pop(existing.id, None)
             if previous is not None:
                 self._close(previous)
-            run = self.syncer.refresh(audience, str(uuid.uuid4()))
+            run = self.syncer.refresh(audience, str(uuid.uuid4()), full=full, allow_removals=allow_removals)
             self.metrics.cycle_duration.labels(key).observe(time.monotonic() - started)
-            if run.report.status in ("failed", "held"):
-                self._close(run)
-            else:
-                with self._lock:
-                    self._open[run.audience.id] = run
+            if run.report.status == "failed" and self.syncer.sources.cancelled.is_set():
+                # Stopped mid-query: nothing was applied; not a failure of the source.
+                self.store.finish_run(
+                    run.run_id, "interrupted", error="stopped while the source query ran; snapshot untouched"
+                )
+                return run
+            # A failed or held refresh applied nothing, but what earlier cycles left
+            # pending still goes out: the run stays open for the delivery loop.
+            with self._lock:
+                self._open[run.audience.id] = run
             self.wake.set()
+            return run
         except LeaseLostError:
             self.lease.lost.set()
             self.halt.set()
-        except Exception:
-            log.exception("refreshing %s failed", key)
+            return None
         finally:
             with self._lock:
                 self._refreshing -= 1
+                self._busy.discard(key)
             self._record_next_run(key)
+
+    def _is_busy(self, key: str) -> bool:
+        with self._lock:
+            return key in self._busy
+
+    def _submit(self, job: Callable[[], None], job_id: str) -> None:
+        assert self.scheduler is not None
+        self.scheduler.add_job(job, id=job_id, misfire_grace_time=None)
 
     def _close(self, run: Run) -> None:
         """Finish a run and log its one summary line."""
@@ -279,34 +395,96 @@ class Daemon:
     # --- delivery -----------------------------------------------------------------
 
     def _deliver_forever(self) -> None:
+        try:
+            self._delivery_loop()
+        except BaseException as exc:
+            # Nothing should get here; if it does, /healthz must say so.
+            self._died = f"the delivery loop died: {brief(exc)}"
+            log.exception("the delivery loop died")
+            raise
+
+    def _delivery_loop(self) -> None:
+        errors = Backoff(*self.error_backoff)
+        probes = Backoff(*self.breaker_backoff)
         while not self.halt.is_set() and not self.lease.lost.is_set():
             self.wake.clear()
-            with self._lock:
-                runs = dict(self._open)
             calls = 0
-            if runs:
-                try:
+            try:
+                self._open_delivery_runs()
+                with self._lock:
+                    runs = dict(self._open)
+                if runs:
                     calls = self._drain(runs)
-                except GleapAuthError as exc:
-                    log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
-                    self.wake.clear()
-                    self.wake.wait(AUTH_BACKOFF_SECONDS)
-                    continue
-                except LeaseLostError:
-                    self.lease.lost.set()
-                    self.halt.set()
-                    return
-                except Exception:
-                    log.exception("delivery failed; trying again shortly")
-                    self.halt.wait(IDLE_SECONDS)
-                    continue
-                self._close_drained(runs)
+                    self._close_drained(runs)
+                if not calls and not self._due():
+                    self.progress.nothing_due()
+            except GleapUnavailableError as exc:
+                delay = probes.next()
+                if self.outage.trip(str(exc), delay):
+                    log.error("%s Pausing delivery; probing again in %g s.", exc, delay)
+                else:
+                    log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
+                self.metrics.breaker_open.set(1)
+                self.halt.wait(delay)
+                continue
+            except GleapAuthError as exc:
+                log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
+                self.wake.clear()
+                self.wake.wait(AUTH_BACKOFF_SECONDS)
+                continue
+            except LeaseLostError:
+                self.lease.lost.set()
+                self.halt.set()
+                return
+            except Exception as exc:
+                delay = errors.next()
+                log.error(
+                    "delivery failed: %s. Everything unacknowledged stays pending; retrying in %.0f s.",
+                    brief(exc),
+                    delay,
+                    exc_info=errors.failures == 1,
+                )
+                self.halt.wait(delay)
+                continue
+            if errors.reset():
+                log.info("delivery: the store answers again")
+            probes.reset()
+            if self.outage.close():
+                log.info("Gleap answers again; delivery resumed")
+                self.metrics.breaker_open.set(0)
             if not calls:
                 self.wake.wait(IDLE_SECONDS)
 
+    def _due(self) -> int:
+        return self.store.due_count(list(self._ids.values())) if self._ids else 0
+
+    def _open_delivery_runs(self) -> None:
+        """Open a 'delivery' run for each audience with changes due but no open run and no refresh
+        going: re-queued changes and elapsed backoffs go out now, not at the next refresh."""
+        for audience in self.config.audiences:
+            audience_id = self._ids.get(audience.key)
+            if audience_id is None:
+                continue
+            with self._lock:
+                if audience_id in self._open or audience.key in self._busy:
+                    continue
+            if not self.store.due_count([audience_id]):
+                continue
+            run = self.syncer.delivery_run(audience, str(uuid.uuid4()))
+            with self._lock:
+                if audience_id in self._open or audience.key in self._busy:
+                    late = run  # a refresh started meanwhile: it delivers them
+                else:
+                    self._open[audience_id] = run
+                    continue
+            self._close(late)
+
     def _drain(self, runs: dict[int, Run]) -> int:
         deliverer = self.syncer.deliverer()
-        deliverer.observe = self.metrics.outcomes
+        deliverer.observe = self._observe
+        if self.outage.open:
+            # The first pass after an outage is the probe: one more failure opens it again.
+            deliverer.breaker = CircuitBreaker.probing()
         keys = {audience_id: run.audience.key for audience_id, run in runs.items()}
 
         def run_id(audience_id: int) -> int:
@@ -325,9 +503,16 @@ class Daemon:
             )
         )
 
+    def _observe(self, outcomes: Sequence[Outcome]) -> None:
+        self.metrics.outcomes(outcomes)
+        if any(outcome.acknowledged for outcome in outcomes):
+            self.progress.acknowledged()
+
     def _close_drained(self, runs: dict[int, Run]) -> None:
         for audience_id, run in runs.items():
-            if self.store.pending_count([audience_id]):
+            # Changes waiting out a backoff don't keep the run open: a delivery run
+            # picks them up when they are due.
+            if self.store.due_count([audience_id]):
                 continue
             with self._lock:
                 if self._open.get(audience_id) is not run:
@@ -356,7 +541,9 @@ class Daemon:
         if self.scheduler is not None:
             for key in old.keys() - fresh.keys():
                 self.scheduler.remove_job(key)
-                self.store.set_next_run(key, None)
+                self._ids.pop(key, None)
+                with contextlib.suppress(Exception):  # only shown by `status`
+                    self.store.set_next_run(key, None)
             for key, audience in fresh.items():
                 before = old.get(key)
                 if before is None:
@@ -376,14 +563,30 @@ class Daemon:
     def health(self) -> tuple[bool, str]:
         if not self.active:
             return (True, "standby") if not self.stop.is_set() else (False, "stopping")
+        if self._died is not None:
+            return False, self._died
         if self.scheduler is None or not self.scheduler.running:
             return False, "the scheduler is not running"
         if self._delivery is None or not self._delivery.is_alive():
             return False, "the delivery loop is not running"
+        if self.outage.open and self.outage.opened_at is not None:
+            probe = self.outage.next_probe_at
+            return False, (
+                f"Gleap is unavailable; delivery paused (circuit breaker open since "
+                f"{iso_time(self.outage.opened_at)}, next probe {iso_time(probe) if probe else 'soon'}): "
+                f"{self.outage.reason}"
+            )
+        try:
+            stalled = self.progress.stalled(self._due())
+            rows = self.store.status()
+        except Exception as exc:
+            return False, f"the store can't be read: {brief(exc)}"
+        if stalled is not None:
+            return False, stalled
         now = store_mod.utc_now()
         intervals = {a.key: a.interval for a in self.config.audiences}
         late = []
-        for row in self.store.status():
+        for row in rows:
             if row.key not in intervals:
                 continue
             last = row.refreshed_at or self._started
@@ -392,3 +595,8 @@ class Daemon:
         if late:
             return False, "no successful cycle within twice the interval: " + ", ".join(late)
         return True, "ok"
+
+    def _lease_health(self) -> tuple[str, datetime | None]:
+        """What the heartbeat writes into the lease row, for `status` in other processes."""
+        ok, reason = self.health()
+        return ("ok" if ok else f"unhealthy: {reason}"), self.progress.acked_at

@@ -88,6 +88,24 @@ class Sources:
         self._configs = configs
         self._engines: dict[str, Engine] = {}
         self.batch_size = batch_size
+        self._running: set[_Watchdog] = set()
+        self._lock = threading.Lock()
+        self.cancelled = threading.Event()  # stopping: running queries were cancelled, new ones refused
+
+    def cancel(self) -> None:
+        """Cancel every running query (the process is stopping), and refuse new ones until ``resume()``.
+
+        Thread-safe, and quick: it only asks each driver to interrupt its statement.
+        The interrupted reads raise ``SourceError``; no snapshot is touched.
+        """
+        self.cancelled.set()
+        with self._lock:
+            running = list(self._running)
+        for watchdog in running:
+            watchdog.cancel_until_done()
+
+    def resume(self) -> None:
+        self.cancelled.clear()
 
     def engine(self, name: str) -> Engine:
         if name not in self._engines:
@@ -110,16 +128,32 @@ class Sources:
         _refuse_missing_file(audience, source)
         deadline = time.monotonic() + source.timeout_seconds
         try:
+            if self.cancelled.is_set():
+                raise _Stopped()
             with (
                 self.engine(source.name).connect() as conn,
                 _Watchdog(conn, source.timeout_seconds) as watchdog,
             ):
+                with self._lock:
+                    self._running.add(watchdog)
                 try:
                     yield from self._stream(conn, audience, source, stats, deadline)
                 except SQLAlchemyError:
+                    if self.cancelled.is_set():
+                        raise _Stopped() from None
                     if watchdog.fired:
                         raise _TimedOut() from None
                     raise
+                finally:
+                    with self._lock:
+                        self._running.discard(watchdog)
+        except _Stopped:
+            raise SourceError(
+                "the query was cancelled because audiencesync is stopping. The snapshot is untouched; "
+                "the next run reads the source again",
+                audience=audience.key,
+                source=source.name,
+            ) from None
         except _TimedOut:
             raise SourceError(
                 f"the query ran past timeout_seconds = {source.timeout_seconds:g} and was cancelled. "
@@ -162,6 +196,8 @@ class Sources:
         index = columns.index("user_id")
         for partition in result.partitions(self.batch_size):
             # Drivers that can't be cancelled are still stopped between batches.
+            if self.cancelled.is_set():
+                raise _Stopped()
             if time.monotonic() > deadline:
                 raise _TimedOut()
             batch: list[str] = []
@@ -199,17 +235,37 @@ class _TimedOut(Exception):
     pass
 
 
+class _Stopped(Exception):
+    pass
+
+
 class _Watchdog:
     """Cancels the connection's running statement once the source's time is up."""
 
     def __init__(self, conn: Connection, seconds: float) -> None:
         self._driver = conn.connection.driver_connection
-        self._timer = threading.Timer(seconds, self._cancel)
+        self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
         self.fired = False
+        self._done = threading.Event()
 
-    def _cancel(self) -> None:
+    def cancel_until_done(self) -> None:
+        """Cancel now and again every 0.1 s until the read ends: a cancel that lands just
+        before the statement starts is a no-op for the driver, and must not be lost."""
+
+        def repeat() -> None:
+            while not self._done.is_set():
+                self.cancel()
+                self._done.wait(0.1)
+
+        threading.Thread(target=repeat, name="cancel-source-query", daemon=True).start()
+
+    def _expire(self) -> None:
         self.fired = True
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Interrupt the connection's running statement, if any."""
         # sqlite3 has interrupt(); psycopg has cancel_safe() (3.2+) or cancel().
         for name in ("interrupt", "cancel_safe", "cancel"):
             method = getattr(self._driver, name, None)
@@ -225,4 +281,5 @@ class _Watchdog:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
         self._timer.cancel()

@@ -359,6 +359,13 @@ class Syncer:
         diff.drop_stage(conn, stage)
         return report
 
+    def delivery_run(self, config: AudienceConfig, cycle_id: str) -> Run:
+        """A run that refreshes nothing and only delivers what is already pending: changes
+        re-queued by `audiencesync retry`, or whose backoff elapsed, between refreshes."""
+        audience = self.store.ensure_audience(config.key, config.name)
+        run_id = self.store.start_run(cycle_id, audience, "delivery")
+        return Run(audience, run_id, AudienceReport(key=config.key, mode="delivery"))
+
 
 def removal_guard(audience: AudienceConfig) -> Guard:
     """Hold a cycle that would remove too much of an audience: a half-loaded or broken
