@@ -1,0 +1,265 @@
+"""The commands that look at or tend the store: status, history, members, failures, retry, check, db."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from audiencesync import audit, store
+from audiencesync.cli_output import EXIT_INCOMPLETE, EXIT_OK, iso, open_store, print_table, when
+from audiencesync.config import Config, Secret, display_url
+from audiencesync.errors import (
+    AudienceSyncError,
+    ConfigError,
+    MissingTokenError,
+)
+from audiencesync.gleap import GleapClient
+from audiencesync.sources import Sources
+
+
+def cmd_check(args: argparse.Namespace, config: Config) -> int:
+    """Each part an admin sets up, checked on its own: one line each, all of them even if one fails."""
+    results: list[tuple[str, str | None]] = [(f"config {config.path}", None)]
+    try:
+        # Never create=True: a check must leave no new store file behind.
+        engine = store.engine_for(config.store)
+    except AudienceSyncError as exc:
+        results.append((f"store {display_url(config.store.url)}", str(exc)))
+    else:
+        try:
+            current, head = store.schema_revisions(engine)
+            state = (
+                "up to date"
+                if current == head
+                else f"at {current or 'no schema'}; `sync` migrates it to {head}"
+            )
+            results.append((f"store {display_url(config.store.url)} ({state})", None))
+        except AudienceSyncError as exc:
+            results.append((f"store {display_url(config.store.url)}", str(exc)))
+        finally:
+            engine.dispose()
+    sources = Sources(config.sources)
+    for audience in config.audiences:
+        try:
+            sources.check(audience)
+            results.append((f"audience {audience.key} (source {audience.source})", None))
+        except AudienceSyncError as exc:
+            results.append((f"audience {audience.key} (source {audience.source})", str(exc)))
+    sources.dispose()
+    token = config.gleap.api_token
+    if token is None:
+        results.append(("gleap token", str(MissingTokenError())))
+    else:
+        try:
+            asyncio.run(_check_token(config, token))
+            results.append((f"gleap token at {config.gleap.base_url}", None))
+        except AudienceSyncError as exc:
+            results.append((f"gleap token at {config.gleap.base_url}", str(exc)))
+    for what, problem in results:
+        print(f"{'FAIL' if problem else 'ok':4}  {what}" + (f"\n      {problem}" if problem else ""))
+    return EXIT_INCOMPLETE if any(problem for _, problem in results) else EXIT_OK
+
+
+async def _check_token(config: Config, token: Secret) -> None:
+    async with GleapClient(config.gleap, token) as client:
+        await client.check_token()
+
+
+def cmd_history(args: argparse.Namespace, config: Config) -> int:
+    if args.audience:
+        config.audience(args.audience)  # refuse an unknown key before touching the store
+    engine = open_store(config).engine
+    store.schema_revisions(engine)
+    events = audit.history(engine, args.user, args.audience)
+    if args.format == "json":
+        print(json.dumps([vars(e) for e in events], default=iso, indent=2))
+        return EXIT_OK
+    rows: list[tuple[str, ...]] = [("time", "audience", "event", "detail", "run")]
+    for e in events:
+        if e.kind == "told":
+            detail = f"{str(e.value).lower()} -> {e.status or 'no answer'}" + (
+                f" {e.error}" if e.error else ""
+            )
+        else:
+            detail = ""
+        rows.append((when(e.at), e.audience, e.kind, detail, str(e.run_id or "")))
+    print_table(rows, sys.stdout)
+    if not events:
+        print(f"no history for user {args.user!r}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_members(args: argparse.Namespace, config: Config) -> int:
+    config.audience(args.audience)  # refuse an unknown key before touching the store
+    engine = open_store(config).engine
+    store.schema_revisions(engine)
+    at = None
+    if args.at:
+        try:
+            at = datetime.fromisoformat(args.at)
+        except ValueError:
+            raise ConfigError(
+                f"--at {args.at!r} is not a time", fix="write it as 2026-11-01T12:00:00Z"
+            ) from None
+        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
+    count = 0
+    for user_id in audit.members_at(engine, args.audience, at):
+        print(user_id)
+        count += 1
+    print(
+        f"{count} member(s) of {args.audience}" + (f" at {when(at)}" if at else ""),
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    target = open_store(config)
+    current, _ = store.schema_revisions(target.engine)
+    if current is None:
+        print("the store is empty: no sync has run yet", file=sys.stderr)
+        return EXIT_OK
+    rows = target.status()
+    holder = target.lease_holder()
+    configured = {a.key for a in config.audiences}
+    if args.format == "json":
+        print(json.dumps(_status_json(rows, holder, configured), default=iso, indent=2))
+        return EXIT_OK
+    table: list[tuple[str, ...]] = [
+        (
+            "audience",
+            "members",
+            "pending",
+            "failed",
+            "unknown",
+            "oldest pending",
+            "last run",
+            "result",
+            "entered",
+            "left",
+            "sent",
+            "next run",
+        )
+    ]
+    for row in rows:
+        last = row.last_run or {}
+        table.append(
+            (
+                row.key + ("" if row.key in configured else " (not in config)"),
+                str(row.members),
+                str(row.pending),
+                str(row.parked),
+                str(row.unknown),
+                _age(row.oldest_pending_at),
+                when(last.get("started_at")),
+                str(last.get("status", "-")),
+                str(last.get("entered", "-")),
+                str(last.get("left", "-")),
+                str(last.get("sent", "-")),
+                when(row.next_run_at),
+            )
+        )
+    print_table(table, sys.stdout)
+    if holder is None:
+        print("daemon: none holds the store")
+    else:
+        print(
+            f"{holder.get('role') or 'holder'}: {holder['host']} pid {holder['pid']}, active since "
+            f"{when(holder['acquired_at'])}, last heartbeat {when(holder['renewed_at'])}, "
+            f"lease to {when(holder['expires_at'])}"
+        )
+        if holder.get("health"):
+            print(f"health: {holder['health']}; last acknowledged call {when(holder.get('progress_at'))}")
+    return EXIT_OK
+
+
+def _status_json(
+    rows: list[store.AudienceStatus], holder: dict[str, Any] | None, configured: set[str]
+) -> dict[str, Any]:
+    return {
+        "audiences": [
+            {
+                "key": row.key,
+                "configured": row.key in configured,
+                "members": row.members,
+                "pending": row.pending,
+                "failed": row.parked,
+                "unknown": row.unknown,
+                "oldest_pending_at": row.oldest_pending_at,
+                "oldest_pending_age_seconds": _age_seconds(row.oldest_pending_at),
+                "refreshed_at": row.refreshed_at,
+                "next_run_at": row.next_run_at,
+                "last_run": row.last_run,
+            }
+            for row in rows
+        ],
+        "lease": holder,
+    }
+
+
+def _age_seconds(when: datetime | None) -> float | None:
+    return None if when is None else max(0.0, (store.utc_now() - when).total_seconds())
+
+
+def _age(when: datetime | None) -> str:
+    """An age as 45s, 12m or 3h20m; '-' when nothing is pending."""
+    seconds = _age_seconds(when)
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m" if minutes else f"{secs}s")
+
+
+def cmd_failures(args: argparse.Namespace, config: Config) -> int:
+    if args.audience:
+        config.audience(args.audience)
+    target = open_store(config)
+    store.schema_revisions(target.engine)  # refuses a store from a newer version
+    parked = target.parked(args.audience)
+    for change in parked:
+        print(
+            f"{change.audience}\t{change.user_id}\t{str(change.value).lower()}\t"
+            f"attempts={change.attempts}\tparked={when(change.parked_at)}\t{change.last_error}"
+        )
+    print(
+        f"{len(parked)} parked change(s)" + ("; re-queue with `audiencesync retry`" if parked else ""),
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace, config: Config) -> int:
+    if not (args.audience or args.user or args.all):
+        raise ConfigError(
+            "retry needs a selection", fix="pass --audience KEY, --user ID, or --all for every parked change"
+        )
+    if args.audience:
+        config.audience(args.audience)
+    target = open_store(config)
+    store.schema_revisions(target.engine)
+    count = target.requeue(args.audience, args.user)
+    print(f"re-queued {count} change(s); the next sync sends them")
+    return EXIT_OK
+
+
+def cmd_db_upgrade(args: argparse.Namespace, config: Config) -> int:
+    # The one command that may create a new store.
+    target = store.Store(store.engine_for(config.store, create=True))
+    applied = store.upgrade(target.engine)
+    _, head = store.schema_revisions(target.engine)
+    where = display_url(config.store.url)
+    print(f"{where}: {'upgraded to' if applied else 'already at'} schema revision {head}")
+    return EXIT_OK
+
+
+def cmd_db_current(args: argparse.Namespace, config: Config) -> int:
+    target = open_store(config)
+    current, head = store.schema_revisions(target.engine)
+    state = "up to date" if current == head else f"behind; run `audiencesync db upgrade` to reach {head}"
+    print(f"{display_url(config.store.url)}: schema revision {current or 'none'} ({state})")
+    return EXIT_OK

@@ -1,0 +1,295 @@
+"""The commands that sync: `sync` (one cycle, signals, asking a running daemon) and `run` (the daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from audiencesync import store
+from audiencesync.cli_output import (
+    EXIT_GLEAP_DOWN,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    print_table,
+)
+from audiencesync.config import Config
+from audiencesync.delivery import Progress
+from audiencesync.errors import (
+    ConfigError,
+    GleapUnavailableError,
+    MissingTokenError,
+    StoreMissingError,
+)
+from audiencesync.lease import WriterLease
+from audiencesync.requests import AdminRequests, kind_of
+from audiencesync.scheduler import Daemon
+from audiencesync.sources import Sources
+from audiencesync.sync import CycleReport, Syncer
+
+# How long `sync --full/--allow-removals` waits for a running daemon to carry it out.
+DAEMON_REQUEST_WAIT_SECONDS = 600.0
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    if config.gleap.api_token is None:
+        raise MissingTokenError()
+    if not config.audiences:
+        raise ConfigError("no [[audiences]] are configured", path=str(config.path), fix="add at least one")
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+def cmd_sync(args: argparse.Namespace, config: Config) -> int:
+    if args.audiences:
+        for key in args.audiences:
+            config.audience(key)  # refuse unknown keys before touching anything
+    if args.allow_removals and not args.audiences:
+        raise ConfigError(
+            "--allow-removals releases the guard for named audiences only",
+            fix="add --audience KEY for each audience whose removals you have checked",
+        )
+    if not args.dry_run and config.gleap.api_token is None:
+        raise MissingTokenError()
+    try:
+        engine = store.engine_for(config.store)
+    except StoreMissingError:
+        if not args.dry_run:
+            raise
+        # The dry run of a first sync: plan against an empty store in memory,
+        # and leave no file behind.
+        engine = store.create_engine("sqlite://", create=True)
+        store.upgrade(engine)
+    lease = WriterLease(engine, store.utc_now, ttl_seconds=config.sync.lease_seconds, role="sync")
+    interrupt = _Interrupt(Sources(config.sources))
+    try:
+        if args.dry_run:
+            # A dry run writes nothing, so it needs no lease and never waits for one.
+            with interrupt:
+                report = interrupt.run(lambda: _run_cycle(args, config, store.Store(engine), interrupt))
+        else:
+            store.upgrade(engine)
+            daemon = _daemon_holding(engine) if (args.full or args.allow_removals) else None
+            if daemon is not None:
+                return _ask_daemon(args, config, engine, daemon)
+            with interrupt, lease.held(args.wait or 0.0):
+                fenced = store.Store(engine, fence=lease.check)
+                report = interrupt.run(lambda: _run_cycle(args, config, fenced, interrupt))
+    finally:
+        engine.dispose()
+    print_summary(report, sys.stderr if args.dry_run else sys.stdout)
+    if report.aborted is not None:
+        print(f"audiencesync: error: {report.aborted}", file=sys.stderr)
+    if interrupt.signum is not None:
+        sent = sum(a.sent for a in report.audiences)
+        pending = sum(a.pending for a in report.audiences)
+        print(
+            f"audiencesync: stopped by {signal.Signals(interrupt.signum).name}: {sent} change(s) delivered, "
+            f"{pending} still pending for the next run",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED if interrupt.signum == signal.SIGINT else EXIT_TERMINATED
+    if isinstance(report.aborted, GleapUnavailableError):
+        return EXIT_GLEAP_DOWN
+    return EXIT_OK if report.complete else EXIT_INCOMPLETE
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM during `sync`: stop starting calls, cancel source queries, report.
+
+    The first signal sets ``stop`` (calls in flight finish and are recorded) and
+    cancels running source queries (their snapshots stay untouched). A second
+    one exits at once: every write is a transaction, so the store stays consistent.
+    """
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
+        self.stop = threading.Event()
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            os.write(2, b"audiencesync: second signal, exiting now; unacknowledged changes stay pending\n")
+            os._exit(128 + signum)
+        self.signum = signum
+        self.stop.set()
+        self.sources.cancel()
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def run(self, work: Callable[[], CycleReport]) -> CycleReport:
+        """Do ``work`` on a worker thread, the main thread only waiting for it.
+
+        Python runs signal handlers on the main thread, between bytecodes: a main
+        thread stuck in a driver's C call (a slow source query) would never see
+        the signal that should cancel that very query.
+        """
+        outcome: list[CycleReport] = []
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                outcome.append(work())
+            except BaseException as exc:
+                failure.append(exc)
+
+        worker = threading.Thread(target=target, name="sync", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def _daemon_holding(engine: Any) -> dict[str, Any] | None:
+    """The lease row when a live daemon (`audiencesync run`) holds the store, else None."""
+    holder = store.Store(engine).lease_holder()
+    if holder is None or holder.get("role") != "daemon" or holder["expires_at"] < store.utc_now():
+        return None
+    return holder
+
+
+def _ask_daemon(args: argparse.Namespace, config: Config, engine: Any, daemon: dict[str, Any]) -> int:
+    """Queue --full/--allow-removals for the daemon holding the store, and wait for its outcome.
+
+    A request nobody picked up in time is withdrawn, so it can't surprise anyone
+    later; one the daemon already started is left to finish.
+    """
+    keys = args.audiences or [a.key for a in config.audiences]
+    kind = kind_of(full=args.full, allow_removals=args.allow_removals)
+    queue = AdminRequests(engine, store.utc_now)
+    asker = f"{socket.gethostname()} pid {os.getpid()}"
+    ids = {key: queue.submit(kind, key, asker) for key in keys}
+    wait = DAEMON_REQUEST_WAIT_SECONDS if args.wait is None else args.wait
+    what = {
+        "full": "fully resync",
+        "release": "release the removal guard of",
+        "release+full": "release and fully resync",
+    }[kind]
+    print(
+        f"the daemon on {daemon['host']} (pid {daemon['pid']}) holds the store; asked it to {what} "
+        f"{', '.join(keys)} in its next cycle. Waiting up to {wait:g} s for it...",
+        flush=True,
+    )
+    deadline = time.monotonic() + wait
+    results = {key: queue.get(request_id) for key, request_id in ids.items()}
+    while not all(r.finished for r in results.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        results = {key: queue.get(request_id) for key, request_id in ids.items()}
+    status = EXIT_OK
+    for key, request in results.items():
+        outcome = request.result or {}
+        if request.state == "done":
+            print(
+                f"{key}: {outcome.get('status')} ({outcome.get('mode')}) entered={outcome.get('entered')} "
+                f"left={outcome.get('left')}; {outcome.get('pending')} change(s) pending, "
+                "the daemon delivers them"
+            )
+            continue
+        status = EXIT_INCOMPLETE
+        if request.state == "failed":
+            detail = outcome.get("error") or outcome.get("status")
+            print(f"{key}: the daemon's refresh failed: {detail}")
+        elif queue.cancel(request.id, f"not picked up within {wait:g} s"):
+            print(
+                f"{key}: the daemon did not pick the request up within {wait:g} s; withdrawn. "
+                "Fix: check the daemon's log and /healthz, then ask again (a longer --wait)"
+            )
+        else:
+            print(f"{key}: the daemon is still carrying it out; `audiencesync status` shows the outcome")
+    return status
+
+
+def _run_cycle(
+    args: argparse.Namespace, config: Config, target: store.Store, interrupt: _Interrupt
+) -> CycleReport:
+    syncer = Syncer(config, target, sources=interrupt.sources)
+    try:
+        return syncer.run_cycle(
+            args.audiences,
+            full=args.full,
+            dry_run=args.dry_run,
+            out=sys.stdout,
+            progress=_progress_bar if sys.stderr.isatty() else None,
+            allow_removals=args.allow_removals,
+            stop=interrupt.stop,
+        )
+    finally:
+        syncer.sources.dispose()
+
+
+def _progress_bar(total: int) -> Progress:
+    bar = tqdm(total=total, unit="call", desc="delivering", file=sys.stderr, dynamic_ncols=True)
+
+    def tick(done: int) -> None:
+        bar.update(done)
+        if bar.n >= total:
+            bar.close()
+
+    return tick
+
+
+def print_summary(report: CycleReport, out: IO[str]) -> None:
+    rows: list[tuple[str, ...]] = [
+        (
+            "audience", "result", "mode", "members", "entered", "left", "sent", "failed",
+            "pending", "parked", "unknown", "skipped",
+        )
+    ]  # fmt: skip
+    for a in report.audiences:
+        counts = (
+            a.members,
+            a.entered,
+            a.left,
+            a.sent,
+            a.failed,
+            a.pending,
+            a.parked,
+            a.unknown,
+            a.skipped_rows,
+        )
+        rows.append((a.key, a.status, a.mode, *(str(n) for n in counts)))
+    print_table(rows, out)
+    if report.dry_run:
+        print(f"dry run: {report.calls} call(s) would be made; nothing was sent or stored", file=out)
+    for a in report.audiences:
+        if a.error:
+            print(f"{a.key}: {a.error}", file=out)
+        if a.invalid_samples:
+            print(f"{a.key}: skipped invalid ids, e.g. {'; '.join(a.invalid_samples)}", file=out)
+    parked = sum(a.parked for a in report.audiences)
+    if parked:
+        print(
+            f"{parked} change(s) are parked after repeated rejections; see `audiencesync failures`, "
+            "fix the cause, then `audiencesync retry`",
+            file=out,
+        )
+    unknown = sum(a.unknown for a in report.audiences)
+    if unknown and not report.dry_run:
+        print(
+            f"{unknown} call(s) got no verdict from Gleap (it may have applied them); "
+            "they stay pending and go out again",
+            file=out,
+        )
