@@ -149,6 +149,20 @@ def make_config(
                 query = "SELECT user_id FROM members WHERE segment = 'a'"
             """
         token_line = f'api_token = "{token}"' if token else ""
+        extra = textwrap.dedent(extra)
+        if "[sync]" in extra:  # one [sync] table: the test's keys, then the defaults it didn't set
+            extra = extra.replace(
+                "[sync]\n",
+                "[sync]\n"
+                + "\n".join(
+                    line for line in sync.splitlines() if line.split("=")[0].strip() + " " not in extra
+                )
+                + "\n",
+                1,
+            )
+            sync_table = ""
+        else:
+            sync_table = f"\n[sync]\n{sync}\n"
         text = (
             textwrap.dedent(
                 f"""
@@ -164,14 +178,12 @@ def make_config(
             max_retries = 3
             {extra_gleap}
 
-            [sync]
-            {sync}
-
             [sources.main]
             url = "{source.url}"
             """
             )
-            + textwrap.dedent(extra)
+            + sync_table
+            + extra
             + textwrap.dedent(audiences)
         )
         path = tmp_path / "audiencesync.toml"

@@ -32,7 +32,7 @@ from audiencesync.scheduler import Daemon as DaemonCore
 from audiencesync.schema import leases
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
-from tests.test_daemon import SCHEDULE, Daemon, cli, daemons, free_port, members_true, wait_for
+from tests.test_daemon import SCHEDULE, SYNC, Daemon, cli, daemons, free_port, members_true, wait_for
 from tests.test_sync import cycle
 
 __all__ = ["daemons"]  # the fixture, re-used
@@ -105,7 +105,7 @@ def test_a_locked_store_does_not_kill_the_daemon(
     if not store_url.startswith("sqlite"):
         pytest.skip("BEGIN EXCLUSIVE is SQLite's lock")
     source.set(["u1", "u2"])
-    config = make_config(gleap.base_url, token=None, extra=SCHEDULE.replace("= 3", "= 6"))
+    config = make_config(gleap.base_url, token=None, sync=SYNC.replace("= 3", "= 6"), extra=SCHEDULE)
     config = with_store_setting(config, "busy_timeout_seconds = 0.2")
     locker = sqlite3.connect(store_url.removeprefix("sqlite:///"), isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")  # held from before the daemon starts
@@ -143,7 +143,7 @@ def test_earlier_pending_changes_go_out_when_the_refresh_fails_or_is_held(
 ) -> None:
     members = [f"u{i}" for i in range(10)]
     source.set(members)
-    config = make_config(gleap.base_url, extra=SCHEDULE)
+    config = make_config(gleap.base_url, sync=SYNC, extra=SCHEDULE)
     assert cycle(config).complete
     source.set([*members, "new"])
     gleap.set_token("rotated")  # the next cycle's delivery is refused: "new" stays pending
@@ -187,7 +187,7 @@ def test_allow_removals_and_full_are_carried_out_by_the_running_daemon(
 ) -> None:
     members = [f"u{i}" for i in range(10)]
     source.set(members)
-    config = make_config(gleap.base_url, token=None, extra=SCHEDULE)
+    config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE)
     daemon = daemons(config)
     wait_for(lambda: members_true(gleap) == set(members), what="the first sync")
     source.set(members[:3])
@@ -239,7 +239,9 @@ def test_breaker_pauses_delivery_and_health_goes_503_and_back(
     caplog.set_level(logging.INFO, logger="audiencesync")
     port = free_port()
     source.set(["u1", "u2"])
-    config = make_config(gleap.base_url, extra=SCHEDULE + f'[server]\nlisten = "127.0.0.1:{port}"\n')
+    config = make_config(
+        gleap.base_url, sync=SYNC, extra=SCHEDULE + f'[server]\nlisten = "127.0.0.1:{port}"\n'
+    )
     down = threading.Event()
     down.set()
     with InProcess(config) as daemon:
@@ -272,7 +274,7 @@ def test_health_reports_a_stalled_delivery_and_status_shows_it(
     port = free_port()
     source.set(["u1", "u2"])
     server = f'[server]\nlisten = "127.0.0.1:{port}"\nstall_after = "1s"\n'
-    config = make_config(gleap.base_url, extra=SCHEDULE.replace("= 3", "= 1.5") + server)
+    config = make_config(gleap.base_url, sync=SYNC.replace("= 3", "= 1.5"), extra=SCHEDULE + server)
     gleap.fail_next(1_000_000, 503)
     with InProcess(config):
         wait_for(lambda: "delivery stalled" in healthz(port)[1], what="/healthz to report the stall")
@@ -306,7 +308,7 @@ def endless_audience() -> str:
 def test_sigterm_during_a_slow_source_query_stops_the_daemon(
     make_config: ConfigFactory, gleap: GleapStandIn, daemons: Callable[[Config], Daemon], store_url: str
 ) -> None:
-    config = make_config(gleap.base_url, token=None, extra=SCHEDULE, audiences=endless_audience())
+    config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE, audiences=endless_audience())
     daemon = daemons(config)
     wait_for(
         lambda: bool(query(store_url, "SELECT 1 FROM sync_runs WHERE status = 'running'")), what="the query"
