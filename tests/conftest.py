@@ -112,6 +112,7 @@ def make_config(
         extra_gleap: str = "",
         extra: str = "",
         requests_per_minute: int = 600_000,
+        timeout_seconds: float = 2,
     ) -> Config:
         if audiences is None:
             audiences = """
@@ -132,7 +133,7 @@ def make_config(
             {token_line}
             requests_per_minute = {requests_per_minute}
             max_concurrency = 4
-            timeout_seconds = 2
+            timeout_seconds = {timeout_seconds}
             max_retries = 3
             {extra_gleap}
 
