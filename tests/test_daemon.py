@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -312,6 +314,36 @@ def test_health_reports_standby_and_what_is_wrong(make_config: ConfigFactory) ->
         core.active = True
         ok, reason = core.health()
         assert not ok and "scheduler is not running" in reason
+    finally:
+        core.engine.dispose()
+
+
+def test_standby_says_so_at_once_even_just_after_boot(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # time.monotonic() counts from about boot on Linux: a host up for under 5 minutes
+    # must not keep a standby daemon silent.
+    from audiencesync import scheduler
+    from audiencesync import store as store_mod
+    from audiencesync.lease import WriterLease
+
+    core = scheduler.Daemon(make_config())
+    real = time.monotonic
+    booted = real() - 10.0
+    monkeypatch.setattr("audiencesync.scheduler.time.monotonic", lambda: real() - booted)
+    caplog.set_level(logging.INFO, logger="audiencesync.scheduler")
+    try:
+        store_mod.upgrade(core.engine)
+        assert WriterLease(core.engine, store_mod.utc_now, ttl_seconds=600).try_acquire() is None
+        result: list[bool] = []
+        standby = threading.Thread(target=lambda: result.append(core._standby()))
+        standby.start()
+        try:
+            wait_for(lambda: "standby: the store is held by" in caplog.text, what="the standby message")
+        finally:
+            core.stop.set()
+            standby.join(timeout=30)
+        assert result == [False]
     finally:
         core.engine.dispose()
 
