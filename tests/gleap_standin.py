@@ -263,6 +263,7 @@ class GleapStandIn:
         self._gate = threading.Event()
         self._gate.set()
         self._held = 0
+        self._let_through = 0
         self._held_changed = threading.Condition(self._lock)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -377,9 +378,12 @@ class GleapStandIn:
             self._drop_rules.clear()
             self._user_faults.clear()
 
-    def hold(self) -> None:
-        """Keep every identify request waiting, unanswered, until release() (or stop())."""
-        self._gate.clear()
+    def hold(self, after: int = 0) -> None:
+        """Answer the next ``after`` identify requests, then keep every later one
+        waiting, unanswered, until release() (or stop())."""
+        with self._lock:
+            self._let_through = after
+            self._gate.clear()
 
     def release(self) -> None:
         self._gate.set()
@@ -433,10 +437,14 @@ class GleapStandIn:
         return _json_reply(404, {"message": f"Not found: {route}"})
 
     def _identify(self, headers: dict[str, str], body: Any) -> _Reply:
-        if not self._gate.is_set():
-            with self._held_changed:
+        with self._held_changed:
+            wait = not self._gate.is_set() and self._let_through <= 0
+            if wait:
                 self._held += 1
                 self._held_changed.notify_all()
+            elif not self._gate.is_set():
+                self._let_through -= 1
+        if wait:
             while not self._gate.wait(0.05):
                 if self._stopping.is_set():
                     return _Reply(0)

@@ -95,15 +95,16 @@ def test_sigkill_mid_delivery_from_outside_then_rerun_converges(
     members = [f"u{i:04d}" for i in range(300)]
     source.set(members)
     config = make_config(gleap.base_url, token=None)
-    gleap.delay_next(10_000, 0.01)  # slow Gleap down so the kill lands mid-delivery
+    # Gleap answers 60 calls, then holds the rest unanswered: the kill lands
+    # mid-delivery however fast or slow each side runs.
+    gleap.hold(after=60)
     process = start(config, "sync", env={"GLEAP_API_TOKEN": TOKEN})
-    deadline = time.monotonic() + 60
-    while len(gleap.identify_calls) < 60 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert gleap.wait_held(1, timeout=60), "delivery never got past 60 calls"
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=30)
     delivered_before = len(gleap.identify_calls)
-    assert 60 <= delivered_before < 300
+    assert delivered_before == 60
+    gleap.release()  # the calls in flight at the kill reach Gleap after all
 
     gleap.clear_faults()
     rerun = sync(config, env={"GLEAP_API_TOKEN": TOKEN})
