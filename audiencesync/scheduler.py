@@ -186,7 +186,7 @@ class Daemon:
 
     def _standby(self) -> bool:
         """Wait until this process holds the lease; False if told to stop first."""
-        announced = 0.0
+        announced: float | None = None  # not 0.0: the monotonic clock may start near 0 at boot
         errors = Backoff(*self.error_backoff)
         while not self.stop.is_set():
             try:
@@ -203,7 +203,7 @@ class Daemon:
             if holder is None:
                 log.info("active: holding the store's lease as %s", self.lease.holder)
                 return True
-            if time.monotonic() - announced > 300:
+            if announced is None or time.monotonic() - announced > 300:
                 log.info(
                     "standby: the store is held by %s pid %d (lease to %s); waiting to take over",
                     holder.host,

@@ -140,6 +140,7 @@ def make_config(
         requests_per_minute: int = 600_000,
         create_store: bool = True,
         sync: str = 'retry_backoff = "0s"',
+        timeout_seconds: float = 2,
     ) -> Config:
         if audiences is None:
             audiences = """
@@ -174,7 +175,7 @@ def make_config(
             {token_line}
             requests_per_minute = {requests_per_minute}
             max_concurrency = 4
-            timeout_seconds = 2
+            timeout_seconds = {timeout_seconds}
             max_retries = 3
             {extra_gleap}
 

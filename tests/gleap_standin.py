@@ -266,6 +266,12 @@ class GleapStandIn:
         self._window: deque[float] = deque()
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
+        # hold(): identify requests wait here, unanswered, until release().
+        self._gate = threading.Event()
+        self._gate.set()
+        self._held = 0
+        self._let_through = 0
+        self._held_changed = threading.Condition(self._lock)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
@@ -385,6 +391,21 @@ class GleapStandIn:
             self._lose_rules.clear()
             self._user_faults.clear()
 
+    def hold(self, after: int = 0) -> None:
+        """Answer the next ``after`` identify requests, then keep every later one
+        waiting, unanswered, until release() (or stop())."""
+        with self._lock:
+            self._let_through = after
+            self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def wait_held(self, count: int = 1, timeout: float = 30) -> bool:
+        """Block until ``count`` identify requests have arrived and are waiting at hold()."""
+        with self._held_changed:
+            return self._held_changed.wait_for(lambda: self._held >= count, timeout)
+
     def set_token(self, token: str) -> None:
         with self._lock:
             self._token = token
@@ -429,6 +450,17 @@ class GleapStandIn:
         return _json_reply(404, {"message": f"Not found: {route}"})
 
     def _identify(self, headers: dict[str, str], body: Any) -> _Reply:
+        with self._held_changed:
+            wait = not self._gate.is_set() and self._let_through <= 0
+            if wait:
+                self._held += 1
+                self._held_changed.notify_all()
+            elif not self._gate.is_set():
+                self._let_through -= 1
+        if wait:
+            while not self._gate.wait(0.05):
+                if self._stopping.is_set():
+                    return _Reply(0)
         with self._lock:
             delay: float | None = _take(self._delay_rules)
             drop = _take(self._drop_rules) is not None

@@ -95,15 +95,16 @@ def test_sigkill_mid_delivery_from_outside_then_rerun_converges(
     members = [f"u{i:04d}" for i in range(300)]
     source.set(members)
     config = make_config(gleap.base_url, token=None)
-    gleap.delay_next(10_000, 0.01)  # slow Gleap down so the kill lands mid-delivery
+    # Gleap answers 60 calls, then holds the rest unanswered: the kill lands
+    # mid-delivery however fast or slow each side runs.
+    gleap.hold(after=60)
     process = start(config, "sync", env={"GLEAP_API_TOKEN": TOKEN})
-    deadline = time.monotonic() + 60
-    while len(gleap.identify_calls) < 60 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert gleap.wait_held(1, timeout=60), "delivery never got past 60 calls"
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=30)
     delivered_before = len(gleap.identify_calls)
-    assert 60 <= delivered_before < 300
+    assert delivered_before == 60
+    gleap.release()  # the calls in flight at the kill reach Gleap after all
 
     gleap.clear_faults()
     rerun = sync(config, env={"GLEAP_API_TOKEN": TOKEN})
@@ -261,31 +262,38 @@ def test_second_sync_waits_or_names_the_holder(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
 ) -> None:
     source.set([f"u{i}" for i in range(40)])
-    config = make_config(gleap.base_url, token=None)
+    # The first sync's calls are held unanswered until the checks below are done, so
+    # it holds the lease throughout however slowly the other processes start.
+    # The timeout leaves room for that: a held call must not time out meanwhile.
+    config = make_config(gleap.base_url, token=None, timeout_seconds=120)
     token = {"GLEAP_API_TOKEN": TOKEN}
-    gleap.delay_next(40, 0.1)
+    gleap.hold()
     first = start(config, "sync", env=token)
-    deadline = time.monotonic() + 30
-    while not gleap.requests and time.monotonic() < deadline:
-        time.sleep(0.02)
+    try:
+        assert gleap.wait_held(1, timeout=60), "the first sync never started delivering"
 
-    busy = sync(config, env=token)
-    assert busy.returncode == 4, busy.stderr
-    assert "in use by another audiencesync" in busy.stderr and f"pid {first.pid}" in busy.stderr
+        busy = sync(config, env=token)
+        assert busy.returncode == 4, busy.stderr
+        assert "in use by another audiencesync" in busy.stderr and f"pid {first.pid}" in busy.stderr
 
-    # Readers are never blocked by the running sync.
-    reader = subprocess.run(
-        [sys.executable, "-m", "audiencesync", "--config", str(config.path), "failures"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
-    assert reader.returncode == 0, reader.stderr
+        # Readers are never blocked by the running sync.
+        reader = subprocess.run(
+            [sys.executable, "-m", "audiencesync", "--config", str(config.path), "failures"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert reader.returncode == 0, reader.stderr
 
-    waited = sync(config, "--wait", "60", env=token)
-    assert first.wait(timeout=60) == 0
-    assert waited.returncode == 0, waited.stderr
+        waiting = start(config, "sync", "--wait", "120", env=token)
+        assert first.poll() is None and waiting.poll() is None  # neither gave up while the store was held
+    finally:
+        gleap.release()
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 0, stderr
+    _, stderr = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, stderr
     assert len(gleap.identify_calls) == 40  # the second run found nothing left to send
 
 
