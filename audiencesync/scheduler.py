@@ -12,7 +12,6 @@ It wires the parts together:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -20,7 +19,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -33,12 +32,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 from audiencesync import store as store_mod
 from audiencesync.admin import AdminDesk
 from audiencesync.backoff import Backoff
-from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import AudienceConfig, Config, load_config
+from audiencesync.delivery_loop import DeliveryLoop
 from audiencesync.errors import (
     ConfigError,
-    GleapAuthError,
-    GleapUnavailableError,
     LeaseLostError,
     brief,
     iso_time,
@@ -49,22 +46,15 @@ from audiencesync.metrics import Metrics
 from audiencesync.requests import AdminRequests
 from audiencesync.server import Server
 from audiencesync.sources import Sources
-from audiencesync.store import Outcome
 from audiencesync.sync import Run, Syncer
 
 log = logging.getLogger(__name__)
 
-# How long the delivery thread sleeps when nothing is pending, unless a refresh wakes it.
-# It then looks for changes due without a refresh (re-queued, backoff elapsed).
-IDLE_SECONDS = 5.0
 # How often the daemon looks for admin requests (sync --allow-removals / --full).
 REQUEST_POLL_SECONDS = 2.0
-# After Gleap refused the token, wait this long before trying again (a rotated token
-# can be fixed with a SIGHUP reload meanwhile).
-AUTH_BACKOFF_SECONDS = 300.0
 
 
-class Daemon:
+class Daemon(DeliveryLoop):
     def __init__(
         self,
         config: Config,
@@ -391,134 +381,6 @@ class Daemon:
         self.syncer.finish(run)
         self.metrics.cycles.labels(run.report.key, run.report.status).inc()
         log.info("%s", run.report.summary())
-
-    # --- delivery -----------------------------------------------------------------
-
-    def _deliver_forever(self) -> None:
-        try:
-            self._delivery_loop()
-        except BaseException as exc:
-            # Nothing should get here; if it does, /healthz must say so.
-            self._died = f"the delivery loop died: {brief(exc)}"
-            log.exception("the delivery loop died")
-            raise
-
-    def _delivery_loop(self) -> None:
-        errors = Backoff(*self.error_backoff)
-        probes = Backoff(*self.breaker_backoff)
-        while not self.halt.is_set() and not self.lease.lost.is_set():
-            self.wake.clear()
-            calls = 0
-            try:
-                self._open_delivery_runs()
-                with self._lock:
-                    runs = dict(self._open)
-                if runs:
-                    calls = self._drain(runs)
-                    self._close_drained(runs)
-                if not calls and not self._due():
-                    self.progress.nothing_due()
-            except GleapUnavailableError as exc:
-                delay = probes.next()
-                if self.outage.trip(str(exc), delay):
-                    log.error("%s Pausing delivery; probing again in %g s.", exc, delay)
-                else:
-                    log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
-                self.metrics.breaker_open.set(1)
-                self.halt.wait(delay)
-                continue
-            except GleapAuthError as exc:
-                log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
-                self.wake.clear()
-                self.wake.wait(AUTH_BACKOFF_SECONDS)
-                continue
-            except LeaseLostError:
-                self.lease.lost.set()
-                self.halt.set()
-                return
-            except Exception as exc:
-                delay = errors.next()
-                log.error(
-                    "delivery failed: %s. Everything unacknowledged stays pending; retrying in %.0f s.",
-                    brief(exc),
-                    delay,
-                    exc_info=errors.failures == 1,
-                )
-                self.halt.wait(delay)
-                continue
-            if errors.reset():
-                log.info("delivery: the store answers again")
-            probes.reset()
-            if self.outage.close():
-                log.info("Gleap answers again; delivery resumed")
-                self.metrics.breaker_open.set(0)
-            if not calls:
-                self.wake.wait(IDLE_SECONDS)
-
-    def _due(self) -> int:
-        return self.store.due_count(list(self._ids.values())) if self._ids else 0
-
-    def _open_delivery_runs(self) -> None:
-        """Open a 'delivery' run for each audience with changes due but no open run and no refresh
-        going: re-queued changes and elapsed backoffs go out now, not at the next refresh."""
-        for audience in self.config.audiences:
-            audience_id = self._ids.get(audience.key)
-            if audience_id is None:
-                continue
-            with self._lock:
-                if audience_id in self._open or audience.key in self._busy:
-                    continue
-            if not self.store.due_count([audience_id]):
-                continue
-            run = self.syncer.delivery_run(audience, str(uuid.uuid4()))
-            with self._lock:
-                if audience_id in self._open or audience.key in self._busy:
-                    late = run  # a refresh started meanwhile: it delivers them
-                else:
-                    self._open[audience_id] = run
-                    continue
-            self._close(late)
-
-    def _drain(self, runs: dict[int, Run]) -> int:
-        deliverer = self.syncer.deliverer()
-        deliverer.observe = self._observe
-        if self.outage.open:
-            # The first pass after an outage is the probe: one more failure opens it again.
-            deliverer.breaker = CircuitBreaker.probing()
-        keys = {audience_id: run.audience.key for audience_id, run in runs.items()}
-
-        def run_id(audience_id: int) -> int:
-            with self._lock:
-                run = self._open.get(audience_id) or runs[audience_id]
-            return run.run_id
-
-        return asyncio.run(
-            deliverer.drain(
-                list(runs),
-                keys,
-                run_id,
-                stop=self.halt,
-                grace_seconds=self.config.schedule.shutdown_grace_seconds,
-                new_work=self.wake,
-            )
-        )
-
-    def _observe(self, outcomes: Sequence[Outcome]) -> None:
-        self.metrics.outcomes(outcomes)
-        if any(outcome.acknowledged for outcome in outcomes):
-            self.progress.acknowledged()
-
-    def _close_drained(self, runs: dict[int, Run]) -> None:
-        for audience_id, run in runs.items():
-            # Changes waiting out a backoff don't keep the run open: a delivery run
-            # picks them up when they are due.
-            if self.store.due_count([audience_id]):
-                continue
-            with self._lock:
-                if self._open.get(audience_id) is not run:
-                    continue  # a newer refresh took over this audience
-                del self._open[audience_id]
-            self._close(run)
 
     # --- reload and health ----------------------------------------------------------
 
