@@ -69,8 +69,7 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
             raise
         # The dry run of a first sync: plan against an empty store in memory,
         # and leave no file behind.
-        engine = store.create_engine("sqlite://", create=True)
-        store.upgrade(engine)
+        engine = store.empty_store()
     lease = WriterLease(engine, store.utc_now, ttl_seconds=config.sync.lease_seconds, role="sync")
     interrupt = _Interrupt(Sources(config.sources))
     try:

@@ -13,6 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import StaticPool
 
 from audiencesync.config import StoreConfig, display_url
 from audiencesync.errors import StoreError, StoreMissingError
@@ -42,6 +43,16 @@ def create_engine(url: str, *, create: bool = False, busy_timeout_seconds: float
 def engine_for(config: StoreConfig, *, create: bool = False) -> Engine:
     """The engine for a configured store (see ``create_engine``)."""
     return create_engine(config.url, create=create, busy_timeout_seconds=config.busy_timeout_seconds)
+
+
+def empty_store() -> Engine:
+    """A new, empty store in memory at the newest schema: what a dry run plans against when the
+    real store does not exist yet. One connection, usable from any thread (the CLI runs the work
+    on a worker thread)."""
+    engine = sa.create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+    _tune_sqlite(engine, 30.0)
+    upgrade(engine)
+    return engine
 
 
 def _tune_sqlite(engine: Engine, busy_timeout_seconds: float) -> None:

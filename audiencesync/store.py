@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine
 from audiencesync import diff, failpoints, outcomes
 from audiencesync.database import (
     create_engine as create_engine,
+    empty_store as empty_store,
     engine_for as engine_for,
     schema_revisions as schema_revisions,
     upgrade as upgrade,

@@ -31,7 +31,7 @@ from audiencesync.errors import (
 from audiencesync.gleap import MAX_CUSTOM_KEYS, identify_body, identify_url
 from audiencesync.schema import audiences
 from audiencesync.sources import ReadStats, Sources
-from audiencesync.store import Audience, Backoff, Guard, Store, create_engine, schema_revisions, upgrade
+from audiencesync.store import Audience, Backoff, Guard, Store, empty_store, schema_revisions
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,7 @@ class Syncer:
         if current is None:
             # A store no sync has used yet: plan against an empty one in memory,
             # so that nothing (not even the schema) is written to the real one.
-            engine = create_engine("sqlite://", create=True)
-            upgrade(engine)
+            engine = empty_store()
         elif current != head:
             raise StoreError(
                 f"the store is at schema revision {current}, older than this audiencesync's ({head}); "

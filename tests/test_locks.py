@@ -145,6 +145,7 @@ def test_dry_run_of_a_store_that_does_not_exist_leaves_no_file(
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr
     assert json.loads(result.stdout)["json"] == {"segment_a": True, "userId": "u1"}
     assert not path.exists() and not Path(f"{path}-wal").exists()
 
