@@ -98,8 +98,10 @@ class Sources:
         Thread-safe, and quick: it only asks each driver to interrupt its statement.
         The interrupted reads raise ``SourceError``; no snapshot is touched.
         """
-        self.cancelled.set()
         with self._lock:
+            # Under the lock that read_ids registers under: a read is either
+            # registered here (and cancelled) or sees the flag and never starts.
+            self.cancelled.set()
             running = list(self._running)
         for watchdog in running:
             watchdog.cancel_until_done()
@@ -135,6 +137,8 @@ class Sources:
                 _Watchdog(conn, source.timeout_seconds) as watchdog,
             ):
                 with self._lock:
+                    if self.cancelled.is_set():
+                        raise _Stopped()
                     self._running.add(watchdog)
                 try:
                     yield from self._stream(conn, audience, source, stats, deadline)
