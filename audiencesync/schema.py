@@ -229,3 +229,16 @@ admin_requests = sa.Table(
     sa.Column("result", sa.Text, nullable=True),
     sa.Index("ix_admin_requests_state", "state"),
 )
+
+
+# Owed to Gleap and not parked: what `status`, the summary and /metrics call pending.
+DELIVERABLE = sa.and_(memberships.c.pending == sa.true(), memberships.c.parked_at.is_(None))
+
+
+def due(table: sa.FromClause, now: datetime) -> sa.ColumnElement[bool]:
+    """Deliverable now: pending, not parked, and past its backoff."""
+    return sa.and_(
+        table.c.pending == sa.true(),
+        table.c.parked_at.is_(None),
+        sa.or_(table.c.next_attempt_at.is_(None), table.c.next_attempt_at <= now),
+    )

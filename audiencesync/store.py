@@ -1,8 +1,9 @@
 """The membership store: every query on audiences, memberships and runs.
 
 Engines and migrations live in ``database``, the bookkeeping of Gleap's
-answers in ``outcomes``; both are re-exported here for the callers that
-think of them as the store's.
+answers in ``outcomes``, and what `status` and `failures` read in ``status``;
+their names are re-exported here for the callers that think of them as the
+store's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from audiencesync import diff, failpoints, outcomes
+from audiencesync import diff, failpoints, outcomes, status as status_mod
 from audiencesync.database import (
     create_engine as create_engine,
     empty_store as empty_store,
@@ -27,7 +28,8 @@ from audiencesync.database import (
 )
 from audiencesync.diff import DiffCounts
 from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
-from audiencesync.schema import audiences, leases, memberships, sync_runs, write_connection
+from audiencesync.schema import DELIVERABLE, audiences, due, leases, memberships, sync_runs, write_connection
+from audiencesync.status import AudienceStatus as AudienceStatus, ParkedChange as ParkedChange
 
 Clock = Callable[[], datetime]
 
@@ -49,46 +51,9 @@ class Refresh:
     held: str | None  # why the diff was not applied, or None when it was
 
 
-@dataclass(frozen=True)
-class ParkedChange:
-    audience: str
-    user_id: str
-    value: bool
-    attempts: int
-    last_status: int | None
-    last_error: str | None
-    parked_at: datetime
-
-
-@dataclass(frozen=True)
-class AudienceStatus:
-    key: str
-    name: str
-    members: int
-    pending: int  # owed to Gleap and not parked (waiting for a backoff included)
-    parked: int
-    unknown: int  # calls whose outcome is unknown; pending until a verdict comes
-    oldest_pending_at: datetime | None  # when the oldest pending change was made
-    refreshed_at: datetime | None
-    next_run_at: datetime | None
-    last_run: dict[str, Any] | None
-
-
 Guard = Callable[[DiffCounts], str | None]
 
 ANALYZE_AFTER_CHANGES = 10_000
-
-# Owed to Gleap and not parked: what `status`, the summary and /metrics call pending.
-_DELIVERABLE = sa.and_(memberships.c.pending == sa.true(), memberships.c.parked_at.is_(None))
-
-
-def _due(table: sa.FromClause, now: datetime) -> sa.ColumnElement[bool]:
-    """Deliverable now: pending, not parked, and past its backoff."""
-    return sa.and_(
-        table.c.pending == sa.true(),
-        table.c.parked_at.is_(None),
-        sa.or_(table.c.next_attempt_at.is_(None), table.c.next_attempt_at <= now),
-    )
 
 
 def pending_page_query(
@@ -99,9 +64,7 @@ def pending_page_query(
     now = now or utc_now()
     users = (
         sa.select(memberships.c.user_id)
-        .where(
-            memberships.c.audience_id == audience_id, memberships.c.user_id > after, _due(memberships, now)
-        )
+        .where(memberships.c.audience_id == audience_id, memberships.c.user_id > after, due(memberships, now))
         .order_by(memberships.c.user_id)
         .limit(limit)
         .subquery("next_users")
@@ -110,7 +73,7 @@ def pending_page_query(
     return (
         sa.select(m.c.audience_id, m.c.user_id, m.c.desired, m.c.unknown, m.c.failures)
         .where(
-            _due(m, now),
+            due(m, now),
             m.c.audience_id.in_(audience_ids),
             m.c.user_id.in_(sa.select(users.c.user_id)),
         )
@@ -192,7 +155,7 @@ class Store:
             ).scalar_one()
             counts = conn.execute(
                 sa.select(
-                    sa.func.count().filter(_DELIVERABLE),
+                    sa.func.count().filter(DELIVERABLE),
                     sa.func.count().filter(memberships.c.parked_at.is_not(None), memberships.c.pending),
                     sa.func.count().filter(memberships.c.unknown == sa.true()),
                 ).where(memberships.c.audience_id == audience_id)
@@ -356,11 +319,11 @@ class Store:
 
     def pending_count(self, audience_ids: Sequence[int]) -> int:
         """Changes owed to Gleap and not parked (those waiting out a backoff included)."""
-        return self._count(_DELIVERABLE, audience_ids)
+        return self._count(DELIVERABLE, audience_ids)
 
     def due_count(self, audience_ids: Sequence[int]) -> int:
         """Changes a delivery pass would send now: pending, not parked, past their backoff."""
-        return self._count(_due(memberships, self.clock()), audience_ids)
+        return self._count(due(memberships, self.clock()), audience_ids)
 
     def _count(self, condition: sa.ColumnElement[bool], audience_ids: Sequence[int]) -> int:
         with self._read() as conn:
@@ -375,24 +338,9 @@ class Store:
     # --- parked failures ---
 
     def parked(self, audience_key: str | None = None) -> list[ParkedChange]:
-        query = (
-            sa.select(
-                audiences.c.key,
-                memberships.c.user_id,
-                memberships.c.desired,
-                memberships.c.attempts,
-                memberships.c.last_status,
-                memberships.c.last_error,
-                memberships.c.parked_at,
-            )
-            .join(audiences, audiences.c.id == memberships.c.audience_id)
-            .where(memberships.c.parked_at.is_not(None), memberships.c.pending == sa.true())
-            .order_by(audiences.c.key, memberships.c.user_id)
-        )
-        if audience_key is not None:
-            query = query.where(audiences.c.key == audience_key)
+        """Changes parked after repeated rejections, by audience and user."""
         with self._read() as conn:
-            return [ParkedChange(*row) for row in conn.execute(query)]
+            return status_mod.parked_changes(conn, audience_key)
 
     def requeue(self, audience_key: str | None = None, user_id: str | None = None) -> int:
         """Un-park failed changes so the next run tries them again, with a fresh attempt budget."""
@@ -414,63 +362,9 @@ class Store:
             conn.execute(sa.update(audiences).where(audiences.c.key == audience_key).values(next_run_at=when))
 
     def status(self) -> list[AudienceStatus]:
-        """Per audience: members, pending, parked, the last run and the next. Reads only, never waits."""
-        counts = (
-            sa.select(
-                memberships.c.audience_id,
-                sa.func.count().filter(memberships.c.desired == sa.true()).label("members"),
-                sa.func.count().filter(_DELIVERABLE).label("pending"),
-                sa.func.count()
-                .filter(memberships.c.parked_at.is_not(None), memberships.c.pending == sa.true())
-                .label("parked"),
-                sa.func.count().filter(memberships.c.unknown == sa.true()).label("unknown"),
-                sa.func.min(memberships.c.changed_at).filter(_DELIVERABLE).label("oldest_pending_at"),
-            )
-            .group_by(memberships.c.audience_id)
-            .subquery()
-        )
-        last_ids = (
-            sa.select(sync_runs.c.audience_id, sa.func.max(sync_runs.c.id).label("run_id"))
-            .group_by(sync_runs.c.audience_id)
-            .subquery()
-        )
-        query = (
-            sa.select(
-                audiences,
-                sa.func.coalesce(counts.c.members, 0).label("members"),
-                sa.func.coalesce(counts.c.pending, 0).label("pending"),
-                sa.func.coalesce(counts.c.parked, 0).label("parked"),
-                sa.func.coalesce(counts.c.unknown, 0).label("unknown"),
-                counts.c.oldest_pending_at,
-                last_ids.c.run_id,
-            )
-            .outerjoin(counts, counts.c.audience_id == audiences.c.id)
-            .outerjoin(last_ids, last_ids.c.audience_id == audiences.c.id)
-            .order_by(audiences.c.key)
-        )
+        """Per audience: members, pending, parked, unknown, the last run and the next. Reads only."""
         with self._read() as conn:
-            rows = conn.execute(query).all()
-            run_rows = {
-                r.id: dict(r._mapping)
-                for r in conn.execute(
-                    sa.select(sync_runs).where(sync_runs.c.id.in_([r.run_id for r in rows]))
-                )
-            }
-        return [
-            AudienceStatus(
-                key=r.key,
-                name=r.name,
-                members=r.members,
-                pending=r.pending,
-                parked=r.parked,
-                unknown=r.unknown,
-                oldest_pending_at=r.oldest_pending_at,
-                refreshed_at=r.refreshed_at,
-                next_run_at=r.next_run_at,
-                last_run=run_rows.get(r.run_id),
-            )
-            for r in rows
-        ]
+            return status_mod.audience_status(conn)
 
     def lease_holder(self, name: str = "writer") -> dict[str, Any] | None:
         with self._read() as conn:

@@ -1,0 +1,119 @@
+"""What `status`, `failures` and /metrics read: per-audience counts, the last run, parked changes.
+
+One definition of each count (pending, parked, unknown) serves the command
+line, the metrics and the sync summary, so they always agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from audiencesync.schema import DELIVERABLE, audiences, memberships, sync_runs
+
+
+@dataclass(frozen=True)
+class ParkedChange:
+    audience: str
+    user_id: str
+    value: bool
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    parked_at: datetime
+
+
+@dataclass(frozen=True)
+class AudienceStatus:
+    key: str
+    name: str
+    members: int
+    pending: int  # owed to Gleap and not parked (waiting for a backoff included)
+    parked: int
+    unknown: int  # calls whose outcome is unknown; pending until a verdict comes
+    oldest_pending_at: datetime | None  # when the oldest pending change was made
+    refreshed_at: datetime | None
+    next_run_at: datetime | None
+    last_run: dict[str, Any] | None
+
+
+def parked_changes(conn: Connection, audience_key: str | None = None) -> list[ParkedChange]:
+    """Changes parked after repeated rejections, by audience and user."""
+    query = (
+        sa.select(
+            audiences.c.key,
+            memberships.c.user_id,
+            memberships.c.desired,
+            memberships.c.attempts,
+            memberships.c.last_status,
+            memberships.c.last_error,
+            memberships.c.parked_at,
+        )
+        .join(audiences, audiences.c.id == memberships.c.audience_id)
+        .where(memberships.c.parked_at.is_not(None), memberships.c.pending == sa.true())
+        .order_by(audiences.c.key, memberships.c.user_id)
+    )
+    if audience_key is not None:
+        query = query.where(audiences.c.key == audience_key)
+    return [ParkedChange(*row) for row in conn.execute(query)]
+
+
+def audience_status(conn: Connection) -> list[AudienceStatus]:
+    """Per audience: members, pending, parked, the last run and the next. Reads only, never waits."""
+    counts = (
+        sa.select(
+            memberships.c.audience_id,
+            sa.func.count().filter(memberships.c.desired == sa.true()).label("members"),
+            sa.func.count().filter(DELIVERABLE).label("pending"),
+            sa.func.count()
+            .filter(memberships.c.parked_at.is_not(None), memberships.c.pending == sa.true())
+            .label("parked"),
+            sa.func.count().filter(memberships.c.unknown == sa.true()).label("unknown"),
+            sa.func.min(memberships.c.changed_at).filter(DELIVERABLE).label("oldest_pending_at"),
+        )
+        .group_by(memberships.c.audience_id)
+        .subquery()
+    )
+    last_ids = (
+        sa.select(sync_runs.c.audience_id, sa.func.max(sync_runs.c.id).label("run_id"))
+        .group_by(sync_runs.c.audience_id)
+        .subquery()
+    )
+    query = (
+        sa.select(
+            audiences,
+            sa.func.coalesce(counts.c.members, 0).label("members"),
+            sa.func.coalesce(counts.c.pending, 0).label("pending"),
+            sa.func.coalesce(counts.c.parked, 0).label("parked"),
+            sa.func.coalesce(counts.c.unknown, 0).label("unknown"),
+            counts.c.oldest_pending_at,
+            last_ids.c.run_id,
+        )
+        .outerjoin(counts, counts.c.audience_id == audiences.c.id)
+        .outerjoin(last_ids, last_ids.c.audience_id == audiences.c.id)
+        .order_by(audiences.c.key)
+    )
+    rows = conn.execute(query).all()
+    run_rows = {
+        r.id: dict(r._mapping)
+        for r in conn.execute(sa.select(sync_runs).where(sync_runs.c.id.in_([r.run_id for r in rows])))
+    }
+    return [
+        AudienceStatus(
+            key=r.key,
+            name=r.name,
+            members=r.members,
+            pending=r.pending,
+            parked=r.parked,
+            unknown=r.unknown,
+            oldest_pending_at=r.oldest_pending_at,
+            refreshed_at=r.refreshed_at,
+            next_run_at=r.next_run_at,
+            last_run=run_rows.get(r.run_id),
+        )
+        for r in rows
+    ]
