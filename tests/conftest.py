@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import textwrap
@@ -18,6 +19,17 @@ from tests import postgres_guard
 
 if TYPE_CHECKING:
     from tests.gleap_standin import GleapStandIn
+
+
+@pytest.fixture(autouse=True)
+def _root_logging() -> Iterator[None]:
+    """`cli.main` points the root logger at the sys.stderr of its test, which pytest closes after
+    that test; a later test's daemon thread would then log into a closed file."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def _worker_url(url: str | None) -> str | None:
