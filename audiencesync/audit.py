@@ -14,7 +14,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from audiencesync.schema import audiences, deliveries, membership_changes, memberships
+from audiencesync.schema import audiences, call_values, calls, membership_changes, memberships
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,16 @@ def history(engine: Engine, user_id: str, audience_key: str | None = None) -> li
     )
     told = (
         sa.select(
-            deliveries.c.at,
+            calls.c.at,
             audiences.c.key,
-            deliveries.c.value,
-            deliveries.c.status,
-            deliveries.c.error,
-            deliveries.c.run_id,
+            call_values.c.value,
+            calls.c.status,
+            calls.c.error,
+            call_values.c.run_id,
         )
-        .join(audiences, audiences.c.id == deliveries.c.audience_id)
-        .where(deliveries.c.user_id == user_id)
+        .join(call_values, call_values.c.call_id == calls.c.id)
+        .join(audiences, audiences.c.id == call_values.c.audience_id)
+        .where(calls.c.user_id == user_id)
     )
     if audience_key is not None:
         changes = changes.where(audiences.c.key == audience_key)

@@ -190,6 +190,7 @@ class Deliverer:
                     retries=answer.retries,
                     rate_limited=answer.rate_limited,
                     maybe_applied=answer.maybe_applied,
+                    tries=answer.tries,
                 )
             )
             if not answer.ok and not self.breaker.is_open:

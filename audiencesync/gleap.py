@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -42,6 +44,17 @@ MAX_RATE_LIMITED = 30
 
 
 @dataclass(frozen=True)
+class Try:
+    """One request of a call, as the call log keeps it."""
+
+    at: datetime  # when it went out
+    status: int  # 0: no answer
+    outcome: str  # acknowledged | rejected | unknown | not_sent
+    error: str | None = None
+    elapsed_ms: int | None = None
+
+
+@dataclass(frozen=True)
 class Answer:
     status: int  # 0 when no answer came (timeout, connection dropped)
     error: str | None = None
@@ -50,6 +63,7 @@ class Answer:
     # Some attempt reached Gleap without a verdict (a timeout after sending, a
     # dropped answer, a 5xx): Gleap may have applied it.
     maybe_applied: bool = False
+    tries: tuple[Try, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -87,6 +101,13 @@ class _Transient(Exception):
         self.retry_after = retry_after
         self.sent = sent  # False only when the request certainly never left (connect failed)
 
+    @property
+    def outcome(self) -> str:
+        """What the call log says of this request."""
+        if not self.sent:
+            return "not_sent"
+        return "rate_limited" if self.status == 429 else "unknown"
+
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
@@ -104,6 +125,10 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
 
 
 def identify_body(user_id: str, attributes: dict[str, bool]) -> dict[str, Any]:
@@ -134,8 +159,10 @@ class GleapClient:
         breaker: CircuitBreaker | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.config = config
+        self._now = now
         self._token = token
         self._transport = transport
         self.limiter = limiter or TokenBucket(config.requests_per_minute)
@@ -198,16 +225,23 @@ class GleapClient:
             retry=retry_if_exception_type(_Transient),
             reraise=True,
         )
+        tries: list[Try] = []
         try:
             async for attempt in retrying:
                 with attempt:
+                    # Timed from when the request may go out, not from the wait for the limiter.
+                    await self.limiter.acquire()
+                    at, started = self._now(), time.monotonic()
                     try:
                         answer = await self._send(body)
                     except _Transient as exc:
                         sent = sent or exc.sent
+                        tries.append(Try(at, exc.status, exc.outcome, str(exc), _ms(started)))
                         if exc.status != 429:
                             self.breaker.failure(user_id, str(exc))
                         raise
+                    outcome = "acknowledged" if answer.ok else "rejected"
+                    tries.append(Try(at, answer.status, outcome, answer.error, _ms(started)))
                     self.breaker.success()
         except _Transient as exc:
             answer = Answer(
@@ -220,6 +254,7 @@ class GleapClient:
             retries=retries,
             rate_limited=budget.rate_limited,
             maybe_applied=sent and not answer.ok,
+            tries=tuple(tries),
         )
 
     async def check_token(self) -> None:
@@ -241,7 +276,6 @@ class GleapClient:
 
     async def _send(self, body: dict[str, Any]) -> Answer:
         assert self._client is not None, "use GleapClient as an async context manager"
-        await self.limiter.acquire()
         try:
             response = await self._client.post(IDENTIFY_PATH, json=body, params=self._params)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:

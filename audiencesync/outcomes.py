@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from audiencesync.backoff import doubling
-from audiencesync.schema import UtcDateTime, deliveries, sync_runs
+from audiencesync.gleap import Try
+from audiencesync.schema import UtcDateTime, call_values, calls, sync_runs
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,24 @@ class Outcome:
     retries: int = 0
     rate_limited: int = 0
     maybe_applied: bool = True  # no verdict, and the request may have reached Gleap
+    tries: tuple[Try, ...] = ()  # each request sent, for the call log
 
     @property
     def acknowledged(self) -> bool:
         return 200 <= self.status < 300
+
+    @property
+    def outcome(self) -> str:
+        """The call log's word for the final answer."""
+        if self.acknowledged:
+            return "acknowledged"
+        if self.permanent:
+            return "rejected"
+        return "unknown" if self.maybe_applied else "not_sent"
+
+    def logged_tries(self, now: datetime) -> tuple[Try, ...]:
+        # An outcome made without a client (a test, a replay) is logged as one request.
+        return self.tries or (Try(now, self.status, self.outcome, self.error),)
 
     @property
     def unknown(self) -> bool:
@@ -83,22 +98,11 @@ def write_outcomes(
     """
     acked: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    log_rows: list[dict[str, Any]] = []
     tallies: dict[int, dict[str, int]] = {}
+    log_calls(conn, results, run_ids, now)
     for result in results:
         for change in result.changes:
             row = {"a": change.audience_id, "u": change.user_id, "v": change.value, "s": result.status}
-            log_rows.append(
-                {
-                    "run_id": run_ids[change.audience_id],
-                    "audience_id": change.audience_id,
-                    "user_id": change.user_id,
-                    "value": change.value,
-                    "status": result.status,
-                    "error": result.error,
-                    "at": now,
-                }
-            )
             tally = tallies.setdefault(
                 change.audience_id, dict.fromkeys(("sent", "failed", "unknown", "retries", "rl"), 0)
             )
@@ -168,7 +172,6 @@ def write_outcomes(
             ),
             failed,
         )
-    conn.execute(sa.insert(deliveries), log_rows)
     for audience_id, tally in tallies.items():
         conn.execute(
             sa.update(sync_runs)
@@ -181,3 +184,41 @@ def write_outcomes(
                 rate_limited=sync_runs.c.rate_limited + tally["rl"],
             )
         )
+
+
+def log_calls(conn: Connection, results: Sequence[Outcome], run_ids: dict[int, int], now: datetime) -> None:
+    """The call log: every request of these calls, with the keys and values each one carried."""
+    requests: list[dict[str, Any]] = []
+    carried: list[tuple[PendingChange, ...]] = []
+    for result in results:
+        for number, attempt in enumerate(result.logged_tries(now), start=1):
+            requests.append(
+                {
+                    "user_id": result.changes[0].user_id,
+                    "attempt": number,
+                    "at": attempt.at,
+                    "elapsed_ms": attempt.elapsed_ms,
+                    "status": attempt.status,
+                    "outcome": attempt.outcome,
+                    "error": attempt.error,
+                }
+            )
+            carried.append(result.changes)
+    if not requests:
+        return
+    ids = conn.execute(
+        sa.insert(calls).returning(calls.c.id, sort_by_parameter_order=True), requests
+    ).scalars()
+    conn.execute(
+        sa.insert(call_values),
+        [
+            {
+                "call_id": call_id,
+                "audience_id": change.audience_id,
+                "run_id": run_ids[change.audience_id],
+                "value": change.value,
+            }
+            for call_id, changes in zip(ids, carried, strict=True)
+            for change in changes
+        ],
+    )

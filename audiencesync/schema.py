@@ -171,21 +171,59 @@ membership_changes = sa.Table(
     sa.Column("change", sa.String(8), nullable=False),  # entered | left
     sa.Column("at", UtcDateTime, nullable=False),
     sa.Index("ix_membership_changes_audience_id_user_id", "audience_id", "user_id"),
+    # Members at an instant read the changes after it; a user's timeline reads theirs.
+    sa.Index("ix_membership_changes_audience_id_at", "audience_id", "at"),
+    sa.Index("ix_membership_changes_user_id_at", "user_id", "at"),
 )
 
-# What Gleap was told, one row per audience value per acknowledged or refused call.
-deliveries = sa.Table(
-    "deliveries",
+# What Gleap was told: one row per HTTP request sent (or tried) to Gleap's
+# identify endpoint, retries included, so that an admin can show exactly what
+# Gleap received and when. A call refused for the token (401/403) stops the
+# run and is not logged here; the run's error says so.
+calls = sa.Table(
+    "calls",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.Integer, sa.ForeignKey("sync_runs.id"), nullable=False, index=True),
-    sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), nullable=False),
     sa.Column("user_id", sa.String(255), nullable=False),
+    # 1 for a call's first request, 2... for its retries within the run.
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),  # when the request went out
+    sa.Column("elapsed_ms", sa.Integer, nullable=True),
+    sa.Column("status", sa.Integer, nullable=False),  # Gleap's HTTP status; 0: no answer
+    # acknowledged (2xx) | rejected (a verdict: 4xx but 408/429) | unknown (no
+    # verdict: Gleap may have applied it) | rate_limited (429: not applied, tried
+    # again later) | not_sent (the connection failed before the request left)
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text, nullable=True),  # Gleap's text, or what went wrong
+    sa.Index("ix_calls_user_id_at", "user_id", "at"),
+    sa.Index("ix_calls_at", "at"),
+)
+
+# The keys and values one call carried: one row per audience.
+call_values = sa.Table(
+    "call_values",
+    metadata,
+    sa.Column("call_id", sa.Integer, sa.ForeignKey("calls.id"), primary_key=True),
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), primary_key=True),
+    # The audience's run that sent it (one call may carry several audiences' runs).
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("sync_runs.id"), nullable=False, index=True),
     sa.Column("value", sa.Boolean, nullable=False),
-    sa.Column("status", sa.Integer, nullable=False),
-    sa.Column("error", sa.Text, nullable=True),
-    sa.Column("at", UtcDateTime, nullable=False),
-    sa.Index("ix_deliveries_audience_id_user_id", "audience_id", "user_id"),
+)
+
+# Each `prune`: history older than ``before`` was deleted, so nothing before
+# it can be rebuilt exactly.
+prunes = sa.Table(
+    "prunes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("before", UtcDateTime, nullable=False),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("finished_at", UtcDateTime, nullable=True),  # NULL: interrupted, or still running
+    sa.Column("by", sa.String(16), nullable=False),  # daemon | cli
+    sa.Column("calls", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("changes", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("runs", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("requests", sa.Integer, nullable=False, server_default="0"),
 )
 
 # One row per named lease. The writer lease makes sure that only one process

@@ -230,7 +230,7 @@ def test_every_stored_timestamp_is_utc_and_aware(
         "memberships": ["changed_at", "acked_at", "next_attempt_at"],
         "sync_runs": ["started_at", "finished_at"],
         "membership_changes": ["at"],
-        "deliveries": ["at"],
+        "calls": ["at"],
     }
     with engine.connect() as conn:
         for table, names in columns.items():

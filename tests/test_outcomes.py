@@ -319,3 +319,47 @@ def test_pending_parked_and_unknown_agree_between_the_summary_and_status(
     [status] = Store(engine).status()
     engine.dispose()
     assert (status.pending, status.parked, status.unknown) == (a.pending, a.parked, a.unknown)
+
+
+# --- the call log: every request, retries included ----------------------------------------
+
+
+def test_every_request_is_logged_with_its_attempt_status_outcome_and_keys(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    config = make_config(gleap.base_url)
+    gleap.fail_next(1, 503, body="busy")
+    assert cycle(config).complete
+    gleap.fail_user("u2", 422, body="bad user")
+    source.set(["u1", "u2", "u3"])
+    cycle(config)
+    source.set(["u2", "u3"])
+    cycle(config)
+    engine = store_mod.engine_for(config.store)
+    with engine.connect() as conn:
+        logged = conn.execute(
+            sa.text(
+                "SELECT user_id, audience_key, value, attempt, status, outcome, error, elapsed_ms "
+                "FROM call_log WHERE user_id <> 'u3' ORDER BY user_id, call_id"
+            )
+        ).all()
+        runs = (
+            conn.execute(
+                sa.text("SELECT run_id FROM call_log WHERE user_id <> 'u3' ORDER BY user_id, call_id")
+            )
+            .scalars()
+            .all()
+        )
+        run_ids = conn.execute(sa.text("SELECT id FROM sync_runs ORDER BY id")).scalars().all()
+    engine.dispose()
+    assert [tuple(r[:6]) for r in logged] == [
+        ("u1", KEY, True, 1, 503, "unknown"),
+        ("u1", KEY, True, 2, 200, "acknowledged"),
+        ("u1", KEY, False, 1, 200, "acknowledged"),
+        ("u2", KEY, True, 1, 422, "rejected"),
+        ("u2", KEY, True, 1, 422, "rejected"),  # the next run tries again
+    ]
+    assert "busy" in logged[0].error and logged[3].error == "HTTP 422: bad user"
+    assert all(r.elapsed_ms is not None and r.elapsed_ms >= 0 for r in logged)
+    assert runs == [run_ids[0], run_ids[0], run_ids[2], run_ids[1], run_ids[2]]

@@ -282,7 +282,7 @@ def test_dry_run_prints_the_exact_calls_and_changes_nothing(
     def snapshot() -> dict[str, list[tuple[object, ...]]]:
         engine = sa.create_engine(store_url)
         with engine.connect() as conn:
-            tables = ["audiences", "memberships", "sync_runs", "membership_changes", "deliveries"]
+            tables = ["audiences", "memberships", "sync_runs", "membership_changes", "calls", "call_values"]
             data = {
                 t: [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {t} ORDER BY 1, 2"))]
                 for t in tables

@@ -1,0 +1,87 @@
+"""Migrations carry an existing store forward (and back) without losing what it knows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from alembic import command
+
+from audiencesync import database, store as store_mod
+from audiencesync.schema import UtcDateTime
+
+T1 = datetime(2026, 11, 30, 10, 0, 0, tzinfo=UTC)
+T2 = datetime(2026, 11, 30, 11, 0, 0, tzinfo=UTC)
+
+
+def _at(sql: str) -> sa.TextClause:
+    clause = sa.text(sql)
+    names = [n for n in ("t1", "t2") if f":{n}" in sql]
+    return clause.bindparams(*(sa.bindparam(n, type_=UtcDateTime) for n in names))
+
+
+def test_0005_turns_the_delivery_log_into_calls_and_back(store_url: str) -> None:
+    engine = store_mod.create_engine(store_url, create=True)
+    with engine.begin() as conn:
+        command.upgrade(database._alembic_config(conn), "0004")
+        conn.execute(
+            _at(
+                "INSERT INTO audiences (id, key, name, created_at) VALUES "
+                "(1, 'a', 'A', :t1), (2, 'b', 'B', :t1)"
+            ),
+            {"t1": T1},
+        )
+        conn.execute(
+            _at(
+                "INSERT INTO sync_runs (id, cycle_id, audience_id, mode, status, started_at) VALUES "
+                "(1, 'c1', 1, 'initial', 'succeeded', :t1), (2, 'c1', 2, 'initial', 'partial', :t1)"
+            ),
+            {"t1": T1},
+        )
+        # One call that carried both audiences (each row with its audience's run), a
+        # rejected one, an unanswered one and a rate-limited one.
+        conn.execute(
+            _at(
+                "INSERT INTO deliveries (run_id, audience_id, user_id, value, status, error, at) VALUES "
+                "(1, 1, 'u1', true, 200, NULL, :t1), (2, 2, 'u1', false, 200, NULL, :t1), "
+                "(2, 2, 'u2', true, 422, 'HTTP 422: bad', :t1), "
+                "(2, 2, 'u3', true, 0, 'no answer within 2 s', :t2), "
+                "(1, 1, 'u4', true, 429, 'HTTP 429', :t2)"
+            ),
+            {"t1": T1, "t2": T2},
+        )
+    store_mod.upgrade(engine)
+    with engine.connect() as conn:
+        logged = conn.execute(
+            sa.text(
+                "SELECT user_id, audience_key, run_id, value, attempt, status, outcome, error "
+                "FROM call_log ORDER BY user_id, audience_key"
+            )
+        ).all()
+        calls = conn.execute(sa.text("SELECT count(*) FROM calls")).scalar_one()
+    assert [(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6], r[7]) for r in logged] == [
+        ("u1", "a", 1, True, 1, 200, "acknowledged", None),
+        ("u1", "b", 2, False, 1, 200, "acknowledged", None),
+        ("u2", "b", 2, True, 1, 422, "rejected", "HTTP 422: bad"),
+        ("u3", "b", 2, True, 1, 0, "unknown", "no answer within 2 s"),
+        ("u4", "a", 1, True, 1, 429, "rate_limited", "HTTP 429"),
+    ]
+    assert calls == 4  # u1's two rows were one call
+
+    with engine.begin() as conn:
+        command.downgrade(database._alembic_config(conn), "0004")
+    with engine.connect() as conn:
+        back = conn.execute(
+            sa.text(
+                "SELECT run_id, audience_id, user_id, value, status FROM deliveries "
+                "ORDER BY user_id, audience_id"
+            )
+        ).all()
+    engine.dispose()
+    assert [(r[0], r[1], r[2], bool(r[3]), r[4]) for r in back] == [
+        (1, 1, "u1", True, 200),
+        (2, 2, "u1", False, 200),
+        (2, 2, "u2", True, 422),
+        (2, 2, "u3", True, 0),
+        (1, 1, "u4", True, 429),
+    ]
