@@ -215,6 +215,9 @@ class Deliverer:
             transport=self.transport,
             breaker=self.breaker,
             backoff_initial=self.backoff_initial,
+            # The call log's times come from the store's clock, as the changes' do: an
+            # acknowledgement is matched to the change it followed by comparing them.
+            now=self.store.clock,
         )
         plan = plan_calls(self.store, audience_ids, called, self.page_size, on_page=marked.mark)
         try:
