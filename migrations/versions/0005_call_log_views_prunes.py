@@ -9,8 +9,9 @@ Create Date: 2026-12-01
   attempt number, status, outcome and time. Each old delivery row becomes a
   call (rows of one user, run, time and status become one call, attempt 1).
 - ``prunes``: what each `audiencesync prune` deleted, and up to when.
-- Indexes for the audit: membership changes by (audience, time) and by
-  (user, time).
+- Indexes for the audit: membership changes by (audience, time), by (user,
+  time), and by (audience, user, id) covering the time (it replaces the one by
+  (audience, user)).
 - The views ``audience_members``, ``membership_history``, ``call_log`` and
   ``run_history`` (docs/schema.md): one SQL text, the same columns on SQLite
   and PostgreSQL. They only read the tables, so a later migration may
@@ -36,6 +37,10 @@ WHERE m.desired = true
     # Each change, and what became of it: acknowledged (a 2xx carried the value
     # after the change and before the next one), superseded (a later change
     # came first), or the membership's current state for the latest change.
+    # Failed counts the failures of the current value only (memberships.failures):
+    # last_error may be about an earlier value, or a re-queued change.
+    # "Next" is by id, along ix_membership_changes_audience_id_user_id_id_at: ids follow
+    # time, and min(at) would tempt SQLite to scan the audience's changes by time.
     "membership_history": """
 SELECT a.key AS audience_key, h.user_id, h.change, h.at, h.run_id, h.acknowledged_at,
   CASE
@@ -43,7 +48,7 @@ SELECT a.key AS audience_key, h.user_id, h.change, h.at, h.run_id, h.acknowledge
     WHEN h.next_at IS NOT NULL THEN 'superseded'
     WHEN m.parked_at IS NOT NULL THEN 'parked'
     WHEN m.pending AND m.unknown THEN 'unknown'
-    WHEN m.pending AND m.last_error IS NOT NULL THEN 'failed'
+    WHEN m.pending AND m.failures > 0 THEN 'failed'
     WHEN m.pending THEN 'pending'
     ELSE 'settled'
   END AS delivery_state,
@@ -58,8 +63,9 @@ FROM (
   ) AS acknowledged_at
   FROM (
     SELECT x.id, x.audience_id, x.user_id, x.change, x.at, x.run_id, (
-      SELECT min(y.at) FROM membership_changes y
+      SELECT y.at FROM membership_changes y
       WHERE y.audience_id = x.audience_id AND y.user_id = x.user_id AND y.id > x.id
+      ORDER BY y.id LIMIT 1
     ) AS next_at
     FROM membership_changes x
   ) n
@@ -147,6 +153,14 @@ def upgrade() -> None:
     )
     op.create_index("ix_membership_changes_audience_id_at", "membership_changes", ["audience_id", "at"])
     op.create_index("ix_membership_changes_user_id_at", "membership_changes", ["user_id", "at"])
+    # A user's change before or after another, by id, read from the index alone: the
+    # members at an instant look one up for every departure since (bench/audit_bench.py).
+    op.drop_index("ix_membership_changes_audience_id_user_id", table_name="membership_changes")
+    op.create_index(
+        "ix_membership_changes_audience_id_user_id_id_at",
+        "membership_changes",
+        ["audience_id", "user_id", "id", "at"],
+    )
 
     # The old log, one call per (user, time, status): the rows of one call (one
     # per audience, each with its audience's run) shared them. The text format of
@@ -195,6 +209,10 @@ def downgrade() -> None:
         "SELECT v.run_id, v.audience_id, c.user_id, v.value, c.status, c.error, c.at "
         "FROM calls c JOIN call_values v ON v.call_id = c.id WHERE c.outcome <> 'not_sent' "
         "ORDER BY c.id"
+    )
+    op.drop_index("ix_membership_changes_audience_id_user_id_id_at", table_name="membership_changes")
+    op.create_index(
+        "ix_membership_changes_audience_id_user_id", "membership_changes", ["audience_id", "user_id"]
     )
     op.drop_index("ix_membership_changes_user_id_at", table_name="membership_changes")
     op.drop_index("ix_membership_changes_audience_id_at", table_name="membership_changes")
