@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from audiencesync import __version__
+from audiencesync.cli_audit import add_audit_commands
 from audiencesync.cli_output import (
     EXIT_BUSY,
     EXIT_CONFIG,
@@ -23,8 +24,6 @@ from audiencesync.cli_store import (
     cmd_db_current,
     cmd_db_upgrade,
     cmd_failures,
-    cmd_history,
-    cmd_members,
     cmd_retry,
     cmd_status,
 )
@@ -32,18 +31,24 @@ from audiencesync.cli_sync import cmd_run, cmd_sync
 from audiencesync.config import Config, find_config, load_config
 from audiencesync.errors import (
     AudienceSyncError,
+    BadTimeError,
     ConfigError,
     GleapAuthError,
+    HistoryPrunedError,
     LeaseLostError,
     MissingTokenError,
     StoreBusyError,
     StoreError,
+    UnknownAudienceError,
 )
 from audiencesync.formats import add_format_option
 
 # Checked in order: the first matching class decides the exit status.
 EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
     (ConfigError, EXIT_CONFIG),
+    (BadTimeError, EXIT_CONFIG),
+    (UnknownAudienceError, EXIT_CONFIG),
+    (HistoryPrunedError, EXIT_CONFIG),  # a TIME the store can no longer answer for
     (MissingTokenError, EXIT_CONFIG),
     (StoreBusyError, EXIT_BUSY),
     (LeaseLostError, EXIT_INCOMPLETE),
@@ -118,18 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="check the config, the store, each source and the Gleap token")
     check.set_defaults(handler=cmd_check)
 
-    history = commands.add_parser("history", help="a user's membership changes and what Gleap was told")
-    history.add_argument("user", metavar="USER_ID")
-    history.add_argument("--audience", metavar="KEY", help="only this audience")
-    history.add_argument("--format", choices=["table", "json"], default="table")
-    history.set_defaults(handler=cmd_history)
-
-    members = commands.add_parser("members", help="an audience's members, now or at a past time")
-    members.add_argument("audience", metavar="KEY")
-    members.add_argument(
-        "--at", metavar="TIME", help="ISO 8601 time, e.g. 2026-11-01T12:00:00Z (default: now)"
-    )
-    members.set_defaults(handler=cmd_members)
+    add_audit_commands(commands)
 
     failures = commands.add_parser("failures", help="list changes parked after repeated rejections")
     failures.add_argument("--audience", metavar="KEY", help="only this audience")

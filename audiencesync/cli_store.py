@@ -1,4 +1,4 @@
-"""The commands that look at or tend the store: status, history, members, failures, retry, check, db."""
+"""The commands that look at or tend the store: status, failures, retry, check, db."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import json
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from audiencesync import audit, store
+from audiencesync import store
 from audiencesync.cli_output import EXIT_INCOMPLETE, EXIT_OK, iso, open_store, when
 from audiencesync.config import Config, Secret, display_url
 from audiencesync.errors import (
@@ -68,54 +68,6 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
 async def _check_token(config: Config, token: Secret) -> None:
     async with GleapClient(config.gleap, token) as client:
         await client.check_token()
-
-
-def cmd_history(args: argparse.Namespace, config: Config) -> int:
-    if args.audience:
-        config.audience(args.audience)  # refuse an unknown key before touching the store
-    engine = open_store(config).engine
-    store.schema_revisions(engine)
-    events = audit.history(engine, args.user, args.audience)
-    if args.format == "json":
-        print(json.dumps([vars(e) for e in events], default=iso, indent=2))
-        return EXIT_OK
-    rows: list[tuple[object, ...]] = []
-    for e in events:
-        if e.kind == "told":
-            detail = f"{str(e.value).lower()} -> {e.status or 'no answer'}" + (
-                f" {e.error}" if e.error else ""
-            )
-        else:
-            detail = ""
-        rows.append((e.at, e.audience, e.kind, detail, str(e.run_id or "")))
-    write_rows(sys.stdout, "table", ("time", "audience", "event", "detail", "run"), rows)
-    if not events:
-        print(f"no history for user {args.user!r}", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_members(args: argparse.Namespace, config: Config) -> int:
-    config.audience(args.audience)  # refuse an unknown key before touching the store
-    engine = open_store(config).engine
-    store.schema_revisions(engine)
-    at = None
-    if args.at:
-        try:
-            at = datetime.fromisoformat(args.at)
-        except ValueError:
-            raise ConfigError(
-                f"--at {args.at!r} is not a time", fix="write it as 2026-11-01T12:00:00Z"
-            ) from None
-        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
-    count = 0
-    for user_id in audit.members_at(engine, args.audience, at):
-        print(user_id)
-        count += 1
-    print(
-        f"{count} member(s) of {args.audience}" + (f" at {when(at)}" if at else ""),
-        file=sys.stderr,
-    )
-    return EXIT_OK
 
 
 STATUS_COLUMNS = (

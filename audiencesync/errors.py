@@ -7,6 +7,7 @@ went wrong, which thing it concerns, and how to fix it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 
@@ -140,6 +141,48 @@ class GleapUnavailableError(GleapError):
             f"got no answer or a 5xx (last: {last_error}). Delivery stopped; every change is still "
             "pending. Fix: check the network and Gleap's status page, or [gleap] base_url; "
             "the next run carries on."
+        )
+
+
+class BadTimeError(AudienceSyncError):
+    """A TIME argument that is neither ISO 8601 nor a span before now."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(
+            f"{text!r} is not a time. Fix: write ISO 8601 (2026-11-01T12:00:00Z; UTC when it has "
+            "no offset) or a span before now: 90m, 12h, 3d or 2w."
+        )
+
+
+class UnknownAudienceError(AudienceSyncError):
+    """An audit named an audience key that neither the config nor the store knows."""
+
+    def __init__(self, key: str, *, configured: Sequence[str], stored_only: Sequence[str]) -> None:
+        self.key = key
+        known = ", ".join(configured) or "none"
+        if stored_only:
+            known += "; in the store only (no longer configured): " + ", ".join(stored_only)
+        super().__init__(
+            f"no audience has the key {key!r}, in the config or in the store. "
+            f"Fix: use one of the keys: {known}"
+        )
+
+
+class HistoryPrunedError(AudienceSyncError):
+    """An audit asked about a time before the horizon: `audiencesync prune` deleted what came before."""
+
+    def __init__(
+        self, *, asked: datetime, before: datetime, prune_id: int, pruned_at: datetime, by: str
+    ) -> None:
+        self.asked = asked
+        self.before = before
+        # To the microsecond when it has them: a horizon shown rounded down would be refused again.
+        horizon = before.astimezone(UTC).isoformat()
+        super().__init__(
+            f"cannot rebuild the history at {iso_time(asked)}: prune #{prune_id} (by {by}, "
+            f"{iso_time(pruned_at)}) deleted everything before {horizon}, the horizon. "
+            f"Fix: ask for {horizon} or later."
         )
 
 

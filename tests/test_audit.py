@@ -1,66 +1,405 @@
-"""The analyst's questions, answered from a store that real cycles wrote (both databases)."""
+"""`audiencesync audit`: answers exact at chosen instants of a scripted store (both databases), in
+every format, and clear refusals (bad TIME, unknown audience, a time before the prune horizon)."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import subprocess
 import sys
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
-from audiencesync import audit
-from audiencesync.store import utc_now
+from audiencesync import audit, cli, store as store_mod
+from audiencesync.formats import FORMATS
+from audiencesync.schema import call_values, calls, membership_changes, prunes, run_history_view, sync_runs
+from tests import audit_scenario as s
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
-from tests.test_sync import cycle
+from tests.test_outcomes import Clock
+from tests.test_sync import TWO_AUDIENCES
+
+Audit = Callable[..., tuple[int, str, str]]
 
 
-def test_history_and_members_at_a_past_time(
-    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str
+@pytest.fixture
+def scenario(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) -> s.Scenario:
+    return s.play(make_config, source, gleap)
+
+
+@pytest.fixture
+def run_audit(scenario: s.Scenario, capsys: pytest.CaptureFixture[str]) -> Audit:
+    """`audiencesync audit ARGS...` in this process: (exit status, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        status = cli.main(["--config", str(scenario.config.path), "audit", *args])
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
+    return run
+
+
+def parse(fmt: str, text: str) -> list[dict[str, Any]]:
+    """Rows back from csv (the csv module), json or jsonl (json.loads); csv cells stay text."""
+    if fmt == "csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    if fmt == "json":
+        rows: list[dict[str, Any]] = json.loads(text)
+        return rows
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def as_csv(value: Any) -> str:
+    """A JSON value as the csv format writes it."""
+    if value is None:
+        return ""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def instant(value: Any) -> datetime | None:
+    return None if value in (None, "") else datetime.fromisoformat(value)
+
+
+def iso(at: datetime) -> str:
+    return at.isoformat()
+
+
+def members_of(run_audit: Audit, *args: str) -> dict[str, datetime | None]:
+    status, out, err = run_audit("members", s.A, *args, "--format", "json")
+    assert status == 0, err
+    return {row["user_id"]: instant(row["since"]) for row in parse("json", out)}
+
+
+# --- members at an instant ------------------------------------------------------------------
+
+
+def test_members_at_each_chosen_instant_are_exact(run_audit: Audit) -> None:
+    for at, expected in s.MEMBERS_AT.items():
+        assert set(members_of(run_audit, "--at", iso(at))) == expected, at
+    assert members_of(run_audit, "--at", iso(s.half_past(4))) == s.SINCE_AT_HALF_PAST_4
+    now = members_of(run_audit)
+    assert set(now) == s.MEMBERS_AT[s.half_past(6)]
+    assert now == {"u1": s.T[4], "u4": s.T[2], "u5": s.T[6]}  # since: the member's last entry
+    status, out, err = run_audit("members", s.A, "--at", iso(s.T[2]), "--format", "csv")
+    assert status == 0 and [row["user_id"] for row in parse("csv", out)] == ["u2", "u3", "u4"]  # by id
+    assert f"3 member(s) of segment_a at {s.T[2].isoformat(timespec='seconds')}" in err
+
+
+def test_members_stay_exact_after_the_history_before_a_prune_is_deleted(
+    scenario: s.Scenario, run_audit: Audit
 ) -> None:
-    config = make_config(gleap.base_url)
-    source.set(["u1", "u2", "u3"])
-    cycle(config)
-    after_first = utc_now()
-    source.set(["u2", "u3", "u4"])
-    gleap.fail_user("u4", 400, body="bad id", times=1)
-    cycle(config)
-    after_second = utc_now()
-    cycle(config)  # u4 again, accepted this time
+    horizon = s.half_past(3)
+    before = {at: members_of(run_audit, "--at", iso(at)) for at in s.MEMBERS_AT if at >= horizon}
+    # What prune does (branch prune tests prune itself): delete the history before its
+    # `before`, and record it.
+    engine = store_mod.engine_for(scenario.config.store)
+    with engine.begin() as conn:
+        old_calls = sa.select(calls.c.id).where(calls.c.at < horizon)
+        conn.execute(sa.delete(call_values).where(call_values.c.call_id.in_(old_calls)))
+        conn.execute(sa.delete(calls).where(calls.c.at < horizon))
+        conn.execute(sa.delete(membership_changes).where(membership_changes.c.at < horizon))
+        conn.execute(
+            sa.insert(prunes).values(before=horizon, started_at=s.T[6], finished_at=s.T[6], by="cli")
+        )
+    engine.dispose()
+    for at, expected in before.items():
+        after = members_of(run_audit, "--at", iso(at))
+        assert set(after) == set(expected), at
+        # Only a departed member's entry that was deleted loses its time (u2 and u3 entered in
+        # cycle 1, and left in 6 and 4); a member now keeps memberships.changed_at (u4).
+        lost = {u for u in ("u2", "u3") if u in expected and s.T[1] == expected[u]}
+        assert {u: when for u, when in after.items() if when != expected[u]} == dict.fromkeys(lost)
 
-    engine = sa.create_engine(store_url)
-    try:
-        events = [(e.kind, e.value, e.status) for e in audit.history(engine, "u1")]
-        assert events == [
-            ("entered", None, None),
-            ("told", True, 200),
-            ("left", None, None),
-            ("told", False, 200),
-        ]
-        u4 = audit.history(engine, "u4", "segment_a")
-        assert [(e.kind, e.status) for e in u4] == [("entered", None), ("told", 400), ("told", 200)]
-        assert u4[1].error is not None and "bad id" in u4[1].error
-        assert audit.history(engine, "nobody") == []
 
-        assert list(audit.members_at(engine, "segment_a", after_first)) == ["u1", "u2", "u3"]
-        assert list(audit.members_at(engine, "segment_a", after_second)) == ["u2", "u3", "u4"]
-        assert list(audit.members_at(engine, "segment_a")) == ["u2", "u3", "u4"]
-    finally:
-        engine.dispose()
+def test_a_time_before_the_prune_horizon_is_refused(scenario: s.Scenario, run_audit: Audit) -> None:
+    engine = store_mod.engine_for(scenario.config.store)
+    with engine.begin() as conn:
+        for before in (s.T[2], s.T[3]):  # the latest `before` is the horizon, whatever the order
+            conn.execute(sa.insert(prunes).values(before=before, started_at=s.T[6], by="daemon"))
+    engine.dispose()
+    status, out, err = run_audit("members", s.A, "--at", iso(s.half_past(2)))
+    assert status == 2 and out == ""
+    assert "prune #2 (by daemon, 2026-11-02T14:00:00+00:00)" in err
+    assert "deleted everything before 2026-11-02T11:00:00+00:00, the horizon" in err
+    assert "Fix: ask for 2026-11-02T11:00:00+00:00 or later" in err
+    status, _, err = run_audit("diff", s.A, "--from", iso(s.T[1]), "--to", iso(s.T[6]))
+    assert status == 2 and "the horizon" in err
+    assert set(members_of(run_audit, "--at", iso(s.T[3]))) == {"u2", "u3", "u4"}  # at the horizon
+    assert set(members_of(run_audit)) == s.MEMBERS_AT[s.half_past(6)]  # now needs no history
 
-    shown = subprocess.run(
-        [sys.executable, "-m", "audiencesync", "--config", str(config.path), "history", "u1"],
-        capture_output=True,
-        text=True,
-        check=True,
+
+# --- diff ----------------------------------------------------------------------------------
+
+
+def test_diff_gives_the_net_change_per_user_with_counts(run_audit: Audit) -> None:
+    for (start, end), (entered, left) in s.DIFFS.items():
+        status, out, err = run_audit("diff", s.A, "--from", iso(start), "--to", iso(end), "--format", "jsonl")
+        assert status == 0, err
+        rows = parse("jsonl", out)
+        assert {r["user_id"] for r in rows if r["change"] == "entered"} == entered
+        assert {r["user_id"] for r in rows if r["change"] == "left"} == left
+        assert len(rows) == len(entered) + len(left)
+        assert f"{len(entered)} entered, {len(left)} left segment_a between" in err  # not in the rows
+    start, end = s.half_past(1), s.half_past(6)
+    status, out, _ = run_audit("diff", s.A, "--from", iso(start), "--to", iso(end))
+    lines = out.splitlines()
+    assert lines[-1] == (
+        "2 entered, 2 left segment_a between 2026-11-02T09:30:00+00:00 and 2026-11-02T14:30:00+00:00"
     )
-    assert "entered" in shown.stdout and "false -> 200" in shown.stdout
-    listed = subprocess.run(
-        [
-            sys.executable, "-m", "audiencesync", "--config", str(config.path),
-            "members", "segment_a", "--at", after_first.isoformat(),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )  # fmt: skip
-    assert listed.stdout.split() == ["u1", "u2", "u3"] and "3 member(s)" in listed.stderr
+    # Each net change is dated by the user's last change in between.
+    status, out, _ = run_audit("diff", s.A, "--from", iso(start), "--to", iso(end), "--format", "csv")
+    assert [(r["user_id"], r["change"], instant(r["at"])) for r in parse("csv", out)] == [
+        ("u4", "entered", s.T[2]),
+        ("u5", "entered", s.T[6]),
+        ("u2", "left", s.T[6]),
+        ("u3", "left", s.T[4]),
+    ]
+
+
+def test_diff_from_after_to_is_refused(run_audit: Audit) -> None:
+    status, out, err = run_audit("diff", s.A, "--from", iso(s.T[3]), "--to", iso(s.T[2]))
+    assert status == 2 and out == "" and "is after --to" in err and "Fix: swap them" in err
+
+
+# --- a user's timeline -----------------------------------------------------------------------
+
+
+def timeline(run_audit: Audit, user: str, *args: str) -> list[dict[str, Any]]:
+    status, out, err = run_audit("user", user, *args, "--format", "json")
+    assert status == 0, err
+    return parse("json", out)
+
+
+def test_a_users_timeline_has_each_change_its_state_and_every_call(
+    scenario: s.Scenario, run_audit: Audit
+) -> None:
+    users = {user for user, *_ in s.CHANGES}
+    got = {user: timeline(run_audit, user, "--audience", s.A) for user in users}
+    changes = [
+        (user, e["event"], e["run_id"], e["result"], instant(e["acknowledged_at"]))
+        for user in sorted(users)
+        for e in got[user]
+        if e["event"] != "call"
+    ]
+    assert changes == [
+        (user, change, scenario.runs[(k, s.A)], state, s.T[acked] if acked else None)
+        for user, change, k, state, acked in s.CHANGES
+    ]
+    for user, expected in s.CALLS.items():
+        logged = [
+            (e["run_id"], e["value"], e["attempt"], e["status"], e["result"])
+            for e in got[user]
+            if e["event"] == "call"
+        ]
+        assert logged == [(scenario.runs[(k, s.A)], *rest) for k, *rest in expected], user
+    # Time order, each call after the change it carried.
+    assert [(e["event"], instant(e["at"])) for e in got["u4"]] == [("entered", s.T[2])] + [
+        ("call", s.T[2])
+    ] * 4 + [("call", s.T[3])]
+    parked = next(e for e in got["u3"] if e["event"] == "left")
+    assert parked["status"] == 422 and "bad user" in parked["error"]
+    rejected = [e for e in got["u3"] if e["event"] == "call" and e["status"] == 422]
+    assert len(rejected) == 2 and all("bad user" in e["error"] for e in rejected)
+    failed = next(e for e in got["u5"] if e["event"] == "call")
+    assert (failed["status"], failed["result"]) == (400, "rejected") and "unknown user id" in failed["error"]
+
+
+def test_a_timeline_spans_every_audience_unless_one_is_asked(run_audit: Audit) -> None:
+    both = timeline(run_audit, "u1")
+    assert [(e["audience"], e["event"]) for e in both if e["event"] != "call"] == [
+        (s.A, "entered"),
+        (s.B, "entered"),
+        (s.A, "left"),
+        (s.A, "entered"),
+        (s.B, "left"),
+    ]
+    # One call carried both audiences' first values: a row for each.
+    first = [e for e in both if e["event"] == "call" and instant(e["at"]) == s.T[1]]
+    assert {e["audience"] for e in first} == {s.A, s.B} and len({e["call_id"] for e in first}) == 1
+    assert {e["audience"] for e in timeline(run_audit, "u1", "--audience", s.B)} == {s.B}
+
+
+def test_an_unknown_user_is_an_empty_timeline(run_audit: Audit) -> None:
+    for fmt in FORMATS:
+        status, out, err = run_audit("user", "nobody", "--format", fmt)
+        assert status == 0 and "no change or call is stored for user 'nobody'" in err
+        if fmt != "table":
+            assert parse(fmt, out) == []
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+
+def test_runs_newest_first_with_every_counter(scenario: s.Scenario, run_audit: Audit) -> None:
+    status, out, _ = run_audit("runs", "--format", "json")
+    rows = parse("json", out)
+    assert status == 0 and [r["run_id"] for r in rows] == sorted(scenario.runs.values(), reverse=True)
+    assert list(rows[0]) == list(audit.RUN_COLUMNS)
+    assert sorted(audit.RUN_COLUMNS) == sorted(run_history_view.c.keys())  # every counter
+    engine = store_mod.engine_for(scenario.config.store)
+    with engine.connect() as conn:
+        stored = {r.id: r for r in conn.execute(sa.select(sync_runs))}
+    engine.dispose()
+    renamed = {"run_id": "id", "users_entered": "entered", "users_left": "left"}
+    for row in rows:
+        run = stored[row["run_id"]]
+        for column, value in row.items():
+            if column in ("audience_key", "started_at", "finished_at"):
+                continue
+            assert value == getattr(run, renamed.get(column, column)), (column, row)
+        assert instant(row["started_at"]) == run.started_at
+    last_a = next(r for r in rows if r["audience_key"] == s.A)
+    assert (last_a["users_entered"], last_a["users_left"], last_a["status"]) == (1, 1, "partial")
+    assert (last_a["parked_after"], last_a["pending_after"]) == (1, 1)  # u3 parked, u5 failed
+
+    status, out, _ = run_audit("runs", "--audience", s.B, "--since", iso(s.T[5]), "--format", "csv")
+    assert [(r["audience_key"], instant(r["started_at"])) for r in parse("csv", out)] == [
+        (s.B, s.T[6]),
+        (s.B, s.T[5]),
+    ]
+    status, out, _ = run_audit("runs", "--limit", "3", "--format", "jsonl")
+    assert [r["run_id"] for r in parse("jsonl", out)] == [r["run_id"] for r in rows[:3]]
+
+
+# --- every format, every refusal ---------------------------------------------------------------
+
+COMMANDS = {
+    "members": (["members", s.A, "--at", iso(s.half_past(4))], audit.MEMBER_COLUMNS, 4),
+    "user": (["user", "u6"], audit.TIMELINE_COLUMNS, 7),
+    "diff": (
+        ["diff", s.A, "--from", iso(s.half_past(1)), "--to", iso(s.half_past(6))],
+        audit.DIFF_COLUMNS,
+        4,
+    ),
+    "runs": (["runs", "--limit", "5"], audit.RUN_COLUMNS, 5),
+}
+
+
+def test_every_format_parses_back(run_audit: Audit) -> None:
+    for command, (args, columns, count) in COMMANDS.items():
+        answers = {}
+        for fmt in ("csv", "json", "jsonl"):
+            status, out, err = run_audit(*args, "--format", fmt)
+            assert status == 0, err
+            answers[fmt] = parse(fmt, out)
+            assert len(answers[fmt]) == count, (command, fmt, out)
+            assert all(list(row) == list(columns) for row in answers[fmt]), (command, fmt, out)
+        assert answers["json"] == answers["jsonl"]
+        assert answers["csv"] == [{k: as_csv(v) for k, v in row.items()} for row in answers["json"]]
+        status, out, _ = run_audit(*args)  # the table: a header, then the rows
+        assert status == 0 and out.splitlines()[0].split()[:2] == list(columns[:2]), command
+
+
+BAD_TIMES = {
+    "yesterday-ish": ["members", s.A, "--at", "yesterday-ish"],
+    "3x": ["diff", s.A, "--from", "3x", "--to", "1d"],
+    "2026-13-45": ["runs", "--since", "2026-13-45"],
+}
+
+
+def test_bad_times_and_unknown_audiences_are_clear_errors(run_audit: Audit) -> None:
+    for bad, args in BAD_TIMES.items():
+        status, out, err = run_audit(*args)
+        assert status == 2 and out == "" and bad in err and "Traceback" not in err, args
+    for args in (
+        ["members", "segment_c"],
+        ["user", "u1", "--audience", "segment_c"],
+        ["runs", "--audience", "segment_c"],
+        ["diff", "segment_c", "--from", "1d", "--to", "1h"],
+    ):
+        status, out, err = run_audit(*args)
+        assert status == 2 and out == "", args
+        assert "no audience has the key 'segment_c', in the config or in the store" in err
+        assert "Fix: use one of the keys: segment_a, segment_b" in err
+
+
+def test_an_audience_removed_from_the_config_stays_auditable(
+    scenario: s.Scenario, make_config: ConfigFactory, gleap: GleapStandIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    only_b = TWO_AUDIENCES[TWO_AUDIENCES.index('[[audiences]]\nname = "Segment B"') :]
+    config = make_config(gleap.base_url, audiences=only_b)
+    status = cli.main(["--config", str(config.path), "audit", "members", s.A, "--format", "csv"])
+    out = capsys.readouterr()
+    assert status == 0 and "'segment_a' is not in the config any more; from the store" in out.err
+    assert {r["user_id"] for r in parse("csv", out.out)} == s.MEMBERS_AT[s.half_past(6)]
+    status = cli.main(["--config", str(config.path), "audit", "members", "segment_c"])
+    out = capsys.readouterr()
+    assert status == 2 and "in the store only (no longer configured): segment_a" in out.err
+
+
+def test_refusals_from_the_real_process_have_no_traceback(scenario: s.Scenario) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "audiencesync", "--config", str(scenario.config.path), "audit", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    for args in (["members", s.A, "--at", "soon"], ["members", "segment_c"]):
+        refused = run(*args)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr.startswith("audiencesync: error: ")
+    listed = run("members", s.A, "--at", iso(s.half_past(1)), "--format", "csv")
+    assert listed.returncode == 0 and [r["user_id"] for r in parse("csv", listed.stdout)] == [
+        "u1",
+        "u2",
+        "u3",
+    ]
+
+
+def test_relative_times_count_back_from_now(scenario: s.Scenario, run_audit: Audit) -> None:
+    # The scenario lies in the past of the real clock (2026-11-02): 1000 weeks ago is before it.
+    assert members_of(run_audit, "--at", "1000w") == {}
+    assert set(members_of(run_audit, "--at", "1m")) == s.MEMBERS_AT[s.half_past(6)]
+
+
+def test_members_and_the_library_agree(scenario: s.Scenario) -> None:
+    engine = store_mod.engine_for(scenario.config.store)
+    with engine.connect() as conn, conn.begin():
+        audience = audit.audience(conn, s.A, [s.A])
+        assert audience.id is not None
+        for at, expected in s.MEMBERS_AT.items():
+            assert [user for user, _ in audit.members(conn, audience.id, at)] == sorted(expected)
+        exact = s.T[4] - timedelta(microseconds=1)
+        assert {user for user, _ in audit.members(conn, audience.id, exact)} == {"u2", "u3", "u4"}
+    engine.dispose()
+
+
+def test_a_new_change_after_a_failed_one_is_pending_not_failed(store: store_mod.Store) -> None:
+    clock = Clock()
+    store.clock = clock
+    audience = store.ensure_audience("a", "A")
+
+    def refresh(members: list[str]) -> int:
+        clock.advance(60)
+        run_id = store.start_run("c", audience, "incremental")
+        store.refresh(audience, run_id, [members], full=False)
+        return run_id
+
+    def answer(run_id: int, value: bool, status: int) -> None:
+        change = store_mod.PendingChange(audience.id, "u1", value)
+        store.record(
+            [store_mod.Outcome((change,), status, f"HTTP {status}", permanent=status >= 400)],
+            {audience.id: run_id},
+        )
+
+    answer(refresh(["u1"]), True, 200)
+    answer(refresh([]), False, 400)  # Gleap refused the false: that change failed
+    refresh(["u1"])  # back before a retry: Gleap has true already
+    refresh([])  # a new false, not tried yet: the old error is not about it
+    with store.engine.connect() as conn:
+        events = [dict(zip(audit.TIMELINE_COLUMNS, e, strict=True)) for e in audit.timeline(conn, "u1")]
+    states = [(e["event"], e["result"]) for e in events if e["event"] != "call"]
+    assert states == [
+        ("entered", "acknowledged"),
+        ("left", "superseded"),
+        ("entered", "superseded"),
+        ("left", "pending"),
+    ]

@@ -207,8 +207,10 @@ def write_config(tmp_path: Path, store_url: str, source_url: str, extra: str = "
     "command",
     [
         ["sync", "--dry-run", "--audience", "segment_c"],
-        ["history", "u1", "--audience", "segment_c"],
-        ["members", "segment_c"],
+        ["audit", "user", "u1", "--audience", "segment_c"],
+        ["audit", "members", "segment_c"],
+        ["audit", "diff", "segment_c", "--from", "2d", "--to", "1d"],
+        ["audit", "runs", "--audience", "segment_c"],
         ["failures", "--audience", "segment_c"],
         ["retry", "--audience", "segment_c"],
     ],
@@ -248,12 +250,12 @@ def test_times_print_as_iso_8601_with_an_offset(
 ) -> None:
     config = sync_with_u2_parked(make_config, source, gleap)
 
-    table = run(config.path, "history", "u1")
+    table = run(config.path, "audit", "user", "u1")
     assert table.returncode == 0, table.stderr
-    assert table.stdout.splitlines()[0].split()[0] == "time"
-    assert re.search(rf"^{ISO_WITH_OFFSET}  segment_a  entered", table.stdout, re.MULTILINE), table.stdout
+    assert table.stdout.splitlines()[0].split()[0] == "at"
+    assert re.search(rf"^{ISO_WITH_OFFSET} +segment_a +entered", table.stdout, re.MULTILINE), table.stdout
 
-    as_json = json.loads(run(config.path, "history", "u1", "--format", "json").stdout)
+    as_json = json.loads(run(config.path, "audit", "user", "u1", "--format", "json").stdout)
     assert as_json and all(re.fullmatch(r"\d{4}-.*T.*\+00:00", event["at"]) for event in as_json)
 
     parked = run(config.path, "failures")
@@ -261,8 +263,13 @@ def test_times_print_as_iso_8601_with_an_offset(
         parked.stdout
     )
 
-    members = run(config.path, "members", "segment_a", "--at", "2999-11-01T12:00:00Z")
-    assert members.returncode == 0 and set(members.stdout.split()) == {"u1", "u2"}
+    members = run(config.path, "audit", "members", "segment_a", "--at", "2999-11-01T12:00:00Z")
+    assert members.returncode == 0 and [line.split()[0] for line in members.stdout.splitlines()] == [
+        "user_id",
+        "u1",
+        "u2",
+    ]
+    assert re.fullmatch(rf"u1 +{ISO_WITH_OFFSET}", members.stdout.splitlines()[1]), members.stdout
     assert "at 2999-11-01T12:00:00+00:00" in members.stderr
 
 

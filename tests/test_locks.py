@@ -174,9 +174,10 @@ def test_a_slow_reader_never_blocks_a_sync(
     with engine.begin() as conn:  # as if Gleap had acknowledged them all
         conn.exec_driver_sql("UPDATE memberships SET acked = desired")
     engine.dispose()
-    # `members` into a pipe nobody reads: it blocks mid-stream with its read open.
+    # `audit members` into a pipe nobody reads: it blocks mid-stream with its read open.
+    command = ["audit", "members", "segment_a", "--format", "csv"]
     reader = subprocess.Popen(
-        [sys.executable, "-m", "audiencesync", "--config", str(config.path), "members", "segment_a"],
+        [sys.executable, "-m", "audiencesync", "--config", str(config.path), *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -291,7 +292,16 @@ def test_migration_normalises_old_sqlite_timestamps_and_keeps_memberships(tmp_pa
 
 @pytest.mark.parametrize(
     "command",
-    [["status"], ["status", "--format", "json"], ["members", "segment_a"], ["history", "u1"], ["failures"]],
+    [
+        ["status"],
+        ["status", "--format", "json"],
+        ["audit", "members", "segment_a"],
+        ["audit", "members", "segment_a", "--at", "1m", "--format", "csv"],
+        ["audit", "user", "u1"],
+        ["audit", "diff", "segment_a", "--from", "1d", "--to", "1m"],
+        ["audit", "runs", "--format", "json"],
+        ["failures"],
+    ],
 )
 def test_read_only_commands_run_while_another_process_holds_the_write_lock(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str, command: list[str]

@@ -1,0 +1,158 @@
+"""`audiencesync audit ...`: members at an instant, a user's timeline, a diff, the runs.
+
+It only wires: parse the times, open one read snapshot of the store, call
+``audit``, and write the rows in the format asked for (``formats``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from audiencesync import audit, store
+from audiencesync.cli_output import EXIT_OK, open_store, when
+from audiencesync.config import Config
+from audiencesync.errors import ConfigError, StoreError, StoreMissingError, UnknownAudienceError
+from audiencesync.formats import add_format_option, write_rows
+from audiencesync.times import parse_time
+
+TIME_HELP = "ISO 8601 (2026-11-01T12:00:00Z) or a span before now (90m, 12h, 3d, 2w)"
+
+
+def add_audit_commands(commands: Any) -> None:
+    """The `audit` group, on the top-level parser's subcommands."""
+    group = commands.add_parser(
+        "audit", help="ask the store: members at an instant, a user's timeline, a diff, the runs"
+    )
+    sub = group.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
+
+    members = sub.add_parser("members", help="an audience's members now, or at an instant")
+    members.add_argument("audience", metavar="KEY")
+    members.add_argument("--at", metavar="TIME", help=f"{TIME_HELP} (default: now)")
+    members.set_defaults(handler=cmd_members)
+
+    user = sub.add_parser("user", help="a user's changes in each audience and every call that carried one")
+    user.add_argument("user", metavar="USER_ID")
+    user.add_argument("--audience", metavar="KEY", help="only this audience")
+    user.set_defaults(handler=cmd_user)
+
+    diff = sub.add_parser("diff", help="who entered and who left between two instants")
+    diff.add_argument("audience", metavar="KEY")
+    diff.add_argument("--from", dest="start", metavar="TIME", required=True, help=TIME_HELP)
+    diff.add_argument("--to", dest="end", metavar="TIME", required=True, help=TIME_HELP)
+    diff.set_defaults(handler=cmd_diff)
+
+    runs = sub.add_parser("runs", help="the runs, newest first, with every counter")
+    runs.add_argument("--audience", metavar="KEY", help="only this audience")
+    runs.add_argument("--since", metavar="TIME", help=f"only runs started then or later: {TIME_HELP}")
+    runs.add_argument("--limit", type=_positive, default=50, metavar="N", help="at most N runs (default: 50)")
+    runs.set_defaults(handler=cmd_runs)
+
+    for command in (members, user, diff, runs):
+        add_format_option(command)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+@contextlib.contextmanager
+def _snapshot(config: Config, key: str | None) -> Iterator[tuple[Connection, audit.AuditedAudience | None]]:
+    """One read snapshot of the store (``audit.snapshot``), and the audience ``key`` names (None:
+    no key). A key that is not configured needs the store to be refused: when there is no store
+    at all, it is refused as unknown."""
+    configured = [a.key for a in config.audiences]
+    try:
+        engine = open_store(config).engine
+    except StoreMissingError:
+        if key is not None and key not in configured:
+            raise UnknownAudienceError(key, configured=configured, stored_only=[]) from None
+        raise
+    try:
+        current, head = store.schema_revisions(engine)
+        if current != head:
+            raise StoreError(
+                f"the store is at schema revision {current or 'none'}; audit reads revision {head}. "
+                "Fix: run `audiencesync db upgrade` (or let `sync` migrate it)."
+            )
+        with audit.snapshot(engine) as conn:
+            found = None if key is None else audit.audience(conn, key, configured)
+            _note(found)
+            yield conn, found
+    finally:
+        engine.dispose()
+
+
+def _note(found: audit.AuditedAudience | None) -> None:
+    """Say on stderr when the answer comes from the store alone, or can only be empty."""
+    if found is not None and not found.configured:
+        print(f"audience {found.key!r} is not in the config any more; from the store:", file=sys.stderr)
+    elif found is not None and found.id is None:
+        print(f"audience {found.key!r} has no history: no sync has stored it yet", file=sys.stderr)
+
+
+def cmd_members(args: argparse.Namespace, config: Config) -> int:
+    at = parse_time(args.at, store.utc_now()) if args.at else None
+    with _snapshot(config, args.audience) as (conn, audience):
+        assert audience is not None
+        rows = audit.members(conn, audience.id, at) if audience.id is not None else iter(())
+        count = write_rows(sys.stdout, args.format, audit.MEMBER_COLUMNS, rows)
+    print(f"{count} member(s) of {args.audience}" + (f" at {when(at)}" if at else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_user(args: argparse.Namespace, config: Config) -> int:
+    with _snapshot(config, args.audience) as (conn, _):
+        events = audit.timeline(conn, args.user, args.audience)
+    write_rows(sys.stdout, args.format, audit.TIMELINE_COLUMNS, events)
+    if not events:
+        where = f" in audience {args.audience}" if args.audience else ""
+        print(f"no change or call is stored for user {args.user!r}{where}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace, config: Config) -> int:
+    now = store.utc_now()
+    start, end = parse_time(args.start, now), parse_time(args.end, now)
+    if start > end:
+        raise ConfigError(
+            f"--from {args.start!r} ({when(start)}) is after --to {args.end!r} ({when(end)})",
+            fix="swap them",
+        )
+    counts = {"entered": 0, "left": 0}
+
+    def counted(rows: Iterable[Sequence[Any]]) -> Iterator[Sequence[Any]]:
+        for row in rows:
+            counts[row[1]] += 1
+            yield row
+
+    with _snapshot(config, args.audience) as (conn, audience):
+        assert audience is not None
+        rows = audit.diff(conn, audience.id, start, end) if audience.id is not None else iter(())
+        write_rows(sys.stdout, args.format, audit.DIFF_COLUMNS, counted(rows))
+    summary = (
+        f"{counts['entered']} entered, {counts['left']} left {args.audience} "
+        f"between {when(start)} and {when(end)}"
+    )
+    # The table's summary line is part of the table; csv and json keep stdout to the rows alone.
+    print(summary, file=sys.stdout if args.format == "table" else sys.stderr)
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace, config: Config) -> int:
+    since: datetime | None = parse_time(args.since, store.utc_now()) if args.since else None
+    with _snapshot(config, args.audience) as (conn, _):
+        count = write_rows(
+            sys.stdout, args.format, audit.RUN_COLUMNS, audit.runs(conn, args.audience, since, args.limit)
+        )
+    if not count:
+        print("no run is stored" + (" since " + when(since) if since else ""), file=sys.stderr)
+    return EXIT_OK
