@@ -43,14 +43,12 @@ import contextlib
 import json
 import os
 import random
-import resource
 import sqlite3
 import subprocess
 import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -62,12 +60,13 @@ from audiencesync.schema import memberships
 from audiencesync.sources import ReadStats, Sources
 from audiencesync.store import Audience, Store
 from audiencesync.sync import Syncer
+from bench import report
+from bench.report import Figures, row
 from tests import gleap_standin, postgres_guard
 
 TOKEN = "bench-token"
 CONCURRENCY = 8
 KEY = "bench"
-Figures = dict[str, Any]
 
 
 def write_config(path: Path, store_url: str, source_url: str, table: str, gleap_url: str) -> Path:
@@ -201,20 +200,6 @@ def phase_bare(config: Config) -> Figures:
     return {"seconds": time.perf_counter() - start, "calls": len(user_ids), "acked": acked}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS.
-
-    VmHWM rather than ru_maxrss where there is /proc: Linux carries the parent's peak over into
-    a child's ru_maxrss across fork and exec, so the parent's size would floor every phase.
-    """
-    with contextlib.suppress(OSError), open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
-
-
 PHASES = {
     "floor": phase_floor,
     "naive": phase_naive,
@@ -236,14 +221,7 @@ def serve_standin() -> None:
 
 
 def run_phase(name: str, config: Path) -> Figures:
-    out = subprocess.run(
-        [sys.executable, __file__, "--phase", name, "--config", str(config)],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    ).stdout
-    figures: Figures = json.loads(out.splitlines()[-1])
-    return figures
+    return report.run_phase(__file__, "--phase", name, "--config", str(config))
 
 
 @contextlib.contextmanager
@@ -298,36 +276,10 @@ def fresh_store(args: argparse.Namespace, sqlite_path: Path) -> str:
     return url
 
 
-Row = tuple[str, ...]
-
-
-def row(phase: str, real: Figures, base: Figures | None, note: str) -> Row:
-    if base is None:
-        return (phase, f"{real['seconds']:.2f}", f"{real['rss_mb']:.0f}", "-", "-", "-", "-", note)
-    return (
-        phase,
-        f"{real['seconds']:.2f}",
-        f"{real['rss_mb']:.0f}",
-        f"{base['seconds']:.2f}",
-        f"{base['rss_mb']:.0f}",
-        f"{real['seconds'] / base['seconds']:.2f}",
-        f"{real['rss_mb'] / base['rss_mb']:.2f}",
-        note,
-    )
-
-
-def print_table(rows: list[Row]) -> None:
-    header: Row = ("phase", "time s", "RSS MB", "base s", "base MB", "time x", "RSS x", "check / note")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        cells = [r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:-1], widths[1:-1], strict=True))]
-        print("  ".join([*cells, r[-1]]).rstrip())
-
-
 def bench(args: argparse.Namespace) -> int:
     half = round(args.members * args.churn / 2)
     problems: list[str] = []
-    rows: list[Row] = []
+    rows: list[report.Row] = []
 
     def refresh_row(phase: str, config: Path, expected: tuple[int, int, int]) -> None:
         naive, real = run_phase("naive", config), run_phase("refresh", config)
@@ -383,14 +335,12 @@ def bench(args: argparse.Namespace) -> int:
         note = f"{rate:,.0f} vs bare {bare_rate:,.0f} calls/s, {real['retries']} retries"
         rows.append(row(f"delivery {args.calls:,} calls", real, bare, note))
 
-    print(
-        f"\naudiencesync diff bench: {args.members:,} members, churn {args.churn:g} "
-        f"({half:,} leave, {half:,} enter), store {args.store}, {os.cpu_count()} CPUs\n"
+    return report.report(
+        f"audiencesync diff bench: {args.members:,} members, churn {args.churn:g} "
+        f"({half:,} leave, {half:,} enter), store {args.store}, {os.cpu_count()} CPUs",
+        rows,
+        problems,
     )
-    print_table(rows)
-    for problem in problems:
-        print(f"WRONG: {problem}", file=sys.stderr)
-    return 1 if problems else 0
 
 
 def main() -> int:
@@ -415,7 +365,7 @@ def main() -> int:
         return 0
     if args.phase:
         figures = PHASES[args.phase](load_config(args.config))
-        figures["rss_mb"] = peak_rss_mb()
+        figures["rss_mb"] = report.peak_rss_mb()
         print(json.dumps(figures))
         return 0
 
