@@ -40,6 +40,7 @@ from audiencesync.errors import (
     StoreError,
 )
 from audiencesync.formats import add_format_option
+from audiencesync.times import add_time_option
 
 # Checked in order: the first matching class decides the exit status.
 EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
@@ -126,9 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     members = commands.add_parser("members", help="an audience's members, now or at a past time")
     members.add_argument("audience", metavar="KEY")
-    members.add_argument(
-        "--at", metavar="TIME", help="ISO 8601 time, e.g. 2026-11-01T12:00:00Z (default: now)"
-    )
+    add_time_option(members, "--at", "the members at this time (default: now)")
     members.set_defaults(handler=cmd_members)
 
     failures = commands.add_parser("failures", help="list changes parked after repeated rejections")
