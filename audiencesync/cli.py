@@ -39,6 +39,8 @@ from audiencesync.errors import (
     StoreBusyError,
     StoreError,
 )
+from audiencesync.formats import add_format_option
+from audiencesync.times import add_time_option
 
 # Checked in order: the first matching class decides the exit status.
 EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
@@ -89,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the calls as JSON lines instead of sending them; change nothing",
+        help="list the calls instead of making them (see --format); change nothing",
     )
+    add_format_option(sync)
     sync.add_argument(
         "--allow-removals",
         action="store_true",
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     status = commands.add_parser("status", help="per audience: members, pending, failed, last and next run")
-    status.add_argument("--format", choices=["table", "json"], default="table")
+    add_format_option(status)
     status.set_defaults(handler=cmd_status)
 
     check = commands.add_parser("check", help="check the config, the store, each source and the Gleap token")
@@ -124,13 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     members = commands.add_parser("members", help="an audience's members, now or at a past time")
     members.add_argument("audience", metavar="KEY")
-    members.add_argument(
-        "--at", metavar="TIME", help="ISO 8601 time, e.g. 2026-11-01T12:00:00Z (default: now)"
-    )
+    add_time_option(members, "--at", "the members at this time (default: now)")
     members.set_defaults(handler=cmd_members)
 
     failures = commands.add_parser("failures", help="list changes parked after repeated rejections")
     failures.add_argument("--audience", metavar="KEY", help="only this audience")
+    add_format_option(failures)
     failures.set_defaults(handler=cmd_failures)
 
     retry = commands.add_parser("retry", help="re-queue parked changes for the next sync")

@@ -46,6 +46,19 @@ class ConfigError(AudienceSyncError):
         super().__init__(text)
 
 
+class BadTimeError(ConfigError):
+    """A TIME on the command line (``--at``...) is neither ISO 8601 nor a span before now."""
+
+    def __init__(self, text: str, option: str | None = None) -> None:
+        self.text = text
+        self.option = option
+        super().__init__(
+            f"{option + ' ' if option else ''}{text!r} is not a time.",
+            fix="write ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; no offset means UTC) "
+            "or a span before now (90m, 12h, 3d, 2w)",
+        )
+
+
 class StoreError(AudienceSyncError):
     """The membership store cannot be used (unreachable, wrong schema version...)."""
 
