@@ -11,6 +11,7 @@ from typing import Any
 
 from audiencesync import audit, store
 from audiencesync.cli_output import EXIT_INCOMPLETE, EXIT_OK, iso, open_store, print_table, when
+from audiencesync.cli_prune import prune_status
 from audiencesync.config import Config, Secret, display_url
 from audiencesync.errors import (
     AudienceSyncError,
@@ -18,6 +19,7 @@ from audiencesync.errors import (
     MissingTokenError,
 )
 from audiencesync.gleap import GleapClient
+from audiencesync.prune import Pruner
 from audiencesync.sources import Sources
 
 
@@ -119,15 +121,18 @@ def cmd_members(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     target = open_store(config)
-    current, _ = store.schema_revisions(target.engine)
+    current, head = store.schema_revisions(target.engine)
     if current is None:
         print("the store is empty: no sync has run yet", file=sys.stderr)
         return EXIT_OK
     rows = target.status()
     holder = target.lease_holder()
     configured = {a.key for a in config.audiences}
+    # A store not yet migrated has no prunes table; the next sync migrates it.
+    last_prune = Pruner(target.engine, store.utc_now).last() if current == head else None
     if args.format == "json":
-        print(json.dumps(_status_json(rows, holder, configured), default=iso, indent=2))
+        data = _status_json(rows, holder, configured) | {"last_prune": last_prune and vars(last_prune)}
+        print(json.dumps(data, default=iso, indent=2))
         return EXIT_OK
     table: list[tuple[str, ...]] = [
         (
@@ -174,6 +179,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         )
         if holder.get("health"):
             print(f"health: {holder['health']}; last acknowledged call {when(holder.get('progress_at'))}")
+    print(prune_status(last_prune))
     return EXIT_OK
 
 
