@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from audiencesync.backoff import Backoff
-from audiencesync.errors import brief
+from audiencesync.errors import brief, iso_time
 from audiencesync.metrics import Metrics
 from audiencesync.prune import Pruner
 
@@ -51,8 +51,7 @@ class Retention:
         self.looks = 0  # how many times it looked (tests wait on it)
 
     def due(self) -> bool:
-        if self.keep_seconds() is None:
-            return False
+        """No prune finished within ``EVERY``, by whoever ran it."""
         last = self.pruner.last(finished=True)
         return last is None or self.pruner.clock() - last.started_at >= EVERY
 
@@ -61,28 +60,25 @@ class Retention:
         errors = Backoff(*self.error_backoff)
         while not halt.is_set():
             delay = self.check_seconds
-            keep = self.keep_seconds()
+            before: datetime | None = None
             try:
-                if self.due() and keep is not None:
-                    self._prune(keep, halt)
+                keep = self.keep_seconds()
+                if keep is not None and self.due():
+                    before = self.pruner.clock() - timedelta(seconds=keep)
+                    result = self.pruner.prune(before, by="daemon", stop=halt)
+                    for table, count in result.deleted.per_table():
+                        self.metrics.pruned_rows.labels(table).inc(count)
                 if errors.reset():
                     log.info("retention: pruning works again")
             except Exception as exc:
                 delay = errors.next()
                 self.metrics.prune_failures.inc()
                 log.error(
-                    "retention: pruning the history older than %s failed: %s. Delivery goes on; "
-                    "retrying in %.0f s.",
-                    timedelta(seconds=keep or 0),
+                    "retention: %s failed: %s. Delivery goes on; retrying in %.0f s.",
+                    f"pruning the history before {iso_time(before)}" if before else "reading the last prune",
                     brief(exc),
                     delay,
                     exc_info=errors.failures == 1,
                 )
             self.looks += 1
             halt.wait(delay)
-
-    def _prune(self, keep: float, halt: threading.Event) -> None:
-        before = self.pruner.clock() - timedelta(seconds=keep)
-        result = self.pruner.prune(before, by="daemon", stop=halt)
-        for table, count in result.deleted.per_table():
-            self.metrics.pruned_rows.labels(table).inc(count)

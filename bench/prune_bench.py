@@ -45,6 +45,7 @@ from audiencesync.schema import (
     sync_runs,
     write_connection,
 )
+from bench.diff_bench import fresh_store
 
 DAYS = 200
 CHUNK = 50_000
@@ -175,17 +176,7 @@ def main() -> int:
     parser.add_argument("--postgres-url")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.store == "sqlite":
-            url = f"sqlite:///{tmp}/store.db"
-        else:
-            url = args.postgres_url
-            reset = sa.create_engine(url)
-            with reset.begin() as conn:
-                conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
-                conn.exec_driver_sql("CREATE SCHEMA public")
-            reset.dispose()
-        engine = store_mod.create_engine(url, create=True)
-        store_mod.upgrade(engine)
+        engine = store_mod.create_engine(fresh_store(args, Path(tmp) / "store.db"))
         started = time.monotonic()
         fill(engine, args.rows)
         print(f"filled {args.rows} changes and calls in {time.monotonic() - started:.1f} s")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,11 +44,8 @@ SYNC = 'max_attempts = 1\nretry_backoff = "0s"'
 
 
 @pytest.fixture
-def engine(store_url: str) -> Iterator[sa.Engine]:
-    engine = store_mod.create_engine(store_url, create=True)
-    store_mod.upgrade(engine)
-    yield engine
-    engine.dispose()
+def engine(store: store_mod.Store) -> sa.Engine:
+    return store.engine
 
 
 @dataclass
