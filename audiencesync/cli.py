@@ -40,6 +40,7 @@ from audiencesync.errors import (
     StoreBusyError,
     StoreError,
 )
+from audiencesync.formats import add_format_option
 from audiencesync.prune import BATCH_SIZE
 
 # Checked in order: the first matching class decides the exit status.
@@ -91,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the calls as JSON lines instead of sending them; change nothing",
+        help="list the calls instead of making them (see --format); change nothing",
     )
+    add_format_option(sync)
     sync.add_argument(
         "--allow-removals",
         action="store_true",
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     status = commands.add_parser("status", help="per audience: members, pending, failed, last and next run")
-    status.add_argument("--format", choices=["table", "json"], default="table")
+    add_format_option(status)
     status.set_defaults(handler=cmd_status)
 
     check = commands.add_parser("check", help="check the config, the store, each source and the Gleap token")
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     failures = commands.add_parser("failures", help="list changes parked after repeated rejections")
     failures.add_argument("--audience", metavar="KEY", help="only this audience")
+    add_format_option(failures)
     failures.set_defaults(handler=cmd_failures)
 
     retry = commands.add_parser("retry", help="re-queue parked changes for the next sync")
@@ -159,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROWS",
         help=f"rows per transaction: a running daemon waits at most one batch (default {BATCH_SIZE})",
     )
+    add_format_option(prune)
     prune.set_defaults(handler=cmd_prune)
 
     db = commands.add_parser("db", help="manage the membership store")

@@ -1,13 +1,13 @@
-"""What the command line shares: its exit statuses, and how it prints tables and times."""
+"""What the command line shares: its exit statuses, how it shows times, and opening the store."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import IO
+from datetime import datetime
 
 from audiencesync import store
 from audiencesync.config import Config
 from audiencesync.errors import iso_time
+from audiencesync.formats import machine_time
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1  # changes remain pending or failed, or a source failed
@@ -20,28 +20,15 @@ EXIT_TERMINATED = 143  # SIGTERM
 
 
 def iso(value: object) -> str:
-    """JSON's ``default``: datetimes as ISO 8601 with their offset (UTC when the value has none)."""
+    """JSON's ``default``: datetimes as the csv and json formats write them (ISO 8601, UTC, offset)."""
     if isinstance(value, datetime):
-        return aware(value).isoformat()
+        return machine_time(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def when(value: object) -> str:
     """A time for people: ISO 8601 to the second, with its offset, e.g. 2026-12-01T19:25:25+00:00."""
     return iso_time(value) if isinstance(value, datetime) else "-"
-
-
-def aware(value: datetime) -> datetime:
-    # The store hands out aware UTC datetimes; a naive one can only mean UTC too.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
-def print_table(rows: list[tuple[str, ...]], out: IO[str]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out
-        )
 
 
 def open_store(config: Config) -> store.Store:

@@ -6,10 +6,11 @@ import argparse
 import sys
 
 from audiencesync import store
-from audiencesync.cli_output import EXIT_OK, open_store, print_table, when
+from audiencesync.cli_output import EXIT_OK, open_store, when
 from audiencesync.config import Config
 from audiencesync.errors import ConfigError
-from audiencesync.prune import Counts, Pruner, PruneRecord, check_before
+from audiencesync.formats import write_rows
+from audiencesync.prune import Pruner, PruneRecord, check_before
 from audiencesync.times import parse_time
 from audiencesync.urls import sqlite_file
 
@@ -32,18 +33,23 @@ def cmd_prune(args: argparse.Namespace, config: Config) -> int:
         result = pruner.prune(before, by="cli", batch_size=args.batch_size)
         counts = result.deleted
     changes, calls = pruner.kept(before)
-    _print_counts(counts, "would delete" if args.dry_run else "deleted")
+    columns = ("table", "would_delete" if args.dry_run else "deleted")
+    write_rows(sys.stdout, args.format, columns, counts.per_table())
+    # What is not a row goes aside in csv and jsonl, so that stdout stays rows only.
+    out = sys.stdout if args.format == "table" else sys.stderr
     print(
         f"kept though older: {changes} change(s) and {calls} call(s) of memberships still pending, "
-        "failed or parked"
+        "failed or parked",
+        file=out,
     )
     if args.dry_run:
-        print(f"dry run: nothing was deleted; a prune would keep everything from {when(before)} on")
+        print(f"dry run: nothing was deleted; a prune would keep everything from {when(before)} on", file=out)
         return EXIT_OK
     print(
         f"done in {result.seconds:.1f} s ({result.batches} batch(es), the longest holding the store "
         f"{result.longest_batch_seconds * 1000:.0f} ms). An audience's members at any time from "
-        f"{when(before)} on can still be rebuilt exactly; before it, they can't"
+        f"{when(before)} on can still be rebuilt exactly; before it, they can't",
+        file=out,
     )
     path = sqlite_file(config.store.url)
     if path is not None and counts.total:
@@ -52,15 +58,10 @@ def cmd_prune(args: argparse.Namespace, config: Config) -> int:
         print(
             "SQLite keeps the file's size and reuses the freed pages for new rows. To give the space "
             f"back to the disk, stop the daemon and run: sqlite3 {path} 'VACUUM' (it needs free space "
-            "about the file's size)"
+            "about the file's size)",
+            file=out,
         )
     return EXIT_OK
-
-
-def _print_counts(counts: Counts, heading: str) -> None:
-    rows: list[tuple[str, ...]] = [("table", heading)]
-    rows += [(table, str(n)) for table, n in counts.per_table()]
-    print_table(rows, sys.stdout)
 
 
 def prune_status(last: PruneRecord | None) -> str:

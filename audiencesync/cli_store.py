@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from audiencesync import audit, store
-from audiencesync.cli_output import EXIT_INCOMPLETE, EXIT_OK, iso, open_store, print_table, when
+from audiencesync.cli_output import EXIT_INCOMPLETE, EXIT_OK, iso, open_store, when
 from audiencesync.cli_prune import prune_status
 from audiencesync.config import Config, Secret, display_url
 from audiencesync.errors import (
@@ -18,6 +18,7 @@ from audiencesync.errors import (
     ConfigError,
     MissingTokenError,
 )
+from audiencesync.formats import write_rows
 from audiencesync.gleap import GleapClient
 from audiencesync.prune import Pruner
 from audiencesync.sources import Sources
@@ -80,7 +81,7 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
     if args.format == "json":
         print(json.dumps([vars(e) for e in events], default=iso, indent=2))
         return EXIT_OK
-    rows: list[tuple[str, ...]] = [("time", "audience", "event", "detail", "run")]
+    rows: list[tuple[object, ...]] = []
     for e in events:
         if e.kind == "told":
             detail = f"{str(e.value).lower()} -> {e.status or 'no answer'}" + (
@@ -88,8 +89,8 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
             )
         else:
             detail = ""
-        rows.append((when(e.at), e.audience, e.kind, detail, str(e.run_id or "")))
-    print_table(rows, sys.stdout)
+        rows.append((e.at, e.audience, e.kind, detail, str(e.run_id or "")))
+    write_rows(sys.stdout, "table", ("time", "audience", "event", "detail", "run"), rows)
     if not events:
         print(f"no history for user {args.user!r}", file=sys.stderr)
     return EXIT_OK
@@ -119,68 +120,68 @@ def cmd_members(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+STATUS_COLUMNS = (
+    "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
+    "entered", "left", "sent", "next_run", "configured",
+)  # fmt: skip
+
+
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     target = open_store(config)
     current, head = store.schema_revisions(target.engine)
+    rows: list[store.AudienceStatus] = []
+    holder = None
     if current is None:
         print("the store is empty: no sync has run yet", file=sys.stderr)
-        return EXIT_OK
-    rows = target.status()
-    holder = target.lease_holder()
+    else:
+        rows = target.status()
+        holder = target.lease_holder()
     configured = {a.key for a in config.audiences}
     # A store not yet migrated has no prunes table; the next sync migrates it.
     last_prune = Pruner(target.engine, store.utc_now).last() if current == head else None
     if args.format == "json":
+        # The one shape that is not a list of rows: the lease and the last prune ride along.
         data = _status_json(rows, holder, configured) | {"last_prune": last_prune and vars(last_prune)}
         print(json.dumps(data, default=iso, indent=2))
         return EXIT_OK
-    table: list[tuple[str, ...]] = [
-        (
-            "audience",
-            "members",
-            "pending",
-            "failed",
-            "unknown",
-            "oldest pending",
-            "last run",
-            "result",
-            "entered",
-            "left",
-            "sent",
-            "next run",
-        )
-    ]
-    for row in rows:
-        last = row.last_run or {}
-        table.append(
-            (
-                row.key + ("" if row.key in configured else " (not in config)"),
-                str(row.members),
-                str(row.pending),
-                str(row.parked),
-                str(row.unknown),
-                _age(row.oldest_pending_at),
-                when(last.get("started_at")),
-                str(last.get("status", "-")),
-                str(last.get("entered", "-")),
-                str(last.get("left", "-")),
-                str(last.get("sent", "-")),
-                when(row.next_run_at),
-            )
-        )
-    print_table(table, sys.stdout)
+    write_rows(sys.stdout, args.format, STATUS_COLUMNS, (_status_row(row, configured) for row in rows))
+    # The lease is not an audience: in csv and jsonl it goes aside, so stdout stays rows only.
+    out = sys.stdout if args.format == "table" else sys.stderr
     if holder is None:
-        print("daemon: none holds the store")
+        print("daemon: none holds the store", file=out)
     else:
         print(
             f"{holder.get('role') or 'holder'}: {holder['host']} pid {holder['pid']}, active since "
             f"{when(holder['acquired_at'])}, last heartbeat {when(holder['renewed_at'])}, "
-            f"lease to {when(holder['expires_at'])}"
+            f"lease to {when(holder['expires_at'])}",
+            file=out,
         )
         if holder.get("health"):
-            print(f"health: {holder['health']}; last acknowledged call {when(holder.get('progress_at'))}")
-    print(prune_status(last_prune))
+            print(
+                f"health: {holder['health']}; last acknowledged call {when(holder.get('progress_at'))}",
+                file=out,
+            )
+    print(prune_status(last_prune), file=out)
     return EXIT_OK
+
+
+def _status_row(row: store.AudienceStatus, configured: set[str]) -> tuple[object, ...]:
+    last = row.last_run or {}
+    return (
+        row.key,
+        row.members,
+        row.pending,
+        row.parked,
+        row.unknown,
+        _age(row.oldest_pending_at),
+        last.get("started_at"),
+        last.get("status"),
+        last.get("entered"),
+        last.get("left"),
+        last.get("sent"),
+        row.next_run_at,
+        row.key in configured,
+    )
 
 
 def _status_json(
@@ -207,18 +208,17 @@ def _status_json(
     }
 
 
-def _age_seconds(when: datetime | None) -> float | None:
-    return None if when is None else max(0.0, (store.utc_now() - when).total_seconds())
+def _age(since: datetime | None) -> timedelta | None:
+    """How long ago ``since`` was; None when nothing is pending."""
+    return None if since is None else max(timedelta(0), store.utc_now() - since)
 
 
-def _age(when: datetime | None) -> str:
-    """An age as 45s, 12m or 3h20m; '-' when nothing is pending."""
-    seconds = _age_seconds(when)
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m" if minutes else f"{secs}s")
+def _age_seconds(since: datetime | None) -> float | None:
+    age = _age(since)
+    return None if age is None else age.total_seconds()
+
+
+FAILURE_COLUMNS = ("audience", "user_id", "value", "attempts", "parked_at", "last_error")
 
 
 def cmd_failures(args: argparse.Namespace, config: Config) -> int:
@@ -227,11 +227,8 @@ def cmd_failures(args: argparse.Namespace, config: Config) -> int:
     target = open_store(config)
     store.schema_revisions(target.engine)  # refuses a store from a newer version
     parked = target.parked(args.audience)
-    for change in parked:
-        print(
-            f"{change.audience}\t{change.user_id}\t{str(change.value).lower()}\t"
-            f"attempts={change.attempts}\tparked={when(change.parked_at)}\t{change.last_error}"
-        )
+    rows = ((c.audience, c.user_id, c.value, c.attempts, c.parked_at, c.last_error) for c in parked)
+    write_rows(sys.stdout, args.format, FAILURE_COLUMNS, rows)
     print(
         f"{len(parked)} parked change(s)" + ("; re-queue with `audiencesync retry`" if parked else ""),
         file=sys.stderr,

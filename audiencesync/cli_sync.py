@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from tqdm import tqdm
@@ -21,7 +21,6 @@ from audiencesync.cli_output import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TERMINATED,
-    print_table,
 )
 from audiencesync.config import Config
 from audiencesync.delivery import Progress
@@ -31,11 +30,13 @@ from audiencesync.errors import (
     MissingTokenError,
     StoreMissingError,
 )
+from audiencesync.formats import write_rows
+from audiencesync.gleap import identify_url
 from audiencesync.lease import WriterLease
 from audiencesync.requests import AdminRequests, kind_of
 from audiencesync.scheduler import Daemon
 from audiencesync.sources import Sources
-from audiencesync.sync import CycleReport, Syncer
+from audiencesync.sync import CycleReport, PlannedCall, Syncer
 
 # How long `sync --full/--allow-removals` waits for a running daemon to carry it out.
 DAEMON_REQUEST_WAIT_SECONDS = 600.0
@@ -87,7 +88,14 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
                 report = interrupt.run(lambda: _run_cycle(args, config, fenced, interrupt))
     finally:
         engine.dispose()
-    print_summary(report, sys.stderr if args.dry_run else sys.stdout)
+    if args.dry_run:
+        # stdout holds only the calls, so `--format csv > calls.csv` is a clean file.
+        print_summary(report, sys.stderr, url=identify_url(config.gleap))
+    else:
+        # Rows only on stdout in csv/json/jsonl; what is said about them goes aside.
+        print_summary(
+            report, sys.stdout, args.format, notes=sys.stdout if args.format == "table" else sys.stderr
+        )
     if report.aborted is not None:
         print(f"audiencesync: error: {report.aborted}", file=sys.stderr)
     if interrupt.signum is not None:
@@ -230,7 +238,7 @@ def _run_cycle(
             args.audiences,
             full=args.full,
             dry_run=args.dry_run,
-            out=sys.stdout,
+            show_calls=lambda calls: write_rows(sys.stdout, args.format, CALL_COLUMNS, _call_rows(calls)),
             progress=_progress_bar if sys.stderr.isatty() else None,
             allow_removals=args.allow_removals,
             stop=interrupt.stop,
@@ -250,15 +258,39 @@ def _progress_bar(total: int) -> Progress:
     return tick
 
 
-def print_summary(report: CycleReport, out: IO[str]) -> None:
-    rows: list[tuple[str, ...]] = [
+# A call's rows share its number: POST to the identify URL with {"userId": user_id, audience: value...}.
+CALL_COLUMNS = ("call", "user_id", "audience", "value")
+
+
+def _call_rows(calls: Iterable[PlannedCall]) -> Iterator[tuple[object, ...]]:
+    for number, call in enumerate(calls, 1):
+        for audience, value in call.attributes.items():
+            yield number, call.user_id, audience, value
+
+
+SUMMARY_COLUMNS = (
+    "audience", "result", "mode", "members", "entered", "left", "sent", "failed",
+    "pending", "parked", "unknown", "skipped",
+)  # fmt: skip
+
+
+def print_summary(
+    report: CycleReport,
+    out: IO[str],
+    fmt: str = "table",
+    *,
+    notes: IO[str] | None = None,
+    url: str | None = None,
+) -> None:
+    """The per-audience rows on ``out``, then what needs saying about them on ``notes`` (default ``out``).
+
+    ``url``: where a dry run's calls would go.
+    """
+    rows = (
         (
-            "audience", "result", "mode", "members", "entered", "left", "sent", "failed",
-            "pending", "parked", "unknown", "skipped",
-        )
-    ]  # fmt: skip
-    for a in report.audiences:
-        counts = (
+            a.key,
+            a.status,
+            a.mode,
             a.members,
             a.entered,
             a.left,
@@ -269,26 +301,31 @@ def print_summary(report: CycleReport, out: IO[str]) -> None:
             a.unknown,
             a.skipped_rows,
         )
-        rows.append((a.key, a.status, a.mode, *(str(n) for n in counts)))
-    print_table(rows, out)
+        for a in report.audiences
+    )
+    notes = notes or out
+    write_rows(out, fmt, SUMMARY_COLUMNS, rows, notes=notes)
     if report.dry_run:
-        print(f"dry run: {report.calls} call(s) would be made; nothing was sent or stored", file=out)
+        target = f" (POST {url})" if url else ""
+        print(
+            f"dry run: {report.calls} call(s) would be made{target}; nothing was sent or stored", file=notes
+        )
     for a in report.audiences:
         if a.error:
-            print(f"{a.key}: {a.error}", file=out)
+            print(f"{a.key}: {a.error}", file=notes)
         if a.invalid_samples:
-            print(f"{a.key}: skipped invalid ids, e.g. {'; '.join(a.invalid_samples)}", file=out)
+            print(f"{a.key}: skipped invalid ids, e.g. {'; '.join(a.invalid_samples)}", file=notes)
     parked = sum(a.parked for a in report.audiences)
     if parked:
         print(
             f"{parked} change(s) are parked after repeated rejections; see `audiencesync failures`, "
             "fix the cause, then `audiencesync retry`",
-            file=out,
+            file=notes,
         )
     unknown = sum(a.unknown for a in report.audiences)
     if unknown and not report.dry_run:
         print(
             f"{unknown} call(s) got no verdict from Gleap (it may have applied them); "
             "they stay pending and go out again",
-            file=out,
+            file=notes,
         )

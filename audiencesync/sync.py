@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import IO
 
 import httpx
 import sqlalchemy as sa
@@ -28,7 +26,7 @@ from audiencesync.errors import (
     SourceError,
     StoreError,
 )
-from audiencesync.gleap import MAX_CUSTOM_KEYS, identify_body, identify_url
+from audiencesync.gleap import MAX_CUSTOM_KEYS
 from audiencesync.schema import audiences
 from audiencesync.sources import ReadStats, Sources
 from audiencesync.store import Audience, Backoff, Guard, Store, empty_store, schema_revisions
@@ -68,6 +66,14 @@ class AudienceReport:
         if self.error:
             text += f" error={self.error}"
         return text
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """One identify call a dry run would make: ``POST identify_url`` with ``identify_body``."""
+
+    user_id: str
+    attributes: dict[str, bool]  # audience key -> value, in key order
 
 
 @dataclass
@@ -146,14 +152,15 @@ class Syncer:
         *,
         full: bool = False,
         dry_run: bool = False,
-        out: IO[str] | None = None,
+        show_calls: Callable[[Iterator[PlannedCall]], object] | None = None,
         progress: Callable[[int], Progress] | None = None,
         allow_removals: bool = False,
         stop: threading.Event | None = None,
     ) -> CycleReport:
         """Refresh then deliver the selected audiences (all when ``keys`` is None).
 
-        ``out`` receives the dry run's calls as JSON lines. ``progress`` is called
+        ``show_calls`` gets the dry run's calls as they are read from the plan
+        (the rest are still counted if it stops early). ``progress`` is called
         with the number of calls to make and returns a callback for each call done.
         ``allow_removals`` releases the mass-removal guard for this cycle.
         """
@@ -162,7 +169,7 @@ class Syncer:
             raise MissingTokenError()
         report = CycleReport(cycle_id=str(uuid.uuid4()), audiences=[], dry_run=dry_run)
         if dry_run:
-            self._dry_run(report, selected, full=full, allow_removals=allow_removals, out=out)
+            self._dry_run(report, selected, full=full, allow_removals=allow_removals, show=show_calls)
             for audience_report in report.audiences:
                 log.info("%s", audience_report.summary())
             return report
@@ -273,9 +280,9 @@ class Syncer:
         *,
         full: bool,
         allow_removals: bool,
-        out: IO[str] | None,
+        show: Callable[[Iterator[PlannedCall]], object] | None,
     ) -> None:
-        """Print the calls a sync would make now, as JSON lines, writing nothing to the store."""
+        """Plan the calls a sync would make now and hand them to ``show``, writing nothing to the store."""
         current, head = schema_revisions(self.store.engine)
         engine = self.store.engine
         if current is None:
@@ -288,7 +295,6 @@ class Syncer:
                 "a dry run only reads, so it can't plan against the old schema. "
                 "Fix: run `audiencesync db upgrade` (a real sync does it by itself)."
             )
-        url = identify_url(self.config.gleap)
         now = self.store.clock()
         try:
             with engine.connect() as conn, conn.begin():
@@ -299,11 +305,11 @@ class Syncer:
                             conn, table, config, full=full, allow_removals=allow_removals, now=now
                         )
                     )
-                for user_id, attributes in plan.planned_calls(conn, table, MAX_CUSTOM_KEYS):
-                    report.calls += 1
-                    if out is not None:
-                        body = identify_body(user_id, attributes)
-                        out.write(json.dumps({"method": "POST", "url": url, "json": body}) + "\n")
+                calls = _counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
+                if show is not None:
+                    show(calls)
+                for _ in calls:  # what show left unread still counts
+                    pass
                 plan.drop_plan(conn, table)
         finally:
             if engine is not self.store.engine:
@@ -392,3 +398,10 @@ def removal_guard(audience: AudienceConfig) -> Guard:
         return None
 
     return guard
+
+
+def _counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, bool]]]) -> Iterator[PlannedCall]:
+    """The plan's calls, each counted in ``report`` as it is read: the plan is streamed, never held."""
+    for user_id, attributes in planned:
+        report.calls += 1
+        yield PlannedCall(user_id, attributes)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -18,7 +19,8 @@ from tests.gleap_standin import GleapStandIn
 
 
 def run(config_path: Path, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "GLEAP_API_TOKEN"}
+    # COLUMNS pins the width of tables whatever terminal runs the tests.
+    env = {k: v for k, v in os.environ.items() if k != "GLEAP_API_TOKEN"} | {"COLUMNS": "80"}
     if token is not None:
         env["GLEAP_API_TOKEN"] = token
     return subprocess.run(
@@ -67,17 +69,17 @@ def test_rejected_token_exits_1_with_advice_and_no_secret(
     assert wrong not in result.stdout + result.stderr
 
 
-def test_dry_run_prints_json_lines_on_stdout_and_the_summary_on_stderr(
+def test_dry_run_prints_the_calls_on_stdout_and_the_summary_on_stderr(
     make_config: ConfigFactory, source: SourceDB
 ) -> None:
     source.set(["u1", 2])
     config = make_config(token=None)
-    result = run(config.path, "sync", "--dry-run")
+    result = run(config.path, "sync", "--dry-run", "--format", "jsonl")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [line["json"] for line in lines] == [
-        {"segment_a": True, "userId": "2"},
-        {"segment_a": True, "userId": "u1"},
+    assert lines == [
+        {"call": 1, "user_id": "2", "audience": "segment_a", "value": True},
+        {"call": 2, "user_id": "u1", "audience": "segment_a", "value": True},
     ]
     assert "1 call" not in result.stderr and "2 call(s) would be made" in result.stderr
 
@@ -224,13 +226,27 @@ def test_every_command_refuses_an_unconfigured_audience_key(
     assert not store_path.exists()
 
 
+class Synced(NamedTuple):
+    path: Path  # the config file
+    result: subprocess.CompletedProcess[str]
+
+
+def sync_with_u2_parked(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, *sync_args: str
+) -> Synced:
+    """One `sync` of u1 and u2 into segment_a in which Gleap rejects u2 (422), which parks it."""
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, token=None, extra="[sync]\nmax_attempts = 1\n")
+    gleap.fail_user("u2", 422, body="unprocessable\nentity")
+    result = run(config.path, "sync", *sync_args, token=TOKEN)
+    assert result.returncode == 1, result.stderr
+    return Synced(config.path, result)
+
+
 def test_times_print_as_iso_8601_with_an_offset(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
 ) -> None:
-    source.set(["u1", "u2"])
-    config = make_config(gleap.base_url, token=None, extra="[sync]\nmax_attempts = 1\n")
-    gleap.fail_user("u2", 422, body="unprocessable")
-    assert run(config.path, "sync", token=TOKEN).returncode == 1
+    config = sync_with_u2_parked(make_config, source, gleap)
 
     table = run(config.path, "history", "u1")
     assert table.returncode == 0, table.stderr
@@ -241,7 +257,9 @@ def test_times_print_as_iso_8601_with_an_offset(
     assert as_json and all(re.fullmatch(r"\d{4}-.*T.*\+00:00", event["at"]) for event in as_json)
 
     parked = run(config.path, "failures")
-    assert re.search(rf"\tparked={ISO_WITH_OFFSET}\t", parked.stdout), parked.stdout
+    assert re.search(rf"^segment_a +u2 +true +1 +{ISO_WITH_OFFSET}  ", parked.stdout, re.MULTILINE), (
+        parked.stdout
+    )
 
     members = run(config.path, "members", "segment_a", "--at", "2999-11-01T12:00:00Z")
     assert members.returncode == 0 and set(members.stdout.split()) == {"u1", "u2"}

@@ -4,7 +4,6 @@ write lock, staging holds no long transaction, and every stored timestamp is UTC
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -20,9 +19,10 @@ from alembic import command
 
 from audiencesync import database, store as store_mod
 from audiencesync.config import Config
+from audiencesync.gleap import identify_body
 from audiencesync.schema import SQLITE_STORAGE_FORMAT
 from audiencesync.store import Store
-from audiencesync.sync import CycleReport, Syncer
+from audiencesync.sync import CycleReport, PlannedCall, Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_sync import cycle, only
@@ -33,13 +33,13 @@ T = TypeVar("T")
 def dry_run(config: Config, **kwargs: object) -> tuple[CycleReport, list[dict[str, object]]]:
     engine = store_mod.engine_for(config.store)
     syncer = Syncer(config, Store(engine))
-    out = io.StringIO()
+    planned: list[PlannedCall] = []
     try:
-        report = syncer.run_cycle(dry_run=True, out=out, **kwargs)  # type: ignore[arg-type]
+        report = syncer.run_cycle(dry_run=True, show_calls=planned.extend, **kwargs)  # type: ignore[arg-type]
     finally:
         syncer.sources.dispose()
         engine.dispose()
-    return report, [json.loads(line)["json"] for line in out.getvalue().splitlines()]
+    return report, [identify_body(c.user_id, c.attributes) for c in planned]
 
 
 @contextlib.contextmanager
@@ -139,14 +139,24 @@ def test_dry_run_of_a_store_that_does_not_exist_leaves_no_file(
     config = make_config(create_store=False)
     path = Path(store_url.removeprefix("sqlite:///"))
     result = subprocess.run(
-        [sys.executable, "-m", "audiencesync", "--config", str(config.path), "sync", "--dry-run"],
+        [
+            sys.executable,
+            "-m",
+            "audiencesync",
+            "--config",
+            str(config.path),
+            "sync",
+            "--dry-run",
+            "--format",
+            "jsonl",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr
-    assert json.loads(result.stdout)["json"] == {"segment_a": True, "userId": "u1"}
+    assert json.loads(result.stdout) == {"call": 1, "user_id": "u1", "audience": "segment_a", "value": True}
     assert not path.exists() and not Path(f"{path}-wal").exists()
 
 

@@ -7,6 +7,7 @@ a day at a time, so that every time the store holds (changes, calls, runs) is on
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from collections import Counter
@@ -320,10 +321,15 @@ def test_cli_prune_dry_run_counts_and_bad_times(
 
     dry = audiencesync(script.config, "prune", "--before", cut, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "would delete" in dry.stdout and "nothing was deleted" in dry.stdout
-    assert snapshot(engine) == unpruned
+    assert "would_delete" in dry.stdout and "nothing was deleted" in dry.stdout
     planned = Pruner(engine, store_mod.utc_now).plan(script.days[4])
     assert f"membership_changes  {planned.membership_changes}\n" in dry.stdout
+    rows = audiencesync(script.config, "prune", "--before", cut, "--dry-run", "--format", "jsonl")
+    assert [json.loads(line) for line in rows.stdout.splitlines()] == [
+        {"table": table, "would_delete": n} for table, n in planned.per_table()
+    ]
+    assert "nothing was deleted" in rows.stderr
+    assert snapshot(engine) == unpruned
 
     done = audiencesync(script.config, "prune", "--before", cut)
     assert done.returncode == 0, done.stderr

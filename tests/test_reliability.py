@@ -7,6 +7,7 @@ source's membership, re-sending at most the calls that were in flight.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -229,12 +230,16 @@ def test_rejections_park_after_max_attempts_until_requeued(
     assert "partial" in third.stdout
 
     listed = subprocess.run(
-        [sys.executable, "-m", "audiencesync", "--config", str(config.path), "failures"],
+        [sys.executable, "-m", "audiencesync", "--config", str(config.path), "failures", "--format", "jsonl"],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert "segment_a\tbad\ttrue\tattempts=2" in listed.stdout and "userId rejected" in listed.stdout
+    (failure,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (failure["audience"], failure["user_id"], failure["value"], failure["attempts"]) == (
+        "segment_a", "bad", True, 2
+    )  # fmt: skip
+    assert "userId rejected" in failure["last_error"]
 
     refused = subprocess.run(
         [sys.executable, "-m", "audiencesync", "--config", str(config.path), "retry"],

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import io
-import json
-
 import pytest
 import sqlalchemy as sa
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config
 from audiencesync.errors import MissingTokenError
+from audiencesync.gleap import identify_body
 from audiencesync.store import Store
-from audiencesync.sync import AudienceReport, CycleReport, Syncer
+from audiencesync.sync import AudienceReport, CycleReport, PlannedCall, Syncer
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 
@@ -292,35 +290,29 @@ def test_dry_run_prints_the_exact_calls_and_changes_nothing(
 
     before = snapshot()
     gleap.reset_log()
-    out = io.StringIO()
-    report = cycle(config, dry_run=True, out=out)
+    planned: list[PlannedCall] = []
+    report = cycle(config, dry_run=True, show_calls=planned.extend)
     assert report.complete and report.calls == 2
     assert gleap.requests == []
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert lines == [
-        {
-            "method": "POST",
-            "url": f"{gleap.base_url}/admin/identify?preventLastActivityUpdate=true",
-            "json": {"segment_a": False, "userId": "u1"},
-        },
-        {
-            "method": "POST",
-            "url": f"{gleap.base_url}/admin/identify?preventLastActivityUpdate=true",
-            "json": {"segment_a": True, "userId": "u3"},
-        },
-    ]
-    assert TOKEN not in out.getvalue()
+    assert planned == [PlannedCall("u1", {"segment_a": False}), PlannedCall("u3", {"segment_a": True})]
     assert snapshot() == before
     # ...and the real cycle then makes exactly those calls.
     cycle(config)
     sent = sorted(gleap.identify_calls, key=lambda b: str(b["userId"]))
-    assert sent == [line["json"] for line in lines]
+    assert sent == [identify_body(c.user_id, c.attributes) for c in planned]
+
+
+def test_dry_run_counts_the_calls_left_unread(make_config: ConfigFactory, source: SourceDB) -> None:
+    source.set(["u1", "u2", "u3"])
+    seen: list[PlannedCall] = []
+    report = cycle(make_config(), dry_run=True, show_calls=lambda calls: seen.append(next(calls)))
+    assert len(seen) == 1 and report.calls == 3
 
 
 def test_dry_run_needs_no_token_but_a_real_run_does(make_config: ConfigFactory, source: SourceDB) -> None:
     source.set(["u1"])
     config = make_config(token=None)
-    assert cycle(config, dry_run=True, out=io.StringIO()).calls == 1
+    assert cycle(config, dry_run=True).calls == 1
     with pytest.raises(MissingTokenError):
         cycle(config)
 
