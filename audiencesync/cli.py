@@ -18,6 +18,7 @@ from audiencesync.cli_output import (
     EXIT_INTERRUPTED,
     EXIT_STORE,
 )
+from audiencesync.cli_prune import cmd_prune
 from audiencesync.cli_store import (
     cmd_check,
     cmd_db_current,
@@ -40,6 +41,7 @@ from audiencesync.errors import (
     StoreError,
 )
 from audiencesync.formats import add_format_option
+from audiencesync.prune import BATCH_SIZE
 from audiencesync.times import add_time_option
 
 # Checked in order: the first matching class decides the exit status.
@@ -140,6 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--user", metavar="ID", help="only this user id")
     retry.add_argument("--all", action="store_true", help="every parked change (when no filter is given)")
     retry.set_defaults(handler=cmd_retry)
+
+    prune = commands.add_parser(
+        "prune", help="delete delivery attempts and settled history older than a time, in batches"
+    )
+    prune.add_argument(
+        "--before",
+        metavar="TIME",
+        required=True,
+        help="delete what is older than this: ISO 8601 (2026-01-01) or a span before now (90d); "
+        "at least a day ago",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    prune.add_argument(
+        "--batch-size",
+        type=int,
+        default=BATCH_SIZE,
+        metavar="ROWS",
+        help=f"rows per transaction: a running daemon waits at most one batch (default {BATCH_SIZE})",
+    )
+    add_format_option(prune)
+    prune.set_defaults(handler=cmd_prune)
 
     db = commands.add_parser("db", help="manage the membership store")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")

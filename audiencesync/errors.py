@@ -156,6 +156,19 @@ class GleapUnavailableError(GleapError):
         )
 
 
+class PruneTimeError(ConfigError):
+    """`prune --before` (or the daemon's retention) names a time too recent to prune up to."""
+
+    def __init__(self, before: datetime, now: datetime, option: str = "--before") -> None:
+        self.before = before
+        when = "is in the future" if before > now else "is less than a day ago"
+        super().__init__(
+            f"{option} {iso_time(before)} {when} (now {iso_time(now)}). Prune keeps at least the "
+            "last day, so that runs still going and answers still arriving keep their history.",
+            fix="pass a time at least a day ago, e.g. --before 90d or --before 2026-01-01",
+        )
+
+
 def brief(exc: BaseException) -> str:
     """An exception in one line for a log: its class, and the database's own message when it has one."""
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
