@@ -42,6 +42,7 @@ from audiencesync.errors import (
 )
 from audiencesync.formats import add_format_option
 from audiencesync.prune import BATCH_SIZE
+from audiencesync.times import TIME_HELP, add_time_option
 
 # Checked in order: the first matching class decides the exit status.
 EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
@@ -128,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     members = commands.add_parser("members", help="an audience's members, now or at a past time")
     members.add_argument("audience", metavar="KEY")
-    members.add_argument(
-        "--at", metavar="TIME", help="ISO 8601 time, e.g. 2026-11-01T12:00:00Z (default: now)"
-    )
+    add_time_option(members, "--at", "the members at this time (default: now)")
     members.set_defaults(handler=cmd_members)
 
     failures = commands.add_parser("failures", help="list changes parked after repeated rejections")
@@ -151,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--before",
         metavar="TIME",
         required=True,
-        help="delete what is older than this: ISO 8601 (2026-01-01) or a span before now (90d); "
-        "at least a day ago",
+        help=f"delete what is older than this, at least a day ago: {TIME_HELP}",
     )
     prune.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
     prune.add_argument(

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from audiencesync import audit, store
@@ -22,6 +22,7 @@ from audiencesync.formats import write_rows
 from audiencesync.gleap import GleapClient
 from audiencesync.prune import Pruner
 from audiencesync.sources import Sources
+from audiencesync.times import option_time
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
@@ -97,18 +98,10 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_members(args: argparse.Namespace, config: Config) -> int:
-    config.audience(args.audience)  # refuse an unknown key before touching the store
+    config.audience(args.audience)  # refuse an unknown key or a bad time before touching the store
+    at = option_time(args.at, "--at", store.utc_now())
     engine = open_store(config).engine
     store.schema_revisions(engine)
-    at = None
-    if args.at:
-        try:
-            at = datetime.fromisoformat(args.at)
-        except ValueError:
-            raise ConfigError(
-                f"--at {args.at!r} is not a time", fix="write it as 2026-11-01T12:00:00Z"
-            ) from None
-        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
     count = 0
     for user_id in audit.members_at(engine, args.audience, at):
         print(user_id)

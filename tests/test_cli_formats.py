@@ -165,3 +165,24 @@ def test_a_real_sync_writes_its_summary_in_the_format_asked(
     table = run(synced.path, "sync", token=TOKEN).stdout.splitlines(keepends=True)
     assert table[0].startswith("audience   result   mode") and table[1].startswith("segment_a  partial")
     assert table[2] == CUT_NOTE  # right after its table, on the same stream
+
+
+def test_members_at_a_span_and_a_bad_time(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, token=None)
+    assert run(config.path, "sync", token=TOKEN).returncode == 0
+
+    now = run(config.path, "members", "segment_a", "--at", "0s")
+    assert now.returncode == 0 and now.stdout.split() == ["u1", "u2"]
+    before = run(config.path, "members", "segment_a", "--at", "1w")
+    assert before.returncode == 0 and before.stdout == ""
+    assert re.fullmatch(rf"0 member\(s\) of segment_a at {HUMAN_TIME}\n", before.stderr), before.stderr
+
+    bad = run(config.path, "members", "segment_a", "--at", "2026-13-01")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == (
+        "audiencesync: error: --at '2026-13-01' is not a time. Fix: write ISO 8601 (2026-11-01, "
+        "2026-11-01T12:00:00Z; no offset means UTC) or a span before now (90m, 12h, 3d, 2w)\n"
+    )
