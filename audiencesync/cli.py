@@ -42,7 +42,7 @@ from audiencesync.errors import (
 )
 from audiencesync.formats import add_format_option
 from audiencesync.prune import BATCH_SIZE
-from audiencesync.times import add_time_option
+from audiencesync.times import TIME_HELP, add_time_option
 
 # Checked in order: the first matching class decides the exit status.
 EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
@@ -150,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--before",
         metavar="TIME",
         required=True,
-        help="delete what is older than this: ISO 8601 (2026-01-01) or a span before now (90d); "
-        "at least a day ago",
+        help=f"delete what is older than this, at least a day ago: {TIME_HELP}",
     )
     prune.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
     prune.add_argument(
