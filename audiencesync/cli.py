@@ -19,6 +19,7 @@ from audiencesync.cli_output import (
     EXIT_INTERRUPTED,
     EXIT_STORE,
 )
+from audiencesync.cli_prune import cmd_prune
 from audiencesync.cli_store import (
     cmd_check,
     cmd_db_current,
@@ -31,7 +32,6 @@ from audiencesync.cli_sync import cmd_run, cmd_sync
 from audiencesync.config import Config, find_config, load_config
 from audiencesync.errors import (
     AudienceSyncError,
-    BadTimeError,
     ConfigError,
     GleapAuthError,
     HistoryPrunedError,
@@ -42,11 +42,12 @@ from audiencesync.errors import (
     UnknownAudienceError,
 )
 from audiencesync.formats import add_format_option
+from audiencesync.prune import BATCH_SIZE
+from audiencesync.times import TIME_HELP
 
 # Checked in order: the first matching class decides the exit status.
 EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
     (ConfigError, EXIT_CONFIG),
-    (BadTimeError, EXIT_CONFIG),
     (UnknownAudienceError, EXIT_CONFIG),
     (HistoryPrunedError, EXIT_CONFIG),  # a TIME the store can no longer answer for
     (MissingTokenError, EXIT_CONFIG),
@@ -135,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--user", metavar="ID", help="only this user id")
     retry.add_argument("--all", action="store_true", help="every parked change (when no filter is given)")
     retry.set_defaults(handler=cmd_retry)
+
+    prune = commands.add_parser(
+        "prune", help="delete delivery attempts and settled history older than a time, in batches"
+    )
+    prune.add_argument(
+        "--before",
+        metavar="TIME",
+        required=True,
+        help=f"delete what is older than this, at least a day ago: {TIME_HELP}",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    prune.add_argument(
+        "--batch-size",
+        type=int,
+        default=BATCH_SIZE,
+        metavar="ROWS",
+        help=f"rows per transaction: a running daemon waits at most one batch (default {BATCH_SIZE})",
+    )
+    add_format_option(prune)
+    prune.set_defaults(handler=cmd_prune)
 
     db = commands.add_parser("db", help="manage the membership store")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
@@ -20,9 +19,7 @@ from audiencesync.cli_output import EXIT_OK, open_store, when
 from audiencesync.config import Config
 from audiencesync.errors import ConfigError, StoreError, StoreMissingError, UnknownAudienceError
 from audiencesync.formats import add_format_option, write_rows
-from audiencesync.times import parse_time
-
-TIME_HELP = "ISO 8601 (2026-11-01T12:00:00Z) or a span before now (90m, 12h, 3d, 2w)"
+from audiencesync.times import TIME_HELP, add_time_option, option_time, parse_time
 
 
 def add_audit_commands(commands: Any) -> None:
@@ -34,7 +31,7 @@ def add_audit_commands(commands: Any) -> None:
 
     members = sub.add_parser("members", help="an audience's members now, or at an instant")
     members.add_argument("audience", metavar="KEY")
-    members.add_argument("--at", metavar="TIME", help=f"{TIME_HELP} (default: now)")
+    add_time_option(members, "--at", "the members at this time (default: now)")
     members.set_defaults(handler=cmd_members)
 
     user = sub.add_parser("user", help="a user's changes in each audience and every call that carried one")
@@ -44,13 +41,15 @@ def add_audit_commands(commands: Any) -> None:
 
     diff = sub.add_parser("diff", help="who entered and who left between two instants")
     diff.add_argument("audience", metavar="KEY")
-    diff.add_argument("--from", dest="start", metavar="TIME", required=True, help=TIME_HELP)
-    diff.add_argument("--to", dest="end", metavar="TIME", required=True, help=TIME_HELP)
+    # Required, so not add_time_option's; parsed in the command all the same (parse_time).
+    for flag, dest in (("--from", "start"), ("--to", "end")):
+        help_ = f"{flag[2:]} this time: {TIME_HELP}"
+        diff.add_argument(flag, dest=dest, metavar="TIME", required=True, help=help_)
     diff.set_defaults(handler=cmd_diff)
 
     runs = sub.add_parser("runs", help="the runs, newest first, with every counter")
     runs.add_argument("--audience", metavar="KEY", help="only this audience")
-    runs.add_argument("--since", metavar="TIME", help=f"only runs started then or later: {TIME_HELP}")
+    add_time_option(runs, "--since", "only runs started then or later")
     runs.add_argument("--limit", type=_positive, default=50, metavar="N", help="at most N runs (default: 50)")
     runs.set_defaults(handler=cmd_runs)
 
@@ -100,7 +99,7 @@ def _note(found: audit.AuditedAudience | None) -> None:
 
 
 def cmd_members(args: argparse.Namespace, config: Config) -> int:
-    at = parse_time(args.at, store.utc_now()) if args.at else None
+    at = option_time(args.at, "--at", store.utc_now())
     with _snapshot(config, args.audience) as (conn, audience):
         assert audience is not None
         rows = audit.members(conn, audience.id, at) if audience.id is not None else iter(())
@@ -121,7 +120,7 @@ def cmd_user(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_diff(args: argparse.Namespace, config: Config) -> int:
     now = store.utc_now()
-    start, end = parse_time(args.start, now), parse_time(args.end, now)
+    start, end = parse_time(args.start, now, option="--from"), parse_time(args.end, now, option="--to")
     if start > end:
         raise ConfigError(
             f"--from {args.start!r} ({when(start)}) is after --to {args.end!r} ({when(end)})",
@@ -148,7 +147,7 @@ def cmd_diff(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_runs(args: argparse.Namespace, config: Config) -> int:
-    since: datetime | None = parse_time(args.since, store.utc_now()) if args.since else None
+    since = option_time(args.since, "--since", store.utc_now())
     with _snapshot(config, args.audience) as (conn, _):
         count = write_rows(
             sys.stdout, args.format, audit.RUN_COLUMNS, audit.runs(conn, args.audience, since, args.limit)

@@ -11,6 +11,7 @@ from typing import Any
 
 from audiencesync import store
 from audiencesync.cli_output import EXIT_INCOMPLETE, EXIT_OK, iso, open_store, when
+from audiencesync.cli_prune import prune_status
 from audiencesync.config import Config, Secret, display_url
 from audiencesync.errors import (
     AudienceSyncError,
@@ -19,6 +20,7 @@ from audiencesync.errors import (
 )
 from audiencesync.formats import write_rows
 from audiencesync.gleap import GleapClient
+from audiencesync.prune import Pruner
 from audiencesync.sources import Sources
 
 
@@ -78,7 +80,7 @@ STATUS_COLUMNS = (
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     target = open_store(config)
-    current, _ = store.schema_revisions(target.engine)
+    current, head = store.schema_revisions(target.engine)
     rows: list[store.AudienceStatus] = []
     holder = None
     if current is None:
@@ -87,9 +89,12 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         rows = target.status()
         holder = target.lease_holder()
     configured = {a.key for a in config.audiences}
+    # A store not yet migrated has no prunes table; the next sync migrates it.
+    last_prune = Pruner(target.engine, store.utc_now).last() if current == head else None
     if args.format == "json":
-        # The one shape that is not a list of rows: the lease rides along with the audiences.
-        print(json.dumps(_status_json(rows, holder, configured), default=iso, indent=2))
+        # The one shape that is not a list of rows: the lease and the last prune ride along.
+        data = _status_json(rows, holder, configured) | {"last_prune": last_prune and vars(last_prune)}
+        print(json.dumps(data, default=iso, indent=2))
         return EXIT_OK
     write_rows(sys.stdout, args.format, STATUS_COLUMNS, (_status_row(row, configured) for row in rows))
     # The lease is not an audience: in csv and jsonl it goes aside, so stdout stays rows only.
@@ -108,6 +113,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 f"health: {holder['health']}; last acknowledged call {when(holder.get('progress_at'))}",
                 file=out,
             )
+    print(prune_status(last_prune), file=out)
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from audiencesync.errors import ConfigError
 from audiencesync.keys import key_for_name, key_problem
+from audiencesync.prune import MIN_AGE
 from audiencesync.tomltable import Table, parse_duration
 from audiencesync.urls import check_base_url, display_url, resolve_url
 
@@ -25,6 +26,7 @@ __all__ = [
     "AudienceConfig",
     "Config",
     "GleapConfig",
+    "RetentionConfig",
     "ScheduleConfig",
     "Secret",
     "ServerConfig",
@@ -120,6 +122,12 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    # `run` prunes history older than this once a day; None (the default): it keeps everything.
+    keep_seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     name: str
     url: str
@@ -148,6 +156,7 @@ class Config:
     schedule: ScheduleConfig
     server: ServerConfig | None
     audiences: tuple[AudienceConfig, ...]
+    retention: RetentionConfig = RetentionConfig()
 
     def audience(self, key: str) -> AudienceConfig:
         for audience in self.audiences:
@@ -217,7 +226,10 @@ SCHEDULE_KEYS = ("interval", "jitter", "shutdown_grace_seconds", "misfire_grace_
 
 def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Config:
     root = Table(
-        raw, path, "top level", ["store", "gleap", "sync", "schedule", "server", "sources", "audiences"]
+        raw,
+        path,
+        "top level",
+        ["store", "gleap", "sync", "schedule", "server", "retention", "sources", "audiences"],
     )
     store_t = Table(root.take("store", dict, {}), path, "[store]", ["url", "busy_timeout_seconds"])
     gleap_t = Table(root.take("gleap", dict, {}), path, "[gleap]", list(GLEAP_KEYS))
@@ -288,6 +300,7 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         ),
     )
     server = _listen(server_t)
+    retention = _retention(Table(root.take("retention", dict, {}), path, "[retention]", ["keep"]))
 
     sources: dict[str, SourceConfig] = {}
     for name, table in sources_raw.items():
@@ -358,6 +371,7 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         schedule=schedule,
         server=server,
         audiences=tuple(audiences),
+        retention=retention,
     )
 
 
@@ -370,6 +384,17 @@ def _listen(table: Table) -> ServerConfig | None:
         raise table.error(f"{listen!r} is not HOST:PORT", key="listen", fix='write listen = "127.0.0.1:9464"')
     stall_after = table.take_duration("stall_after", ServerConfig.stall_after_seconds)
     return ServerConfig(host.strip("[]"), int(port), stall_after)
+
+
+def _retention(table: Table) -> RetentionConfig:
+    keep = table.take_duration("keep", 0.0) or None  # absent: keep everything
+    if keep is not None and keep < MIN_AGE.total_seconds():
+        raise table.error(
+            "keeps less than a day of history",
+            key="keep",
+            fix='keep at least "1d", e.g. keep = "90d"; remove the key to keep all history',
+        )
+    return RetentionConfig(keep)
 
 
 def _fraction(table: Table, default: float) -> float:

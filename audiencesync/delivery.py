@@ -215,9 +215,7 @@ class Deliverer:
             transport=self.transport,
             breaker=self.breaker,
             backoff_initial=self.backoff_initial,
-            # The call log's times come from the store's clock, as the changes' do: an
-            # acknowledgement is matched to the change it followed by comparing them.
-            now=self.store.clock,
+            now=self.store.clock,  # the call log's times, on the same clock as the rest of the store
         )
         plan = plan_calls(self.store, audience_ids, called, self.page_size, on_page=marked.mark)
         try:

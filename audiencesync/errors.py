@@ -47,6 +47,19 @@ class ConfigError(AudienceSyncError):
         super().__init__(text)
 
 
+class BadTimeError(ConfigError):
+    """A TIME on the command line (``--at``...) is neither ISO 8601 nor a span before now."""
+
+    def __init__(self, text: str, option: str | None = None) -> None:
+        self.text = text
+        self.option = option
+        super().__init__(
+            f"{option + ' ' if option else ''}{text!r} is not a time.",
+            fix="write ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; no offset means UTC) "
+            "or a span before now (90m, 12h, 3d, 2w)",
+        )
+
+
 class StoreError(AudienceSyncError):
     """The membership store cannot be used (unreachable, wrong schema version...)."""
 
@@ -144,17 +157,6 @@ class GleapUnavailableError(GleapError):
         )
 
 
-class BadTimeError(AudienceSyncError):
-    """A TIME argument that is neither ISO 8601 nor a span before now."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        super().__init__(
-            f"{text!r} is not a time. Fix: write ISO 8601 (2026-11-01T12:00:00Z; UTC when it has "
-            "no offset) or a span before now: 90m, 12h, 3d or 2w."
-        )
-
-
 class UnknownAudienceError(AudienceSyncError):
     """An audit named an audience key that neither the config nor the store knows."""
 
@@ -183,6 +185,19 @@ class HistoryPrunedError(AudienceSyncError):
             f"cannot rebuild the history at {iso_time(asked)}: prune #{prune_id} (by {by}, "
             f"{iso_time(pruned_at)}) deleted everything before {horizon}, the horizon. "
             f"Fix: ask for {horizon} or later."
+        )
+
+
+class PruneTimeError(ConfigError):
+    """`prune --before` (or the daemon's retention) names a time too recent to prune up to."""
+
+    def __init__(self, before: datetime, now: datetime, option: str = "--before") -> None:
+        self.before = before
+        when = "is in the future" if before > now else "is less than a day ago"
+        super().__init__(
+            f"{option} {iso_time(before)} {when} (now {iso_time(now)}). Prune keeps at least the "
+            "last day, so that runs still going and answers still arriving keep their history.",
+            fix="pass a time at least a day ago, e.g. --before 90d or --before 2026-01-01",
         )
 
 

@@ -8,16 +8,26 @@ the store at scrape time, so they are right whichever process changed them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from audiencesync.prune import PruneRecord
 from audiencesync.store import AudienceStatus, Clock, Outcome, utc_now
+
+# The last prune that finished, and the latest `before` of any prune (history is whole from there).
+Prunes = Callable[[], tuple[PruneRecord | None, datetime | None]]
 
 
 class Metrics:
-    def __init__(self, status: Callable[[], Sequence[AudienceStatus]], clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        status: Callable[[], Sequence[AudienceStatus]],
+        clock: Clock = utc_now,
+        prunes: Prunes = lambda: (None, None),
+    ) -> None:
         self.registry = CollectorRegistry()
         self.breaker_open = Gauge(
             "audiencesync_gleap_breaker_open",
@@ -47,7 +57,19 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
             registry=self.registry,
         )
+        self.pruned_rows = Counter(
+            "audiencesync_pruned_rows",
+            "Rows this daemon's retention deleted, by table.",
+            ["table"],
+            registry=self.registry,
+        )
+        self.prune_failures = Counter(
+            "audiencesync_prune_failures",
+            "Prunes of this daemon's retention that failed (tried again after a backoff).",
+            registry=self.registry,
+        )
         self.registry.register(_StoreCollector(status, clock))
+        self.registry.register(_PruneCollector(prunes))
 
     def outcomes(self, outcomes: Iterable[Outcome]) -> None:
         for outcome in outcomes:
@@ -105,3 +127,31 @@ class _StoreCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected lazily: don't query the store at registration
+
+
+class _PruneCollector(Collector):
+    """When the store was last pruned, by whichever process: read from the store at scrape time."""
+
+    def __init__(self, prunes: Prunes) -> None:
+        self._prunes = prunes
+
+    def collect(self) -> Iterable[Metric]:
+        last, exact_from = self._prunes()
+        finished = GaugeMetricFamily(
+            "audiencesync_last_prune_timestamp_seconds",
+            "When the last prune that finished ended (Unix time); absent if the store was never pruned.",
+        )
+        before = GaugeMetricFamily(
+            "audiencesync_pruned_before_timestamp_seconds",
+            "History before this time may have been pruned (Unix time): members at earlier times "
+            "can't be rebuilt.",
+        )
+        if last is not None and last.finished_at is not None:
+            finished.add_metric([], last.finished_at.timestamp())
+        if exact_from is not None:
+            before.add_metric([], exact_from.timestamp())
+        yield finished
+        yield before
+
+    def describe(self) -> Iterable[Metric]:
+        return []

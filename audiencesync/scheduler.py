@@ -5,6 +5,8 @@ It wires the parts together:
 - one APScheduler job per audience, which only refreshes the snapshot (quick);
 - a single delivery thread, which drains every audience's pending changes in
   turns through the shared rate limiter;
+- a retention thread, which prunes old history once a day when
+  ``[retention] keep`` is set (``retention.py``);
 - signals: SIGTERM and SIGINT stop it gracefully, a second one exits at once,
   and SIGHUP reloads the config;
 - the optional /healthz and /metrics endpoint.
@@ -43,7 +45,9 @@ from audiencesync.errors import (
 from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
+from audiencesync.prune import Pruner
 from audiencesync.requests import AdminRequests
+from audiencesync.retention import Retention
 from audiencesync.server import Server
 from audiencesync.sources import Sources
 from audiencesync.sync import Run, Syncer
@@ -63,6 +67,7 @@ class Daemon(DeliveryLoop):
         backoff_initial: float = 0.5,
         breaker_backoff: tuple[float, float] = (30.0, 600.0),
         error_backoff: tuple[float, float] = (1.0, 60.0),
+        clock: store_mod.Clock = store_mod.utc_now,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -76,7 +81,9 @@ class Daemon(DeliveryLoop):
             self.engine, store_mod.utc_now, ttl_seconds=config.sync.lease_seconds, role="daemon"
         )
         self.lease.health = self._lease_health
-        self.store = store_mod.Store(self.engine, fence=self.lease.check)
+        # The store's clock (a seam for tests): every time the store writes, and what retention
+        # finds due. The lease keeps the real clock: its expiry is judged across processes.
+        self.store = store_mod.Store(self.engine, clock=clock, fence=self.lease.check)
         self.admin = AdminDesk(
             AdminRequests(self.engine, store_mod.utc_now, fence=self.lease.check),
             refresh=self._refresh,
@@ -103,7 +110,13 @@ class Daemon(DeliveryLoop):
         self.active = False
         self.scheduler: BackgroundScheduler | None = None
         self._delivery: threading.Thread | None = None
-        self.metrics = Metrics(self.store.status)
+        pruner = Pruner(self.engine, clock)
+        self.metrics = Metrics(
+            self.store.status, prunes=lambda: (pruner.last(finished=True), pruner.exact_from())
+        )
+        # Read at each look, so that a reload turns retention on, off or changes it.
+        self.retention = Retention(pruner, lambda: self.config.retention.keep_seconds, self.metrics)
+        self._retention: threading.Thread | None = None
         self.server: Server | None = None
         self._died: str | None = None  # why a loop thread ended, when it did
 
@@ -237,6 +250,12 @@ class Daemon(DeliveryLoop):
                 self._schedule(audience, start_now=self._due_now(audience))
             self._delivery = threading.Thread(target=self._deliver_forever, name="delivery", daemon=True)
             self._delivery.start()
+            # Only while active: a prune needs no lease (see prune.py), but a standby pruning
+            # beside the active daemon would only do the same work twice.
+            self._retention = threading.Thread(
+                target=self.retention.run, args=(self.halt,), name="retention", daemon=True
+            )
+            self._retention.start()
             polled = 0.0
             try:
                 while not self.halt.is_set() and not self.lease.lost.is_set():
@@ -263,6 +282,8 @@ class Daemon(DeliveryLoop):
         grace = self.config.schedule.shutdown_grace_seconds
         if self._delivery is not None:
             self._delivery.join(timeout=grace + 5)
+        if self._retention is not None:
+            self._retention.join(timeout=grace + 5)  # a prune stops after its current batch
         deadline = time.monotonic() + grace
         while self._refreshing and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -1,24 +1,66 @@
-"""TIME arguments: an instant in ISO 8601, or a span before now (90m, 12h, 3d, 2w)."""
+"""TIME on the command line: an ISO 8601 time, or a span before now such as ``3d``.
+
+Every command option that takes a time (``members --at``...) reads it here,
+so they all accept the same forms and refuse a bad one with the same message.
+A time without an offset means UTC: the store keeps UTC, and guessing the
+host's zone would make the same command answer differently on two machines.
+"""
 
 from __future__ import annotations
 
+import argparse
 import re
 from datetime import UTC, datetime, timedelta
 
 from audiencesync.errors import BadTimeError
+from audiencesync.tomltable import parse_duration
 
-SPAN = re.compile(r"(\d+)([mhdw])")
-UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+TIME_HELP = "ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; no offset means UTC) or a span before now (90m, 3d)"
+
+# Weeks and days, then what parse_duration reads ("12h", "1h30m", "30s"): "2w", "3d12h".
+_SPAN = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(.*)")
 
 
-def parse_time(text: str, now: datetime) -> datetime:
-    """The instant ``text`` names, aware and in UTC. Without an offset, an ISO time is UTC: the
-    store's clock, whatever the host's time zone."""
-    span = SPAN.fullmatch(text.strip())
-    if span:
-        return now - int(span[1]) * UNITS[span[2]]
+def parse_time(text: str, now: datetime, *, option: str | None = None) -> datetime:
+    """The aware UTC time ``text`` means; spans count back from ``now``. A future time is allowed.
+
+    ``option`` (e.g. "--at") only names the option in the error.
+    """
+    written = text.strip()
     try:
-        parsed = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise BadTimeError(text) from None
-    return (parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed).astimezone(UTC)
+        span = _span(written)
+        if span is not None:
+            return _utc(now) - span
+        return _utc(datetime.fromisoformat(written))
+    except (ValueError, OverflowError):
+        raise BadTimeError(text, option) from None
+
+
+def add_time_option(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """An option taking a TIME. It is kept as text: call ``option_time`` in the command.
+
+    Parsing there, not as argparse's ``type``, makes a bad time the project's
+    BadTimeError (exit 2, the usual message), and spans count from the
+    command's own ``now``.
+    """
+    parser.add_argument(flag, metavar="TIME", help=f"{help}: {TIME_HELP}")
+
+
+def option_time(text: str | None, flag: str, now: datetime) -> datetime | None:
+    """The value of an option added with ``add_time_option``; None when it was not given."""
+    return None if text is None else parse_time(text, now, option=flag)
+
+
+def _span(text: str) -> timedelta | None:
+    match = _SPAN.fullmatch(text)
+    if match is None or not text:
+        return None
+    weeks, days, rest = match.groups()
+    seconds = parse_duration(rest) if rest else 0.0
+    if seconds is None:
+        return None
+    return timedelta(weeks=int(weeks or 0), days=int(days or 0), seconds=seconds)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -11,16 +11,17 @@ from audiencesync.errors import ConfigError
 
 T = TypeVar("T")
 
-_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?")
+_DURATION = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?")
+_UNIT_SECONDS = (7 * 86400, 86400, 3600, 60)
 
 
 def parse_duration(text: str) -> float | None:
-    """Seconds in "90s", "45m", "2h" or "1h30m"; None when the text is not such a duration."""
+    """Seconds in "90s", "45m", "2h", "1h30m", "3d" or "2w"; None when the text is not such a duration."""
     match = _DURATION.fullmatch(text.strip())
     if not match or not any(match.groups()):
         return None
-    hours, minutes, seconds = match.groups()
-    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
+    *whole, seconds = match.groups()
+    return sum(int(n or 0) * unit for n, unit in zip(whole, _UNIT_SECONDS, strict=True)) + float(seconds or 0)
 
 
 class Table:
@@ -84,6 +85,6 @@ class Table:
             raise self.error(
                 f"{text!r} is not a duration",
                 key=key,
-                fix=f'write {key} as a string like "90s", "45m", "2h" or "1h30m"',
+                fix=f'write {key} as a string like "90s", "45m", "2h", "1h30m" or "3d"',
             )
         return seconds

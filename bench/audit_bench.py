@@ -62,7 +62,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bench import report
-from bench.report import Figures, Row, row
+from bench.report import Figures, Row, chunks, row
 from tests import postgres_guard
 
 KEY = "bench"
@@ -218,17 +218,6 @@ MEMBERSHIP_COLUMNS = (
     "failures",
     "last_status",
 )
-
-
-def chunks(items: Iterator[Any], size: int = 50_000) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def build(url: str, members: int, cycles: int, churn: float) -> Figures:

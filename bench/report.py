@@ -1,4 +1,5 @@
-"""What the benchmarks share: a phase in a process of its own, its peak RSS, and the table of figures.
+"""What the benchmarks share: a phase in a process of its own, its peak RSS, the table of figures,
+and rows cut into chunks for bulk loads.
 
 Light on imports on purpose: a phase's peak RSS counts everything its process imported.
 """
@@ -10,6 +11,7 @@ import json
 import resource
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 Figures = dict[str, Any]
@@ -66,3 +68,15 @@ def report(title: str, rows: list[Row], problems: list[str]) -> int:
     for problem in problems:
         print(f"WRONG: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def chunks(items: Iterable[Any], size: int = 50_000) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter): bulk loads without a whole list in memory."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

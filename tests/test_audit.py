@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from audiencesync import audit, cli, store as store_mod
 from audiencesync.formats import FORMATS
+from audiencesync.prune import Pruner
 from audiencesync.schema import call_values, calls, membership_changes, prunes, run_history_view, sync_runs
 from tests import audit_scenario as s
 from tests.conftest import ConfigFactory, SourceDB
@@ -95,25 +96,29 @@ def test_members_stay_exact_after_the_history_before_a_prune_is_deleted(
 ) -> None:
     horizon = s.half_past(3)
     before = {at: members_of(run_audit, "--at", iso(at)) for at in s.MEMBERS_AT if at >= horizon}
-    # What prune does (branch prune tests prune itself): delete the history before its
-    # `before`, and record it.
+
+    def check(lost: set[str]) -> None:
+        """Members unchanged; only the entries in ``lost`` (departed since ``at``) lose their time."""
+        for at, expected in before.items():
+            after = members_of(run_audit, "--at", iso(at))
+            assert set(after) == set(expected), at
+            gone = {u for u in lost if u in expected and at < s.T[6]}
+            assert {u: when for u, when in after.items() if when != expected[u]} == dict.fromkeys(gone)
+
     engine = store_mod.engine_for(scenario.config.store)
+    # The real prune keeps the history of u3's parked change: only u2's entry (cycle 1;
+    # left in 6) goes. A member now keeps memberships.changed_at (u4, cycle 2).
+    result = Pruner(engine, store_mod.utc_now, pause_seconds=0).prune(horizon, by="cli")
+    assert result.finished and result.deleted.membership_changes > 0
+    check({"u2"})
+    # The worst a prune may do: everything before its `before` deleted (u3's entry too).
     with engine.begin() as conn:
         old_calls = sa.select(calls.c.id).where(calls.c.at < horizon)
         conn.execute(sa.delete(call_values).where(call_values.c.call_id.in_(old_calls)))
         conn.execute(sa.delete(calls).where(calls.c.at < horizon))
         conn.execute(sa.delete(membership_changes).where(membership_changes.c.at < horizon))
-        conn.execute(
-            sa.insert(prunes).values(before=horizon, started_at=s.T[6], finished_at=s.T[6], by="cli")
-        )
     engine.dispose()
-    for at, expected in before.items():
-        after = members_of(run_audit, "--at", iso(at))
-        assert set(after) == set(expected), at
-        # Only a departed member's entry that was deleted loses its time (u2 and u3 entered in
-        # cycle 1, and left in 6 and 4); a member now keeps memberships.changed_at (u4).
-        lost = {u for u in ("u2", "u3") if u in expected and s.T[1] == expected[u]}
-        assert {u: when for u, when in after.items() if when != expected[u]} == dict.fromkeys(lost)
+    check({"u2", "u3"})
 
 
 def test_a_time_before_the_prune_horizon_is_refused(scenario: s.Scenario, run_audit: Audit) -> None:
@@ -305,7 +310,9 @@ BAD_TIMES = {
 def test_bad_times_and_unknown_audiences_are_clear_errors(run_audit: Audit) -> None:
     for bad, args in BAD_TIMES.items():
         status, out, err = run_audit(*args)
-        assert status == 2 and out == "" and bad in err and "Traceback" not in err, args
+        option = args[args.index(bad) - 1]
+        assert status == 2 and out == "" and "Traceback" not in err, args
+        assert f"{option} {bad!r} is not a time. Fix: write ISO 8601" in err, err
     for args in (
         ["members", "segment_c"],
         ["user", "u1", "--audience", "segment_c"],

@@ -76,7 +76,8 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
     assert (row["result"], row["entered"], row["sent"], row["configured"]) == ("partial", "2", "1", "true")
     assert re.fullmatch(MACHINE_TIME, row["last_run"]) and row["oldest_pending"] == ""
     assert row["next_run"] == ""  # no daemon planned one
-    assert as_csv.stderr == "daemon: none holds the store\n"  # the lease goes aside, not into the rows
+    # The lease and the last prune go aside, not into the rows.
+    assert as_csv.stderr == "daemon: none holds the store\nlast prune: none; all history is kept\n"
 
     (line,) = run(path, "status", "--format", "jsonl").stdout.splitlines()
     assert json.loads(line) == {
@@ -87,14 +88,14 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
 
     # json keeps its own shape: the audiences and the lease in one object.
     as_json = json.loads(run(path, "status", "--format", "json").stdout)
-    assert set(as_json) == {"audiences", "lease"} and as_json["lease"] is None
+    assert set(as_json) == {"audiences", "lease", "last_prune"} and as_json["lease"] is None
     assert as_json["audiences"][0]["key"] == "segment_a" and as_json["audiences"][0]["failed"] == 1
 
     table = run(path, "status")
     lines = table.stdout.splitlines()
     assert lines[0].startswith("audience   members  pending  failed  unknown  oldest_pending")
     assert re.match(r"segment_a +2 +0 +1 +0 +- +", lines[1]), lines
-    assert lines[-1] == "daemon: none holds the store"
+    assert lines[-2:] == ["daemon: none holds the store", "last prune: none; all history is kept"]
     assert all(len(line) <= 80 for line in lines) and table.stderr == CUT_NOTE
 
 
@@ -105,7 +106,7 @@ def test_status_of_an_empty_store_is_still_well_formed(make_config: ConfigFactor
         Path(engine_url.removeprefix("sqlite:///")).touch()  # a file, no schema yet
     as_json = run(config.path, "status", "--format", "json")
     assert as_json.returncode == 0, as_json.stderr
-    assert json.loads(as_json.stdout) == {"audiences": [], "lease": None}
+    assert json.loads(as_json.stdout) == {"audiences": [], "lease": None, "last_prune": None}
     assert "no sync has run yet" in as_json.stderr
     assert run(config.path, "status", "--format", "jsonl").stdout == ""
 
@@ -164,3 +165,28 @@ def test_a_real_sync_writes_its_summary_in_the_format_asked(
     table = run(synced.path, "sync", token=TOKEN).stdout.splitlines(keepends=True)
     assert table[0].startswith("audience   result   mode") and table[1].startswith("segment_a  partial")
     assert table[2] == CUT_NOTE  # right after its table, on the same stream
+
+
+def test_members_at_a_span_and_a_bad_time(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, token=None)
+    assert run(config.path, "sync", token=TOKEN).returncode == 0
+
+    now = run(config.path, "audit", "members", "segment_a", "--at", "0s", "--format", "csv")
+    assert now.returncode == 0 and [line.split(",")[0] for line in now.stdout.split()] == [
+        "user_id",
+        "u1",
+        "u2",
+    ]
+    before = run(config.path, "audit", "members", "segment_a", "--at", "1w", "--format", "csv")
+    assert before.returncode == 0 and before.stdout == "user_id,since\n"
+    assert re.fullmatch(rf"0 member\(s\) of segment_a at {HUMAN_TIME}\n", before.stderr), before.stderr
+
+    bad = run(config.path, "audit", "members", "segment_a", "--at", "2026-13-01")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == (
+        "audiencesync: error: --at '2026-13-01' is not a time. Fix: write ISO 8601 (2026-11-01, "
+        "2026-11-01T12:00:00Z; no offset means UTC) or a span before now (90m, 12h, 3d, 2w)\n"
+    )
