@@ -9,17 +9,12 @@ host's zone would make the same command answer differently on two machines.
 from __future__ import annotations
 
 import argparse
-import re
 from datetime import UTC, datetime, timedelta
 
 from audiencesync.errors import BadTimeError
 from audiencesync.tomltable import parse_duration
 
 TIME_HELP = "ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; no offset means UTC) or a span before now (90m, 3d)"
-
-# Weeks and days, then what parse_duration reads ("12h", "1h30m", "30s"): "2w", "3d12h".
-_SPAN = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(.*)")
-
 
 def parse_time(text: str, now: datetime, *, option: str | None = None) -> datetime:
     """The aware UTC time ``text`` means; spans count back from ``now``. A future time is allowed.
@@ -52,14 +47,8 @@ def option_time(text: str | None, flag: str, now: datetime) -> datetime | None:
 
 
 def _span(text: str) -> timedelta | None:
-    match = _SPAN.fullmatch(text)
-    if match is None or not text:
-        return None
-    weeks, days, rest = match.groups()
-    seconds = parse_duration(rest) if rest else 0.0
-    if seconds is None:
-        return None
-    return timedelta(weeks=int(weeks or 0), days=int(days or 0), seconds=seconds)
+    seconds = parse_duration(text)  # "90m", "12h", "3d12h", "2w"
+    return None if seconds is None else timedelta(seconds=seconds)
 
 
 def _utc(value: datetime) -> datetime:
