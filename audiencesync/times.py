@@ -16,6 +16,7 @@ from audiencesync.tomltable import parse_duration
 
 TIME_HELP = "ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; no offset means UTC) or a span before now (90m, 3d)"
 
+
 def parse_time(text: str, now: datetime, *, option: str | None = None) -> datetime:
     """The aware UTC time ``text`` means; spans count back from ``now``. A future time is allowed.
 
