@@ -1,0 +1,239 @@
+"""The config file's settings tables ([store], [gleap], [sync], [schedule], [server],
+[retention], [sources.NAME]): frozen, typed objects and the parsing of each."""
+
+from __future__ import annotations
+
+import logging
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from audiencesync.prune import MIN_AGE
+from audiencesync.secret import Secret
+from audiencesync.tomltable import Table
+from audiencesync.urls import check_base_url, resolve_url
+
+ENV_TOKEN = "GLEAP_API_TOKEN"  # noqa: S105 - the name of the variable, not a secret
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str
+    # How long a write waits for SQLite's lock before it fails (and is retried).
+    busy_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class GleapConfig:
+    base_url: str = "https://api.gleap.io"
+    api_token: Secret | None = None
+    requests_per_minute: int = 1000
+    max_concurrency: int = 8
+    timeout_seconds: float = 30.0
+    max_retries: int = 6
+    allow_http: bool = False
+    # Gleap sets a contact's last activity to "now" on every identify unless told
+    # not to: a background sync must not make every contact look active today.
+    prevent_last_activity_update: bool = True
+    # The circuit breaker: this many failed calls in a row (no answer or a 5xx),
+    # for at least two different users, with no success between, stop delivery.
+    breaker_failures: int = 20
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    max_removal_fraction: float = 0.5
+    max_attempts: int = 5
+    lease_seconds: float = 60.0
+    # A user whose delivery failed waits this long before the next try, doubling
+    # with each further failure up to retry_backoff_max.
+    retry_backoff_seconds: float = 60.0
+    retry_backoff_max_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    interval: float = 2 * 3600.0
+    jitter: float = 3600.0
+    shutdown_grace_seconds: float = 30.0
+    # APScheduler's default is 1 s: a busy start-up would silently drop a run.
+    misfire_grace_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str
+    port: int
+    # /healthz answers 503 when work is due and nothing was acknowledged for this long.
+    stall_after_seconds: float = 900.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    # `run` prunes history older than this once a day; None (the default): it keeps everything.
+    keep_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    url: str
+    timeout_seconds: float = 3600.0
+
+
+GLEAP_KEYS = (
+    "base_url",
+    "api_token",
+    "requests_per_minute",
+    "max_concurrency",
+    "timeout_seconds",
+    "max_retries",
+    "allow_http",
+    "prevent_last_activity_update",
+    "breaker_failures",
+)
+SYNC_KEYS = ("max_removal_fraction", "max_attempts", "lease_seconds", "retry_backoff", "retry_backoff_max")
+STORE_KEYS = ("url", "busy_timeout_seconds")
+SERVER_KEYS = ("listen", "stall_after")
+RETENTION_KEYS = ("keep",)
+SCHEDULE_KEYS = ("interval", "jitter", "shutdown_grace_seconds", "misfire_grace_seconds")
+
+
+def store_config(store_t: Table, environ: Mapping[str, str]) -> StoreConfig:
+    return StoreConfig(
+        url=_url(store_t, store_t.take("url", str, "sqlite:///audiencesync.db"), environ),
+        busy_timeout_seconds=store_t.take_positive(
+            "busy_timeout_seconds", float, StoreConfig.busy_timeout_seconds
+        ),
+    )
+
+
+def gleap_config(gleap_t: Table, path: Path, environ: Mapping[str, str]) -> GleapConfig:
+    defaults = GleapConfig()
+    file_token = gleap_t.take_optional("api_token", str)
+    env_token = environ.get(ENV_TOKEN)
+    token = env_token or file_token
+    gleap = GleapConfig(
+        base_url=gleap_t.take("base_url", str, defaults.base_url).rstrip("/"),
+        api_token=Secret(token) if token else None,
+        requests_per_minute=gleap_t.take_positive("requests_per_minute", int, defaults.requests_per_minute),
+        max_concurrency=gleap_t.take_positive("max_concurrency", int, defaults.max_concurrency),
+        timeout_seconds=gleap_t.take_positive("timeout_seconds", float, defaults.timeout_seconds),
+        max_retries=gleap_t.take("max_retries", int, defaults.max_retries),
+        allow_http=gleap_t.take("allow_http", bool, False),
+        prevent_last_activity_update=gleap_t.take(
+            "prevent_last_activity_update", bool, defaults.prevent_last_activity_update
+        ),
+        breaker_failures=gleap_t.take_positive("breaker_failures", int, defaults.breaker_failures),
+    )
+    check_base_url(
+        gleap.base_url, allow_http=gleap.allow_http, config_path=path, where=gleap_t.place("base_url")
+    )
+    if file_token and not env_token:
+        _warn_if_readable(path)
+    return gleap
+
+
+def sync_config(sync_t: Table) -> SyncConfig:
+    sync_defaults = SyncConfig()
+    sync = SyncConfig(
+        max_removal_fraction=fraction(sync_t, sync_defaults.max_removal_fraction),
+        max_attempts=sync_t.take_positive("max_attempts", int, sync_defaults.max_attempts),
+        lease_seconds=sync_t.take_positive("lease_seconds", float, sync_defaults.lease_seconds),
+        retry_backoff_seconds=sync_t.take_duration(
+            "retry_backoff", sync_defaults.retry_backoff_seconds, allow_zero=True
+        ),
+        retry_backoff_max_seconds=sync_t.take_duration(
+            "retry_backoff_max", sync_defaults.retry_backoff_max_seconds, allow_zero=True
+        ),
+    )
+    if sync.retry_backoff_max_seconds < sync.retry_backoff_seconds:
+        raise sync_t.error(
+            "is shorter than retry_backoff, so the backoff could never grow",
+            key="retry_backoff_max",
+            fix="set retry_backoff_max to at least retry_backoff",
+        )
+    return sync
+
+
+def schedule_config(schedule_t: Table) -> ScheduleConfig:
+    schedule_defaults = ScheduleConfig()
+    return ScheduleConfig(
+        interval=schedule_t.take_duration("interval", schedule_defaults.interval),
+        jitter=schedule_t.take_duration("jitter", schedule_defaults.jitter, allow_zero=True),
+        shutdown_grace_seconds=schedule_t.take_positive(
+            "shutdown_grace_seconds", float, schedule_defaults.shutdown_grace_seconds
+        ),
+        misfire_grace_seconds=schedule_t.take_positive(
+            "misfire_grace_seconds", float, schedule_defaults.misfire_grace_seconds
+        ),
+    )
+
+
+def source_configs(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> dict[str, SourceConfig]:
+    sources: dict[str, SourceConfig] = {}
+    for name, table in raw.items():
+        source_t = Table(table, path, f"[sources.{name}]", ["url", "timeout_seconds"])
+        sources[name] = SourceConfig(
+            name=name,
+            url=_url(source_t, source_t.take("url", str, required=True), environ),
+            timeout_seconds=source_t.take_positive("timeout_seconds", float, SourceConfig.timeout_seconds),
+        )
+    return sources
+
+
+def server_config(table: Table) -> ServerConfig | None:
+    listen = table.take_optional("listen", str)
+    if listen is None:
+        return None
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise table.error(f"{listen!r} is not HOST:PORT", key="listen", fix='write listen = "127.0.0.1:9464"')
+    stall_after = table.take_duration("stall_after", ServerConfig.stall_after_seconds)
+    return ServerConfig(host.strip("[]"), int(port), stall_after)
+
+
+def retention_config(table: Table) -> RetentionConfig:
+    keep = table.take_duration("keep", 0.0) or None  # absent: keep everything
+    if keep is not None and keep < MIN_AGE.total_seconds():
+        raise table.error(
+            "keeps less than a day of history",
+            key="keep",
+            fix='keep at least "1d", e.g. keep = "90d"; remove the key to keep all history',
+        )
+    return RetentionConfig(keep)
+
+
+def fraction(table: Table, default: float) -> float:
+    value = table.take("max_removal_fraction", float, default)
+    if not 0.0 <= value <= 1.0:
+        raise table.error(
+            "must be between 0 and 1",
+            key="max_removal_fraction",
+            fix="write the largest share of members one cycle may remove, e.g. 0.5",
+        )
+    return value
+
+
+def _warn_if_readable(path: Path) -> None:
+    """The token sits in the file: warn when others can read it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning(
+            "%s holds api_token and is readable by group or others (mode %s). "
+            "Fix: chmod 600 %s, or move the token to the GLEAP_API_TOKEN environment variable.",
+            path,
+            stat.filemode(mode),
+            path,
+        )
+
+
+def _url(table: Table, url: str, environ: Mapping[str, str]) -> str:
+    return resolve_url(url, config_path=table.path, where=table.place("url"), environ=environ)
