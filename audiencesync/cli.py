@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from audiencesync import __version__
 from audiencesync.cli_audit import add_audit_commands
+from audiencesync.cli_forget import add_forget_command
 from audiencesync.cli_output import (
     EXIT_BUSY,
     EXIT_CONFIG,
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_format_option(prune)
     prune.set_defaults(handler=cmd_prune)
+
+    add_forget_command(commands)
 
     db = commands.add_parser("db", help="manage the membership store")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")

@@ -1,8 +1,11 @@
-"""What the command line shares: its exit statuses, how it shows times, and opening the store."""
+"""What the command line shares: its exit statuses, how it shows times, opening the store, its daemon."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine
 
 from audiencesync import store
 from audiencesync.config import Config
@@ -29,6 +32,14 @@ def iso(value: object) -> str:
 def when(value: object) -> str:
     """A time for people: ISO 8601 to the second, with its offset, e.g. 2026-12-01T19:25:25+00:00."""
     return iso_time(value) if isinstance(value, datetime) else "-"
+
+
+def daemon_holding(engine: Engine) -> dict[str, Any] | None:
+    """The lease row when a live daemon (`audiencesync run`) holds the store, else None."""
+    holder = store.Store(engine).lease_holder()
+    if holder is None or holder.get("role") != "daemon" or holder["expires_at"] < store.utc_now():
+        return None
+    return holder
 
 
 def open_store(config: Config) -> store.Store:

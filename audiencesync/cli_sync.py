@@ -21,6 +21,7 @@ from audiencesync.cli_output import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TERMINATED,
+    daemon_holding,
 )
 from audiencesync.config import Config
 from audiencesync.delivery import Progress
@@ -80,7 +81,7 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
                 report = interrupt.run(lambda: _run_cycle(args, config, store.Store(engine), interrupt))
         else:
             store.upgrade(engine)
-            daemon = _daemon_holding(engine) if (args.full or args.allow_removals) else None
+            daemon = daemon_holding(engine) if (args.full or args.allow_removals) else None
             if daemon is not None:
                 return _ask_daemon(args, config, engine, daemon)
             with interrupt, lease.held(args.wait or 0.0):
@@ -168,14 +169,6 @@ class _Interrupt:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
-
-
-def _daemon_holding(engine: Any) -> dict[str, Any] | None:
-    """The lease row when a live daemon (`audiencesync run`) holds the store, else None."""
-    holder = store.Store(engine).lease_holder()
-    if holder is None or holder.get("role") != "daemon" or holder["expires_at"] < store.utc_now():
-        return None
-    return holder
 
 
 def _ask_daemon(args: argparse.Namespace, config: Config, engine: Any, daemon: dict[str, Any]) -> int:

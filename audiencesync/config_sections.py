@@ -42,6 +42,9 @@ class GleapConfig:
     # The circuit breaker: this many failed calls in a row (no answer or a 5xx),
     # for at least two different users, with no success between, stop delivery.
     breaker_failures: int = 20
+    # Contact deletion (`forget --in-gleap`): from Segment's destination code, not
+    # Gleap's docs (GLEAP_API.md), hence a setting. {user_id} is the URL-encoded id.
+    delete_path: str = "/admin/contacts/{user_id}"
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ GLEAP_KEYS = (
     "allow_http",
     "prevent_last_activity_update",
     "breaker_failures",
+    "delete_path",
 )
 SYNC_KEYS = ("max_removal_fraction", "max_attempts", "lease_seconds", "retry_backoff", "retry_backoff_max")
 STORE_KEYS = ("url", "busy_timeout_seconds")
@@ -129,6 +133,7 @@ def gleap_config(gleap_t: Table, path: Path, environ: Mapping[str, str]) -> Glea
             "prevent_last_activity_update", bool, defaults.prevent_last_activity_update
         ),
         breaker_failures=gleap_t.take_positive("breaker_failures", int, defaults.breaker_failures),
+        delete_path=delete_path(gleap_t, defaults.delete_path),
     )
     check_base_url(
         gleap.base_url, allow_http=gleap.allow_http, config_path=path, where=gleap_t.place("base_url")
@@ -136,6 +141,19 @@ def gleap_config(gleap_t: Table, path: Path, environ: Mapping[str, str]) -> Glea
     if file_token and not env_token:
         _warn_if_readable(path)
     return gleap
+
+
+def delete_path(table: Table, default: str) -> str:
+    """A path on base_url that holds ``{user_id}`` once, and nothing else in braces."""
+    path = table.take("delete_path", str, default)
+    rest = path.replace("{user_id}", "", 1)
+    if not path.startswith("/") or "{user_id}" not in path or "{" in rest or "}" in rest or "?" in path:
+        raise table.error(
+            f"{path!r} is not a path with {{user_id}} in it",
+            key="delete_path",
+            fix=f'write a path on base_url that holds {{user_id}} once, e.g. delete_path = "{default}"',
+        )
+    return path
 
 
 def sync_config(sync_t: Table) -> SyncConfig:

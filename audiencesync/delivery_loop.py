@@ -19,6 +19,7 @@ from audiencesync.backoff import Backoff
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import Config
 from audiencesync.errors import GleapAuthError, GleapUnavailableError, LeaseLostError, brief
+from audiencesync.forget_requests import ForgetDesk
 from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
@@ -54,6 +55,7 @@ class DeliveryLoop:
     _ids: dict[str, int]
     _died: str | None
     _close: Callable[[Run], None]
+    forgets: ForgetDesk
 
     def _deliver_forever(self) -> None:
         try:
@@ -71,6 +73,8 @@ class DeliveryLoop:
             self.wake.clear()
             calls = 0
             try:
+                # Between passes: no call is in flight, so no answer can bring a forgotten user back.
+                self.forgets.carry_out_waiting()
                 self._open_delivery_runs()
                 with self._lock:
                     runs = dict(self._open)

@@ -205,3 +205,21 @@ def brief(exc: BaseException) -> str:
     """An exception in one line for a log: its class, and the database's own message when it has one."""
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return f"{type(exc).__name__}: {detail[0] if detail else ''}"
+
+
+class ForgetIncompleteError(AudienceSyncError):
+    """`forget` kept some users' rows: Gleap did not acknowledge their deletion (or it was not tried)."""
+
+    SHOWN = 20  # ids in the message; the command lists every one before it
+
+    def __init__(self, kept: Sequence[tuple[str, str]]) -> None:
+        self.kept = list(kept)  # (user id, outcome)
+        shown = ", ".join(user for user, _ in self.kept[: self.SHOWN])
+        more = f" and {len(self.kept) - self.SHOWN} more" if len(self.kept) > self.SHOWN else ""
+        outcomes = ", ".join(sorted({outcome for _, outcome in self.kept}))
+        super().__init__(
+            f"{len(self.kept)} user(s) not forgotten ({outcomes}): {shown}{more}. Their store rows were "
+            "kept. Fix: run the same `audiencesync forget --in-gleap` again for them (safe to repeat: a "
+            "contact already deleted answers 404, which counts as done); for 'refused', read Gleap's "
+            "answer above first."
+        )

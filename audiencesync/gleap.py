@@ -1,11 +1,12 @@
-"""Gleap's admin API: identify calls with rate limiting, concurrency and retries."""
+"""Gleap's admin API: identify calls and contact deletions, with rate limiting, concurrency and retries."""
 
 from __future__ import annotations
 
 import email.utils
 import logging
 import time
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -141,6 +142,11 @@ def identify_params(config: GleapConfig) -> dict[str, str]:
     return {"preventLastActivityUpdate": "true"} if config.prevent_last_activity_update else {}
 
 
+def delete_path(config: GleapConfig, user_id: str) -> str:
+    """The contact deletion path for one user: the id URL-encoded whole ("/" too), so it stays one segment."""
+    return config.delete_path.replace("{user_id}", urllib.parse.quote(user_id, safe=""))
+
+
 def identify_url(config: GleapConfig) -> str:
     """The full identify URL, as a dry run prints it."""
     return str(httpx.URL(config.base_url + IDENTIFY_PATH, params=identify_params(config)))
@@ -212,6 +218,19 @@ class GleapClient:
         if len(attributes) > MAX_CUSTOM_KEYS:
             raise ValueError(f"{len(attributes)} custom keys in one call; Gleap takes {MAX_CUSTOM_KEYS}")
         body = identify_body(user_id, attributes)
+        return await self._call(
+            user_id, lambda: self._send("POST", IDENTIFY_PATH, json=body, params=self._params)
+        )
+
+    async def delete_contact(self, user_id: str) -> Answer:
+        """Delete one contact (``[gleap] delete_path``), with identify's retries, limiter and breaker.
+
+        A 404 comes back as it is: the caller takes it for "already gone".
+        """
+        return await self._call(user_id, lambda: self._send("DELETE", delete_path(self.config, user_id)))
+
+    async def _call(self, user_id: str, send: Callable[[], Awaitable[Answer]]) -> Answer:
+        """One call to Gleap, its transient failures retried (tenacity) through the shared limiter."""
         budget = _Budget(self.config.max_retries)
         sent = False
 
@@ -233,7 +252,7 @@ class GleapClient:
                     await self.limiter.acquire()
                     at, started = self._now(), time.monotonic()
                     try:
-                        answer = await self._send(body)
+                        answer = await send()
                     except _Transient as exc:
                         sent = sent or exc.sent
                         tries.append(Try(at, exc.status, exc.outcome, str(exc), _ms(started)))
@@ -274,10 +293,10 @@ class GleapClient:
                 f"Gleap answered {response.status_code} to {AUTH_PATH}: {response.text.strip()[:200]}"
             )
 
-    async def _send(self, body: dict[str, Any]) -> Answer:
+    async def _send(self, method: str, path: str, **request: Any) -> Answer:
         assert self._client is not None, "use GleapClient as an async context manager"
         try:
-            response = await self._client.post(IDENTIFY_PATH, json=body, params=self._params)
+            response = await self._client.request(method, path, **request)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Refused or never connected: the request did not leave this host.
             raise _Transient(0, f"cannot connect ({type(exc).__name__})", sent=False) from None

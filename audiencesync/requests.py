@@ -10,7 +10,7 @@ for the outcome. Seams: the engine, a clock, and the daemon's lease fence.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,6 +23,8 @@ from audiencesync.schema import admin_requests, write_connection
 RELEASE = "release"  # refresh once with the mass-removal guard released
 FULL = "full"  # re-send every member's current value
 RELEASE_FULL = "release+full"  # both at once
+# What the daemon's admin desk carries out by refreshing an audience (forget.py's kinds are not).
+REFRESH_KINDS = (RELEASE, FULL, RELEASE_FULL)
 
 Clock = Callable[[], datetime]
 Fence = Callable[[Connection], None]
@@ -84,12 +86,12 @@ class AdminRequests:
             row = conn.execute(sa.select(admin_requests).where(admin_requests.c.id == request_id)).one()
         return _request(row)
 
-    def pending(self) -> list[AdminRequest]:
-        """Pending requests, oldest first. Reads only."""
+    def pending(self, kinds: Collection[str] = REFRESH_KINDS) -> list[AdminRequest]:
+        """Pending requests of these kinds, oldest first. Reads only."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(admin_requests)
-                .where(admin_requests.c.state == "pending")
+                .where(admin_requests.c.state == "pending", admin_requests.c.kind.in_(kinds))
                 .order_by(admin_requests.c.id)
             ).all()
         return [_request(row) for row in rows]

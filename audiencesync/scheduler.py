@@ -42,6 +42,9 @@ from audiencesync.errors import (
     brief,
     iso_time,
 )
+from audiencesync.forget import Forgetter
+from audiencesync.forget_requests import ForgetDesk, ForgetQueue
+from audiencesync.gleap import GleapClient
 from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
@@ -92,6 +95,10 @@ class Daemon(DeliveryLoop):
             pending_count=lambda audience_id: self.store.pending_count([audience_id]),
             lease_lost=lambda: self.halt.set(),
         )
+        # `forget` while this daemon holds the store: carried out on the delivery thread, between passes.
+        self.forgets = ForgetDesk(
+            ForgetQueue(self.engine, store_mod.utc_now, fence=self.lease.check), self._forgetter
+        )
         self.outage = Outage(store_mod.utc_now)
         stall_after = config.server.stall_after_seconds if config.server is not None else 900.0
         self.progress = Progress(store_mod.utc_now, stall_after)
@@ -119,6 +126,16 @@ class Daemon(DeliveryLoop):
         self._retention: threading.Thread | None = None
         self.server: Server | None = None
         self._died: str | None = None  # why a loop thread ended, when it did
+
+    def _forgetter(self) -> Forgetter:
+        config, transport = self.config.gleap, self.transport
+        token = config.api_token
+        client = (
+            (lambda: GleapClient(config, token, transport=transport, backoff_initial=self.backoff_initial))
+            if token is not None
+            else None
+        )
+        return Forgetter(self.engine, fence=self.lease.check, client=client)
 
     def _syncer(self, config: Config) -> Syncer:
         return Syncer(
@@ -264,11 +281,20 @@ class Daemon(DeliveryLoop):
                     if time.monotonic() - polled >= REQUEST_POLL_SECONDS:
                         polled = time.monotonic()
                         self.admin.poll()
+                        self._wake_for_forgets()
                     self.halt.wait(0.2)
             finally:
                 self._shutdown_work()
             if self.lease.lost.is_set():
                 raise LeaseLostError()
+
+    def _wake_for_forgets(self) -> None:
+        """A queued forget ends the delivery pass early: it is carried out between two passes."""
+        try:
+            if self.forgets.queue.waiting():
+                self.wake.set()
+        except Exception as exc:
+            log.warning("can't read forget requests: %s", brief(exc))
 
     def _shutdown_work(self) -> None:
         """Stop starting work, give in-flight calls their grace, close the open runs."""

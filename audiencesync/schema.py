@@ -274,13 +274,13 @@ leases = sa.Table(
     sa.Column("progress_at", UtcDateTime, nullable=True),  # the last acknowledged call
 )
 
-# Admin actions asked of a running daemon (release a held audience, full resync).
+# Admin actions asked of a running daemon (release a held audience, full resync, forget users).
 # The command that asks waits for ``state`` to leave pending/running.
 admin_requests = sa.Table(
     "admin_requests",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("kind", sa.String(16), nullable=False),  # release | full
+    sa.Column("kind", sa.String(16), nullable=False),  # release | full | release+full | forget | forget+gleap
     sa.Column("audience_key", sa.String(255), nullable=False),
     sa.Column("requested_at", UtcDateTime, nullable=False),
     sa.Column("requested_by", sa.String(255), nullable=False),
@@ -290,6 +290,21 @@ admin_requests = sa.Table(
     sa.Column("run_id", sa.Integer, sa.ForeignKey("sync_runs.id"), nullable=True),
     sa.Column("result", sa.Text, nullable=True),
     sa.Index("ix_admin_requests_state", "state"),
+)
+
+# The users of a `forget` queued for a running daemon (an admin request of kind forget):
+# its work list, not the users' data. The daemon deletes each user's row in the
+# transaction that deletes their store rows; the rows left name the users it could
+# not forget (outcome), until the asking command has read them.
+forget_users = sa.Table(
+    "forget_users",
+    metadata,
+    sa.Column(
+        "request_id", sa.Integer, sa.ForeignKey("admin_requests.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    # NULL: still to do; unknown | refused | not_attempted: kept, and why.
+    sa.Column("outcome", sa.String(16), nullable=True),
 )
 
 

@@ -30,10 +30,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 AUTH_PATH: Final = "/admin/auth"
 IDENTIFY_PATH: Final = "/admin/identify"
+CONTACTS_PATH: Final = "/admin/contacts/"  # DELETE /admin/contacts/<userId>
 RATE_WINDOW_SECONDS: Final = 60.0
 # Gleap's documented limits on an identify call's custom data.
 MAX_CUSTOM_KEYS: Final = 35
@@ -240,7 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class GleapStandIn:
-    """Gleap's ``/admin/auth`` and ``/admin/identify`` on 127.0.0.1, with fault injection.
+    """Gleap's ``/admin/auth``, ``/admin/identify`` and ``DELETE /admin/contacts/<id>`` on 127.0.0.1,
+    with fault injection.
 
     Fault rules are consumed per kind in FIFO order, and only by identify requests
     carrying a valid token. For one identify the order of evaluation is: drop_next,
@@ -257,6 +259,7 @@ class GleapStandIn:
         # Requests that arrived before reset_log() belong to the old log even if they finish later.
         self._log_epoch = 0
         self._identify_calls: list[dict[str, Any]] = []
+        self._deleted_contacts: list[str] = []  # each DELETE of a contact that was answered (404 too)
         self._contacts: dict[str, dict[str, Any]] = {}
         self._fail_rules: deque[list[Any]] = deque()
         self._delay_rules: deque[list[Any]] = deque()
@@ -352,10 +355,16 @@ class GleapStandIn:
         with self._lock:
             return copy.deepcopy(self._identify_calls)
 
+    @property
+    def deleted_contacts(self) -> list[str]:
+        with self._lock:
+            return list(self._deleted_contacts)
+
     def reset_log(self) -> None:
         with self._lock:
             self._requests.clear()
             self._identify_calls.clear()
+            self._deleted_contacts.clear()
             self._log_epoch = self._next_seq
 
     # -- fault injection ---------------------------------------------------------------------------
@@ -447,7 +456,41 @@ class GleapStandIn:
             if method != "POST":
                 return _json_reply(405, {"message": "Method not allowed"}, {"Allow": "POST"})
             return self._identify(headers, body)
+        if route.startswith(CONTACTS_PATH) and len(route) > len(CONTACTS_PATH):
+            if method != "DELETE":
+                return _json_reply(405, {"message": "Method not allowed"}, {"Allow": "DELETE"})
+            return self._delete_contact(unquote(route[len(CONTACTS_PATH) :]))
         return _json_reply(404, {"message": f"Not found: {route}"})
+
+    def _delete_contact(self, user_id: str) -> _Reply:
+        """DELETE a contact: 404 when unknown. Takes the same fault rules as identify (not hold())."""
+        with self._lock:
+            delay: float | None = _take(self._delay_rules)
+            drop = _take(self._drop_rules) is not None
+            failure: _Reply | None = None if drop else _take(self._fail_rules)
+            limit_headers, limited = ({}, False) if drop or failure else self._admit()
+            lose = not (drop or failure or limited) and _take(self._lose_rules) is not None
+        if delay and self._stopping.wait(delay):
+            return _Reply(0)
+        if drop:
+            return _Reply(0)
+        if failure is not None:
+            return failure
+        if limited:
+            return _json_reply(429, {"message": "Too many requests"}, {"Retry-After": "1", **limit_headers})
+        with self._lock:
+            fault = self._user_fault(user_id)
+            known = fault is None and self._contacts.pop(user_id, None) is not None
+            if fault is None:
+                self._deleted_contacts.append(user_id)
+        if fault is not None:
+            return _text_reply(fault.status, fault.body, limit_headers)
+        self._contacts_changed()
+        if lose:
+            return _Reply(0)  # deleted, but the answer never reaches the client
+        if not known:
+            return _json_reply(404, {"message": "Contact not found"}, limit_headers)
+        return _json_reply(200, {"userId": user_id, "deleted": True}, limit_headers)
 
     def _identify(self, headers: dict[str, str], body: Any) -> _Reply:
         with self._held_changed:
