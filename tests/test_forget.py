@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,11 @@ from audiencesync.forget import NOT_PER_USER, PER_USER_TABLES, table_names
 from audiencesync.schema import metadata
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
+from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, members_true, wait_for
+from tests.test_daemon_hardening import query
 from tests.test_sync import cycle
+
+__all__ = ["daemons"]  # the fixture, re-used
 
 TWO_AUDIENCES = """
     [[audiences]]
@@ -288,3 +295,66 @@ def test_the_store_must_exist(make_config: ConfigFactory, capsys: pytest.Capture
         pytest.skip("only a SQLite store can be missing")
     status, _, err = run(config, capsys, "forget", "u1")
     assert status == 3 and "does not exist" in err
+
+
+# --- beside a running daemon ----------------------------------------------------------------------
+
+
+def test_forget_while_the_daemon_runs_is_carried_out_between_passes_and_nothing_comes_back(
+    make_config: ConfigFactory,
+    source: SourceDB,
+    gleap: GleapStandIn,
+    store_url: str,
+    daemons: Callable[[Config], Daemon],
+) -> None:
+    members = [f"u{i}" for i in range(6)]
+    source.set(members)
+    config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE)
+    daemon = daemons(config)
+    wait_for(lambda: members_true(gleap) == set(members), what="the first sync")
+
+    # u1 leaves, and its `false` is held in flight at Gleap while the forget is asked: an answer
+    # recorded after the deletion would bring u1's call (and its row) back.
+    gleap.hold()
+    source.set([m for m in members if m != "u1"])
+    assert gleap.wait_held(1), "the daemon did not send u1's change"
+    command = ["forget", "u1", "u2", "--in-gleap", "--wait", "60", "--format", "json"]
+    asked = subprocess.Popen(
+        [sys.executable, "-m", "audiencesync", "--config", str(config.path), *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"GLEAP_API_TOKEN": TOKEN},
+    )
+    wait_for(lambda: scalar(store_url, "SELECT count(*) FROM forget_users") == 2, what="the queued forget")
+    # Refreshes go on meanwhile (and the daemon looks at its requests); but the pass holding u1's
+    # call has not ended, so the daemon has not started the forget.
+    runs = scalar(store_url, "SELECT count(*) FROM sync_runs")
+    wait_for(lambda: scalar(store_url, "SELECT count(*) FROM sync_runs") >= runs + 2, what="two more runs")
+    assert scalar(store_url, "SELECT count(*) FROM admin_requests WHERE state = 'pending'") == 1
+    assert rows_of(store_url, ["u1"])["membership_changes"] == 2 and gleap.deleted_contacts == []
+    gleap.release()
+    out, err = asked.communicate(timeout=120)
+    assert asked.returncode == 0, out + err
+    assert f"pid {daemon.process.pid}" in err and "asked it to forget" in err
+    deleted = counts_of(out)
+    # u1 entered and left, u2 entered; u1's held call may have timed out and been retried meanwhile.
+    assert deleted["membership_changes"] == 3 and deleted["calls"] >= 3
+    assert sorted(gleap.deleted_contacts) == ["u1", "u2"] and "u1" not in gleap.contacts
+
+    # Refreshes and passes go on: u1 never re-appears; u2, still in the source, comes back as new.
+    runs = scalar(store_url, "SELECT count(*) FROM sync_runs")
+    wait_for(lambda: scalar(store_url, "SELECT count(*) FROM sync_runs") >= runs + 2, what="two more runs")
+    wait_for(lambda: gleap.contacts.get("u2") == {"userId": "u2", "segment_a": True}, what="u2 back")
+    assert rows_of(store_url, ["u1"]) == dict.fromkeys(table_names(), 0)
+    assert scalar(store_url, "SELECT count(*) FROM forget_users") == 0  # no id kept after the fact
+    assert [tuple(r) for r in query(store_url, "SELECT kind, state FROM admin_requests")] == [
+        ("forget+gleap", "done")
+    ]
+    assert "u1" not in daemon.output and "u2" not in daemon.output  # the log says how many, not who
+    assert daemon.stop() == 0
+    assert TOKEN not in out + err + daemon.output
+
+
+def scalar(url: str, sql: str) -> int:
+    return int(query(url, sql)[0][0])
