@@ -167,9 +167,11 @@ def _ask_daemon(
         outcome = queue.outcome(request_id)
         if outcome.request.finished:
             total.add(outcome.forgotten)
-            error = (outcome.request.result or {}).get("token_status")
-            if error is not None:
-                total.refused = total.refused or GleapAuthError(int(error))
+            result = outcome.request.result or {}
+            if result.get("token_status") is not None:
+                total.refused = total.refused or GleapAuthError(int(result["token_status"]))
+            elif result.get("error"):
+                print(f"the daemon could not carry out request {request_id}: {result['error']}", file=notes)
             queue.discard(request_id)
             continue
         users = queue.users(request_id)

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from audiencesync.errors import GleapAuthError
+from audiencesync.errors import GleapAuthError, MissingTokenError
 from audiencesync.gleap import GleapClient
 from audiencesync.schema import call_values, calls, membership_changes, memberships, write_connection
 
@@ -171,7 +171,7 @@ class Forgetter:
         acknowledged = user_ids
         if in_gleap and user_ids:
             if self.client is None:
-                raise ValueError("forget in Gleap needs a Gleap client")
+                raise MissingTokenError()
             acknowledged, done.kept, done.refused = asyncio.run(self._delete_in_gleap(user_ids))
         with write_connection(self.engine) as conn, conn.begin():
             if self.fence is not None:

@@ -24,7 +24,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
+from audiencesync.errors import StoreError, brief
 from audiencesync.forget import Forgetter, Forgotten, Kept
 from audiencesync.requests import AdminRequest, AdminRequests, Clock, Fence
 from audiencesync.schema import admin_requests, forget_users, write_connection
@@ -138,6 +140,26 @@ class ForgetQueue:
             )
         )
 
+    def fail(self, request_id: int, error: str) -> None:
+        """The request could not be carried out: every user still to do is kept, not attempted."""
+        with write_connection(self.engine) as conn, conn.begin():
+            if self.fence is not None:
+                self.fence(conn)
+            kept = conn.execute(
+                sa.update(forget_users)
+                .where(forget_users.c.request_id == request_id, forget_users.c.outcome.is_(None))
+                .values(outcome="not_attempted")
+            ).rowcount
+            conn.execute(
+                sa.update(admin_requests)
+                .where(admin_requests.c.id == request_id)
+                .values(
+                    state="failed",
+                    finished_at=self.clock(),
+                    result=json.dumps({"kept": kept, "error": error}),
+                )
+            )
+
     def outcome(self, request_id: int) -> ForgetOutcome:
         """The request as it stands, with its kept users once it finished."""
         request = self.requests.get(request_id)
@@ -195,8 +217,15 @@ class ForgetDesk:
             len(users),
             " in Gleap and the store" if request.kind == FORGET_GLEAP else "",
         )
-        self.forgetter().forget_batch(
-            users,
-            in_gleap=request.kind == FORGET_GLEAP,
-            settle=lambda conn, done: self.queue.settle(conn, request_id, done),
-        )
+        try:
+            self.forgetter().forget_batch(
+                users,
+                in_gleap=request.kind == FORGET_GLEAP,
+                settle=lambda conn, done: self.queue.settle(conn, request_id, done),
+            )
+        except (SQLAlchemyError, StoreError):
+            raise  # passing, or the lease lost: the delivery loop backs off, and the request is redone
+        except Exception as exc:
+            # Anything else would fail again each time and hold up delivery behind it.
+            log.exception("admin request %d (forget) failed", request_id)
+            self.queue.fail(request_id, brief(exc))

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import cli
+from audiencesync import cli, store as store_mod
 from audiencesync.config import Config
 from audiencesync.errors import ConfigError
-from audiencesync.forget import NOT_PER_USER, PER_USER_TABLES, table_names
+from audiencesync.forget import NOT_PER_USER, PER_USER_TABLES, Forgetter, table_names
+from audiencesync.forget_requests import ForgetDesk, ForgetQueue
 from audiencesync.schema import metadata
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
@@ -358,3 +359,36 @@ def test_forget_while_the_daemon_runs_is_carried_out_between_passes_and_nothing_
 
 def scalar(url: str, sql: str) -> int:
     return int(query(url, sql)[0][0])
+
+
+def test_the_daemons_desk_settles_each_request_and_keeps_no_id(
+    synced: Config, store_url: str, gleap: GleapStandIn
+) -> None:
+    engine = store_mod.create_engine(store_url)
+    queue = ForgetQueue(engine, store_mod.utc_now)
+    desk = ForgetDesk(queue, lambda: Forgetter(engine))
+    try:
+        done = queue.submit(["u1", "nobody"], in_gleap=False, requested_by="test")
+        orphan = queue.submit(["u3"], in_gleap=False, requested_by="test")
+        assert queue.requests.claim(orphan)  # a holder that died while carrying it out
+        assert desk.carry_out_waiting() == 2
+        assert rows_of(store_url, ["u1", "u3"]) == dict.fromkeys(table_names(), 0)
+        assert scalar(store_url, "SELECT count(*) FROM forget_users") == 0
+        first = queue.outcome(done)
+        assert first.request.state == "done" and (first.forgotten.asked, first.forgotten.found) == (2, 1)
+        assert first.forgotten.counts["memberships"] == 2
+
+        def broken() -> Forgetter:
+            raise RuntimeError("a bug")
+
+        failing = queue.submit(["u2"], in_gleap=False, requested_by="test")
+        ForgetDesk(queue, broken).carry_out_waiting()  # fails the request, not the delivery loop
+        outcome = queue.outcome(failing)
+        assert outcome.request.state == "failed" and "a bug" in (outcome.request.result or {})["error"]
+        assert [(k.user_id, k.outcome) for k in outcome.forgotten.kept] == [("u2", "not_attempted")]
+        assert rows_of(store_url, ["u2"])["memberships"] == 2
+        queue.discard(failing)
+        assert scalar(store_url, "SELECT count(*) FROM forget_users") == 0
+        assert queue.waiting() == []
+    finally:
+        engine.dispose()
