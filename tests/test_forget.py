@@ -18,7 +18,9 @@ from audiencesync.config import Config
 from audiencesync.errors import ConfigError
 from audiencesync.forget import NOT_PER_USER, PER_USER_TABLES, Forgetter, table_names
 from audiencesync.forget_requests import ForgetDesk, ForgetQueue
+from audiencesync.gleap import GleapClient
 from audiencesync.schema import metadata
+from audiencesync.secret import Secret
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, members_true, wait_for
@@ -390,5 +392,26 @@ def test_the_daemons_desk_settles_each_request_and_keeps_no_id(
         queue.discard(failing)
         assert scalar(store_url, "SELECT count(*) FROM forget_users") == 0
         assert queue.waiting() == []
+    finally:
+        engine.dispose()
+
+
+def test_the_daemons_desk_stops_a_forget_at_a_refused_token(
+    synced: Config, store_url: str, gleap: GleapStandIn
+) -> None:
+    engine = store_mod.create_engine(store_url)
+    queue = ForgetQueue(engine, store_mod.utc_now)
+    wrong = Secret("wrong-token-5678")
+    desk = ForgetDesk(queue, lambda: Forgetter(engine, client=lambda: GleapClient(synced.gleap, wrong)))
+    try:
+        before = rows_of(store_url, ["u1"])
+        request_id = queue.submit(["u1"], in_gleap=True, requested_by="test")
+        desk.carry_out_waiting()
+        outcome = queue.outcome(request_id)
+        result = outcome.request.result or {}
+        assert outcome.request.state == "failed" and result["token_status"] == 401
+        assert "GLEAP_API_TOKEN" in result["error"] and wrong.reveal() not in json.dumps(result)
+        assert [(k.user_id, k.outcome) for k in outcome.forgotten.kept] == [("u1", "not_attempted")]
+        assert rows_of(store_url, ["u1"]) == before and "u1" in gleap.contacts
     finally:
         engine.dispose()
