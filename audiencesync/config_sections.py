@@ -42,6 +42,19 @@ class GleapConfig:
     # The circuit breaker: this many failed calls in a row (no answer or a 5xx),
     # for at least two different users, with no success between, stop delivery.
     breaker_failures: int = 20
+    # Audience Entered / Exited events (POST /admin/track): the default of each
+    # audience's `events`, the two names, and how many events one request carries.
+    events: bool = False
+    entered_event: str = "Audience Entered"
+    exited_event: str = "Audience Exited"
+    track_batch_size: int = 100
+
+
+# Gleap documents no maximum batch. An event is about 150-250 bytes of JSON, so
+# 500 of them stay near 100 KB, the default JSON body limit of common Node servers;
+# a batch that is still refused as too large (413) is split like a 400 one.
+MAX_TRACK_BATCH = 500
+MAX_EVENT_NAME = 255
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,10 @@ GLEAP_KEYS = (
     "allow_http",
     "prevent_last_activity_update",
     "breaker_failures",
+    "events",
+    "entered_event",
+    "exited_event",
+    "track_batch_size",
 )
 SYNC_KEYS = ("max_removal_fraction", "max_attempts", "lease_seconds", "retry_backoff", "retry_backoff_max")
 STORE_KEYS = ("url", "busy_timeout_seconds")
@@ -129,13 +146,41 @@ def gleap_config(gleap_t: Table, path: Path, environ: Mapping[str, str]) -> Glea
             "prevent_last_activity_update", bool, defaults.prevent_last_activity_update
         ),
         breaker_failures=gleap_t.take_positive("breaker_failures", int, defaults.breaker_failures),
+        events=gleap_t.take("events", bool, defaults.events),
+        entered_event=_event_name(gleap_t, "entered_event", defaults.entered_event),
+        exited_event=_event_name(gleap_t, "exited_event", defaults.exited_event),
+        track_batch_size=gleap_t.take_positive("track_batch_size", int, defaults.track_batch_size),
     )
+    if gleap.track_batch_size > MAX_TRACK_BATCH:
+        raise gleap_t.error(
+            f"is {gleap.track_batch_size}, more events than one request should carry",
+            key="track_batch_size",
+            fix=f"use at most {MAX_TRACK_BATCH} (the default is 100)",
+        )
+    if gleap.entered_event == gleap.exited_event:
+        raise gleap_t.error(
+            f"is {gleap.exited_event!r}, the same name as entered_event, so a workflow could not tell "
+            "an entry from an exit",
+            key="exited_event",
+            fix="give entered_event and exited_event different names",
+        )
     check_base_url(
         gleap.base_url, allow_http=gleap.allow_http, config_path=path, where=gleap_t.place("base_url")
     )
     if file_token and not env_token:
         _warn_if_readable(path)
     return gleap
+
+
+def _event_name(table: Table, key: str, default: str) -> str:
+    name = table.take(key, str, default).strip()
+    if not name or len(name) > MAX_EVENT_NAME or any(ord(c) < 32 for c in name):
+        raise table.error(
+            f"{name!r} is not a usable event name",
+            key=key,
+            fix=f"write 1 to {MAX_EVENT_NAME} printable characters, e.g. {default!r}",
+        )
+    return name
 
 
 def sync_config(sync_t: Table) -> SyncConfig:

@@ -1,4 +1,4 @@
-"""Gleap's admin API: identify calls with rate limiting, concurrency and retries."""
+"""Gleap's admin API: identify and track calls with rate limiting, concurrency and retries."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from audiencesync.ratelimit import TokenBucket
 log = logging.getLogger(__name__)
 
 IDENTIFY_PATH = "/admin/identify"
+TRACK_PATH = "/admin/track"
 AUTH_PATH = "/admin/auth"
 # Gleap's documented limit on custom data keys in one identify call.
 MAX_CUSTOM_KEYS = 35
@@ -136,6 +137,24 @@ def identify_body(user_id: str, attributes: dict[str, bool]) -> dict[str, Any]:
     return {**attributes, "userId": user_id}
 
 
+def event_date(at: datetime) -> str:
+    """An event's ``date``: ISO 8601 in UTC with milliseconds and ``Z``, as Gleap's docs and SDK send."""
+    at = at.astimezone(UTC)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+def track_event(
+    user_id: str, name: str, at: datetime, data: dict[str, str | int | float | bool]
+) -> dict[str, Any]:
+    """One event of a track call; ``data`` stays flat, as Gleap documents custom data."""
+    return {"name": name, "date": event_date(at), "userId": user_id, "data": data}
+
+
+def track_url(config: GleapConfig) -> str:
+    """The full track URL, as a dry run prints it."""
+    return config.base_url + TRACK_PATH
+
+
 def identify_params(config: GleapConfig) -> dict[str, str]:
     """The identify call's query string: by default, leave the contact's last activity alone."""
     return {"preventLastActivityUpdate": "true"} if config.prevent_last_activity_update else {}
@@ -211,7 +230,17 @@ class GleapClient:
         """
         if len(attributes) > MAX_CUSTOM_KEYS:
             raise ValueError(f"{len(attributes)} custom keys in one call; Gleap takes {MAX_CUSTOM_KEYS}")
-        body = identify_body(user_id, attributes)
+        return await self._call(IDENTIFY_PATH, identify_body(user_id, attributes), self._params, user_id)
+
+    async def track(self, batch: list[dict[str, Any]]) -> Answer:
+        """Send one batch of events (``track_event``s) with the identify calls' retries, limiter
+        and breaker; raises GleapAuthError on 401/403."""
+        if not batch:
+            raise ValueError("a track call needs at least one event")
+        # The breaker counts failures per user; a batch counts as its first event's user.
+        return await self._call(TRACK_PATH, {"events": batch}, {}, f"track:{batch[0]['userId']}")
+
+    async def _call(self, path: str, body: dict[str, Any], params: dict[str, str], who: str) -> Answer:
         budget = _Budget(self.config.max_retries)
         sent = False
 
@@ -233,12 +262,12 @@ class GleapClient:
                     await self.limiter.acquire()
                     at, started = self._now(), time.monotonic()
                     try:
-                        answer = await self._send(body)
+                        answer = await self._send(path, body, params)
                     except _Transient as exc:
                         sent = sent or exc.sent
                         tries.append(Try(at, exc.status, exc.outcome, str(exc), _ms(started)))
                         if exc.status != 429:
-                            self.breaker.failure(user_id, str(exc))
+                            self.breaker.failure(who, str(exc))
                         raise
                     outcome = "acknowledged" if answer.ok else "rejected"
                     tries.append(Try(at, answer.status, outcome, answer.error, _ms(started)))
@@ -274,10 +303,10 @@ class GleapClient:
                 f"Gleap answered {response.status_code} to {AUTH_PATH}: {response.text.strip()[:200]}"
             )
 
-    async def _send(self, body: dict[str, Any]) -> Answer:
+    async def _send(self, path: str, body: dict[str, Any], params: dict[str, str]) -> Answer:
         assert self._client is not None, "use GleapClient as an async context manager"
         try:
-            response = await self._client.post(IDENTIFY_PATH, json=body, params=self._params)
+            response = await self._client.post(path, json=body, params=params)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Refused or never connected: the request did not leave this host.
             raise _Transient(0, f"cannot connect ({type(exc).__name__})", sent=False) from None

@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from audiencesync import diff, failpoints, outcomes, status as status_mod
+from audiencesync import diff, events as events_mod, failpoints, outcomes, status as status_mod
 from audiencesync.database import (
     create_engine as create_engine,
     empty_store as empty_store,
@@ -199,6 +199,7 @@ class Store:
         *,
         full: bool,
         guard: Guard | None = None,
+        events: events_mod.EventNames | None = None,
     ) -> Refresh:
         """Make the audience's snapshot equal ``batches`` (the source's ids), recording each change.
 
@@ -208,7 +209,8 @@ class Store:
         SQLite's lock is never taken for it). Only then does one write
         transaction apply the diff. A source that fails midway therefore leaves
         the snapshot untouched. When ``guard`` objects to the counts, the whole
-        diff is rolled back and the reason returned.
+        diff is rolled back and the reason returned. With ``events``, each entry
+        and exit also becomes an event in the outbox, in the same transaction.
         """
         name = diff.new_stage_name()
         held: str | None = None
@@ -230,6 +232,10 @@ class Store:
                     counts = diff.apply_stage(
                         conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full
                     )
+                    if events is not None:
+                        events_mod.create_from_changes(
+                            conn, audience_id=audience.id, run_id=run_id, names=events
+                        )
                     failpoints.reach("before-commit")
                     held = guard(counts) if guard is not None else None
                     if held is not None:
@@ -322,8 +328,10 @@ class Store:
         return self._count(DELIVERABLE, audience_ids)
 
     def due_count(self, audience_ids: Sequence[int]) -> int:
-        """Changes a delivery pass would send now: pending, not parked, past their backoff."""
-        return self._count(due(memberships, self.clock()), audience_ids)
+        """Changes a delivery pass would send now (pending, not parked, past their backoff),
+        and events it would send now."""
+        outbox = events_mod.Outbox(self.engine, clock=self.clock)
+        return self._count(due(memberships, self.clock()), audience_ids) + outbox.due_count(audience_ids)
 
     def _count(self, condition: sa.ColumnElement[bool], audience_ids: Sequence[int]) -> int:
         with self._read() as conn:

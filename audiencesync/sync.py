@@ -26,6 +26,7 @@ from audiencesync.errors import (
     SourceError,
     StoreError,
 )
+from audiencesync.events import EventNames
 from audiencesync.gleap import MAX_CUSTOM_KEYS
 from audiencesync.schema import audiences
 from audiencesync.sources import ReadStats, Sources
@@ -221,7 +222,12 @@ class Syncer:
         guard = None if allow_removals else removal_guard(config)
         try:
             refresh = store.refresh(
-                audience, run.run_id, self.sources.read_ids(config, stats), full=full, guard=guard
+                audience,
+                run.run_id,
+                self.sources.read_ids(config, stats),
+                full=full,
+                guard=guard,
+                events=self.event_names(config),
             )
         except SourceError as exc:
             # The snapshot is untouched; pending changes from earlier cycles still go out.
@@ -243,6 +249,12 @@ class Syncer:
             duplicate_rows=run.report.duplicate_rows,
         )
         return run
+
+    def event_names(self, config: AudienceConfig) -> EventNames | None:
+        """The names of the audience's events, or None when it has none."""
+        if not config.events:
+            return None
+        return EventNames(self.config.gleap.entered_event, self.config.gleap.exited_event)
 
     def finish(
         self,
