@@ -270,7 +270,7 @@ def _call_rows(calls: Iterable[PlannedCall]) -> Iterator[tuple[object, ...]]:
 
 SUMMARY_COLUMNS = (
     "audience", "result", "mode", "members", "entered", "left", "sent", "failed",
-    "pending", "parked", "unknown", "skipped",
+    "pending", "parked", "unknown", "skipped", "events_sent", "events_pending",
 )  # fmt: skip
 
 
@@ -300,6 +300,8 @@ def print_summary(
             a.parked,
             a.unknown,
             a.skipped_rows,
+            a.events_sent,
+            a.events_pending,
         )
         for a in report.audiences
     )
@@ -319,6 +321,13 @@ def print_summary(
     if parked:
         print(
             f"{parked} change(s) are parked after repeated rejections; see `audiencesync failures`, "
+            "fix the cause, then `audiencesync retry`",
+            file=notes,
+        )
+    events_parked = sum(a.events_parked for a in report.audiences)
+    if events_parked:
+        print(
+            f"{events_parked} event(s) are parked after repeated rejections; see `audiencesync failures`, "
             "fix the cause, then `audiencesync retry`",
             file=notes,
         )

@@ -28,7 +28,16 @@ from audiencesync.database import (
 )
 from audiencesync.diff import DiffCounts
 from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
-from audiencesync.schema import DELIVERABLE, audiences, due, leases, memberships, sync_runs, write_connection
+from audiencesync.schema import (
+    DELIVERABLE,
+    audiences,
+    due,
+    events as events_table,
+    leases,
+    memberships,
+    sync_runs,
+    write_connection,
+)
 from audiencesync.status import AudienceStatus as AudienceStatus, ParkedChange as ParkedChange
 
 Clock = Callable[[], datetime]
@@ -333,6 +342,11 @@ class Store:
         outbox = events_mod.Outbox(self.engine, clock=self.clock)
         return self._count(due(memberships, self.clock()), audience_ids) + outbox.due_count(audience_ids)
 
+    def event_counts(self, audience_id: int) -> tuple[int, int]:
+        """(events pending, events parked) of one audience."""
+        with self._read() as conn:
+            return events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0))
+
     def _count(self, condition: sa.ColumnElement[bool], audience_ids: Sequence[int]) -> int:
         with self._read() as conn:
             return int(
@@ -351,17 +365,25 @@ class Store:
             return status_mod.parked_changes(conn, audience_key)
 
     def requeue(self, audience_key: str | None = None, user_id: str | None = None) -> int:
-        """Un-park failed changes so the next run tries them again, with a fresh attempt budget."""
+        """Un-park failed changes and events so the next run tries them again, with a fresh attempt budget."""
         query = sa.update(memberships).where(memberships.c.parked_at.is_not(None))
         if audience_key is not None:
             ids = sa.select(audiences.c.id).where(audiences.c.key == audience_key).scalar_subquery()
             query = query.where(memberships.c.audience_id == ids)
         if user_id is not None:
             query = query.where(memberships.c.user_id == user_id)
+        events = sa.update(events_table).where(
+            events_table.c.parked_at.is_not(None), events_table.c.acked_at.is_(None)
+        )
+        if audience_key is not None:
+            events = events.where(events_table.c.audience_id == ids)
+        if user_id is not None:
+            events = events.where(events_table.c.user_id == user_id)
         with self._write() as conn:
-            return conn.execute(
-                query.values(parked_at=None, attempts=0, failures=0, next_attempt_at=None)
-            ).rowcount
+            fresh = {"parked_at": None, "attempts": 0, "failures": 0, "next_attempt_at": None}
+            return (
+                conn.execute(query.values(**fresh)).rowcount + conn.execute(events.values(**fresh)).rowcount
+            )
 
     # --- status -----------------------------------------------------------------
 

@@ -52,6 +52,9 @@ class AudienceReport:
     rate_limited: int = 0
     skipped_rows: int = 0
     duplicate_rows: int = 0
+    events_sent: int = 0  # Audience Entered/Exited events Gleap acknowledged
+    events_pending: int = 0  # events still owed, not parked
+    events_parked: int = 0
     invalid_samples: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -62,6 +65,11 @@ class AudienceReport:
             f"parked={self.parked} unknown={self.unknown} retries={self.retries} "
             f"rate_limited={self.rate_limited} skipped_rows={self.skipped_rows}"
         )
+        if self.events_sent or self.events_pending or self.events_parked:
+            text += (
+                f" events_sent={self.events_sent} events_pending={self.events_pending}"
+                f" events_parked={self.events_parked}"
+            )
         if self.invalid_samples:
             text += f" invalid_ids=[{'; '.join(self.invalid_samples)}]"
         if self.error:
@@ -277,6 +285,8 @@ class Syncer:
         run.report.retries, run.report.rate_limited = row["retries"], row["rate_limited"]
         run.report.sent = row["sent"]
         run.report.status = row["status"]
+        run.report.events_sent = row["events_sent"]
+        run.report.events_pending, run.report.events_parked = store.event_counts(run.audience.id)
 
     def _finish(self, store: Store, runs: list[Run], report: CycleReport) -> None:
         for run in runs:

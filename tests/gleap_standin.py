@@ -263,6 +263,8 @@ class GleapStandIn:
         self._identify_calls: list[dict[str, Any]] = []
         self._track_calls: list[list[dict[str, Any]]] = []  # each accepted track call's events
         self._bad_event_users: set[str] = set()
+        self._track_fail_rules: deque[list[Any]] = deque()  # only track calls consume these
+        self._track_lose_rules: deque[list[Any]] = deque()
         self._contacts: dict[str, dict[str, Any]] = {}
         self._fail_rules: deque[list[Any]] = deque()
         self._delay_rules: deque[list[Any]] = deque()
@@ -387,6 +389,16 @@ class GleapStandIn:
         with self._lock:
             self._user_faults.setdefault(user_id, deque()).append(_UserFault(status, body, times))
 
+    def fail_track_next(self, count: int, status: int, *, body: str = "") -> None:
+        """The next ``count`` track calls are answered ``status`` (0: the connection is dropped)."""
+        with self._lock:
+            self._track_fail_rules.append([count, _text_reply(status, body) if status else _Reply(0)])
+
+    def lose_track_answer_next(self, count: int) -> None:
+        """Accept the next ``count`` track calls, then drop the connection: the answer is lost."""
+        with self._lock:
+            self._track_lose_rules.append([count, True])
+
     def reject_events_of(self, user_id: str) -> None:
         """A track call carrying an event of this user is answered 400 as a whole."""
         with self._lock:
@@ -414,6 +426,8 @@ class GleapStandIn:
             self._lose_rules.clear()
             self._user_faults.clear()
             self._bad_event_users.clear()
+            self._track_fail_rules.clear()
+            self._track_lose_rules.clear()
 
     def hold(self, after: int = 0) -> None:
         """Answer the next ``after`` identify requests, then keep every later one
@@ -533,14 +547,19 @@ class GleapStandIn:
         return _json_reply(200, {"userId": user_id, "ok": True}, limit_headers)
 
     def _track(self, headers: dict[str, str], body: Any) -> _Reply:
-        """Events, with the same fault rules as identify (but not hold()): drop, fail, rate limit,
+        """Events, with the same fault rules as identify (but not hold()), and their own
+        (fail_track_next, lose_track_answer_next, reject_events_of): drop, fail, rate limit,
         validation, reject_events_of, then success (or a lost answer)."""
         with self._lock:
             delay: float | None = _take(self._delay_rules)
             drop = _take(self._drop_rules) is not None
-            failure: _Reply | None = None if drop else _take(self._fail_rules)
+            failure: _Reply | None = (
+                None if drop else _take(self._track_fail_rules) or _take(self._fail_rules)
+            )
             limit_headers, limited = ({}, False) if drop or failure else self._admit()
-            lose = not (drop or failure or limited) and _take(self._lose_rules) is not None
+            lose = not (drop or failure or limited) and (
+                _take(self._track_lose_rules) is not None or _take(self._lose_rules) is not None
+            )
         if delay and self._stopping.wait(delay):
             return _Reply(0)
         if drop:

@@ -3,6 +3,7 @@ split on a 400, re-sent when the outcome is unknown; on both stores, against the
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 from audiencesync import store as store_mod
@@ -64,3 +65,149 @@ def test_entries_and_exits_become_events_after_the_identify(
         ("u3", "Audience Entered"),
     ]
     assert only(cycle(config)).status == "succeeded"
+
+
+def test_names_and_the_default_come_from_the_settings(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u3"])
+    source.set(["u1"], segment="b")
+    audiences = """
+    [[audiences]]
+    name = "Segment A"
+    source = "main"
+    query = "SELECT user_id FROM members WHERE segment = 'a'"
+
+    [[audiences]]
+    name = "Segment B"
+    source = "main"
+    query = "SELECT user_id FROM members WHERE segment = 'b'"
+    events = false
+    """
+    extra = 'events = true\nentered_event = "Joined"\nexited_event = "Left"'
+    config = make_config(gleap.base_url, audiences=audiences, extra_gleap=extra)
+    cycle(config)
+    assert [(e["userId"], e["name"], e["data"]["audience_key"]) for e in gleap.events] == [
+        ("u1", "Joined", "segment_a"),
+        ("u3", "Joined", "segment_a"),
+    ]
+    gleap.reset_log()
+    source.set(["u2", "u3"])
+    cycle(config)
+    assert sorted((e["userId"], e["name"]) for e in gleap.events) == [("u1", "Left"), ("u2", "Joined")]
+
+
+def test_events_go_in_batches_of_track_batch_size(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    members = [f"u{i}" for i in range(7)]
+    source.set(members)
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, extra_gleap="track_batch_size = 3")
+    report = cycle(config)
+    assert [len(batch) for batch in gleap.track_calls] == [3, 3, 1]
+    assert [e["userId"] for e in gleap.events] == members
+    assert (only(report).events_sent, only(report).events_pending) == (7, 0)
+    assert all(r.body == {"events": b} for r, b in zip(track_requests(gleap), gleap.track_calls, strict=True))
+
+
+def test_an_event_waits_for_its_identify_even_when_the_identify_fails_first(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    gleap.fail_user("u1", 503, times=4)  # every try of this cycle: no verdict
+    report = cycle(config)
+    assert [e["userId"] for e in gleap.events] == ["u2"]
+    assert (only(report).events_sent, only(report).events_pending) == (1, 1)
+
+    report = cycle(config)
+    assert [e["userId"] for e in gleap.events] == ["u2", "u1"]
+    assert only(report).events_pending == 0
+    # u1's event came after the identify that set u1's membership.
+    order = [
+        ("identify", r.body["userId"]) if "identify" in r.path else ("track", r.body["events"][0]["userId"])
+        for r in gleap.requests
+        if r.status == 200
+    ]
+    assert order.index(("identify", "u1")) < order.index(("track", "u1"))
+
+
+def test_a_user_who_enters_and_leaves_before_delivery_gets_both_events_in_order(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    gleap.fail_user("u1", 503, times=4)
+    cycle(config)
+    source.set(["u2"])
+    report = cycle(config)
+    assert report.complete
+    assert [(e["userId"], e["name"]) for e in gleap.events] == [
+        ("u2", "Audience Entered"),
+        ("u1", "Audience Entered"),
+        ("u1", "Audience Exited"),
+    ]
+    # Gleap may have applied the lost true: the false went out before both events.
+    identifies = [r.body for r in gleap.requests if "identify" in r.path and r.status == 200]
+    assert identifies[-1] == {"userId": "u1", "segment_a": False}
+
+
+def test_a_refused_batch_is_split_to_find_the_bad_event(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    members = [f"u{i}" for i in range(1, 6)]
+    source.set(members)
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, extra="[sync]\nmax_attempts = 2\n")
+    gleap.reject_events_of("u3")
+    report = cycle(config)
+    assert [e["userId"] for e in gleap.events] == ["u1", "u2", "u4", "u5"]
+    # 5 -> 400; [u1 u2] ok; [u3 u4 u5] 400; [u3] 400, a verdict; [u4 u5] ok.
+    assert [(len(r.body["events"]), r.status) for r in track_requests(gleap)] == [
+        (5, 400), (2, 200), (3, 400), (1, 400), (2, 200)
+    ]  # fmt: skip
+    rows = {row["user_id"]: row for row in event_rows(config)}
+    assert rows["u3"]["acked_at"] is None and rows["u3"]["attempts"] == 1
+    assert rows["u3"]["last_status"] == 400 and "u3" in str(rows["u3"]["last_error"])
+    assert rows["u3"]["sends"] == 3 and not rows["u3"]["unknown"]
+    assert rows["u4"]["sends"] == 3 and rows["u1"]["sends"] == 2
+    assert (only(report).events_sent, only(report).events_pending) == (4, 1)
+
+    report = cycle(config)  # the second rejection parks it
+    assert (only(report).events_pending, only(report).events_parked) == (0, 1)
+    engine = store_mod.create_engine(config.store.url)
+    store = store_mod.Store(engine)
+    (parked,) = store.parked()
+    assert (parked.audience, parked.user_id, parked.value, parked.attempts) == (
+        "segment_a",
+        "u3",
+        "Audience Entered",
+        2,
+    )
+    gleap.clear_faults()
+    assert store.requeue(user_id="u3") == 1
+    engine.dispose()
+    report = cycle(config)
+    assert gleap.events[-1]["userId"] == "u3" and only(report).events_parked == 0
+
+
+@pytest.mark.parametrize("fault", ["503", "dropped", "lost answer"])
+def test_an_event_batch_without_a_verdict_stays_unknown_and_is_sent_again(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, fault: str
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, timeout_seconds=0.5)
+    if fault == "503":
+        gleap.fail_track_next(4, 503)  # the first try and its 3 retries
+    elif fault == "dropped":
+        gleap.fail_track_next(4, 0)
+    else:
+        gleap.lose_track_answer_next(4)
+    report = cycle(config)
+    assert (only(report).events_sent, only(report).events_pending) == (0, 2)
+    rows = event_rows(config)
+    assert all(row["unknown"] and row["acked_at"] is None and row["sends"] == 4 for row in rows)
+    report = cycle(config)
+    assert (only(report).events_sent, only(report).events_pending) == (2, 0)
+    assert all(not row["unknown"] and row["acked_at"] is not None for row in event_rows(config))
+    accepted = [e["userId"] for e in gleap.events]
+    assert accepted == (["u1", "u2"] * 5 if fault == "lost answer" else ["u1", "u2"])
