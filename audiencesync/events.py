@@ -147,6 +147,11 @@ def due_query(audience_ids: Sequence[int], after: int, limit: int, now: datetime
     )
 
 
+def deletable(before: datetime) -> sa.ColumnElement[bool]:
+    """What a prune may delete: events Gleap acknowledged before ``before``. Unsent ones stay."""
+    return sa.and_(events.c.acked_at.is_not(None), events.c.acked_at < before)
+
+
 def _counts(audience_ids: Sequence[int] | None) -> sa.Select[Any]:
     query = sa.select(
         events.c.audience_id,

@@ -289,6 +289,7 @@ prunes = sa.Table(
     sa.Column("changes", sa.Integer, nullable=False, server_default="0"),
     sa.Column("runs", sa.Integer, nullable=False, server_default="0"),
     sa.Column("requests", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("events", sa.Integer, nullable=False, server_default="0"),
 )
 
 # One row per named lease. The writer lease makes sure that only one process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import uuid
@@ -27,7 +28,7 @@ from audiencesync.errors import (
     StoreError,
 )
 from audiencesync.events import EventNames
-from audiencesync.gleap import MAX_CUSTOM_KEYS
+from audiencesync.gleap import MAX_CUSTOM_KEYS, track_event
 from audiencesync.schema import audiences
 from audiencesync.sources import ReadStats, Sources
 from audiencesync.store import Audience, Backoff, Guard, Store, empty_store, schema_revisions
@@ -85,12 +86,21 @@ class PlannedCall:
     attributes: dict[str, bool]  # audience key -> value, in key order
 
 
+@dataclass(frozen=True)
+class PlannedTrack:
+    """One track call a dry run would make: ``POST track_url`` with ``{"events": events}``."""
+
+    events: list[dict[str, object]]  # gleap.track_event()s, in the order they would go
+
+
 @dataclass
 class CycleReport:
     cycle_id: str
     audiences: list[AudienceReport]
     dry_run: bool = False
     calls: int = 0
+    track_calls: int = 0  # of a dry run: the track calls, and the events they carry
+    events: int = 0
     aborted: GleapError | None = None  # Gleap refused the token, or its breaker opened
 
     @property
@@ -161,7 +171,7 @@ class Syncer:
         *,
         full: bool = False,
         dry_run: bool = False,
-        show_calls: Callable[[Iterator[PlannedCall]], object] | None = None,
+        show_calls: Callable[[Iterator[PlannedCall | PlannedTrack]], object] | None = None,
         progress: Callable[[int], Progress] | None = None,
         allow_removals: bool = False,
         stop: threading.Event | None = None,
@@ -302,7 +312,7 @@ class Syncer:
         *,
         full: bool,
         allow_removals: bool,
-        show: Callable[[Iterator[PlannedCall]], object] | None,
+        show: Callable[[Iterator[PlannedCall | PlannedTrack]], object] | None,
     ) -> None:
         """Plan the calls a sync would make now and hand them to ``show``, writing nothing to the store."""
         current, head = schema_revisions(self.store.engine)
@@ -321,18 +331,28 @@ class Syncer:
         try:
             with engine.connect() as conn, conn.begin():
                 table = plan.create_plan(conn)
-                for config in selected:
+                event_table = plan.create_event_plan(conn)
+                for place, config in enumerate(selected):
                     report.audiences.append(
                         self._plan_audience(
-                            conn, table, config, full=full, allow_removals=allow_removals, now=now
+                            conn,
+                            (table, event_table, place),
+                            config,
+                            full=full,
+                            allow_removals=allow_removals,
+                            now=now,
                         )
                     )
-                calls = _counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
+                size = self.config.gleap.track_batch_size
+                identify = _counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
+                tracks = _tracks(report, plan.planned_events(conn, event_table), size)
+                calls: Iterator[PlannedCall | PlannedTrack] = itertools.chain(identify, tracks)
                 if show is not None:
                     show(calls)
                 for _ in calls:  # what show left unread still counts
                     pass
                 plan.drop_plan(conn, table)
+                plan.drop_plan(conn, event_table)
         finally:
             if engine is not self.store.engine:
                 engine.dispose()
@@ -340,13 +360,29 @@ class Syncer:
     def _plan_audience(
         self,
         conn: Connection,
-        table: str,
+        tables: tuple[str, str, int],
         config: AudienceConfig,
         *,
         full: bool,
         allow_removals: bool,
         now: datetime,
     ) -> AudienceReport:
+        table, event_table, place = tables  # the plan's calls, its events, the audience's place
+
+        def add_events(stage: str | None) -> None:
+            names = self.event_names(config)
+            plan.add_events(
+                conn,
+                event_table,
+                key=config.key,
+                audience_id=audience_id,
+                audience_name=config.name,
+                place=place,
+                stage=stage,
+                names=(names.entered, names.exited) if names is not None else None,
+                now=now,
+            )
+
         row = conn.execute(
             sa.select(audiences.c.id, audiences.c.refreshed_at).where(audiences.c.key == config.key)
         ).one_or_none()
@@ -366,6 +402,7 @@ class Syncer:
             report.status, report.error = "failed", str(exc)
             log.error("%s", exc)
             report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            add_events(None)
             diff.drop_stage(conn, stage)
             return report
         counts = plan.preview_counts(conn, stage, audience_id)
@@ -378,11 +415,13 @@ class Syncer:
             report.status, report.error = "held", held
             log.error("audience %r held: %s", config.key, held)
             report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            add_events(None)
         else:
             report.status = "planned"
             report.pending = plan.add_applied(
                 conn, table, key=config.key, audience_id=audience_id, stage=stage, full=full, now=now
             )
+            add_events(stage)
         diff.drop_stage(conn, stage)
         return report
 
@@ -420,6 +459,22 @@ def removal_guard(audience: AudienceConfig) -> Guard:
         return None
 
     return guard
+
+
+def _tracks(
+    report: CycleReport, planned: Iterator[tuple[str, str, str, str, datetime]], size: int
+) -> Iterator[PlannedTrack]:
+    """The planned events in track calls of ``size``, each counted in ``report`` as it is read."""
+    batch: list[dict[str, object]] = []
+    for user_id, key, audience_name, name, at in planned:
+        batch.append(track_event(user_id, name, at, {"audience_key": key, "audience_name": audience_name}))
+        if len(batch) == size:
+            report.track_calls, report.events = report.track_calls + 1, report.events + len(batch)
+            yield PlannedTrack(batch)
+            batch = []
+    if batch:
+        report.track_calls, report.events = report.track_calls + 1, report.events + len(batch)
+        yield PlannedTrack(batch)
 
 
 def _counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, bool]]]) -> Iterator[PlannedCall]:

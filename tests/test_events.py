@@ -3,15 +3,22 @@ split on a 400, re-sent when the outcome is unknown; on both stores, against the
 
 from __future__ import annotations
 
+import signal
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
 import pytest
 import sqlalchemy as sa
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config
 from audiencesync.gleap import event_date
-from audiencesync.schema import events
-from tests.conftest import ConfigFactory, SourceDB
-from tests.gleap_standin import GleapStandIn, RecordedRequest
+from audiencesync.prune import Pruner
+from audiencesync.schema import events, sync_runs
+from audiencesync.store import Store
+from audiencesync.sync import PlannedCall, PlannedTrack, Syncer
+from tests.conftest import TOKEN, ConfigFactory, SourceDB
+from tests.gleap_standin import GleapStandIn, RecordedRequest, _track_problem
 from tests.test_sync import cycle, only
 
 EVENTS_ON = """
@@ -211,3 +218,87 @@ def test_an_event_batch_without_a_verdict_stays_unknown_and_is_sent_again(
     assert all(not row["unknown"] and row["acked_at"] is not None for row in event_rows(config))
     accepted = [e["userId"] for e in gleap.events]
     assert accepted == (["u1", "u2"] * 5 if fault == "lost answer" else ["u1", "u2"])
+
+
+@pytest.mark.parametrize("point", ["event-batch:2", "before-event-record:3", "after-event-record:2"])
+def test_sigkill_mid_event_batch_then_rerun_converges_within_the_bound(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, point: str
+) -> None:
+    from tests.test_reliability import sync as sync_process
+
+    members = [f"u{i:03d}" for i in range(200)]
+    source.set(members)
+    config = make_config(gleap.base_url, token=None, audiences=EVENTS_ON, extra_gleap="track_batch_size = 40")
+    token = {"GLEAP_API_TOKEN": TOKEN}
+    killed = sync_process(config, env=token | {"AUDIENCESYNC_FAILPOINT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(gleap.identify_calls) == 200  # the kill came in the event pass
+
+    rerun = sync_process(config, env=token)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    told = Counter(e["userId"] for e in gleap.events)
+    assert set(told) == set(members) and all(e["name"] == "Audience Entered" for e in gleap.events)
+    # Only the batch in flight at the kill (sent, its answer not stored) goes out twice.
+    assert sum(n - 1 for n in told.values()) <= config.gleap.track_batch_size
+    if point.startswith("before-event-record"):
+        assert sum(n - 1 for n in told.values()) == 40
+    assert all(row["acked_at"] is not None and not row["unknown"] for row in event_rows(config))
+
+
+def test_prune_deletes_acknowledged_events_and_keeps_the_unsent(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    long_ago = datetime.now(UTC) - timedelta(days=10)
+    source.set(["u1", "u2", "u3"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    gleap.reject_events_of("u3")
+    engine = store_mod.create_engine(config.store.url)
+    syncer = Syncer(config, Store(engine, clock=lambda: long_ago), backoff_initial=0.01)
+    try:
+        syncer.run_cycle()
+    finally:
+        syncer.sources.dispose()
+    assert [e["userId"] for e in gleap.events] == ["u1", "u2"]
+
+    pruner = Pruner(engine, lambda: datetime.now(UTC), pause_seconds=0)
+    cut = datetime.now(UTC) - timedelta(days=5)
+    assert pruner.plan(cut).events == 2
+    result = pruner.prune(cut, by="cli")
+    assert result.finished and result.deleted.events == 2
+    assert [(row["user_id"], row["acked_at"]) for row in event_rows(config)] == [("u3", None)]
+    assert pruner.last() is not None and pruner.last().events == 2  # type: ignore[union-attr]
+    with engine.connect() as conn:  # the run the unsent event came from stays
+        run_ids = set(conn.execute(sa.select(sync_runs.c.id)).scalars())
+    assert {row["run_id"] for row in event_rows(config)} <= run_ids
+    engine.dispose()
+
+
+def test_the_dry_run_lists_the_track_calls_after_the_identify_calls(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2", "u3"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, extra_gleap="track_batch_size = 2")
+    gleap.reject_events_of("u3")
+    cycle(config)  # u3's event stays owed
+    gleap.clear_faults()
+    gleap.reset_log()
+    source.set(["u2", "u3", "u4"])
+    planned: list[PlannedCall | PlannedTrack] = []
+    report = cycle(config, dry_run=True, show_calls=planned.extend)
+    assert gleap.requests == [] and report.complete
+    identify = [c for c in planned if isinstance(c, PlannedCall)]
+    tracks = [c for c in planned if isinstance(c, PlannedTrack)]
+    assert planned == identify + tracks  # the events after every identify call
+    assert identify == [PlannedCall("u1", {"segment_a": False}), PlannedCall("u4", {"segment_a": True})]
+    assert [[(e["userId"], e["name"]) for e in t.events] for t in tracks] == [
+        [("u3", "Audience Entered"), ("u1", "Audience Exited")],
+        [("u4", "Audience Entered")],
+    ]
+    assert all(problem is None for t in tracks for problem in [_track_problem({"events": t.events})])
+    assert (report.calls, report.track_calls, report.events) == (2, 2, 3)
+
+    # Exactly what the sync then sends.
+    cycle(config)
+    assert [[(e["userId"], e["name"], e["data"]) for e in b] for b in gleap.track_calls] == [
+        [(e["userId"], e["name"], e["data"]) for e in t.events] for t in tracks
+    ]

@@ -7,7 +7,8 @@ Create Date: 2026-12-02
 - ``events``: one row per Audience Entered / Exited event owed to (or told to)
   Gleap's ``POST /admin/track``, created in the refresh's transaction from its
   ``entered``/``left`` membership changes, with its delivery state.
-- ``sync_runs.events_sent`` and ``events_failed``: what each run delivered.
+- ``sync_runs.events_sent`` and ``events_failed``: what each run delivered;
+  ``prunes.events``: the acknowledged events each prune deleted.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def upgrade() -> None:
     with op.batch_alter_table("sync_runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("events_sent", sa.Integer(), server_default="0", nullable=False))
         batch_op.add_column(sa.Column("events_failed", sa.Integer(), server_default="0", nullable=False))
+    with op.batch_alter_table("prunes", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("events", sa.Integer(), server_default="0", nullable=False))
 
 
 def downgrade() -> None:
@@ -61,6 +64,7 @@ def downgrade() -> None:
     # foreign keys of its changes and calls forbid. Both databases drop a column in place.
     op.execute("ALTER TABLE sync_runs DROP COLUMN events_failed")
     op.execute("ALTER TABLE sync_runs DROP COLUMN events_sent")
+    op.execute("ALTER TABLE prunes DROP COLUMN events")
     op.drop_index("ix_events_acked_at", table_name="events")
     op.drop_index("ix_events_run_id", table_name="events")
     op.drop_index("ix_events_unsent", table_name="events")
