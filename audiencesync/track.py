@@ -50,6 +50,8 @@ class EventSender:
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.backoff = backoff
+        # Told of every acknowledged batch (the daemon's stall detection counts them as progress).
+        self.on_acknowledged: Callable[[], None] | None = None
 
     async def send_due(
         self,
@@ -133,6 +135,8 @@ class EventSender:
         )
         recorded.update(event.id for event in batch)
         failpoints.reach("after-event-record")
+        if answer.ok and self.on_acknowledged is not None:
+            self.on_acknowledged()
         if not answer.ok:
             log.warning("track: %d event(s) refused: %s", len(batch), answer.error)
         return [outcome], sent

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
+from audiencesync import audit, store as store_mod
 from audiencesync.config import Config
 from audiencesync.gleap import event_date
 from audiencesync.prune import Pruner
@@ -302,3 +302,43 @@ def test_the_dry_run_lists_the_track_calls_after_the_identify_calls(
     assert [[(e["userId"], e["name"], e["data"]) for e in b] for b in gleap.track_calls] == [
         [(e["userId"], e["name"], e["data"]) for e in t.events] for t in tracks
     ]
+
+
+def test_audit_user_shows_each_event_with_its_state(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    gleap.reject_events_of("u2")
+    cycle(config)
+    engine = store_mod.create_engine(config.store.url)
+    with engine.connect() as conn:
+        ok = audit.timeline(conn, "u1")
+        refused = audit.timeline(conn, "u2", "segment_a")
+    engine.dispose()
+    assert [(row[2], row[3], row[4]) for row in ok] == [
+        ("entered", True, "acknowledged"),
+        ("call", True, "acknowledged"),
+        ("track", "Audience Entered", "acknowledged"),
+    ]
+    track = refused[-1]
+    assert (track[2], track[4], track[5], track[6]) == ("track", "failed", 400, 2)  # sent twice (split)
+    assert "u2" in track[7] and track[9] is None
+
+
+def test_config_refuses_bad_event_settings(make_config: ConfigFactory) -> None:
+    from audiencesync.errors import ConfigError
+
+    config = make_config()
+    assert (config.gleap.events, config.gleap.track_batch_size) == (False, 100)
+    assert not config.audiences[0].events
+    for extra, words in [
+        ("track_batch_size = 501", "at most 500"),
+        ("track_batch_size = 0", "track_batch_size"),
+        ('entered_event = ""', "entered_event"),
+        ('exited_event = "Audience Entered"', "different names"),
+        ('events = "yes"', "events"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            make_config(extra_gleap=extra)
+        assert words in str(caught.value), (extra, str(caught.value))
