@@ -156,7 +156,8 @@ class Store:
     def finish_run(self, run_id: int, status: str, *, error: str | None = None) -> dict[str, Any]:
         """Close a run, counting what is still pending for its audience; returns the run's row.
 
-        A run that would succeed but leaves changes pending or parked is recorded as ``partial``.
+        A run that would succeed but leaves changes (or events) pending or parked is recorded
+        as ``partial``.
         """
         with self._write() as conn:
             audience_id = conn.execute(
@@ -170,7 +171,8 @@ class Store:
                 ).where(memberships.c.audience_id == audience_id)
             ).one()
             pending, parked, unknown = (int(n or 0) for n in counts)
-            if status == "succeeded" and (pending or parked):
+            events_owed = sum(events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0)))
+            if status == "succeeded" and (pending or parked or events_owed):
                 status = "partial"
             conn.execute(
                 sa.update(sync_runs)

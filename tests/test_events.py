@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,7 +20,10 @@ from audiencesync.store import Store
 from audiencesync.sync import PlannedCall, PlannedTrack, Syncer
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn, RecordedRequest, _track_problem
+from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for
 from tests.test_sync import cycle, only
+
+__all__ = ["daemons"]  # the daemon tests' fixture, used here too
 
 EVENTS_ON = """
 [[audiences]]
@@ -342,3 +346,22 @@ def test_config_refuses_bad_event_settings(make_config: ConfigFactory) -> None:
         with pytest.raises(ConfigError) as caught:
             make_config(extra_gleap=extra)
         assert words in str(caught.value), (extra, str(caught.value))
+
+
+def test_the_daemon_posts_the_events_of_each_cycle(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, daemons: Callable[[Config], Daemon]
+) -> None:
+    first = [f"u{i:02d}" for i in range(30)]
+    source.set(first)
+    config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE, audiences=EVENTS_ON)
+    daemon = daemons(config)
+
+    def told(name: str) -> set[str]:
+        return {e["userId"] for e in gleap.events if e["name"] == name}
+
+    wait_for(lambda: told("Audience Entered") == set(first), what="the first sync's events")
+    source.set([*first[5:], "new1"])
+    wait_for(lambda: told("Audience Exited") == set(first[:5]), timeout=20, what="the exits")
+    wait_for(lambda: "new1" in told("Audience Entered"), what="the entry")
+    assert daemon.stop() == 0
+    assert len(gleap.events) == 36  # each event once
