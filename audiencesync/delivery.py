@@ -262,7 +262,14 @@ class Deliverer:
                         answers.put_nowait(None)
                 if not halted():
                     try:
-                        calls += await self.events.send_due(client, audience_ids, run_ids, halted=halted)
+                        calls += await self.events.send_due(
+                            client,
+                            audience_ids,
+                            run_ids,
+                            halted=halted,
+                            stop=stop,
+                            grace_seconds=grace_seconds,
+                        )
                     except GleapAuthError as exc:
                         refused = refused or exc
         except BaseExceptionGroup as group:

@@ -340,7 +340,7 @@ class Store:
 
     def due_count(self, audience_ids: Sequence[int]) -> int:
         """Changes a delivery pass would send now (pending, not parked, past their backoff),
-        and events it would send now."""
+        and events it would send now (up to 1,000 of them)."""
         outbox = events_mod.Outbox(self.engine, clock=self.clock)
         return self._count(due(memberships, self.clock()), audience_ids) + outbox.due_count(audience_ids)
 

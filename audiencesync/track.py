@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 from audiencesync import failpoints
@@ -60,12 +61,43 @@ class EventSender:
         run_ids: Callable[[int], int],
         *,
         halted: Callable[[], bool],
+        stop: threading.Event | None = None,
+        grace_seconds: float = 30.0,
     ) -> int:
         """One pass over the due events of these audiences; returns the number of requests sent.
 
         A user whose event failed in this pass has no later event sent in it, so that
-        their events never arrive out of order.
+        their events never arrive out of order. Once ``stop`` is set, the request in
+        flight gets ``grace_seconds``, as identify calls do, then is cancelled (its
+        events stay marked unknown, and owed).
         """
+        task = asyncio.create_task(self._pass(client, audience_ids, run_ids, halted))
+
+        async def cancel_on_stop() -> None:
+            assert stop is not None
+            while not stop.is_set():
+                await asyncio.sleep(0.1)
+            await asyncio.wait([task], timeout=grace_seconds)
+            task.cancel()
+
+        watcher = asyncio.create_task(cancel_on_stop()) if stop is not None else None
+        try:
+            await asyncio.wait([task])
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        return 0 if task.cancelled() else task.result()
+
+    async def _pass(
+        self,
+        client: GleapClient,
+        audience_ids: Sequence[int],
+        run_ids: Callable[[int], int],
+        halted: Callable[[], bool],
+    ) -> int:
         after = 0
         requests = 0
         failed_users: set[str] = set()
