@@ -170,6 +170,17 @@ def counts_by_audience(
     return {r.audience_id: (int(r.pending), int(r.parked)) for r in conn.execute(_counts(audience_ids))}
 
 
+def requeue(conn: Connection, audience_key: str | None, user_id: str | None) -> int:
+    """Un-park events (`audiencesync retry`), with a fresh attempt budget; in the caller's transaction."""
+    query = sa.update(events).where(events.c.parked_at.is_not(None), events.c.acked_at.is_(None))
+    if audience_key is not None:
+        ids = sa.select(audiences.c.id).where(audiences.c.key == audience_key).scalar_subquery()
+        query = query.where(events.c.audience_id == ids)
+    if user_id is not None:
+        query = query.where(events.c.user_id == user_id)
+    return conn.execute(query.values(parked_at=None, attempts=0, failures=0, next_attempt_at=None)).rowcount
+
+
 class Outbox:
     """The events' queries for the delivery pass. Seams: the engine, a clock, the lease's fence."""
 

@@ -32,7 +32,6 @@ from audiencesync.schema import (
     DELIVERABLE,
     audiences,
     due,
-    events as events_table,
     leases,
     memberships,
     sync_runs,
@@ -374,18 +373,10 @@ class Store:
             query = query.where(memberships.c.audience_id == ids)
         if user_id is not None:
             query = query.where(memberships.c.user_id == user_id)
-        events = sa.update(events_table).where(
-            events_table.c.parked_at.is_not(None), events_table.c.acked_at.is_(None)
-        )
-        if audience_key is not None:
-            events = events.where(events_table.c.audience_id == ids)
-        if user_id is not None:
-            events = events.where(events_table.c.user_id == user_id)
         with self._write() as conn:
             fresh = {"parked_at": None, "attempts": 0, "failures": 0, "next_attempt_at": None}
-            return (
-                conn.execute(query.values(**fresh)).rowcount + conn.execute(events.values(**fresh)).rowcount
-            )
+            changes = conn.execute(query.values(**fresh)).rowcount
+            return changes + events_mod.requeue(conn, audience_key, user_id)
 
     # --- status -----------------------------------------------------------------
 
