@@ -3,7 +3,10 @@ split on a 400, re-sent when the outcome is unknown; on both stores, against the
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -365,3 +368,48 @@ def test_the_daemon_posts_the_events_of_each_cycle(
     wait_for(lambda: "new1" in told("Audience Entered"), what="the entry")
     assert daemon.stop() == 0
     assert len(gleap.events) == 36  # each event once
+
+
+def test_a_stop_mid_event_batch_cancels_it_after_the_grace_and_the_events_stay_owed(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    gleap.reject_events_of("u1")
+    gleap.reject_events_of("u2")
+    cycle(config)  # identify acknowledged, both events refused once and owed
+    gleap.clear_faults()
+    gleap.delay_next(1, 60)  # the next request, the track call, hangs
+
+    engine = store_mod.create_engine(config.store.url)
+    store = Store(engine)
+    syncer = Syncer(config, store, backoff_initial=0.01)
+    audience = store.ensure_audience("segment_a", "Segment A")
+    run_id = store.start_run("c-stop", audience, "delivery")
+    stop = threading.Event()
+    done: list[int] = []
+
+    def deliver() -> None:
+        deliverer = syncer.deliverer()
+        drain = deliverer.drain(
+            [audience.id], {audience.id: "segment_a"}, lambda _: run_id, stop=stop, grace_seconds=0.5
+        )
+        done.append(asyncio.run(drain))
+
+    thread = threading.Thread(target=deliver)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not all(row["unknown"] for row in event_rows(config)):  # marked: the batch is leaving
+        assert time.monotonic() < deadline, "the event batch never left"
+        time.sleep(0.05)
+    stop.set()
+    thread.join(timeout=20)
+    assert not thread.is_alive() and done == [0]
+    assert gleap.events == []
+    # It may have reached Gleap: still marked unknown, still owed.
+    assert all(row["unknown"] and row["acked_at"] is None for row in event_rows(config))
+    syncer.sources.dispose()
+    engine.dispose()
+
+    report = cycle(config)
+    assert sorted(e["userId"] for e in gleap.events) == ["u1", "u2"] and only(report).events_pending == 0
