@@ -26,6 +26,7 @@ from audiencesync.errors import HistoryPrunedError, UnknownAudienceError
 from audiencesync.schema import (
     audiences,
     call_log_view,
+    events as events_table,
     membership_changes,
     membership_history_view,
     memberships,
@@ -201,7 +202,9 @@ TIMELINE_COLUMNS = (
 
 
 def timeline(conn: Connection, user_id: str, audience_key: str | None = None) -> list[tuple[Any, ...]]:
-    """Every change of a user in each audience and every call that carried one, in time order.
+    """Every change of a user in each audience, every call that carried one, and each
+    Audience Entered/Exited event (``track``: its name, state, last answer and how many
+    requests carried it, at the time of the last), in time order.
 
     Read from the views, so that a change's delivery state is the one
     ``membership_history`` gives. Each call comes after the change it carried: the
@@ -234,10 +237,35 @@ def timeline(conn: Connection, user_id: str, audience_key: str | None = None) ->
         sa.null().label("acknowledged_at"),
         log.c.call_id,
     ).where(log.c.user_id == user_id)
+    e = events_table
+    tracked = (
+        sa.select(
+            sa.func.coalesce(e.c.sent_at, e.c.at).label("at"),
+            audiences.c.key.label("audience"),
+            sa.literal("track").label("event"),
+            e.c.name.label("value"),
+            sa.case(
+                (e.c.acked_at.is_not(None), "acknowledged"),
+                (e.c.parked_at.is_not(None), "parked"),
+                (e.c.unknown, "unknown"),
+                (e.c.failures > 0, "failed"),
+                else_="pending",
+            ).label("result"),
+            e.c.last_status.label("status"),
+            e.c.sends.label("attempt"),
+            e.c.last_error.label("error"),
+            e.c.run_id,
+            e.c.acked_at.label("acknowledged_at"),
+            sa.null().label("call_id"),
+        )
+        .join(audiences, audiences.c.id == e.c.audience_id)
+        .where(e.c.user_id == user_id)
+    )
     if audience_key is not None:
         changes = changes.where(h.c.audience_key == audience_key)
         calls = calls.where(log.c.audience_key == audience_key)
-    events = [tuple(row) for query in (changes, calls) for row in conn.execute(query)]
+        tracked = tracked.where(audiences.c.key == audience_key)
+    events = [tuple(row) for query in (changes, calls, tracked) for row in conn.execute(query)]
     # A change is stored before the call that carries it goes out, even within one clock tick.
     return sorted(events, key=lambda e: (e[0], e[2] == "call", e[-1] or 0, e[1]))
 

@@ -74,7 +74,7 @@ async def _check_token(config: Config, token: Secret) -> None:
 
 STATUS_COLUMNS = (
     "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
-    "entered", "left", "sent", "next_run", "configured",
+    "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed",
 )  # fmt: skip
 
 
@@ -133,6 +133,8 @@ def _status_row(row: store.AudienceStatus, configured: set[str]) -> tuple[object
         last.get("sent"),
         row.next_run_at,
         row.key in configured,
+        row.events_pending,
+        row.events_parked,
     )
 
 
@@ -148,6 +150,8 @@ def _status_json(
                 "pending": row.pending,
                 "failed": row.parked,
                 "unknown": row.unknown,
+                "events_pending": row.events_pending,
+                "events_failed": row.events_parked,
                 "oldest_pending_at": row.oldest_pending_at,
                 "oldest_pending_age_seconds": _age_seconds(row.oldest_pending_at),
                 "refreshed_at": row.refreshed_at,

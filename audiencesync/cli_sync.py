@@ -32,12 +32,12 @@ from audiencesync.errors import (
     StoreMissingError,
 )
 from audiencesync.formats import write_rows
-from audiencesync.gleap import identify_url
+from audiencesync.gleap import identify_url, track_url
 from audiencesync.lease import WriterLease
 from audiencesync.requests import AdminRequests, kind_of
 from audiencesync.scheduler import Daemon
 from audiencesync.sources import Sources
-from audiencesync.sync import CycleReport, PlannedCall, Syncer
+from audiencesync.sync import CycleReport, PlannedCall, PlannedTrack, Syncer
 
 # How long `sync --full/--allow-removals` waits for a running daemon to carry it out.
 DAEMON_REQUEST_WAIT_SECONDS = 600.0
@@ -91,7 +91,9 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
         engine.dispose()
     if args.dry_run:
         # stdout holds only the calls, so `--format csv > calls.csv` is a clean file.
-        print_summary(report, sys.stderr, url=identify_url(config.gleap))
+        print_summary(
+            report, sys.stderr, url=identify_url(config.gleap), track_target=track_url(config.gleap)
+        )
     else:
         # Rows only on stdout in csv/json/jsonl; what is said about them goes aside.
         print_summary(
@@ -255,15 +257,22 @@ def _progress_bar(total: int) -> Progress:
 CALL_COLUMNS = ("call", "user_id", "audience", "value")
 
 
-def _call_rows(calls: Iterable[PlannedCall]) -> Iterator[tuple[object, ...]]:
+def _call_rows(calls: Iterable[PlannedCall | PlannedTrack]) -> Iterator[tuple[object, ...]]:
     for number, call in enumerate(calls, 1):
+        if isinstance(call, PlannedTrack):
+            # A track call's rows: one per event, its name as the value (see the README).
+            for event in call.events:
+                data = event["data"]
+                assert isinstance(data, dict)
+                yield number, event["userId"], data["audience_key"], event["name"]
+            continue
         for audience, value in call.attributes.items():
             yield number, call.user_id, audience, value
 
 
 SUMMARY_COLUMNS = (
     "audience", "result", "mode", "members", "entered", "left", "sent", "failed",
-    "pending", "parked", "unknown", "skipped",
+    "pending", "parked", "unknown", "skipped", "events_sent", "events_pending",
 )  # fmt: skip
 
 
@@ -274,6 +283,7 @@ def print_summary(
     *,
     notes: IO[str] | None = None,
     url: str | None = None,
+    track_target: str | None = None,
 ) -> None:
     """The per-audience rows on ``out``, then what needs saying about them on ``notes`` (default ``out``).
 
@@ -293,6 +303,8 @@ def print_summary(
             a.parked,
             a.unknown,
             a.skipped_rows,
+            a.events_sent,
+            a.events_pending,
         )
         for a in report.audiences
     )
@@ -300,8 +312,15 @@ def print_summary(
     write_rows(out, fmt, SUMMARY_COLUMNS, rows, notes=notes)
     if report.dry_run:
         target = f" (POST {url})" if url else ""
+        tracks = ""
+        if report.track_calls:
+            tracks = (
+                f", then {report.track_calls} track call(s) with {report.events} event(s)"
+                f"{f' (POST {track_target})' if track_target else ''}"
+            )
         print(
-            f"dry run: {report.calls} call(s) would be made{target}; nothing was sent or stored", file=notes
+            f"dry run: {report.calls} call(s) would be made{target}{tracks}; nothing was sent or stored",
+            file=notes,
         )
     for a in report.audiences:
         if a.error:
@@ -312,6 +331,13 @@ def print_summary(
     if parked:
         print(
             f"{parked} change(s) are parked after repeated rejections; see `audiencesync failures`, "
+            "fix the cause, then `audiencesync retry`",
+            file=notes,
+        )
+    events_parked = sum(a.events_parked for a in report.audiences)
+    if events_parked:
+        print(
+            f"{events_parked} event(s) are parked after repeated rejections; see `audiencesync failures`, "
             "fix the cause, then `audiencesync retry`",
             file=notes,
         )

@@ -136,7 +136,9 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
     server = server_config(section("server", SERVER_KEYS))
     retention = retention_config(section("retention", RETENTION_KEYS))
     sources = source_configs(root.take("sources", dict, {}), path, environ)
-    audiences = audience_configs(root.take("audiences", list, []), path, sources, sync, schedule)
+    audiences = audience_configs(
+        root.take("audiences", list, []), path, sources, sync, schedule, events=gleap.events
+    )
     return Config(
         path=path,
         store=store,

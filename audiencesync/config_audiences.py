@@ -22,6 +22,8 @@ class AudienceConfig:
     allow_empty: bool = False
     interval: float = ScheduleConfig.interval
     jitter: float = ScheduleConfig.jitter
+    # Post "Audience Entered"/"Audience Exited" events for each change ([gleap] events by default).
+    events: bool = False
 
 
 AUDIENCE_KEYS = (
@@ -33,6 +35,7 @@ AUDIENCE_KEYS = (
     "allow_empty",
     "interval",
     "jitter",
+    "events",
 )
 
 
@@ -42,6 +45,7 @@ def audience_configs(
     sources: Mapping[str, SourceConfig],
     sync: SyncConfig,
     schedule: ScheduleConfig,
+    events: bool = False,
 ) -> tuple[AudienceConfig, ...]:
     audiences: list[AudienceConfig] = []
     seen: dict[str, str] = {}
@@ -91,6 +95,7 @@ def audience_configs(
                 allow_empty=audience_t.take("allow_empty", bool, False),
                 interval=audience_t.take_duration("interval", schedule.interval),
                 jitter=audience_t.take_duration("jitter", schedule.jitter, allow_zero=True),
+                events=audience_t.take("events", bool, events),
             )
         )
     return tuple(audiences)

@@ -45,6 +45,19 @@ class GleapConfig:
     # Contact deletion (`forget --in-gleap`): from Segment's destination code, not
     # Gleap's docs (GLEAP_API.md), hence a setting. {user_id} is the URL-encoded id.
     delete_path: str = "/admin/contacts/{user_id}"
+    # Audience Entered / Exited events (POST /admin/track): the default of each
+    # audience's `events`, the two names, and how many events one request carries.
+    events: bool = False
+    entered_event: str = "Audience Entered"
+    exited_event: str = "Audience Exited"
+    track_batch_size: int = 100
+
+
+# Gleap documents no maximum batch. An event is about 150-250 bytes of JSON, so
+# 500 of them stay near 100 KB, the default JSON body limit of common Node servers;
+# a batch that is still refused as too large (413) is split like a 400 one.
+MAX_TRACK_BATCH = 500
+MAX_EVENT_NAME = 255
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,10 @@ GLEAP_KEYS = (
     "prevent_last_activity_update",
     "breaker_failures",
     "delete_path",
+    "events",
+    "entered_event",
+    "exited_event",
+    "track_batch_size",
 )
 SYNC_KEYS = ("max_removal_fraction", "max_attempts", "lease_seconds", "retry_backoff", "retry_backoff_max")
 STORE_KEYS = ("url", "busy_timeout_seconds")
@@ -134,7 +151,24 @@ def gleap_config(gleap_t: Table, path: Path, environ: Mapping[str, str]) -> Glea
         ),
         breaker_failures=gleap_t.take_positive("breaker_failures", int, defaults.breaker_failures),
         delete_path=delete_path(gleap_t, defaults.delete_path),
+        events=gleap_t.take("events", bool, defaults.events),
+        entered_event=_event_name(gleap_t, "entered_event", defaults.entered_event),
+        exited_event=_event_name(gleap_t, "exited_event", defaults.exited_event),
+        track_batch_size=gleap_t.take_positive("track_batch_size", int, defaults.track_batch_size),
     )
+    if gleap.track_batch_size > MAX_TRACK_BATCH:
+        raise gleap_t.error(
+            f"is {gleap.track_batch_size}, more events than one request should carry",
+            key="track_batch_size",
+            fix=f"use at most {MAX_TRACK_BATCH} (the default is 100)",
+        )
+    if gleap.entered_event == gleap.exited_event:
+        raise gleap_t.error(
+            f"is {gleap.exited_event!r}, the same name as entered_event, so a workflow could not tell "
+            "an entry from an exit",
+            key="exited_event",
+            fix="give entered_event and exited_event different names",
+        )
     check_base_url(
         gleap.base_url, allow_http=gleap.allow_http, config_path=path, where=gleap_t.place("base_url")
     )
@@ -154,6 +188,17 @@ def delete_path(table: Table, default: str) -> str:
             fix=f'write a path on base_url that holds {{user_id}} once, e.g. delete_path = "{default}"',
         )
     return path
+
+
+def _event_name(table: Table, key: str, default: str) -> str:
+    name = table.take(key, str, default).strip()
+    if not name or len(name) > MAX_EVENT_NAME or any(ord(c) < 32 for c in name):
+        raise table.error(
+            f"{name!r} is not a usable event name",
+            key=key,
+            fix=f"write 1 to {MAX_EVENT_NAME} printable characters, e.g. {default!r}",
+        )
+    return name
 
 
 def sync_config(sync_t: Table) -> SyncConfig:

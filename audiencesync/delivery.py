@@ -25,8 +25,10 @@ from audiencesync import failpoints
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import AudienceSyncError, GleapAuthError, GleapUnavailableError
+from audiencesync.events import Outbox
 from audiencesync.gleap import MAX_CUSTOM_KEYS, GleapClient
 from audiencesync.store import Backoff, Outcome, PendingChange, Store
+from audiencesync.track import EventSender
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,12 @@ class Deliverer:
         self.progress_every = progress_every
         self.clock = clock
         self.observe = observe
+        self.events = EventSender(
+            Outbox(store.engine, clock=store.clock, fence=store.fence),
+            batch_size=gleap.track_batch_size,
+            max_attempts=max_attempts,
+            backoff=(self.backoff.seconds, self.backoff.max_seconds),
+        )
 
     async def drain(
         self,
@@ -116,7 +124,10 @@ class Deliverer:
         tick: Progress | None = None,
         new_work: threading.Event | None = None,
     ) -> int:
-        """One pass over everything due in these audiences; returns the number of calls made.
+        """One pass over everything due in these audiences; returns the number of requests made.
+
+        The identify calls go first; then the events whose identify is done (see
+        ``track.EventSender``), unless the pass was halted.
 
         When ``stop`` is set, no new call starts; calls in flight get
         ``grace_seconds`` to finish (their answers are stored), then are
@@ -219,35 +230,48 @@ class Deliverer:
         )
         plan = plan_calls(self.store, audience_ids, called, self.page_size, on_page=marked.mark)
         try:
-            async with client, asyncio.TaskGroup() as supervisor:
-                supervisor.create_task(write_answers())
-                try:
-                    in_flight: set[asyncio.Task[None]] = set()
-                    async with asyncio.TaskGroup() as senders:
-                        watcher = senders.create_task(stopper(in_flight)) if stop is not None else None
-                        while not halted():
-                            if new_work is not None and new_work.is_set():
-                                break
-                            item = await asyncio.to_thread(next, plan, None)
-                            if item is None:
-                                break
-                            user_id, changes = item
-                            await slots.acquire()
-                            if halted():
-                                slots.release()
-                                break
-                            called.add(user_id)
-                            marked.sent(changes)
-                            task = senders.create_task(send(client, user_id, changes))
-                            in_flight.add(task)
-                            task.add_done_callback(in_flight.discard)
-                            calls += 1
-                        if watcher is not None and stop is not None and not stop.is_set():
-                            # Drained normally: wait for the calls, not for a stop signal.
-                            watcher.cancel()
-                finally:
-                    # Whatever happened, the answers already received get recorded.
-                    answers.put_nowait(None)
+            async with client:
+                async with asyncio.TaskGroup() as supervisor:
+                    supervisor.create_task(write_answers())
+                    try:
+                        in_flight: set[asyncio.Task[None]] = set()
+                        async with asyncio.TaskGroup() as senders:
+                            watcher = senders.create_task(stopper(in_flight)) if stop is not None else None
+                            while not halted():
+                                if new_work is not None and new_work.is_set():
+                                    break
+                                item = await asyncio.to_thread(next, plan, None)
+                                if item is None:
+                                    break
+                                user_id, changes = item
+                                await slots.acquire()
+                                if halted():
+                                    slots.release()
+                                    break
+                                called.add(user_id)
+                                marked.sent(changes)
+                                task = senders.create_task(send(client, user_id, changes))
+                                in_flight.add(task)
+                                task.add_done_callback(in_flight.discard)
+                                calls += 1
+                            if watcher is not None and stop is not None and not stop.is_set():
+                                # Drained normally: wait for the calls, not for a stop signal.
+                                watcher.cancel()
+                    finally:
+                        # Whatever happened, the answers already received get recorded.
+                        answers.put_nowait(None)
+                if not halted():
+                    try:
+                        calls += await self.events.send_due(
+                            client,
+                            audience_ids,
+                            run_ids,
+                            halted=halted,
+                            stop=stop,
+                            grace_seconds=grace_seconds,
+                        )
+                    except GleapAuthError as exc:
+                        refused = refused or exc
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         finally:

@@ -147,6 +147,7 @@ class DeliveryLoop:
     def _drain(self, runs: dict[int, Run]) -> int:
         deliverer = self.syncer.deliverer()
         deliverer.observe = self._observe
+        deliverer.events.on_acknowledged = self.progress.acknowledged
         if self.outage.open:
             # The first pass after an outage is the probe: one more failure opens it again.
             deliverer.breaker = CircuitBreaker.probing()

@@ -1,4 +1,5 @@
-"""Gleap's admin API: identify calls and contact deletions, with rate limiting, concurrency and retries."""
+"""Gleap's admin API: identify and track calls and contact deletions, with rate limiting, concurrency
+and retries."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from audiencesync.ratelimit import TokenBucket
 log = logging.getLogger(__name__)
 
 IDENTIFY_PATH = "/admin/identify"
+TRACK_PATH = "/admin/track"
 AUTH_PATH = "/admin/auth"
 # Gleap's documented limit on custom data keys in one identify call.
 MAX_CUSTOM_KEYS = 35
@@ -137,6 +139,24 @@ def identify_body(user_id: str, attributes: dict[str, bool]) -> dict[str, Any]:
     return {**attributes, "userId": user_id}
 
 
+def event_date(at: datetime) -> str:
+    """An event's ``date``: ISO 8601 in UTC with milliseconds and ``Z``, as Gleap's docs and SDK send."""
+    at = at.astimezone(UTC)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+def track_event(
+    user_id: str, name: str, at: datetime, data: dict[str, str | int | float | bool]
+) -> dict[str, Any]:
+    """One event of a track call; ``data`` stays flat, as Gleap documents custom data."""
+    return {"name": name, "date": event_date(at), "userId": user_id, "data": data}
+
+
+def track_url(config: GleapConfig) -> str:
+    """The full track URL, as a dry run prints it."""
+    return config.base_url + TRACK_PATH
+
+
 def identify_params(config: GleapConfig) -> dict[str, str]:
     """The identify call's query string: by default, leave the contact's last activity alone."""
     return {"preventLastActivityUpdate": "true"} if config.prevent_last_activity_update else {}
@@ -220,6 +240,17 @@ class GleapClient:
         body = identify_body(user_id, attributes)
         return await self._call(
             user_id, lambda: self._send("POST", IDENTIFY_PATH, json=body, params=self._params)
+        )
+
+    async def track(self, batch: list[dict[str, Any]]) -> Answer:
+        """Send one batch of events (``track_event``s) with the identify calls' retries, limiter
+        and breaker; raises GleapAuthError on 401/403."""
+        if not batch:
+            raise ValueError("a track call needs at least one event")
+        body = {"events": batch}
+        # The breaker counts failures per user; a batch counts as its first event's user.
+        return await self._call(
+            f"track:{batch[0]['userId']}", lambda: self._send("POST", TRACK_PATH, json=body)
         )
 
     async def delete_contact(self, user_id: str) -> Answer:

@@ -1,8 +1,8 @@
 """Retention: deleting delivery attempts and settled history older than a time, in short batches.
 
 What goes, when it is older than ``before``: calls (with the values they
-carried), membership changes, and the finished runs and admin requests that
-nothing left refers to. What stays, whatever its age: the current state
+carried), membership changes, events Gleap acknowledged, and the finished
+runs and admin requests that nothing left refers to. What stays, whatever its age: the current state
 (audiences, memberships, leases), every change and call of a membership still
 owed to Gleap or in trouble (pending, outcome unknown, failed or parked),
 running runs, each audience's latest run (`status` shows it), and the prunes
@@ -41,12 +41,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from audiencesync import failpoints
+from audiencesync import events as events_mod, failpoints
 from audiencesync.errors import PruneTimeError
 from audiencesync.schema import (
     admin_requests,
     call_values,
     calls,
+    events,
     membership_changes,
     memberships,
     prunes,
@@ -90,6 +91,7 @@ class Counts:
     membership_changes: int = 0
     sync_runs: int = 0
     admin_requests: int = 0
+    events: int = 0
 
     def add(self, other: Counts) -> None:
         for f in fields(self):
@@ -119,6 +121,7 @@ class PruneRecord:
     changes: int
     runs: int
     requests: int
+    events: int = 0
 
 
 @dataclass
@@ -206,6 +209,7 @@ def _runs_deletable(before: datetime, *, planned: bool = False) -> sa.ColumnElem
         ~referred(membership_changes, membership_changes.c.run_id, _changes_deletable(before)),
         ~by_value.exists(),
         ~referred(admin_requests, admin_requests.c.run_id, _requests_deletable(before)),
+        ~referred(events, events.c.run_id, events_mod.deletable(before)),
     )
 
 
@@ -234,6 +238,11 @@ def _delete_requests(conn: Connection, ids: Sequence[int], before: datetime) -> 
     return Counts(admin_requests=conn.execute(sa.delete(admin_requests).where(where)).rowcount)
 
 
+def _delete_events(conn: Connection, ids: Sequence[int], before: datetime) -> Counts:
+    where = sa.and_(events.c.id.in_(ids), events_mod.deletable(before))
+    return Counts(events=conn.execute(sa.delete(events).where(where)).rowcount)
+
+
 def _delete_runs(conn: Connection, ids: Sequence[int], before: datetime) -> Counts:
     where = sa.and_(sync_runs.c.id.in_(ids), _runs_deletable(before))
     return Counts(sync_runs=conn.execute(sa.delete(sync_runs).where(where)).rowcount)
@@ -244,6 +253,7 @@ _STEPS: tuple[tuple[sa.Table, Callable[[datetime], sa.ColumnElement[bool]], Dele
     (calls, _calls_deletable, _delete_calls),
     (membership_changes, _changes_deletable, _delete_changes),
     (admin_requests, _requests_deletable, _delete_requests),
+    (events, events_mod.deletable, _delete_events),
     (sync_runs, _runs_deletable, _delete_runs),
 )
 
@@ -333,6 +343,7 @@ class Pruner:
                         changes=prunes.c.changes + counts.membership_changes,
                         runs=prunes.c.runs + counts.sync_runs,
                         requests=prunes.c.requests + counts.admin_requests,
+                        events=prunes.c.events + counts.events,
                     )
                 )
             result.longest_batch_seconds = max(result.longest_batch_seconds, time.monotonic() - held)
@@ -361,6 +372,7 @@ class Pruner:
                 membership_changes=count(membership_changes, _changes_deletable(before)),
                 sync_runs=count(sync_runs, _runs_deletable(before, planned=True)),
                 admin_requests=count(admin_requests, _requests_deletable(before)),
+                events=count(events, events_mod.deletable(before)),
             )
 
     def kept(self, before: datetime) -> tuple[int, int]:

@@ -180,6 +180,9 @@ sync_runs = sa.Table(
     sa.Column("retries", sa.Integer, nullable=False, server_default="0"),
     sa.Column("rate_limited", sa.Integer, nullable=False, server_default="0"),
     sa.Column("error", sa.Text, nullable=True),
+    # Audience Entered / Exited events this run delivered (2xx), and that failed.
+    sa.Column("events_sent", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("events_failed", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_sync_runs_audience_id_started_at", "audience_id", "started_at"),
 )
 
@@ -198,6 +201,44 @@ membership_changes = sa.Table(
     # Members at an instant read the changes after it; a user's timeline reads theirs.
     sa.Index("ix_membership_changes_audience_id_at", "audience_id", "at"),
     sa.Index("ix_membership_changes_user_id_at", "user_id", "at"),
+)
+
+# The outbox of Audience Entered / Exited events (POST /admin/track): made in the
+# refresh's transaction from its entered/left changes, for audiences with events
+# on, and kept with their delivery state. The name and the audience's name are
+# those of when the change was seen: a later rename of the setting does not
+# rewrite history, nor what an unsent event says.
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), nullable=False),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("sync_runs.id"), nullable=False, index=True),
+    sa.Column("change", sa.String(8), nullable=False),  # entered | left
+    sa.Column("name", sa.String(255), nullable=False),  # the event's name, as sent
+    sa.Column("audience_name", sa.String(255), nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),  # when the change was seen: the event's date
+    # A request carrying it went out (or is about to) and no verdict came back.
+    sa.Column("unknown", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("sends", sa.Integer, nullable=False, server_default="0"),  # requests that carried it
+    sa.Column("sent_at", UtcDateTime, nullable=True),  # when the last of them went out
+    sa.Column("acked_at", UtcDateTime, nullable=True),  # a 2xx of a request that carried it
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),  # rejections
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),  # for the backoff
+    sa.Column("next_attempt_at", UtcDateTime, nullable=True),
+    sa.Column("last_status", sa.Integer, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("parked_at", UtcDateTime, nullable=True),
+    sa.Index("ix_events_user_id_id", "user_id", "id"),
+    sa.Index("ix_events_acked_at", "acked_at"),
+    # What is still owed: the delivery pass reads it by id, a short index however long the history.
+    sa.Index(
+        "ix_events_unsent",
+        "id",
+        sqlite_where=sa.text("acked_at IS NULL AND parked_at IS NULL"),
+        postgresql_where=sa.text("acked_at IS NULL AND parked_at IS NULL"),
+    ),
 )
 
 # What Gleap was told: one row per HTTP request sent (or tried) to Gleap's
@@ -248,6 +289,7 @@ prunes = sa.Table(
     sa.Column("changes", sa.Integer, nullable=False, server_default="0"),
     sa.Column("runs", sa.Integer, nullable=False, server_default="0"),
     sa.Column("requests", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("events", sa.Integer, nullable=False, server_default="0"),
 )
 
 # One row per named lease. The writer lease makes sure that only one process

@@ -13,14 +13,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from audiencesync.schema import DELIVERABLE, audiences, memberships, sync_runs
+from audiencesync.events import counts_by_audience
+from audiencesync.schema import DELIVERABLE, audiences, events, memberships, sync_runs
 
 
 @dataclass(frozen=True)
 class ParkedChange:
     audience: str
     user_id: str
-    value: bool
+    value: bool | str  # the membership's value, or an event's name
     attempts: int
     last_status: int | None
     last_error: str | None
@@ -39,6 +40,8 @@ class AudienceStatus:
     refreshed_at: datetime | None
     next_run_at: datetime | None
     last_run: dict[str, Any] | None
+    events_pending: int = 0  # Audience Entered/Exited events owed to Gleap, not parked
+    events_parked: int = 0
 
 
 def parked_changes(conn: Connection, audience_key: str | None = None) -> list[ParkedChange]:
@@ -56,6 +59,28 @@ def parked_changes(conn: Connection, audience_key: str | None = None) -> list[Pa
         .join(audiences, audiences.c.id == memberships.c.audience_id)
         .where(memberships.c.parked_at.is_not(None), memberships.c.pending == sa.true())
         .order_by(audiences.c.key, memberships.c.user_id)
+    )
+    if audience_key is not None:
+        query = query.where(audiences.c.key == audience_key)
+    parked = [ParkedChange(*row) for row in conn.execute(query)]
+    return parked + parked_events(conn, audience_key)
+
+
+def parked_events(conn: Connection, audience_key: str | None = None) -> list[ParkedChange]:
+    """Events parked after repeated rejections, by audience, user and time."""
+    query = (
+        sa.select(
+            audiences.c.key,
+            events.c.user_id,
+            events.c.name,
+            events.c.attempts,
+            events.c.last_status,
+            events.c.last_error,
+            events.c.parked_at,
+        )
+        .join(audiences, audiences.c.id == events.c.audience_id)
+        .where(events.c.parked_at.is_not(None), events.c.acked_at.is_(None))
+        .order_by(audiences.c.key, events.c.user_id, events.c.id)
     )
     if audience_key is not None:
         query = query.where(audiences.c.key == audience_key)
@@ -98,6 +123,7 @@ def audience_status(conn: Connection) -> list[AudienceStatus]:
         .order_by(audiences.c.key)
     )
     rows = conn.execute(query).all()
+    event_counts = counts_by_audience(conn)
     run_rows = {
         r.id: dict(r._mapping)
         for r in conn.execute(sa.select(sync_runs).where(sync_runs.c.id.in_([r.run_id for r in rows])))
@@ -114,6 +140,8 @@ def audience_status(conn: Connection) -> list[AudienceStatus]:
             refreshed_at=r.refreshed_at,
             next_run_at=r.next_run_at,
             last_run=run_rows.get(r.run_id),
+            events_pending=event_counts.get(r.id, (0, 0))[0],
+            events_parked=event_counts.get(r.id, (0, 0))[1],
         )
         for r in rows
     ]

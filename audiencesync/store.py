@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from audiencesync import diff, failpoints, outcomes, status as status_mod
+from audiencesync import diff, events as events_mod, failpoints, outcomes, status as status_mod
 from audiencesync.database import (
     create_engine as create_engine,
     empty_store as empty_store,
@@ -28,7 +28,15 @@ from audiencesync.database import (
 )
 from audiencesync.diff import DiffCounts
 from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
-from audiencesync.schema import DELIVERABLE, audiences, due, leases, memberships, sync_runs, write_connection
+from audiencesync.schema import (
+    DELIVERABLE,
+    audiences,
+    due,
+    leases,
+    memberships,
+    sync_runs,
+    write_connection,
+)
 from audiencesync.status import AudienceStatus as AudienceStatus, ParkedChange as ParkedChange
 
 Clock = Callable[[], datetime]
@@ -147,7 +155,8 @@ class Store:
     def finish_run(self, run_id: int, status: str, *, error: str | None = None) -> dict[str, Any]:
         """Close a run, counting what is still pending for its audience; returns the run's row.
 
-        A run that would succeed but leaves changes pending or parked is recorded as ``partial``.
+        A run that would succeed but leaves changes (or events) pending or parked is recorded
+        as ``partial``.
         """
         with self._write() as conn:
             audience_id = conn.execute(
@@ -161,7 +170,8 @@ class Store:
                 ).where(memberships.c.audience_id == audience_id)
             ).one()
             pending, parked, unknown = (int(n or 0) for n in counts)
-            if status == "succeeded" and (pending or parked):
+            events_owed = sum(events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0)))
+            if status == "succeeded" and (pending or parked or events_owed):
                 status = "partial"
             conn.execute(
                 sa.update(sync_runs)
@@ -199,6 +209,7 @@ class Store:
         *,
         full: bool,
         guard: Guard | None = None,
+        events: events_mod.EventNames | None = None,
     ) -> Refresh:
         """Make the audience's snapshot equal ``batches`` (the source's ids), recording each change.
 
@@ -208,7 +219,8 @@ class Store:
         SQLite's lock is never taken for it). Only then does one write
         transaction apply the diff. A source that fails midway therefore leaves
         the snapshot untouched. When ``guard`` objects to the counts, the whole
-        diff is rolled back and the reason returned.
+        diff is rolled back and the reason returned. With ``events``, each entry
+        and exit also becomes an event in the outbox, in the same transaction.
         """
         name = diff.new_stage_name()
         held: str | None = None
@@ -230,6 +242,10 @@ class Store:
                     counts = diff.apply_stage(
                         conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full
                     )
+                    if events is not None:
+                        events_mod.create_from_changes(
+                            conn, audience_id=audience.id, run_id=run_id, names=events
+                        )
                     failpoints.reach("before-commit")
                     held = guard(counts) if guard is not None else None
                     if held is not None:
@@ -322,8 +338,15 @@ class Store:
         return self._count(DELIVERABLE, audience_ids)
 
     def due_count(self, audience_ids: Sequence[int]) -> int:
-        """Changes a delivery pass would send now: pending, not parked, past their backoff."""
-        return self._count(due(memberships, self.clock()), audience_ids)
+        """Changes a delivery pass would send now (pending, not parked, past their backoff),
+        and events it would send now (up to 1,000 of them)."""
+        outbox = events_mod.Outbox(self.engine, clock=self.clock)
+        return self._count(due(memberships, self.clock()), audience_ids) + outbox.due_count(audience_ids)
+
+    def event_counts(self, audience_id: int) -> tuple[int, int]:
+        """(events pending, events parked) of one audience."""
+        with self._read() as conn:
+            return events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0))
 
     def _count(self, condition: sa.ColumnElement[bool], audience_ids: Sequence[int]) -> int:
         with self._read() as conn:
@@ -343,7 +366,7 @@ class Store:
             return status_mod.parked_changes(conn, audience_key)
 
     def requeue(self, audience_key: str | None = None, user_id: str | None = None) -> int:
-        """Un-park failed changes so the next run tries them again, with a fresh attempt budget."""
+        """Un-park failed changes and events so the next run tries them again, with a fresh attempt budget."""
         query = sa.update(memberships).where(memberships.c.parked_at.is_not(None))
         if audience_key is not None:
             ids = sa.select(audiences.c.id).where(audiences.c.key == audience_key).scalar_subquery()
@@ -351,9 +374,9 @@ class Store:
         if user_id is not None:
             query = query.where(memberships.c.user_id == user_id)
         with self._write() as conn:
-            return conn.execute(
-                query.values(parked_at=None, attempts=0, failures=0, next_attempt_at=None)
-            ).rowcount
+            fresh = {"parked_at": None, "attempts": 0, "failures": 0, "next_attempt_at": None}
+            changes = conn.execute(query.values(**fresh)).rowcount
+            return changes + events_mod.requeue(conn, audience_key, user_id)
 
     # --- status -----------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import uuid
@@ -26,7 +27,8 @@ from audiencesync.errors import (
     SourceError,
     StoreError,
 )
-from audiencesync.gleap import MAX_CUSTOM_KEYS
+from audiencesync.events import EventNames
+from audiencesync.gleap import MAX_CUSTOM_KEYS, track_event
 from audiencesync.schema import audiences
 from audiencesync.sources import ReadStats, Sources
 from audiencesync.store import Audience, Backoff, Guard, Store, empty_store, schema_revisions
@@ -51,6 +53,9 @@ class AudienceReport:
     rate_limited: int = 0
     skipped_rows: int = 0
     duplicate_rows: int = 0
+    events_sent: int = 0  # Audience Entered/Exited events Gleap acknowledged
+    events_pending: int = 0  # events still owed, not parked
+    events_parked: int = 0
     invalid_samples: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -61,6 +66,11 @@ class AudienceReport:
             f"parked={self.parked} unknown={self.unknown} retries={self.retries} "
             f"rate_limited={self.rate_limited} skipped_rows={self.skipped_rows}"
         )
+        if self.events_sent or self.events_pending or self.events_parked:
+            text += (
+                f" events_sent={self.events_sent} events_pending={self.events_pending}"
+                f" events_parked={self.events_parked}"
+            )
         if self.invalid_samples:
             text += f" invalid_ids=[{'; '.join(self.invalid_samples)}]"
         if self.error:
@@ -76,12 +86,21 @@ class PlannedCall:
     attributes: dict[str, bool]  # audience key -> value, in key order
 
 
+@dataclass(frozen=True)
+class PlannedTrack:
+    """One track call a dry run would make: ``POST track_url`` with ``{"events": events}``."""
+
+    events: list[dict[str, object]]  # gleap.track_event()s, in the order they would go
+
+
 @dataclass
 class CycleReport:
     cycle_id: str
     audiences: list[AudienceReport]
     dry_run: bool = False
     calls: int = 0
+    track_calls: int = 0  # of a dry run: the track calls, and the events they carry
+    events: int = 0
     aborted: GleapError | None = None  # Gleap refused the token, or its breaker opened
 
     @property
@@ -152,7 +171,7 @@ class Syncer:
         *,
         full: bool = False,
         dry_run: bool = False,
-        show_calls: Callable[[Iterator[PlannedCall]], object] | None = None,
+        show_calls: Callable[[Iterator[PlannedCall | PlannedTrack]], object] | None = None,
         progress: Callable[[int], Progress] | None = None,
         allow_removals: bool = False,
         stop: threading.Event | None = None,
@@ -221,7 +240,12 @@ class Syncer:
         guard = None if allow_removals else removal_guard(config)
         try:
             refresh = store.refresh(
-                audience, run.run_id, self.sources.read_ids(config, stats), full=full, guard=guard
+                audience,
+                run.run_id,
+                self.sources.read_ids(config, stats),
+                full=full,
+                guard=guard,
+                events=self.event_names(config),
             )
         except SourceError as exc:
             # The snapshot is untouched; pending changes from earlier cycles still go out.
@@ -244,6 +268,12 @@ class Syncer:
         )
         return run
 
+    def event_names(self, config: AudienceConfig) -> EventNames | None:
+        """The names of the audience's events, or None when it has none."""
+        if not config.events:
+            return None
+        return EventNames(self.config.gleap.entered_event, self.config.gleap.exited_event)
+
     def finish(
         self,
         run: Run,
@@ -265,6 +295,8 @@ class Syncer:
         run.report.retries, run.report.rate_limited = row["retries"], row["rate_limited"]
         run.report.sent = row["sent"]
         run.report.status = row["status"]
+        run.report.events_sent = row["events_sent"]
+        run.report.events_pending, run.report.events_parked = store.event_counts(run.audience.id)
 
     def _finish(self, store: Store, runs: list[Run], report: CycleReport) -> None:
         for run in runs:
@@ -280,7 +312,7 @@ class Syncer:
         *,
         full: bool,
         allow_removals: bool,
-        show: Callable[[Iterator[PlannedCall]], object] | None,
+        show: Callable[[Iterator[PlannedCall | PlannedTrack]], object] | None,
     ) -> None:
         """Plan the calls a sync would make now and hand them to ``show``, writing nothing to the store."""
         current, head = schema_revisions(self.store.engine)
@@ -299,18 +331,28 @@ class Syncer:
         try:
             with engine.connect() as conn, conn.begin():
                 table = plan.create_plan(conn)
-                for config in selected:
+                event_table = plan.create_event_plan(conn)
+                for place, config in enumerate(selected):
                     report.audiences.append(
                         self._plan_audience(
-                            conn, table, config, full=full, allow_removals=allow_removals, now=now
+                            conn,
+                            (table, event_table, place),
+                            config,
+                            full=full,
+                            allow_removals=allow_removals,
+                            now=now,
                         )
                     )
-                calls = _counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
+                size = self.config.gleap.track_batch_size
+                identify = _counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
+                tracks = _tracks(report, plan.planned_events(conn, event_table), size)
+                calls: Iterator[PlannedCall | PlannedTrack] = itertools.chain(identify, tracks)
                 if show is not None:
                     show(calls)
                 for _ in calls:  # what show left unread still counts
                     pass
                 plan.drop_plan(conn, table)
+                plan.drop_plan(conn, event_table)
         finally:
             if engine is not self.store.engine:
                 engine.dispose()
@@ -318,13 +360,29 @@ class Syncer:
     def _plan_audience(
         self,
         conn: Connection,
-        table: str,
+        tables: tuple[str, str, int],
         config: AudienceConfig,
         *,
         full: bool,
         allow_removals: bool,
         now: datetime,
     ) -> AudienceReport:
+        table, event_table, place = tables  # the plan's calls, its events, the audience's place
+
+        def add_events(stage: str | None) -> None:
+            names = self.event_names(config)
+            plan.add_events(
+                conn,
+                event_table,
+                key=config.key,
+                audience_id=audience_id,
+                audience_name=config.name,
+                place=place,
+                stage=stage,
+                names=(names.entered, names.exited) if names is not None else None,
+                now=now,
+            )
+
         row = conn.execute(
             sa.select(audiences.c.id, audiences.c.refreshed_at).where(audiences.c.key == config.key)
         ).one_or_none()
@@ -344,6 +402,7 @@ class Syncer:
             report.status, report.error = "failed", str(exc)
             log.error("%s", exc)
             report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            add_events(None)
             diff.drop_stage(conn, stage)
             return report
         counts = plan.preview_counts(conn, stage, audience_id)
@@ -356,11 +415,13 @@ class Syncer:
             report.status, report.error = "held", held
             log.error("audience %r held: %s", config.key, held)
             report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            add_events(None)
         else:
             report.status = "planned"
             report.pending = plan.add_applied(
                 conn, table, key=config.key, audience_id=audience_id, stage=stage, full=full, now=now
             )
+            add_events(stage)
         diff.drop_stage(conn, stage)
         return report
 
@@ -398,6 +459,22 @@ def removal_guard(audience: AudienceConfig) -> Guard:
         return None
 
     return guard
+
+
+def _tracks(
+    report: CycleReport, planned: Iterator[tuple[str, str, str, str, datetime]], size: int
+) -> Iterator[PlannedTrack]:
+    """The planned events in track calls of ``size``, each counted in ``report`` as it is read."""
+    batch: list[dict[str, object]] = []
+    for user_id, key, audience_name, name, at in planned:
+        batch.append(track_event(user_id, name, at, {"audience_key": key, "audience_name": audience_name}))
+        if len(batch) == size:
+            report.track_calls, report.events = report.track_calls + 1, report.events + len(batch)
+            yield PlannedTrack(batch)
+            batch = []
+    if batch:
+        report.track_calls, report.events = report.track_calls + 1, report.events + len(batch)
+        yield PlannedTrack(batch)
 
 
 def _counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, bool]]]) -> Iterator[PlannedCall]:

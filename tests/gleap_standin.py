@@ -18,6 +18,7 @@ import copy
 import hmac
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -35,6 +36,9 @@ from urllib.parse import unquote, urlsplit
 AUTH_PATH: Final = "/admin/auth"
 IDENTIFY_PATH: Final = "/admin/identify"
 CONTACTS_PATH: Final = "/admin/contacts/"  # DELETE /admin/contacts/<userId>
+TRACK_PATH: Final = "/admin/track"
+# An event's date as Gleap's docs and admin SDK send it: UTC, milliseconds, Z.
+EVENT_DATE: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 RATE_WINDOW_SECONDS: Final = 60.0
 # Gleap's documented limits on an identify call's custom data.
 MAX_CUSTOM_KEYS: Final = 35
@@ -260,6 +264,10 @@ class GleapStandIn:
         self._log_epoch = 0
         self._identify_calls: list[dict[str, Any]] = []
         self._deleted_contacts: list[str] = []  # each DELETE of a contact that was answered (404 too)
+        self._track_calls: list[list[dict[str, Any]]] = []  # each accepted track call's events
+        self._bad_event_users: set[str] = set()
+        self._track_fail_rules: deque[list[Any]] = deque()  # only track calls consume these
+        self._track_lose_rules: deque[list[Any]] = deque()
         self._contacts: dict[str, dict[str, Any]] = {}
         self._fail_rules: deque[list[Any]] = deque()
         self._delay_rules: deque[list[Any]] = deque()
@@ -360,11 +368,23 @@ class GleapStandIn:
         with self._lock:
             return list(self._deleted_contacts)
 
+    @property
+    def track_calls(self) -> list[list[dict[str, Any]]]:
+        """The events of each accepted (2xx) track call, in arrival order."""
+        with self._lock:
+            return copy.deepcopy(self._track_calls)
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every event accepted, in arrival order."""
+        return [event for batch in self.track_calls for event in batch]
+
     def reset_log(self) -> None:
         with self._lock:
             self._requests.clear()
             self._identify_calls.clear()
             self._deleted_contacts.clear()
+            self._track_calls.clear()
             self._log_epoch = self._next_seq
 
     # -- fault injection ---------------------------------------------------------------------------
@@ -377,6 +397,21 @@ class GleapStandIn:
     def fail_user(self, user_id: str, status: int, *, body: str = "", times: int | None = None) -> None:
         with self._lock:
             self._user_faults.setdefault(user_id, deque()).append(_UserFault(status, body, times))
+
+    def fail_track_next(self, count: int, status: int, *, body: str = "") -> None:
+        """The next ``count`` track calls are answered ``status`` (0: the connection is dropped)."""
+        with self._lock:
+            self._track_fail_rules.append([count, _text_reply(status, body) if status else _Reply(0)])
+
+    def lose_track_answer_next(self, count: int) -> None:
+        """Accept the next ``count`` track calls, then drop the connection: the answer is lost."""
+        with self._lock:
+            self._track_lose_rules.append([count, True])
+
+    def reject_events_of(self, user_id: str) -> None:
+        """A track call carrying an event of this user is answered 400 as a whole."""
+        with self._lock:
+            self._bad_event_users.add(user_id)
 
     def delay_next(self, count: int, seconds: float) -> None:
         with self._lock:
@@ -399,6 +434,9 @@ class GleapStandIn:
             self._drop_rules.clear()
             self._lose_rules.clear()
             self._user_faults.clear()
+            self._bad_event_users.clear()
+            self._track_fail_rules.clear()
+            self._track_lose_rules.clear()
 
     def hold(self, after: int = 0) -> None:
         """Answer the next ``after`` identify requests, then keep every later one
@@ -460,6 +498,10 @@ class GleapStandIn:
             if method != "DELETE":
                 return _json_reply(405, {"message": "Method not allowed"}, {"Allow": "DELETE"})
             return self._delete_contact(unquote(route[len(CONTACTS_PATH) :]))
+        if route == TRACK_PATH:
+            if method != "POST":
+                return _json_reply(405, {"message": "Method not allowed"}, {"Allow": "POST"})
+            return self._track(headers, body)
         return _json_reply(404, {"message": f"Not found: {route}"})
 
     def _delete_contact(self, user_id: str) -> _Reply:
@@ -547,6 +589,45 @@ class GleapStandIn:
             return _Reply(0)  # applied, but the answer never reaches the client
         return _json_reply(200, {"userId": user_id, "ok": True}, limit_headers)
 
+    def _track(self, headers: dict[str, str], body: Any) -> _Reply:
+        """Events, with the same fault rules as identify (but not hold()), and their own
+        (fail_track_next, lose_track_answer_next, reject_events_of): drop, fail, rate limit,
+        validation, reject_events_of, then success (or a lost answer)."""
+        with self._lock:
+            delay: float | None = _take(self._delay_rules)
+            drop = _take(self._drop_rules) is not None
+            failure: _Reply | None = (
+                None if drop else _take(self._track_fail_rules) or _take(self._fail_rules)
+            )
+            limit_headers, limited = ({}, False) if drop or failure else self._admit()
+            lose = not (drop or failure or limited) and (
+                _take(self._track_lose_rules) is not None or _take(self._lose_rules) is not None
+            )
+        if delay and self._stopping.wait(delay):
+            return _Reply(0)
+        if drop:
+            return _Reply(0)
+        if failure is not None:
+            return failure
+        if limited:
+            return _json_reply(429, {"message": "Too many requests"}, {"Retry-After": "1", **limit_headers})
+        content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type != _JSON:
+            return _json_reply(400, {"message": "Content-Type must be application/json"})
+        problem = _track_problem(body)
+        if problem is not None:
+            return _json_reply(400, {"message": problem})
+        with self._lock:
+            bad = sorted({e["userId"] for e in body["events"]} & self._bad_event_users)
+            if not bad:
+                self._track_calls.append(copy.deepcopy(body["events"]))
+        if bad:
+            return _json_reply(400, {"message": f"Invalid event for user {bad[0]}"})
+        self._contacts_changed()
+        if lose:
+            return _Reply(0)
+        return _json_reply(200, {"ok": True}, limit_headers)
+
     def _user_fault(self, user_id: str) -> _UserFault | None:
         faults = self._user_faults.get(user_id)
         if not faults:
@@ -576,6 +657,27 @@ class GleapStandIn:
         """Hook for subclasses; runs after each successful identify, before the answer is sent."""
 
 
+def _track_problem(body: Any) -> str | None:
+    """Why a track body is not what Gleap takes, or None."""
+    if not isinstance(body, dict) or not isinstance(body.get("events"), list) or not body["events"]:
+        return 'Body must be {"events": [...]} with at least one event'
+    for event in body["events"]:
+        if not isinstance(event, dict) or set(event) != {"name", "date", "userId", "data"}:
+            return "Each event has exactly name, date, userId and data"
+        if not isinstance(event["name"], str) or not event["name"]:
+            return "name must be a non-empty string"
+        if not isinstance(event["userId"], str) or not event["userId"]:
+            return "userId must be a non-empty string"
+        if not isinstance(event["date"], str) or not EVENT_DATE.fullmatch(event["date"]):
+            return f"date must be ISO 8601 UTC with milliseconds, got {event['date']!r}"
+        data = event["data"]
+        if not isinstance(data, dict) or not all(
+            isinstance(v, str | int | float | bool) for v in data.values()
+        ):
+            return "data must be flat: strings, numbers and booleans"
+    return None
+
+
 class _StateFileStandIn(GleapStandIn):
     """The standalone process's view for a parent test: contacts mirrored into a JSON file."""
 
@@ -588,7 +690,11 @@ class _StateFileStandIn(GleapStandIn):
     def _contacts_changed(self) -> None:
         with self._write_lock:
             with self._lock:
-                state = {"contacts": self._contacts, "identify_calls": len(self._identify_calls)}
+                state = {
+                    "contacts": self._contacts,
+                    "identify_calls": len(self._identify_calls),
+                    "track_calls": self._track_calls,
+                }
                 text = json.dumps(state, sort_keys=True)
             # Written whole then renamed, so a reader never sees half a file.
             fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=f".{self.state_file.name}.")

@@ -85,3 +85,37 @@ def test_0005_turns_the_delivery_log_into_calls_and_back(store_url: str) -> None
         (2, 2, "u3", True, 0),
         (1, 1, "u4", True, 429),
     ]
+
+
+def test_0006_events_adds_an_empty_outbox_and_nothing_is_owed(store_url: str) -> None:
+    engine = store_mod.create_engine(store_url, create=True)
+    with engine.begin() as conn:
+        command.upgrade(database._alembic_config(conn), "0005")
+        conn.execute(
+            _at("INSERT INTO audiences (id, key, name, created_at) VALUES (1, 'a', 'A', :t1)"), {"t1": T1}
+        )
+        conn.execute(
+            _at(
+                "INSERT INTO sync_runs (id, cycle_id, audience_id, mode, status, started_at) "
+                "VALUES (1, 'c1', 1, 'initial', 'succeeded', :t1)"
+            ),
+            {"t1": T1},
+        )
+        conn.execute(
+            _at(
+                "INSERT INTO memberships (audience_id, user_id, desired, acked, changed_at) VALUES "
+                "(1, 'u1', true, true, :t1), (1, 'u2', true, NULL, :t1)"
+            ),
+            {"t1": T1},
+        )
+    store_mod.upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM events")).scalar_one() == 0
+        assert conn.execute(sa.text("SELECT events_sent, events_failed FROM sync_runs")).one() == (0, 0)
+        assert conn.execute(sa.text("SELECT count(*) FROM memberships WHERE pending")).scalar_one() == 1
+    with engine.begin() as conn:
+        command.downgrade(database._alembic_config(conn), "0005")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM sync_runs")).scalar_one() == 1
+        assert "events" not in sa.inspect(conn).get_table_names()
+    engine.dispose()

@@ -1,0 +1,174 @@
+"""Sending the due Audience Entered / Exited events to Gleap's track endpoint, in batches.
+
+The delivery pass runs this after its identify calls, on the same client (so
+the same rate limiter, retries and circuit breaker). Batches go one at a time,
+in the events' order: a crash re-sends at most the one batch in flight. Each
+batch is marked outcome-unknown in the store before it leaves, and its answer
+is stored as soon as it arrives. A batch refused as a whole (400, 413, 422) is
+split in halves until the refused events stand alone, so one bad event never
+parks its neighbours; a lone event refused is a verdict on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+from audiencesync import failpoints
+from audiencesync.errors import GleapAuthError
+from audiencesync.events import DueEvent, EventOutcome, Outbox
+from audiencesync.gleap import GleapClient, track_event
+
+log = logging.getLogger(__name__)
+
+# Answers about a batch's content that may concern only some of its events.
+SPLIT_STATUSES = frozenset({400, 413, 422})
+
+
+def event_body(event: DueEvent) -> dict[str, object]:
+    return track_event(
+        event.user_id,
+        event.name,
+        event.at,
+        {"audience_key": event.audience_key, "audience_name": event.audience_name},
+    )
+
+
+class EventSender:
+    """Sends what the outbox says is due. Seams: the outbox, the batch size, the retry policy."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        batch_size: int,
+        max_attempts: int,
+        backoff: tuple[float, float],
+    ) -> None:
+        self.outbox = outbox
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        # Told of every acknowledged batch (the daemon's stall detection counts them as progress).
+        self.on_acknowledged: Callable[[], None] | None = None
+
+    async def send_due(
+        self,
+        client: GleapClient,
+        audience_ids: Sequence[int],
+        run_ids: Callable[[int], int],
+        *,
+        halted: Callable[[], bool],
+        stop: threading.Event | None = None,
+        grace_seconds: float = 30.0,
+    ) -> int:
+        """One pass over the due events of these audiences; returns the number of requests sent.
+
+        A user whose event failed in this pass has no later event sent in it, so that
+        their events never arrive out of order. Once ``stop`` is set, the request in
+        flight gets ``grace_seconds``, as identify calls do, then is cancelled (its
+        events stay marked unknown, and owed).
+        """
+        task = asyncio.create_task(self._pass(client, audience_ids, run_ids, halted))
+
+        async def cancel_on_stop() -> None:
+            assert stop is not None
+            while not stop.is_set():
+                await asyncio.sleep(0.1)
+            await asyncio.wait([task], timeout=grace_seconds)
+            task.cancel()
+
+        watcher = asyncio.create_task(cancel_on_stop()) if stop is not None else None
+        try:
+            await asyncio.wait([task])
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        return 0 if task.cancelled() else task.result()
+
+    async def _pass(
+        self,
+        client: GleapClient,
+        audience_ids: Sequence[int],
+        run_ids: Callable[[int], int],
+        halted: Callable[[], bool],
+    ) -> int:
+        after = 0
+        requests = 0
+        failed_users: set[str] = set()
+        while not halted():
+            page = await asyncio.to_thread(self.outbox.due, audience_ids, after, self.batch_size)
+            if not page:
+                break
+            after = page[-1].id
+            batch = [event for event in page if event.user_id not in failed_users]
+            if not batch:
+                continue
+            await asyncio.to_thread(self.outbox.mark_unknown, batch)
+            failpoints.reach("event-batch")
+            recorded: set[int] = set()
+            try:
+                outcomes, sent = await self._deliver(client, batch, run_ids, 0, recorded, halted)
+            except GleapAuthError:
+                # A verdict on the token: nothing was applied.
+                await asyncio.to_thread(
+                    self.outbox.restore_unknown, [e for e in batch if e.id not in recorded]
+                )
+                raise
+            requests += sent
+            for outcome in outcomes:
+                if not outcome.acknowledged:
+                    failed_users.update(event.user_id for event in outcome.events)
+        return requests
+
+    async def _deliver(
+        self,
+        client: GleapClient,
+        batch: list[DueEvent],
+        run_ids: Callable[[int], int],
+        sends_before: int,
+        recorded: set[int],
+        halted: Callable[[], bool],
+    ) -> tuple[list[EventOutcome], int]:
+        if halted():  # marked but never sent: they get their mark back
+            await asyncio.to_thread(self.outbox.restore_unknown, batch)
+            recorded.update(event.id for event in batch)
+            return [], 0
+        answer = await client.track([event_body(event) for event in batch])
+        sent = max(len(answer.tries), 1)
+        sends = sends_before + sent
+        if answer.permanent and answer.status in SPLIT_STATUSES and len(batch) > 1:
+            middle = len(batch) // 2
+            log.info("a batch of %d events was refused (%s); splitting it", len(batch), answer.error)
+            first, first_sent = await self._deliver(client, batch[:middle], run_ids, sends, recorded, halted)
+            second, second_sent = await self._deliver(
+                client, batch[middle:], run_ids, sends, recorded, halted
+            )
+            return first + second, sent + first_sent + second_sent
+        outcome = EventOutcome(
+            tuple(batch),
+            answer.status,
+            answer.error,
+            permanent=answer.permanent,
+            maybe_applied=answer.maybe_applied,
+            sends=sends,
+            sent_at=answer.tries[-1].at if answer.tries else None,
+            retries=answer.retries,
+            rate_limited=answer.rate_limited,
+        )
+        failpoints.reach("before-event-record")
+        await asyncio.to_thread(
+            self.outbox.record, outcome, run_ids, max_attempts=self.max_attempts, backoff=self.backoff
+        )
+        recorded.update(event.id for event in batch)
+        failpoints.reach("after-event-record")
+        if answer.ok and self.on_acknowledged is not None:
+            self.on_acknowledged()
+        if not answer.ok:
+            log.warning("track: %d event(s) refused: %s", len(batch), answer.error)
+        return [outcome], sent

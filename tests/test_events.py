@@ -1,0 +1,415 @@
+"""Audience Entered / Exited events: made with the refresh, sent after the identify, batched,
+split on a 400, re-sent when the outcome is unknown; on both stores, against the stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from audiencesync import audit, store as store_mod
+from audiencesync.config import Config
+from audiencesync.gleap import event_date
+from audiencesync.prune import Pruner
+from audiencesync.schema import events, sync_runs
+from audiencesync.store import Store
+from audiencesync.sync import PlannedCall, PlannedTrack, Syncer
+from tests.conftest import TOKEN, ConfigFactory, SourceDB
+from tests.gleap_standin import GleapStandIn, RecordedRequest, _track_problem
+from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for
+from tests.test_sync import cycle, only
+
+__all__ = ["daemons"]  # the daemon tests' fixture, used here too
+
+EVENTS_ON = """
+[[audiences]]
+name = "Segment A"
+source = "main"
+query = "SELECT user_id FROM members WHERE segment = 'a'"
+events = true
+"""
+
+
+def event_rows(config: Config) -> list[dict[str, object]]:
+    engine = store_mod.create_engine(config.store.url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(events).order_by(events.c.id)).mappings().all()
+            return [dict(r) for r in rows]
+    finally:
+        engine.dispose()
+
+
+def track_requests(gleap: GleapStandIn) -> list[RecordedRequest]:
+    return [r for r in gleap.requests if r.path.startswith("/admin/track")]
+
+
+def test_entries_and_exits_become_events_after_the_identify(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    report = cycle(config)
+    assert report.complete, only(report)
+    sent = gleap.events
+    assert [(e["userId"], e["name"]) for e in sent] == [
+        ("u1", "Audience Entered"),
+        ("u2", "Audience Entered"),
+    ]
+    assert sent[0]["data"] == {"audience_key": "segment_a", "audience_name": "Segment A"}
+    stored = event_rows(config)
+    assert sent[0]["date"] == event_date(stored[0]["at"])  # type: ignore[arg-type]
+    assert all(row["acked_at"] is not None and row["sends"] == 1 for row in stored)
+    # Every identify came before the track call that carried its events.
+    paths = [r.path.split("?")[0] for r in gleap.requests]
+    assert paths == ["/admin/identify", "/admin/identify", "/admin/track"]
+
+    gleap.reset_log()
+    source.set(["u2", "u3"])
+    cycle(config)
+    assert sorted((e["userId"], e["name"]) for e in gleap.events) == [
+        ("u1", "Audience Exited"),
+        ("u3", "Audience Entered"),
+    ]
+    assert only(cycle(config)).status == "succeeded"
+
+
+def test_names_and_the_default_come_from_the_settings(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u3"])
+    source.set(["u1"], segment="b")
+    audiences = """
+    [[audiences]]
+    name = "Segment A"
+    source = "main"
+    query = "SELECT user_id FROM members WHERE segment = 'a'"
+
+    [[audiences]]
+    name = "Segment B"
+    source = "main"
+    query = "SELECT user_id FROM members WHERE segment = 'b'"
+    events = false
+    """
+    extra = 'events = true\nentered_event = "Joined"\nexited_event = "Left"'
+    config = make_config(gleap.base_url, audiences=audiences, extra_gleap=extra)
+    cycle(config)
+    assert [(e["userId"], e["name"], e["data"]["audience_key"]) for e in gleap.events] == [
+        ("u1", "Joined", "segment_a"),
+        ("u3", "Joined", "segment_a"),
+    ]
+    gleap.reset_log()
+    source.set(["u2", "u3"])
+    cycle(config)
+    assert sorted((e["userId"], e["name"]) for e in gleap.events) == [("u1", "Left"), ("u2", "Joined")]
+
+
+def test_events_go_in_batches_of_track_batch_size(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    members = [f"u{i}" for i in range(7)]
+    source.set(members)
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, extra_gleap="track_batch_size = 3")
+    report = cycle(config)
+    assert [len(batch) for batch in gleap.track_calls] == [3, 3, 1]
+    assert [e["userId"] for e in gleap.events] == members
+    assert (only(report).events_sent, only(report).events_pending) == (7, 0)
+    assert all(r.body == {"events": b} for r, b in zip(track_requests(gleap), gleap.track_calls, strict=True))
+
+
+def test_an_event_waits_for_its_identify_even_when_the_identify_fails_first(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    gleap.fail_user("u1", 503, times=4)  # every try of this cycle: no verdict
+    report = cycle(config)
+    assert [e["userId"] for e in gleap.events] == ["u2"]
+    assert (only(report).events_sent, only(report).events_pending) == (1, 1)
+
+    report = cycle(config)
+    assert [e["userId"] for e in gleap.events] == ["u2", "u1"]
+    assert only(report).events_pending == 0
+    # u1's event came after the identify that set u1's membership.
+    order = [
+        ("identify", r.body["userId"]) if "identify" in r.path else ("track", r.body["events"][0]["userId"])
+        for r in gleap.requests
+        if r.status == 200
+    ]
+    assert order.index(("identify", "u1")) < order.index(("track", "u1"))
+
+
+def test_a_user_who_enters_and_leaves_before_delivery_gets_both_events_in_order(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    gleap.fail_user("u1", 503, times=4)
+    cycle(config)
+    source.set(["u2"])
+    report = cycle(config)
+    assert report.complete
+    assert [(e["userId"], e["name"]) for e in gleap.events] == [
+        ("u2", "Audience Entered"),
+        ("u1", "Audience Entered"),
+        ("u1", "Audience Exited"),
+    ]
+    # Gleap may have applied the lost true: the false went out before both events.
+    identifies = [r.body for r in gleap.requests if "identify" in r.path and r.status == 200]
+    assert identifies[-1] == {"userId": "u1", "segment_a": False}
+
+
+def test_a_refused_batch_is_split_to_find_the_bad_event(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    members = [f"u{i}" for i in range(1, 6)]
+    source.set(members)
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, extra="[sync]\nmax_attempts = 2\n")
+    gleap.reject_events_of("u3")
+    report = cycle(config)
+    assert [e["userId"] for e in gleap.events] == ["u1", "u2", "u4", "u5"]
+    # 5 -> 400; [u1 u2] ok; [u3 u4 u5] 400; [u3] 400, a verdict; [u4 u5] ok.
+    assert [(len(r.body["events"]), r.status) for r in track_requests(gleap)] == [
+        (5, 400), (2, 200), (3, 400), (1, 400), (2, 200)
+    ]  # fmt: skip
+    rows = {row["user_id"]: row for row in event_rows(config)}
+    assert rows["u3"]["acked_at"] is None and rows["u3"]["attempts"] == 1
+    assert rows["u3"]["last_status"] == 400 and "u3" in str(rows["u3"]["last_error"])
+    assert rows["u3"]["sends"] == 3 and not rows["u3"]["unknown"]
+    assert rows["u4"]["sends"] == 3 and rows["u1"]["sends"] == 2
+    assert (only(report).events_sent, only(report).events_pending) == (4, 1)
+
+    report = cycle(config)  # the second rejection parks it
+    assert (only(report).events_pending, only(report).events_parked) == (0, 1)
+    engine = store_mod.create_engine(config.store.url)
+    store = store_mod.Store(engine)
+    (parked,) = store.parked()
+    assert (parked.audience, parked.user_id, parked.value, parked.attempts) == (
+        "segment_a",
+        "u3",
+        "Audience Entered",
+        2,
+    )
+    gleap.clear_faults()
+    assert store.requeue(user_id="u3") == 1
+    engine.dispose()
+    report = cycle(config)
+    assert gleap.events[-1]["userId"] == "u3" and only(report).events_parked == 0
+
+
+@pytest.mark.parametrize("fault", ["503", "dropped", "lost answer"])
+def test_an_event_batch_without_a_verdict_stays_unknown_and_is_sent_again(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, fault: str
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, timeout_seconds=0.5)
+    if fault == "503":
+        gleap.fail_track_next(4, 503)  # the first try and its 3 retries
+    elif fault == "dropped":
+        gleap.fail_track_next(4, 0)
+    else:
+        gleap.lose_track_answer_next(4)
+    report = cycle(config)
+    assert (only(report).events_sent, only(report).events_pending) == (0, 2)
+    rows = event_rows(config)
+    assert all(row["unknown"] and row["acked_at"] is None and row["sends"] == 4 for row in rows)
+    report = cycle(config)
+    assert (only(report).events_sent, only(report).events_pending) == (2, 0)
+    assert all(not row["unknown"] and row["acked_at"] is not None for row in event_rows(config))
+    accepted = [e["userId"] for e in gleap.events]
+    assert accepted == (["u1", "u2"] * 5 if fault == "lost answer" else ["u1", "u2"])
+
+
+@pytest.mark.parametrize("point", ["event-batch:2", "before-event-record:3", "after-event-record:2"])
+def test_sigkill_mid_event_batch_then_rerun_converges_within_the_bound(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, point: str
+) -> None:
+    from tests.test_reliability import sync as sync_process
+
+    members = [f"u{i:03d}" for i in range(200)]
+    source.set(members)
+    config = make_config(gleap.base_url, token=None, audiences=EVENTS_ON, extra_gleap="track_batch_size = 40")
+    token = {"GLEAP_API_TOKEN": TOKEN}
+    killed = sync_process(config, env=token | {"AUDIENCESYNC_FAILPOINT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(gleap.identify_calls) == 200  # the kill came in the event pass
+
+    rerun = sync_process(config, env=token)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    told = Counter(e["userId"] for e in gleap.events)
+    assert set(told) == set(members) and all(e["name"] == "Audience Entered" for e in gleap.events)
+    # Only the batch in flight at the kill (sent, its answer not stored) goes out twice.
+    assert sum(n - 1 for n in told.values()) <= config.gleap.track_batch_size
+    if point.startswith("before-event-record"):
+        assert sum(n - 1 for n in told.values()) == 40
+    assert all(row["acked_at"] is not None and not row["unknown"] for row in event_rows(config))
+
+
+def test_prune_deletes_acknowledged_events_and_keeps_the_unsent(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    long_ago = datetime.now(UTC) - timedelta(days=10)
+    source.set(["u1", "u2", "u3"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    gleap.reject_events_of("u3")
+    engine = store_mod.create_engine(config.store.url)
+    syncer = Syncer(config, Store(engine, clock=lambda: long_ago), backoff_initial=0.01)
+    try:
+        syncer.run_cycle()
+    finally:
+        syncer.sources.dispose()
+    assert [e["userId"] for e in gleap.events] == ["u1", "u2"]
+
+    pruner = Pruner(engine, lambda: datetime.now(UTC), pause_seconds=0)
+    cut = datetime.now(UTC) - timedelta(days=5)
+    assert pruner.plan(cut).events == 2
+    result = pruner.prune(cut, by="cli")
+    assert result.finished and result.deleted.events == 2
+    assert [(row["user_id"], row["acked_at"]) for row in event_rows(config)] == [("u3", None)]
+    assert pruner.last() is not None and pruner.last().events == 2  # type: ignore[union-attr]
+    with engine.connect() as conn:  # the run the unsent event came from stays
+        run_ids = set(conn.execute(sa.select(sync_runs.c.id)).scalars())
+    assert {row["run_id"] for row in event_rows(config)} <= run_ids
+    engine.dispose()
+
+
+def test_the_dry_run_lists_the_track_calls_after_the_identify_calls(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2", "u3"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, extra_gleap="track_batch_size = 2")
+    gleap.reject_events_of("u3")
+    cycle(config)  # u3's event stays owed
+    gleap.clear_faults()
+    gleap.reset_log()
+    source.set(["u2", "u3", "u4"])
+    planned: list[PlannedCall | PlannedTrack] = []
+    report = cycle(config, dry_run=True, show_calls=planned.extend)
+    assert gleap.requests == [] and report.complete
+    identify = [c for c in planned if isinstance(c, PlannedCall)]
+    tracks = [c for c in planned if isinstance(c, PlannedTrack)]
+    assert planned == identify + tracks  # the events after every identify call
+    assert identify == [PlannedCall("u1", {"segment_a": False}), PlannedCall("u4", {"segment_a": True})]
+    assert [[(e["userId"], e["name"]) for e in t.events] for t in tracks] == [
+        [("u3", "Audience Entered"), ("u1", "Audience Exited")],
+        [("u4", "Audience Entered")],
+    ]
+    assert all(problem is None for t in tracks for problem in [_track_problem({"events": t.events})])
+    assert (report.calls, report.track_calls, report.events) == (2, 2, 3)
+
+    # Exactly what the sync then sends.
+    cycle(config)
+    assert [[(e["userId"], e["name"], e["data"]) for e in b] for b in gleap.track_calls] == [
+        [(e["userId"], e["name"], e["data"]) for e in t.events] for t in tracks
+    ]
+
+
+def test_audit_user_shows_each_event_with_its_state(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    gleap.reject_events_of("u2")
+    cycle(config)
+    engine = store_mod.create_engine(config.store.url)
+    with engine.connect() as conn:
+        ok = audit.timeline(conn, "u1")
+        refused = audit.timeline(conn, "u2", "segment_a")
+    engine.dispose()
+    assert [(row[2], row[3], row[4]) for row in ok] == [
+        ("entered", True, "acknowledged"),
+        ("call", True, "acknowledged"),
+        ("track", "Audience Entered", "acknowledged"),
+    ]
+    track = refused[-1]
+    assert (track[2], track[4], track[5], track[6]) == ("track", "failed", 400, 2)  # sent twice (split)
+    assert "u2" in track[7] and track[9] is None
+
+
+def test_config_refuses_bad_event_settings(make_config: ConfigFactory) -> None:
+    from audiencesync.errors import ConfigError
+
+    config = make_config()
+    assert (config.gleap.events, config.gleap.track_batch_size) == (False, 100)
+    assert not config.audiences[0].events
+    for extra, words in [
+        ("track_batch_size = 501", "at most 500"),
+        ("track_batch_size = 0", "track_batch_size"),
+        ('entered_event = ""', "entered_event"),
+        ('exited_event = "Audience Entered"', "different names"),
+        ('events = "yes"', "events"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            make_config(extra_gleap=extra)
+        assert words in str(caught.value), (extra, str(caught.value))
+
+
+def test_the_daemon_posts_the_events_of_each_cycle(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, daemons: Callable[[Config], Daemon]
+) -> None:
+    first = [f"u{i:02d}" for i in range(30)]
+    source.set(first)
+    config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE, audiences=EVENTS_ON)
+    daemon = daemons(config)
+
+    def told(name: str) -> set[str]:
+        return {e["userId"] for e in gleap.events if e["name"] == name}
+
+    wait_for(lambda: told("Audience Entered") == set(first), what="the first sync's events")
+    source.set([*first[5:], "new1"])
+    wait_for(lambda: told("Audience Exited") == set(first[:5]), timeout=20, what="the exits")
+    wait_for(lambda: "new1" in told("Audience Entered"), what="the entry")
+    assert daemon.stop() == 0
+    assert len(gleap.events) == 36  # each event once
+
+
+def test_a_stop_mid_event_batch_cancels_it_after_the_grace_and_the_events_stay_owed(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)
+    gleap.reject_events_of("u1")
+    gleap.reject_events_of("u2")
+    cycle(config)  # identify acknowledged, both events refused once and owed
+    gleap.clear_faults()
+    gleap.delay_next(1, 60)  # the next request, the track call, hangs
+
+    engine = store_mod.create_engine(config.store.url)
+    store = Store(engine)
+    syncer = Syncer(config, store, backoff_initial=0.01)
+    audience = store.ensure_audience("segment_a", "Segment A")
+    run_id = store.start_run("c-stop", audience, "delivery")
+    stop = threading.Event()
+    done: list[int] = []
+
+    def deliver() -> None:
+        deliverer = syncer.deliverer()
+        drain = deliverer.drain(
+            [audience.id], {audience.id: "segment_a"}, lambda _: run_id, stop=stop, grace_seconds=0.5
+        )
+        done.append(asyncio.run(drain))
+
+    thread = threading.Thread(target=deliver)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not all(row["unknown"] for row in event_rows(config)):  # marked: the batch is leaving
+        assert time.monotonic() < deadline, "the event batch never left"
+        time.sleep(0.05)
+    stop.set()
+    thread.join(timeout=20)
+    assert not thread.is_alive() and done == [0]
+    assert gleap.events == []
+    # It may have reached Gleap: still marked unknown, still owed.
+    assert all(row["unknown"] and row["acked_at"] is None for row in event_rows(config))
+    syncer.sources.dispose()
+    engine.dispose()
+
+    report = cycle(config)
+    assert sorted(e["userId"] for e in gleap.events) == ["u1", "u2"] and only(report).events_pending == 0
