@@ -76,10 +76,12 @@ def counts_of(out: str) -> dict[str, int]:
 
 @pytest.fixture
 def synced(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) -> Iterator[Config]:
-    """Two audiences, u1..u4, some history: u3 left a, u2 entered b later, and a rejected call for u4."""
+    """Two audiences with events, u1..u4, history: u3 left a, u2 entered b later, u4 rejected once."""
     source.set(["u1", "u2", "u3", "u4"], "a")
     source.set(["u1"], "b")
-    config = make_config(gleap.base_url, audiences=TWO_AUDIENCES, sync='retry_backoff = "0s"')
+    config = make_config(
+        gleap.base_url, audiences=TWO_AUDIENCES, sync='retry_backoff = "0s"', extra_gleap="events = true"
+    )
     cycle(config)
     source.set(["u1", "u2", "u4"], "a")
     source.set(["u1", "u2", "u4"], "b")
