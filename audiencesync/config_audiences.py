@@ -22,6 +22,9 @@ class AudienceConfig:
     allow_empty: bool = False
     interval: float = ScheduleConfig.interval
     jitter: float = ScheduleConfig.jitter
+    # "trait" for a [[traits]] entry (config_traits.py): its query gives a value per user.
+    kind: str = "audience"
+    missing: str | None = None  # a trait's value (canonical JSON) for users without one; None: null
 
 
 AUDIENCE_KEYS = (

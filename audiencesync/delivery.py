@@ -2,8 +2,8 @@
 
 Audiences take turns a page of users at a time, so a new audience's hours-long
 first sync never starves the few changes of the others. Each user gets one
-call carrying all of their pending audience values. Calls run concurrently
-through the shared rate limiter, and every answer is stored as soon as it
+call carrying all of their pending properties (memberships, trait values).
+Calls run concurrently through the shared rate limiter, and every answer is stored as soon as it
 arrives. A call's concurrency slot is freed only then, so at most
 ``max_concurrency`` calls are ever sent but not yet recorded: that bounds what
 a crash can make the next run send again.
@@ -21,7 +21,7 @@ from itertools import groupby
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
-from audiencesync import failpoints
+from audiencesync import failpoints, payload
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import AudienceSyncError, GleapAuthError, GleapUnavailableError
@@ -169,7 +169,9 @@ class Deliverer:
 
         async def send(client: GleapClient, user_id: str, changes: list[PendingChange]) -> None:
             try:
-                answer = await client.identify(user_id, {keys[c.audience_id]: c.value for c in changes})
+                answer = await client.identify(
+                    user_id, payload.attributes((keys[c.audience_id], c) for c in changes)
+                )
             except GleapAuthError as exc:
                 # A verdict on the token: nothing was applied. The calls in flight
                 # finish (and are refused) rather than being cancelled half-sent.

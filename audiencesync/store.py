@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from audiencesync import diff, failpoints, outcomes, status as status_mod
+from audiencesync import diff, failpoints, outcomes, status as status_mod, values
 from audiencesync.database import (
     create_engine as create_engine,
     empty_store as empty_store,
@@ -27,6 +27,7 @@ from audiencesync.database import (
     utc_now as utc_now,
 )
 from audiencesync.diff import DiffCounts
+from audiencesync.errors import StoreError
 from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
 from audiencesync.schema import DELIVERABLE, audiences, due, leases, memberships, sync_runs, write_connection
 from audiencesync.status import AudienceStatus as AudienceStatus, ParkedChange as ParkedChange
@@ -43,6 +44,7 @@ class Audience:
     key: str
     name: str
     refreshed_at: datetime | None
+    kind: str = "audience"  # audience | trait
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,17 @@ def pending_page_query(
     )
     m = memberships.alias("m")
     return (
-        sa.select(m.c.audience_id, m.c.user_id, m.c.desired, m.c.unknown, m.c.failures)
+        sa.select(
+            m.c.audience_id,
+            m.c.user_id,
+            m.c.desired,
+            m.c.unknown,
+            m.c.failures,
+            audiences.c.kind,
+            # What the call carries: the row's value while desired; a trait's missing value otherwise.
+            sa.case((m.c.desired, m.c.value), else_=audiences.c.missing).label("value"),
+        )
+        .join(audiences, audiences.c.id == m.c.audience_id)
         .where(
             due(m, now),
             m.c.audience_id.in_(audience_ids),
@@ -115,15 +127,31 @@ class Store:
 
     # --- audiences and runs ---
 
-    def ensure_audience(self, key: str, name: str) -> Audience:
+    def ensure_audience(
+        self, key: str, name: str, *, kind: str = "audience", missing: str | None = None
+    ) -> Audience:
+        """The row of this audience or trait, made on first use; ``missing``: a trait's
+        value (canonical JSON) for users without one, as configured now."""
         with self._write() as conn:
             row = conn.execute(sa.select(audiences).where(audiences.c.key == key)).one_or_none()
             if row is None:
-                conn.execute(sa.insert(audiences).values(key=key, name=name, created_at=self.clock()))
+                conn.execute(
+                    sa.insert(audiences).values(
+                        key=key, name=name, kind=kind, missing=missing, created_at=self.clock()
+                    )
+                )
                 row = conn.execute(sa.select(audiences).where(audiences.c.key == key)).one()
-            elif row.name != name:
-                conn.execute(sa.update(audiences).where(audiences.c.id == row.id).values(name=name))
-        return Audience(id=row.id, key=row.key, name=name, refreshed_at=row.refreshed_at)
+            elif (row.name, row.kind, row.missing) != (name, kind, missing):
+                if row.kind != kind:
+                    raise StoreError(
+                        f"the key {key!r} is a{'n' if row.kind == 'audience' else ''} {row.kind} in the "
+                        f"store and a{'n' if kind == 'audience' else ''} {kind} in the config. "
+                        "Fix: give the new one another key (a key names one property in Gleap)"
+                    )
+                conn.execute(
+                    sa.update(audiences).where(audiences.c.id == row.id).values(name=name, missing=missing)
+                )
+        return Audience(id=row.id, key=row.key, name=name, refreshed_at=row.refreshed_at, kind=kind)
 
     def start_run(self, cycle_id: str, audience: Audience, mode: str) -> int:
         with self._write() as conn:
@@ -195,10 +223,11 @@ class Store:
         self,
         audience: Audience,
         run_id: int,
-        batches: Iterable[list[str]],
+        batches: Iterable[list[str]] | Iterable[list[tuple[str, str | None]]],
         *,
         full: bool,
         guard: Guard | None = None,
+        valued: bool = False,
     ) -> Refresh:
         """Make the audience's snapshot equal ``batches`` (the source's ids), recording each change.
 
@@ -208,7 +237,8 @@ class Store:
         SQLite's lock is never taken for it). Only then does one write
         transaction apply the diff. A source that fails midway therefore leaves
         the snapshot untouched. When ``guard`` objects to the counts, the whole
-        diff is rolled back and the reason returned.
+        diff is rolled back and the reason returned. ``valued``: the batches are
+        (user id, value JSON) pairs (``Sources.read_values``), not ids.
         """
         name = diff.new_stage_name()
         held: str | None = None
@@ -218,7 +248,10 @@ class Store:
                     diff.create_stage(conn, name)
                 for batch in batches:
                     with conn.begin():
-                        diff.load_batch(conn, name, batch)
+                        if valued:
+                            diff.load_values(conn, name, batch)  # type: ignore[arg-type]
+                        else:
+                            diff.load_batch(conn, name, batch)  # type: ignore[arg-type]
                     failpoints.reach("stage-batch")
                 with conn.begin():
                     diff.analyze_stage(conn, name)
@@ -228,7 +261,7 @@ class Store:
                         self.fence(conn)
                     now = self.clock()
                     counts = diff.apply_stage(
-                        conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full
+                        conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full, valued=valued
                     )
                     failpoints.reach("before-commit")
                     held = guard(counts) if guard is not None else None
@@ -244,9 +277,11 @@ class Store:
                     conn.rollback()
                 with conn.begin():
                     diff.drop_stage(conn, name)
-        if held is None and counts.entered + counts.left > ANALYZE_AFTER_CHANGES:
+        if held is None and counts.entered + counts.left + counts.changed > ANALYZE_AFTER_CHANGES:
             self._analyze()
-        self.update_run(run_id, members=counts.members, entered=counts.entered, left=counts.left)
+        self.update_run(
+            run_id, members=counts.members, entered=counts.entered, left=counts.left, changed=counts.changed
+        )
         return Refresh(counts, held)
 
     def _analyze(self) -> None:
@@ -273,7 +308,18 @@ class Store:
         """
         with self._read() as conn:
             rows = conn.execute(pending_page_query(audience_id, audience_ids, after, limit, self.clock()))
-            return [PendingChange(r.audience_id, r.user_id, r.desired, r.unknown, r.failures) for r in rows]
+            return [
+                PendingChange(
+                    r.audience_id,
+                    r.user_id,
+                    r.desired,
+                    r.unknown,
+                    r.failures,
+                    kind=r.kind,
+                    value=values.decode(r.value),
+                )
+                for r in rows
+            ]
 
     def mark_unknown(self, changes: Sequence[PendingChange]) -> None:
         """Write-ahead for calls about to go out: until a verdict is stored, Gleap may hold either value."""

@@ -28,7 +28,7 @@ def refresh(
 
 def pending(store: Store, key: str) -> dict[str, bool]:
     audience = store.ensure_audience(key, key)
-    return {c.user_id: c.value for _, changes in plan_calls(store, [audience.id], set()) for c in changes}
+    return {c.user_id: c.desired for _, changes in plan_calls(store, [audience.id], set()) for c in changes}
 
 
 def ack_all(store: Store, key: str, status: int = 200) -> None:
