@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -265,7 +266,8 @@ CALL_COLUMNS = ("call", "user_id", "audience", "value")
 def _call_rows(calls: Iterable[PlannedCall]) -> Iterator[tuple[object, ...]]:
     for number, call in enumerate(calls, 1):
         for audience, value in call.attributes.items():
-            yield number, call.user_id, audience, value
+            # lastPageView is an object: shown as the JSON it is sent as.
+            yield number, call.user_id, audience, json.dumps(value) if isinstance(value, dict) else value
 
 
 SUMMARY_COLUMNS = (
@@ -315,6 +317,14 @@ def print_summary(
             print(f"{a.key}: {a.error}", file=notes)
         if a.invalid_samples:
             print(f"{a.key}: skipped invalid ids, e.g. {'; '.join(a.invalid_samples)}", file=notes)
+        for note in a.field_notes:
+            print(f"{a.key}: {note}", file=notes)
+        if a.field_conflicts:
+            print(
+                f"{a.key}: {a.field_conflicts} field(s) went out with the value of an audience listed "
+                "before it in the config, which wins",
+                file=notes,
+            )
     parked = sum(a.parked for a in report.audiences)
     if parked:
         print(

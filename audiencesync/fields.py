@@ -32,11 +32,12 @@ import math
 import re
 import uuid
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
+from audiencesync import values
 from audiencesync.keys import RESERVED_KEYS, key_for_name
 
 ID_COLUMN = "user_id"
@@ -297,6 +298,32 @@ class FieldMapper:
             else:
                 out[key] = scalar
         return out or None
+
+
+class FieldReader:
+    """What ``Sources.read_values`` needs for an audience: each row's fields as canonical JSON.
+
+    One per source read. After the read, ``stats`` holds the skipped fields and
+    ``notices`` the columns not sent (said once per read, not once per row).
+    """
+
+    def __init__(self, property_keys: Collection[str] = ()) -> None:
+        self.property_keys = property_keys
+        self.stats = FieldStats()
+        self.notices: list[str] = []
+
+    def __call__(self, columns: list[str]) -> Callable[[Sequence[Any]], str | None]:
+        mapper = FieldMapper(columns, self.property_keys)
+        self.notices = list(mapper.notices)
+        if not mapper.has_fields:
+            return lambda row: None
+        id_index = columns.index(ID_COLUMN)
+
+        def value_of(row: Sequence[Any]) -> str | None:
+            found = mapper.fields(row, str(row[id_index]), self.stats)
+            return None if found is None else values.encode(found)
+
+        return value_of
 
 
 def _clash(folded: str, property_keys: Mapping[str, str]) -> str:

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -26,6 +27,7 @@ from audiencesync.errors import (
     SourceError,
     StoreError,
 )
+from audiencesync.fields import FieldReader
 from audiencesync.gleap import MAX_CUSTOM_KEYS
 from audiencesync.schema import audiences
 from audiencesync.sources import ReadStats, Sources
@@ -52,6 +54,10 @@ class AudienceReport:
     skipped_rows: int = 0
     duplicate_rows: int = 0
     invalid_samples: list[str] = field(default_factory=list)
+    changed: int = 0  # members whose contact fields changed
+    field_warnings: int = 0  # fields skipped for a value of the wrong type
+    field_conflicts: int = 0  # fields sent with an earlier audience's value instead of this one's
+    field_notes: list[str] = field(default_factory=list)  # columns not sent, skipped fields
     error: str | None = None
 
     def summary(self) -> str:
@@ -61,6 +67,11 @@ class AudienceReport:
             f"parked={self.parked} unknown={self.unknown} retries={self.retries} "
             f"rate_limited={self.rate_limited} skipped_rows={self.skipped_rows}"
         )
+        if self.changed or self.field_warnings or self.field_conflicts:
+            text += (
+                f" changed={self.changed} field_warnings={self.field_warnings} "
+                f"field_conflicts={self.field_conflicts}"
+            )
         if self.invalid_samples:
             text += f" invalid_ids=[{'; '.join(self.invalid_samples)}]"
         if self.error:
@@ -73,7 +84,7 @@ class PlannedCall:
     """One identify call a dry run would make: ``POST identify_url`` with ``identify_body``."""
 
     user_id: str
-    attributes: dict[str, bool]  # audience key -> value, in key order
+    attributes: dict[str, Any]  # contact fields, then audience keys -> value
 
 
 @dataclass
@@ -129,6 +140,11 @@ class Syncer:
         self.backoff_initial = backoff_initial
         self.page_size = page_size
 
+    @property
+    def property_keys(self) -> list[str]:
+        """The configured keys, which no custom attribute may take."""
+        return [a.key for a in self.config.audiences]
+
     def deliverer(self, store: Store | None = None) -> Deliverer:
         token = self.config.gleap.api_token
         if token is None:
@@ -144,6 +160,7 @@ class Syncer:
             transport=self.transport,
             backoff_initial=self.backoff_initial,
             page_size=self.page_size,
+            field_order=[a.key for a in self.config.audiences],
         )
 
     def run_cycle(
@@ -185,15 +202,16 @@ class Syncer:
             tick = progress(total) if progress is not None and total else None
             run_ids = {run.audience.id: run.run_id for run in runs}
             keys_by_id = {run.audience.id: run.audience.key for run in runs}
+            deliverer = self.deliverer()
             try:
                 report.calls = asyncio.run(
-                    self.deliverer().drain(
-                        audience_ids, keys_by_id, run_ids.__getitem__, stop=stop, tick=tick
-                    )
+                    deliverer.drain(audience_ids, keys_by_id, run_ids.__getitem__, stop=stop, tick=tick)
                 )
             except (GleapAuthError, GleapUnavailableError) as exc:
                 report.aborted = exc
             self._finish(self.store, runs, report)
+            for run in runs:
+                run.report.field_conflicts = deliverer.conflicts[run.audience.key]
         for run in runs:
             log.info("%s", run.report.summary())
         return report
@@ -219,9 +237,15 @@ class Syncer:
         )
         stats = ReadStats()
         guard = None if allow_removals else removal_guard(config)
+        fields = FieldReader(self.property_keys)
         try:
             refresh = store.refresh(
-                audience, run.run_id, self.sources.read_ids(config, stats), full=full, guard=guard
+                audience,
+                run.run_id,
+                self.sources.read_values(config, stats, fields),
+                full=full,
+                guard=guard,
+                valued=True,
             )
         except SourceError as exc:
             # The snapshot is untouched; pending changes from earlier cycles still go out.
@@ -233,6 +257,8 @@ class Syncer:
             run.report.status, run.report.error = "held", refresh.held
             log.error("audience %r held: %s", config.key, refresh.held)
         run.report.members, run.report.entered, run.report.left = counts.members, counts.entered, counts.left
+        run.report.changed = counts.changed
+        note_fields(run.report, fields)
         run.report.skipped_rows = stats.skipped
         run.report.duplicate_rows = stats.rows - stats.skipped - counts.members
         run.report.invalid_samples = stats.invalid_samples
@@ -305,6 +331,12 @@ class Syncer:
                             conn, table, config, full=full, allow_removals=allow_removals, now=now
                         )
                     )
+                chosen = {config.key for config in selected}
+                for rank, config in enumerate(self.config.audiences):
+                    if config.key not in chosen:  # not refreshed: their fields as they are
+                        plan.add_stored_fields(
+                            conn, table, rank=rank, key=config.key, audience_id=_audience_id(conn, config.key)
+                        )
                 calls = _counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
                 if show is not None:
                     show(calls)
@@ -333,22 +365,27 @@ class Syncer:
         report = AudienceReport(
             key=config.key, mode="initial" if initial else ("full" if full else "incremental")
         )
+        rank = [a.key for a in self.config.audiences].index(config.key)
         stats = ReadStats()
+        fields = FieldReader(self.property_keys)
         stage = diff.new_stage_name()
         diff.create_stage(conn, stage)
         try:
-            for batch in self.sources.read_ids(config, stats):
-                diff.load_batch(conn, stage, batch)
+            for batch in self.sources.read_values(config, stats, fields):
+                diff.load_values(conn, stage, batch)
             diff.analyze_stage(conn, stage)
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
             log.error("%s", exc)
             report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
             diff.drop_stage(conn, stage)
             return report
         counts = plan.preview_counts(conn, stage, audience_id)
         held = None if allow_removals else removal_guard(config)(counts)
         report.members, report.entered, report.left = counts.members, counts.entered, counts.left
+        report.changed = counts.changed
+        note_fields(report, fields)
         report.skipped_rows = stats.skipped
         report.duplicate_rows = stats.rows - stats.skipped - counts.members
         report.invalid_samples = stats.invalid_samples
@@ -356,11 +393,13 @@ class Syncer:
             report.status, report.error = "held", held
             log.error("audience %r held: %s", config.key, held)
             report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
         else:
             report.status = "planned"
             report.pending = plan.add_applied(
                 conn, table, key=config.key, audience_id=audience_id, stage=stage, full=full, now=now
             )
+            plan.add_staged_fields(conn, table, rank=rank, key=config.key, stage=stage)
         diff.drop_stage(conn, stage)
         return report
 
@@ -370,6 +409,16 @@ class Syncer:
         audience = self.store.ensure_audience(config.key, config.name)
         run_id = self.store.start_run(cycle_id, audience, "delivery")
         return Run(audience, run_id, AudienceReport(key=config.key, mode="delivery"))
+
+
+def note_fields(report: AudienceReport, fields: FieldReader) -> None:
+    """What the read said about the contact fields: in the report, and once in the log."""
+    report.field_warnings = fields.stats.total
+    report.field_notes = list(fields.notices)
+    if fields.stats.total:
+        report.field_notes.append(f"skipped fields: {fields.stats.describe()}")
+    for note in report.field_notes:
+        log.warning("%s: %s", report.key, note)
 
 
 def removal_guard(audience: AudienceConfig) -> Guard:
@@ -400,7 +449,12 @@ def removal_guard(audience: AudienceConfig) -> Guard:
     return guard
 
 
-def _counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, bool]]]) -> Iterator[PlannedCall]:
+def _audience_id(conn: Connection, key: str) -> int | None:
+    found: int | None = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar()
+    return found
+
+
+def _counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[PlannedCall]:
     """The plan's calls, each counted in ``report`` as it is read: the plan is streamed, never held."""
     for user_id, attributes in planned:
         report.calls += 1

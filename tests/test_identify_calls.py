@@ -1,8 +1,8 @@
-"""payloads.py: a user's pending rows and fields, packed into identify bodies of at most 35 custom keys."""
+"""identify_calls.py: a user's pending rows and fields, packed into calls of at most 35 custom keys."""
 
 from __future__ import annotations
 
-from audiencesync.payloads import custom_keys, pack, row_part
+from audiencesync.identify_calls import custom_keys, pack, row_part
 
 
 def test_a_member_row_carries_the_winning_values_of_the_fields_it_gives() -> None:

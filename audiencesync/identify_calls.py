@@ -18,7 +18,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from audiencesync.fields import Fields, is_custom
+from audiencesync import payload
+from audiencesync.fields import Conflict, Fields, is_custom, merge_fields
+from audiencesync.outcomes import PendingChange
 
 C = TypeVar("C")
 
@@ -76,3 +78,39 @@ def pack(parts: Sequence[tuple[C, Mapping[str, Any]]], max_keys: int = 35) -> li
         else:
             calls.append(Call([change], dict(part)))
     return calls
+
+
+def user_calls(
+    changes: Sequence[PendingChange],
+    keys: Mapping[int, str],
+    members: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
+    gave: Mapping[int, Collection[str]] | None = None,
+    max_keys: int = 35,
+) -> tuple[list[Call[PendingChange]], list[Conflict]]:
+    """One user's calls for their pending ``changes``, and the field conflicts that went out.
+
+    ``members``: (audience key, fields) of every audience the user is a member
+    of now, in config order; ``gave``: per audience id, the fields of the value
+    Gleap last acknowledged for it. A trait's change carries its value alone.
+    """
+    merged, conflicts = merge_fields(members)
+    gave = gave or {}
+    parts: list[tuple[PendingChange, Mapping[str, Any]]] = []
+    for change in changes:
+        key = keys[change.audience_id]
+        if change.kind != "audience":
+            parts.append((change, {key: payload.attribute(change)}))
+            continue
+        gives = change.value if change.desired and isinstance(change.value, dict) else {}
+        part = row_part(
+            key,
+            change.desired,
+            merged=merged,
+            gives=gives,
+            gave=gave.get(change.audience_id, ()),
+            max_keys=max_keys,
+        )
+        parts.append((change, part))
+    calls = pack(parts, max_keys)
+    sent = {name for call in calls for name in call.attributes}
+    return calls, [conflict for conflict in conflicts if conflict.field in sent]
