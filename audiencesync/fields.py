@@ -311,10 +311,12 @@ class FieldReader:
         self.property_keys = property_keys
         self.stats = FieldStats()
         self.notices: list[str] = []
+        self.has_fields = False  # known once the query's columns are
 
     def __call__(self, columns: list[str]) -> Callable[[Sequence[Any]], str | None]:
         mapper = FieldMapper(columns, self.property_keys)
         self.notices = list(mapper.notices)
+        self.has_fields = mapper.has_fields
         if not mapper.has_fields:
             return lambda row: None
         id_index = columns.index(ID_COLUMN)

@@ -52,3 +52,12 @@ def read_page_fields(conn: Connection, user_ids: Sequence[str], order: Sequence[
         if isinstance(acked, dict):
             page.gave.setdefault(row.user_id, {})[row.audience_id] = frozenset(acked)
     return page
+
+
+def holds_fields(conn: Connection, audience_id: int) -> bool:
+    """Whether any member row of the audience still holds contact fields."""
+    m = memberships
+    found = conn.execute(
+        sa.select(sa.literal(1)).where(m.c.audience_id == audience_id, m.c.value.is_not(None)).limit(1)
+    ).first()
+    return found is not None

@@ -28,7 +28,7 @@ from audiencesync.database import (
 )
 from audiencesync.diff import DiffCounts
 from audiencesync.errors import StoreError
-from audiencesync.member_fields import PageFields, read_page_fields
+from audiencesync.member_fields import PageFields, holds_fields, read_page_fields
 from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
 from audiencesync.schema import DELIVERABLE, audiences, due, leases, memberships, sync_runs, write_connection
 from audiencesync.status import AudienceStatus as AudienceStatus, ParkedChange as ParkedChange
@@ -326,6 +326,10 @@ class Store:
         """These users' contact fields in the audiences ``order`` names (see ``member_fields``)."""
         with self._read() as conn:
             return read_page_fields(conn, user_ids, order)
+
+    def holds_fields(self, audience_id: int) -> bool:
+        with self._read() as conn:
+            return holds_fields(conn, audience_id)
 
     def mark_unknown(self, changes: Sequence[PendingChange]) -> None:
         """Write-ahead for calls about to go out: until a verdict is stored, Gleap may hold either value."""

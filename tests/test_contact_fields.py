@@ -6,6 +6,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 
@@ -345,3 +346,30 @@ def test_the_dry_run_plans_exactly_the_calls_with_the_fields_that_go_out(
         {"userId": "u1", "silver": True, "email": "second@x.io", "lang": "de"},
         {"userId": "u2", "gold": True, "email": "new@x.io"},
     ]
+
+
+def test_a_query_without_fields_takes_the_ids_only_diff_once_the_store_holds_no_fields(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    valued: list[bool] = []
+    refresh = store_mod.Store.refresh
+
+    def spy(self: store_mod.Store, *args: Any, **kwargs: Any) -> store_mod.Refresh:
+        valued.append(kwargs["valued"])
+        return refresh(self, *args, **kwargs)
+
+    monkeypatch.setattr(store_mod.Store, "refresh", spy)
+    people(source, [{"user_id": "u1", "email": "a@x.io"}, {"user_id": "u2"}])
+    with_fields = make_config(base_url=gleap.base_url, audiences=audience("Paying", "user_id, email"))
+    cycle(with_fields)
+    ids_only = make_config(
+        base_url=gleap.base_url, audiences=audience("Paying", "user_id"), create_store=False
+    )
+    gleap.reset_log()
+    cycle(ids_only)  # the stored fields are diffed away: u1's true goes once more, without them
+    assert calls(gleap) == {"u1": {"userId": "u1", "paying": True}}
+    assert gleap.contacts["u1"]["email"] == "a@x.io"  # Gleap keeps what it has
+    gleap.reset_log()
+    cycle(ids_only)
+    assert gleap.identify_calls == []
+    assert valued == [True, True, False]
