@@ -17,10 +17,13 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from itertools import groupby
+from typing import Any
 
 from sqlalchemy import BindParameter, Connection, bindparam, text
 
+from audiencesync import diff, payload, values
 from audiencesync.diff import DiffCounts
+from audiencesync.outcomes import PendingChange
 from audiencesync.schema import UtcDateTime
 
 _NOW: BindParameter[object] = bindparam("now", type_=UtcDateTime)
@@ -30,9 +33,12 @@ _DUE = "m.pending AND m.parked_at IS NULL AND (m.next_attempt_at IS NULL OR m.ne
 
 
 def create_plan(conn: Connection) -> str:
+    # One row per (key, user): what a PendingChange would hold (desired, and the value JSON
+    # the call carries), so that payload.attributes makes the body a real call would send.
     name = f"plan_{uuid.uuid4().hex[:12]}"
     conn.exec_driver_sql(
-        f"CREATE TEMP TABLE {name} (key TEXT NOT NULL, user_id TEXT NOT NULL, value BOOLEAN)"
+        f"CREATE TEMP TABLE {name} (key TEXT NOT NULL, user_id TEXT NOT NULL, "
+        "kind TEXT NOT NULL DEFAULT 'audience', value BOOLEAN, data TEXT)"
     )
     return name
 
@@ -41,11 +47,23 @@ def drop_plan(conn: Connection, name: str) -> None:
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
 
 
-def preview_counts(conn: Connection, stage: str, audience_id: int | None) -> DiffCounts:
-    """What applying the stage would count (members, entered, left), by reading only."""
+def preview_counts(
+    conn: Connection, stage: str, audience_id: int | None, *, valued: bool = False
+) -> DiffCounts:
+    """What applying the stage would count (members, entered, left, changed), by reading only."""
     members = conn.execute(text(f"SELECT count(DISTINCT user_id) FROM {stage}")).scalar_one()
     if audience_id is None:
         return DiffCounts(members=members, entered=members, left=0)
+    changed = 0
+    if valued:
+        changed = conn.execute(
+            text(
+                f"SELECT count(*) FROM memberships m JOIN {diff.staged(conn, stage)} s "
+                "ON s.user_id = m.user_id WHERE m.audience_id = :a AND m.desired = true "
+                f"AND m.value {_differs(conn)} s.value"
+            ),
+            {"a": audience_id},
+        ).scalar_one()
     params = {"a": audience_id}
     entered = conn.execute(
         text(
@@ -61,13 +79,30 @@ def preview_counts(conn: Connection, stage: str, audience_id: int | None) -> Dif
         ),
         params,
     ).scalar_one()
-    return DiffCounts(members=members, entered=entered, left=left)
+    return DiffCounts(members=members, entered=entered, left=left, changed=changed)
+
+
+def _differs(conn: Connection) -> str:
+    return "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
 
 
 def add_applied(
-    conn: Connection, plan: str, *, key: str, audience_id: int | None, stage: str, full: bool, now: datetime
+    conn: Connection,
+    plan: str,
+    *,
+    key: str,
+    audience_id: int | None,
+    stage: str,
+    full: bool,
+    now: datetime,
+    trait: bool = False,
+    missing: str | None = None,
 ) -> int:
-    """Plan the audience as if the stage were applied; returns the number of changes planned."""
+    """Plan the audience (or trait) as if the stage were applied; returns the number of changes planned."""
+    if trait:
+        return _add_applied_trait(
+            conn, plan, key=key, audience_id=audience_id, stage=stage, full=full, now=now, missing=missing
+        )
     params = {"k": key, "a": audience_id if audience_id is not None else -1, "full": full, "now": now}
     members = conn.execute(
         text(
@@ -97,28 +132,92 @@ def add_applied(
     return int(members) + int(others)
 
 
-def add_current(conn: Connection, plan: str, *, key: str, audience_id: int | None, now: datetime) -> int:
+def _add_applied_trait(
+    conn: Connection,
+    plan: str,
+    *,
+    key: str,
+    audience_id: int | None,
+    stage: str,
+    full: bool,
+    now: datetime,
+    missing: str | None,
+) -> int:
+    """``add_applied`` for a trait: a user is owed their value when it is new to the row
+    (entered or changed: a new change, due now) and Gleap may not have it, or when the row
+    stays as it is and is due; a user without a value now is owed ``missing``."""
+    params = {"k": key, "a": audience_id if audience_id is not None else -1, "full": full, "now": now}
+    differs = _differs(conn)
+    unacked = (
+        "(m.unknown OR m.resend OR :full OR coalesce(m.acked, false) = false "
+        f"OR s.value {differs} m.acked_value)"
+    )
+    members = conn.execute(
+        text(
+            f"INSERT INTO {plan} (key, user_id, kind, value, data) "
+            f"SELECT :k, s.user_id, 'trait', true, s.value FROM {diff.staged(conn, stage)} s "
+            "LEFT JOIN memberships m ON m.audience_id = :a AND m.user_id = s.user_id "
+            "WHERE m.user_id IS NULL "
+            f"OR ((m.desired = false OR m.value {differs} s.value) AND {unacked}) "
+            f"OR (m.desired = true AND NOT (m.value {differs} s.value) AND {unacked} "
+            "AND m.parked_at IS NULL AND (:full OR m.next_attempt_at IS NULL OR m.next_attempt_at <= :now))"
+        ).bindparams(_NOW),
+        params,
+    ).rowcount
+    others = conn.execute(
+        text(
+            f"INSERT INTO {plan} (key, user_id, kind, value, data) "
+            "SELECT :k, m.user_id, 'trait', false, :missing FROM memberships m "
+            f"WHERE m.audience_id = :a AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_id = m.user_id) "
+            "AND ((m.desired = true AND (m.unknown OR m.acked = true)) "
+            f"OR (m.desired = false AND {_DUE}))"
+        ).bindparams(_NOW),
+        {"k": key, "a": params["a"], "now": now, "missing": missing},
+    ).rowcount
+    return int(members) + int(others)
+
+
+def add_current(
+    conn: Connection,
+    plan: str,
+    *,
+    key: str,
+    audience_id: int | None,
+    now: datetime,
+    trait: bool = False,
+    missing: str | None = None,
+) -> int:
     """Plan what is due for the audience as it stands (its refresh failed or was held)."""
     if audience_id is None:
         return 0
     return int(
         conn.execute(
             text(
-                f"INSERT INTO {plan} (key, user_id, value) SELECT :k, m.user_id, m.desired "
+                f"INSERT INTO {plan} (key, user_id, kind, value, data) "
+                "SELECT :k, m.user_id, :kind, m.desired, CASE WHEN m.desired THEN m.value ELSE :missing END "
                 f"FROM memberships m WHERE m.audience_id = :a AND {_DUE}"
             ).bindparams(_NOW),
-            {"k": key, "a": audience_id, "now": now},
+            {
+                "k": key,
+                "a": audience_id,
+                "now": now,
+                "kind": "trait" if trait else "audience",
+                "missing": missing if trait else None,
+            },
         ).rowcount
     )
 
 
-def planned_calls(conn: Connection, plan: str, max_keys: int) -> Iterator[tuple[str, dict[str, bool]]]:
+def planned_calls(conn: Connection, plan: str, max_keys: int) -> Iterator[tuple[str, dict[str, Any]]]:
     """(user id, attributes) per call: a user's planned values together, at most ``max_keys`` a call."""
     rows = conn.execute(
-        text(f"SELECT user_id, key, value FROM {plan} ORDER BY user_id, key"),
+        text(f"SELECT user_id, key, kind, value, data FROM {plan} ORDER BY user_id, key"),
         execution_options={"stream_results": True, "yield_per": 10_000},
     )
     for user_id, group in groupby(rows, key=lambda row: row[0]):
-        values = [(row[1], bool(row[2])) for row in group]
-        for start in range(0, len(values), max_keys):
-            yield user_id, dict(values[start : start + max_keys])
+        changes = [
+            (row[1], PendingChange(0, user_id, bool(row[3]), kind=row[2], value=values.decode(row[4])))
+            for row in group
+        ]
+        for start in range(0, len(changes), max_keys):
+            yield user_id, payload.attributes(changes[start : start + max_keys])

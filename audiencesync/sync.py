@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -42,6 +43,7 @@ class AudienceReport:
     members: int = 0
     entered: int = 0
     left: int = 0
+    changed: int = 0  # members with a new value (a trait's)
     sent: int = 0
     failed: int = 0
     pending: int = 0  # owed to Gleap and not parked
@@ -53,14 +55,22 @@ class AudienceReport:
     duplicate_rows: int = 0
     invalid_samples: list[str] = field(default_factory=list)
     error: str | None = None
+    kind: str = "audience"  # audience | trait
+    skipped_values: int = 0  # rows whose value no Gleap attribute can hold (skipped)
+    value_samples: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        # A trait says so, and counts its changed values; an audience's line is as it always was.
+        changed = f" changed={self.changed}" if self.kind == "trait" else ""
         text = (
-            f"{self.key}: {self.status} ({self.mode}) members={self.members} entered={self.entered} "
-            f"left={self.left} sent={self.sent} failed={self.failed} pending={self.pending} "
+            f"{self.key}: {self.status} ({self.mode}{', trait' if self.kind == 'trait' else ''}) "
+            f"members={self.members} entered={self.entered} left={self.left}{changed} "
+            f"sent={self.sent} failed={self.failed} pending={self.pending} "
             f"parked={self.parked} unknown={self.unknown} retries={self.retries} "
             f"rate_limited={self.rate_limited} skipped_rows={self.skipped_rows}"
         )
+        if self.skipped_values:
+            text += f" skipped_values={self.skipped_values} bad_values=[{'; '.join(self.value_samples)}]"
         if self.invalid_samples:
             text += f" invalid_ids=[{'; '.join(self.invalid_samples)}]"
         if self.error:
@@ -73,7 +83,7 @@ class PlannedCall:
     """One identify call a dry run would make: ``POST identify_url`` with ``identify_body``."""
 
     user_id: str
-    attributes: dict[str, bool]  # audience key -> value, in key order
+    attributes: dict[str, Any]  # audience or trait key -> value, in key order
 
 
 @dataclass
@@ -164,7 +174,7 @@ class Syncer:
         with the number of calls to make and returns a callback for each call done.
         ``allow_removals`` releases the mass-removal guard for this cycle.
         """
-        selected = [self.config.audience(k) for k in keys] if keys else list(self.config.audiences)
+        selected = [self.config.audience(k) for k in keys] if keys else list(self.config.properties)
         if not dry_run and self.config.gleap.api_token is None:
             raise MissingTokenError()
         report = CycleReport(cycle_id=str(uuid.uuid4()), audiences=[], dry_run=dry_run)
@@ -212,16 +222,18 @@ class Syncer:
         the other audiences go on.
         """
         store = self.store
-        audience = store.ensure_audience(config.key, config.name)
+        audience = store.ensure_audience(config.key, config.name, kind=config.kind, missing=config.missing)
         mode = "initial" if audience.refreshed_at is None else ("full" if full else "incremental")
         run = Run(
-            audience, store.start_run(cycle_id, audience, mode), AudienceReport(key=config.key, mode=mode)
+            audience,
+            store.start_run(cycle_id, audience, mode),
+            AudienceReport(key=config.key, mode=mode, kind=config.kind),
         )
         stats = ReadStats()
         guard = None if allow_removals else removal_guard(config)
         try:
             refresh = store.refresh(
-                audience, run.run_id, self.sources.read_ids(config, stats), full=full, guard=guard
+                audience, run.run_id, self.read(config, stats), full=full, guard=guard, valued=valued(config)
             )
         except SourceError as exc:
             # The snapshot is untouched; pending changes from earlier cycles still go out.
@@ -232,10 +244,7 @@ class Syncer:
         if refresh.held is not None:
             run.report.status, run.report.error = "held", refresh.held
             log.error("audience %r held: %s", config.key, refresh.held)
-        run.report.members, run.report.entered, run.report.left = counts.members, counts.entered, counts.left
-        run.report.skipped_rows = stats.skipped
-        run.report.duplicate_rows = stats.rows - stats.skipped - counts.members
-        run.report.invalid_samples = stats.invalid_samples
+        _count(run.report, counts, stats)
         store.update_run(
             run.run_id,
             source_rows=stats.rows,
@@ -243,6 +252,14 @@ class Syncer:
             duplicate_rows=run.report.duplicate_rows,
         )
         return run
+
+    def read(
+        self, config: AudienceConfig, stats: ReadStats
+    ) -> Iterator[list[str]] | Iterator[list[tuple[str, str | None]]]:
+        """The source's batches for this property: ids, or (id, value) pairs for a trait."""
+        if valued(config):
+            return self.sources.read_values(config, stats)
+        return self.sources.read_ids(config, stats)
 
     def finish(
         self,
@@ -331,35 +348,61 @@ class Syncer:
         audience_id = row.id if row is not None else None
         initial = row is None or row.refreshed_at is None
         report = AudienceReport(
-            key=config.key, mode="initial" if initial else ("full" if full else "incremental")
+            key=config.key,
+            mode="initial" if initial else ("full" if full else "incremental"),
+            kind=config.kind,
         )
         stats = ReadStats()
         stage = diff.new_stage_name()
         diff.create_stage(conn, stage)
         try:
-            for batch in self.sources.read_ids(config, stats):
-                diff.load_batch(conn, stage, batch)
+            for batch in self.read(config, stats):
+                if valued(config):
+                    diff.load_values(conn, stage, batch)  # type: ignore[arg-type]
+                else:
+                    diff.load_batch(conn, stage, batch)  # type: ignore[arg-type]
             diff.analyze_stage(conn, stage)
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
             log.error("%s", exc)
-            report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            report.pending = plan.add_current(
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
+            )
             diff.drop_stage(conn, stage)
             return report
-        counts = plan.preview_counts(conn, stage, audience_id)
+        counts = plan.preview_counts(conn, stage, audience_id, valued=valued(config))
         held = None if allow_removals else removal_guard(config)(counts)
-        report.members, report.entered, report.left = counts.members, counts.entered, counts.left
-        report.skipped_rows = stats.skipped
-        report.duplicate_rows = stats.rows - stats.skipped - counts.members
-        report.invalid_samples = stats.invalid_samples
+        _count(report, counts, stats)
         if held is not None:
             report.status, report.error = "held", held
             log.error("audience %r held: %s", config.key, held)
-            report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            report.pending = plan.add_current(
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
+            )
         else:
             report.status = "planned"
             report.pending = plan.add_applied(
-                conn, table, key=config.key, audience_id=audience_id, stage=stage, full=full, now=now
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                stage=stage,
+                full=full,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
             )
         diff.drop_stage(conn, stage)
         return report
@@ -367,14 +410,33 @@ class Syncer:
     def delivery_run(self, config: AudienceConfig, cycle_id: str) -> Run:
         """A run that refreshes nothing and only delivers what is already pending: changes
         re-queued by `audiencesync retry`, or whose backoff elapsed, between refreshes."""
-        audience = self.store.ensure_audience(config.key, config.name)
+        audience = self.store.ensure_audience(
+            config.key, config.name, kind=config.kind, missing=config.missing
+        )
         run_id = self.store.start_run(cycle_id, audience, "delivery")
-        return Run(audience, run_id, AudienceReport(key=config.key, mode="delivery"))
+        return Run(audience, run_id, AudienceReport(key=config.key, mode="delivery", kind=config.kind))
+
+
+def valued(config: AudienceConfig) -> bool:
+    """Its source gives a value per user (a trait), not just ids."""
+    return config.kind == "trait"
+
+
+def _count(report: AudienceReport, counts: DiffCounts, stats: ReadStats) -> None:
+    report.members, report.entered, report.left = counts.members, counts.entered, counts.left
+    report.changed = counts.changed
+    report.skipped_rows = stats.skipped
+    report.duplicate_rows = stats.rows - stats.skipped - counts.members
+    report.invalid_samples = stats.invalid_samples
+    report.skipped_values, report.value_samples = stats.skipped_values, stats.value_samples
 
 
 def removal_guard(audience: AudienceConfig) -> Guard:
     """Hold a cycle that would remove too much of an audience: a half-loaded or broken
-    source must not send thousands of wrong ``false``s."""
+    source must not send thousands of wrong ``false``s (for a trait: ``null``s)."""
+    trait = audience.kind == "trait"
+    members = "users with a value" if trait else "members"
+    removing = "null" if trait else "remove"
 
     def guard(counts: DiffCounts) -> str | None:
         if not counts.left or counts.previous == 0:
@@ -384,13 +446,13 @@ def removal_guard(audience: AudienceConfig) -> Guard:
             if audience.allow_empty:
                 return None
             return (
-                f"the source returned no rows, which would remove all {counts.previous} members. "
+                f"the source returned no rows, which would {removing} all {counts.previous} {members}. "
                 f"Nothing was applied. Fix: check the source; if it is right, release it once with "
-                f"`{release}`, or set allow_empty = true on the audience"
+                f"`{release}`, or set allow_empty = true on the {audience.kind}"
             )
         if counts.left > audience.max_removal_fraction * counts.previous:
             return (
-                f"this cycle would remove {counts.left} of {counts.previous} members "
+                f"this cycle would {removing} {counts.left} of {counts.previous} {members} "
                 f"({counts.left / counts.previous:.0%}, more than max_removal_fraction = "
                 f"{audience.max_removal_fraction:g}). Nothing was applied. Fix: check the source; "
                 f"if it is right, release it once with `{release}`"
@@ -400,7 +462,7 @@ def removal_guard(audience: AudienceConfig) -> Guard:
     return guard
 
 
-def _counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, bool]]]) -> Iterator[PlannedCall]:
+def _counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[PlannedCall]:
     """The plan's calls, each counted in ``report`` as it is read: the plan is streamed, never held."""
     for user_id, attributes in planned:
         report.calls += 1
