@@ -46,8 +46,10 @@ DAEMON_REQUEST_WAIT_SECONDS = 600.0
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     if config.gleap.api_token is None:
         raise MissingTokenError()
-    if not config.audiences:
-        raise ConfigError("no [[audiences]] are configured", path=str(config.path), fix="add at least one")
+    if not config.properties:
+        raise ConfigError(
+            "no [[audiences]] or [[traits]] are configured", path=str(config.path), fix="add at least one"
+        )
     daemon = Daemon(config)
     daemon.install_signal_handlers()
     return daemon.run()
@@ -185,7 +187,7 @@ def _ask_daemon(args: argparse.Namespace, config: Config, engine: Any, daemon: d
     A request nobody picked up in time is withdrawn, so it can't surprise anyone
     later; one the daemon already started is left to finish.
     """
-    keys = args.audiences or [a.key for a in config.audiences]
+    keys = args.audiences or [a.key for a in config.properties]
     kind = kind_of(full=args.full, allow_removals=args.allow_removals)
     queue = AdminRequests(engine, store.utc_now)
     asker = f"{socket.gethostname()} pid {os.getpid()}"

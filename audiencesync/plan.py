@@ -34,13 +34,15 @@ _DUE = "m.pending AND m.parked_at IS NULL AND (m.next_attempt_at IS NULL OR m.ne
 
 
 def create_plan(conn: Connection) -> str:
-    """The plan's TEMP tables: the planned rows (with the contact fields each carries and
-    those Gleap last acknowledged), and ``<plan>_fields``, every member's fields after the
-    plan, for the merge (``rank``: the audience's place in the config)."""
+    # One row per (key, user): what a PendingChange would hold (desired, and the value JSON
+    # the call carries), so that payload.attributes makes the body a real call would send.
+    # ``acked_data``: the contact fields Gleap last acknowledged for an audience's row.
+    # ``<plan>_fields``: every member's fields after the plan, for the merge (``rank``:
+    # the audience's place in the config).
     name = f"plan_{uuid.uuid4().hex[:12]}"
     conn.exec_driver_sql(
-        f"CREATE TEMP TABLE {name} (key TEXT NOT NULL, user_id TEXT NOT NULL, value BOOLEAN, "
-        "data TEXT, acked_data TEXT)"
+        f"CREATE TEMP TABLE {name} (key TEXT NOT NULL, user_id TEXT NOT NULL, "
+        "kind TEXT NOT NULL DEFAULT 'audience', value BOOLEAN, data TEXT, acked_data TEXT)"
     )
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE {name}_fields (rank INTEGER NOT NULL, key TEXT NOT NULL, "
@@ -54,11 +56,23 @@ def drop_plan(conn: Connection, name: str) -> None:
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}_fields")
 
 
-def preview_counts(conn: Connection, stage: str, audience_id: int | None) -> DiffCounts:
-    """What applying the stage would count (members, entered, left), by reading only."""
+def preview_counts(
+    conn: Connection, stage: str, audience_id: int | None, *, valued: bool = False
+) -> DiffCounts:
+    """What applying the stage would count (members, entered, left, changed), by reading only."""
     members = conn.execute(text(f"SELECT count(DISTINCT user_id) FROM {stage}")).scalar_one()
     if audience_id is None:
         return DiffCounts(members=members, entered=members, left=0)
+    changed = 0
+    if valued:
+        changed = conn.execute(
+            text(
+                f"SELECT count(*) FROM memberships m JOIN {diff.staged(conn, stage)} s "
+                "ON s.user_id = m.user_id WHERE m.audience_id = :a AND m.desired = true "
+                f"AND m.value {_differs(conn)} s.value"
+            ),
+            {"a": audience_id},
+        ).scalar_one()
     params = {"a": audience_id}
     entered = conn.execute(
         text(
@@ -74,21 +88,30 @@ def preview_counts(conn: Connection, stage: str, audience_id: int | None) -> Dif
         ),
         params,
     ).scalar_one()
-    differs = "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
-    changed = conn.execute(
-        text(
-            f"SELECT count(*) FROM {diff.staged(conn, stage)} s JOIN memberships m ON m.audience_id = :a "
-            f"AND m.user_id = s.user_id AND m.desired = true WHERE s.value {differs} m.value"
-        ),
-        params,
-    ).scalar_one()
     return DiffCounts(members=members, entered=entered, left=left, changed=changed)
 
 
+def _differs(conn: Connection) -> str:
+    return "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
+
+
 def add_applied(
-    conn: Connection, plan: str, *, key: str, audience_id: int | None, stage: str, full: bool, now: datetime
+    conn: Connection,
+    plan: str,
+    *,
+    key: str,
+    audience_id: int | None,
+    stage: str,
+    full: bool,
+    now: datetime,
+    trait: bool = False,
+    missing: str | None = None,
 ) -> int:
-    """Plan the audience as if the stage were applied; returns the number of changes planned."""
+    """Plan the audience (or trait) as if the stage were applied; returns the number of changes planned."""
+    if trait:
+        return _add_applied_trait(
+            conn, plan, key=key, audience_id=audience_id, stage=stage, full=full, now=now, missing=missing
+        )
     params = {"k": key, "a": audience_id if audience_id is not None else -1, "full": full, "now": now}
     differs, same = (
         ("IS NOT", "IS") if conn.dialect.name == "sqlite" else ("IS DISTINCT FROM", "IS NOT DISTINCT FROM")
@@ -148,17 +171,78 @@ def add_stored_fields(conn: Connection, plan: str, *, rank: int, key: str, audie
     )
 
 
-def add_current(conn: Connection, plan: str, *, key: str, audience_id: int | None, now: datetime) -> int:
+def _add_applied_trait(
+    conn: Connection,
+    plan: str,
+    *,
+    key: str,
+    audience_id: int | None,
+    stage: str,
+    full: bool,
+    now: datetime,
+    missing: str | None,
+) -> int:
+    """``add_applied`` for a trait: a user is owed their value when it is new to the row
+    (entered or changed: a new change, due now) and Gleap may not have it, or when the row
+    stays as it is and is due; a user without a value now is owed ``missing``."""
+    params = {"k": key, "a": audience_id if audience_id is not None else -1, "full": full, "now": now}
+    differs = _differs(conn)
+    unacked = (
+        "(m.unknown OR m.resend OR :full OR coalesce(m.acked, false) = false "
+        f"OR s.value {differs} m.acked_value)"
+    )
+    members = conn.execute(
+        text(
+            f"INSERT INTO {plan} (key, user_id, kind, value, data) "
+            f"SELECT :k, s.user_id, 'trait', true, s.value FROM {diff.staged(conn, stage)} s "
+            "LEFT JOIN memberships m ON m.audience_id = :a AND m.user_id = s.user_id "
+            "WHERE m.user_id IS NULL "
+            f"OR ((m.desired = false OR m.value {differs} s.value) AND {unacked}) "
+            f"OR (m.desired = true AND NOT (m.value {differs} s.value) AND {unacked} "
+            "AND m.parked_at IS NULL AND (:full OR m.next_attempt_at IS NULL OR m.next_attempt_at <= :now))"
+        ).bindparams(_NOW),
+        params,
+    ).rowcount
+    others = conn.execute(
+        text(
+            f"INSERT INTO {plan} (key, user_id, kind, value, data) "
+            "SELECT :k, m.user_id, 'trait', false, :missing FROM memberships m "
+            f"WHERE m.audience_id = :a AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_id = m.user_id) "
+            "AND ((m.desired = true AND (m.unknown OR m.acked = true)) "
+            f"OR (m.desired = false AND {_DUE}))"
+        ).bindparams(_NOW),
+        {"k": key, "a": params["a"], "now": now, "missing": missing},
+    ).rowcount
+    return int(members) + int(others)
+
+
+def add_current(
+    conn: Connection,
+    plan: str,
+    *,
+    key: str,
+    audience_id: int | None,
+    now: datetime,
+    trait: bool = False,
+    missing: str | None = None,
+) -> int:
     """Plan what is due for the audience as it stands (its refresh failed or was held)."""
     if audience_id is None:
         return 0
     return int(
         conn.execute(
             text(
-                f"INSERT INTO {plan} (key, user_id, value, data, acked_data) SELECT :k, m.user_id, "
-                f"m.desired, m.value, m.acked_value FROM memberships m WHERE m.audience_id = :a AND {_DUE}"
+                f"INSERT INTO {plan} (key, user_id, kind, value, data, acked_data) "
+                "SELECT :k, m.user_id, :kind, m.desired, CASE WHEN m.desired THEN m.value ELSE :missing END, "
+                f"m.acked_value FROM memberships m WHERE m.audience_id = :a AND {_DUE}"
             ).bindparams(_NOW),
-            {"k": key, "a": audience_id, "now": now},
+            {
+                "k": key,
+                "a": audience_id,
+                "now": now,
+                "kind": "trait" if trait else "audience",
+                "missing": missing if trait else None,
+            },
         ).rowcount
     )
 
@@ -172,7 +256,7 @@ def planned_calls(conn: Connection, plan: str, max_keys: int) -> Iterator[tuple[
     """
     stream = {"stream_results": True, "yield_per": 10_000}
     rows = conn.execute(
-        text(f"SELECT user_id, key, value, data, acked_data FROM {plan} ORDER BY user_id, key"),
+        text(f"SELECT user_id, key, kind, value, data, acked_data FROM {plan} ORDER BY user_id, key"),
         execution_options=stream,
     )
     members = peekable(
@@ -191,9 +275,9 @@ def planned_calls(conn: Connection, plan: str, max_keys: int) -> Iterator[tuple[
         keys: dict[int, str] = {}
         changes: list[PendingChange] = []
         gave: dict[int, frozenset[str]] = {}
-        for number, (_, key, value, data, acked_data) in enumerate(group):
+        for number, (_, key, kind, value, data, acked_data) in enumerate(group):
             keys[number] = key
-            changes.append(PendingChange(number, user_id, bool(value), value=values.decode(data)))
+            changes.append(PendingChange(number, user_id, bool(value), kind=kind, value=values.decode(data)))
             acked = values.decode(acked_data)
             if isinstance(acked, dict):
                 gave[number] = frozenset(acked)

@@ -20,7 +20,7 @@ from audiencesync.schema import DELIVERABLE, audiences, memberships, sync_runs
 class ParkedChange:
     audience: str
     user_id: str
-    value: bool
+    value: bool  # the membership; for a trait, whether the user has a value
     attempts: int
     last_status: int | None
     last_error: str | None
@@ -39,6 +39,7 @@ class AudienceStatus:
     refreshed_at: datetime | None
     next_run_at: datetime | None
     last_run: dict[str, Any] | None
+    kind: str = "audience"  # audience | trait (members: users with a value)
 
 
 def parked_changes(conn: Connection, audience_key: str | None = None) -> list[ParkedChange]:
@@ -114,6 +115,7 @@ def audience_status(conn: Connection) -> list[AudienceStatus]:
             refreshed_at=r.refreshed_at,
             next_run_at=r.next_run_at,
             last_run=run_rows.get(r.run_id),
+            kind=r.kind,
         )
         for r in rows
     ]

@@ -45,6 +45,7 @@ class AudienceReport:
     members: int = 0
     entered: int = 0
     left: int = 0
+    changed: int = 0  # members with a new value (a trait's)
     sent: int = 0
     failed: int = 0
     pending: int = 0  # owed to Gleap and not parked
@@ -55,24 +56,28 @@ class AudienceReport:
     skipped_rows: int = 0
     duplicate_rows: int = 0
     invalid_samples: list[str] = field(default_factory=list)
-    changed: int = 0  # members whose contact fields changed
-    field_warnings: int = 0  # fields skipped for a value of the wrong type
+    error: str | None = None
+    kind: str = "audience"  # audience | trait
+    skipped_values: int = 0  # rows whose value no Gleap attribute can hold (skipped)
+    value_samples: list[str] = field(default_factory=list)
+    field_warnings: int = 0  # contact fields skipped for a value of the wrong type
     field_conflicts: int = 0  # fields sent with an earlier audience's value instead of this one's
     field_notes: list[str] = field(default_factory=list)  # columns not sent, skipped fields
-    error: str | None = None
 
     def summary(self) -> str:
+        # A trait says so, and counts its changed values; an audience's line is as it always was.
+        changed = f" changed={self.changed}" if self.kind == "trait" or self.changed else ""
         text = (
-            f"{self.key}: {self.status} ({self.mode}) members={self.members} entered={self.entered} "
-            f"left={self.left} sent={self.sent} failed={self.failed} pending={self.pending} "
+            f"{self.key}: {self.status} ({self.mode}{', trait' if self.kind == 'trait' else ''}) "
+            f"members={self.members} entered={self.entered} left={self.left}{changed} "
+            f"sent={self.sent} failed={self.failed} pending={self.pending} "
             f"parked={self.parked} unknown={self.unknown} retries={self.retries} "
             f"rate_limited={self.rate_limited} skipped_rows={self.skipped_rows}"
         )
-        if self.changed or self.field_warnings or self.field_conflicts:
-            text += (
-                f" changed={self.changed} field_warnings={self.field_warnings} "
-                f"field_conflicts={self.field_conflicts}"
-            )
+        if self.field_warnings or self.field_conflicts:
+            text += f" field_warnings={self.field_warnings} field_conflicts={self.field_conflicts}"
+        if self.skipped_values:
+            text += f" skipped_values={self.skipped_values} bad_values=[{'; '.join(self.value_samples)}]"
         if self.invalid_samples:
             text += f" invalid_ids=[{'; '.join(self.invalid_samples)}]"
         if self.error:
@@ -85,7 +90,7 @@ class PlannedCall:
     """One identify call a dry run would make: ``POST identify_url`` with ``identify_body``."""
 
     user_id: str
-    attributes: dict[str, Any]  # contact fields, then audience keys -> value
+    attributes: dict[str, Any]  # audience or trait key -> value, in key order
 
 
 @dataclass
@@ -143,8 +148,8 @@ class Syncer:
 
     @property
     def property_keys(self) -> list[str]:
-        """The configured keys, which no custom attribute may take."""
-        return [a.key for a in self.config.audiences]
+        """The configured audience and trait keys, which no custom attribute may take."""
+        return [a.key for a in self.config.properties]
 
     def deliverer(self, store: Store | None = None) -> Deliverer:
         token = self.config.gleap.api_token
@@ -182,7 +187,7 @@ class Syncer:
         with the number of calls to make and returns a callback for each call done.
         ``allow_removals`` releases the mass-removal guard for this cycle.
         """
-        selected = [self.config.audience(k) for k in keys] if keys else list(self.config.audiences)
+        selected = [self.config.audience(k) for k in keys] if keys else list(self.config.properties)
         if not dry_run and self.config.gleap.api_token is None:
             raise MissingTokenError()
         report = CycleReport(cycle_id=str(uuid.uuid4()), audiences=[], dry_run=dry_run)
@@ -231,17 +236,19 @@ class Syncer:
         the other audiences go on.
         """
         store = self.store
-        audience = store.ensure_audience(config.key, config.name)
+        audience = store.ensure_audience(config.key, config.name, kind=config.kind, missing=config.missing)
         mode = "initial" if audience.refreshed_at is None else ("full" if full else "incremental")
         run = Run(
-            audience, store.start_run(cycle_id, audience, mode), AudienceReport(key=config.key, mode=mode)
+            audience,
+            store.start_run(cycle_id, audience, mode),
+            AudienceReport(key=config.key, mode=mode, kind=config.kind),
         )
         stats = ReadStats()
         guard = None if allow_removals else removal_guard(config)
         fields = FieldReader(self.property_keys)
         try:
-            batches, valued = self._member_batches(config, audience, stats, fields)
-            refresh = store.refresh(audience, run.run_id, batches, full=full, guard=guard, valued=valued)
+            batches, is_valued = self._batches(config, audience, stats, fields)
+            refresh = store.refresh(audience, run.run_id, batches, full=full, guard=guard, valued=is_valued)
         except SourceError as exc:
             # The snapshot is untouched; pending changes from earlier cycles still go out.
             run.report.status, run.report.error = "failed", str(exc)
@@ -251,12 +258,8 @@ class Syncer:
         if refresh.held is not None:
             run.report.status, run.report.error = "held", refresh.held
             log.error("audience %r held: %s", config.key, refresh.held)
-        run.report.members, run.report.entered, run.report.left = counts.members, counts.entered, counts.left
-        run.report.changed = counts.changed
+        _count(run.report, counts, stats)
         note_fields(run.report, fields)
-        run.report.skipped_rows = stats.skipped
-        run.report.duplicate_rows = stats.rows - stats.skipped - counts.members
-        run.report.invalid_samples = stats.invalid_samples
         store.update_run(
             run.run_id,
             source_rows=stats.rows,
@@ -265,17 +268,18 @@ class Syncer:
         )
         return run
 
-    def _member_batches(
+    def _batches(
         self, config: AudienceConfig, audience: Audience, stats: ReadStats, fields: FieldReader
     ) -> tuple[Iterator[list[str]] | Iterator[list[tuple[str, str | None]]], bool]:
-        """The audience's source batches, and whether they carry values.
+        """The source's batches for this property, and whether they carry values.
 
-        (user id, fields) pairs when the query has contact fields, or when the
-        store still holds fields from when it had (they must be diffed away).
-        Otherwise ids alone: the ids-only diff is about twice as fast (measured:
-        300k members, 1% churn, SQLite: 2.3 s against 4.1 s).
+        A trait's are (id, value) pairs. An audience's are (id, contact fields)
+        pairs when its query has fields, or when the store still holds fields
+        from when it had (they must be diffed away). Otherwise ids alone: the
+        ids-only diff is about twice as fast (measured: 300k members, 1% churn,
+        SQLite: 2.3 s against 4.1 s).
         """
-        if config.kind != "audience":  # a trait's query gives its value, not contact fields
+        if valued(config):
             return self.sources.read_values(config, stats), True
         pairs = self.sources.read_values(config, stats, fields)
         first = next(pairs, None)  # the query's columns are known from here
@@ -283,6 +287,14 @@ class Syncer:
         if fields.has_fields or self.store.holds_fields(audience.id):
             return batches, True
         return ([user_id for user_id, _ in batch] for batch in batches), False
+
+    def read_planned(
+        self, config: AudienceConfig, stats: ReadStats, fields: FieldReader
+    ) -> Iterator[list[tuple[str, str | None]]]:
+        """The dry run's batches: always (id, value) pairs, a trait's value or an audience's fields."""
+        if valued(config):
+            return self.sources.read_values(config, stats)
+        return self.sources.read_values(config, stats, fields)
 
     def finish(
         self,
@@ -377,52 +389,94 @@ class Syncer:
         audience_id = row.id if row is not None else None
         initial = row is None or row.refreshed_at is None
         report = AudienceReport(
-            key=config.key, mode="initial" if initial else ("full" if full else "incremental")
+            key=config.key,
+            mode="initial" if initial else ("full" if full else "incremental"),
+            kind=config.kind,
         )
-        rank = [a.key for a in self.config.audiences].index(config.key)
         stats = ReadStats()
         fields = FieldReader(self.property_keys)
+        # An audience's place in the config, for the merge of its members' fields.
+        rank = next((i for i, a in enumerate(self.config.audiences) if a.key == config.key), None)
         stage = diff.new_stage_name()
         diff.create_stage(conn, stage)
         try:
-            for batch in self.sources.read_values(config, stats, fields):
+            for batch in self.read_planned(config, stats, fields):
                 diff.load_values(conn, stage, batch)
             diff.analyze_stage(conn, stage)
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
             log.error("%s", exc)
-            report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
-            plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
+            report.pending = plan.add_current(
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
+            )
+            if rank is not None:
+                plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
             diff.drop_stage(conn, stage)
             return report
-        counts = plan.preview_counts(conn, stage, audience_id)
+        counts = plan.preview_counts(conn, stage, audience_id, valued=True)
         held = None if allow_removals else removal_guard(config)(counts)
-        report.members, report.entered, report.left = counts.members, counts.entered, counts.left
-        report.changed = counts.changed
+        _count(report, counts, stats)
         note_fields(report, fields)
-        report.skipped_rows = stats.skipped
-        report.duplicate_rows = stats.rows - stats.skipped - counts.members
-        report.invalid_samples = stats.invalid_samples
         if held is not None:
             report.status, report.error = "held", held
             log.error("audience %r held: %s", config.key, held)
-            report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
-            plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
+            report.pending = plan.add_current(
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
+            )
+            if rank is not None:
+                plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
         else:
             report.status = "planned"
             report.pending = plan.add_applied(
-                conn, table, key=config.key, audience_id=audience_id, stage=stage, full=full, now=now
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                stage=stage,
+                full=full,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
             )
-            plan.add_staged_fields(conn, table, rank=rank, key=config.key, stage=stage)
+            if rank is not None:
+                plan.add_staged_fields(conn, table, rank=rank, key=config.key, stage=stage)
         diff.drop_stage(conn, stage)
         return report
 
     def delivery_run(self, config: AudienceConfig, cycle_id: str) -> Run:
         """A run that refreshes nothing and only delivers what is already pending: changes
         re-queued by `audiencesync retry`, or whose backoff elapsed, between refreshes."""
-        audience = self.store.ensure_audience(config.key, config.name)
+        audience = self.store.ensure_audience(
+            config.key, config.name, kind=config.kind, missing=config.missing
+        )
         run_id = self.store.start_run(cycle_id, audience, "delivery")
-        return Run(audience, run_id, AudienceReport(key=config.key, mode="delivery"))
+        return Run(audience, run_id, AudienceReport(key=config.key, mode="delivery", kind=config.kind))
+
+
+def valued(config: AudienceConfig) -> bool:
+    """Its source gives a value per user (a trait), not just ids."""
+    return config.kind == "trait"
+
+
+def _count(report: AudienceReport, counts: DiffCounts, stats: ReadStats) -> None:
+    report.members, report.entered, report.left = counts.members, counts.entered, counts.left
+    report.changed = counts.changed
+    report.skipped_rows = stats.skipped
+    report.duplicate_rows = stats.rows - stats.skipped - counts.members
+    report.invalid_samples = stats.invalid_samples
+    report.skipped_values, report.value_samples = stats.skipped_values, stats.value_samples
 
 
 def note_fields(report: AudienceReport, fields: FieldReader) -> None:
@@ -435,9 +489,17 @@ def note_fields(report: AudienceReport, fields: FieldReader) -> None:
         log.warning("%s: %s", report.key, note)
 
 
+def _audience_id(conn: Connection, key: str) -> int | None:
+    found: int | None = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar()
+    return found
+
+
 def removal_guard(audience: AudienceConfig) -> Guard:
     """Hold a cycle that would remove too much of an audience: a half-loaded or broken
-    source must not send thousands of wrong ``false``s."""
+    source must not send thousands of wrong ``false``s (for a trait: ``null``s)."""
+    trait = audience.kind == "trait"
+    members = "users with a value" if trait else "members"
+    removing = "null" if trait else "remove"
 
     def guard(counts: DiffCounts) -> str | None:
         if not counts.left or counts.previous == 0:
@@ -447,13 +509,13 @@ def removal_guard(audience: AudienceConfig) -> Guard:
             if audience.allow_empty:
                 return None
             return (
-                f"the source returned no rows, which would remove all {counts.previous} members. "
+                f"the source returned no rows, which would {removing} all {counts.previous} {members}. "
                 f"Nothing was applied. Fix: check the source; if it is right, release it once with "
-                f"`{release}`, or set allow_empty = true on the audience"
+                f"`{release}`, or set allow_empty = true on the {audience.kind}"
             )
         if counts.left > audience.max_removal_fraction * counts.previous:
             return (
-                f"this cycle would remove {counts.left} of {counts.previous} members "
+                f"this cycle would {removing} {counts.left} of {counts.previous} {members} "
                 f"({counts.left / counts.previous:.0%}, more than max_removal_fraction = "
                 f"{audience.max_removal_fraction:g}). Nothing was applied. Fix: check the source; "
                 f"if it is right, release it once with `{release}`"
@@ -461,11 +523,6 @@ def removal_guard(audience: AudienceConfig) -> Guard:
         return None
 
     return guard
-
-
-def _audience_id(conn: Connection, key: str) -> int | None:
-    found: int | None = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar()
-    return found
 
 
 def _counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[PlannedCall]:
