@@ -373,3 +373,28 @@ def test_a_query_without_fields_takes_the_ids_only_diff_once_the_store_holds_no_
     cycle(ids_only)
     assert gleap.identify_calls == []
     assert valued == [True, True, False]
+
+
+def test_a_trait_shares_the_call_and_its_key_is_no_custom_attribute(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    people(source, [{"user_id": "u1", "email": "a@x.io", "plan": "gold"}])
+    trait = """
+[[traits]]
+name = "Tier"
+source = "main"
+query = "SELECT user_id, plan AS value FROM people"
+"""
+    config = make_config(
+        base_url=gleap.base_url,
+        audiences=audience("Paying", "user_id, email, plan AS TIER, 5 AS seats") + trait,
+    )
+    planned: list[PlannedCall] = []
+    cycle(config, dry_run=True, show_calls=planned.extend)
+    report = cycle(config)
+    assert calls(gleap) == {
+        "u1": {"userId": "u1", "paying": True, "tier": "gold", "email": "a@x.io", "seats": 5}
+    }
+    assert [identify_body(c.user_id, c.attributes) for c in planned] == gleap.identify_calls
+    [note] = only(report, "paying").field_notes
+    assert "column 'TIER' is not sent" in note and "trait key 'tier'" in note
