@@ -272,7 +272,7 @@ def _call_rows(calls: Iterable[PlannedCall]) -> Iterator[tuple[object, ...]]:
 
 SUMMARY_COLUMNS = (
     "audience", "result", "mode", "members", "entered", "left", "sent", "failed",
-    "pending", "parked", "unknown", "skipped",
+    "pending", "parked", "unknown", "skipped", "changed", "kind",
 )  # fmt: skip
 
 
@@ -302,6 +302,8 @@ def print_summary(
             a.parked,
             a.unknown,
             a.skipped_rows,
+            a.changed,  # members with a new value (a trait's); last, so a narrow table keeps the rest
+            a.kind,
         )
         for a in report.audiences
     )
@@ -317,6 +319,12 @@ def print_summary(
             print(f"{a.key}: {a.error}", file=notes)
         if a.invalid_samples:
             print(f"{a.key}: skipped invalid ids, e.g. {'; '.join(a.invalid_samples)}", file=notes)
+        if a.value_samples:
+            print(
+                f"{a.key}: skipped {a.skipped_values} value(s) Gleap can't hold, "
+                f"e.g. {'; '.join(a.value_samples)}",
+                file=notes,
+            )
     parked = sum(a.parked for a in report.audiences)
     if parked:
         print(
