@@ -274,7 +274,7 @@ def _call_rows(calls: Iterable[PlannedCall]) -> Iterator[tuple[object, ...]]:
 
 SUMMARY_COLUMNS = (
     "audience", "result", "mode", "members", "entered", "left", "sent", "failed",
-    "pending", "parked", "unknown", "skipped",
+    "pending", "parked", "unknown", "skipped", "changed", "kind",
 )  # fmt: skip
 
 
@@ -304,6 +304,8 @@ def print_summary(
             a.parked,
             a.unknown,
             a.skipped_rows,
+            a.changed,  # members with a new value (a trait's); last, so a narrow table keeps the rest
+            a.kind,
         )
         for a in report.audiences
     )
@@ -325,6 +327,12 @@ def print_summary(
             print(
                 f"{a.key}: {a.field_conflicts} field(s) went out with the value of an audience listed "
                 "before it in the config, which wins",
+                file=notes,
+            )
+        if a.value_samples:
+            print(
+                f"{a.key}: skipped {a.skipped_values} value(s) Gleap can't hold, "
+                f"e.g. {'; '.join(a.value_samples)}",
                 file=notes,
             )
     parked = sum(a.parked for a in report.audiences)

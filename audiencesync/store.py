@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from audiencesync import diff, failpoints, outcomes, status as status_mod, values
+from audiencesync import diff, failpoints, outcomes, status as status_mod
 from audiencesync.database import (
     create_engine as create_engine,
     empty_store as empty_store,
@@ -30,6 +30,7 @@ from audiencesync.diff import DiffCounts
 from audiencesync.errors import StoreError
 from audiencesync.member_fields import PageFields, holds_fields, read_page_fields
 from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
+from audiencesync.pending import pending_page, pending_page_query as pending_page_query
 from audiencesync.schema import DELIVERABLE, audiences, due, leases, memberships, sync_runs, write_connection
 from audiencesync.status import AudienceStatus as AudienceStatus, ParkedChange as ParkedChange
 
@@ -57,41 +58,6 @@ class Refresh:
 Guard = Callable[[DiffCounts], str | None]
 
 ANALYZE_AFTER_CHANGES = 10_000
-
-
-def pending_page_query(
-    audience_id: int, audience_ids: Sequence[int], after: str, limit: int, now: datetime | None = None
-) -> sa.Select[Any]:
-    """Users after ``after`` with a due change in ``audience_id``, with all their due
-    changes in ``audience_ids``; the primary key serves both the filter and the order."""
-    now = now or utc_now()
-    users = (
-        sa.select(memberships.c.user_id)
-        .where(memberships.c.audience_id == audience_id, memberships.c.user_id > after, due(memberships, now))
-        .order_by(memberships.c.user_id)
-        .limit(limit)
-        .subquery("next_users")
-    )
-    m = memberships.alias("m")
-    return (
-        sa.select(
-            m.c.audience_id,
-            m.c.user_id,
-            m.c.desired,
-            m.c.unknown,
-            m.c.failures,
-            audiences.c.kind,
-            # What the call carries: the row's value while desired; a trait's missing value otherwise.
-            sa.case((m.c.desired, m.c.value), else_=audiences.c.missing).label("value"),
-        )
-        .join(audiences, audiences.c.id == m.c.audience_id)
-        .where(
-            due(m, now),
-            m.c.audience_id.in_(audience_ids),
-            m.c.user_id.in_(sa.select(users.c.user_id)),
-        )
-        .order_by(m.c.user_id, m.c.audience_id)
-    )
 
 
 class Store:
@@ -308,19 +274,7 @@ class Store:
         failed meanwhile never make a page repeat or skip anyone.
         """
         with self._read() as conn:
-            rows = conn.execute(pending_page_query(audience_id, audience_ids, after, limit, self.clock()))
-            return [
-                PendingChange(
-                    r.audience_id,
-                    r.user_id,
-                    r.desired,
-                    r.unknown,
-                    r.failures,
-                    kind=r.kind,
-                    value=values.decode(r.value),
-                )
-                for r in rows
-            ]
+            return pending_page(conn, audience_id, audience_ids, after, limit, self.clock())
 
     def page_fields(self, user_ids: Sequence[str], order: Sequence[str]) -> PageFields:
         """These users' contact fields in the audiences ``order`` names (see ``member_fields``)."""

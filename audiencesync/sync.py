@@ -8,9 +8,8 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -19,7 +18,6 @@ from sqlalchemy import Connection
 from audiencesync import diff, plan
 from audiencesync.config import AudienceConfig, Config
 from audiencesync.delivery import Deliverer, Progress
-from audiencesync.diff import DiffCounts
 from audiencesync.errors import (
     GleapAuthError,
     GleapError,
@@ -30,87 +28,19 @@ from audiencesync.errors import (
 )
 from audiencesync.fields import FieldReader
 from audiencesync.gleap import MAX_CUSTOM_KEYS
+from audiencesync.guard import removal_guard as removal_guard
+from audiencesync.reports import (
+    AudienceReport as AudienceReport,
+    CycleReport as CycleReport,
+    PlannedCall as PlannedCall,
+    count_refresh,
+    counted,
+)
 from audiencesync.schema import audiences
 from audiencesync.sources import ReadStats, Sources
-from audiencesync.store import Audience, Backoff, Guard, Store, empty_store, schema_revisions
+from audiencesync.store import Audience, Backoff, Store, empty_store, schema_revisions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AudienceReport:
-    key: str
-    mode: str
-    status: str = "running"
-    members: int = 0
-    entered: int = 0
-    left: int = 0
-    changed: int = 0  # members with a new value (a trait's)
-    sent: int = 0
-    failed: int = 0
-    pending: int = 0  # owed to Gleap and not parked
-    parked: int = 0
-    unknown: int = 0  # calls whose outcome is unknown (pending until a verdict comes)
-    retries: int = 0
-    rate_limited: int = 0
-    skipped_rows: int = 0
-    duplicate_rows: int = 0
-    invalid_samples: list[str] = field(default_factory=list)
-    error: str | None = None
-    kind: str = "audience"  # audience | trait
-    skipped_values: int = 0  # rows whose value no Gleap attribute can hold (skipped)
-    value_samples: list[str] = field(default_factory=list)
-    field_warnings: int = 0  # contact fields skipped for a value of the wrong type
-    field_conflicts: int = 0  # fields sent with an earlier audience's value instead of this one's
-    field_notes: list[str] = field(default_factory=list)  # columns not sent, skipped fields
-
-    def summary(self) -> str:
-        # A trait says so, and counts its changed values; an audience's line is as it always was.
-        changed = f" changed={self.changed}" if self.kind == "trait" or self.changed else ""
-        text = (
-            f"{self.key}: {self.status} ({self.mode}{', trait' if self.kind == 'trait' else ''}) "
-            f"members={self.members} entered={self.entered} left={self.left}{changed} "
-            f"sent={self.sent} failed={self.failed} pending={self.pending} "
-            f"parked={self.parked} unknown={self.unknown} retries={self.retries} "
-            f"rate_limited={self.rate_limited} skipped_rows={self.skipped_rows}"
-        )
-        if self.field_warnings or self.field_conflicts:
-            text += f" field_warnings={self.field_warnings} field_conflicts={self.field_conflicts}"
-        if self.skipped_values:
-            text += f" skipped_values={self.skipped_values} bad_values=[{'; '.join(self.value_samples)}]"
-        if self.invalid_samples:
-            text += f" invalid_ids=[{'; '.join(self.invalid_samples)}]"
-        if self.error:
-            text += f" error={self.error}"
-        return text
-
-
-@dataclass(frozen=True)
-class PlannedCall:
-    """One identify call a dry run would make: ``POST identify_url`` with ``identify_body``."""
-
-    user_id: str
-    attributes: dict[str, Any]  # audience or trait key -> value, in key order
-
-
-@dataclass
-class CycleReport:
-    cycle_id: str
-    audiences: list[AudienceReport]
-    dry_run: bool = False
-    calls: int = 0
-    aborted: GleapError | None = None  # Gleap refused the token, or its breaker opened
-
-    @property
-    def retries(self) -> int:
-        return sum(a.retries for a in self.audiences)
-
-    @property
-    def complete(self) -> bool:
-        """Everything refreshed and delivered: nothing failed, nothing left pending."""
-        return self.aborted is None and all(
-            a.status == "succeeded" or (self.dry_run and a.status == "planned") for a in self.audiences
-        )
 
 
 @dataclass
@@ -258,7 +188,7 @@ class Syncer:
         if refresh.held is not None:
             run.report.status, run.report.error = "held", refresh.held
             log.error("audience %r held: %s", config.key, refresh.held)
-        _count(run.report, counts, stats)
+        count_refresh(run.report, counts, stats)
         note_fields(run.report, fields)
         store.update_run(
             run.run_id,
@@ -363,7 +293,7 @@ class Syncer:
                         plan.add_stored_fields(
                             conn, table, rank=rank, key=config.key, audience_id=_audience_id(conn, config.key)
                         )
-                calls = _counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
+                calls = counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
                 if show is not None:
                     show(calls)
                 for _ in calls:  # what show left unread still counts
@@ -421,7 +351,7 @@ class Syncer:
             return report
         counts = plan.preview_counts(conn, stage, audience_id, valued=True)
         held = None if allow_removals else removal_guard(config)(counts)
-        _count(report, counts, stats)
+        count_refresh(report, counts, stats)
         note_fields(report, fields)
         if held is not None:
             report.status, report.error = "held", held
@@ -470,15 +400,6 @@ def valued(config: AudienceConfig) -> bool:
     return config.kind == "trait"
 
 
-def _count(report: AudienceReport, counts: DiffCounts, stats: ReadStats) -> None:
-    report.members, report.entered, report.left = counts.members, counts.entered, counts.left
-    report.changed = counts.changed
-    report.skipped_rows = stats.skipped
-    report.duplicate_rows = stats.rows - stats.skipped - counts.members
-    report.invalid_samples = stats.invalid_samples
-    report.skipped_values, report.value_samples = stats.skipped_values, stats.value_samples
-
-
 def note_fields(report: AudienceReport, fields: FieldReader) -> None:
     """What the read said about the contact fields: in the report, and once in the log."""
     report.field_warnings = fields.stats.total
@@ -492,41 +413,3 @@ def note_fields(report: AudienceReport, fields: FieldReader) -> None:
 def _audience_id(conn: Connection, key: str) -> int | None:
     found: int | None = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar()
     return found
-
-
-def removal_guard(audience: AudienceConfig) -> Guard:
-    """Hold a cycle that would remove too much of an audience: a half-loaded or broken
-    source must not send thousands of wrong ``false``s (for a trait: ``null``s)."""
-    trait = audience.kind == "trait"
-    members = "users with a value" if trait else "members"
-    removing = "null" if trait else "remove"
-
-    def guard(counts: DiffCounts) -> str | None:
-        if not counts.left or counts.previous == 0:
-            return None
-        release = f"audiencesync sync --audience {audience.key} --allow-removals"
-        if counts.members == 0:
-            if audience.allow_empty:
-                return None
-            return (
-                f"the source returned no rows, which would {removing} all {counts.previous} {members}. "
-                f"Nothing was applied. Fix: check the source; if it is right, release it once with "
-                f"`{release}`, or set allow_empty = true on the {audience.kind}"
-            )
-        if counts.left > audience.max_removal_fraction * counts.previous:
-            return (
-                f"this cycle would {removing} {counts.left} of {counts.previous} {members} "
-                f"({counts.left / counts.previous:.0%}, more than max_removal_fraction = "
-                f"{audience.max_removal_fraction:g}). Nothing was applied. Fix: check the source; "
-                f"if it is right, release it once with `{release}`"
-            )
-        return None
-
-    return guard
-
-
-def _counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[PlannedCall]:
-    """The plan's calls, each counted in ``report`` as it is read: the plan is streamed, never held."""
-    for user_id, attributes in planned:
-        report.calls += 1
-        yield PlannedCall(user_id, attributes)

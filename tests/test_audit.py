@@ -322,7 +322,7 @@ def test_bad_times_and_unknown_audiences_are_clear_errors(run_audit: Audit) -> N
     ):
         status, out, err = run_audit(*args)
         assert status == 2 and out == "", args
-        assert "no audience has the key 'segment_c', in the config or in the store" in err
+        assert "no audience or trait has the key 'segment_c', in the config or in the store" in err
         assert "Fix: use one of the keys: segment_a, segment_b" in err
 
 
