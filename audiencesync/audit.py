@@ -131,7 +131,12 @@ def members(conn: Connection, audience_id: int, at: datetime | None = None) -> I
     # (or was pruned), and the one before is the entry.
     before = (
         sa.select(e.c.at)
-        .where(e.c.audience_id == audience_id, e.c.user_id == c.c.user_id, e.c.id < c.c.id)
+        .where(
+            e.c.audience_id == audience_id,
+            e.c.user_id == c.c.user_id,
+            e.c.id < c.c.id,
+            e.c.change == "entered",  # not a new value ('changed') in between
+        )
         .order_by(e.c.id.desc())
         .limit(1)
         .scalar_subquery()
@@ -162,7 +167,12 @@ def _net_changes(conn: Connection, audience_id: int, start: datetime, end: datet
     c = membership_changes
     window = (
         sa.select(c.c.user_id, sa.func.min(c.c.id).label("first_id"), sa.func.max(c.c.id).label("last_id"))
-        .where(c.c.audience_id == audience_id, c.c.at > start, c.c.at <= end)
+        .where(
+            c.c.audience_id == audience_id,
+            c.c.at > start,
+            c.c.at <= end,
+            c.c.change.in_(("entered", "left")),  # a new value ('changed') is no change of membership
+        )
         .group_by(c.c.user_id)
         .subquery("changed")
     )
@@ -189,8 +199,9 @@ def diff(conn: Connection, audience_id: int, start: datetime, end: datetime) -> 
 TIMELINE_COLUMNS = (
     "at",
     "audience",
-    "event",  # entered | left | call
+    "event",  # entered | left | changed (a new value) | call
     "value",  # a change: what it means for Gleap (entered: true); a call: the value it carried
+    "data",  # the JSON value: a trait's (or contact fields) of a change, or that a call carried
     "result",  # a change: its delivery_state; a call: its outcome
     "status",  # a call: Gleap's HTTP status (0: no answer); a change: the membership's last one
     "attempt",
@@ -215,7 +226,8 @@ def timeline(conn: Connection, user_id: str, audience_key: str | None = None) ->
         h.c.at,
         h.c.audience_key.label("audience"),
         h.c.change.label("event"),
-        (h.c.change == "entered").label("value"),
+        (h.c.change != "left").label("value"),
+        h.c.value.label("data"),
         h.c.delivery_state.label("result"),
         h.c.last_status.label("status"),
         sa.null().label("attempt"),
@@ -229,6 +241,7 @@ def timeline(conn: Connection, user_id: str, audience_key: str | None = None) ->
         log.c.audience_key.label("audience"),
         sa.literal("call").label("event"),
         log.c.value,
+        log.c.data,
         log.c.outcome.label("result"),
         log.c.status,
         log.c.attempt,

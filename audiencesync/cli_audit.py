@@ -68,7 +68,7 @@ def _snapshot(config: Config, key: str | None) -> Iterator[tuple[Connection, aud
     """One read snapshot of the store (``audit.snapshot``), and the audience ``key`` names (None:
     no key). A key that is not configured needs the store to be refused: when there is no store
     at all, it is refused as unknown."""
-    configured = [a.key for a in config.audiences]
+    configured = [a.key for a in config.properties]
     try:
         engine = open_store(config).engine
     except StoreMissingError:

@@ -46,12 +46,12 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
         finally:
             engine.dispose()
     sources = Sources(config.sources)
-    for audience in config.audiences:
+    for audience in config.properties:
         try:
             sources.check(audience)
-            results.append((f"audience {audience.key} (source {audience.source})", None))
+            results.append((f"{audience.kind} {audience.key} (source {audience.source})", None))
         except AudienceSyncError as exc:
-            results.append((f"audience {audience.key} (source {audience.source})", str(exc)))
+            results.append((f"{audience.kind} {audience.key} (source {audience.source})", str(exc)))
     sources.dispose()
     token = config.gleap.api_token
     if token is None:
@@ -74,7 +74,7 @@ async def _check_token(config: Config, token: Secret) -> None:
 
 STATUS_COLUMNS = (
     "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
-    "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed",
+    "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
 )  # fmt: skip
 
 
@@ -88,7 +88,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     else:
         rows = target.status()
         holder = target.lease_holder()
-    configured = {a.key for a in config.audiences}
+    configured = {a.key for a in config.properties}
     # A store not yet migrated has no prunes table; the next sync migrates it.
     last_prune = Pruner(target.engine, store.utc_now).last() if current == head else None
     if args.format == "json":
@@ -135,6 +135,7 @@ def _status_row(row: store.AudienceStatus, configured: set[str]) -> tuple[object
         row.key in configured,
         row.events_pending,
         row.events_parked,
+        row.kind,
     )
 
 
@@ -145,6 +146,7 @@ def _status_json(
         "audiences": [
             {
                 "key": row.key,
+                "kind": row.kind,
                 "configured": row.key in configured,
                 "members": row.members,
                 "pending": row.pending,

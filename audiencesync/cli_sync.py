@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -46,8 +47,10 @@ DAEMON_REQUEST_WAIT_SECONDS = 600.0
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     if config.gleap.api_token is None:
         raise MissingTokenError()
-    if not config.audiences:
-        raise ConfigError("no [[audiences]] are configured", path=str(config.path), fix="add at least one")
+    if not config.properties:
+        raise ConfigError(
+            "no [[audiences]] or [[traits]] are configured", path=str(config.path), fix="add at least one"
+        )
     daemon = Daemon(config)
     daemon.install_signal_handlers()
     return daemon.run()
@@ -179,7 +182,7 @@ def _ask_daemon(args: argparse.Namespace, config: Config, engine: Any, daemon: d
     A request nobody picked up in time is withdrawn, so it can't surprise anyone
     later; one the daemon already started is left to finish.
     """
-    keys = args.audiences or [a.key for a in config.audiences]
+    keys = args.audiences or [a.key for a in config.properties]
     kind = kind_of(full=args.full, allow_removals=args.allow_removals)
     queue = AdminRequests(engine, store.utc_now)
     asker = f"{socket.gethostname()} pid {os.getpid()}"
@@ -267,12 +270,13 @@ def _call_rows(calls: Iterable[PlannedCall | PlannedTrack]) -> Iterator[tuple[ob
                 yield number, event["userId"], data["audience_key"], event["name"]
             continue
         for audience, value in call.attributes.items():
-            yield number, call.user_id, audience, value
+            # lastPageView is an object: shown as the JSON it is sent as.
+            yield number, call.user_id, audience, json.dumps(value) if isinstance(value, dict) else value
 
 
 SUMMARY_COLUMNS = (
     "audience", "result", "mode", "members", "entered", "left", "sent", "failed",
-    "pending", "parked", "unknown", "skipped", "events_sent", "events_pending",
+    "pending", "parked", "unknown", "skipped", "events_sent", "events_pending", "changed", "kind",
 )  # fmt: skip
 
 
@@ -305,6 +309,8 @@ def print_summary(
             a.skipped_rows,
             a.events_sent,
             a.events_pending,
+            a.changed,  # members with a new value (a trait's); last, so a narrow table keeps the rest
+            a.kind,
         )
         for a in report.audiences
     )
@@ -327,6 +333,20 @@ def print_summary(
             print(f"{a.key}: {a.error}", file=notes)
         if a.invalid_samples:
             print(f"{a.key}: skipped invalid ids, e.g. {'; '.join(a.invalid_samples)}", file=notes)
+        for note in a.field_notes:
+            print(f"{a.key}: {note}", file=notes)
+        if a.field_conflicts:
+            print(
+                f"{a.key}: {a.field_conflicts} field(s) went out with the value of an audience listed "
+                "before it in the config, which wins",
+                file=notes,
+            )
+        if a.value_samples:
+            print(
+                f"{a.key}: skipped {a.skipped_values} value(s) Gleap can't hold, "
+                f"e.g. {'; '.join(a.value_samples)}",
+                file=notes,
+            )
     parked = sum(a.parked for a in report.audiences)
     if parked:
         print(

@@ -37,6 +37,7 @@ from audiencesync.config_sections import (
     store_config,
     sync_config,
 )
+from audiencesync.config_traits import trait_configs
 from audiencesync.errors import ConfigError
 from audiencesync.secret import Secret
 from audiencesync.tomltable import Table, parse_duration
@@ -76,14 +77,21 @@ class Config:
     server: ServerConfig | None
     audiences: tuple[AudienceConfig, ...]
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    traits: tuple[AudienceConfig, ...] = ()  # [[traits]]: AudienceConfigs of kind "trait"
+
+    @property
+    def properties(self) -> tuple[AudienceConfig, ...]:
+        """Everything synced, audiences then traits: what is scheduled, refreshed and delivered."""
+        return self.audiences + self.traits
 
     def audience(self, key: str) -> AudienceConfig:
-        for audience in self.audiences:
+        """The audience or trait with this key (keys are unique across both)."""
+        for audience in self.properties:
             if audience.key == key:
                 return audience
-        known = ", ".join(a.key for a in self.audiences) or "none"
+        known = ", ".join(a.key for a in self.properties) or "none"
         raise ConfigError(
-            f"no audience has the key {key!r}",
+            f"no audience or trait has the key {key!r}",
             path=str(self.path),
             fix=f"use one of the configured keys: {known}",
         )
@@ -123,7 +131,7 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         raw,
         path,
         "top level",
-        ["store", "gleap", "sync", "schedule", "server", "retention", "sources", "audiences"],
+        ["store", "gleap", "sync", "schedule", "server", "retention", "sources", "audiences", "traits"],
     )
 
     def section(name: str, keys: Sequence[str]) -> Table:
@@ -136,9 +144,11 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
     server = server_config(section("server", SERVER_KEYS))
     retention = retention_config(section("retention", RETENTION_KEYS))
     sources = source_configs(root.take("sources", dict, {}), path, environ)
+    keys: dict[str, str] = {}
     audiences = audience_configs(
-        root.take("audiences", list, []), path, sources, sync, schedule, events=gleap.events
+        root.take("audiences", list, []), path, sources, sync, schedule, keys, events=gleap.events
     )
+    traits = trait_configs(root.take("traits", list, []), path, sources, sync, schedule, keys)
     return Config(
         path=path,
         store=store,
@@ -149,4 +159,5 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         server=server,
         audiences=audiences,
         retention=retention,
+        traits=traits,
     )

@@ -24,6 +24,9 @@ class AudienceConfig:
     jitter: float = ScheduleConfig.jitter
     # Post "Audience Entered"/"Audience Exited" events for each change ([gleap] events by default).
     events: bool = False
+    # "trait" for a [[traits]] entry (config_traits.py): its query gives a value per user.
+    kind: str = "audience"
+    missing: str | None = None  # a trait's value (canonical JSON) for users without one; None: null
 
 
 AUDIENCE_KEYS = (
@@ -45,57 +48,87 @@ def audience_configs(
     sources: Mapping[str, SourceConfig],
     sync: SyncConfig,
     schedule: ScheduleConfig,
+    seen: dict[str, str] | None = None,
+    *,
     events: bool = False,
 ) -> tuple[AudienceConfig, ...]:
-    audiences: list[AudienceConfig] = []
-    seen: dict[str, str] = {}
-    for index, table in enumerate(raw, start=1):
-        audience_t = Table(table, path, f"[[audiences]] #{index}", list(AUDIENCE_KEYS))
-        name = audience_t.take("name", str, required=True).strip()
-        if name:
-            audience_t.where = f"[[audiences]] #{index} ({name!r})"
-        else:
-            raise audience_t.error("the name is empty", key="name", fix="give the audience a name")
-        explicit_key = audience_t.take_optional("key", str)
-        key = explicit_key if explicit_key is not None else key_for_name(name)
-        problem = key_problem(key)
-        if problem:
-            fix = (
-                'set an explicit key, e.g. key = "my_audience"'
-                if explicit_key is None
-                else "use lowercase letters, digits and single underscores, not a Gleap contact field"
-            )
-            raise audience_t.error(problem, key="key" if explicit_key is not None else "name", fix=fix)
-        if key in seen:
-            raise audience_t.error(
-                f"the key {key!r} is already used by audience {seen[key]!r}",
-                fix="rename one audience or give it an explicit, different key",
-            )
-        seen[key] = name
-        source = audience_t.take("source", str, required=True)
-        if source not in sources:
-            known = ", ".join(sources) or "none defined"
-            raise audience_t.error(
-                f"unknown source {source!r}",
-                key="source",
-                fix=f"use one of the [sources.NAME] tables ({known}) or add [sources.{source}]",
-            )
-        query = audience_t.take("query", str, required=True).strip()
-        if not query:
-            raise audience_t.error(
-                "the query is empty", key="query", fix="write a SELECT that yields a user_id column"
-            )
-        audiences.append(
-            AudienceConfig(
-                name=name,
-                key=key,
-                source=source,
-                query=query,
-                max_removal_fraction=fraction(audience_t, sync.max_removal_fraction),
-                allow_empty=audience_t.take("allow_empty", bool, False),
-                interval=audience_t.take_duration("interval", schedule.interval),
-                jitter=audience_t.take_duration("jitter", schedule.jitter, allow_zero=True),
-                events=audience_t.take("events", bool, events),
-            )
+    """The [[audiences]]; ``seen`` (key -> name) gathers the keys taken, across sections."""
+    seen = {} if seen is None else seen
+    return tuple(
+        entry_config(
+            Table(table, path, f"[[audiences]] #{index}", list(AUDIENCE_KEYS)),
+            "audiences",
+            index,
+            sources=sources,
+            sync=sync,
+            schedule=schedule,
+            seen=seen,
+            events=events,
         )
-    return tuple(audiences)
+        for index, table in enumerate(raw, start=1)
+    )
+
+
+def entry_config(
+    entry: Table,
+    section: str,
+    index: int,
+    *,
+    sources: Mapping[str, SourceConfig],
+    sync: SyncConfig,
+    schedule: ScheduleConfig,
+    seen: dict[str, str],
+    kind: str = "audience",
+    missing: str | None = None,
+    events: bool = False,
+) -> AudienceConfig:
+    """One [[audiences]] or [[traits]] entry: what every synced property has (its name, key,
+    source, query, schedule and removal guard). The keys of both sections share one namespace:
+    a key names one custom attribute in Gleap."""
+    name = entry.take("name", str, required=True).strip()
+    if name:
+        entry.where = f"[[{section}]] #{index} ({name!r})"
+    else:
+        raise entry.error("the name is empty", key="name", fix=f"give the {kind} a name")
+    explicit_key = entry.take_optional("key", str)
+    key = explicit_key if explicit_key is not None else key_for_name(name)
+    problem = key_problem(key)
+    if problem:
+        fix = (
+            f'set an explicit key, e.g. key = "my_{kind}"'
+            if explicit_key is None
+            else "use lowercase letters, digits and single underscores, not a Gleap contact field"
+        )
+        raise entry.error(problem, key="key" if explicit_key is not None else "name", fix=fix)
+    if key in seen:
+        raise entry.error(
+            f"the key {key!r} is already used by {seen[key]}",
+            fix=f"rename one of them or give the {kind} an explicit, different key",
+        )
+    seen[key] = f"{kind} {name!r}"
+    source = entry.take("source", str, required=True)
+    if source not in sources:
+        known = ", ".join(sources) or "none defined"
+        raise entry.error(
+            f"unknown source {source!r}",
+            key="source",
+            fix=f"use one of the [sources.NAME] tables ({known}) or add [sources.{source}]",
+        )
+    query = entry.take("query", str, required=True).strip()
+    if not query:
+        columns = "user_id and value columns" if kind == "trait" else "a user_id column"
+        raise entry.error("the query is empty", key="query", fix=f"write a SELECT that yields {columns}")
+    return AudienceConfig(
+        name=name,
+        key=key,
+        source=source,
+        query=query,
+        max_removal_fraction=fraction(entry, sync.max_removal_fraction),
+        allow_empty=entry.take("allow_empty", bool, False),
+        interval=entry.take_duration("interval", schedule.interval),
+        jitter=entry.take_duration("jitter", schedule.jitter, allow_zero=True),
+        kind=kind,
+        missing=missing,
+        # Only audiences have entries and exits; a [[traits]] table has no `events` key.
+        events=entry.take("events", bool, events) if kind == "audience" else False,
+    )

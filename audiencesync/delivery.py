@@ -2,8 +2,8 @@
 
 Audiences take turns a page of users at a time, so a new audience's hours-long
 first sync never starves the few changes of the others. Each user gets one
-call carrying all of their pending audience values. Calls run concurrently
-through the shared rate limiter, and every answer is stored as soon as it
+call carrying all of their pending properties (memberships, trait values).
+Calls run concurrently through the shared rate limiter, and every answer is stored as soon as it
 arrives. A call's concurrency slot is freed only then, so at most
 ``max_concurrency`` calls are ever sent but not yet recorded: that bounds what
 a crash can make the next run send again.
@@ -15,6 +15,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from itertools import groupby
 
@@ -27,6 +28,8 @@ from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import AudienceSyncError, GleapAuthError, GleapUnavailableError
 from audiencesync.events import Outbox
 from audiencesync.gleap import MAX_CUSTOM_KEYS, GleapClient
+from audiencesync.identify_calls import Call, user_calls
+from audiencesync.member_fields import PageFields
 from audiencesync.store import Backoff, Outcome, PendingChange, Store
 from audiencesync.track import EventSender
 
@@ -41,15 +44,21 @@ def plan_calls(
     skip: Container[str],
     page_size: int = 100,
     *,
+    keys: Mapping[int, str],
+    field_order: Sequence[str] = (),
+    conflicts: Counter[str] | None = None,
     on_page: Callable[[list[PendingChange]], None] | None = None,
-) -> Iterator[tuple[str, list[PendingChange]]]:
-    """(user id, changes for one call) for one pass over these audiences, in turns.
+) -> Iterator[tuple[str, Call[PendingChange]]]:
+    """(user id, one call) for one pass over these audiences, in turns.
 
-    A user's due changes go in one call, or in several when they carry more
-    than Gleap's 35 custom keys. Users in ``skip`` (already called in this
-    pass) are passed over. Keyset cursors per audience make the pass finite
-    even when calls fail. ``on_page`` sees each page's changes before any of
-    them is yielded (the write-ahead mark of calls about to go out).
+    A user's due changes go in one call, with the contact fields that win for
+    them across the audiences of ``field_order`` (config order), or in several
+    calls when they carry more than Gleap's 35 custom keys. Users in ``skip``
+    (already called in this pass) are passed over. Keyset cursors per audience
+    make the pass finite even when calls fail. ``on_page`` sees each page's
+    changes before any of them is yielded (the write-ahead mark of calls about
+    to go out). ``conflicts`` counts, per losing audience key, the fields that
+    went out with another audience's value.
     """
     cursors = dict.fromkeys(audience_ids, "")
     while cursors:
@@ -59,20 +68,19 @@ def plan_calls(
                 del cursors[audience_id]
                 continue
             cursors[audience_id] = max(change.user_id for change in page)
-            calls = [
-                (user_id, chunk)
-                for user_id, changes in groupby(page, key=lambda c: c.user_id)
-                if user_id not in skip
-                for chunk in batched(list(changes), MAX_CUSTOM_KEYS)
-            ]
+            users = [(u, list(c)) for u, c in groupby(page, key=lambda c: c.user_id) if u not in skip]
+            fields = store.page_fields([u for u, _ in users], field_order) if field_order else PageFields()
+            calls: list[tuple[str, Call[PendingChange]]] = []
+            for user_id, changes in users:
+                made, lost = user_calls(
+                    changes, keys, fields.members.get(user_id, ()), fields.gave.get(user_id), MAX_CUSTOM_KEYS
+                )
+                calls.extend((user_id, call) for call in made)
+                if conflicts is not None:
+                    conflicts.update(conflict.loser for conflict in lost)
             if on_page is not None and calls:
-                on_page([change for _, chunk in calls for change in chunk])
+                on_page([change for _, call in calls for change in call.changes])
             yield from calls
-
-
-def batched(items: list[PendingChange], size: int) -> Iterator[list[PendingChange]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 class Deliverer:
@@ -93,6 +101,7 @@ class Deliverer:
         progress_every: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         observe: Callable[[Sequence[Outcome]], None] | None = None,
+        field_order: Sequence[str] = (),
     ) -> None:
         self.store = store
         self.gleap = gleap
@@ -112,6 +121,8 @@ class Deliverer:
             max_attempts=max_attempts,
             backoff=(self.backoff.seconds, self.backoff.max_seconds),
         )
+        self.field_order = field_order  # the configured audiences' keys, first wins a field
+        self.conflicts: Counter[str] = Counter()  # fields sent with another audience's value, by loser
 
     async def drain(
         self,
@@ -178,9 +189,10 @@ class Deliverer:
                 for _ in batch:
                     slots.release()
 
-        async def send(client: GleapClient, user_id: str, changes: list[PendingChange]) -> None:
+        async def send(client: GleapClient, user_id: str, call: Call[PendingChange]) -> None:
+            changes = call.changes
             try:
-                answer = await client.identify(user_id, {keys[c.audience_id]: c.value for c in changes})
+                answer = await client.identify(user_id, call.attributes)
             except GleapAuthError as exc:
                 # A verdict on the token: nothing was applied. The calls in flight
                 # finish (and are refused) rather than being cancelled half-sent.
@@ -228,7 +240,16 @@ class Deliverer:
             backoff_initial=self.backoff_initial,
             now=self.store.clock,  # the call log's times, on the same clock as the rest of the store
         )
-        plan = plan_calls(self.store, audience_ids, called, self.page_size, on_page=marked.mark)
+        plan = plan_calls(
+            self.store,
+            audience_ids,
+            called,
+            self.page_size,
+            keys=keys,
+            field_order=self.field_order,
+            conflicts=self.conflicts,
+            on_page=marked.mark,
+        )
         try:
             async with client:
                 async with asyncio.TaskGroup() as supervisor:
@@ -243,14 +264,14 @@ class Deliverer:
                                 item = await asyncio.to_thread(next, plan, None)
                                 if item is None:
                                     break
-                                user_id, changes = item
+                                user_id, call = item
                                 await slots.acquire()
                                 if halted():
                                     slots.release()
                                     break
                                 called.add(user_id)
-                                marked.sent(changes)
-                                task = senders.create_task(send(client, user_id, changes))
+                                marked.sent(call.changes)
+                                task = senders.create_task(send(client, user_id, call))
                                 in_flight.add(task)
                                 task.add_done_callback(in_flight.discard)
                                 calls += 1
@@ -277,6 +298,11 @@ class Deliverer:
         finally:
             await asyncio.to_thread(marked.restore)
         progress.done()
+        if self.conflicts:
+            log.warning(
+                "fields sent with the value of an audience listed earlier in the config (first wins): %s",
+                ", ".join(f"{key}: {n}" for key, n in sorted(self.conflicts.items())),
+            )
         if refused is not None:
             raise refused
         if self.breaker.is_open:

@@ -126,7 +126,7 @@ class DeliveryLoop:
     def _open_delivery_runs(self) -> None:
         """Open a 'delivery' run for each audience with changes due but no open run and no refresh
         going: re-queued changes and elapsed backoffs go out now, not at the next refresh."""
-        for audience in self.config.audiences:
+        for audience in self.config.properties:
             audience_id = self._ids.get(audience.key)
             if audience_id is None:
                 continue

@@ -166,7 +166,7 @@ class UnknownAudienceError(AudienceSyncError):
         if stored_only:
             known += "; in the store only (no longer configured): " + ", ".join(stored_only)
         super().__init__(
-            f"no audience has the key {key!r}, in the config or in the store. "
+            f"no audience or trait has the key {key!r}, in the config or in the store. "
             f"Fix: use one of the keys: {known}"
         )
 

@@ -134,7 +134,7 @@ def _ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
 
 
-def identify_body(user_id: str, attributes: dict[str, bool]) -> dict[str, Any]:
+def identify_body(user_id: str, attributes: dict[str, Any]) -> dict[str, Any]:
     # userId last so that no attribute can override it (as Gleap's own SDK does).
     return {**attributes, "userId": user_id}
 
@@ -229,7 +229,7 @@ class GleapClient:
                 return exc.retry_after
         return float(self._backoff(state))
 
-    async def identify(self, user_id: str, attributes: dict[str, bool]) -> Answer:
+    async def identify(self, user_id: str, attributes: dict[str, Any]) -> Answer:
         """Send one identify call; retries transient failures, raises GleapAuthError on 401/403.
 
         Stops retrying as soon as the circuit breaker opens: Gleap is down for

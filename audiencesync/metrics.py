@@ -112,7 +112,13 @@ class _StoreCollector(Collector):
             "When the audience was last refreshed successfully (Unix time).",
             labels=["audience"],
         )
+        kinds = GaugeMetricFamily(
+            "audiencesync_property_info",
+            "1 per synced key: whether it is an audience or a trait (the other gauges' audience label).",
+            labels=["audience", "kind"],
+        )
         for row in rows:
+            kinds.add_metric([row.key, row.kind], 1)
             gauges["members"].add_metric([row.key], row.members)
             gauges["pending"].add_metric([row.key], row.pending)
             gauges["parked"].add_metric([row.key], row.parked)
@@ -124,6 +130,7 @@ class _StoreCollector(Collector):
         yield from gauges.values()
         yield oldest
         yield last_success
+        yield kinds
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected lazily: don't query the store at registration

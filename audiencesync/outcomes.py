@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from audiencesync import values
 from audiencesync.backoff import doubling
 from audiencesync.gleap import Try
 from audiencesync.schema import UtcDateTime, call_values, calls, sync_runs
@@ -22,11 +23,20 @@ from audiencesync.schema import UtcDateTime, call_values, calls, sync_runs
 
 @dataclass(frozen=True)
 class PendingChange:
+    """What one call must carry for one row: the membership, and the value while a member."""
+
     audience_id: int
     user_id: str
-    value: bool
+    desired: bool  # a member of the audience; for a trait: the user has a value
     unknown: bool = False  # an earlier call's outcome is unknown (as read, before this call)
     failures: int = 0  # failed deliveries of this value so far
+    kind: str = "audience"  # audience | trait (the row of ``audiences``)
+    value: Any = None  # decoded JSON: a trait's value, an audience member's contact fields
+
+    @property
+    def value_json(self) -> str | None:
+        """The value as the store keeps it (canonical JSON), for compare-and-set."""
+        return None if self.value is None else values.encode(self.value)
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,13 @@ def write_outcomes(
     log_calls(conn, results, run_ids, now)
     for result in results:
         for change in result.changes:
-            row = {"a": change.audience_id, "u": change.user_id, "v": change.value, "s": result.status}
+            row = {
+                "a": change.audience_id,
+                "u": change.user_id,
+                "v": change.desired,
+                "j": change.value_json,
+                "s": result.status,
+            }
             tally = tallies.setdefault(
                 change.audience_id, dict.fromkeys(("sent", "failed", "unknown", "retries", "rl"), 0)
             )
@@ -125,17 +141,19 @@ def write_outcomes(
                     "max": max_attempts,
                 }
             )
+    same = "IS" if conn.dialect.name == "sqlite" else "IS NOT DISTINCT FROM"
     if acked:
         # The value sent, not the current desired one, becomes acknowledged:
-        # if the source changed meanwhile, the row stays pending. If the user
-        # left and the row was dropped while the call was in flight, it comes
-        # back as a non-member that Gleap has a value for.
+        # if the source changed meanwhile (membership or value), the row stays
+        # pending. If the user left and the row was dropped while the call was
+        # in flight, it comes back as a non-member that Gleap has a value for.
         conn.execute(
             sa.text(
-                "INSERT INTO memberships (audience_id, user_id, desired, acked, resend, unknown, "
-                "changed_at, acked_at, attempts, failures, last_status) "
-                "VALUES (:a, :u, false, :v, false, false, :t, :t, 0, 0, :s) "
+                "INSERT INTO memberships (audience_id, user_id, desired, acked, acked_value, resend, "
+                "unknown, changed_at, acked_at, attempts, failures, last_status) "
+                "VALUES (:a, :u, false, :v, :j, false, false, :t, :t, 0, 0, :s) "
                 "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, "
+                "acked_value = excluded.acked_value, "
                 "resend = false, unknown = false, acked_at = excluded.acked_at, attempts = 0, "
                 "failures = 0, next_attempt_at = NULL, last_status = excluded.last_status, "
                 "last_error = NULL, parked_at = NULL"
@@ -154,13 +172,14 @@ def write_outcomes(
     if failed:
         # A failure is about the value sent: if the source changed it meanwhile,
         # the new value starts with a clean slate (only the mark is kept).
+        current = f"desired = :v AND (NOT desired OR value {same} :j)"  # still what was sent
         conn.execute(
             sa.text(
                 "UPDATE memberships SET unknown = :k, last_status = :s, last_error = :e, "
-                "failures = CASE WHEN desired = :v THEN failures + 1 ELSE failures END, "
-                "next_attempt_at = CASE WHEN desired = :v THEN :next ELSE next_attempt_at END, "
-                "attempts = CASE WHEN desired = :v AND :verdict THEN attempts + 1 ELSE attempts END, "
-                "parked_at = CASE WHEN desired = :v AND :verdict AND attempts + 1 >= :max THEN :t "
+                f"failures = CASE WHEN {current} THEN failures + 1 ELSE failures END, "
+                f"next_attempt_at = CASE WHEN {current} THEN :next ELSE next_attempt_at END, "
+                f"attempts = CASE WHEN {current} AND :verdict THEN attempts + 1 ELSE attempts END, "
+                f"parked_at = CASE WHEN {current} AND :verdict AND attempts + 1 >= :max THEN :t "
                 "ELSE parked_at END "
                 "WHERE audience_id = :a AND user_id = :u"
             ).bindparams(
@@ -169,6 +188,7 @@ def write_outcomes(
                 sa.bindparam("verdict", type_=sa.Boolean),
                 sa.bindparam("k", type_=sa.Boolean),
                 sa.bindparam("v", type_=sa.Boolean),
+                sa.bindparam("j", type_=sa.Text),
             ),
             failed,
         )
@@ -216,7 +236,8 @@ def log_calls(conn: Connection, results: Sequence[Outcome], run_ids: dict[int, i
                 "call_id": call_id,
                 "audience_id": change.audience_id,
                 "run_id": run_ids[change.audience_id],
-                "value": change.value,
+                "value": change.desired,
+                "data": change.value_json,
             }
             for call_id, changes in zip(ids, carried, strict=True)
             for change in changes

@@ -14,13 +14,17 @@ waiting out their backoff are not, unless the value changes.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from itertools import groupby
+from typing import Any
 
 from sqlalchemy import BindParameter, Connection, String, bindparam, text
 
+from audiencesync import diff, values
 from audiencesync.diff import DiffCounts
+from audiencesync.identify_calls import user_calls
+from audiencesync.outcomes import PendingChange
 from audiencesync.schema import UtcDateTime
 
 _NOW: BindParameter[object] = bindparam("now", type_=UtcDateTime)
@@ -30,22 +34,45 @@ _DUE = "m.pending AND m.parked_at IS NULL AND (m.next_attempt_at IS NULL OR m.ne
 
 
 def create_plan(conn: Connection) -> str:
+    # One row per (key, user): what a PendingChange would hold (desired, and the value JSON
+    # the call carries), so that payload.attributes makes the body a real call would send.
+    # ``acked_data``: the contact fields Gleap last acknowledged for an audience's row.
+    # ``<plan>_fields``: every member's fields after the plan, for the merge (``rank``:
+    # the audience's place in the config).
     name = f"plan_{uuid.uuid4().hex[:12]}"
     conn.exec_driver_sql(
-        f"CREATE TEMP TABLE {name} (key TEXT NOT NULL, user_id TEXT NOT NULL, value BOOLEAN)"
+        f"CREATE TEMP TABLE {name} (key TEXT NOT NULL, user_id TEXT NOT NULL, "
+        "kind TEXT NOT NULL DEFAULT 'audience', value BOOLEAN, data TEXT, acked_data TEXT)"
+    )
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE {name}_fields (rank INTEGER NOT NULL, key TEXT NOT NULL, "
+        "user_id TEXT NOT NULL, data TEXT NOT NULL)"
     )
     return name
 
 
 def drop_plan(conn: Connection, name: str) -> None:
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}_fields")
 
 
-def preview_counts(conn: Connection, stage: str, audience_id: int | None) -> DiffCounts:
-    """What applying the stage would count (members, entered, left), by reading only."""
+def preview_counts(
+    conn: Connection, stage: str, audience_id: int | None, *, valued: bool = False
+) -> DiffCounts:
+    """What applying the stage would count (members, entered, left, changed), by reading only."""
     members = conn.execute(text(f"SELECT count(DISTINCT user_id) FROM {stage}")).scalar_one()
     if audience_id is None:
         return DiffCounts(members=members, entered=members, left=0)
+    changed = 0
+    if valued:
+        changed = conn.execute(
+            text(
+                f"SELECT count(*) FROM memberships m JOIN {diff.staged(conn, stage)} s "
+                "ON s.user_id = m.user_id WHERE m.audience_id = :a AND m.desired = true "
+                f"AND m.value {_differs(conn)} s.value"
+            ),
+            {"a": audience_id},
+        ).scalar_one()
     params = {"a": audience_id}
     entered = conn.execute(
         text(
@@ -61,32 +88,55 @@ def preview_counts(conn: Connection, stage: str, audience_id: int | None) -> Dif
         ),
         params,
     ).scalar_one()
-    return DiffCounts(members=members, entered=entered, left=left)
+    return DiffCounts(members=members, entered=entered, left=left, changed=changed)
+
+
+def _differs(conn: Connection) -> str:
+    return "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
 
 
 def add_applied(
-    conn: Connection, plan: str, *, key: str, audience_id: int | None, stage: str, full: bool, now: datetime
+    conn: Connection,
+    plan: str,
+    *,
+    key: str,
+    audience_id: int | None,
+    stage: str,
+    full: bool,
+    now: datetime,
+    trait: bool = False,
+    missing: str | None = None,
 ) -> int:
-    """Plan the audience as if the stage were applied; returns the number of changes planned."""
+    """Plan the audience (or trait) as if the stage were applied; returns the number of changes planned."""
+    if trait:
+        return _add_applied_trait(
+            conn, plan, key=key, audience_id=audience_id, stage=stage, full=full, now=now, missing=missing
+        )
     params = {"k": key, "a": audience_id if audience_id is not None else -1, "full": full, "now": now}
+    differs, same = (
+        ("IS NOT", "IS") if conn.dialect.name == "sqlite" else ("IS DISTINCT FROM", "IS NOT DISTINCT FROM")
+    )
+    owed = f"m.resend OR m.unknown OR coalesce(m.acked, false) = false OR s.value {differs} m.acked_value"
     members = conn.execute(
         text(
-            f"INSERT INTO {plan} (key, user_id, value) "
-            f"SELECT :k, s.user_id, true FROM (SELECT DISTINCT user_id FROM {stage}) s "
+            f"INSERT INTO {plan} (key, user_id, value, data, acked_data) "
+            f"SELECT :k, s.user_id, true, s.value, m.acked_value FROM {diff.staged(conn, stage)} s "
             "LEFT JOIN memberships m ON m.audience_id = :a AND m.user_id = s.user_id "
             "WHERE m.user_id IS NULL "
-            # entering: a new value, which clears parking and backoff
-            "OR (m.desired = false AND (m.unknown OR coalesce(m.acked, false) = false)) "
-            # staying: owed only if pending (or a full resend), and due
-            "OR (m.desired = true AND (:full OR m.resend OR m.unknown OR coalesce(m.acked, false) = false) "
+            # entering, or staying with new fields: a new value, which clears parking and backoff
+            f"OR (m.desired = false AND (:full OR {owed})) "
+            f"OR (m.desired = true AND s.value {differs} m.value AND (:full OR {owed})) "
+            # staying as it was: owed only if pending (or a full resend), and due
+            f"OR (m.desired = true AND s.value {same} m.value AND (:full OR {owed}) "
             "AND m.parked_at IS NULL AND (:full OR m.next_attempt_at IS NULL OR m.next_attempt_at <= :now))"
         ).bindparams(_NOW),
         params,
     ).rowcount
     others = conn.execute(
         text(
-            f"INSERT INTO {plan} (key, user_id, value) SELECT :k, m.user_id, false FROM memberships m "
-            f"WHERE m.audience_id = :a AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_id = m.user_id) "
+            f"INSERT INTO {plan} (key, user_id, value, acked_data) "
+            "SELECT :k, m.user_id, false, m.acked_value FROM memberships m WHERE m.audience_id = :a "
+            f"AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_id = m.user_id) "
             # leaving: Gleap may think they are a member
             "AND ((m.desired = true AND (m.unknown OR m.acked = true)) "
             # ex-members still owed a false
@@ -97,31 +147,163 @@ def add_applied(
     return int(members) + int(others)
 
 
-def add_current(conn: Connection, plan: str, *, key: str, audience_id: int | None, now: datetime) -> int:
+def add_staged_fields(conn: Connection, plan: str, *, rank: int, key: str, stage: str) -> None:
+    """The audience's members' fields as the stage gives them, for the merge."""
+    conn.execute(
+        text(
+            f"INSERT INTO {plan}_fields (rank, key, user_id, data) SELECT :r, :k, s.user_id, s.value "
+            f"FROM {diff.staged(conn, stage)} s WHERE s.value IS NOT NULL"
+        ),
+        {"r": rank, "k": key},
+    )
+
+
+def add_stored_fields(conn: Connection, plan: str, *, rank: int, key: str, audience_id: int | None) -> None:
+    """The audience's members' fields as the store holds them (not refreshed in this plan)."""
+    if audience_id is None:
+        return
+    conn.execute(
+        text(
+            f"INSERT INTO {plan}_fields (rank, key, user_id, data) SELECT :r, :k, m.user_id, m.value "
+            "FROM memberships m WHERE m.audience_id = :a AND m.desired = true AND m.value IS NOT NULL"
+        ),
+        {"r": rank, "k": key, "a": audience_id},
+    )
+
+
+def _add_applied_trait(
+    conn: Connection,
+    plan: str,
+    *,
+    key: str,
+    audience_id: int | None,
+    stage: str,
+    full: bool,
+    now: datetime,
+    missing: str | None,
+) -> int:
+    """``add_applied`` for a trait: a user is owed their value when it is new to the row
+    (entered or changed: a new change, due now) and Gleap may not have it, or when the row
+    stays as it is and is due; a user without a value now is owed ``missing``."""
+    params = {"k": key, "a": audience_id if audience_id is not None else -1, "full": full, "now": now}
+    differs = _differs(conn)
+    unacked = (
+        "(m.unknown OR m.resend OR :full OR coalesce(m.acked, false) = false "
+        f"OR s.value {differs} m.acked_value)"
+    )
+    members = conn.execute(
+        text(
+            f"INSERT INTO {plan} (key, user_id, kind, value, data) "
+            f"SELECT :k, s.user_id, 'trait', true, s.value FROM {diff.staged(conn, stage)} s "
+            "LEFT JOIN memberships m ON m.audience_id = :a AND m.user_id = s.user_id "
+            "WHERE m.user_id IS NULL "
+            f"OR ((m.desired = false OR m.value {differs} s.value) AND {unacked}) "
+            f"OR (m.desired = true AND NOT (m.value {differs} s.value) AND {unacked} "
+            "AND m.parked_at IS NULL AND (:full OR m.next_attempt_at IS NULL OR m.next_attempt_at <= :now))"
+        ).bindparams(_NOW),
+        params,
+    ).rowcount
+    others = conn.execute(
+        text(
+            f"INSERT INTO {plan} (key, user_id, kind, value, data) "
+            "SELECT :k, m.user_id, 'trait', false, :missing FROM memberships m "
+            f"WHERE m.audience_id = :a AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_id = m.user_id) "
+            "AND ((m.desired = true AND (m.unknown OR m.acked = true)) "
+            f"OR (m.desired = false AND {_DUE}))"
+        ).bindparams(_NOW),
+        {"k": key, "a": params["a"], "now": now, "missing": missing},
+    ).rowcount
+    return int(members) + int(others)
+
+
+def add_current(
+    conn: Connection,
+    plan: str,
+    *,
+    key: str,
+    audience_id: int | None,
+    now: datetime,
+    trait: bool = False,
+    missing: str | None = None,
+) -> int:
     """Plan what is due for the audience as it stands (its refresh failed or was held)."""
     if audience_id is None:
         return 0
     return int(
         conn.execute(
             text(
-                f"INSERT INTO {plan} (key, user_id, value) SELECT :k, m.user_id, m.desired "
-                f"FROM memberships m WHERE m.audience_id = :a AND {_DUE}"
+                f"INSERT INTO {plan} (key, user_id, kind, value, data, acked_data) "
+                "SELECT :k, m.user_id, :kind, m.desired, CASE WHEN m.desired THEN m.value ELSE :missing END, "
+                f"m.acked_value FROM memberships m WHERE m.audience_id = :a AND {_DUE}"
             ).bindparams(_NOW),
-            {"k": key, "a": audience_id, "now": now},
+            {
+                "k": key,
+                "a": audience_id,
+                "now": now,
+                "kind": "trait" if trait else "audience",
+                "missing": missing if trait else None,
+            },
         ).rowcount
     )
 
 
-def planned_calls(conn: Connection, plan: str, max_keys: int) -> Iterator[tuple[str, dict[str, bool]]]:
-    """(user id, attributes) per call: a user's planned values together, at most ``max_keys`` a call."""
+def planned_calls(conn: Connection, plan: str, max_keys: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(user id, attributes) per call, built as the delivery builds them (``identify_calls``):
+    a user's planned values with their winning fields, at most ``max_keys`` custom keys a call.
+
+    The plan and the members' fields are both streamed in user order and walked
+    side by side, so the plan is never held in memory.
+    """
+    stream = {"stream_results": True, "yield_per": 10_000}
     rows = conn.execute(
-        text(f"SELECT user_id, key, value FROM {plan} ORDER BY user_id, key"),
-        execution_options={"stream_results": True, "yield_per": 10_000},
+        text(f"SELECT user_id, key, kind, value, data, acked_data FROM {plan} ORDER BY user_id, key"),
+        execution_options=stream,
+    )
+    members = peekable(
+        conn.execute(
+            text(f"SELECT user_id, key, data FROM {plan}_fields ORDER BY user_id, rank"),
+            execution_options=stream,
+        )
     )
     for user_id, group in groupby(rows, key=lambda row: row[0]):
-        values = [(row[1], bool(row[2])) for row in group]
-        for start in range(0, len(values), max_keys):
-            yield user_id, dict(values[start : start + max_keys])
+        while members.peek() is not None and members.peek()[0] < user_id:
+            next(members)
+        fields: list[tuple[str, Any]] = []
+        while members.peek() is not None and members.peek()[0] == user_id:
+            _, key, data = next(members)
+            fields.append((key, values.decode(data)))
+        keys: dict[int, str] = {}
+        changes: list[PendingChange] = []
+        gave: dict[int, frozenset[str]] = {}
+        for number, (_, key, kind, value, data, acked_data) in enumerate(group):
+            keys[number] = key
+            changes.append(PendingChange(number, user_id, bool(value), kind=kind, value=values.decode(data)))
+            acked = values.decode(acked_data)
+            if isinstance(acked, dict):
+                gave[number] = frozenset(acked)
+        made, _ = user_calls(changes, keys, fields, gave, max_keys)
+        for call in made:
+            yield user_id, call.attributes
+
+
+class peekable:
+    """An iterator that can look one row ahead (None at the end)."""
+
+    def __init__(self, rows: Iterable[Any]) -> None:
+        self._rows = iter(rows)
+        self._next: Any = next(self._rows, None)
+
+    def peek(self) -> Any:
+        return self._next
+
+    def __iter__(self) -> peekable:
+        return self
+
+    def __next__(self) -> Any:
+        if self._next is None:
+            raise StopIteration
+        row, self._next = self._next, next(self._rows, None)
+        return row
 
 
 # --- the events a sync would post, after its identify calls -----------------------------------

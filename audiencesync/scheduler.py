@@ -263,7 +263,7 @@ class Daemon(DeliveryLoop):
             )
             # Started first, so that each job gets its next run time as it is added.
             self.scheduler.start()
-            for audience in self.config.audiences:
+            for audience in self.config.properties:
                 self._schedule(audience, start_now=self._due_now(audience))
             self._delivery = threading.Thread(target=self._deliver_forever, name="delivery", daemon=True)
             self._delivery.start()
@@ -330,7 +330,9 @@ class Daemon(DeliveryLoop):
     def _due_now(self, audience: AudienceConfig) -> bool:
         """Never synced, overdue, or changes still pending: don't wait a whole interval."""
         try:
-            existing = self.store.ensure_audience(audience.key, audience.name)
+            existing = self.store.ensure_audience(
+                audience.key, audience.name, kind=audience.kind, missing=audience.missing
+            )
         except LeaseLostError:
             raise
         except Exception as exc:
@@ -385,7 +387,9 @@ class Daemon(DeliveryLoop):
             self._refreshing += 1
         started = time.monotonic()
         try:
-            existing = self.store.ensure_audience(audience.key, audience.name)
+            existing = self.store.ensure_audience(
+                audience.key, audience.name, kind=audience.kind, missing=audience.missing
+            )
             self._ids[key] = existing.id
             with self._lock:
                 previous = self._open.pop(existing.id, None)
@@ -442,8 +446,8 @@ class Daemon(DeliveryLoop):
         if new.store.url != self.config.store.url:
             log.error("reload refused: [store] url can't change while running; restart the daemon instead")
             return
-        old = {a.key: a for a in self.config.audiences}
-        fresh = {a.key: a for a in new.audiences}
+        old = {a.key: a for a in self.config.properties}
+        fresh = {a.key: a for a in new.properties}
         old_syncer = self.syncer
         self.config = new
         self.syncer = self._syncer(new)
@@ -493,7 +497,7 @@ class Daemon(DeliveryLoop):
         if stalled is not None:
             return False, stalled
         now = store_mod.utc_now()
-        intervals = {a.key: a.interval for a in self.config.audiences}
+        intervals = {a.key: a.interval for a in self.config.properties}
         late = []
         for row in rows:
             if row.key not in intervals:

@@ -100,8 +100,17 @@ def _read_aware_time(value: datetime | None) -> datetime | None:
 # an admin's full resend is owed, or while a call's outcome is unknown (Gleap
 # may hold either value, so the latest must be sent and acknowledged). Kept as a
 # generated column so it can never drift from the values it is derived from,
-# and so it can be indexed.
-PENDING_EXPR = "resend OR unknown OR desired <> coalesce(acked, false)"
+# and so it can be indexed. A member whose value (a trait's, an audience's contact
+# fields) differs from the acknowledged one is pending too. Migration 0006 spells
+# the null-safe comparison per database (SQLite: IS NOT); this is PostgreSQL's.
+PENDING_EXPR = (
+    "resend OR unknown OR desired <> coalesce(acked, false) "
+    "OR (desired AND value IS DISTINCT FROM acked_value)"
+)
+
+# What a row of ``audiences`` defines: an audience (a boolean per user) or a trait
+# (a value per user).
+KINDS = ("audience", "trait")
 
 audiences = sa.Table(
     "audiences",
@@ -109,6 +118,9 @@ audiences = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("key", sa.String(255), nullable=False, unique=True),
     sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False, server_default="audience"),  # audience | trait
+    # A trait's value for a user who has none (canonical JSON, from its config); NULL: null.
+    sa.Column("missing", sa.Text, nullable=True),
     sa.Column("created_at", UtcDateTime, nullable=False),
     # Set by the first refresh that succeeded: before it, a sync is the initial full sync.
     sa.Column("refreshed_at", UtcDateTime, nullable=True),
@@ -125,6 +137,11 @@ memberships = sa.Table(
     sa.Column("desired", sa.Boolean, nullable=False),
     # The last value Gleap acknowledged with a 2xx; NULL when Gleap was never told.
     sa.Column("acked", sa.Boolean, nullable=True),
+    # Canonical JSON (values.encode) the row carries while desired: a trait's value,
+    # an audience member's contact fields; NULL when not desired or valueless.
+    sa.Column("value", sa.Text, nullable=True),
+    # The value Gleap acknowledged with the last 2xx.
+    sa.Column("acked_value", sa.Text, nullable=True),
     sa.Column("resend", sa.Boolean, nullable=False, server_default=sa.false()),
     # A call for this row was sent (or about to be) and no verdict came back:
     # set before the call goes out, cleared only by a 2xx or a clear rejection.
@@ -168,6 +185,7 @@ sync_runs = sa.Table(
     sa.Column("members", sa.Integer, nullable=False, server_default="0"),
     sa.Column("entered", sa.Integer, nullable=False, server_default="0"),
     sa.Column("left", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("changed", sa.Integer, nullable=False, server_default="0"),  # members with a new value
     sa.Column("skipped_rows", sa.Integer, nullable=False, server_default="0"),
     sa.Column("duplicate_rows", sa.Integer, nullable=False, server_default="0"),
     sa.Column("sent", sa.Integer, nullable=False, server_default="0"),
@@ -193,7 +211,9 @@ membership_changes = sa.Table(
     sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), nullable=False),
     sa.Column("user_id", sa.String(255), nullable=False),
     sa.Column("run_id", sa.Integer, sa.ForeignKey("sync_runs.id"), nullable=False, index=True),
-    sa.Column("change", sa.String(8), nullable=False),  # entered | left
+    sa.Column("change", sa.String(8), nullable=False),  # entered | left | changed
+    # The new value (canonical JSON) of an entry or a change; NULL for a departure.
+    sa.Column("value", sa.Text, nullable=True),
     sa.Column("at", UtcDateTime, nullable=False),
     # A user's change before or after another, by id, from the index alone: the members
     # at an instant read the one before each departure since.
@@ -272,7 +292,8 @@ call_values = sa.Table(
     sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), primary_key=True),
     # The audience's run that sent it (one call may carry several audiences' runs).
     sa.Column("run_id", sa.Integer, sa.ForeignKey("sync_runs.id"), nullable=False, index=True),
-    sa.Column("value", sa.Boolean, nullable=False),
+    sa.Column("value", sa.Boolean, nullable=False),  # the membership: desired as sent
+    sa.Column("data", sa.Text, nullable=True),  # the JSON value sent (a trait's, contact fields)
 )
 
 # Each `prune`: history older than ``before`` was deleted, so nothing before
@@ -376,8 +397,10 @@ audience_members_view = sa.table(
 membership_history_view = sa.table(
     "membership_history",
     sa.column("audience_key", sa.String),
+    sa.column("audience_kind", sa.String),
     sa.column("user_id", sa.String),
     sa.column("change", sa.String),
+    sa.column("value", sa.Text),
     sa.column("at", UtcDateTime),
     sa.column("run_id", sa.Integer),
     sa.column("acknowledged_at", UtcDateTime),
@@ -391,8 +414,10 @@ call_log_view = sa.table(
     sa.column("call_id", sa.Integer),
     sa.column("run_id", sa.Integer),
     sa.column("audience_key", sa.String),
+    sa.column("audience_kind", sa.String),
     sa.column("user_id", sa.String),
     sa.column("value", sa.Boolean),
+    sa.column("data", sa.Text),
     sa.column("attempt", sa.Integer),
     sa.column("at", UtcDateTime),
     sa.column("elapsed_ms", sa.Integer),
@@ -404,6 +429,7 @@ call_log_view = sa.table(
 run_history_view = sa.table(
     "run_history",
     sa.column("audience_key", sa.String),
+    sa.column("audience_kind", sa.String),
     sa.column("run_id", sa.Integer),
     sa.column("cycle_id", sa.String),
     sa.column("mode", sa.String),
@@ -417,6 +443,7 @@ run_history_view = sa.table(
             "members",
             "users_entered",
             "users_left",
+            "users_changed",
             "skipped_rows",
             "duplicate_rows",
             "sent",

@@ -8,7 +8,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from audiencesync import values
 from audiencesync.config import AudienceConfig, SourceConfig, display_url
 from audiencesync.errors import SourceError
 from audiencesync.urls import sqlite_file
@@ -75,10 +76,35 @@ class ReadStats:
     skipped_blank: int = 0
     skipped_invalid: int = 0
     invalid_samples: list[str] = field(default_factory=list)
+    no_value: int = 0  # rows whose value is NULL: the user has no value
+    skipped_values: int = 0  # rows whose value no Gleap attribute can hold (a counted warning)
+    value_samples: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
-        return self.skipped_blank + self.skipped_invalid
+        return self.skipped_blank + self.skipped_invalid + self.no_value + self.skipped_values
+
+
+# Given a query's column names, the function that makes a row's value (canonical
+# JSON, or None for no value); it raises values.UnsupportedValue to skip the row.
+RowValue = Callable[[Sequence[Any]], str | None]
+ValueReader = Callable[[list[str]], RowValue]
+
+
+def trait_values(columns: list[str]) -> RowValue:
+    """A trait's query gives its value in the column ``value`` (values.trait_value)."""
+    if "value" not in columns:
+        raise ValueError(
+            f"the query returned the columns {columns} but no 'value'. "
+            "Fix: alias the trait's column, e.g. SELECT id AS user_id, plan AS value FROM ..."
+        )
+    index = columns.index("value")
+
+    def value_of(row: Sequence[Any]) -> str | None:
+        raw = row[index]
+        return None if raw is None else values.encode(values.trait_value(raw))
+
+    return value_of
 
 
 class Sources:
@@ -126,6 +152,25 @@ class Sources:
         memory holds one batch at a time. Errors become ``SourceError``s naming
         the audience and the source (its URL with the password masked).
         """
+        yield from self._read(audience, stats, None)  # type: ignore[misc]
+
+    def read_values(
+        self, audience: AudienceConfig, stats: ReadStats, reader: ValueReader = trait_values
+    ) -> Iterator[list[tuple[str, str | None]]]:
+        """Yield batches of (canonical user id, value JSON or None) from the query.
+
+        ``reader`` makes each row's value from the columns (by default a trait's
+        ``value``). A trait's row whose value is NULL is skipped: that user has no
+        value (an audience's row stays, with no value).
+        A row whose value can't be sent (``values.UnsupportedValue``) is skipped
+        and counted, with samples, in ``stats``; the read goes on. Every check
+        of ``read_ids`` holds (bad ids, timeouts, cancelling).
+        """
+        yield from self._read(audience, stats, reader)  # type: ignore[misc]
+
+    def _read(
+        self, audience: AudienceConfig, stats: ReadStats, reader: ValueReader | None
+    ) -> Iterator[list[str] | list[tuple[str, str | None]]]:
         source = self._configs[audience.source]
         _refuse_missing_file(audience, source)
         deadline = time.monotonic() + source.timeout_seconds
@@ -141,7 +186,7 @@ class Sources:
                         raise _Stopped()
                     self._running.add(watchdog)
                 try:
-                    yield from self._stream(conn, audience, source, stats, deadline)
+                    yield from self._stream(conn, audience, source, stats, deadline, reader)
                 except SQLAlchemyError:
                     if self.cancelled.is_set():
                         raise _Stopped() from None
@@ -175,7 +220,8 @@ class Sources:
 
     def check(self, audience: AudienceConfig) -> None:
         """Run the audience's query just far enough to see its columns and first row."""
-        for _ in self.read_ids(audience, ReadStats()):
+        reader = trait_values if audience.kind == "trait" else None
+        for _ in self._read(audience, ReadStats(), reader):
             break
 
     def _stream(
@@ -185,7 +231,8 @@ class Sources:
         source: SourceConfig,
         stats: ReadStats,
         deadline: float,
-    ) -> Iterator[list[str]]:
+        reader: ValueReader | None = None,
+    ) -> Iterator[list[str] | list[tuple[str, str | None]]]:
         result = conn.execution_options(stream_results=True, yield_per=self.batch_size).execute(
             sa.text(audience.query)
         )
@@ -198,6 +245,14 @@ class Sources:
                 source=source.name,
             )
         index = columns.index("user_id")
+        if reader is not None:
+            try:
+                value_of = reader(columns)
+            except ValueError as exc:
+                raise SourceError(str(exc), audience=audience.key, source=source.name) from None
+            keep_none = audience.kind != "trait"  # an audience member with no fields is still a member
+            yield from self._stream_values(result, index, value_of, stats, deadline, keep_none)
+            return
         for partition in result.partitions(self.batch_size):
             # Drivers that can't be cancelled are still stopped between batches.
             if self.cancelled.is_set():
@@ -218,6 +273,47 @@ class Sources:
                         stats.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
                     continue
                 batch.append(user_id)
+            if batch:
+                yield batch
+
+    def _stream_values(
+        self,
+        result: sa.CursorResult[Any],
+        index: int,
+        value_of: RowValue,
+        stats: ReadStats,
+        deadline: float,
+        keep_none: bool,
+    ) -> Iterator[list[tuple[str, str | None]]]:
+        for partition in result.partitions(self.batch_size):
+            if self.cancelled.is_set():
+                raise _Stopped()
+            if time.monotonic() > deadline:
+                raise _TimedOut()
+            batch: list[tuple[str, str | None]] = []
+            for row in partition:
+                stats.rows += 1
+                user_id = canonical_user_id(row[index])
+                if user_id is None:
+                    stats.skipped_blank += 1
+                    continue
+                reason = _bad_id_reason(user_id)
+                if reason is not None:
+                    stats.skipped_invalid += 1
+                    if len(stats.invalid_samples) < SAMPLE_SIZE:
+                        stats.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
+                    continue
+                try:
+                    value = value_of(row)
+                except values.UnsupportedValue as exc:
+                    stats.skipped_values += 1
+                    if len(stats.value_samples) < SAMPLE_SIZE:
+                        stats.value_samples.append(f"{user_id[:40]!r}: {exc}")
+                    continue
+                if value is None and not keep_none:
+                    stats.no_value += 1
+                    continue
+                batch.append((user_id, value))
             if batch:
                 yield batch
 

@@ -21,7 +21,7 @@ from audiencesync.schema import DELIVERABLE, audiences, events, memberships, syn
 class ParkedChange:
     audience: str
     user_id: str
-    value: bool | str  # the membership's value, or an event's name
+    value: bool | str  # the membership (a trait: whether the user has a value), or an event's name
     attempts: int
     last_status: int | None
     last_error: str | None
@@ -42,6 +42,7 @@ class AudienceStatus:
     last_run: dict[str, Any] | None
     events_pending: int = 0  # Audience Entered/Exited events owed to Gleap, not parked
     events_parked: int = 0
+    kind: str = "audience"  # audience | trait (members: users with a value)
 
 
 def parked_changes(conn: Connection, audience_key: str | None = None) -> list[ParkedChange]:
@@ -142,6 +143,7 @@ def audience_status(conn: Connection) -> list[AudienceStatus]:
             last_run=run_rows.get(r.run_id),
             events_pending=event_counts.get(r.id, (0, 0))[0],
             events_parked=event_counts.get(r.id, (0, 0))[1],
+            kind=r.kind,
         )
         for r in rows
     ]

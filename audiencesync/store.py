@@ -27,16 +27,11 @@ from audiencesync.database import (
     utc_now as utc_now,
 )
 from audiencesync.diff import DiffCounts
+from audiencesync.errors import StoreError
+from audiencesync.member_fields import PageFields, holds_fields, read_page_fields
 from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
-from audiencesync.schema import (
-    DELIVERABLE,
-    audiences,
-    due,
-    leases,
-    memberships,
-    sync_runs,
-    write_connection,
-)
+from audiencesync.pending import pending_page, pending_page_query as pending_page_query
+from audiencesync.schema import DELIVERABLE, audiences, due, leases, memberships, sync_runs, write_connection
 from audiencesync.status import AudienceStatus as AudienceStatus, ParkedChange as ParkedChange
 
 Clock = Callable[[], datetime]
@@ -51,6 +46,7 @@ class Audience:
     key: str
     name: str
     refreshed_at: datetime | None
+    kind: str = "audience"  # audience | trait
 
 
 @dataclass(frozen=True)
@@ -62,31 +58,6 @@ class Refresh:
 Guard = Callable[[DiffCounts], str | None]
 
 ANALYZE_AFTER_CHANGES = 10_000
-
-
-def pending_page_query(
-    audience_id: int, audience_ids: Sequence[int], after: str, limit: int, now: datetime | None = None
-) -> sa.Select[Any]:
-    """Users after ``after`` with a due change in ``audience_id``, with all their due
-    changes in ``audience_ids``; the primary key serves both the filter and the order."""
-    now = now or utc_now()
-    users = (
-        sa.select(memberships.c.user_id)
-        .where(memberships.c.audience_id == audience_id, memberships.c.user_id > after, due(memberships, now))
-        .order_by(memberships.c.user_id)
-        .limit(limit)
-        .subquery("next_users")
-    )
-    m = memberships.alias("m")
-    return (
-        sa.select(m.c.audience_id, m.c.user_id, m.c.desired, m.c.unknown, m.c.failures)
-        .where(
-            due(m, now),
-            m.c.audience_id.in_(audience_ids),
-            m.c.user_id.in_(sa.select(users.c.user_id)),
-        )
-        .order_by(m.c.user_id, m.c.audience_id)
-    )
 
 
 class Store:
@@ -123,15 +94,31 @@ class Store:
 
     # --- audiences and runs ---
 
-    def ensure_audience(self, key: str, name: str) -> Audience:
+    def ensure_audience(
+        self, key: str, name: str, *, kind: str = "audience", missing: str | None = None
+    ) -> Audience:
+        """The row of this audience or trait, made on first use; ``missing``: a trait's
+        value (canonical JSON) for users without one, as configured now."""
         with self._write() as conn:
             row = conn.execute(sa.select(audiences).where(audiences.c.key == key)).one_or_none()
             if row is None:
-                conn.execute(sa.insert(audiences).values(key=key, name=name, created_at=self.clock()))
+                conn.execute(
+                    sa.insert(audiences).values(
+                        key=key, name=name, kind=kind, missing=missing, created_at=self.clock()
+                    )
+                )
                 row = conn.execute(sa.select(audiences).where(audiences.c.key == key)).one()
-            elif row.name != name:
-                conn.execute(sa.update(audiences).where(audiences.c.id == row.id).values(name=name))
-        return Audience(id=row.id, key=row.key, name=name, refreshed_at=row.refreshed_at)
+            elif (row.name, row.kind, row.missing) != (name, kind, missing):
+                if row.kind != kind:
+                    raise StoreError(
+                        f"the key {key!r} is a{'n' if row.kind == 'audience' else ''} {row.kind} in the "
+                        f"store and a{'n' if kind == 'audience' else ''} {kind} in the config. "
+                        "Fix: give the new one another key (a key names one property in Gleap)"
+                    )
+                conn.execute(
+                    sa.update(audiences).where(audiences.c.id == row.id).values(name=name, missing=missing)
+                )
+        return Audience(id=row.id, key=row.key, name=name, refreshed_at=row.refreshed_at, kind=kind)
 
     def start_run(self, cycle_id: str, audience: Audience, mode: str) -> int:
         with self._write() as conn:
@@ -205,11 +192,12 @@ class Store:
         self,
         audience: Audience,
         run_id: int,
-        batches: Iterable[list[str]],
+        batches: Iterable[list[str]] | Iterable[list[tuple[str, str | None]]],
         *,
         full: bool,
         guard: Guard | None = None,
         events: events_mod.EventNames | None = None,
+        valued: bool = False,
     ) -> Refresh:
         """Make the audience's snapshot equal ``batches`` (the source's ids), recording each change.
 
@@ -219,8 +207,10 @@ class Store:
         SQLite's lock is never taken for it). Only then does one write
         transaction apply the diff. A source that fails midway therefore leaves
         the snapshot untouched. When ``guard`` objects to the counts, the whole
-        diff is rolled back and the reason returned. With ``events``, each entry
-        and exit also becomes an event in the outbox, in the same transaction.
+        diff is rolled back and the reason returned. ``valued``: the batches are
+        (user id, value JSON) pairs (``Sources.read_values``), not ids. With
+        ``events``, each entry and exit also becomes an event in the outbox, in
+        the same transaction.
         """
         name = diff.new_stage_name()
         held: str | None = None
@@ -230,7 +220,10 @@ class Store:
                     diff.create_stage(conn, name)
                 for batch in batches:
                     with conn.begin():
-                        diff.load_batch(conn, name, batch)
+                        if valued:
+                            diff.load_values(conn, name, batch)  # type: ignore[arg-type]
+                        else:
+                            diff.load_batch(conn, name, batch)  # type: ignore[arg-type]
                     failpoints.reach("stage-batch")
                 with conn.begin():
                     diff.analyze_stage(conn, name)
@@ -240,7 +233,7 @@ class Store:
                         self.fence(conn)
                     now = self.clock()
                     counts = diff.apply_stage(
-                        conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full
+                        conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full, valued=valued
                     )
                     if events is not None:
                         events_mod.create_from_changes(
@@ -260,9 +253,11 @@ class Store:
                     conn.rollback()
                 with conn.begin():
                     diff.drop_stage(conn, name)
-        if held is None and counts.entered + counts.left > ANALYZE_AFTER_CHANGES:
+        if held is None and counts.entered + counts.left + counts.changed > ANALYZE_AFTER_CHANGES:
             self._analyze()
-        self.update_run(run_id, members=counts.members, entered=counts.entered, left=counts.left)
+        self.update_run(
+            run_id, members=counts.members, entered=counts.entered, left=counts.left, changed=counts.changed
+        )
         return Refresh(counts, held)
 
     def _analyze(self) -> None:
@@ -288,8 +283,16 @@ class Store:
         failed meanwhile never make a page repeat or skip anyone.
         """
         with self._read() as conn:
-            rows = conn.execute(pending_page_query(audience_id, audience_ids, after, limit, self.clock()))
-            return [PendingChange(r.audience_id, r.user_id, r.desired, r.unknown, r.failures) for r in rows]
+            return pending_page(conn, audience_id, audience_ids, after, limit, self.clock())
+
+    def page_fields(self, user_ids: Sequence[str], order: Sequence[str]) -> PageFields:
+        """These users' contact fields in the audiences ``order`` names (see ``member_fields``)."""
+        with self._read() as conn:
+            return read_page_fields(conn, user_ids, order)
+
+    def holds_fields(self, audience_id: int) -> bool:
+        with self._read() as conn:
+            return holds_fields(conn, audience_id)
 
     def mark_unknown(self, changes: Sequence[PendingChange]) -> None:
         """Write-ahead for calls about to go out: until a verdict is stored, Gleap may hold either value."""

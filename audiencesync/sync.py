@@ -8,7 +8,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 import httpx
@@ -18,7 +18,6 @@ from sqlalchemy import Connection
 from audiencesync import diff, plan
 from audiencesync.config import AudienceConfig, Config
 from audiencesync.delivery import Deliverer, Progress
-from audiencesync.diff import DiffCounts
 from audiencesync.errors import (
     GleapAuthError,
     GleapError,
@@ -28,91 +27,23 @@ from audiencesync.errors import (
     StoreError,
 )
 from audiencesync.events import EventNames
-from audiencesync.gleap import MAX_CUSTOM_KEYS, track_event
+from audiencesync.fields import FieldReader
+from audiencesync.gleap import MAX_CUSTOM_KEYS
+from audiencesync.guard import removal_guard as removal_guard
+from audiencesync.reports import (
+    AudienceReport as AudienceReport,
+    CycleReport as CycleReport,
+    PlannedCall as PlannedCall,
+    PlannedTrack as PlannedTrack,
+    count_refresh,
+    counted,
+    tracks,
+)
 from audiencesync.schema import audiences
 from audiencesync.sources import ReadStats, Sources
-from audiencesync.store import Audience, Backoff, Guard, Store, empty_store, schema_revisions
+from audiencesync.store import Audience, Backoff, Store, empty_store, schema_revisions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AudienceReport:
-    key: str
-    mode: str
-    status: str = "running"
-    members: int = 0
-    entered: int = 0
-    left: int = 0
-    sent: int = 0
-    failed: int = 0
-    pending: int = 0  # owed to Gleap and not parked
-    parked: int = 0
-    unknown: int = 0  # calls whose outcome is unknown (pending until a verdict comes)
-    retries: int = 0
-    rate_limited: int = 0
-    skipped_rows: int = 0
-    duplicate_rows: int = 0
-    events_sent: int = 0  # Audience Entered/Exited events Gleap acknowledged
-    events_pending: int = 0  # events still owed, not parked
-    events_parked: int = 0
-    invalid_samples: list[str] = field(default_factory=list)
-    error: str | None = None
-
-    def summary(self) -> str:
-        text = (
-            f"{self.key}: {self.status} ({self.mode}) members={self.members} entered={self.entered} "
-            f"left={self.left} sent={self.sent} failed={self.failed} pending={self.pending} "
-            f"parked={self.parked} unknown={self.unknown} retries={self.retries} "
-            f"rate_limited={self.rate_limited} skipped_rows={self.skipped_rows}"
-        )
-        if self.events_sent or self.events_pending or self.events_parked:
-            text += (
-                f" events_sent={self.events_sent} events_pending={self.events_pending}"
-                f" events_parked={self.events_parked}"
-            )
-        if self.invalid_samples:
-            text += f" invalid_ids=[{'; '.join(self.invalid_samples)}]"
-        if self.error:
-            text += f" error={self.error}"
-        return text
-
-
-@dataclass(frozen=True)
-class PlannedCall:
-    """One identify call a dry run would make: ``POST identify_url`` with ``identify_body``."""
-
-    user_id: str
-    attributes: dict[str, bool]  # audience key -> value, in key order
-
-
-@dataclass(frozen=True)
-class PlannedTrack:
-    """One track call a dry run would make: ``POST track_url`` with ``{"events": events}``."""
-
-    events: list[dict[str, object]]  # gleap.track_event()s, in the order they would go
-
-
-@dataclass
-class CycleReport:
-    cycle_id: str
-    audiences: list[AudienceReport]
-    dry_run: bool = False
-    calls: int = 0
-    track_calls: int = 0  # of a dry run: the track calls, and the events they carry
-    events: int = 0
-    aborted: GleapError | None = None  # Gleap refused the token, or its breaker opened
-
-    @property
-    def retries(self) -> int:
-        return sum(a.retries for a in self.audiences)
-
-    @property
-    def complete(self) -> bool:
-        """Everything refreshed and delivered: nothing failed, nothing left pending."""
-        return self.aborted is None and all(
-            a.status == "succeeded" or (self.dry_run and a.status == "planned") for a in self.audiences
-        )
 
 
 @dataclass
@@ -148,6 +79,11 @@ class Syncer:
         self.backoff_initial = backoff_initial
         self.page_size = page_size
 
+    @property
+    def property_keys(self) -> list[str]:
+        """The configured audience and trait keys, which no custom attribute may take."""
+        return [a.key for a in self.config.properties]
+
     def deliverer(self, store: Store | None = None) -> Deliverer:
         token = self.config.gleap.api_token
         if token is None:
@@ -163,6 +99,7 @@ class Syncer:
             transport=self.transport,
             backoff_initial=self.backoff_initial,
             page_size=self.page_size,
+            field_order=[a.key for a in self.config.audiences],
         )
 
     def run_cycle(
@@ -183,7 +120,7 @@ class Syncer:
         with the number of calls to make and returns a callback for each call done.
         ``allow_removals`` releases the mass-removal guard for this cycle.
         """
-        selected = [self.config.audience(k) for k in keys] if keys else list(self.config.audiences)
+        selected = [self.config.audience(k) for k in keys] if keys else list(self.config.properties)
         if not dry_run and self.config.gleap.api_token is None:
             raise MissingTokenError()
         report = CycleReport(cycle_id=str(uuid.uuid4()), audiences=[], dry_run=dry_run)
@@ -204,15 +141,16 @@ class Syncer:
             tick = progress(total) if progress is not None and total else None
             run_ids = {run.audience.id: run.run_id for run in runs}
             keys_by_id = {run.audience.id: run.audience.key for run in runs}
+            deliverer = self.deliverer()
             try:
                 report.calls = asyncio.run(
-                    self.deliverer().drain(
-                        audience_ids, keys_by_id, run_ids.__getitem__, stop=stop, tick=tick
-                    )
+                    deliverer.drain(audience_ids, keys_by_id, run_ids.__getitem__, stop=stop, tick=tick)
                 )
             except (GleapAuthError, GleapUnavailableError) as exc:
                 report.aborted = exc
             self._finish(self.store, runs, report)
+            for run in runs:
+                run.report.field_conflicts = deliverer.conflicts[run.audience.key]
         for run in runs:
             log.info("%s", run.report.summary())
         return report
@@ -231,20 +169,25 @@ class Syncer:
         the other audiences go on.
         """
         store = self.store
-        audience = store.ensure_audience(config.key, config.name)
+        audience = store.ensure_audience(config.key, config.name, kind=config.kind, missing=config.missing)
         mode = "initial" if audience.refreshed_at is None else ("full" if full else "incremental")
         run = Run(
-            audience, store.start_run(cycle_id, audience, mode), AudienceReport(key=config.key, mode=mode)
+            audience,
+            store.start_run(cycle_id, audience, mode),
+            AudienceReport(key=config.key, mode=mode, kind=config.kind),
         )
         stats = ReadStats()
         guard = None if allow_removals else removal_guard(config)
+        fields = FieldReader(self.property_keys)
         try:
+            batches, is_valued = self._batches(config, audience, stats, fields)
             refresh = store.refresh(
                 audience,
                 run.run_id,
-                self.sources.read_ids(config, stats),
+                batches,
                 full=full,
                 guard=guard,
+                valued=is_valued,
                 events=self.event_names(config),
             )
         except SourceError as exc:
@@ -256,10 +199,8 @@ class Syncer:
         if refresh.held is not None:
             run.report.status, run.report.error = "held", refresh.held
             log.error("audience %r held: %s", config.key, refresh.held)
-        run.report.members, run.report.entered, run.report.left = counts.members, counts.entered, counts.left
-        run.report.skipped_rows = stats.skipped
-        run.report.duplicate_rows = stats.rows - stats.skipped - counts.members
-        run.report.invalid_samples = stats.invalid_samples
+        count_refresh(run.report, counts, stats)
+        note_fields(run.report, fields)
         store.update_run(
             run.run_id,
             source_rows=stats.rows,
@@ -270,9 +211,37 @@ class Syncer:
 
     def event_names(self, config: AudienceConfig) -> EventNames | None:
         """The names of the audience's events, or None when it has none."""
-        if not config.events:
+        if not config.events or config.kind == "trait":
             return None
         return EventNames(self.config.gleap.entered_event, self.config.gleap.exited_event)
+
+    def _batches(
+        self, config: AudienceConfig, audience: Audience, stats: ReadStats, fields: FieldReader
+    ) -> tuple[Iterator[list[str]] | Iterator[list[tuple[str, str | None]]], bool]:
+        """The source's batches for this property, and whether they carry values.
+
+        A trait's are (id, value) pairs. An audience's are (id, contact fields)
+        pairs when its query has fields, or when the store still holds fields
+        from when it had (they must be diffed away). Otherwise ids alone: the
+        ids-only diff is about twice as fast (measured: 300k members, 1% churn,
+        SQLite: 2.3 s against 4.1 s).
+        """
+        if valued(config):
+            return self.sources.read_values(config, stats), True
+        pairs = self.sources.read_values(config, stats, fields)
+        first = next(pairs, None)  # the query's columns are known from here
+        batches = itertools.chain([first] if first is not None else [], pairs)
+        if fields.has_fields or self.store.holds_fields(audience.id):
+            return batches, True
+        return ([user_id for user_id, _ in batch] for batch in batches), False
+
+    def read_planned(
+        self, config: AudienceConfig, stats: ReadStats, fields: FieldReader
+    ) -> Iterator[list[tuple[str, str | None]]]:
+        """The dry run's batches: always (id, value) pairs, a trait's value or an audience's fields."""
+        if valued(config):
+            return self.sources.read_values(config, stats)
+        return self.sources.read_values(config, stats, fields)
 
     def finish(
         self,
@@ -343,10 +312,16 @@ class Syncer:
                             now=now,
                         )
                     )
+                chosen = {config.key for config in selected}
+                for rank, config in enumerate(self.config.audiences):
+                    if config.key not in chosen:  # not refreshed: their fields as they are
+                        plan.add_stored_fields(
+                            conn, table, rank=rank, key=config.key, audience_id=_audience_id(conn, config.key)
+                        )
                 size = self.config.gleap.track_batch_size
-                identify = _counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
-                tracks = _tracks(report, plan.planned_events(conn, event_table), size)
-                calls: Iterator[PlannedCall | PlannedTrack] = itertools.chain(identify, tracks)
+                identify = counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
+                planned_tracks = tracks(report, plan.planned_events(conn, event_table), size)
+                calls: Iterator[PlannedCall | PlannedTrack] = itertools.chain(identify, planned_tracks)
                 if show is not None:
                     show(calls)
                 for _ in calls:  # what show left unread still counts
@@ -389,96 +364,100 @@ class Syncer:
         audience_id = row.id if row is not None else None
         initial = row is None or row.refreshed_at is None
         report = AudienceReport(
-            key=config.key, mode="initial" if initial else ("full" if full else "incremental")
+            key=config.key,
+            mode="initial" if initial else ("full" if full else "incremental"),
+            kind=config.kind,
         )
         stats = ReadStats()
+        fields = FieldReader(self.property_keys)
+        # An audience's place in the config, for the merge of its members' fields.
+        rank = next((i for i, a in enumerate(self.config.audiences) if a.key == config.key), None)
         stage = diff.new_stage_name()
         diff.create_stage(conn, stage)
         try:
-            for batch in self.sources.read_ids(config, stats):
-                diff.load_batch(conn, stage, batch)
+            for batch in self.read_planned(config, stats, fields):
+                diff.load_values(conn, stage, batch)
             diff.analyze_stage(conn, stage)
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
             log.error("%s", exc)
-            report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            report.pending = plan.add_current(
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
+            )
+            if rank is not None:
+                plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
             add_events(None)
             diff.drop_stage(conn, stage)
             return report
-        counts = plan.preview_counts(conn, stage, audience_id)
+        counts = plan.preview_counts(conn, stage, audience_id, valued=True)
         held = None if allow_removals else removal_guard(config)(counts)
-        report.members, report.entered, report.left = counts.members, counts.entered, counts.left
-        report.skipped_rows = stats.skipped
-        report.duplicate_rows = stats.rows - stats.skipped - counts.members
-        report.invalid_samples = stats.invalid_samples
+        count_refresh(report, counts, stats)
+        note_fields(report, fields)
         if held is not None:
             report.status, report.error = "held", held
             log.error("audience %r held: %s", config.key, held)
-            report.pending = plan.add_current(conn, table, key=config.key, audience_id=audience_id, now=now)
+            report.pending = plan.add_current(
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
+            )
+            if rank is not None:
+                plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
             add_events(None)
         else:
             report.status = "planned"
             report.pending = plan.add_applied(
-                conn, table, key=config.key, audience_id=audience_id, stage=stage, full=full, now=now
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                stage=stage,
+                full=full,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
             )
             add_events(stage)
+            if rank is not None:
+                plan.add_staged_fields(conn, table, rank=rank, key=config.key, stage=stage)
         diff.drop_stage(conn, stage)
         return report
 
     def delivery_run(self, config: AudienceConfig, cycle_id: str) -> Run:
         """A run that refreshes nothing and only delivers what is already pending: changes
         re-queued by `audiencesync retry`, or whose backoff elapsed, between refreshes."""
-        audience = self.store.ensure_audience(config.key, config.name)
+        audience = self.store.ensure_audience(
+            config.key, config.name, kind=config.kind, missing=config.missing
+        )
         run_id = self.store.start_run(cycle_id, audience, "delivery")
-        return Run(audience, run_id, AudienceReport(key=config.key, mode="delivery"))
+        return Run(audience, run_id, AudienceReport(key=config.key, mode="delivery", kind=config.kind))
 
 
-def removal_guard(audience: AudienceConfig) -> Guard:
-    """Hold a cycle that would remove too much of an audience: a half-loaded or broken
-    source must not send thousands of wrong ``false``s."""
-
-    def guard(counts: DiffCounts) -> str | None:
-        if not counts.left or counts.previous == 0:
-            return None
-        release = f"audiencesync sync --audience {audience.key} --allow-removals"
-        if counts.members == 0:
-            if audience.allow_empty:
-                return None
-            return (
-                f"the source returned no rows, which would remove all {counts.previous} members. "
-                f"Nothing was applied. Fix: check the source; if it is right, release it once with "
-                f"`{release}`, or set allow_empty = true on the audience"
-            )
-        if counts.left > audience.max_removal_fraction * counts.previous:
-            return (
-                f"this cycle would remove {counts.left} of {counts.previous} members "
-                f"({counts.left / counts.previous:.0%}, more than max_removal_fraction = "
-                f"{audience.max_removal_fraction:g}). Nothing was applied. Fix: check the source; "
-                f"if it is right, release it once with `{release}`"
-            )
-        return None
-
-    return guard
+def valued(config: AudienceConfig) -> bool:
+    """Its source gives a value per user (a trait), not just ids."""
+    return config.kind == "trait"
 
 
-def _tracks(
-    report: CycleReport, planned: Iterator[tuple[str, str, str, str, datetime]], size: int
-) -> Iterator[PlannedTrack]:
-    """The planned events in track calls of ``size``, each counted in ``report`` as it is read."""
-    batch: list[dict[str, object]] = []
-    for user_id, key, audience_name, name, at in planned:
-        batch.append(track_event(user_id, name, at, {"audience_key": key, "audience_name": audience_name}))
-        if len(batch) == size:
-            report.track_calls, report.events = report.track_calls + 1, report.events + len(batch)
-            yield PlannedTrack(batch)
-            batch = []
-    if batch:
-        report.track_calls, report.events = report.track_calls + 1, report.events + len(batch)
-        yield PlannedTrack(batch)
+def note_fields(report: AudienceReport, fields: FieldReader) -> None:
+    """What the read said about the contact fields: in the report, and once in the log."""
+    report.field_warnings = fields.stats.total
+    report.field_notes = list(fields.notices)
+    if fields.stats.total:
+        report.field_notes.append(f"skipped fields: {fields.stats.describe()}")
+    for note in report.field_notes:
+        log.warning("%s: %s", report.key, note)
 
 
-def _counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, bool]]]) -> Iterator[PlannedCall]:
-    """The plan's calls, each counted in ``report`` as it is read: the plan is streamed, never held."""
-    for user_id, attributes in planned:
-        report.calls += 1
-        yield PlannedCall(user_id, attributes)
+def _audience_id(conn: Connection, key: str) -> int | None:
+    found: int | None = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar()
+    return found

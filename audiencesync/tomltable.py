@@ -70,6 +70,10 @@ class Table:
             return None
         return self.take(key, kind, required=True)
 
+    def take_raw(self, key: str) -> Any:
+        """The value as TOML gave it, for a key whose type the caller checks; None when absent."""
+        return self._data.pop(key, None)
+
     def take_positive(self, key: str, kind: type[T], default: T) -> T:
         value = self.take(key, kind, default)
         if value <= 0:  # type: ignore[operator]

@@ -574,7 +574,10 @@ class GleapStandIn:
         if len(custom) > MAX_CUSTOM_KEYS:
             message = f"At most {MAX_CUSTOM_KEYS} custom data keys per call, got {len(custom)}"
             return _json_reply(400, {"message": message}, limit_headers)
-        if not all(isinstance(v, str | int | float | bool) for v in custom.values()):
+        # null: what a trait sends for a user who lost their value (as Engage does). Gleap
+        # documents only strings, numbers and booleans; the stand-in takes null and keeps it,
+        # the README tells users to set the trait's `missing` to be sure.
+        if not all(v is None or isinstance(v, str | int | float | bool) for v in custom.values()):
             return _json_reply(400, {"message": "Custom data values must be strings, numbers or booleans"})
 
         with self._lock:

@@ -250,11 +250,12 @@ def test_runs_newest_first_with_every_counter(scenario: s.Scenario, run_audit: A
     with engine.connect() as conn:
         stored = {r.id: r for r in conn.execute(sa.select(sync_runs))}
     engine.dispose()
-    renamed = {"run_id": "id", "users_entered": "entered", "users_left": "left"}
+    renamed = {"run_id": "id", "users_entered": "entered", "users_left": "left", "users_changed": "changed"}
     for row in rows:
         run = stored[row["run_id"]]
+        assert row["audience_kind"] == "audience"
         for column, value in row.items():
-            if column in ("audience_key", "started_at", "finished_at"):
+            if column in ("audience_key", "audience_kind", "started_at", "finished_at"):
                 continue
             assert value == getattr(run, renamed.get(column, column)), (column, row)
         assert instant(row["started_at"]) == run.started_at
@@ -321,7 +322,7 @@ def test_bad_times_and_unknown_audiences_are_clear_errors(run_audit: Audit) -> N
     ):
         status, out, err = run_audit(*args)
         assert status == 2 and out == "", args
-        assert "no audience has the key 'segment_c', in the config or in the store" in err
+        assert "no audience or trait has the key 'segment_c', in the config or in the store" in err
         assert "Fix: use one of the keys: segment_a, segment_b" in err
 
 

@@ -223,7 +223,7 @@ def test_every_command_refuses_an_unconfigured_audience_key(
     config = write_config(tmp_path, f"sqlite:///{store_path}", source.url)
     result = run(config, *command)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "no audience has the key 'segment_c'" in result.stderr
+    assert "no audience or trait has the key 'segment_c'" in result.stderr
     assert "segment_a, segment_b" in result.stderr and "Traceback" not in result.stderr
     assert not store_path.exists()
 

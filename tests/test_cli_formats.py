@@ -68,12 +68,13 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
     (row,) = csv.DictReader(io.StringIO(as_csv.stdout))
     assert list(row) == [
         "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
-        "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed",
+        "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
     ]  # fmt: skip
     assert (row["audience"], row["members"], row["pending"], row["failed"], row["unknown"]) == (
         "segment_a", "2", "0", "1", "0"
     )  # fmt: skip
     assert (row["result"], row["entered"], row["sent"], row["configured"]) == ("partial", "2", "1", "true")
+    assert row["kind"] == "audience"
     assert re.fullmatch(MACHINE_TIME, row["last_run"]) and row["oldest_pending"] == ""
     assert row["next_run"] == ""  # no daemon planned one
     # The lease and the last prune go aside, not into the rows.

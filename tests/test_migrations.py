@@ -87,6 +87,64 @@ def test_0005_turns_the_delivery_log_into_calls_and_back(store_url: str) -> None
     ]
 
 
+def _pending(conn: sa.Connection) -> dict[str, bool]:
+    return {u: bool(p) for u, p in conn.execute(sa.text("SELECT user_id, pending FROM memberships"))}
+
+
+def test_0006_carries_a_0005_store_forward_without_resending_or_losing_anything(store_url: str) -> None:
+    engine = store_mod.create_engine(store_url, create=True)
+    # (user, desired, acked, resend, unknown, parked)
+    rows = [
+        ("acked_in", True, True, False, False, False),  # settled
+        ("acked_out", True, False, False, False, False),  # a re-entry owed to Gleap
+        ("new", True, None, False, False, False),  # never told: owed
+        ("leaving", False, None, False, False, False),  # never told, gone: settled
+        ("unknown", True, True, False, True, False),  # an outcome unknown: owed
+        ("parked", True, False, False, False, True),  # rejected: waits for `retry`
+        ("resend", True, True, True, False, False),  # a full resend owed
+    ]
+    with engine.begin() as conn:
+        command.upgrade(database._alembic_config(conn), "0005")
+        conn.execute(
+            _at("INSERT INTO audiences (id, key, name, created_at) VALUES (1, 'a', 'A', :t1)"), {"t1": T1}
+        )
+        for user, desired, acked, resend, unknown, parked in rows:
+            conn.execute(
+                _at(
+                    "INSERT INTO memberships (audience_id, user_id, desired, acked, resend, unknown, "
+                    "changed_at, parked_at) VALUES (1, :u, :d, :k, :r, :x, :t1, "
+                    + (":t2" if parked else "NULL")
+                    + ")"
+                ),
+                {"u": user, "d": desired, "k": acked, "r": resend, "x": unknown, "t1": T1, "t2": T2},
+            )
+        before = _pending(conn)
+    store_mod.upgrade(engine)
+    with engine.connect() as conn:
+        after = _pending(conn)
+        kinds = conn.execute(sa.text("SELECT kind, missing FROM audiences")).all()
+    assert after == before
+    assert {u for u, p in after.items() if p} == {"acked_out", "new", "unknown", "parked", "resend"}
+    assert [tuple(k) for k in kinds] == [("audience", None)]
+
+    store = store_mod.Store(engine)
+    audience = store.ensure_audience("a", "A")
+    page = store.pending_page(audience.id, [audience.id], "", 100)
+    # What goes out is what went out before: memberships, no values; the parked one waits.
+    assert [(c.user_id, c.desired, c.kind, c.value) for c in page] == [
+        ("acked_out", True, "audience", None),
+        ("new", True, "audience", None),
+        ("resend", True, "audience", None),
+        ("unknown", True, "audience", None),
+    ]
+    with engine.begin() as conn:
+        command.downgrade(database._alembic_config(conn), "0005")
+    with engine.connect() as conn:
+        back = _pending(conn)
+    assert back == before
+    engine.dispose()
+
+
 def test_0006_events_adds_an_empty_outbox_and_nothing_is_owed(store_url: str) -> None:
     engine = store_mod.create_engine(store_url, create=True)
     with engine.begin() as conn:

@@ -126,7 +126,7 @@ def test_the_documented_queries_answer_the_scripted_store(scenario: s.Scenario, 
     assert run_sql(store_url, query("false_verdict", audience=a, user="'u6'")) == [(1, 1, 0, s.T[5])]
 
     rows = run_sql(store_url, query("runs", audience=a))
-    assert [row[1] for row in rows] == [scenario.runs[(k, s.A)] for k in range(6, 0, -1)]
+    assert [row[2] for row in rows] == [scenario.runs[(k, s.A)] for k in range(6, 0, -1)]
     assert len(rows[0]) == len(audit.RUN_COLUMNS)
 
 
@@ -141,6 +141,6 @@ def test_the_documented_timeline_is_the_one_audit_user_shows(scenario: s.Scenari
         assert normal == [tuple(row) for row in shown], user
     engine.dispose()
     u4 = run_sql(store_url, query("timeline", user="'u4'"))
-    assert [(event, result) for _, _, event, _, result, *_ in u4] == [("entered", "acknowledged")] + [
+    assert [(event, result) for _, _, event, _, _, result, *_ in u4] == [("entered", "acknowledged")] + [
         ("call", "unknown")
     ] * 4 + [("call", "acknowledged")]

@@ -28,14 +28,15 @@ def refresh(
 
 def pending(store: Store, key: str) -> dict[str, bool]:
     audience = store.ensure_audience(key, key)
-    return {c.user_id: c.value for _, changes in plan_calls(store, [audience.id], set()) for c in changes}
+    calls = plan_calls(store, [audience.id], set(), keys={audience.id: key})
+    return {c.user_id: c.desired for _, call in calls for c in call.changes}
 
 
 def ack_all(store: Store, key: str, status: int = 200) -> None:
     audience = store.ensure_audience(key, key)
     run_id = store.start_run("cycle", audience, "incremental")
-    calls = list(plan_calls(store, [audience.id], set()))
-    store.record([Outcome(tuple(changes), status) for _, changes in calls], {audience.id: run_id})
+    calls = list(plan_calls(store, [audience.id], set(), keys={audience.id: key}))
+    store.record([Outcome(tuple(call.changes), status) for _, call in calls], {audience.id: run_id})
 
 
 def test_fresh_database_upgrades_to_head_and_matches_the_models(store: Store) -> None:
@@ -164,7 +165,10 @@ def test_calls_carry_all_of_a_users_audiences_once_and_audiences_take_turns(stor
     ids = [store.ensure_audience(k, k).id for k in ("big", "small")]
     called: set[str] = set()
     order: list[str] = []
-    for user_id, changes in plan_calls(store, ids, called, page_size=7):
+    for user_id, call in plan_calls(
+        store, ids, called, page_size=7, keys=dict(zip(ids, ("big", "small"), strict=True))
+    ):
+        changes = call.changes
         assert all(c.user_id == user_id for c in changes)
         called.add(user_id)
         order.append(user_id)

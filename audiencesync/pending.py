@@ -1,0 +1,69 @@
+"""The delivery's reading of what is owed: the next page of users with a due change, as PendingChanges."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from audiencesync import values
+from audiencesync.database import utc_now
+from audiencesync.outcomes import PendingChange
+from audiencesync.schema import audiences, due, memberships
+
+
+def pending_page_query(
+    audience_id: int, audience_ids: Sequence[int], after: str, limit: int, now: datetime | None = None
+) -> sa.Select[Any]:
+    """Users after ``after`` with a due change in ``audience_id``, with all their due
+    changes in ``audience_ids``; the primary key serves both the filter and the order."""
+    now = now or utc_now()
+    users = (
+        sa.select(memberships.c.user_id)
+        .where(memberships.c.audience_id == audience_id, memberships.c.user_id > after, due(memberships, now))
+        .order_by(memberships.c.user_id)
+        .limit(limit)
+        .subquery("next_users")
+    )
+    m = memberships.alias("m")
+    return (
+        sa.select(
+            m.c.audience_id,
+            m.c.user_id,
+            m.c.desired,
+            m.c.unknown,
+            m.c.failures,
+            audiences.c.kind,
+            # What the call carries: the row's value while desired; a trait's missing value otherwise.
+            sa.case((m.c.desired, m.c.value), else_=audiences.c.missing).label("value"),
+        )
+        .join(audiences, audiences.c.id == m.c.audience_id)
+        .where(
+            due(m, now),
+            m.c.audience_id.in_(audience_ids),
+            m.c.user_id.in_(sa.select(users.c.user_id)),
+        )
+        .order_by(m.c.user_id, m.c.audience_id)
+    )
+
+
+def pending_page(
+    conn: Connection, audience_id: int, audience_ids: Sequence[int], after: str, limit: int, now: datetime
+) -> list[PendingChange]:
+    """``pending_page_query``'s rows as the changes one call carries (values decoded)."""
+    rows = conn.execute(pending_page_query(audience_id, audience_ids, after, limit, now))
+    return [
+        PendingChange(
+            r.audience_id,
+            r.user_id,
+            r.desired,
+            r.unknown,
+            r.failures,
+            kind=r.kind,
+            value=values.decode(r.value),
+        )
+        for r in rows
+    ]
