@@ -406,3 +406,27 @@ def test_status_lists_traits_with_their_kind(
     assert (rows["tier"].kind, rows["tier"].members) == ("trait", 2)
     assert (rows["segment_a"].kind, rows["segment_a"].members) == ("audience", 1)
     assert datetime.now(UTC) >= (rows["tier"].refreshed_at or datetime.max.replace(tzinfo=UTC))
+
+
+def test_a_rejected_trait_value_is_parked_listed_and_retried(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set([])
+    set_trait(source, {"u1": "pro", "u2": "free"})
+    config = trait_config(
+        make_config, gleap, extra="allow_empty = true\n", sync='retry_backoff = "0s"\nmax_attempts = 1'
+    )
+    gleap.fail_user("u2", 422, body="bad value", times=1)
+    report = cycle(config)
+    assert only(report, "tier").parked == 1
+    engine = store_mod.engine_for(config.store)
+    store = Store(engine)
+    (parked,) = store.parked("tier")
+    assert (parked.audience, parked.user_id, parked.value) == ("tier", "u2", True)
+    assert "bad value" in (parked.last_error or "")
+    gleap.reset_log()
+    assert cycle(config).complete is False and gleap.identify_calls == []  # parked: not retried
+    assert store.requeue("tier") == 1
+    engine.dispose()
+    assert cycle(config).complete
+    assert gleap.identify_calls == [{"tier": "free", "userId": "u2"}]
