@@ -257,6 +257,7 @@ def timeline(conn: Connection, user_id: str, audience_key: str | None = None) ->
             audiences.c.key.label("audience"),
             sa.literal("track").label("event"),
             e.c.name.label("value"),
+            sa.null().label("data"),
             sa.case(
                 (e.c.acked_at.is_not(None), "acknowledged"),
                 (e.c.parked_at.is_not(None), "parked"),

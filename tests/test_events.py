@@ -323,14 +323,20 @@ def test_audit_user_shows_each_event_with_its_state(
         ok = audit.timeline(conn, "u1")
         refused = audit.timeline(conn, "u2", "segment_a")
     engine.dispose()
-    assert [(row[2], row[3], row[4]) for row in ok] == [
+    col = {name: i for i, name in enumerate(audit.TIMELINE_COLUMNS)}
+    assert [(row[col["event"]], row[col["value"]], row[col["result"]]) for row in ok] == [
         ("entered", True, "acknowledged"),
         ("call", True, "acknowledged"),
         ("track", "Audience Entered", "acknowledged"),
     ]
     track = refused[-1]
-    assert (track[2], track[4], track[5], track[6]) == ("track", "failed", 400, 2)  # sent twice (split)
-    assert "u2" in track[7] and track[9] is None
+    assert tuple(track[col[name]] for name in ("event", "result", "status", "attempt")) == (
+        "track",
+        "failed",
+        400,
+        2,  # sent twice (split)
+    )
+    assert "u2" in track[col["error"]] and track[col["acknowledged_at"]] is None
 
 
 def test_config_refuses_bad_event_settings(make_config: ConfigFactory) -> None:
