@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audiencesync.config_audiences import AudienceConfig, audience_configs
+from audiencesync.config_audiences import AudienceConfig, audience_configs, check_previous_keys
 from audiencesync.config_sections import (
     ENV_TOKEN,
     GLEAP_KEYS,
@@ -149,6 +149,7 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         root.take("audiences", list, []), path, sources, sync, schedule, keys, events=gleap.events
     )
     traits = trait_configs(root.take("traits", list, []), path, sources, sync, schedule, keys)
+    check_previous_keys((*audiences, *traits), path)
     return Config(
         path=path,
         store=store,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from audiencesync.config_sections import ScheduleConfig, SourceConfig, SyncConfig, fraction
+from audiencesync.errors import ConfigError
 from audiencesync.keys import key_for_name, key_problem
 from audiencesync.tomltable import Table
 
@@ -27,6 +28,8 @@ class AudienceConfig:
     # "trait" for a [[traits]] entry (config_traits.py): its query gives a value per user.
     kind: str = "audience"
     missing: str | None = None  # a trait's value (canonical JSON) for users without one; None: null
+    # Keys it was synced under before (renames.py): Gleap gets each one retired, once.
+    previous_keys: tuple[str, ...] = ()
 
 
 AUDIENCE_KEYS = (
@@ -39,6 +42,7 @@ AUDIENCE_KEYS = (
     "interval",
     "jitter",
     "events",
+    "previous_keys",
 )
 
 
@@ -131,4 +135,63 @@ def entry_config(
         missing=missing,
         # Only audiences have entries and exits; a [[traits]] table has no `events` key.
         events=entry.take("events", bool, events) if kind == "audience" else False,
+        previous_keys=_previous_keys(entry, key),
     )
+
+
+def _previous_keys(entry: Table, key: str) -> tuple[str, ...]:
+    """``previous_keys``: each a valid key, not the property's own, listed once."""
+    raw = entry.take("previous_keys", list, [])
+    found: list[str] = []
+    for old in raw:
+        if not isinstance(old, str):
+            raise entry.error(
+                f"must be a list of strings, not one holding a {type(old).__name__}",
+                key="previous_keys",
+                fix='write previous_keys = ["old_key"]',
+            )
+        problem = key_problem(old)
+        if problem:
+            raise entry.error(
+                f"previous key: {problem}",
+                key="previous_keys",
+                fix="write the key exactly as it was configured before the rename",
+            )
+        if old == key or old in found:
+            raise entry.error(
+                f"the previous key {old!r} is {'the current key' if old == key else 'listed twice'}",
+                key="previous_keys",
+                fix=f"remove {old!r} from previous_keys",
+            )
+        found.append(old)
+    return tuple(found)
+
+
+def check_previous_keys(properties: Sequence[AudienceConfig], path: Path) -> None:
+    """Across all audiences and traits: a previous key is nobody's current key and belongs to
+    one property only (a key names one custom attribute in Gleap: it can't be both retired and
+    set, nor retired on behalf of two)."""
+    current = {p.key: p for p in properties}
+    owner: dict[str, AudienceConfig] = {}
+    for prop in properties:
+        for old in prop.previous_keys:
+            where = f"[[{prop.kind}s]] ({prop.name!r}).previous_keys"
+            if old in current:
+                other = current[old]
+                raise ConfigError(
+                    f"{old!r} is a previous key of {prop.kind} {prop.name!r} and the key of "
+                    f"{other.kind} {other.name!r}",
+                    path=str(path),
+                    where=where,
+                    fix=f"remove {old!r} from previous_keys, or give {other.name!r} another key",
+                )
+            if old in owner:
+                first = owner[old]
+                raise ConfigError(
+                    f"{old!r} is a previous key of both {first.kind} {first.name!r} and "
+                    f"{prop.kind} {prop.name!r}",
+                    path=str(path),
+                    where=where,
+                    fix=f"keep {old!r} in the previous_keys of the one it was renamed into",
+                )
+            owner[old] = prop

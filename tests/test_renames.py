@@ -1,0 +1,338 @@
+"""Key renames (previous_keys): the config's checks, and the store's transition delivered to the stand-in.
+
+The cycle does not call renames.Renames yet (its wiring waits for the split of sync.py);
+``rename_and_deliver`` does what it will: apply the rename, then one delivery pass over
+the renamed property and its retired rows, the retired rows' calls logged under the
+property's run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from audiencesync import store as store_mod
+from audiencesync.config import Config
+from audiencesync.delivery import Deliverer
+from audiencesync.errors import ConfigError, StoreError
+from audiencesync.renames import RenameReport, Renames
+from audiencesync.schema import audiences, call_values, membership_changes, memberships
+from audiencesync.store import Backoff, Store
+from audiencesync.sync import Syncer
+from tests.conftest import ConfigFactory, SourceDB
+from tests.gleap_standin import GleapStandIn
+from tests.test_traits import set_trait
+
+OLD = """
+[[audiences]]
+name = "Segment A"
+key = "seg_old"
+source = "main"
+query = "SELECT user_id FROM members WHERE segment = 'a'"
+"""
+
+NEW = """
+[[audiences]]
+name = "Segment A"
+key = "seg_new"
+previous_keys = ["seg_old"]
+source = "main"
+query = "SELECT user_id FROM members WHERE segment = 'a'"
+"""
+
+TRAIT_OLD = """
+[[traits]]
+name = "Tier"
+key = "tier_old"
+source = "main"
+query = "SELECT user_id, value FROM traits WHERE name = 'plan'"
+"""
+
+TRAIT_NEW = """
+[[traits]]
+name = "Tier"
+key = "tier"
+previous_keys = ["tier_old"]
+source = "main"
+query = "SELECT user_id, value FROM traits WHERE name = 'plan'"
+{missing}
+"""
+
+
+def cycle(config: Config) -> None:
+    engine = store_mod.engine_for(config.store)
+    syncer = Syncer(config, Store(engine), backoff_initial=0.01)
+    try:
+        syncer.run_cycle()
+    finally:
+        syncer.sources.dispose()
+        engine.dispose()
+
+
+def rename_and_deliver(config: Config) -> RenameReport:
+    """What a cycle will do for the config's one property: apply its previous_keys, then deliver."""
+    (prop,) = config.properties
+    engine = store_mod.engine_for(config.store)
+    store = Store(engine)
+    try:
+        report = Renames(engine).apply(prop.key, prop.previous_keys, kind=prop.kind)
+        audience = store.ensure_audience(prop.key, prop.name, kind=prop.kind, missing=prop.missing)
+        run_id = store.start_run(str(uuid.uuid4()), audience, "delivery")
+        ids = [audience.id, *(r.id for r in report.retired)]
+        keys = {audience.id: audience.key} | {r.id: r.key for r in report.retired}
+        assert config.gleap.api_token is not None
+        deliverer = Deliverer(
+            store,
+            config.gleap,
+            config.gleap.api_token,
+            max_attempts=config.sync.max_attempts,
+            backoff=Backoff(0.0, 0.0),
+            backoff_initial=0.01,
+        )
+        asyncio.run(deliverer.drain(ids, keys, lambda _id: run_id))
+        store.finish_run(run_id, "succeeded")
+        return report
+    finally:
+        engine.dispose()
+
+
+def rows(config: Config, key: str) -> dict[str, tuple[bool, bool | None]]:
+    engine = store_mod.engine_for(config.store)
+    try:
+        return Store(engine).memberships_of(key)
+    finally:
+        engine.dispose()
+
+
+def count(config: Config, query: sa.Select[Any]) -> int:
+    engine = store_mod.engine_for(config.store)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def audience_id(config: Config, key: str) -> int | None:
+    engine = store_mod.engine_for(config.store)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar()
+            return None if found is None else int(found)
+    finally:
+        engine.dispose()
+
+
+# --- audiences ------------------------------------------------------------------------------------
+
+
+def test_rename_sends_old_false_and_new_true_in_one_call_once(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2", "u3"])
+    cycle(make_config(gleap.base_url, audiences=OLD))
+    source.set(["u1", "u2"])  # u3 left: Gleap holds seg_old false for them
+    cycle(make_config(gleap.base_url, audiences=OLD))
+    old_id = audience_id(make_config(gleap.base_url, audiences=OLD), "seg_old")
+    gleap.reset_log()
+
+    config = make_config(gleap.base_url, audiences=NEW)
+    report = rename_and_deliver(config)
+
+    assert report.renamed_from == "seg_old"
+    calls = sorted(gleap.identify_calls, key=lambda body: body["userId"])
+    assert calls == [
+        {"userId": "u1", "seg_old": False, "seg_new": True},
+        {"userId": "u2", "seg_old": False, "seg_new": True},
+    ]
+    # The renamed row is the old one: its history (entries, the calls of seg_old) stays with it.
+    assert audience_id(config, "seg_new") == old_id
+    assert (
+        count(
+            config,
+            sa.select(sa.func.count())
+            .select_from(membership_changes)
+            .where(membership_changes.c.audience_id == old_id),
+        )
+        == 4
+    )  # three entered, one left
+    # The old key's current state is gone; its retired row stays as the anchor of its calls.
+    assert rows(config, "seg_old") == {}
+    assert rows(config, "seg_new") == {"u1": (True, True), "u2": (True, True)}
+    retired = audience_id(config, "seg_old")
+    assert retired is not None and retired != old_id
+    assert (
+        count(
+            config,
+            sa.select(sa.func.count()).select_from(call_values).where(call_values.c.audience_id == retired),
+        )
+        == 2
+    )
+
+    # Once: the next pass, and a cycle of the renamed audience, send nothing.
+    gleap.reset_log()
+    again = rename_and_deliver(config)
+    assert again.renamed_from is None and again.retired == []
+    cycle(config)
+    assert gleap.identify_calls == []
+
+
+def test_a_failed_or_unknown_rename_call_is_sent_again(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    cycle(make_config(gleap.base_url, audiences=OLD))
+    gleap.reset_log()
+    config = make_config(gleap.base_url, audiences=NEW)
+    gleap.fail_user("u1", 400, times=1)  # a verdict: retried after the backoff
+    gleap.lose_answer_next(1)  # applied, the answer lost: unknown, sent again
+    first = rename_and_deliver(config)
+    assert first.renamed_from == "seg_old"
+    owed = rows(config, "seg_old")
+    assert owed, "a call without a 2xx leaves the old key owed"
+
+    gleap.reset_log()
+    second = rename_and_deliver(config)
+    assert second.renamed_from is None
+    assert [r.key for r in second.retired] == ["seg_old"]
+    assert sorted(gleap.identify_calls, key=lambda b: b["userId"]) == [
+        {"userId": u, "seg_old": False, "seg_new": True} for u in sorted(owed)
+    ]
+    assert rows(config, "seg_old") == {}
+    for user in ("u1", "u2"):
+        assert gleap.contacts[user] | {"userId": "-"} == {"userId": "-", "seg_old": False, "seg_new": True}
+
+
+def test_a_previous_key_the_store_never_had_is_a_note(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    config = make_config(gleap.base_url, audiences=NEW)
+    report = rename_and_deliver(config)
+    assert report.renamed_from is None and report.retired == []
+    assert report.notes == ["previous key 'seg_old': the store never had it, nothing to retire"]
+    assert audience_id(config, "seg_old") is None
+
+
+def test_a_previous_key_of_another_kind_is_refused(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    cycle(make_config(gleap.base_url, audiences=OLD))
+    engine = store_mod.engine_for(make_config(gleap.base_url, audiences=OLD).store)
+    try:
+        with pytest.raises(StoreError, match="a rename keeps a property's kind"):
+            Renames(engine).apply("seg_new", ["seg_old"], kind="trait")
+        # Nothing was changed.
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(audiences.c.key)).scalars().all() == ["seg_old"]
+    finally:
+        engine.dispose()
+
+
+# --- traits ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("missing", "retired"), [("", None), ('missing = "none"', "none")])
+def test_trait_rename_sends_null_or_missing_and_the_new_value(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, missing: str, retired: str | None
+) -> None:
+    set_trait(source, {"u1": "pro", "u2": 7})
+    old_config = make_config(gleap.base_url, audiences=TRAIT_OLD + missing)
+    cycle(old_config)
+    gleap.reset_log()
+
+    config = make_config(gleap.base_url, audiences=TRAIT_NEW.format(missing=missing))
+    rename_and_deliver(config)
+
+    assert sorted(gleap.identify_calls, key=lambda b: b["userId"]) == [
+        {"userId": "u1", "tier_old": retired, "tier": "pro"},
+        {"userId": "u2", "tier_old": retired, "tier": 7},
+    ]
+    assert rows(config, "tier_old") == {}
+    gleap.reset_log()
+    cycle(config)
+    assert gleap.identify_calls == []
+
+
+# --- packing --------------------------------------------------------------------------------------
+
+
+def test_the_old_key_counts_towards_the_35_custom_keys(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    cycle(make_config(gleap.base_url, audiences=OLD))
+    engine = store_mod.engine_for(make_config(gleap.base_url, audiences=OLD).store)
+    store = Store(engine)
+    try:
+        # 34 other audiences with u1 pending, as if refreshed in the same cycle.
+        others = [store.ensure_audience(f"other_{i:02d}", f"Other {i}") for i in range(34)]
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(memberships),
+                [
+                    {"audience_id": a.id, "user_id": "u1", "desired": True, "changed_at": store.clock()}
+                    for a in others
+                ],
+            )
+        report = Renames(engine).apply("seg_new", ["seg_old"])
+        audience = store.ensure_audience("seg_new", "Segment A")
+        run_id = store.start_run(str(uuid.uuid4()), audience, "delivery")
+        ids = [audience.id, *(r.id for r in report.retired), *(a.id for a in others)]
+        keys = {audience.id: "seg_new", report.retired[0].id: "seg_old"} | {a.id: a.key for a in others}
+        config = make_config(gleap.base_url, audiences=OLD)
+        assert config.gleap.api_token is not None
+        gleap.reset_log()
+        deliverer = Deliverer(
+            store, config.gleap, config.gleap.api_token, max_attempts=3, backoff_initial=0.01
+        )
+        asyncio.run(deliverer.drain(ids, keys, lambda _id: run_id))
+    finally:
+        engine.dispose()
+    sizes = sorted(len(body) - 1 for body in gleap.identify_calls)
+    assert sizes == [1, 35]  # 36 custom keys: the old one among them
+    assert gleap.contacts["u1"]["seg_old"] is False and gleap.contacts["u1"]["seg_new"] is True
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_config_reads_previous_keys(make_config: ConfigFactory, gleap: GleapStandIn) -> None:
+    config = make_config(gleap.base_url, audiences=NEW + TRAIT_NEW.format(missing=""))
+    assert [p.previous_keys for p in config.properties] == [("seg_old",), ("tier_old",)]
+
+
+@pytest.mark.parametrize(
+    ("previous", "extra", "message"),
+    [
+        ('["Bad Key"]', "", "previous key: the key 'Bad Key' may hold only"),
+        ('["email"]', "", "collides with Gleap's contact field 'email'"),
+        ('["seg_new"]', "", "the previous key 'seg_new' is the current key"),
+        ('["a_b", "a_b"]', "", "the previous key 'a_b' is listed twice"),
+        ('"seg_old"', "", "must be a list"),
+        ("[1]", "", "must be a list of strings"),
+        (
+            '["other"]',
+            '[[audiences]]\nname = "Other"\nsource = "main"\nquery = "SELECT user_id FROM members"\n',
+            "'other' is a previous key of audience 'Segment A' and the key of audience 'Other'",
+        ),
+        (
+            '["shared"]',
+            TRAIT_NEW.format(missing="").replace('"tier_old"', '"shared"'),
+            "'shared' is a previous key of both audience 'Segment A' and trait 'Tier'",
+        ),
+    ],
+)
+def test_config_refuses_bad_previous_keys(
+    make_config: ConfigFactory, gleap: GleapStandIn, previous: str, extra: str, message: str
+) -> None:
+    audiences_text = NEW.replace('["seg_old"]', previous) + extra
+    with pytest.raises(ConfigError) as caught:
+        make_config(gleap.base_url, audiences=audiences_text)
+    assert message in str(caught.value)
+    assert caught.value.fix
