@@ -122,6 +122,38 @@ class Renames:
             return {r[0]: r[1] for r in rows}
 
 
+@dataclass(frozen=True)
+class Preview:
+    """What a rename would do, read without writing (the dry run).
+
+    ``stored_id``: the row holding the property's history (the old key's until the rename
+    is applied): its changes and events are planned against it. ``renamed``: the row under
+    the new key exists; until then every source user is owed the new key, as on a first
+    sync. ``owed``: (old key, its row id, whether that row is already the retired one).
+    """
+
+    stored_id: int | None
+    renamed: bool
+    owed: tuple[tuple[str, int, bool], ...]
+
+
+def preview(conn: Connection, key: str, previous_keys: Sequence[str]) -> Preview:
+    """``Renames.apply``'s outcome as the dry run plans it; reads only."""
+    new = _row(conn, key)
+    stored_id = new.id if new is not None else None
+    owed: list[tuple[str, int, bool]] = []
+    for old in previous_keys:
+        row = _row(conn, old)
+        if row is None:
+            continue
+        if new is None and stored_id is None:
+            stored_id = row.id  # the first previous key found is the one apply re-keys
+            owed.append((old, row.id, False))
+        else:
+            owed.append((old, row.id, True))
+    return Preview(stored_id, new is not None, tuple(owed))
+
+
 def _row(conn: Connection, key: str) -> _KeyRow | None:
     row = conn.execute(
         sa.select(audiences.c.id, audiences.c.kind).where(audiences.c.key == key)
@@ -147,9 +179,10 @@ def _rename(conn: Connection, audience_id: int, key: str, old: str, now: datetim
     conn.execute(
         sa.text(
             "INSERT INTO audiences (key, name, kind, missing, created_at) "
-            "SELECT :old, name, kind, missing, :t FROM audiences WHERE id = :a"
+            "SELECT :old, :name, kind, missing, :t FROM audiences WHERE id = :a"
         ).bindparams(sa.bindparam("t", type_=UtcDateTime)),
-        {"old": old, "t": now, "a": audience_id},
+        # `status` and `audit` then tell the old key's row for what it is.
+        {"old": old, "name": f"{key} before its rename", "t": now, "a": audience_id},
     )
     retired = _row(conn, old)
     assert retired is not None

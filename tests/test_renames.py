@@ -165,6 +165,11 @@ def test_rename_sends_old_false_and_new_true_in_one_call_once(
     assert rows(config, "seg_new") == {"u1": (True, True), "u2": (True, True)}
     retired = audience_id(config, "seg_old")
     assert retired is not None and retired != old_id
+    engine = store_mod.engine_for(config.store)
+    status = {s.key: s for s in Store(engine).status()}
+    engine.dispose()
+    assert status["seg_old"].name == "seg_new before its rename"
+    assert (status["seg_old"].members, status["seg_old"].pending, status["seg_old"].unknown) == (0, 0, 0)
     assert (
         count(
             config,
