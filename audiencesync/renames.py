@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
@@ -72,7 +72,7 @@ class Renames:
         """
         report = RenameReport(key=key)
         with self.engine.begin() as conn:
-            for old in previous_keys:
+            for old in _in_order(conn, key, previous_keys):
                 self._apply_one(conn, key, old, kind, report)
         for note in report.notes:
             log.info("%s: %s", key, note)
@@ -104,22 +104,9 @@ class Renames:
         if owed:
             report.retired.append(Retired(retired_id, old, renamed_id, owed))
             if report.renamed_from == old:
-                report.notes.append(
-                    f"renamed from {old!r}: {owed} user(s) get {old!r} retired and {key!r} set"
-                )
+                report.notes.append(f"renamed from {old!r}: {owed} user(s) are owed {old!r} retired")
         elif report.renamed_from == old:
             report.notes.append(f"renamed from {old!r}: Gleap never held {old!r}, nothing to retire")
-
-    def retired(self, keys: Sequence[str]) -> dict[str, int]:
-        """The retired memberships still owed, per old key (for ``status`` and checks)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(audiences.c.key, sa.func.count(memberships.c.user_id))
-                .join(memberships, memberships.c.audience_id == audiences.c.id)
-                .where(audiences.c.key.in_(keys))
-                .group_by(audiences.c.key)
-            )
-            return {r[0]: r[1] for r in rows}
 
 
 @dataclass(frozen=True)
@@ -142,16 +129,36 @@ def preview(conn: Connection, key: str, previous_keys: Sequence[str]) -> Preview
     new = _row(conn, key)
     stored_id = new.id if new is not None else None
     owed: list[tuple[str, int, bool]] = []
-    for old in previous_keys:
+    for old in _in_order(conn, key, previous_keys):
         row = _row(conn, old)
         if row is None:
             continue
         if new is None and stored_id is None:
-            stored_id = row.id  # the first previous key found is the one apply re-keys
+            stored_id = row.id  # the one apply re-keys
             owed.append((old, row.id, False))
         else:
             owed.append((old, row.id, True))
     return Preview(stored_id, new is not None, tuple(owed))
+
+
+def _in_order(conn: Connection, key: str, previous_keys: Sequence[str]) -> list[str]:
+    """The previous keys, the one to re-key first when the new key has no row yet: the row
+    refreshed last. A retired row is never refreshed, so after a second rename (a -> b -> c,
+    ``previous_keys = ["a", "b"]``) it is b's row, with the history, that becomes c."""
+    if _row(conn, key) is not None or len(previous_keys) < 2:
+        return list(previous_keys)
+    refreshed = dict(
+        conn.execute(
+            sa.select(audiences.c.key, audiences.c.refreshed_at).where(audiences.c.key.in_(previous_keys))
+        ).all()
+    )
+    never = datetime.min.replace(tzinfo=UTC)
+    first = max(
+        (k for k in previous_keys if k in refreshed),
+        key=lambda k: refreshed[k] or never,
+        default=None,
+    )
+    return list(previous_keys) if first is None else [first, *(k for k in previous_keys if k != first)]
 
 
 def _row(conn: Connection, key: str) -> _KeyRow | None:

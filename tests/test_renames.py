@@ -212,6 +212,29 @@ def test_a_failed_or_unknown_rename_call_is_sent_again(
         assert gleap.contacts[user] | {"userId": "-"} == {"userId": "-", "seg_old": False, "seg_new": True}
 
 
+def test_a_second_rename_rekeys_the_row_with_the_history(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    cycle(make_config(gleap.base_url, audiences=OLD))
+    history = audience_id(make_config(gleap.base_url, audiences=OLD), "seg_old")
+    config = make_config(gleap.base_url, audiences=NEW)
+    rename_and_deliver(config)
+    cycle(config)
+    gleap.reset_log()
+
+    newer = make_config(
+        gleap.base_url,
+        audiences=NEW.replace('"seg_new"', '"seg_newer"').replace('["seg_old"]', '["seg_old", "seg_new"]'),
+    )
+    report = rename_and_deliver(newer)
+
+    assert report.renamed_from == "seg_new"
+    assert audience_id(newer, "seg_newer") == history
+    assert gleap.identify_calls == [{"userId": "u1", "seg_new": False, "seg_newer": True}]
+    assert rows(newer, "seg_old") == rows(newer, "seg_new") == {}
+
+
 def test_a_previous_key_the_store_never_had_is_a_note(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
 ) -> None:
