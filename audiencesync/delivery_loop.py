@@ -152,15 +152,19 @@ class DeliveryLoop:
             # The first pass after an outage is the probe: one more failure opens it again.
             deliverer.breaker = CircuitBreaker.probing()
         keys = {audience_id: run.audience.key for audience_id, run in runs.items()}
+        # A renamed property's old keys go out with it, logged under its run.
+        owners = {r.id: audience_id for audience_id, run in runs.items() for r in run.retired}
+        keys |= {r.id: r.key for run in runs.values() for r in run.retired}
 
         def run_id(audience_id: int) -> int:
+            owner = owners.get(audience_id, audience_id)
             with self._lock:
-                run = self._open.get(audience_id) or runs[audience_id]
+                run = self._open.get(owner) or runs[owner]
             return run.run_id
 
         return asyncio.run(
             deliverer.drain(
-                list(runs),
+                [*runs, *owners],
                 keys,
                 run_id,
                 stop=self.halt,

@@ -17,7 +17,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from audiencesync import diff, plan, plan_events
+from audiencesync import diff, plan, plan_events, renames
 from audiencesync.config import AudienceConfig, Config
 from audiencesync.errors import SourceError, StoreError
 from audiencesync.events import EventNames
@@ -147,11 +147,36 @@ class DryRun:
                 now=now,
             )
 
+        # A rename not applied yet: the old key's row holds the history (counts, guard, events),
+        # and the new key is owed to every member, as renames.Renames.apply will leave it.
+        rename = renames.preview(conn, config.key, config.previous_keys)
         row = conn.execute(
-            sa.select(audiences.c.id, audiences.c.refreshed_at).where(audiences.c.key == config.key)
+            sa.select(audiences.c.id, audiences.c.refreshed_at).where(audiences.c.id == rename.stored_id)
         ).one_or_none()
         audience_id = row.id if row is not None else None
         initial = row is None or row.refreshed_at is None
+        rekeyed = audience_id is not None and not rename.renamed
+        plan_id = None if rekeyed else audience_id  # the stored state the new key's values diff against
+        for old_key, old_id, retired in rename.owed:
+            plan.add_retired(conn, table, key=old_key, audience_id=old_id, retired=retired, now=now)
+
+        def current() -> int:
+            """Plan what is due as the row stands (its refresh failed or was held)."""
+            if rekeyed:
+                assert audience_id is not None
+                return plan.add_rekeyed(
+                    conn, table, key=config.key, audience_id=audience_id, trait=config.kind == "trait"
+                )
+            return plan.add_current(
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
+            )
+
         report = AudienceReport(
             key=config.key,
             mode="initial" if initial else ("full" if full else "incremental"),
@@ -170,15 +195,7 @@ class DryRun:
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
             log.error("%s", exc)
-            report.pending = plan.add_current(
-                conn,
-                table,
-                key=config.key,
-                audience_id=audience_id,
-                now=now,
-                trait=config.kind == "trait",
-                missing=config.missing,
-            )
+            report.pending = current()
             if rank is not None:
                 plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
             add_events(None)
@@ -191,15 +208,7 @@ class DryRun:
         if held is not None:
             report.status, report.error = "held", held
             log.error("audience %r held: %s", config.key, held)
-            report.pending = plan.add_current(
-                conn,
-                table,
-                key=config.key,
-                audience_id=audience_id,
-                now=now,
-                trait=config.kind == "trait",
-                missing=config.missing,
-            )
+            report.pending = current()
             if rank is not None:
                 plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
             add_events(None)
@@ -209,7 +218,7 @@ class DryRun:
                 conn,
                 table,
                 key=config.key,
-                audience_id=audience_id,
+                audience_id=plan_id,
                 stage=stage,
                 full=full,
                 now=now,

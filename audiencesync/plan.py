@@ -247,6 +247,41 @@ def add_current(
     )
 
 
+def add_retired(
+    conn: Connection, plan: str, *, key: str, audience_id: int, retired: bool, now: datetime
+) -> int:
+    """Plan an old key's retirement (renames.py), with the kind and ``missing`` its row holds:
+    from its retired row, what is due; from the row a rename is about to re-key, every user
+    Gleap may hold the old key for."""
+    params: dict[str, object] = {"k": key, "a": audience_id}
+    # A re-keyed row's users get fresh retired rows: due at once, whatever their backoff.
+    owed = "(m.acked = true OR m.unknown)"
+    if retired:
+        owed, params["now"] = _DUE, now
+    query = text(
+        f"INSERT INTO {plan} (key, user_id, kind, value, data, acked_data) "
+        "SELECT :k, m.user_id, a.kind, false, CASE WHEN a.kind = 'trait' THEN a.missing END, "
+        "m.acked_value FROM memberships m JOIN audiences a ON a.id = m.audience_id "
+        f"WHERE m.audience_id = :a AND {owed}"
+    )
+    return int(conn.execute(query.bindparams(_NOW) if retired else query, params).rowcount)
+
+
+def add_rekeyed(conn: Connection, plan: str, *, key: str, audience_id: int, trait: bool = False) -> int:
+    """Plan the row a rename is about to re-key as it stands (its refresh failed or was held):
+    every member is owed its value under the new key, which Gleap never had."""
+    return int(
+        conn.execute(
+            text(
+                f"INSERT INTO {plan} (key, user_id, kind, value, data) "
+                "SELECT :k, m.user_id, :kind, true, m.value FROM memberships m "
+                "WHERE m.audience_id = :a AND m.desired = true"
+            ),
+            {"k": key, "a": audience_id, "kind": "trait" if trait else "audience"},
+        ).rowcount
+    )
+
+
 def planned_calls(conn: Connection, plan: str, max_keys: int) -> Iterator[tuple[str, dict[str, Any]]]:
     """(user id, attributes) per call, built as the delivery builds them (``identify_calls``):
     a user's planned values with their winning fields, at most ``max_keys`` custom keys a call.

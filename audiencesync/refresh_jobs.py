@@ -48,6 +48,7 @@ class RefreshJobs:
     def _due_now(self, audience: AudienceConfig) -> bool:
         """Never synced, overdue, or changes still pending: don't wait a whole interval."""
         try:
+            self.syncer.rename(audience)  # before its row is read: it may still be under an old key
             existing = self.store.ensure_audience(
                 audience.key, audience.name, kind=audience.kind, missing=audience.missing
             )
@@ -105,6 +106,7 @@ class RefreshJobs:
             self._refreshing += 1
         started = time.monotonic()
         try:
+            self.syncer.rename(audience)  # before its row is read: it may still be under an old key
             existing = self.store.ensure_audience(
                 audience.key, audience.name, kind=audience.kind, missing=audience.missing
             )

@@ -46,6 +46,7 @@ class AudienceReport:
     events_sent: int = 0  # Audience Entered/Exited events Gleap acknowledged
     events_pending: int = 0  # events still owed, not parked
     events_parked: int = 0
+    rename_notes: list[str] = field(default_factory=list)  # what previous_keys did (renames.py)
 
     def summary(self) -> str:
         # A trait says so, and counts its changed values; an audience's line is as it always was.
@@ -69,6 +70,8 @@ class AudienceReport:
             text += f" skipped_values={self.skipped_values} bad_values=[{'; '.join(self.value_samples)}]"
         if self.invalid_samples:
             text += f" invalid_ids=[{'; '.join(self.invalid_samples)}]"
+        if self.rename_notes:
+            text += f" renames=[{'; '.join(self.rename_notes)}]"
         if self.error:
             text += f" error={self.error}"
         return text

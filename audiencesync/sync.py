@@ -8,7 +8,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -25,6 +25,7 @@ from audiencesync.errors import (
 from audiencesync.events import EventNames
 from audiencesync.fields import FieldReader
 from audiencesync.guard import removal_guard as removal_guard
+from audiencesync.renames import RenameReport, Renames, Retired
 from audiencesync.reports import (
     AudienceReport as AudienceReport,
     CycleReport as CycleReport,
@@ -46,6 +47,8 @@ class Run:
     audience: Audience
     run_id: int
     report: AudienceReport
+    # Old keys (previous_keys) still owed to Gleap: delivered with the audience, under its run.
+    retired: list[Retired] = field(default_factory=list)
 
 
 class Syncer:
@@ -137,10 +140,11 @@ class Syncer:
                 self.refresh(a, report.cycle_id, full=full, allow_removals=allow_removals) for a in selected
             ]
             audience_ids = [run.audience.id for run in runs]
+            audience_ids += [r.id for run in runs for r in run.retired]
             total = self.store.pending_count(audience_ids)
             tick = progress(total) if progress is not None and total else None
-            run_ids = {run.audience.id: run.run_id for run in runs}
-            keys_by_id = {run.audience.id: run.audience.key for run in runs}
+            run_ids = delivery_runs(runs)
+            keys_by_id = delivery_keys(runs)
             deliverer = self.deliverer()
             try:
                 report.calls = asyncio.run(
@@ -169,12 +173,14 @@ class Syncer:
         the other audiences go on.
         """
         store = self.store
+        renamed = self.rename(config)
         audience = store.ensure_audience(config.key, config.name, kind=config.kind, missing=config.missing)
         mode = "initial" if audience.refreshed_at is None else ("full" if full else "incremental")
         run = Run(
             audience,
             store.start_run(cycle_id, audience, mode),
-            AudienceReport(key=config.key, mode=mode, kind=config.kind),
+            AudienceReport(key=config.key, mode=mode, kind=config.kind, rename_notes=renamed.notes),
+            renamed.retired,
         )
         stats = ReadStats()
         guard = None if allow_removals else removal_guard(config)
@@ -275,11 +281,35 @@ class Syncer:
     def delivery_run(self, config: AudienceConfig, cycle_id: str) -> Run:
         """A run that refreshes nothing and only delivers what is already pending: changes
         re-queued by `audiencesync retry`, or whose backoff elapsed, between refreshes."""
+        renamed = self.rename(config)
         audience = self.store.ensure_audience(
             config.key, config.name, kind=config.kind, missing=config.missing
         )
         run_id = self.store.start_run(cycle_id, audience, "delivery")
-        return Run(audience, run_id, AudienceReport(key=config.key, mode="delivery", kind=config.kind))
+        report = AudienceReport(key=config.key, mode="delivery", kind=config.kind)
+        return Run(audience, run_id, report, renamed.retired)
+
+    def rename(self, config: AudienceConfig) -> RenameReport:
+        """Apply the property's ``previous_keys`` (renames.py), before anything reads its row."""
+        if not config.previous_keys:
+            return RenameReport(key=config.key)
+        return Renames(self.store.engine, clock=self.store.clock).apply(
+            config.key, config.previous_keys, kind=config.kind
+        )
+
+
+def delivery_runs(runs: Sequence[Run]) -> dict[int, int]:
+    """The run each row's calls are logged under: for a retired old key, its property's."""
+    return {run.audience.id: run.run_id for run in runs} | {
+        r.id: run.run_id for run in runs for r in run.retired
+    }
+
+
+def delivery_keys(runs: Sequence[Run]) -> dict[int, str]:
+    """The custom key each row's value goes out under."""
+    return {run.audience.id: run.audience.key for run in runs} | {
+        r.id: r.key for run in runs for r in run.retired
+    }
 
 
 def valued(config: AudienceConfig) -> bool:

@@ -1,15 +1,16 @@
-"""Key renames (previous_keys): the config's checks, and the store's transition delivered to the stand-in.
+"""Key renames (previous_keys): the config's checks, the store's transition, and the cycles, the
+daemon and the dry run that carry it, against the loopback stand-in on both stores.
 
-The cycle does not call renames.Renames yet (its wiring waits for the split of sync.py);
-``rename_and_deliver`` does what it will: apply the rename, then one delivery pass over
-the renamed property and its retired rows, the retired rows' calls logged under the
-property's run.
+``rename_and_deliver`` drives the store's part alone (renames.Renames, then one delivery pass
+over the property and its retired rows) where a test needs a seam a cycle doesn't give.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,10 +23,14 @@ from audiencesync.errors import ConfigError, StoreError
 from audiencesync.renames import RenameReport, Renames
 from audiencesync.schema import audiences, call_values, membership_changes, memberships
 from audiencesync.store import Backoff, Store
-from audiencesync.sync import Syncer
-from tests.conftest import ConfigFactory, SourceDB
+from audiencesync.sync import CycleReport, PlannedCall, Syncer
+from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
+from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for
+from tests.test_reliability import resent, start, sync
 from tests.test_traits import set_trait
+
+__all__ = ["daemons"]  # the daemon tests' fixture, used here too
 
 OLD = """
 [[audiences]]
@@ -364,3 +369,128 @@ def test_config_refuses_bad_previous_keys(
         make_config(gleap.base_url, audiences=audiences_text)
     assert message in str(caught.value)
     assert caught.value.fix
+
+
+# --- the cycle ------------------------------------------------------------------------------------
+
+
+def sync_cycle(config: Config, **kwargs: Any) -> CycleReport:
+    engine = store_mod.engine_for(config.store)
+    syncer = Syncer(config, Store(engine), backoff_initial=0.01)
+    try:
+        return syncer.run_cycle(**kwargs)
+    finally:
+        syncer.sources.dispose()
+        engine.dispose()
+
+
+def by_user(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(calls, key=lambda body: body["userId"])
+
+
+def test_a_sync_renames_with_the_cycles_changes_and_the_dry_run_shows_it_exactly(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2", "u3"])
+    sync_cycle(make_config(gleap.base_url, audiences=OLD))
+    source.set(["u1", "u2", "u4"])  # u3 leaves and u4 enters in the cycle of the rename
+    gleap.reset_log()
+    config = make_config(gleap.base_url, audiences=NEW)
+    planned: list[PlannedCall] = []
+    sync_cycle(config, dry_run=True, show_calls=lambda calls: planned.extend(calls))
+    expected = [
+        {"userId": "u1", "seg_new": True, "seg_old": False},
+        {"userId": "u2", "seg_new": True, "seg_old": False},
+        {"userId": "u3", "seg_old": False},
+        {"userId": "u4", "seg_new": True},
+    ]
+    assert by_user([{"userId": c.user_id, **c.attributes} for c in planned]) == expected
+    assert gleap.identify_calls == [], "a dry run sends nothing"
+
+    report = sync_cycle(config)
+    assert report.complete
+    assert by_user(gleap.identify_calls) == expected
+    (audience,) = report.audiences
+    assert audience.status == "succeeded" and audience.mode == "incremental"
+    assert (audience.entered, audience.left) == (1, 1)  # the rename itself moves nobody
+    assert "renames=[renamed from 'seg_old': 3 user(s) are owed 'seg_old' retired]" in audience.summary()
+    assert rows(config, "seg_old") == {}
+
+    gleap.reset_log()
+    planned.clear()
+    sync_cycle(config, dry_run=True, show_calls=lambda calls: planned.extend(calls))
+    assert planned == []
+    sync_cycle(config)
+    assert gleap.identify_calls == []
+
+
+def test_sigkill_mid_rename_then_rerun_converges(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    users = [f"u{i:04d}" for i in range(300)]
+    source.set(users)
+    assert (
+        sync(
+            make_config(gleap.base_url, audiences=OLD, token=None), env={"GLEAP_API_TOKEN": TOKEN}
+        ).returncode
+        == 0
+    )
+    gleap.reset_log()
+    config = make_config(gleap.base_url, audiences=NEW, token=None)
+    gleap.hold(after=60)
+    process = start(config, "sync", env={"GLEAP_API_TOKEN": TOKEN})
+    assert gleap.wait_held(1, timeout=60), "delivery never got past 60 calls"
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    gleap.release()
+    gleap.clear_faults()
+    rerun = sync(config, env={"GLEAP_API_TOKEN": TOKEN})
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert {u: (c.get("seg_old"), c.get("seg_new")) for u, c in gleap.contacts.items()} == dict.fromkeys(
+        users, (False, True)
+    )
+    assert all(set(body) == {"userId", "seg_old", "seg_new"} for body in gleap.identify_calls)
+    assert resent(gleap) <= config.gleap.max_concurrency
+    assert rows(config, "seg_old") == {}
+
+
+def test_the_daemon_renames_once_and_serves_status(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, daemons: Callable[[Config], Daemon]
+) -> None:
+    source.set(["u1", "u2"])
+    old_config = make_config(gleap.base_url, audiences=OLD)
+    sync_cycle(old_config)
+    history = audience_id(old_config, "seg_old")
+    gleap.reset_log()
+    config = make_config(gleap.base_url, audiences=NEW, token=None, sync=SYNC, extra=SCHEDULE)
+    daemon = daemons(config)
+    expected = [{"userId": u, "seg_new": True, "seg_old": False} for u in ("u1", "u2")]
+    wait_for(lambda: by_user(gleap.identify_calls) == expected, what="the rename's calls")
+    wait_for(lambda: rows(config, "seg_old") == {}, what="the old key retired")
+    # Later scheduled cycles (every few seconds) send nothing more.
+    wait_for(lambda: daemon.output.count("seg_new: succeeded (incremental)") >= 2, what="later cycles")
+    assert daemon.stop() == 0
+    assert by_user(gleap.identify_calls) == expected
+    assert audience_id(config, "seg_new") == history  # re-keyed, not made anew
+
+
+def test_a_trait_rename_through_a_sync_and_its_dry_run(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    set_trait(source, {"u1": "pro", "u2": 7})
+    sync_cycle(make_config(gleap.base_url, audiences=TRAIT_OLD + 'missing = "none"\n'))
+    set_trait(source, {"u1": "pro", "u3": "free"})  # u2 drops out, u3 gets a value
+    gleap.reset_log()
+    config = make_config(gleap.base_url, audiences=TRAIT_NEW.format(missing='missing = "none"'))
+    planned: list[PlannedCall] = []
+    sync_cycle(config, dry_run=True, show_calls=lambda calls: planned.extend(calls))
+    expected = [
+        {"userId": "u1", "tier": "pro", "tier_old": "none"},
+        {"userId": "u2", "tier_old": "none"},
+        {"userId": "u3", "tier": "free"},
+    ]
+    assert by_user([{"userId": c.user_id, **c.attributes} for c in planned]) == expected
+    sync_cycle(config)
+    assert by_user(gleap.identify_calls) == expected
+    assert rows(config, "tier_old") == {}
