@@ -59,11 +59,18 @@ class RenameReport:
 
 
 class Renames:
-    """Applies ``previous_keys``. Seams: the store's engine and clock."""
+    """Applies ``previous_keys``. Seams: the store's engine, clock and the lease's fence."""
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        fence: Callable[[Connection], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.clock = clock
+        self.fence = fence  # raises when this process no longer holds the store
 
     def apply(self, key: str, previous_keys: Sequence[str], *, kind: str = "audience") -> RenameReport:
         """Bring the store's rows for ``key`` and its ``previous_keys`` to the rename's state.
@@ -72,6 +79,8 @@ class Renames:
         """
         report = RenameReport(key=key)
         with self.engine.begin() as conn:
+            if self.fence is not None:
+                self.fence(conn)
             for old in _in_order(conn, key, previous_keys):
                 self._apply_one(conn, key, old, kind, report)
         for note in report.notes:

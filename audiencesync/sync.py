@@ -293,7 +293,7 @@ class Syncer:
         """Apply the property's ``previous_keys`` (renames.py), before anything reads its row."""
         if not config.previous_keys:
             return RenameReport(key=config.key)
-        return Renames(self.store.engine, clock=self.store.clock).apply(
+        return Renames(self.store.engine, clock=self.store.clock, fence=self.store.fence).apply(
             config.key, config.previous_keys, kind=config.kind
         )
 
