@@ -75,6 +75,7 @@ async def _check_token(config: Config, token: Secret) -> None:
 STATUS_COLUMNS = (
     "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
     "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
+    "fields_pending",
 )  # fmt: skip
 
 
@@ -136,6 +137,7 @@ def _status_row(row: store.AudienceStatus, configured: set[str]) -> tuple[object
         row.events_pending,
         row.events_parked,
         row.kind,
+        row.fields_pending,
     )
 
 
@@ -154,6 +156,7 @@ def _status_json(
                 "unknown": row.unknown,
                 "events_pending": row.events_pending,
                 "events_failed": row.events_parked,
+                "fields_pending": row.fields_pending,
                 "oldest_pending_at": row.oldest_pending_at,
                 "oldest_pending_age_seconds": _age_seconds(row.oldest_pending_at),
                 "refreshed_at": row.refreshed_at,

@@ -148,6 +148,7 @@ class DeliveryLoop:
         deliverer = self.syncer.deliverer()
         deliverer.observe = self._observe
         deliverer.events.on_acknowledged = self.progress.acknowledged
+        deliverer.events.on_answer = self.metrics.track
         if self.outage.open:
             # The first pass after an outage is the probe: one more failure opens it again.
             deliverer.breaker = CircuitBreaker.probing()
