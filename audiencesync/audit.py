@@ -23,16 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from audiencesync.errors import HistoryPrunedError, UnknownAudienceError
-from audiencesync.schema import (
-    audiences,
-    call_log_view,
-    events as events_table,
-    membership_changes,
-    membership_history_view,
-    memberships,
-    prunes,
-    run_history_view,
-)
+from audiencesync.schema import audiences, events as events_table, membership_changes, memberships, prunes
+from audiencesync.schema_views import call_log_view, membership_history_view, run_history_view
 
 # Rows come from the database a batch at a time: a million members never sit in memory.
 BATCH = 10_000

@@ -1,10 +1,10 @@
 """Draining pending changes to Gleap: fair across audiences, bounded, resumable.
 
-Audiences take turns a page of users at a time, so a new audience's hours-long
-first sync never starves the few changes of the others. Each user gets one
-call carrying all of their pending properties (memberships, trait values).
-Calls run concurrently through the shared rate limiter, and every answer is stored as soon as it
-arrives. A call's concurrency slot is freed only then, so at most
+Audiences take turns a page of users at a time (``call_turns``), so a new
+audience's hours-long first sync never starves the few changes of the others.
+Each user gets one call carrying all of their pending properties (memberships,
+trait values). Calls run concurrently through the shared rate limiter, and
+every answer is stored as soon as it arrives. A call's concurrency slot is freed only then, so at most
 ``max_concurrency`` calls are ever sent but not yet recorded: that bounds what
 a crash can make the next run send again.
 """
@@ -16,71 +16,25 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Container, Iterator, Mapping, Sequence
-from itertools import groupby
+from collections.abc import Callable, Mapping, Sequence
 
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
 from audiencesync import failpoints
 from audiencesync.breaker import CircuitBreaker
+from audiencesync.call_turns import plan_calls
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import AudienceSyncError, GleapAuthError, GleapUnavailableError
 from audiencesync.events import Outbox
-from audiencesync.gleap import MAX_CUSTOM_KEYS, GleapClient
-from audiencesync.identify_calls import Call, user_calls
-from audiencesync.member_fields import PageFields
+from audiencesync.gleap import GleapClient
+from audiencesync.identify_calls import Call
 from audiencesync.store import Backoff, Outcome, PendingChange, Store
 from audiencesync.track import EventSender
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
-
-
-def plan_calls(
-    store: Store,
-    audience_ids: Sequence[int],
-    skip: Container[str],
-    page_size: int = 100,
-    *,
-    keys: Mapping[int, str],
-    field_order: Sequence[str] = (),
-    conflicts: Counter[str] | None = None,
-    on_page: Callable[[list[PendingChange]], None] | None = None,
-) -> Iterator[tuple[str, Call[PendingChange]]]:
-    """(user id, one call) for one pass over these audiences, in turns.
-
-    A user's due changes go in one call, with the contact fields that win for
-    them across the audiences of ``field_order`` (config order), or in several
-    calls when they carry more than Gleap's 35 custom keys. Users in ``skip``
-    (already called in this pass) are passed over. Keyset cursors per audience
-    make the pass finite even when calls fail. ``on_page`` sees each page's
-    changes before any of them is yielded (the write-ahead mark of calls about
-    to go out). ``conflicts`` counts, per losing audience key, the fields that
-    went out with another audience's value.
-    """
-    cursors = dict.fromkeys(audience_ids, "")
-    while cursors:
-        for audience_id in list(cursors):
-            page = store.pending_page(audience_id, audience_ids, cursors[audience_id], page_size)
-            if not page:
-                del cursors[audience_id]
-                continue
-            cursors[audience_id] = max(change.user_id for change in page)
-            users = [(u, list(c)) for u, c in groupby(page, key=lambda c: c.user_id) if u not in skip]
-            fields = store.page_fields([u for u, _ in users], field_order) if field_order else PageFields()
-            calls: list[tuple[str, Call[PendingChange]]] = []
-            for user_id, changes in users:
-                made, lost = user_calls(
-                    changes, keys, fields.members.get(user_id, ()), fields.gave.get(user_id), MAX_CUSTOM_KEYS
-                )
-                calls.extend((user_id, call) for call in made)
-                if conflicts is not None:
-                    conflicts.update(conflict.loser for conflict in lost)
-            if on_page is not None and calls:
-                on_page([change for _, call in calls for change in call.changes])
-            yield from calls
 
 
 class Deliverer:

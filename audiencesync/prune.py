@@ -33,23 +33,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
-from audiencesync import events as events_mod, failpoints
+from audiencesync import events as events_mod, failpoints, prune_rules
 from audiencesync.errors import PruneTimeError
+from audiencesync.prune_rules import Counts, Delete
 from audiencesync.schema import (
     admin_requests,
     call_values,
     calls,
     events,
     membership_changes,
-    memberships,
     prunes,
     sync_runs,
     write_connection,
@@ -72,40 +71,6 @@ BATCH_SIZE = 5_000
 # this long after each batch lets every waiting writer in, so that none waits
 # longer than one batch. PostgreSQL's deletes lock only their own rows.
 SQLITE_PAUSE_SECONDS = 0.1
-
-# A membership whose history is kept whatever its age: owed to Gleap (pending,
-# outcome unknown, a resend), parked, or with Gleap's last refusal on record.
-_HELD = sa.or_(
-    memberships.c.pending == sa.true(),
-    memberships.c.parked_at.is_not(None),
-    memberships.c.last_error.is_not(None),
-)
-
-
-@dataclass
-class Counts:
-    """Rows per table: deleted by a prune, or that a dry run would delete."""
-
-    calls: int = 0
-    call_values: int = 0
-    membership_changes: int = 0
-    sync_runs: int = 0
-    admin_requests: int = 0
-    events: int = 0
-
-    def add(self, other: Counts) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def per_table(self) -> list[tuple[str, int]]:
-        return [(f.name, getattr(self, f.name)) for f in fields(self)]
-
-    @property
-    def total(self) -> int:
-        return sum(n for _, n in self.per_table())
-
-    def text(self) -> str:
-        return " ".join(f"{table}={n}" for table, n in self.per_table())
 
 
 @dataclass(frozen=True)
@@ -150,114 +115,6 @@ def check_before(before: datetime, now: datetime, option: str = "--before") -> N
         raise PruneTimeError(before, now, option)
 
 
-# --- what may go -----------------------------------------------------------------
-
-
-def _calls_deletable(before: datetime) -> sa.ColumnElement[bool]:
-    v = call_values.alias("held_v")  # an alias: the DELETE of call_values must not correlate with it
-    held = (
-        sa.select(sa.literal(1))
-        .select_from(v.join(memberships, memberships.c.audience_id == v.c.audience_id))
-        .where(v.c.call_id == calls.c.id, memberships.c.user_id == calls.c.user_id, _HELD)
-        .exists()
-    )
-    return sa.and_(calls.c.at < before, ~held)
-
-
-def _changes_deletable(before: datetime) -> sa.ColumnElement[bool]:
-    held = (
-        sa.select(sa.literal(1))
-        .where(
-            memberships.c.audience_id == membership_changes.c.audience_id,
-            memberships.c.user_id == membership_changes.c.user_id,
-            _HELD,
-        )
-        .exists()
-    )
-    return sa.and_(membership_changes.c.at < before, ~held)
-
-
-def _requests_deletable(before: datetime) -> sa.ColumnElement[bool]:
-    return sa.and_(admin_requests.c.state.in_(("done", "failed")), admin_requests.c.finished_at < before)
-
-
-def _runs_deletable(before: datetime, *, planned: bool = False) -> sa.ColumnElement[bool]:
-    """Finished before ``before``, not an audience's latest, and referred to by nothing left.
-
-    ``planned``: what a dry run counts, where "left" means what the prune would keep.
-    During a prune, any row still there keeps its run (a row kept for a reason that
-    arose meanwhile must not lose its run: the foreign key forbids it).
-    """
-
-    def referred(table: sa.Table, column: sa.Column[Any], deletable: sa.ColumnElement[bool]) -> Any:
-        query = sa.select(sa.literal(1)).select_from(table).where(column == sync_runs.c.id)
-        return query.where(~deletable).exists() if planned else query.exists()
-
-    if planned:
-        kept_call = sa.select(sa.literal(1)).where(
-            calls.c.id == call_values.c.call_id, ~_calls_deletable(before)
-        )
-        by_value = sa.select(sa.literal(1)).where(call_values.c.run_id == sync_runs.c.id, kept_call.exists())
-    else:
-        by_value = sa.select(sa.literal(1)).where(call_values.c.run_id == sync_runs.c.id)
-    r = sync_runs.alias("latest_r")  # an alias: within a DELETE of sync_runs it must not correlate
-    latest = sa.select(sa.func.max(r.c.id)).group_by(r.c.audience_id)
-    return sa.and_(
-        sync_runs.c.finished_at < before,
-        sync_runs.c.status != "running",
-        sync_runs.c.id.not_in(latest),
-        ~referred(membership_changes, membership_changes.c.run_id, _changes_deletable(before)),
-        ~by_value.exists(),
-        ~referred(admin_requests, admin_requests.c.run_id, _requests_deletable(before)),
-        ~referred(events, events.c.run_id, events_mod.deletable(before)),
-    )
-
-
-# --- how it goes: one batch -------------------------------------------------------
-
-Delete = Callable[[Connection, Sequence[int], datetime], Counts]
-
-
-def _delete_calls(conn: Connection, ids: Sequence[int], before: datetime) -> Counts:
-    # The values first (the foreign key), then the calls left without any: exactly
-    # those whose values went, the held ones keeping theirs.
-    deletable = sa.select(calls.c.id).where(calls.c.id.in_(ids), _calls_deletable(before))
-    values = conn.execute(sa.delete(call_values).where(call_values.c.call_id.in_(deletable))).rowcount
-    orphan = ~sa.select(sa.literal(1)).where(call_values.c.call_id == calls.c.id).exists()
-    gone = conn.execute(sa.delete(calls).where(calls.c.id.in_(ids), orphan)).rowcount
-    return Counts(calls=gone, call_values=values)
-
-
-def _delete_changes(conn: Connection, ids: Sequence[int], before: datetime) -> Counts:
-    where = sa.and_(membership_changes.c.id.in_(ids), _changes_deletable(before))
-    return Counts(membership_changes=conn.execute(sa.delete(membership_changes).where(where)).rowcount)
-
-
-def _delete_requests(conn: Connection, ids: Sequence[int], before: datetime) -> Counts:
-    where = sa.and_(admin_requests.c.id.in_(ids), _requests_deletable(before))
-    return Counts(admin_requests=conn.execute(sa.delete(admin_requests).where(where)).rowcount)
-
-
-def _delete_events(conn: Connection, ids: Sequence[int], before: datetime) -> Counts:
-    where = sa.and_(events.c.id.in_(ids), events_mod.deletable(before))
-    return Counts(events=conn.execute(sa.delete(events).where(where)).rowcount)
-
-
-def _delete_runs(conn: Connection, ids: Sequence[int], before: datetime) -> Counts:
-    where = sa.and_(sync_runs.c.id.in_(ids), _runs_deletable(before))
-    return Counts(sync_runs=conn.execute(sa.delete(sync_runs).where(where)).rowcount)
-
-
-# In this order: runs go last, once what referred to them is gone.
-_STEPS: tuple[tuple[sa.Table, Callable[[datetime], sa.ColumnElement[bool]], Delete], ...] = (
-    (calls, _calls_deletable, _delete_calls),
-    (membership_changes, _changes_deletable, _delete_changes),
-    (admin_requests, _requests_deletable, _delete_requests),
-    (events, events_mod.deletable, _delete_events),
-    (sync_runs, _runs_deletable, _delete_runs),
-)
-
-
 class Pruner:
     """Prunes a store, counts what a prune would delete, and reads the prunes log. Seams: engine, clock."""
 
@@ -287,7 +144,7 @@ class Pruner:
                 sa.insert(prunes).values(before=before, started_at=self.clock(), by=by).returning(prunes.c.id)
             ).scalar_one()
         result = Result(prune_id, before, by)
-        for table, deletable, delete in _STEPS:
+        for table, deletable, delete in prune_rules.STEPS:
             if not self._sweep(result, table, deletable(before), delete, batch_size, stop):
                 break
         else:
@@ -358,7 +215,7 @@ class Pruner:
     def plan(self, before: datetime) -> Counts:
         """What ``prune(before)`` would delete now (a dry run). Reads only."""
         check_before(before, self.clock())
-        deletable_calls = _calls_deletable(before)
+        deletable_calls = prune_rules.calls_deletable(before)
 
         def count(table: sa.FromClause, where: sa.ColumnElement[bool]) -> int:
             return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(where)).scalar_one())
@@ -369,9 +226,9 @@ class Pruner:
                 call_values=count(
                     call_values.join(calls, calls.c.id == call_values.c.call_id), deletable_calls
                 ),
-                membership_changes=count(membership_changes, _changes_deletable(before)),
-                sync_runs=count(sync_runs, _runs_deletable(before, planned=True)),
-                admin_requests=count(admin_requests, _requests_deletable(before)),
+                membership_changes=count(membership_changes, prune_rules.changes_deletable(before)),
+                sync_runs=count(sync_runs, prune_rules.runs_deletable(before, planned=True)),
+                admin_requests=count(admin_requests, prune_rules.requests_deletable(before)),
                 events=count(events, events_mod.deletable(before)),
             )
 
@@ -381,12 +238,12 @@ class Pruner:
             changes = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(membership_changes)
-                .where(membership_changes.c.at < before, ~_changes_deletable(before))
+                .where(membership_changes.c.at < before, ~prune_rules.changes_deletable(before))
             ).scalar_one()
             held_calls = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(calls)
-                .where(calls.c.at < before, ~_calls_deletable(before))
+                .where(calls.c.at < before, ~prune_rules.calls_deletable(before))
             ).scalar_one()
         return int(changes), int(held_calls)
 

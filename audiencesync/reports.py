@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -9,8 +10,11 @@ from typing import Any
 
 from audiencesync.diff import DiffCounts
 from audiencesync.errors import GleapError
+from audiencesync.fields import FieldReader
 from audiencesync.gleap import track_event
 from audiencesync.sources import ReadStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,3 +141,13 @@ def tracks(
     if batch:
         report.track_calls, report.events = report.track_calls + 1, report.events + len(batch)
         yield PlannedTrack(batch)
+
+
+def note_fields(report: AudienceReport, fields: FieldReader) -> None:
+    """What the read said about the contact fields: in the report, and once in the log."""
+    report.field_warnings = fields.stats.total
+    report.field_notes = list(fields.notices)
+    if fields.stats.total:
+        report.field_notes.append(f"skipped fields: {fields.stats.describe()}")
+    for note in report.field_notes:
+        log.warning("%s: %s", report.key, note)

@@ -2,14 +2,15 @@
 
 It wires the parts together:
 - the writer lease, and a standby loop until this process holds it;
-- one APScheduler job per audience, which only refreshes the snapshot (quick);
+- one APScheduler job per audience, which only refreshes the snapshot (quick;
+  ``refresh_jobs.py``);
 - a single delivery thread, which drains every audience's pending changes in
   turns through the shared rate limiter;
 - a retention thread, which prunes old history once a day when
   ``[retention] keep`` is set (``retention.py``);
 - signals: SIGTERM and SIGINT stop it gracefully, a second one exits at once,
   and SIGHUP reloads the config;
-- the optional /healthz and /metrics endpoint.
+- the optional /healthz and /metrics endpoint (what it answers: ``daemon_health.py``).
 """
 
 from __future__ import annotations
@@ -20,21 +21,19 @@ import os
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
 from pathlib import Path
 from types import FrameType
 
 import httpx
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.interval import IntervalTrigger
 
 from audiencesync import store as store_mod
 from audiencesync.admin import AdminDesk
 from audiencesync.backoff import Backoff
-from audiencesync.config import AudienceConfig, Config, load_config
+from audiencesync.config import Config, load_config
+from audiencesync.daemon_health import DaemonHealth
 from audiencesync.delivery_loop import DeliveryLoop
 from audiencesync.errors import (
     ConfigError,
@@ -49,6 +48,7 @@ from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
 from audiencesync.prune import Pruner
+from audiencesync.refresh_jobs import RefreshJobs
 from audiencesync.requests import AdminRequests
 from audiencesync.retention import Retention
 from audiencesync.server import Server
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 REQUEST_POLL_SECONDS = 2.0
 
 
-class Daemon(DeliveryLoop):
+class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
     def __init__(
         self,
         config: Config,
@@ -325,115 +325,7 @@ class Daemon(DeliveryLoop):
                 log.warning("could not close the run of %s: %s", run.report.key, brief(exc))
         self.active = False
 
-    # --- scheduling -------------------------------------------------------------
-
-    def _due_now(self, audience: AudienceConfig) -> bool:
-        """Never synced, overdue, or changes still pending: don't wait a whole interval."""
-        try:
-            existing = self.store.ensure_audience(
-                audience.key, audience.name, kind=audience.kind, missing=audience.missing
-            )
-        except LeaseLostError:
-            raise
-        except Exception as exc:
-            log.warning("can't read %s's state (%s); refreshing it now", audience.key, brief(exc))
-            return True
-        self._ids[audience.key] = existing.id
-        if existing.refreshed_at is None or self.store.pending_count([existing.id]) > 0:
-            return True
-        return store_mod.utc_now() - existing.refreshed_at > timedelta(seconds=audience.interval)
-
-    def _schedule(self, audience: AudienceConfig, *, start_now: bool) -> None:
-        assert self.scheduler is not None
-        trigger = IntervalTrigger(seconds=audience.interval, jitter=audience.jitter or None, timezone=UTC)
-        self.scheduler.add_job(
-            self._refresh_job,
-            trigger,
-            args=[audience.key],
-            id=audience.key,
-            name=f"refresh {audience.key}",
-            replace_existing=True,
-            **({"next_run_time": datetime.now(UTC)} if start_now else {}),
-        )
-        self._record_next_run(audience.key)
-
-    def _record_next_run(self, key: str) -> None:
-        job = self.scheduler.get_job(key) if self.scheduler is not None else None
-        next_run = job.next_run_time if job is not None else None
-        with contextlib.suppress(Exception):  # only shown by `status`; the next refresh writes it again
-            self.store.set_next_run(key, next_run)
-
-    def _refresh_job(self, key: str) -> None:
-        try:
-            self._refresh(key)
-        except Exception:
-            log.exception("refreshing %s failed; its next scheduled run tries again", key)
-
-    def _refresh(self, key: str, *, full: bool = False, allow_removals: bool = False) -> Run | None:
-        """Refresh one audience's snapshot and hand its run to the delivery loop.
-
-        None when it did not run: stopping, no longer configured, or already refreshing.
-        """
-        if self.halt.is_set():
-            return None
-        try:
-            audience = self.config.audience(key)
-        except ConfigError:
-            return None  # removed by a reload a moment ago
-        with self._lock:
-            if key in self._busy:
-                return None
-            self._busy.add(key)
-            self._refreshing += 1
-        started = time.monotonic()
-        try:
-            existing = self.store.ensure_audience(
-                audience.key, audience.name, kind=audience.kind, missing=audience.missing
-            )
-            self._ids[key] = existing.id
-            with self._lock:
-                previous = self._open.pop(existing.id, None)
-            if previous is not None:
-                self._close(previous)
-            run = self.syncer.refresh(audience, str(uuid.uuid4()), full=full, allow_removals=allow_removals)
-            self.metrics.cycle_duration.labels(key).observe(time.monotonic() - started)
-            if run.report.status == "failed" and self.syncer.sources.cancelled.is_set():
-                # Stopped mid-query: nothing was applied; not a failure of the source.
-                self.store.finish_run(
-                    run.run_id, "interrupted", error="stopped while the source query ran; snapshot untouched"
-                )
-                return run
-            # A failed or held refresh applied nothing, but what earlier cycles left
-            # pending still goes out: the run stays open for the delivery loop.
-            with self._lock:
-                self._open[run.audience.id] = run
-            self.wake.set()
-            return run
-        except LeaseLostError:
-            self.lease.lost.set()
-            self.halt.set()
-            return None
-        finally:
-            with self._lock:
-                self._refreshing -= 1
-                self._busy.discard(key)
-            self._record_next_run(key)
-
-    def _is_busy(self, key: str) -> bool:
-        with self._lock:
-            return key in self._busy
-
-    def _submit(self, job: Callable[[], None], job_id: str) -> None:
-        assert self.scheduler is not None
-        self.scheduler.add_job(job, id=job_id, misfire_grace_time=None)
-
-    def _close(self, run: Run) -> None:
-        """Finish a run and log its one summary line."""
-        self.syncer.finish(run)
-        self.metrics.cycles.labels(run.report.key, run.report.status).inc()
-        log.info("%s", run.report.summary())
-
-    # --- reload and health ----------------------------------------------------------
+    # --- reload ----------------------------------------------------------
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; add, remove and reschedule audiences without a restart."""
@@ -472,44 +364,3 @@ class Daemon(DeliveryLoop):
             len(fresh.keys() - old.keys()),
             len(old.keys() - fresh.keys()),
         )
-
-    def health(self) -> tuple[bool, str]:
-        if not self.active:
-            return (True, "standby") if not self.stop.is_set() else (False, "stopping")
-        if self._died is not None:
-            return False, self._died
-        if self.scheduler is None or not self.scheduler.running:
-            return False, "the scheduler is not running"
-        if self._delivery is None or not self._delivery.is_alive():
-            return False, "the delivery loop is not running"
-        if self.outage.open and self.outage.opened_at is not None:
-            probe = self.outage.next_probe_at
-            return False, (
-                f"Gleap is unavailable; delivery paused (circuit breaker open since "
-                f"{iso_time(self.outage.opened_at)}, next probe {iso_time(probe) if probe else 'soon'}): "
-                f"{self.outage.reason}"
-            )
-        try:
-            stalled = self.progress.stalled(self._due())
-            rows = self.store.status()
-        except Exception as exc:
-            return False, f"the store can't be read: {brief(exc)}"
-        if stalled is not None:
-            return False, stalled
-        now = store_mod.utc_now()
-        intervals = {a.key: a.interval for a in self.config.properties}
-        late = []
-        for row in rows:
-            if row.key not in intervals:
-                continue
-            last = row.refreshed_at or self._started
-            if now - max(last, self._started) > timedelta(seconds=2 * intervals[row.key]):
-                late.append(f"{row.key} (last success {last:%Y-%m-%d %H:%M} UTC)")
-        if late:
-            return False, "no successful cycle within twice the interval: " + ", ".join(late)
-        return True, "ok"
-
-    def _lease_health(self) -> tuple[str, datetime | None]:
-        """What the heartbeat writes into the lease row, for `status` in other processes."""
-        ok, reason = self.health()
-        return ("ok" if ok else f"unhealthy: {reason}"), self.progress.acked_at

@@ -1,9 +1,9 @@
 """The membership store: every query on audiences, memberships and runs.
 
-Engines and migrations live in ``database``, the bookkeeping of Gleap's
-answers in ``outcomes``, and what `status` and `failures` read in ``status``;
-their names are re-exported here for the callers that think of them as the
-store's.
+The runs' SQL lives in ``runs``, engines and migrations in ``database``,
+the bookkeeping of Gleap's answers in ``outcomes``, and what `status` and
+`failures` read in ``status``; their names are re-exported here for the
+callers that think of them as the store's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from audiencesync import diff, events as events_mod, failpoints, outcomes, status as status_mod
+from audiencesync import diff, events as events_mod, failpoints, outcomes, runs, status as status_mod
 from audiencesync.database import (
     create_engine as create_engine,
     empty_store as empty_store,
@@ -31,7 +31,7 @@ from audiencesync.errors import StoreError
 from audiencesync.member_fields import PageFields, holds_fields, read_page_fields
 from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
 from audiencesync.pending import pending_page, pending_page_query as pending_page_query
-from audiencesync.schema import DELIVERABLE, audiences, due, leases, memberships, sync_runs, write_connection
+from audiencesync.schema import DELIVERABLE, audiences, due, leases, memberships, write_connection
 from audiencesync.status import AudienceStatus as AudienceStatus, ParkedChange as ParkedChange
 
 Clock = Callable[[], datetime]
@@ -122,69 +122,21 @@ class Store:
 
     def start_run(self, cycle_id: str, audience: Audience, mode: str) -> int:
         with self._write() as conn:
-            run_id: int = conn.execute(
-                sa.insert(sync_runs)
-                .values(
-                    cycle_id=cycle_id,
-                    audience_id=audience.id,
-                    mode=mode,
-                    status="running",
-                    started_at=self.clock(),
-                )
-                .returning(sync_runs.c.id)
-            ).scalar_one()
-        return run_id
+            return runs.start_run(conn, cycle_id, audience.id, mode, now=self.clock())
 
     def update_run(self, run_id: int, **values: Any) -> None:
         with self._write() as conn:
-            conn.execute(sa.update(sync_runs).where(sync_runs.c.id == run_id).values(**values))
+            runs.update_run(conn, run_id, **values)
 
     def finish_run(self, run_id: int, status: str, *, error: str | None = None) -> dict[str, Any]:
-        """Close a run, counting what is still pending for its audience; returns the run's row.
-
-        A run that would succeed but leaves changes (or events) pending or parked is recorded
-        as ``partial``.
-        """
+        """Close a run; returns its row, ``partial`` when it left changes owed (see ``runs``)."""
         with self._write() as conn:
-            audience_id = conn.execute(
-                sa.select(sync_runs.c.audience_id).where(sync_runs.c.id == run_id)
-            ).scalar_one()
-            counts = conn.execute(
-                sa.select(
-                    sa.func.count().filter(DELIVERABLE),
-                    sa.func.count().filter(memberships.c.parked_at.is_not(None), memberships.c.pending),
-                    sa.func.count().filter(memberships.c.unknown == sa.true()),
-                ).where(memberships.c.audience_id == audience_id)
-            ).one()
-            pending, parked, unknown = (int(n or 0) for n in counts)
-            events_owed = sum(events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0)))
-            if status == "succeeded" and (pending or parked or events_owed):
-                status = "partial"
-            conn.execute(
-                sa.update(sync_runs)
-                .where(sync_runs.c.id == run_id)
-                .values(
-                    status=status,
-                    error=error,
-                    finished_at=self.clock(),
-                    pending_after=pending,
-                    parked_after=parked,
-                    unknown_after=unknown,
-                )
-            )
-            return dict(conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id)).one()._mapping)
+            return runs.finish_run(conn, run_id, status, error=error, now=self.clock())
 
     def mark_interrupted(self) -> int:
-        """Close runs a killed process left open; their unacknowledged changes are still pending.
-
-        Only safe under the writer lease: any run still open then belongs to a dead process.
-        """
+        """Close runs a killed process left open; only safe under the writer lease (see ``runs``)."""
         with self._write() as conn:
-            return conn.execute(
-                sa.update(sync_runs)
-                .where(sync_runs.c.status == "running")
-                .values(status="interrupted", finished_at=self.clock(), error="the process stopped mid-run")
-            ).rowcount
+            return runs.mark_interrupted(conn, now=self.clock())
 
     # --- the diff ---
 

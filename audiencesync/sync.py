@@ -9,26 +9,21 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 import httpx
-import sqlalchemy as sa
-from sqlalchemy import Connection
 
-from audiencesync import diff, plan
 from audiencesync.config import AudienceConfig, Config
 from audiencesync.delivery import Deliverer, Progress
+from audiencesync.dry_run import DryRun
 from audiencesync.errors import (
     GleapAuthError,
     GleapError,
     GleapUnavailableError,
     MissingTokenError,
     SourceError,
-    StoreError,
 )
 from audiencesync.events import EventNames
 from audiencesync.fields import FieldReader
-from audiencesync.gleap import MAX_CUSTOM_KEYS
 from audiencesync.guard import removal_guard as removal_guard
 from audiencesync.reports import (
     AudienceReport as AudienceReport,
@@ -36,12 +31,10 @@ from audiencesync.reports import (
     PlannedCall as PlannedCall,
     PlannedTrack as PlannedTrack,
     count_refresh,
-    counted,
-    tracks,
+    note_fields,
 )
-from audiencesync.schema import audiences
 from audiencesync.sources import ReadStats, Sources
-from audiencesync.store import Audience, Backoff, Store, empty_store, schema_revisions
+from audiencesync.store import Audience, Backoff, Store
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +118,14 @@ class Syncer:
             raise MissingTokenError()
         report = CycleReport(cycle_id=str(uuid.uuid4()), audiences=[], dry_run=dry_run)
         if dry_run:
-            self._dry_run(report, selected, full=full, allow_removals=allow_removals, show=show_calls)
+            planner = DryRun(
+                self.config,
+                self.store,
+                read=self.read_planned,
+                event_names=self.event_names,
+                property_keys=self.property_keys,
+            )
+            planner.plan(report, selected, full=full, allow_removals=allow_removals, show=show_calls)
             for audience_report in report.audiences:
                 log.info("%s", audience_report.summary())
             return report
@@ -272,167 +272,6 @@ class Syncer:
             self.finish(run, aborted=report.aborted)
             report.audiences.append(run.report)
 
-    # --- the dry run ----------------------------------------------------------
-
-    def _dry_run(
-        self,
-        report: CycleReport,
-        selected: Sequence[AudienceConfig],
-        *,
-        full: bool,
-        allow_removals: bool,
-        show: Callable[[Iterator[PlannedCall | PlannedTrack]], object] | None,
-    ) -> None:
-        """Plan the calls a sync would make now and hand them to ``show``, writing nothing to the store."""
-        current, head = schema_revisions(self.store.engine)
-        engine = self.store.engine
-        if current is None:
-            # A store no sync has used yet: plan against an empty one in memory,
-            # so that nothing (not even the schema) is written to the real one.
-            engine = empty_store()
-        elif current != head:
-            raise StoreError(
-                f"the store is at schema revision {current}, older than this audiencesync's ({head}); "
-                "a dry run only reads, so it can't plan against the old schema. "
-                "Fix: run `audiencesync db upgrade` (a real sync does it by itself)."
-            )
-        now = self.store.clock()
-        try:
-            with engine.connect() as conn, conn.begin():
-                table = plan.create_plan(conn)
-                event_table = plan.create_event_plan(conn)
-                for place, config in enumerate(selected):
-                    report.audiences.append(
-                        self._plan_audience(
-                            conn,
-                            (table, event_table, place),
-                            config,
-                            full=full,
-                            allow_removals=allow_removals,
-                            now=now,
-                        )
-                    )
-                chosen = {config.key for config in selected}
-                for rank, config in enumerate(self.config.audiences):
-                    if config.key not in chosen:  # not refreshed: their fields as they are
-                        plan.add_stored_fields(
-                            conn, table, rank=rank, key=config.key, audience_id=_audience_id(conn, config.key)
-                        )
-                size = self.config.gleap.track_batch_size
-                identify = counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
-                planned_tracks = tracks(report, plan.planned_events(conn, event_table), size)
-                calls: Iterator[PlannedCall | PlannedTrack] = itertools.chain(identify, planned_tracks)
-                if show is not None:
-                    show(calls)
-                for _ in calls:  # what show left unread still counts
-                    pass
-                plan.drop_plan(conn, table)
-                plan.drop_plan(conn, event_table)
-        finally:
-            if engine is not self.store.engine:
-                engine.dispose()
-
-    def _plan_audience(
-        self,
-        conn: Connection,
-        tables: tuple[str, str, int],
-        config: AudienceConfig,
-        *,
-        full: bool,
-        allow_removals: bool,
-        now: datetime,
-    ) -> AudienceReport:
-        table, event_table, place = tables  # the plan's calls, its events, the audience's place
-
-        def add_events(stage: str | None) -> None:
-            names = self.event_names(config)
-            plan.add_events(
-                conn,
-                event_table,
-                key=config.key,
-                audience_id=audience_id,
-                audience_name=config.name,
-                place=place,
-                stage=stage,
-                names=(names.entered, names.exited) if names is not None else None,
-                now=now,
-            )
-
-        row = conn.execute(
-            sa.select(audiences.c.id, audiences.c.refreshed_at).where(audiences.c.key == config.key)
-        ).one_or_none()
-        audience_id = row.id if row is not None else None
-        initial = row is None or row.refreshed_at is None
-        report = AudienceReport(
-            key=config.key,
-            mode="initial" if initial else ("full" if full else "incremental"),
-            kind=config.kind,
-        )
-        stats = ReadStats()
-        fields = FieldReader(self.property_keys)
-        # An audience's place in the config, for the merge of its members' fields.
-        rank = next((i for i, a in enumerate(self.config.audiences) if a.key == config.key), None)
-        stage = diff.new_stage_name()
-        diff.create_stage(conn, stage)
-        try:
-            for batch in self.read_planned(config, stats, fields):
-                diff.load_values(conn, stage, batch)
-            diff.analyze_stage(conn, stage)
-        except SourceError as exc:
-            report.status, report.error = "failed", str(exc)
-            log.error("%s", exc)
-            report.pending = plan.add_current(
-                conn,
-                table,
-                key=config.key,
-                audience_id=audience_id,
-                now=now,
-                trait=config.kind == "trait",
-                missing=config.missing,
-            )
-            if rank is not None:
-                plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
-            add_events(None)
-            diff.drop_stage(conn, stage)
-            return report
-        counts = plan.preview_counts(conn, stage, audience_id, valued=True)
-        held = None if allow_removals else removal_guard(config)(counts)
-        count_refresh(report, counts, stats)
-        note_fields(report, fields)
-        if held is not None:
-            report.status, report.error = "held", held
-            log.error("audience %r held: %s", config.key, held)
-            report.pending = plan.add_current(
-                conn,
-                table,
-                key=config.key,
-                audience_id=audience_id,
-                now=now,
-                trait=config.kind == "trait",
-                missing=config.missing,
-            )
-            if rank is not None:
-                plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
-            add_events(None)
-        else:
-            report.status = "planned"
-            report.pending = plan.add_applied(
-                conn,
-                table,
-                key=config.key,
-                audience_id=audience_id,
-                stage=stage,
-                full=full,
-                now=now,
-                trait=config.kind == "trait",
-                missing=config.missing,
-            )
-            add_events(stage)
-            if rank is not None:
-                plan.add_staged_fields(conn, table, rank=rank, key=config.key, stage=stage)
-        diff.drop_stage(conn, stage)
-        return report
-
     def delivery_run(self, config: AudienceConfig, cycle_id: str) -> Run:
         """A run that refreshes nothing and only delivers what is already pending: changes
         re-queued by `audiencesync retry`, or whose backoff elapsed, between refreshes."""
@@ -446,18 +285,3 @@ class Syncer:
 def valued(config: AudienceConfig) -> bool:
     """Its source gives a value per user (a trait), not just ids."""
     return config.kind == "trait"
-
-
-def note_fields(report: AudienceReport, fields: FieldReader) -> None:
-    """What the read said about the contact fields: in the report, and once in the log."""
-    report.field_warnings = fields.stats.total
-    report.field_notes = list(fields.notices)
-    if fields.stats.total:
-        report.field_notes.append(f"skipped fields: {fields.stats.describe()}")
-    for note in report.field_notes:
-        log.warning("%s: %s", report.key, note)
-
-
-def _audience_id(conn: Connection, key: str) -> int | None:
-    found: int | None = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar()
-    return found

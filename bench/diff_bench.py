@@ -18,7 +18,7 @@ baseline measured in the same run ("x" columns: real / baseline) rather than the
   that loads the source and the snapshot into Python sets and subtracts them, writing nothing. The
   real path does more work, so a time ratio above 1 is expected; it streams, so its RSS ratio should
   be below 1, and fall as --members grows.
-* pending read: ``delivery.plan_calls`` over the N members the initial refresh left pending, read
+* pending read: ``call_turns.plan_calls`` over the N members the initial refresh left pending, read
   as delivery reads them; the note gives seconds per million rows. No baseline.
 * delivery: a real ``Syncer`` cycle sending ``--calls`` identify calls to the loopback Gleap
   stand-in (in its own process), against a bare httpx loop posting the same bodies at the same
@@ -54,8 +54,8 @@ import httpx
 import sqlalchemy as sa
 
 from audiencesync import store as store_mod
+from audiencesync.call_turns import plan_calls
 from audiencesync.config import Config, load_config
-from audiencesync.delivery import plan_calls
 from audiencesync.schema import memberships
 from audiencesync.sources import ReadStats, Sources
 from audiencesync.store import Audience, Store

@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from audiencesync import failpoints, store as store_mod
 from audiencesync.config import Config
 from audiencesync.errors import PruneTimeError
-from audiencesync.prune import Counts, Pruner
+from audiencesync.prune import Pruner
+from audiencesync.prune_rules import Counts
 from audiencesync.requests import AdminRequests
 from audiencesync.schema import (
     admin_requests,

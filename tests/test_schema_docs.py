@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from audiencesync import audit, cli, store as store_mod
-from audiencesync.schema import VIEWS
+from audiencesync.schema_views import VIEWS
 from tests import audit_scenario as s
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from audiencesync import store as store_mod
-from audiencesync.delivery import plan_calls
+from audiencesync.call_turns import plan_calls
 from audiencesync.errors import StoreError
 from audiencesync.schema import membership_changes, metadata
 from audiencesync.store import Outcome, PendingChange, Store

@@ -1,0 +1,228 @@
+"""The dry run: plan the calls a sync would make now, report them, and write nothing to the store.
+
+Kept apart from ``sync.py`` because it is its own path through a cycle: it
+reads each source into a stage as a refresh would, but turns the result into
+a plan (``plan.py`` holds its SQL, ``plan_events.py`` its events') on one
+connection instead of applying it, against an empty in-memory store when no
+sync has created the real one yet.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from audiencesync import diff, plan, plan_events
+from audiencesync.config import AudienceConfig, Config
+from audiencesync.errors import SourceError, StoreError
+from audiencesync.events import EventNames
+from audiencesync.fields import FieldReader
+from audiencesync.gleap import MAX_CUSTOM_KEYS
+from audiencesync.guard import removal_guard
+from audiencesync.reports import (
+    AudienceReport,
+    CycleReport,
+    PlannedCall,
+    PlannedTrack,
+    count_refresh,
+    counted,
+    note_fields,
+    tracks,
+)
+from audiencesync.schema import audiences
+from audiencesync.sources import ReadStats
+from audiencesync.store import Store, empty_store, schema_revisions
+
+log = logging.getLogger(__name__)
+
+
+class DryRun:
+    """Plans a cycle of the selected properties. Seams: the store, and the syncer's reads.
+
+    ``read`` gives a property's batches as (id, value) pairs; ``event_names``
+    its events' names, or None when it has none.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        read: Callable[[AudienceConfig, ReadStats, FieldReader], Iterator[list[tuple[str, str | None]]]],
+        event_names: Callable[[AudienceConfig], EventNames | None],
+        property_keys: Sequence[str],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.read = read
+        self.event_names = event_names
+        self.property_keys = list(property_keys)
+
+    def plan(
+        self,
+        report: CycleReport,
+        selected: Sequence[AudienceConfig],
+        *,
+        full: bool,
+        allow_removals: bool,
+        show: Callable[[Iterator[PlannedCall | PlannedTrack]], object] | None,
+    ) -> None:
+        """Plan the calls a sync would make now and hand them to ``show``, writing nothing to the store."""
+        current, head = schema_revisions(self.store.engine)
+        engine = self.store.engine
+        if current is None:
+            # A store no sync has used yet: plan against an empty one in memory,
+            # so that nothing (not even the schema) is written to the real one.
+            engine = empty_store()
+        elif current != head:
+            raise StoreError(
+                f"the store is at schema revision {current}, older than this audiencesync's ({head}); "
+                "a dry run only reads, so it can't plan against the old schema. "
+                "Fix: run `audiencesync db upgrade` (a real sync does it by itself)."
+            )
+        now = self.store.clock()
+        try:
+            with engine.connect() as conn, conn.begin():
+                table = plan.create_plan(conn)
+                event_table = plan_events.create_event_plan(conn)
+                for place, config in enumerate(selected):
+                    report.audiences.append(
+                        self._plan_audience(
+                            conn,
+                            (table, event_table, place),
+                            config,
+                            full=full,
+                            allow_removals=allow_removals,
+                            now=now,
+                        )
+                    )
+                chosen = {config.key for config in selected}
+                for rank, config in enumerate(self.config.audiences):
+                    if config.key not in chosen:  # not refreshed: their fields as they are
+                        plan.add_stored_fields(
+                            conn, table, rank=rank, key=config.key, audience_id=_audience_id(conn, config.key)
+                        )
+                size = self.config.gleap.track_batch_size
+                identify = counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
+                planned_tracks = tracks(report, plan_events.planned_events(conn, event_table), size)
+                calls: Iterator[PlannedCall | PlannedTrack] = itertools.chain(identify, planned_tracks)
+                if show is not None:
+                    show(calls)
+                for _ in calls:  # what show left unread still counts
+                    pass
+                plan.drop_plan(conn, table)
+                plan.drop_plan(conn, event_table)
+        finally:
+            if engine is not self.store.engine:
+                engine.dispose()
+
+    def _plan_audience(
+        self,
+        conn: Connection,
+        tables: tuple[str, str, int],
+        config: AudienceConfig,
+        *,
+        full: bool,
+        allow_removals: bool,
+        now: datetime,
+    ) -> AudienceReport:
+        table, event_table, place = tables  # the plan's calls, its events, the audience's place
+
+        def add_events(stage: str | None) -> None:
+            names = self.event_names(config)
+            plan_events.add_events(
+                conn,
+                event_table,
+                key=config.key,
+                audience_id=audience_id,
+                audience_name=config.name,
+                place=place,
+                stage=stage,
+                names=(names.entered, names.exited) if names is not None else None,
+                now=now,
+            )
+
+        row = conn.execute(
+            sa.select(audiences.c.id, audiences.c.refreshed_at).where(audiences.c.key == config.key)
+        ).one_or_none()
+        audience_id = row.id if row is not None else None
+        initial = row is None or row.refreshed_at is None
+        report = AudienceReport(
+            key=config.key,
+            mode="initial" if initial else ("full" if full else "incremental"),
+            kind=config.kind,
+        )
+        stats = ReadStats()
+        fields = FieldReader(self.property_keys)
+        # An audience's place in the config, for the merge of its members' fields.
+        rank = next((i for i, a in enumerate(self.config.audiences) if a.key == config.key), None)
+        stage = diff.new_stage_name()
+        diff.create_stage(conn, stage)
+        try:
+            for batch in self.read(config, stats, fields):
+                diff.load_values(conn, stage, batch)
+            diff.analyze_stage(conn, stage)
+        except SourceError as exc:
+            report.status, report.error = "failed", str(exc)
+            log.error("%s", exc)
+            report.pending = plan.add_current(
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
+            )
+            if rank is not None:
+                plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
+            add_events(None)
+            diff.drop_stage(conn, stage)
+            return report
+        counts = plan.preview_counts(conn, stage, audience_id, valued=True)
+        held = None if allow_removals else removal_guard(config)(counts)
+        count_refresh(report, counts, stats)
+        note_fields(report, fields)
+        if held is not None:
+            report.status, report.error = "held", held
+            log.error("audience %r held: %s", config.key, held)
+            report.pending = plan.add_current(
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
+            )
+            if rank is not None:
+                plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
+            add_events(None)
+        else:
+            report.status = "planned"
+            report.pending = plan.add_applied(
+                conn,
+                table,
+                key=config.key,
+                audience_id=audience_id,
+                stage=stage,
+                full=full,
+                now=now,
+                trait=config.kind == "trait",
+                missing=config.missing,
+            )
+            add_events(stage)
+            if rank is not None:
+                plan.add_staged_fields(conn, table, rank=rank, key=config.key, stage=stage)
+        diff.drop_stage(conn, stage)
+        return report
+
+
+def _audience_id(conn: Connection, key: str) -> int | None:
+    found: int | None = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar()
+    return found

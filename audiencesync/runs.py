@@ -1,0 +1,86 @@
+"""The runs' bookkeeping: the SQL that opens, updates and closes the rows of ``sync_runs``.
+
+Apart from ``store.py`` because a run is its own record: one per audience
+and cycle, opened before its refresh, counted by delivery (``outcomes``,
+``events``) and closed with what it left pending. ``Store`` wraps these in
+its fenced write transactions.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from audiencesync import events as events_mod
+from audiencesync.schema import DELIVERABLE, memberships, sync_runs
+
+
+def start_run(conn: Connection, cycle_id: str, audience_id: int, mode: str, *, now: datetime) -> int:
+    run_id: int = conn.execute(
+        sa.insert(sync_runs)
+        .values(
+            cycle_id=cycle_id,
+            audience_id=audience_id,
+            mode=mode,
+            status="running",
+            started_at=now,
+        )
+        .returning(sync_runs.c.id)
+    ).scalar_one()
+    return run_id
+
+
+def update_run(conn: Connection, run_id: int, **values: Any) -> None:
+    conn.execute(sa.update(sync_runs).where(sync_runs.c.id == run_id).values(**values))
+
+
+def finish_run(
+    conn: Connection, run_id: int, status: str, *, error: str | None, now: datetime
+) -> dict[str, Any]:
+    """Close a run, counting what is still pending for its audience; returns the run's row.
+
+    A run that would succeed but leaves changes (or events) pending or parked is recorded
+    as ``partial``.
+    """
+    audience_id = conn.execute(
+        sa.select(sync_runs.c.audience_id).where(sync_runs.c.id == run_id)
+    ).scalar_one()
+    counts = conn.execute(
+        sa.select(
+            sa.func.count().filter(DELIVERABLE),
+            sa.func.count().filter(memberships.c.parked_at.is_not(None), memberships.c.pending),
+            sa.func.count().filter(memberships.c.unknown == sa.true()),
+        ).where(memberships.c.audience_id == audience_id)
+    ).one()
+    pending, parked, unknown = (int(n or 0) for n in counts)
+    events_owed = sum(events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0)))
+    if status == "succeeded" and (pending or parked or events_owed):
+        status = "partial"
+    conn.execute(
+        sa.update(sync_runs)
+        .where(sync_runs.c.id == run_id)
+        .values(
+            status=status,
+            error=error,
+            finished_at=now,
+            pending_after=pending,
+            parked_after=parked,
+            unknown_after=unknown,
+        )
+    )
+    return dict(conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id)).one()._mapping)
+
+
+def mark_interrupted(conn: Connection, *, now: datetime) -> int:
+    """Close runs a killed process left open; their unacknowledged changes are still pending.
+
+    Only safe under the writer lease: any run still open then belongs to a dead process.
+    """
+    return conn.execute(
+        sa.update(sync_runs)
+        .where(sync_runs.c.status == "running")
+        .values(status="interrupted", finished_at=now, error="the process stopped mid-run")
+    ).rowcount
