@@ -75,7 +75,7 @@ async def _check_token(config: Config, token: Secret) -> None:
 STATUS_COLUMNS = (
     "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
     "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
-    "fields_pending",
+    "fields_pending", "field_warnings", "field_conflicts",
 )  # fmt: skip
 
 
@@ -138,6 +138,8 @@ def _status_row(row: store.AudienceStatus, configured: set[str]) -> tuple[object
         row.events_parked,
         row.kind,
         row.fields_pending,
+        last.get("field_warnings"),  # of the last run, as entered, left and sent are
+        last.get("field_conflicts"),
     )
 
 

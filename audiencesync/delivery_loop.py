@@ -15,10 +15,18 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from audiencesync.backoff import Backoff
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import Config
-from audiencesync.errors import GleapAuthError, GleapUnavailableError, LeaseLostError, brief
+from audiencesync.errors import (
+    AudienceSyncError,
+    GleapAuthError,
+    GleapUnavailableError,
+    LeaseLostError,
+    brief,
+)
 from audiencesync.forget_requests import ForgetDesk
 from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
@@ -159,16 +167,25 @@ class DeliveryLoop:
                 run = self._open.get(audience_id) or runs[audience_id]
             return run.run_id
 
-        return asyncio.run(
-            deliverer.drain(
-                list(runs),
-                keys,
-                run_id,
-                stop=self.halt,
-                grace_seconds=self.config.schedule.shutdown_grace_seconds,
-                new_work=self.wake,
+        try:
+            return asyncio.run(
+                deliverer.drain(
+                    list(runs),
+                    keys,
+                    run_id,
+                    stop=self.halt,
+                    grace_seconds=self.config.schedule.shutdown_grace_seconds,
+                    new_work=self.wake,
+                )
             )
-        )
+        finally:
+            # The pass's field conflicts, into the runs open for their (losing) audiences.
+            conflicts = {run_id(a): deliverer.conflicts[key] for a, key in keys.items()}
+            try:
+                self.store.add_field_conflicts(conflicts)
+            except (AudienceSyncError, SQLAlchemyError) as exc:
+                # Only a count: the pass's own outcome (or error) is what matters.
+                log.warning("could not count the field conflicts of a delivery pass: %s", exc)
 
     def _observe(self, outcomes: Sequence[Outcome]) -> None:
         self.metrics.outcomes(outcomes)

@@ -151,6 +151,18 @@ class _StoreCollector(Collector):
             "When the audience was last refreshed successfully (Unix time).",
             labels=["audience"],
         )
+        last_run = {
+            "field_warnings": GaugeMetricFamily(
+                "audiencesync_last_run_field_warnings",
+                "Contact fields the audience's last run skipped for a value of the wrong type.",
+                labels=["audience"],
+            ),
+            "field_conflicts": GaugeMetricFamily(
+                "audiencesync_last_run_field_conflicts",
+                "Fields the audience's last run sent with the value of an audience listed before it.",
+                labels=["audience"],
+            ),
+        }
         kinds = GaugeMetricFamily(
             "audiencesync_property_info",
             "1 per synced key: whether it is an audience or a trait (the other gauges' audience label).",
@@ -169,7 +181,11 @@ class _StoreCollector(Collector):
             oldest.add_metric([row.key], max(0.0, age))
             if row.refreshed_at is not None:
                 last_success.add_metric([row.key], row.refreshed_at.timestamp())
+            for name, gauge in last_run.items():
+                if row.last_run is not None and row.kind == "audience":
+                    gauge.add_metric([row.key], row.last_run.get(name) or 0)
         yield from gauges.values()
+        yield from last_run.values()
         yield oldest
         yield last_success
         yield kinds
