@@ -75,6 +75,7 @@ async def _check_token(config: Config, token: Secret) -> None:
 STATUS_COLUMNS = (
     "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
     "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
+    "fields_pending", "field_warnings", "field_conflicts",
 )  # fmt: skip
 
 
@@ -136,6 +137,9 @@ def _status_row(row: store.AudienceStatus, configured: set[str]) -> tuple[object
         row.events_pending,
         row.events_parked,
         row.kind,
+        row.fields_pending,
+        last.get("field_warnings"),  # of the last run, as entered, left and sent are
+        last.get("field_conflicts"),
     )
 
 
@@ -154,6 +158,7 @@ def _status_json(
                 "unknown": row.unknown,
                 "events_pending": row.events_pending,
                 "events_failed": row.events_parked,
+                "fields_pending": row.fields_pending,
                 "oldest_pending_at": row.oldest_pending_at,
                 "oldest_pending_age_seconds": _age_seconds(row.oldest_pending_at),
                 "refreshed_at": row.refreshed_at,

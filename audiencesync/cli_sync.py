@@ -277,6 +277,7 @@ def _call_rows(calls: Iterable[PlannedCall | PlannedTrack]) -> Iterator[tuple[ob
 SUMMARY_COLUMNS = (
     "audience", "result", "mode", "members", "entered", "left", "sent", "failed",
     "pending", "parked", "unknown", "skipped", "events_sent", "events_pending", "changed", "kind",
+    "field_warnings", "field_conflicts",
 )  # fmt: skip
 
 
@@ -311,6 +312,8 @@ def print_summary(
             a.events_pending,
             a.changed,  # members with a new value (a trait's); last, so a narrow table keeps the rest
             a.kind,
+            a.field_warnings,  # contact fields skipped for a wrong-typed value
+            a.field_conflicts,  # fields sent with an earlier audience's value
         )
         for a in report.audiences
     )

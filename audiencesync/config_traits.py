@@ -42,13 +42,13 @@ def trait_configs(
 
 
 def _missing(entry: Table) -> str | None:
-    """The configured ``missing`` value as canonical JSON (values.trait_value: a TOML
+    """The configured ``missing`` value as canonical JSON (values.canonical: a TOML
     datetime is a timestamp), or None when unset."""
     raw = entry.take_raw("missing")
     if raw is None:
         return None
     try:
-        return values.encode(values.trait_value(raw))
+        return values.encode(values.canonical(raw))
     except values.UnsupportedValue:
         raise entry.error(
             f"a {type(raw).__name__} can't be a trait's value",

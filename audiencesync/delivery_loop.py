@@ -13,12 +13,21 @@ import asyncio
 import logging
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from audiencesync.backoff import Backoff
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import Config
-from audiencesync.errors import GleapAuthError, GleapUnavailableError, LeaseLostError, brief
+from audiencesync.errors import (
+    AudienceSyncError,
+    GleapAuthError,
+    GleapUnavailableError,
+    LeaseLostError,
+    brief,
+)
 from audiencesync.forget_requests import ForgetDesk
 from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
@@ -148,6 +157,7 @@ class DeliveryLoop:
         deliverer = self.syncer.deliverer()
         deliverer.observe = self._observe
         deliverer.events.on_acknowledged = self.progress.acknowledged
+        deliverer.events.on_answer = self.metrics.track
         if self.outage.open:
             # The first pass after an outage is the probe: one more failure opens it again.
             deliverer.breaker = CircuitBreaker.probing()
@@ -162,16 +172,28 @@ class DeliveryLoop:
                 run = self._open.get(owner) or runs[owner]
             return run.run_id
 
-        return asyncio.run(
-            deliverer.drain(
-                [*runs, *owners],
-                keys,
-                run_id,
-                stop=self.halt,
-                grace_seconds=self.config.schedule.shutdown_grace_seconds,
-                new_work=self.wake,
+        try:
+            return asyncio.run(
+                deliverer.drain(
+                    [*runs, *owners],
+                    keys,
+                    run_id,
+                    stop=self.halt,
+                    grace_seconds=self.config.schedule.shutdown_grace_seconds,
+                    new_work=self.wake,
+                )
             )
-        )
+        finally:
+            # The pass's field conflicts, into the runs open for their (losing) audiences.
+            # Summed: a renamed property's old keys share its run.
+            conflicts: Counter[int] = Counter()
+            for audience_id, key in keys.items():
+                conflicts[run_id(audience_id)] += deliverer.conflicts[key]
+            try:
+                self.store.add_field_conflicts(conflicts)
+            except (AudienceSyncError, SQLAlchemyError) as exc:
+                # Only a count: the pass's own outcome (or error) is what matters.
+                log.warning("could not count the field conflicts of a delivery pass: %s", exc)
 
     def _observe(self, outcomes: Sequence[Outcome]) -> None:
         self.metrics.outcomes(outcomes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 
@@ -108,13 +109,16 @@ class DryRun:
                             conn, table, rank=rank, key=config.key, audience_id=_audience_id(conn, config.key)
                         )
                 size = self.config.gleap.track_batch_size
-                identify = counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS))
+                conflicts: Counter[str] = Counter()  # per losing audience, as the delivery counts them
+                identify = counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))
                 planned_tracks = tracks(report, plan_events.planned_events(conn, event_table), size)
                 calls: Iterator[PlannedCall | PlannedTrack] = itertools.chain(identify, planned_tracks)
                 if show is not None:
                     show(calls)
                 for _ in calls:  # what show left unread still counts
                     pass
+                for audience_report in report.audiences:
+                    audience_report.field_conflicts = conflicts[audience_report.key]
                 plan.drop_plan(conn, table)
                 plan.drop_plan(conn, event_table)
         finally:

@@ -22,19 +22,20 @@ Decisions (the README's Configuration reference says the same):
 - Timestamps go out as ISO 8601 UTC with milliseconds and ``Z``; a naive
   time or a date means UTC, as everywhere in audiencesync.
 - Numbers never flap between cycles or drivers: an integral value becomes an
-  int (10.0, Decimal("10.00") -> 10), any other a float.
+  int (10.0, Decimal("10.00") -> 10), any other a float. Numbers and
+  timestamps are canonicalised by ``values`` (``number``, ``timestamp``,
+  ``canonical``), as traits' values are.
 """
 
 from __future__ import annotations
 
 import decimal
-import math
 import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import datetime
 from typing import Any
 
 from audiencesync import values
@@ -76,7 +77,7 @@ NOT_NUMBER = "not a number"
 NOT_TIMESTAMP = "not a timestamp"
 NOT_CUSTOM = "not a string, number, boolean or timestamp"
 
-JSONScalar = str | int | float | bool
+JSONScalar = values.JSONScalar
 Fields = dict[str, Any]
 
 
@@ -95,7 +96,7 @@ def reserved_names(property_keys: Collection[str] = ()) -> frozenset[str]:
 
 
 def iso_utc(value: object) -> str | None:
-    """A timestamp as ISO 8601 UTC with milliseconds and Z, or None when it is not one.
+    """A timestamp as ISO 8601 UTC with milliseconds and Z (``values.timestamp``), or None when it is not one.
 
     Takes datetimes (naive means UTC), dates (midnight UTC) and ISO 8601 text
     (``2026-11-01``, ``2026-11-01 12:00:00``, ``...T12:00:00+02:00``, ``...Z``).
@@ -106,36 +107,7 @@ def iso_utc(value: object) -> str | None:
             value = datetime.fromisoformat(value.strip())
         except ValueError:
             return None
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, date):
-        moment = datetime(value.year, value.month, value.day)
-    else:
-        return None
-    try:
-        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    except (OverflowError, ValueError):  # a year-1 time with a positive offset
-        return None
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
-
-
-def number(value: object) -> int | float | None:
-    """A JSON number that is the same every cycle, whatever the driver's type; None when not a number."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        return int(value) if value.is_integer() and abs(value) < 2**53 else value
-    if isinstance(value, decimal.Decimal):
-        if not value.is_finite():
-            return None
-        if value == value.to_integral_value():
-            return int(value)
-        return float(value)
-    return None
+    return values.timestamp(value)
 
 
 def text(value: object) -> str | None:
@@ -145,22 +117,18 @@ def text(value: object) -> str | None:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, int | float | decimal.Decimal) and not isinstance(value, bool):
-        n = number(value)
+        n = values.number(value)
         return str(n) if isinstance(n, int) else None
     return None
 
 
 def custom_value(value: object) -> JSONScalar | None:
-    """A custom attribute's value: a string, number or boolean (timestamps as ISO text)."""
-    if isinstance(value, bool | str):
-        return value
-    if isinstance(value, int | float | decimal.Decimal):
-        return number(value)
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, date):  # datetimes too
-        return iso_utc(value)
-    return None
+    """A custom attribute's value: a string, number or boolean (timestamps as ISO text), as a
+    trait's value is (``values.canonical``); None when no attribute can hold it."""
+    try:
+        return values.canonical(value)
+    except values.UnsupportedValue:
+        return None
 
 
 # --- what a read saw ---------------------------------------------------------------
@@ -275,7 +243,7 @@ class FieldMapper:
         lang = take("lang", text, NOT_TEXT)
         if lang is not None and lang.strip():
             out["lang"] = lang.strip().lower()
-        value = take("value", number, NOT_NUMBER)
+        value = take("value", values.number, NOT_NUMBER)
         if value is not None:
             out["value"] = value
         for column in _TIMES:

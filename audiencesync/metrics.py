@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from audiencesync.gleap import Answer
 from audiencesync.prune import PruneRecord
 from audiencesync.store import AudienceStatus, Clock, Outcome, utc_now
 
@@ -46,9 +47,25 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
-        self.retries = Counter("audiencesync_retries", "Retried identify attempts.", registry=self.registry)
+        self.track_calls = Counter(
+            "audiencesync_track_calls",
+            "Track calls (event batches) answered by Gleap, by HTTP status (0: no answer).",
+            ["status"],
+            registry=self.registry,
+        )
+        self.track_events = Counter(
+            "audiencesync_track_events",
+            "Audience Entered/Exited events carried by the track calls answered, by HTTP status.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "audiencesync_retries", "Retried identify and track attempts.", registry=self.registry
+        )
         self.rate_limited = Counter(
-            "audiencesync_rate_limited", "Identify attempts Gleap answered 429.", registry=self.registry
+            "audiencesync_rate_limited",
+            "Identify and track attempts Gleap answered 429.",
+            registry=self.registry,
         )
         self.cycle_duration = Histogram(
             "audiencesync_cycle_duration_seconds",
@@ -77,6 +94,13 @@ class Metrics:
             self.retries.inc(outcome.retries)
             self.rate_limited.inc(outcome.rate_limited)
 
+    def track(self, answer: Answer, events: int) -> None:
+        """One track call's answer (a batch refused whole, then split, counts each request)."""
+        self.track_calls.labels(str(answer.status)).inc()
+        self.track_events.labels(str(answer.status)).inc(events)
+        self.retries.inc(answer.retries)
+        self.rate_limited.inc(answer.rate_limited)
+
 
 class _StoreCollector(Collector):
     def __init__(self, status: Callable[[], Sequence[AudienceStatus]], clock: Clock) -> None:
@@ -101,6 +125,21 @@ class _StoreCollector(Collector):
                 "Changes whose last call got no verdict (pending until one comes).",
                 labels=["audience"],
             ),
+            "fields_pending": GaugeMetricFamily(
+                "audiencesync_pending_field_changes",
+                "Members owed a call because Gleap has not acknowledged their contact fields.",
+                labels=["audience"],
+            ),
+            "events_pending": GaugeMetricFamily(
+                "audiencesync_pending_events",
+                "Audience Entered/Exited events owed to Gleap (not parked).",
+                labels=["audience"],
+            ),
+            "events_parked": GaugeMetricFamily(
+                "audiencesync_failed_events",
+                "Audience Entered/Exited events parked after repeated rejections.",
+                labels=["audience"],
+            ),
         }
         oldest = GaugeMetricFamily(
             "audiencesync_oldest_pending_change_age_seconds",
@@ -112,6 +151,18 @@ class _StoreCollector(Collector):
             "When the audience was last refreshed successfully (Unix time).",
             labels=["audience"],
         )
+        last_run = {
+            "field_warnings": GaugeMetricFamily(
+                "audiencesync_last_run_field_warnings",
+                "Contact fields the audience's last run skipped for a value of the wrong type.",
+                labels=["audience"],
+            ),
+            "field_conflicts": GaugeMetricFamily(
+                "audiencesync_last_run_field_conflicts",
+                "Fields the audience's last run sent with the value of an audience listed before it.",
+                labels=["audience"],
+            ),
+        }
         kinds = GaugeMetricFamily(
             "audiencesync_property_info",
             "1 per synced key: whether it is an audience or a trait (the other gauges' audience label).",
@@ -123,11 +174,18 @@ class _StoreCollector(Collector):
             gauges["pending"].add_metric([row.key], row.pending)
             gauges["parked"].add_metric([row.key], row.parked)
             gauges["unknown"].add_metric([row.key], row.unknown)
+            gauges["fields_pending"].add_metric([row.key], row.fields_pending)
+            gauges["events_pending"].add_metric([row.key], row.events_pending)
+            gauges["events_parked"].add_metric([row.key], row.events_parked)
             age = (now - row.oldest_pending_at).total_seconds() if row.oldest_pending_at else 0.0
             oldest.add_metric([row.key], max(0.0, age))
             if row.refreshed_at is not None:
                 last_success.add_metric([row.key], row.refreshed_at.timestamp())
+            for name, gauge in last_run.items():
+                if row.last_run is not None and row.kind == "audience":
+                    gauge.add_metric([row.key], row.last_run.get(name) or 0)
         yield from gauges.values()
+        yield from last_run.values()
         yield oldest
         yield last_success
         yield kinds

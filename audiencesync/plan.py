@@ -14,6 +14,7 @@ waiting out their backoff are not, unless the value changes.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from itertools import groupby
@@ -282,9 +283,13 @@ def add_rekeyed(conn: Connection, plan: str, *, key: str, audience_id: int, trai
     )
 
 
-def planned_calls(conn: Connection, plan: str, max_keys: int) -> Iterator[tuple[str, dict[str, Any]]]:
+def planned_calls(
+    conn: Connection, plan: str, max_keys: int, conflicts: Counter[str] | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(user id, attributes) per call, built as the delivery builds them (``identify_calls``):
     a user's planned values with their winning fields, at most ``max_keys`` custom keys a call.
+    ``conflicts`` counts, per losing audience key, the fields that would go out with another
+    audience's value, as the delivery counts them.
 
     The plan and the members' fields are both streamed in user order and walked
     side by side, so the plan is never held in memory.
@@ -316,7 +321,9 @@ def planned_calls(conn: Connection, plan: str, max_keys: int) -> Iterator[tuple[
             acked = values.decode(acked_data)
             if isinstance(acked, dict):
                 gave[number] = frozenset(acked)
-        made, _ = user_calls(changes, keys, fields, gave, max_keys)
+        made, lost = user_calls(changes, keys, fields, gave, max_keys)
+        if conflicts is not None:
+            conflicts.update(conflict.loser for conflict in lost)
         for call in made:
             yield user_id, call.attributes
 

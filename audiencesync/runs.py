@@ -37,6 +37,18 @@ def update_run(conn: Connection, run_id: int, **values: Any) -> None:
     conn.execute(sa.update(sync_runs).where(sync_runs.c.id == run_id).values(**values))
 
 
+def add_field_conflicts(conn: Connection, counts: dict[int, int]) -> None:
+    """Add to each run the fields its delivery sent with an earlier audience's value (run id -> n):
+    the daemon's delivery passes add theirs as they go."""
+    for run_id, count in counts.items():
+        if count:
+            conn.execute(
+                sa.update(sync_runs)
+                .where(sync_runs.c.id == run_id)
+                .values(field_conflicts=sync_runs.c.field_conflicts + count)
+            )
+
+
 def finish_run(
     conn: Connection, run_id: int, status: str, *, error: str | None, now: datetime
 ) -> dict[str, Any]:

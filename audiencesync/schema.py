@@ -201,6 +201,9 @@ sync_runs = sa.Table(
     # Audience Entered / Exited events this run delivered (2xx), and that failed.
     sa.Column("events_sent", sa.Integer, nullable=False, server_default="0"),
     sa.Column("events_failed", sa.Integer, nullable=False, server_default="0"),
+    # Contact fields its read skipped (wrong type), and its delivery sent with an earlier audience's value.
+    sa.Column("field_warnings", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("field_conflicts", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_sync_runs_audience_id_started_at", "audience_id", "started_at"),
 )
 

@@ -81,6 +81,10 @@ run_history_view = sa.table(
             "pending_after",
             "parked_after",
             "unknown_after",
+            "events_sent",
+            "events_failed",
+            "field_warnings",
+            "field_conflicts",
         )
     ),
     sa.column("error", sa.Text),

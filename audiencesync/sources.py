@@ -92,7 +92,7 @@ ValueReader = Callable[[list[str]], RowValue]
 
 
 def trait_values(columns: list[str]) -> RowValue:
-    """A trait's query gives its value in the column ``value`` (values.trait_value)."""
+    """A trait's query gives its value in the column ``value`` (values.canonical)."""
     if "value" not in columns:
         raise ValueError(
             f"the query returned the columns {columns} but no 'value'. "
@@ -102,7 +102,7 @@ def trait_values(columns: list[str]) -> RowValue:
 
     def value_of(row: Sequence[Any]) -> str | None:
         raw = row[index]
-        return None if raw is None else values.encode(values.trait_value(raw))
+        return None if raw is None else values.encode(values.canonical(raw))
 
     return value_of
 

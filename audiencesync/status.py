@@ -1,7 +1,7 @@
 """What `status`, `failures` and /metrics read: per-audience counts, the last run, parked changes.
 
-One definition of each count (pending, parked, unknown) serves the command
-line, the metrics and the sync summary, so they always agree.
+One definition of each count (pending, parked, unknown, fields pending) serves
+the command line, the metrics and the sync summary, so they always agree.
 """
 
 from __future__ import annotations
@@ -15,6 +15,16 @@ from sqlalchemy import Connection
 
 from audiencesync.events import counts_by_audience
 from audiencesync.schema import DELIVERABLE, audiences, events, memberships, sync_runs
+
+# A member whose pending change carries contact fields Gleap has not acknowledged: they
+# entered with fields, or their fields changed (a row's value is its fields, acked_value
+# the fields of the last 2xx).
+FIELDS_OWED = sa.and_(
+    DELIVERABLE,
+    memberships.c.desired == sa.true(),
+    memberships.c.value.is_not(None),
+    memberships.c.value.is_distinct_from(memberships.c.acked_value),
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class AudienceStatus:
     events_pending: int = 0  # Audience Entered/Exited events owed to Gleap, not parked
     events_parked: int = 0
     kind: str = "audience"  # audience | trait (members: users with a value)
+    fields_pending: int = 0  # members owed a call because Gleap doesn't have their contact fields yet
 
 
 def parked_changes(conn: Connection, audience_key: str | None = None) -> list[ParkedChange]:
@@ -100,6 +111,7 @@ def audience_status(conn: Connection) -> list[AudienceStatus]:
             .label("parked"),
             sa.func.count().filter(memberships.c.unknown == sa.true()).label("unknown"),
             sa.func.min(memberships.c.changed_at).filter(DELIVERABLE).label("oldest_pending_at"),
+            sa.func.count().filter(FIELDS_OWED).label("fields_pending"),
         )
         .group_by(memberships.c.audience_id)
         .subquery()
@@ -116,6 +128,7 @@ def audience_status(conn: Connection) -> list[AudienceStatus]:
             sa.func.coalesce(counts.c.pending, 0).label("pending"),
             sa.func.coalesce(counts.c.parked, 0).label("parked"),
             sa.func.coalesce(counts.c.unknown, 0).label("unknown"),
+            sa.func.coalesce(counts.c.fields_pending, 0).label("fields_pending"),
             counts.c.oldest_pending_at,
             last_ids.c.run_id,
         )
@@ -144,6 +157,8 @@ def audience_status(conn: Connection) -> list[AudienceStatus]:
             events_pending=event_counts.get(r.id, (0, 0))[0],
             events_parked=event_counts.get(r.id, (0, 0))[1],
             kind=r.kind,
+            # A trait's value is not contact fields (its rows hold values too).
+            fields_pending=r.fields_pending if r.kind == "audience" else 0,
         )
         for r in rows
     ]

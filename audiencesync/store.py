@@ -128,6 +128,12 @@ class Store:
         with self._write() as conn:
             runs.update_run(conn, run_id, **values)
 
+    def add_field_conflicts(self, counts: dict[int, int]) -> None:
+        """Count fields sent with an earlier audience's value into their runs (run id -> n)."""
+        if any(counts.values()):
+            with self._write() as conn:
+                runs.add_field_conflicts(conn, counts)
+
     def finish_run(self, run_id: int, status: str, *, error: str | None = None) -> dict[str, Any]:
         """Close a run; returns its row, ``partial`` when it left changes owed (see ``runs``)."""
         with self._write() as conn:

@@ -152,9 +152,11 @@ class Syncer:
                 )
             except (GleapAuthError, GleapUnavailableError) as exc:
                 report.aborted = exc
+            # Conflicts are counted per losing audience as calls go out; the run keeps its own.
+            self.store.add_field_conflicts(
+                {run.run_id: deliverer.conflicts[run.audience.key] for run in runs}
+            )
             self._finish(self.store, runs, report)
-            for run in runs:
-                run.report.field_conflicts = deliverer.conflicts[run.audience.key]
         for run in runs:
             log.info("%s", run.report.summary())
         return report
@@ -212,6 +214,7 @@ class Syncer:
             source_rows=stats.rows,
             skipped_rows=stats.skipped,
             duplicate_rows=run.report.duplicate_rows,
+            field_warnings=run.report.field_warnings,
         )
         return run
 
@@ -271,6 +274,7 @@ class Syncer:
         run.report.sent = row["sent"]
         run.report.status = row["status"]
         run.report.events_sent = row["events_sent"]
+        run.report.field_conflicts = row["field_conflicts"]
         run.report.events_pending, run.report.events_parked = store.event_counts(run.audience.id)
 
     def _finish(self, store: Store, runs: list[Run], report: CycleReport) -> None:

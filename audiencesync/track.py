@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from audiencesync import failpoints
 from audiencesync.errors import GleapAuthError
 from audiencesync.events import DueEvent, EventOutcome, Outbox
-from audiencesync.gleap import GleapClient, track_event
+from audiencesync.gleap import Answer, GleapClient, track_event
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class EventSender:
         self.backoff = backoff
         # Told of every acknowledged batch (the daemon's stall detection counts them as progress).
         self.on_acknowledged: Callable[[], None] | None = None
+        # Told of every answer to a track call, with the number of events it carried (/metrics).
+        self.on_answer: Callable[[Answer, int], None] | None = None
 
     async def send_due(
         self,
@@ -140,6 +142,8 @@ class EventSender:
             recorded.update(event.id for event in batch)
             return [], 0
         answer = await client.track([event_body(event) for event in batch])
+        if self.on_answer is not None:
+            self.on_answer(answer, len(batch))
         sent = max(len(answer.tries), 1)
         sends = sends_before + sent
         if answer.permanent and answer.status in SPLIT_STATUSES and len(batch) > 1:

@@ -69,6 +69,7 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
     assert list(row) == [
         "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
         "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
+        "fields_pending", "field_warnings", "field_conflicts",
     ]  # fmt: skip
     assert (row["audience"], row["members"], row["pending"], row["failed"], row["unknown"]) == (
         "segment_a", "2", "0", "1", "0"
@@ -85,6 +86,7 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
         **{k: v for k, v in row.items() if k not in ("members", "pending", "failed", "unknown")},
         "members": 2, "pending": 0, "failed": 1, "unknown": 0, "oldest_pending": None, "next_run": None,
         "entered": 2, "left": 0, "sent": 1, "configured": True, "events_pending": 0, "events_failed": 0,
+        "fields_pending": 0, "field_warnings": 0, "field_conflicts": 0,
     }  # fmt: skip
 
     # json keeps its own shape: the audiences and the lease in one object.

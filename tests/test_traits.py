@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-from datetime import UTC, date, datetime, timedelta, timezone
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod, values
+from audiencesync import store as store_mod
 from audiencesync.config import Config
 from audiencesync.errors import ConfigError
 from audiencesync.gleap import identify_body
@@ -61,33 +60,7 @@ def trait_config(make_config: ConfigFactory, gleap: GleapStandIn, extra: str = "
 # --- values -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("raw", "sent"),
-    [
-        (10, 10),
-        (10.0, 10),
-        (Decimal("10"), 10),
-        (Decimal("10.00"), 10),
-        (Decimal("10.50"), 10.5),
-        (10.5, 10.5),
-        (True, True),
-        ("pro", "pro"),
-        ("2026-12-01T10:00:00+02:00", "2026-12-01T10:00:00+02:00"),  # text stays text
-        (datetime(2026, 12, 1, 10, 0, tzinfo=timezone(timedelta(hours=2))), "2026-12-01T08:00:00.000Z"),
-        (datetime(2026, 12, 1, 8, 0, 0, 123456), "2026-12-01T08:00:00.123Z"),  # naive: UTC
-        (date(2026, 12, 1), "2026-12-01T00:00:00.000Z"),
-    ],
-)
-def test_trait_values_have_one_form_whatever_the_driver_gave(raw: object, sent: object) -> None:
-    assert values.trait_value(raw) == sent
-    assert type(values.trait_value(raw)) is type(sent)
-    assert values.decode(values.encode(values.trait_value(raw))) == sent
-
-
-@pytest.mark.parametrize("raw", [b"x", {"a": 1}, [1], float("nan"), float("inf"), Decimal("NaN")])
-def test_values_no_attribute_can_hold_are_refused(raw: object) -> None:
-    with pytest.raises(values.UnsupportedValue):
-        values.trait_value(raw)
+# The values' one form (values.canonical) is tested in tests/test_values.py.
 
 
 # --- config ---------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""/metrics and `status` beside traits, contact fields and events: counters and gauges, on both stores."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from audiencesync import store as store_mod
+from audiencesync.config import Config
+from audiencesync.metrics import Metrics
+from audiencesync.store import Store
+from audiencesync.sync import Syncer
+from tests.conftest import ConfigFactory, SourceDB
+from tests.gleap_standin import GleapStandIn
+from tests.test_contact_fields import audience, people
+from tests.test_daemon import SCHEDULE, SYNC, wait_for
+from tests.test_daemon_hardening import InProcess
+from tests.test_traits import set_trait
+
+WITH_EVENTS = (
+    audience("Paying", "user_id, email, plan").replace("segment = 'a'\"", "segment = 'a'\"\nevents = true")
+    + """
+[[traits]]
+name = "Tier"
+source = "main"
+query = "SELECT user_id, value FROM traits WHERE name = 'plan'"
+"""
+)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def refresh_all(config: Config) -> Store:
+    """A refresh of every property, no delivery: what a cycle owes Gleap before its calls go out."""
+    store = Store(store_mod.engine_for(config.store))
+    syncer = Syncer(config, store)
+    try:
+        for prop in config.properties:
+            run = syncer.refresh(prop, "cycle-1")
+            syncer.finish(run)
+    finally:
+        syncer.sources.dispose()
+    return store
+
+
+def test_gauges_count_fields_events_and_traits_pending(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    people(
+        source,
+        [
+            {"user_id": "u1", "email": "a@x.io", "plan": "pro"},
+            {"user_id": "u2", "email": "b@x.io"},
+            {"user_id": "u3"},  # a member without fields
+        ],
+    )
+    set_trait(source, {"u1": 10, "u2": "gold"})
+    config = make_config(gleap.base_url, audiences=WITH_EVENTS)
+    store = refresh_all(config)
+    try:
+        metrics = Metrics(store.status)
+        assert sample(metrics, "audiencesync_pending_changes", audience="paying") == 3
+        assert sample(metrics, "audiencesync_pending_field_changes", audience="paying") == 2
+        assert sample(metrics, "audiencesync_pending_events", audience="paying") == 3
+        assert sample(metrics, "audiencesync_failed_events", audience="paying") == 0
+        # A trait is a property like an audience: its pending values have the same gauges, and its kind.
+        assert sample(metrics, "audiencesync_property_info", audience="tier", kind="trait") == 1
+        assert sample(metrics, "audiencesync_property_info", audience="paying", kind="audience") == 1
+        assert sample(metrics, "audiencesync_pending_changes", audience="tier") == 2
+        assert sample(metrics, "audiencesync_members", audience="tier") == 2
+        assert (
+            sample(metrics, "audiencesync_pending_field_changes", audience="tier") == 0
+        )  # values, not fields
+        by_key = {row.key: row for row in store.status()}
+        assert (by_key["paying"].fields_pending, by_key["tier"].fields_pending) == (2, 0)
+    finally:
+        store.engine.dispose()
+
+
+def test_a_field_change_is_pending_until_acknowledged_and_a_leaver_owes_no_fields(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    rows = [{"user_id": f"u{i}", "email": f"{i}@x.io", "plan": "free"} for i in range(4)]
+    people(source, rows)
+    config = make_config(gleap.base_url, audiences=audience("Paying", "user_id, email, plan"))
+    from tests.test_sync import cycle
+
+    cycle(config)  # everything acknowledged
+    rows[0]["plan"] = "pro"  # u0's fields change, u3 leaves
+    people(source, rows[:3])
+    store = refresh_all(config)
+    try:
+        (row,) = store.status()
+        assert (row.pending, row.fields_pending) == (2, 1)
+        assert sample(Metrics(store.status), "audiencesync_pending_field_changes", audience="paying") == 1
+    finally:
+        store.engine.dispose()
+    cycle(config)
+    store = Store(store_mod.engine_for(config.store))
+    try:
+        (row,) = store.status()
+        assert (row.pending, row.fields_pending) == (0, 0)
+    finally:
+        store.engine.dispose()
+
+
+def test_the_daemon_counts_track_calls_beside_identify_calls(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    people(source, [{"user_id": f"u{i}", "email": f"{i}@x.io"} for i in range(5)])
+    set_trait(source, {"u1": 1})
+    config = make_config(gleap.base_url, audiences=WITH_EVENTS, sync=SYNC, extra=SCHEDULE)
+    gleap.fail_track_next(1, 503)  # one retried track attempt
+    with InProcess(config) as running:
+        metrics = running.core.metrics
+        wait_for(lambda: len(gleap.events) == 5, what="the five entries posted")
+        wait_for(
+            lambda: sample(metrics, "audiencesync_track_events_total", status="200") == 5,
+            what="the track call counted",
+        )
+        assert sample(metrics, "audiencesync_track_calls_total", status="200") == 1
+        assert sample(metrics, "audiencesync_identify_calls_total", status="200") == 5
+        assert (sample(metrics, "audiencesync_retries_total") or 0) >= 1
+        assert sample(metrics, "audiencesync_pending_events", audience="paying") == 0
+    engine = sa.create_engine(config.store.url)
+    try:
+        with engine.connect() as conn:
+            acked = conn.execute(sa.text("SELECT count(*) FROM events WHERE acked_at IS NOT NULL")).scalar()
+        assert acked == 5
+    finally:
+        engine.dispose()
