@@ -180,21 +180,7 @@ def apply_stage(
             ),
             params,
         )
-    # Rows that are neither members nor owed to Gleap hold nothing worth keeping:
-    # the change log keeps their history.
-    conn.execute(
-        text("DELETE FROM memberships WHERE audience_id = :a AND desired = false AND pending = false"),
-        params,
-    )
-    if full:
-        # The admin asked for everything now: backoffs end too (parked changes stay parked).
-        conn.execute(
-            text(
-                "UPDATE memberships SET resend = true, failures = 0, next_attempt_at = NULL "
-                "WHERE audience_id = :a AND desired = true"
-            ),
-            params,
-        )
+    _settle(conn, params, full=full)
     return DiffCounts(members=members, entered=entered, left=left)
 
 
@@ -271,11 +257,20 @@ def _apply_values(
             ),
             params,
         )
+    _settle(conn, params, full=full)
+    return DiffCounts(members=members, entered=entered, left=left, changed=changed)
+
+
+def _settle(conn: Connection, params: dict[str, object], *, full: bool) -> None:
+    """After either diff: drop the rows that hold nothing, and with ``full`` owe every member again."""
+    # Rows that are neither members nor owed to Gleap hold nothing worth keeping:
+    # the change log keeps their history.
     conn.execute(
         text("DELETE FROM memberships WHERE audience_id = :a AND desired = false AND pending = false"),
         params,
     )
     if full:
+        # The admin asked for everything now: backoffs end too (parked changes stay parked).
         conn.execute(
             text(
                 "UPDATE memberships SET resend = true, failures = 0, next_attempt_at = NULL "
@@ -283,4 +278,3 @@ def _apply_values(
             ),
             params,
         )
-    return DiffCounts(members=members, entered=entered, left=left, changed=changed)

@@ -15,7 +15,7 @@ per-event backoff after every failure.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,7 +24,14 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from audiencesync.backoff import doubling
-from audiencesync.schema import UtcDateTime, audiences, events, memberships, sync_runs, write_connection
+from audiencesync.schema import (
+    UtcDateTime,
+    audiences,
+    events,
+    fenced_write,
+    memberships,
+    sync_runs,
+)
 
 Clock = Callable[[], datetime]
 
@@ -191,12 +198,8 @@ class Outbox:
         self.clock = clock
         self.fence = fence
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with write_connection(self.engine) as conn, conn.begin():
-            if self.fence is not None:
-                self.fence(conn)
-            yield conn
+    def _write(self) -> contextlib.AbstractContextManager[Connection]:
+        return fenced_write(self.engine, self.fence)
 
     def due(self, audience_ids: Sequence[int], after: int, limit: int) -> list[DueEvent]:
         with self.engine.connect() as conn, conn.begin():

@@ -7,6 +7,8 @@ the two agree.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +26,15 @@ def write_connection(engine: sa.Engine) -> sa.Connection:
     deferred, so readers never take the lock. No effect on PostgreSQL.
     """
     return engine.connect().execution_options(sqlite_begin="IMMEDIATE")
+
+
+@contextlib.contextmanager
+def fenced_write(engine: sa.Engine, fence: Callable[[sa.Connection], None] | None) -> Iterator[sa.Connection]:
+    """A write transaction, its ``fence`` (the lease's check, which raises to roll it back) first."""
+    with write_connection(engine) as conn, conn.begin():
+        if fence is not None:
+            fence(conn)
+        yield conn
 
 
 metadata = sa.MetaData(

@@ -31,7 +31,14 @@ from audiencesync.errors import StoreError
 from audiencesync.member_fields import PageFields, holds_fields, read_page_fields
 from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
 from audiencesync.pending import pending_page, pending_page_query as pending_page_query
-from audiencesync.schema import DELIVERABLE, audiences, due, leases, memberships, write_connection
+from audiencesync.schema import (
+    DELIVERABLE,
+    audiences,
+    due,
+    fenced_write,
+    leases,
+    memberships,
+)
 from audiencesync.status import AudienceStatus as AudienceStatus, ParkedChange as ParkedChange
 
 Clock = Callable[[], datetime]
@@ -78,13 +85,8 @@ class Store:
         self.clock = clock
         self.fence = fence
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """A write transaction: SQLite's lock taken up front, the lease checked first."""
-        with write_connection(self.engine) as conn, conn.begin():
-            if self.fence is not None:
-                self.fence(conn)
-            yield conn
+    def _write(self) -> contextlib.AbstractContextManager[Connection]:
+        return fenced_write(self.engine, self.fence)
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
