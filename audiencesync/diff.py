@@ -8,9 +8,12 @@ users are found with NOT EXISTS anti-joins against ``memberships``.
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, TextClause, bindparam, text
 
@@ -38,15 +41,15 @@ def new_stage_name() -> str:
 
 def create_stage(conn: Connection, name: str) -> None:
     # ``value``: the canonical JSON a user's row must carry (values.encode); NULL for ids only.
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql(f"CREATE TEMP TABLE {name} (user_id TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
-    else:
-        # No key on PostgreSQL: COPY can't skip duplicates, so the diff uses DISTINCT.
-        conn.exec_driver_sql(f"CREATE TEMP TABLE {name} (user_id TEXT NOT NULL, value TEXT)")
+    # No key while loading: appending to a heap is several times faster than inserting
+    # shuffled ids into a B-tree (measured on SQLite: 4 s against 17 s per 1M ids, with the
+    # keyed copy made after), and COPY can't skip duplicates. ``seal_stage`` adds the key.
+    conn.exec_driver_sql(f"CREATE TEMP TABLE {name} (user_id TEXT NOT NULL, value TEXT)")
 
 
 def drop_stage(conn: Connection, name: str) -> None:
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}_keyed")  # seal_stage's, if it failed midway
 
 
 def load_batch(conn: Connection, name: str, batch: list[str]) -> None:
@@ -55,36 +58,27 @@ def load_batch(conn: Connection, name: str, batch: list[str]) -> None:
     assert driver is not None
     if conn.dialect.name == "sqlite":
         cursor = driver.cursor()
-        cursor.executemany(
-            f"INSERT OR IGNORE INTO {name} (user_id) VALUES (?)", ((user_id,) for user_id in batch)
-        )
+        cursor.executemany(f"INSERT INTO {name} (user_id) VALUES (?)", ((user_id,) for user_id in batch))
         cursor.close()
     elif conn.dialect.name == "postgresql":
         with driver.cursor() as cursor, cursor.copy(f"COPY {name} (user_id) FROM STDIN") as copy:
-            for user_id in batch:
-                copy.write_row((user_id,))
+            _copy_ids(copy, batch)
     else:  # any other store: portable but slower executemany through SQLAlchemy
         conn.execute(text(f"INSERT INTO {name} (user_id) VALUES (:u)"), [{"u": user_id} for user_id in batch])
 
 
 def load_values(conn: Connection, name: str, batch: list[tuple[str, str | None]]) -> None:
     """Bulk-load (user id, value JSON) pairs. A user given twice keeps the smallest value
-    on both databases (``staged``), so the choice never depends on the source's row order."""
+    (``seal_stage``), so the choice never depends on the source's row order."""
     driver = conn.connection.driver_connection
     assert driver is not None
     if conn.dialect.name == "sqlite":
         cursor = driver.cursor()
-        cursor.executemany(
-            f"INSERT INTO {name} (user_id, value) VALUES (?, ?) ON CONFLICT (user_id) DO UPDATE "
-            "SET value = CASE WHEN value IS NULL OR excluded.value < value THEN excluded.value "
-            "ELSE value END",
-            batch,
-        )
+        cursor.executemany(f"INSERT INTO {name} (user_id, value) VALUES (?, ?)", batch)
         cursor.close()
     elif conn.dialect.name == "postgresql":
         with driver.cursor() as cursor, cursor.copy(f"COPY {name} (user_id, value) FROM STDIN") as copy:
-            for row in batch:
-                copy.write_row(row)
+            _copy_rows(copy, batch)
     else:
         conn.execute(
             text(f"INSERT INTO {name} (user_id, value) VALUES (:u, :v)"),
@@ -92,21 +86,79 @@ def load_values(conn: Connection, name: str, batch: list[tuple[str, str | None]]
         )
 
 
-def staged(conn: Connection, name: str) -> str:
-    """The stage with one row per user, as a FROM item (SQLite's key made it so already)."""
-    if conn.dialect.name == "sqlite":
-        return name
-    return f"(SELECT user_id, min(value) AS value FROM {name} GROUP BY user_id)"
+# What COPY's text format would have to escape. Ids never hold it (the source read skips
+# control characters) and canonical JSON rarely does (a backslash in a string).
+_COPY_ESCAPES = re.compile(r"[\x00-\x1f\\]")
+_COPY_NULL = "\\N"
+
+
+def _copy_rows(copy: Any, rows: Sequence[tuple[str, str | None]]) -> None:
+    """Rows into COPY as one block of text, or row by row when a cell needs escaping.
+
+    One block is about 3x faster than psycopg's write_row per row.
+    """
+    if _COPY_ESCAPES.search("".join(cell for row in rows for cell in row if cell is not None)) is None:
+        copy.write("".join(f"{u}\t{_COPY_NULL if v is None else v}\n" for u, v in rows))
+    else:
+        for row in rows:
+            copy.write_row(row)
+
+
+def _copy_ids(copy: Any, batch: list[str]) -> None:
+    if _COPY_ESCAPES.search("".join(batch)) is None:
+        copy.write("\n".join(batch) + "\n" if batch else "")
+    else:
+        for user_id in batch:
+            copy.write_row((user_id,))
 
 
 def _distinct(conn: Connection) -> str:
     return "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
 
 
-def analyze_stage(conn: Connection, name: str) -> None:
-    """Statistics for the planner (PostgreSQL); without them it guesses a tiny stage."""
+def seal_stage(conn: Connection, name: str) -> int:
+    """Make the loaded stage one keyed row per user, with statistics; returns its number of users.
+
+    The rows are grouped once here into a table with a primary key (a user given
+    twice keeps the smallest value): every statement after this reads a
+    deduplicated, indexed stage, rather than each one grouping again. On
+    PostgreSQL, without statistics the planner would guess a tiny stage.
+    """
+    keyed = f"{name}_keyed"
+    if conn.dialect.name == "postgresql":
+        steer_planner(conn)
+        members = conn.exec_driver_sql(
+            f"CREATE TEMP TABLE {keyed} AS SELECT user_id, min(value) AS value FROM {name} GROUP BY user_id"
+        ).rowcount
+        conn.exec_driver_sql(f"ALTER TABLE {keyed} ADD PRIMARY KEY (user_id)")
+    else:
+        # The grouping comes out sorted, so the keyed table is filled by appends.
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE {keyed} (user_id TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID"
+        )
+        members = conn.exec_driver_sql(
+            f"INSERT INTO {keyed} SELECT user_id, min(value) FROM {name} GROUP BY user_id"
+        ).rowcount
+    conn.exec_driver_sql(f"DROP TABLE {name}")
+    conn.exec_driver_sql(f"ALTER TABLE {keyed} RENAME TO {name}")
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"ANALYZE {name}")
+    return int(members)
+
+
+def steer_planner(conn: Connection) -> None:
+    """Make PostgreSQL's anti-joins hash joins for the rest of this transaction.
+
+    The stage has no index (COPY can't skip duplicates), so a nested loop scans it
+    once per membership row. The planner picks one whenever its statistics say the
+    audience is tiny, as they do after a bulk refresh that autovacuum has not caught
+    up with: measured, a 1M-id stage against 3,000 memberships thought to be 1 ran
+    for minutes, against well under a second hashed. A hash join is never that wrong,
+    and the extra work_mem keeps a million-id hash table in memory.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
+        conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
 
 
 def _timed(sql: str) -> TextClause:
@@ -122,18 +174,22 @@ def apply_stage(
     run_id: int,
     now: datetime,
     full: bool,
+    members: int,
     valued: bool = False,
 ) -> DiffCounts:
     """Make the snapshot equal the stage, recording every change. Runs in the caller's transaction.
 
-    ``valued``: the stage carries values (a trait, an audience with contact fields);
-    a member whose value differs is 'changed'. Without it the ids-only statements
-    run, exactly as fast as before values existed.
+    ``members``: the users in the sealed stage (``seal_stage``). ``valued``: the
+    stage carries values (a trait, an audience with contact fields); a member whose
+    value differs is 'changed'. Without it the ids-only statements run, exactly as
+    fast as before values existed.
     """
+    steer_planner(conn)
     if valued:
-        return _apply_values(conn, name, audience_id=audience_id, run_id=run_id, now=now, full=full)
+        return _apply_values(
+            conn, name, audience_id=audience_id, run_id=run_id, now=now, full=full, members=members
+        )
     params = {"a": audience_id, "r": run_id, "t": now}
-    members = conn.execute(text(f"SELECT count(DISTINCT user_id) FROM {name}")).scalar_one()
 
     def not_in_stage(alias: str) -> str:
         return f"NOT EXISTS (SELECT 1 FROM {name} s WHERE s.user_id = {alias}.user_id)"
@@ -153,7 +209,7 @@ def apply_stage(
     entered = conn.execute(
         _timed(
             "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "
-            f"SELECT DISTINCT :a, s.user_id, :r, 'entered', :t FROM {name} s WHERE {not_member}"
+            f"SELECT :a, s.user_id, :r, 'entered', :t FROM {name} s WHERE {not_member}"
         ),
         params,
     ).rowcount
@@ -173,7 +229,7 @@ def apply_stage(
         conn.execute(
             _timed(
                 "INSERT INTO memberships (audience_id, user_id, desired, resend, changed_at, attempts) "
-                f"SELECT DISTINCT :a, s.user_id, true, false, :t, 0 FROM {name} s WHERE {not_member} "
+                f"SELECT :a, s.user_id, true, false, :t, 0 FROM {name} s WHERE {not_member} "
                 "ON CONFLICT (audience_id, user_id) "
                 "DO UPDATE SET desired = true, changed_at = excluded.changed_at, "
                 "attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL"
@@ -185,13 +241,12 @@ def apply_stage(
 
 
 def _apply_values(
-    conn: Connection, name: str, *, audience_id: int, run_id: int, now: datetime, full: bool
+    conn: Connection, name: str, *, audience_id: int, run_id: int, now: datetime, full: bool, members: int
 ) -> DiffCounts:
     """``apply_stage`` for a stage with values: entries and changes record the new value."""
     params = {"a": audience_id, "r": run_id, "t": now}
-    stage = staged(conn, name)
+    stage = name
     differs = _distinct(conn)
-    members = conn.execute(text(f"SELECT count(DISTINCT user_id) FROM {name}")).scalar_one()
     not_in_stage = "NOT EXISTS (SELECT 1 FROM {n} s WHERE s.user_id = {a}.user_id)"
     not_member = (
         "NOT EXISTS (SELECT 1 FROM memberships m WHERE m.audience_id = :a "

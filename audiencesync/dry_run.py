@@ -89,6 +89,7 @@ class DryRun:
         now = self.store.clock()
         try:
             with engine.connect() as conn, conn.begin():
+                diff.steer_planner(conn)
                 table = plan.create_plan(conn)
                 event_table = plan_events.create_event_plan(conn)
                 for place, config in enumerate(selected):
@@ -194,8 +195,11 @@ class DryRun:
         diff.create_stage(conn, stage)
         try:
             for batch in self.read(config, stats, fields):
-                diff.load_values(conn, stage, batch)
-            diff.analyze_stage(conn, stage)
+                if config.kind == "trait" or fields.has_fields:
+                    diff.load_values(conn, stage, batch)
+                else:  # no values to keep: the plain insert is about twice as fast
+                    diff.load_batch(conn, stage, [user_id for user_id, _ in batch])
+            members = diff.seal_stage(conn, stage)
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
             log.error("%s", exc)
@@ -205,7 +209,7 @@ class DryRun:
             add_events(None)
             diff.drop_stage(conn, stage)
             return report
-        counts = plan.preview_counts(conn, stage, audience_id, valued=True)
+        counts = plan.preview_counts(conn, stage, audience_id, members=members, valued=True)
         held = None if allow_removals else removal_guard(config)(counts)
         count_refresh(report, counts, stats)
         note_fields(report, fields)

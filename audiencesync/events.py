@@ -93,7 +93,8 @@ def create_from_changes(conn: Connection, *, audience_id: int, run_id: int, name
             "CASE WHEN c.change = 'entered' THEN :en ELSE :ex END, a.name, c.at "
             "FROM membership_changes c JOIN audiences a ON a.id = c.audience_id "
             "WHERE c.run_id = :r AND c.audience_id = :a AND c.change IN ('entered', 'left') "
-            "ORDER BY c.id"
+            # By user: the diff's hash joins record a run's changes in no particular order.
+            "ORDER BY c.user_id, c.id"
         ),
         {"a": audience_id, "r": run_id, "en": names.entered, "ex": names.exited},
     ).rowcount

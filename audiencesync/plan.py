@@ -17,12 +17,12 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from itertools import groupby
+from itertools import chain, groupby
 from typing import Any
 
 from sqlalchemy import BindParameter, Connection, bindparam, text
 
-from audiencesync import diff, values
+from audiencesync import values
 from audiencesync.diff import DiffCounts
 from audiencesync.identify_calls import user_calls
 from audiencesync.outcomes import PendingChange
@@ -58,17 +58,17 @@ def drop_plan(conn: Connection, name: str) -> None:
 
 
 def preview_counts(
-    conn: Connection, stage: str, audience_id: int | None, *, valued: bool = False
+    conn: Connection, stage: str, audience_id: int | None, *, members: int, valued: bool = False
 ) -> DiffCounts:
-    """What applying the stage would count (members, entered, left, changed), by reading only."""
-    members = conn.execute(text(f"SELECT count(DISTINCT user_id) FROM {stage}")).scalar_one()
+    """What applying the (sealed) stage of ``members`` users would count: members, entered,
+    left, changed, by reading only."""
     if audience_id is None:
         return DiffCounts(members=members, entered=members, left=0)
     changed = 0
     if valued:
         changed = conn.execute(
             text(
-                f"SELECT count(*) FROM memberships m JOIN {diff.staged(conn, stage)} s "
+                f"SELECT count(*) FROM memberships m JOIN {stage} s "
                 "ON s.user_id = m.user_id WHERE m.audience_id = :a AND m.desired = true "
                 f"AND m.value {_differs(conn)} s.value"
             ),
@@ -77,7 +77,7 @@ def preview_counts(
     params = {"a": audience_id}
     entered = conn.execute(
         text(
-            f"SELECT count(DISTINCT s.user_id) FROM {stage} s WHERE NOT EXISTS (SELECT 1 FROM memberships m "
+            f"SELECT count(*) FROM {stage} s WHERE NOT EXISTS (SELECT 1 FROM memberships m "
             "WHERE m.audience_id = :a AND m.user_id = s.user_id AND m.desired = true)"
         ),
         params,
@@ -121,7 +121,7 @@ def add_applied(
     members = conn.execute(
         text(
             f"INSERT INTO {plan} (key, user_id, value, data, acked_data) "
-            f"SELECT :k, s.user_id, true, s.value, m.acked_value FROM {diff.staged(conn, stage)} s "
+            f"SELECT :k, s.user_id, true, s.value, m.acked_value FROM {stage} s "
             "LEFT JOIN memberships m ON m.audience_id = :a AND m.user_id = s.user_id "
             "WHERE m.user_id IS NULL "
             # entering, or staying with new fields: a new value, which clears parking and backoff
@@ -153,7 +153,7 @@ def add_staged_fields(conn: Connection, plan: str, *, rank: int, key: str, stage
     conn.execute(
         text(
             f"INSERT INTO {plan}_fields (rank, key, user_id, data) SELECT :r, :k, s.user_id, s.value "
-            f"FROM {diff.staged(conn, stage)} s WHERE s.value IS NOT NULL"
+            f"FROM {stage} s WHERE s.value IS NOT NULL"
         ),
         {"r": rank, "k": key},
     )
@@ -195,7 +195,7 @@ def _add_applied_trait(
     members = conn.execute(
         text(
             f"INSERT INTO {plan} (key, user_id, kind, value, data) "
-            f"SELECT :k, s.user_id, 'trait', true, s.value FROM {diff.staged(conn, stage)} s "
+            f"SELECT :k, s.user_id, 'trait', true, s.value FROM {stage} s "
             "LEFT JOIN memberships m ON m.audience_id = :a AND m.user_id = s.user_id "
             "WHERE m.user_id IS NULL "
             f"OR ((m.desired = false OR m.value {differs} s.value) AND {unacked}) "
@@ -299,23 +299,33 @@ def planned_calls(
         text(f"SELECT user_id, key, kind, value, data, acked_data FROM {plan} ORDER BY user_id, key"),
         execution_options=stream,
     )
+    has_fields = conn.execute(text(f"SELECT 1 FROM {plan}_fields LIMIT 1")).first() is not None
     members = peekable(
         conn.execute(
             text(f"SELECT user_id, key, data FROM {plan}_fields ORDER BY user_id, rank"),
             execution_options=stream,
         )
+        if has_fields
+        else ()
     )
-    for user_id, group in groupby(rows, key=lambda row: row[0]):
+    # Partitions: a row at a time, SQLAlchemy fetches one by one from the driver (4 s per 1M).
+    for user_id, group in groupby(chain.from_iterable(rows.partitions(10_000)), key=_first):
+        planned = list(group)
+        fields: list[tuple[str, Any]] = []
         while members.peek() is not None and members.peek()[0] < user_id:
             next(members)
-        fields: list[tuple[str, Any]] = []
         while members.peek() is not None and members.peek()[0] == user_id:
             _, key, data = next(members)
             fields.append((key, values.decode(data)))
+        if not fields and len(planned) <= max_keys and all(_plain(row) for row in planned):
+            # Audiences' booleans alone (no fields, no values): the call is the rows' keys, as
+            # user_calls would make it; most of a first sync's million calls take this path.
+            yield user_id, {row[1]: bool(row[3]) for row in planned}
+            continue
         keys: dict[int, str] = {}
         changes: list[PendingChange] = []
         gave: dict[int, frozenset[str]] = {}
-        for number, (_, key, kind, value, data, acked_data) in enumerate(group):
+        for number, (_, key, kind, value, data, acked_data) in enumerate(planned):
             keys[number] = key
             changes.append(PendingChange(number, user_id, bool(value), kind=kind, value=values.decode(data)))
             acked = values.decode(acked_data)
@@ -326,6 +336,15 @@ def planned_calls(
             conflicts.update(conflict.loser for conflict in lost)
         for call in made:
             yield user_id, call.attributes
+
+
+def _first(row: Any) -> Any:
+    return row[0]
+
+
+def _plain(row: Any) -> bool:
+    """An audience's boolean with no value now nor when Gleap last acknowledged it."""
+    return bool(row[2] == "audience" and row[4] is None and row[5] is None)
 
 
 class peekable:

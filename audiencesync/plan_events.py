@@ -74,7 +74,7 @@ def add_new_events(
     ).rowcount
     entered = conn.execute(
         text(
-            insert + f"SELECT DISTINCT 1, :p, 1, s.user_id, :k, :en, :an, :now FROM {stage} s "
+            insert + f"SELECT 1, :p, 1, s.user_id, :k, :en, :an, :now FROM {stage} s "
             "WHERE NOT EXISTS (SELECT 1 FROM memberships m WHERE m.audience_id = :a "
             "AND m.user_id = s.user_id AND m.desired = true)"
         ).bindparams(_NOW),

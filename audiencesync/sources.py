@@ -245,77 +245,85 @@ class Sources:
                 source=source.name,
             )
         index = columns.index("user_id")
+        value_of: RowValue | None = None
         if reader is not None:
             try:
                 value_of = reader(columns)
             except ValueError as exc:
                 raise SourceError(str(exc), audience=audience.key, source=source.name) from None
-            keep_none = audience.kind != "trait"  # an audience member with no fields is still a member
-            yield from self._stream_values(result, index, value_of, stats, deadline, keep_none)
-            return
+        keep_none = audience.kind != "trait"  # an audience member with no fields is still a member
         for partition in result.partitions(self.batch_size):
             # Drivers that can't be cancelled are still stopped between batches.
             if self.cancelled.is_set():
                 raise _Stopped()
             if time.monotonic() > deadline:
                 raise _TimedOut()
-            batch: list[str] = []
-            for row in partition:
-                stats.rows += 1
-                user_id = canonical_user_id(row[index])
-                if user_id is None:
-                    stats.skipped_blank += 1
-                    continue
-                reason = _bad_id_reason(user_id)
-                if reason is not None:
-                    stats.skipped_invalid += 1
-                    if len(stats.invalid_samples) < SAMPLE_SIZE:
-                        stats.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
-                    continue
-                batch.append(user_id)
+            stats.rows += len(partition)
+            ids = checked_ids([row[index] for row in partition], stats)
+            if value_of is None:
+                batch: list[Any] = ids if None not in ids else [i for i in ids if i is not None]
+            else:
+                batch = _with_values(partition, ids, value_of, stats, keep_none)
             if batch:
                 yield batch
 
-    def _stream_values(
-        self,
-        result: sa.CursorResult[Any],
-        index: int,
-        value_of: RowValue,
-        stats: ReadStats,
-        deadline: float,
-        keep_none: bool,
-    ) -> Iterator[list[tuple[str, str | None]]]:
-        for partition in result.partitions(self.batch_size):
-            if self.cancelled.is_set():
-                raise _Stopped()
-            if time.monotonic() > deadline:
-                raise _TimedOut()
-            batch: list[tuple[str, str | None]] = []
-            for row in partition:
-                stats.rows += 1
-                user_id = canonical_user_id(row[index])
-                if user_id is None:
-                    stats.skipped_blank += 1
-                    continue
-                reason = _bad_id_reason(user_id)
-                if reason is not None:
-                    stats.skipped_invalid += 1
-                    if len(stats.invalid_samples) < SAMPLE_SIZE:
-                        stats.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
-                    continue
-                try:
-                    value = value_of(row)
-                except values.UnsupportedValue as exc:
-                    stats.skipped_values += 1
-                    if len(stats.value_samples) < SAMPLE_SIZE:
-                        stats.value_samples.append(f"{user_id[:40]!r}: {exc}")
-                    continue
-                if value is None and not keep_none:
-                    stats.no_value += 1
-                    continue
-                batch.append((user_id, value))
-            if batch:
-                yield batch
+
+def checked_ids(raw: list[Any], stats: ReadStats) -> list[str | None]:
+    """The canonical id of each source value, None for a row skipped (and counted in ``stats``).
+
+    Most batches are all text (or all integers) with nothing to skip: they are
+    checked a batch at a time in C (one regex over the joined batch, one max of
+    lengths) and returned as they are, since the per-row checks cost more than
+    staging the ids (measured: about 2 s of a 1M-member read). Any other batch is
+    checked row by row.
+    """
+    kinds = set(map(type, raw))
+    ids: list[Any] | None = raw if kinds <= {str} else list(map(str, raw)) if kinds <= {int} else None
+    if (
+        ids is not None
+        and all(map(str.strip, ids))
+        and max(map(len, ids), default=0) <= MAX_ID_LENGTH
+        and not _CONTROL.search("".join(ids))
+    ):
+        return ids
+    checked: list[str | None] = []
+    for value in raw:
+        user_id = canonical_user_id(value)
+        if user_id is None:
+            stats.skipped_blank += 1
+        elif (reason := _bad_id_reason(user_id)) is not None:
+            stats.skipped_invalid += 1
+            if len(stats.invalid_samples) < SAMPLE_SIZE:
+                stats.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
+            user_id = None
+        checked.append(user_id)
+    return checked
+
+
+def _with_values(
+    partition: Sequence[Sequence[Any]],
+    ids: list[str | None],
+    value_of: RowValue,
+    stats: ReadStats,
+    keep_none: bool,
+) -> list[tuple[str, str | None]]:
+    """(id, value) of the rows kept; a row whose value can't be sent is skipped and counted."""
+    batch: list[tuple[str, str | None]] = []
+    for row, user_id in zip(partition, ids, strict=True):
+        if user_id is None:
+            continue
+        try:
+            value = value_of(row)
+        except values.UnsupportedValue as exc:
+            stats.skipped_values += 1
+            if len(stats.value_samples) < SAMPLE_SIZE:
+                stats.value_samples.append(f"{user_id[:40]!r}: {exc}")
+            continue
+        if value is None and not keep_none:
+            stats.no_value += 1
+            continue
+        batch.append((user_id, value))
+    return batch
 
 
 def _refuse_missing_file(audience: AudienceConfig, source: SourceConfig) -> None:

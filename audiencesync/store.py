@@ -186,14 +186,21 @@ class Store:
                             diff.load_batch(conn, name, batch)  # type: ignore[arg-type]
                     failpoints.reach("stage-batch")
                 with conn.begin():
-                    diff.analyze_stage(conn, name)
+                    members = diff.seal_stage(conn, name)
                 failpoints.reach("after-stage")
                 with conn.execution_options(sqlite_begin="IMMEDIATE").begin() as transaction:
                     if self.fence is not None:
                         self.fence(conn)
                     now = self.clock()
                     counts = diff.apply_stage(
-                        conn, name, audience_id=audience.id, run_id=run_id, now=now, full=full, valued=valued
+                        conn,
+                        name,
+                        audience_id=audience.id,
+                        run_id=run_id,
+                        now=now,
+                        full=full,
+                        members=members,
+                        valued=valued,
                     )
                     if events is not None:
                         events_mod.create_from_changes(
