@@ -99,6 +99,9 @@ class SourceConfig:
     name: str
     url: str
     timeout_seconds: float = 3600.0
+    # Run the audiences' queries inside the store when the source is the store's own
+    # PostgreSQL database (pushdown.py); false always streams the ids out and back.
+    pushdown: bool = True
 
 
 GLEAP_KEYS = (
@@ -240,11 +243,12 @@ def schedule_config(schedule_t: Table) -> ScheduleConfig:
 def source_configs(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> dict[str, SourceConfig]:
     sources: dict[str, SourceConfig] = {}
     for name, table in raw.items():
-        source_t = Table(table, path, f"[sources.{name}]", ["url", "timeout_seconds"])
+        source_t = Table(table, path, f"[sources.{name}]", ["url", "timeout_seconds", "pushdown"])
         sources[name] = SourceConfig(
             name=name,
             url=_url(source_t, source_t.take("url", str, required=True), environ),
             timeout_seconds=source_t.take_positive("timeout_seconds", float, SourceConfig.timeout_seconds),
+            pushdown=source_t.take("pushdown", bool, SourceConfig.pushdown),
         )
     return sources
 

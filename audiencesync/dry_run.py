@@ -46,7 +46,8 @@ class DryRun:
     """Plans a cycle of the selected properties. Seams: the store, and the syncer's reads.
 
     ``read`` gives a property's batches as (id, value) pairs; ``event_names``
-    its events' names, or None when it has none.
+    its events' names, or None when it has none; ``push`` loads the stage inside
+    the store instead, where it can (``Sources.push_down``).
     """
 
     def __init__(
@@ -57,10 +58,12 @@ class DryRun:
         read: Callable[[AudienceConfig, ReadStats, FieldReader], Iterator[list[tuple[str, str | None]]]],
         event_names: Callable[[AudienceConfig], EventNames | None],
         property_keys: Sequence[str],
+        push: Callable[[AudienceConfig, Connection, str, ReadStats], bool] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.read = read
+        self.push = push
         self.event_names = event_names
         self.property_keys = list(property_keys)
 
@@ -194,7 +197,8 @@ class DryRun:
         stage = diff.new_stage_name()
         diff.create_stage(conn, stage)
         try:
-            for batch in self.read(config, stats, fields):
+            pushed = self.push is not None and self.push(config, conn, stage, stats)
+            for batch in () if pushed else self.read(config, stats, fields):
                 if config.kind == "trait" or fields.has_fields:
                     diff.load_values(conn, stage, batch)
                 else:  # no values to keep: the plain insert is about twice as fast

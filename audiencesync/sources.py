@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import logging
 import re
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from audiencesync import values
+from audiencesync import pushdown, values
 from audiencesync.config import AudienceConfig, SourceConfig, display_url
 from audiencesync.errors import SourceError
 from audiencesync.urls import sqlite_file
@@ -59,12 +60,16 @@ def canonical_user_id(value: Any) -> str | None:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+TOO_LONG = f"longer than {MAX_ID_LENGTH} characters"
+CONTROL_CHARACTERS = "holds control characters"
+
+
 def _bad_id_reason(user_id: str) -> str | None:
     if len(user_id) > MAX_ID_LENGTH:
-        return f"longer than {MAX_ID_LENGTH} characters"
+        return TOO_LONG
     # A regex, not a per-character loop: this runs once per source row (10x faster, measured).
     if _CONTROL.search(user_id):
-        return "holds control characters"
+        return CONTROL_CHARACTERS
     return None
 
 
@@ -83,6 +88,12 @@ class ReadStats:
     @property
     def skipped(self) -> int:
         return self.skipped_blank + self.skipped_invalid + self.no_value + self.skipped_values
+
+    def skip_invalid(self, user_id: str, reason: str) -> None:
+        """Count a row skipped for a bad id, keeping the first few as samples."""
+        self.skipped_invalid += 1
+        if len(self.invalid_samples) < SAMPLE_SIZE:
+            self.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
 
 
 # Given a query's column names, the function that makes a row's value (canonical
@@ -174,19 +185,59 @@ class Sources:
         source = self._configs[audience.source]
         _refuse_missing_file(audience, source)
         deadline = time.monotonic() + source.timeout_seconds
+        with self._guarded(audience, source, self.engine(source.name).connect) as conn:
+            yield from self._stream(conn, audience, source, stats, deadline, reader)
+
+    def pushable(self, audience: AudienceConfig, conn: Connection) -> bool:
+        """Whether the audience's query can run inside the store ``conn`` is connected to
+        (``pushdown``): its source is the store's own PostgreSQL database, pushdown is on,
+        and the query returns ids alone, of a type whose text is the canonical id."""
+        source = self._configs[audience.source]
+        if not source.pushdown or audience.kind == "trait" or not pushdown.applies(source.url, conn):
+            return False
+        # Only planned (LIMIT 0), but under the source's timeout all the same.
+        with _Watchdog(conn, source.timeout_seconds):
+            return pushdown.ids_only(conn, audience.query)
+
+    def push_down(self, audience: AudienceConfig, conn: Connection, stage: str, stats: ReadStats) -> bool:
+        """Load the audience's ids into ``stage`` by running its query inside the store, on
+        ``conn``, where it is ``pushable``; returns False, having done nothing, elsewhere.
+
+        Every guarantee of the streamed read holds: the same ids, blank and bad ids
+        skipped and counted, the timeout, and cancelling; a failure raises the same
+        ``SourceError``, and leaves ``conn``'s transaction usable.
+        """
+        if not self.pushable(audience, conn):
+            return False
+        source = self._configs[audience.source]
+        with self._guarded(audience, source, lambda: contextlib.nullcontext(conn)):
+            loaded = pushdown.load_stage(conn, stage, audience.query, max_length=MAX_ID_LENGTH)
+        stats.rows += loaded.rows
+        stats.skipped_blank += loaded.blank
+        for user_id, too_long in loaded.bad:
+            stats.skip_invalid(user_id, TOO_LONG if too_long else CONTROL_CHARACTERS)
+        return True
+
+    @contextlib.contextmanager
+    def _guarded(
+        self,
+        audience: AudienceConfig,
+        source: SourceConfig,
+        connect: Callable[[], contextlib.AbstractContextManager[Connection]],
+    ) -> Iterator[Connection]:
+        """A connection to run the audience's query on, under its timeout and ``cancel()``;
+        the query's failures become ``SourceError``s naming the audience and the source
+        (its URL with the password masked)."""
         try:
             if self.cancelled.is_set():
                 raise _Stopped()
-            with (
-                self.engine(source.name).connect() as conn,
-                _Watchdog(conn, source.timeout_seconds) as watchdog,
-            ):
+            with connect() as conn, _Watchdog(conn, source.timeout_seconds) as watchdog:
                 with self._lock:
                     if self.cancelled.is_set():
                         raise _Stopped()
                     self._running.add(watchdog)
                 try:
-                    yield from self._stream(conn, audience, source, stats, deadline, reader)
+                    yield conn
                 except SQLAlchemyError:
                     if self.cancelled.is_set():
                         raise _Stopped() from None
@@ -292,9 +343,7 @@ def checked_ids(raw: list[Any], stats: ReadStats) -> list[str | None]:
         if user_id is None:
             stats.skipped_blank += 1
         elif (reason := _bad_id_reason(user_id)) is not None:
-            stats.skipped_invalid += 1
-            if len(stats.invalid_samples) < SAMPLE_SIZE:
-                stats.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
+            stats.skip_invalid(user_id, reason)
             user_id = None
         checked.append(user_id)
     return checked

@@ -158,6 +158,7 @@ class Store:
         guard: Guard | None = None,
         events: events_mod.EventNames | None = None,
         valued: bool = False,
+        push: Callable[[Connection, str], object] | None = None,
     ) -> Refresh:
         """Make the audience's snapshot equal ``batches`` (the source's ids), recording each change.
 
@@ -170,7 +171,8 @@ class Store:
         diff is rolled back and the reason returned. ``valued``: the batches are
         (user id, value JSON) pairs (``Sources.read_values``), not ids. With
         ``events``, each entry and exit also becomes an event in the outbox, in
-        the same transaction.
+        the same transaction. ``push`` loads the stage inside the store instead of
+        ``batches`` (``Sources.push_down``: the query runs where the data is).
         """
         name = diff.new_stage_name()
         held: str | None = None
@@ -178,6 +180,9 @@ class Store:
             try:
                 with conn.begin():
                     diff.create_stage(conn, name)
+                if push is not None:
+                    with conn.begin():
+                        push(conn, name)
                 for batch in batches:
                     with conn.begin():
                         if valued:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -127,6 +128,7 @@ class Syncer:
                 read=self.read_planned,
                 event_names=self.event_names,
                 property_keys=self.property_keys,
+                push=self.sources.push_down,
             )
             planner.plan(report, selected, full=full, allow_removals=allow_removals, show=show_calls)
             for audience_report in report.audiences:
@@ -187,8 +189,15 @@ class Syncer:
         stats = ReadStats()
         guard = None if allow_removals else removal_guard(config)
         fields = FieldReader(self.property_keys)
+        batches: Iterator[list[str]] | Iterator[list[tuple[str, str | None]]]
         try:
-            batches, is_valued = self._batches(config, audience, stats, fields)
+            if self._pushable(config, audience):
+                # The query runs inside the store (pushdown.py): no id leaves the database.
+                batches, is_valued = iter(()), False
+                push = functools.partial(self.sources.push_down, config, stats=stats)
+            else:
+                batches, is_valued = self._batches(config, audience, stats, fields)
+                push = None
             refresh = store.refresh(
                 audience,
                 run.run_id,
@@ -197,6 +206,7 @@ class Syncer:
                 guard=guard,
                 valued=is_valued,
                 events=self.event_names(config),
+                push=push,
             )
         except SourceError as exc:
             # The snapshot is untouched; pending changes from earlier cycles still go out.
@@ -223,6 +233,11 @@ class Syncer:
         if not config.events or config.kind == "trait":
             return None
         return EventNames(self.config.gleap.entered_event, self.config.gleap.exited_event)
+
+    def _pushable(self, config: AudienceConfig, audience: Audience) -> bool:
+        """The audience's query can run inside the store, and there are no stored fields to diff away."""
+        with self.store.engine.connect() as conn:
+            return self.sources.pushable(config, conn) and not self.store.holds_fields(audience.id)
 
     def _batches(
         self, config: AudienceConfig, audience: Audience, stats: ReadStats, fields: FieldReader

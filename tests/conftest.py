@@ -106,6 +106,8 @@ def store(store_url: str) -> Iterator[store_mod.Store]:
 class SourceDB:
     """A SQLite source database with a ``members(user_id, segment)`` table tests rewrite at will."""
 
+    settings = ""  # more lines of its [sources.main] table
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"
@@ -193,6 +195,7 @@ def make_config(
 
             [sources.main]
             url = "{source.url}"
+            {source.settings}
             """
             )
             + sync_table
