@@ -225,6 +225,8 @@ def bulk(
             dry_run("b incremental dry run", 2 * half)
         refresh("b incremental refresh", source, (half, half))
         run.phase("setup", base | {"step": "ack"})
+    if pg:
+        run.phase("setup", base | {"step": "drop_pg_source"})
     return rows, problems
 
 
@@ -243,7 +245,12 @@ def main() -> int:
         default=os.environ.get("AUDIENCESYNC_TEST_POSTGRES_URL"),
         help="a SCRATCH database: its schema public is dropped (default: $AUDIENCESYNC_TEST_POSTGRES_URL)",
     )
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite only, even with a PostgreSQL URL")
+    parser.add_argument(
+        "--stores",
+        choices=["all", "sqlite", "postgresql"],
+        default="all",
+        help="all: PostgreSQL too when a URL is set",
+    )
     parser.add_argument("--calls", type=int, default=5000, help="e(1): calls delivered with no limit")
     parser.add_argument("--limit", type=int, default=1200, help="e(2): the enforced calls a minute")
     parser.add_argument(
@@ -268,8 +275,10 @@ def main() -> int:
     minutes = args.limited_minutes if args.limited_minutes is not None else (0 if args.quick else 2.5)
     if min(sizes) < 1 or not 0 < args.churn <= 0.5 or args.calls < 1:
         parser.error("--members and --calls must be positive and --churn in (0, 0.5]")
-    stores = [("sqlite", "")]
-    if args.postgres_url and not args.no_postgres:
+    stores = [("sqlite", "")] if args.stores != "postgresql" else []
+    if args.stores == "postgresql" and not args.postgres_url:
+        parser.error("--stores postgresql needs --postgres-url or AUDIENCESYNC_TEST_POSTGRES_URL")
+    if args.postgres_url and args.stores != "sqlite":
         if refusal := postgres_guard.refusal(args.postgres_url):
             parser.error(refusal)
         stores.append(("postgresql", args.postgres_url))

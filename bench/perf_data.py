@@ -70,6 +70,13 @@ def copy_source_to_pg(sqlite_path: Path, pg_url: str) -> None:
         pg.execute(f"ANALYZE {PG_SCHEMA}.members")
 
 
+def drop_pg_source(pg_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(plain_pg(pg_url), autocommit=True) as pg:
+        pg.execute(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE")
+
+
 def churn(sqlite_path: Path, pg_url: str | None, members: int, half: int, turn: int = 0) -> None:
     """``half`` members leave and as many new ones enter, alike in every copy of the source.
 

@@ -128,15 +128,17 @@ def phase_refresh(spec: Spec) -> Figures:
     run = syncer.refresh(config.audiences[0], "bench-cycle")
     seconds = time.perf_counter() - start
     finish = time.perf_counter()
-    syncer.store.finish_run(run.run_id, "succeeded")
     report = run.report
+    closed = syncer.store.finish_run(
+        run.run_id, report.status if report.status in ("failed", "held") else "succeeded"
+    )
     return {
         "seconds": seconds,
         "finish_seconds": time.perf_counter() - finish,
         "members": report.members,
         "entered": report.entered,
         "left": report.left,
-        "status": report.status,
+        "status": closed["status"],  # partial: what it changed is pending, as no delivery followed
         "error": report.error,
     }
 
@@ -186,6 +188,8 @@ def phase_setup(spec: Spec) -> Figures:
         data.write_sqlite_source(source, spec["members"])
     elif step == "pg_source":
         data.copy_source_to_pg(source, spec["store_url"])
+    elif step == "drop_pg_source":
+        data.drop_pg_source(spec["store_url"])
     elif step == "churn":
         data.churn(source, spec.get("pg_url"), spec["members"], spec["half"], spec.get("turn", 0))
     elif step == "store":
