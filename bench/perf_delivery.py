@@ -109,6 +109,7 @@ def phase_deliver(spec: Spec) -> Figures:
         "retries": audience.retries,
         "rate_limited": audience.rate_limited,
         "status": audience.status,
+        "concurrency": config.gleap.max_concurrency,
     }
 
 

@@ -151,7 +151,7 @@ def _delivery(rows: list[Figures], plan: DeliveryPlan, targets: Targets) -> None
             )
             label = f"e2 {plan.limit:,}/min enforced"
         else:
-            note = f"ceiling at 8 concurrent: {8 / 0.05:.0f}/s"
+            note = f"the ceiling, {r['concurrency']} calls in flight: {r['concurrency'] / 0.05:.0f}/s"
             label = "e3 50 ms a call"
         lines.append([label, store, f"{r['calls']:,}", f"{r['seconds']:.2f}", f"{rate:,.0f}", cpu, note])
     _table(header, lines)
