@@ -5,7 +5,7 @@ Run from the repository root (about 10-15 minutes by default on 2 cores)::
 
     python bench/perf.py                        # 100k and 1M members; PostgreSQL too when
                                                 # AUDIENCESYNC_TEST_POSTGRES_URL is set
-    python bench/perf.py --quick                # 100k only, shorter delivery runs
+    python bench/perf.py --quick                # 100k only, no enforced-limit run (e2): ~2 min
     python bench/perf.py --huge                 # adds 10M members
     python bench/perf.py --members 2000 --postgres-url postgresql+psycopg://postgres@127.0.0.1:5432/bench_test
 
@@ -235,7 +235,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--members", type=int, nargs="+", help="sizes to run (default 100000 1000000)")
-    parser.add_argument("--quick", action="store_true", help="100k only, shorter delivery runs")
+    parser.add_argument("--quick", action="store_true", help="100k only, without the enforced-limit run (e2)")
     parser.add_argument("--huge", action="store_true", help="add 10M members")
     parser.add_argument(
         "--churn", type=float, default=0.01, help="fraction of members replaced (default 0.01)"

@@ -108,6 +108,10 @@ def _bulk(rows: list[Figures], targets: Targets) -> None:
                 ]
             )
         _table(header, lines)
+        plan = find.get(("g pending page", "store"), {}).get("plan")
+        if plan:
+            print("PostgreSQL's plan of the page at the end (EXPLAIN ANALYZE):")
+            print("\n".join(f"    {line}" for line in plan.splitlines()))
 
 
 def _delivery(rows: list[Figures], plan: DeliveryPlan, targets: Targets) -> None:
