@@ -49,7 +49,7 @@ import platform
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench import perf_data as data, perf_delivery, perf_table
@@ -135,9 +135,11 @@ class Source:
     name: str  # streamed | same-db
     url: str
     table: str | None  # the same-db source's table, for the floor and the naive baseline
+    settings: dict[str, Any] = field(default_factory=dict)  # more of its [sources.src] settings
 
 
 def sources(store: str, store_url: str, source_path: Path) -> list[Source]:
+    """The sources a and b run from, each its own rows: a variant (pushdown on and off, say) is one more."""
     streamed = Source("streamed", f"sqlite:///{source_path}", None)
     if store == "sqlite":
         return [streamed]
@@ -174,6 +176,7 @@ def bulk(
             s.url,
             "http://127.0.0.1:9",
             {data.KEY: f"SELECT user_id FROM {s.table or 'members'}"},
+            source=s.settings,
         )
         for s in variants
     }

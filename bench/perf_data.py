@@ -150,14 +150,17 @@ def write_config(
     gleap_url: str,
     audiences: dict[str, str],
     gleap: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
 ) -> Path:
     """A config file (not Config(...) directly, so the bench survives new config fields).
 
     ``audiences``: key -> query, all on one source. ``gleap``: extra [gleap] settings; by default
     the limiter is set far above what the stand-in serves, so that it is not what is measured.
+    ``source``: extra settings of the source.
     """
     settings = {"requests_per_minute": 10_000_000} | (gleap or {})
     lines = "\n".join(f"{k} = {v!r}" for k, v in settings.items())
+    source_lines = "".join(f"{k} = {v!r}\n" for k, v in (source or {}).items())
     blocks = "\n".join(
         f'[[audiences]]\nname = "{key}"\nsource = "src"\nquery = "{query}"\n'
         for key, query in audiences.items()
@@ -174,7 +177,7 @@ def write_config(
             """
         )
         + lines
-        + f'\n\n[sources.src]\nurl = "{source_url}"\n\n'
+        + f'\n\n[sources.src]\nurl = "{source_url}"\n{source_lines}\n'
         + blocks
     )
     path.chmod(0o600)  # it holds a token

@@ -267,6 +267,7 @@ def delivery_rows(
         real["share"] = (len(ok) - 1) / span * 60 / plan.limit if span else 0.0
         real["http_429"] = sum(1 for _, s in standin.log if s == 429)
         real["http_429_late"] = sum(1 for t, s in standin.log if s == 429 and t > 60)
+        real["http_429_at"] = [round(t, 1) for t, s in standin.log if s == 429]  # seconds into the run
         real["span"] = span
         rows.append({"figure": "e2", "store": store, **real})
 

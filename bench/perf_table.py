@@ -151,7 +151,7 @@ def _delivery(rows: list[Figures], plan: DeliveryPlan, targets: Targets) -> None
             )
             note = (
                 f"{r['share']:.1%} of the limit over {r['span']:.0f} s, {r['http_429']} 429s "
-                f"({r['http_429_late']} after the first minute): {mark}"
+                f"({r['http_429_late']} after the first minute; at {r['http_429_at']} s): {mark}"
             )
             label = f"e2 {plan.limit:,}/min enforced"
         else:
