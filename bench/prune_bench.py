@@ -43,8 +43,9 @@ from audiencesync.schema import (
     sync_runs,
     write_connection,
 )
-from bench.diff_bench import fresh_store
+from bench.perf_data import fresh_store
 from bench.report import chunks
+from tests import postgres_guard
 
 DAYS = 200
 
@@ -162,8 +163,14 @@ def main() -> int:
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--postgres-url")
     args = parser.parse_args()
+    if args.store == "postgresql" and not args.postgres_url:
+        parser.error("--store postgresql needs --postgres-url")
+    if args.store == "postgresql" and (refusal := postgres_guard.refusal(args.postgres_url)):
+        parser.error(refusal)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = store_mod.create_engine(fresh_store(args, Path(tmp) / "store.db"))
+        url = args.postgres_url if args.store == "postgresql" else f"sqlite:///{Path(tmp) / 'store.db'}"
+        fresh_store(url)
+        engine = store_mod.create_engine(url)
         started = time.monotonic()
         fill(engine, args.rows)
         print(f"filled {args.rows} changes and calls in {time.monotonic() - started:.1f} s")

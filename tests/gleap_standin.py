@@ -252,12 +252,21 @@ class GleapStandIn:
     carrying a valid token. For one identify the order of evaluation is: drop_next,
     fail_next, rate limit, body validation (400), fail_user, success. delay_next is
     orthogonal: it postpones whatever the answer turns out to be (a drop included).
+    ``latency_seconds`` postpones every identify's answer the same way, as a distant
+    Gleap would (the benchmark's "50 ms per answer").
     """
 
-    def __init__(self, token: str = "test-token", *, rate_limit_per_minute: int | None = None) -> None:
+    def __init__(
+        self,
+        token: str = "test-token",
+        *,
+        rate_limit_per_minute: int | None = None,
+        latency_seconds: float = 0.0,
+    ) -> None:
         self._lock = threading.Lock()
         self._token = token
         self.rate_limit_per_minute = rate_limit_per_minute
+        self.latency_seconds = latency_seconds
         self._requests: dict[int, RecordedRequest] = {}
         self._next_seq = 0
         # Requests that arrived before reset_log() belong to the old log even if they finish later.
@@ -553,6 +562,7 @@ class GleapStandIn:
             limit_headers, limited = ({}, False) if drop or failure else self._admit()
             lose = not (drop or failure or limited) and _take(self._lose_rules) is not None
 
+        delay = (delay or 0.0) + self.latency_seconds
         if delay and self._stopping.wait(delay):
             return _Reply(0)  # stopped mid-request: a dead server answers nothing
         if drop:
@@ -684,8 +694,10 @@ def _track_problem(body: Any) -> str | None:
 class _StateFileStandIn(GleapStandIn):
     """The standalone process's view for a parent test: contacts mirrored into a JSON file."""
 
-    def __init__(self, state_file: Path, token: str, rate_limit_per_minute: int | None) -> None:
-        super().__init__(token, rate_limit_per_minute=rate_limit_per_minute)
+    def __init__(
+        self, state_file: Path, token: str, rate_limit_per_minute: int | None, latency_seconds: float = 0.0
+    ) -> None:
+        super().__init__(token, rate_limit_per_minute=rate_limit_per_minute, latency_seconds=latency_seconds)
         self.state_file = state_file
         # Serialises writers, and each snapshots inside it, so an older state never lands last.
         self._write_lock = threading.Lock()
@@ -716,12 +728,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", default="test-token")
     parser.add_argument("--state-file", type=Path, required=True)
     parser.add_argument("--rate-limit", type=int, default=None, help="identify requests per minute")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each identify's answer")
     args = parser.parse_args(argv)
 
     # Blocked before any thread starts, so every thread inherits the mask and sigwait() receives them.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    standin = _StateFileStandIn(args.state_file, args.token, args.rate_limit)
+    standin = _StateFileStandIn(args.state_file, args.token, args.rate_limit, args.latency)
     standin._port = args.port
     standin._contacts_changed()  # the file exists from READY on, so a parent can read it at any time
     standin.start()

@@ -1,7 +1,8 @@
 """The one rule for wiping a PostgreSQL database in tests and benchmarks: only a test database.
 
-The suite and ``bench/diff_bench.py`` run ``DROP SCHEMA public CASCADE`` on the
-URL they are given. A URL pasted from production must not be wiped by mistake.
+The suite and the benchmarks (``bench/perf.py``, ``bench/prune_bench.py``) run
+``DROP SCHEMA public CASCADE`` on the URL they are given. A URL pasted from production must
+not be wiped by mistake.
 """
 
 from __future__ import annotations

@@ -140,3 +140,14 @@ def test_progress_lines_come_at_least_every_interval(caplog: pytest.LogCaptureFi
         progress.sent(1)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivering:")]
     assert lines == ["delivering: 60 sent, 900 remaining, 1.0 calls/s, ETA 15m00s"]
+
+
+def test_the_stand_in_answers_no_sooner_than_its_latency() -> None:
+    # The benchmark's "50 ms a call" row relies on it; a lower bound, so no clock race.
+    with GleapStandIn(TOKEN, latency_seconds=0.2) as slow:
+        started = time.monotonic()
+        answer, _ = identify(slow)
+        elapsed = time.monotonic() - started
+    assert answer.ok
+    assert elapsed >= 0.2
+    assert slow.identify_calls == [{"vip": True, "userId": "u1"}]
