@@ -381,7 +381,7 @@ class Store:
             return {r.user_id: (r.desired, r.acked) for r in rows}
 
 
-def _kept_pending(audience_ids: Sequence[int]) -> sa.Select[tuple[int]]:
+def _kept_pending(audience_ids: Sequence[int]) -> sa.Select[Any]:
     return sa.select(sa.func.coalesce(sa.func.sum(audience_counts.c.pending), 0)).where(
         audience_counts.c.audience_id.in_(audience_ids)
     )

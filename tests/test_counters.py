@@ -44,20 +44,22 @@ def assert_counters_exact(store: Store) -> dict[str, tuple[int, ...]]:
     return kept
 
 
-def refresh(
-    store: Store, audience: Audience, ids: list[str] | list[tuple[str, str | None]], **kw: bool
-) -> None:
+def refresh(store: Store, audience: Audience, ids: list[str], *, full: bool = False) -> None:
     run_id = store.start_run("cycle", audience, "incremental")
-    valued = bool(ids) and isinstance(ids[0], tuple)
-    store.refresh(audience, run_id, iter([ids]), full=kw.get("full", False), valued=valued)
+    store.refresh(audience, run_id, iter([ids]), full=full)
 
 
-def answer(store: Store, audience: Audience, answers: dict[str, int], **kw: bool) -> None:
+def refresh_values(store: Store, audience: Audience, rows: list[tuple[str, str | None]]) -> None:
+    run_id = store.start_run("cycle", audience, "incremental")
+    store.refresh(audience, run_id, iter([rows]), full=False, valued=True)
+
+
+def answer(store: Store, audience: Audience, answers: dict[str, int], *, permanent: bool = False) -> None:
     """Gleap answers each user's pending change with this status."""
     run_id = store.start_run("cycle", audience, "delivery")
     rows = store.pending_page(audience.id, [audience.id], "", 1000)
     outcomes = [
-        Outcome((c,), answers[c.user_id], None if answers[c.user_id] < 300 else "bad", **kw)
+        Outcome((c,), answers[c.user_id], None if answers[c.user_id] < 300 else "bad", permanent=permanent)
         for c in rows
         if c.user_id in answers
     ]
@@ -70,7 +72,7 @@ def test_every_write_path_keeps_the_counters_exact(store: Store) -> None:
     assert assert_counters_exact(store) == {"a": (0,) * 5, "b": (0,) * 5}
     # apply_stage: an initial refresh inserts; members with contact fields (_apply_values).
     refresh(store, a, [f"u{i}" for i in range(6)])
-    refresh(store, b, [(f"u{i}", encode({"plan": "pro"})) for i in range(4)])
+    refresh_values(store, b, [(f"u{i}", encode({"plan": "pro"})) for i in range(4)])
     assert assert_counters_exact(store) == {"a": (6, 6, 0, 0, 0), "b": (4, 4, 0, 0, 4)}
     # outcomes: acknowledged (upsert), rejected twice to parking, unknown (write-ahead marks first).
     changes = store.pending_page(a.id, [a.id], "", 1000)
@@ -85,7 +87,9 @@ def test_every_write_path_keeps_the_counters_exact(store: Store) -> None:
     assert assert_counters_exact(store) == {"a": (6, 2, 1, 0, 0), "b": (4, 2, 0, 1, 2)}
     # Incremental: leavers (never told: settled away; told: owed a false), a joiner, new values.
     refresh(store, a, ["u0", "u3", "u4", "u6"])
-    refresh(store, b, [("u0", encode({"plan": "free"})), ("u1", encode({"plan": "pro"})), ("u9", None)])
+    refresh_values(
+        store, b, [("u0", encode({"plan": "free"})), ("u1", encode({"plan": "pro"})), ("u9", None)]
+    )
     assert assert_counters_exact(store) == {"a": (4, 4, 1, 0, 0), "b": (3, 3, 0, 1, 1)}
     # The leavers' false acknowledged: their rows go (the DELETE after an acknowledgement).
     answer(store, a, {"u1": 200, "u2": 200})
