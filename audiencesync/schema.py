@@ -198,10 +198,10 @@ memberships = sa.Table(
     sa.Index("ix_memberships_user_id", "user_id"),
 )
 
-# Per audience, counts of its memberships rows, kept by triggers (migration 0008) in the
-# transaction of every write to memberships, so they never drift from the rows: `status`,
+# Per audience, counts of its memberships and events rows, kept by triggers (migration 0008) in the
+# transaction of every write to them, so they never drift from the rows: `status`,
 # /metrics and /healthz read these instead of counting millions of rows. Each counts the
-# rows that status.py's condition of the same name selects.
+# rows that the condition of the same name in status.py (events.py: events_*) selects.
 audience_counts = sa.Table(
     "audience_counts",
     metadata,
@@ -211,6 +211,9 @@ audience_counts = sa.Table(
     sa.Column("parked", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("unknown", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("fields_pending", sa.BigInteger, nullable=False, server_default="0"),  # FIELDS_OWED
+    # Its events: owed (not acknowledged, not parked), and parked.
+    sa.Column("events_pending", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("events_parked", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 sync_runs = sa.Table(

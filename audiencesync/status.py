@@ -170,7 +170,7 @@ def audience_status(conn: Connection, *, scan: bool = False) -> list[AudienceSta
         .order_by(audiences.c.key)
     )
     rows = conn.execute(query).all()
-    event_counts = counts_by_audience(conn)
+    event_counts = counts_by_audience(conn, scan=scan)
     run_rows = {
         r.id: dict(r._mapping)
         for r in conn.execute(sa.select(sync_runs).where(sync_runs.c.id.in_([r.run_id for r in rows])))

@@ -178,12 +178,7 @@ def readings(store: store_mod.Store, repeat: int) -> list[tuple[str, float, floa
 
 
 NEW_INDEXES = ("ix_memberships_oldest_pending", "ix_memberships_backoff", "ix_memberships_user_id")
-TRIGGERS = (
-    "audience_counts_insert",
-    "audience_counts_update",
-    "audience_counts_delete",
-    "audience_counts_move",
-)
+TRIGGERS = tuple(f"memberships_counts_{op}" for op in ("insert", "update", "delete", "move"))
 
 
 def refresh_once(

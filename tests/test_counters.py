@@ -8,14 +8,14 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync import database, status as status_mod, store as store_mod
+from audiencesync import database, events as events_mod, status as status_mod, store as store_mod
 from audiencesync.forget import Forgetter
 from audiencesync.renames import Renames
 from audiencesync.schema import UtcDateTime, audience_counts, audiences
 from audiencesync.store import Audience, Backoff, Outcome, Store
 from audiencesync.values import encode
 
-COUNTERS = ("members", "pending", "parked", "unknown", "fields_pending")
+COUNTERS = ("members", "pending", "parked", "unknown", "fields_pending", "events_pending", "events_parked")
 
 
 def assert_counters_exact(store: Store) -> dict[str, tuple[int, ...]]:
@@ -31,17 +31,24 @@ def assert_counters_exact(store: Store) -> dict[str, tuple[int, ...]]:
                 )
             )
         }
-        counted = {
-            r.key: tuple(int(v or 0) for v in r[1:])
-            for r in conn.execute(
-                sa.select(audiences.c.key, *(scanned.c[c] for c in COUNTERS)).join(
-                    scanned, scanned.c.audience_id == audiences.c.id, isouter=True
-                )
+        rows = conn.execute(
+            sa.select(audiences.c.id, audiences.c.key, *(scanned.c[c] for c in COUNTERS[:5])).join(
+                scanned, scanned.c.audience_id == audiences.c.id, isouter=True
             )
-        }
+        )
+        events = events_mod.counts_by_audience(conn, scan=True)
+        counted = {r.key: (*(int(v or 0) for v in r[2:]), *events.get(r.id, (0, 0))) for r in rows}
         assert kept == counted
         assert status_mod.audience_status(conn) == status_mod.audience_status(conn, scan=True)
-    return kept
+    return {key: counts[:5] for key, counts in kept.items()}
+
+
+def events_of(store: Store, key: str) -> tuple[int, int]:
+    with store.engine.connect() as conn:
+        counted = assert_counters_exact(store)
+        assert key in counted
+        audience_id = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar_one()
+        return events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0))
 
 
 def refresh(store: Store, audience: Audience, ids: list[str], *, full: bool = False) -> None:
@@ -107,6 +114,35 @@ def test_every_write_path_keeps_the_counters_exact(store: Store) -> None:
     Forgetter(store.engine).forget(["u0", "u4", "u9"])
     counts = assert_counters_exact(store)
     assert counts["a"][0] == 2
+
+
+def test_the_events_writes_keep_their_counters_exact(store: Store) -> None:
+    a = store.ensure_audience("a", "A")
+    names = events_mod.EventNames("Audience Entered", "Audience Exited")
+    run_id = store.start_run("cycle", a, "initial")
+    store.refresh(a, run_id, iter([["u1", "u2", "u3", "u4"]]), full=False, events=names)
+    assert events_of(store, "a") == (4, 0)
+    outbox = events_mod.Outbox(store.engine, clock=lambda: store_mod.utc_now() + timedelta(hours=1))
+    answer(store, a, {"u1": 200, "u2": 200, "u3": 200, "u4": 200})  # identify first: events wait on it
+    due = outbox.due([a.id], 0, 100)
+    assert len(due) == 4
+    outbox.mark_unknown(due)
+    assert events_of(store, "a") == (4, 0)
+    outbox.restore_unknown(due)
+    record = outbox.record
+    record(events_mod.EventOutcome(tuple(due[:2]), 200), lambda _: run_id, max_attempts=1, backoff=(1, 60))
+    record(
+        events_mod.EventOutcome(tuple(due[2:3]), 400, "bad", permanent=True),
+        lambda _: run_id,
+        max_attempts=1,
+        backoff=(1, 60),
+    )
+    assert events_of(store, "a") == (1, 1)
+    assert store.requeue("a") == 1
+    assert events_of(store, "a") == (2, 0)
+    refresh(store, a, ["u1"])  # leavers: their exits, when told (no events= here: none made)
+    Forgetter(store.engine).forget(["u4"])
+    assert events_of(store, "a") == (1, 0)
 
 
 def test_an_audience_deleted_takes_its_counters(store: Store) -> None:
