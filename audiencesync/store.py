@@ -259,20 +259,15 @@ class Store:
         if not changes:
             return
         with self._write() as conn:
-            conn.execute(
-                sa.text("UPDATE memberships SET unknown = true WHERE audience_id = :a AND user_id = :u"),
-                [{"a": c.audience_id, "u": c.user_id} for c in changes],
-            )
+            _set_unknown(conn, [(c.audience_id, c.user_id) for c in changes], True)
 
     def restore_unknown(self, changes: Sequence[PendingChange]) -> None:
         """Calls marked but never sent: give the rows back the mark they had."""
         if not changes:
             return
         with self._write() as conn:
-            conn.execute(
-                sa.text("UPDATE memberships SET unknown = :k WHERE audience_id = :a AND user_id = :u"),
-                [{"a": c.audience_id, "u": c.user_id, "k": c.unknown} for c in changes],
-            )
+            for mark in (True, False):
+                _set_unknown(conn, [(c.audience_id, c.user_id) for c in changes if c.unknown == mark], mark)
 
     def record(
         self,
@@ -385,3 +380,13 @@ def _kept_pending(audience_ids: Sequence[int]) -> sa.Select[Any]:
     return sa.select(sa.func.coalesce(sa.func.sum(audience_counts.c.pending), 0)).where(
         audience_counts.c.audience_id.in_(audience_ids)
     )
+
+
+def _set_unknown(conn: Connection, keys: list[tuple[int, str]], mark: bool) -> None:
+    """One statement per 500 rows, not one per row: each fires the counters' trigger once."""
+    for i in range(0, len(keys), 500):
+        conn.execute(
+            sa.update(memberships)
+            .where(sa.tuple_(memberships.c.audience_id, memberships.c.user_id).in_(keys[i : i + 500]))
+            .values(unknown=mark)
+        )
