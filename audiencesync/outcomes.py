@@ -147,28 +147,8 @@ def write_outcomes(
         # if the source changed meanwhile (membership or value), the row stays
         # pending. If the user left and the row was dropped while the call was
         # in flight, it comes back as a non-member that Gleap has a value for.
-        conn.execute(
-            sa.text(
-                "INSERT INTO memberships (audience_id, user_id, desired, acked, acked_value, resend, "
-                "unknown, changed_at, acked_at, attempts, failures, last_status) "
-                "VALUES (:a, :u, false, :v, :j, false, false, :t, :t, 0, 0, :s) "
-                "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, "
-                "acked_value = excluded.acked_value, "
-                "resend = false, unknown = false, acked_at = excluded.acked_at, attempts = 0, "
-                "failures = 0, next_attempt_at = NULL, last_status = excluded.last_status, "
-                "last_error = NULL, parked_at = NULL"
-            ).bindparams(sa.bindparam("t", type_=UtcDateTime)),
-            acked,
-        )
-        leavers = [{"a": row["a"], "u": row["u"]} for row in acked if not row["v"]]
-        if leavers:
-            conn.execute(
-                sa.text(
-                    "DELETE FROM memberships WHERE audience_id = :a AND user_id = :u "
-                    "AND desired = false AND pending = false"
-                ),
-                leavers,
-            )
+        latest = list({(row["a"], row["u"]): row for row in acked}.values())  # as upserts in turn
+        _acknowledge(conn, latest, now)
     if failed:
         # A failure is about the value sent: if the source changed it meanwhile,
         # the new value starts with a clean slate (only the mark is kept).
@@ -203,6 +183,59 @@ def write_outcomes(
                 retries=sync_runs.c.retries + tally["retries"],
                 rate_limited=sync_runs.c.rate_limited + tally["rl"],
             )
+        )
+
+
+UPSERT = (
+    "INSERT INTO memberships (audience_id, user_id, desired, acked, acked_value, resend, "
+    "unknown, changed_at, acked_at, attempts, failures, last_status) {rows} "
+    "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, "
+    "acked_value = excluded.acked_value, "
+    "resend = false, unknown = false, acked_at = excluded.acked_at, attempts = 0, "
+    "failures = 0, next_attempt_at = NULL, last_status = excluded.last_status, "
+    "last_error = NULL, parked_at = NULL"
+)
+LEAVERS = "DELETE FROM memberships {rows} AND desired = false AND pending = false"
+
+
+def _acknowledge(conn: Connection, acked: list[dict[str, Any]], now: datetime) -> None:
+    """Record these 2xx answers, then drop the rows of leavers whose false Gleap acknowledged.
+
+    On PostgreSQL one statement for all the rows (arrays unnested), not one per row: each
+    statement fires the counters' statement trigger (~0.1 ms a firing). SQLite's row triggers
+    cost the same either way.
+    """
+    leavers = [row for row in acked if not row["v"]]
+    if conn.dialect.name != "postgresql":
+        values = "VALUES (:a, :u, false, :v, :j, false, false, :t, :t, 0, 0, :s)"
+        timed = sa.bindparam("t", type_=UtcDateTime)
+        conn.execute(sa.text(UPSERT.format(rows=values)).bindparams(timed), acked)
+        if leavers:
+            where = "WHERE audience_id = :a AND user_id = :u"
+            conn.execute(sa.text(LEAVERS.format(rows=where)), [{"a": r["a"], "u": r["u"]} for r in leavers])
+        return
+    arrays = {
+        "a": [r["a"] for r in acked],
+        "u": [r["u"] for r in acked],
+        "v": [r["v"] for r in acked],
+        "j": [r["j"] for r in acked],
+        "s": [r["s"] for r in acked],
+    }
+    unnested = (
+        "SELECT x.a, x.u, false, x.v, x.j, false, false, :t, :t, 0, 0, x.s FROM unnest("
+        "CAST(:a AS integer[]), CAST(:u AS text[]), CAST(:v AS boolean[]), CAST(:j AS text[]), "
+        "CAST(:s AS integer[])) "
+        "AS x(a, u, v, j, s)"
+    )
+    conn.execute(
+        sa.text(UPSERT.format(rows=unnested)).bindparams(sa.bindparam("t", type_=UtcDateTime)),
+        arrays | {"t": now},
+    )
+    if leavers:
+        keys = "m USING unnest(CAST(:a AS integer[]), CAST(:u AS text[])) AS x(a, u) "
+        conn.execute(
+            sa.text(LEAVERS.format(rows=keys + "WHERE m.audience_id = x.a AND m.user_id = x.u")),
+            {"a": [r["a"] for r in leavers], "u": [r["u"] for r in leavers]},
         )
 
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from audiencesync import events as events_mod
-from audiencesync.schema import DELIVERABLE, memberships, sync_runs
+from audiencesync.schema import audience_counts, sync_runs
 
 
 def start_run(conn: Connection, cycle_id: str, audience_id: int, mode: str, *, now: datetime) -> int:
@@ -60,14 +60,13 @@ def finish_run(
     audience_id = conn.execute(
         sa.select(sync_runs.c.audience_id).where(sync_runs.c.id == run_id)
     ).scalar_one()
+    # The counters the triggers keep (status.py's counts): a scan of a big audience here
+    # would hold the write transaction for seconds.
+    c = audience_counts.c
     counts = conn.execute(
-        sa.select(
-            sa.func.count().filter(DELIVERABLE),
-            sa.func.count().filter(memberships.c.parked_at.is_not(None), memberships.c.pending),
-            sa.func.count().filter(memberships.c.unknown == sa.true()),
-        ).where(memberships.c.audience_id == audience_id)
-    ).one()
-    pending, parked, unknown = (int(n or 0) for n in counts)
+        sa.select(c.pending, c.parked, c.unknown).where(c.audience_id == audience_id)
+    ).one_or_none()
+    pending, parked, unknown = (int(n) for n in counts) if counts is not None else (0, 0, 0)
     events_owed = sum(events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0)))
     if status == "succeeded" and (pending or parked or events_owed):
         status = "partial"

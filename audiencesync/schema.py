@@ -178,6 +178,42 @@ memberships = sa.Table(
         sqlite_where=sa.text("pending = 1"),
         postgresql_where=sa.text("pending"),
     ),
+    # An audience's oldest deliverable change is the first entry of its range.
+    sa.Index(
+        "ix_memberships_oldest_pending",
+        "audience_id",
+        "changed_at",
+        sqlite_where=sa.text("pending = 1 AND parked_at IS NULL"),
+        postgresql_where=sa.text("pending AND parked_at IS NULL"),
+    ),
+    # Only the deliverable rows waiting out a backoff: what is due is pending minus these.
+    sa.Index(
+        "ix_memberships_backoff",
+        "audience_id",
+        "next_attempt_at",
+        sqlite_where=sa.text("pending = 1 AND parked_at IS NULL AND next_attempt_at IS NOT NULL"),
+        postgresql_where=sa.text("pending AND parked_at IS NULL AND next_attempt_at IS NOT NULL"),
+    ),
+    # Lookups by user alone (forget, retry --user): the primary key leads with the audience.
+    sa.Index("ix_memberships_user_id", "user_id"),
+)
+
+# Per audience, counts of its memberships and events rows, kept by triggers (migration 0008) in the
+# transaction of every write to them, so they never drift from the rows: `status`,
+# /metrics and /healthz read these instead of counting millions of rows. Each counts the
+# rows that the condition of the same name in status.py (events.py: events_*) selects.
+audience_counts = sa.Table(
+    "audience_counts",
+    metadata,
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), primary_key=True),
+    sa.Column("members", sa.BigInteger, nullable=False, server_default="0"),  # desired
+    sa.Column("pending", sa.BigInteger, nullable=False, server_default="0"),  # DELIVERABLE
+    sa.Column("parked", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("unknown", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("fields_pending", sa.BigInteger, nullable=False, server_default="0"),  # FIELDS_OWED
+    # Its events: owed (not acknowledged, not parked), and parked.
+    sa.Column("events_pending", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("events_parked", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 sync_runs = sa.Table(

@@ -33,8 +33,8 @@ from audiencesync.outcomes import Backoff as Backoff, Outcome as Outcome, Pendin
 from audiencesync.pending import pending_page, pending_page_query as pending_page_query
 from audiencesync.schema import (
     DELIVERABLE,
+    audience_counts,
     audiences,
-    due,
     fenced_write,
     leases,
     memberships,
@@ -271,20 +271,15 @@ class Store:
         if not changes:
             return
         with self._write() as conn:
-            conn.execute(
-                sa.text("UPDATE memberships SET unknown = true WHERE audience_id = :a AND user_id = :u"),
-                [{"a": c.audience_id, "u": c.user_id} for c in changes],
-            )
+            _set_unknown(conn, [(c.audience_id, c.user_id) for c in changes], True)
 
     def restore_unknown(self, changes: Sequence[PendingChange]) -> None:
         """Calls marked but never sent: give the rows back the mark they had."""
         if not changes:
             return
         with self._write() as conn:
-            conn.execute(
-                sa.text("UPDATE memberships SET unknown = :k WHERE audience_id = :a AND user_id = :u"),
-                [{"a": c.audience_id, "u": c.user_id, "k": c.unknown} for c in changes],
-            )
+            for mark in (True, False):
+                _set_unknown(conn, [(c.audience_id, c.user_id) for c in changes if c.unknown == mark], mark)
 
     def record(
         self,
@@ -309,29 +304,42 @@ class Store:
         failpoints.reach("after-record")
 
     def pending_count(self, audience_ids: Sequence[int]) -> int:
-        """Changes owed to Gleap and not parked (those waiting out a backoff included)."""
-        return self._count(DELIVERABLE, audience_ids)
+        """Changes owed to Gleap and not parked (those waiting out a backoff included).
+
+        From the counters the triggers keep (migration 0008): a row per audience read."""
+        with self._read() as conn:
+            return int(conn.execute(_kept_pending(audience_ids)).scalar_one())
 
     def due_count(self, audience_ids: Sequence[int]) -> int:
         """Changes a delivery pass would send now (pending, not parked, past their backoff),
-        and events it would send now (up to 1,000 of them)."""
+        and events it would send now (up to 1,000 of them).
+
+        The pending counter less the rows still waiting out a backoff, counted in the index
+        that holds only those: one statement, so both are read from one snapshot."""
+        if not audience_ids:
+            return 0
         outbox = events_mod.Outbox(self.engine, clock=self.clock)
-        return self._count(due(memberships, self.clock()), audience_ids) + outbox.due_count(audience_ids)
+        waiting = (
+            sa.select(sa.func.count())
+            .select_from(memberships)
+            .where(
+                memberships.c.audience_id.in_(audience_ids),
+                DELIVERABLE,
+                memberships.c.next_attempt_at.is_not(None),
+                memberships.c.next_attempt_at > self.clock(),
+            )
+            .scalar_subquery()
+        )
+        with self._read() as conn:
+            changes = int(
+                conn.execute(sa.select(_kept_pending(audience_ids).scalar_subquery() - waiting)).scalar_one()
+            )
+        return changes + outbox.due_count(audience_ids)
 
     def event_counts(self, audience_id: int) -> tuple[int, int]:
         """(events pending, events parked) of one audience."""
         with self._read() as conn:
             return events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0))
-
-    def _count(self, condition: sa.ColumnElement[bool], audience_ids: Sequence[int]) -> int:
-        with self._read() as conn:
-            return int(
-                conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(memberships)
-                    .where(condition, memberships.c.audience_id.in_(audience_ids))
-                ).scalar_one()
-            )
 
     # --- parked failures ---
 
@@ -378,3 +386,19 @@ class Store:
                 .where(audiences.c.key == audience_key)
             )
             return {r.user_id: (r.desired, r.acked) for r in rows}
+
+
+def _kept_pending(audience_ids: Sequence[int]) -> sa.Select[Any]:
+    return sa.select(sa.func.coalesce(sa.func.sum(audience_counts.c.pending), 0)).where(
+        audience_counts.c.audience_id.in_(audience_ids)
+    )
+
+
+def _set_unknown(conn: Connection, keys: list[tuple[int, str]], mark: bool) -> None:
+    """One statement per 500 rows, not one per row: each fires the counters' trigger once."""
+    for i in range(0, len(keys), 500):
+        conn.execute(
+            sa.update(memberships)
+            .where(sa.tuple_(memberships.c.audience_id, memberships.c.user_id).in_(keys[i : i + 500]))
+            .values(unknown=mark)
+        )
