@@ -3,10 +3,13 @@
 Audiences take turns a page of users at a time (``call_turns``), so a new
 audience's hours-long first sync never starves the few changes of the others.
 Each user gets one call carrying all of their pending properties (memberships,
-trait values). Calls run concurrently through the shared rate limiter, and
-every answer is stored as soon as it arrives. A call's concurrency slot is freed only then, so at most
-``max_concurrency`` calls are ever sent but not yet recorded: that bounds what
-a crash can make the next run send again.
+trait values). Calls run concurrently through the shared rate limiter, up to
+``max_concurrency`` at a time. Answers are recorded in batches, one store
+transaction each: a batch closes at ``RECORD_BATCH`` answers or ``RECORD_LINGER``
+seconds after its first answer, whichever comes first. A call's concurrency slot
+is freed when its answer arrives, but no new call starts while
+``max_concurrency + RECORD_WINDOW`` calls are sent and not yet recorded: that
+bounds what a crash can make the next run send again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from itertools import islice
 
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
@@ -35,6 +39,13 @@ from audiencesync.track import EventSender
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+
+# Answers received but not yet recorded, at most (on top of the max_concurrency calls in flight):
+# what a kill can make the next run send again, beside those calls. Two batches' worth, so that
+# one batch fills while the one before is written.
+RECORD_WINDOW = 100
+RECORD_BATCH = RECORD_WINDOW // 2  # answers per store transaction, at most
+RECORD_LINGER = 0.05  # seconds a batch waits for more answers after its first one
 
 
 class Deliverer:
@@ -109,8 +120,9 @@ class Deliverer:
         given their mark back at the end.
         """
         answers: asyncio.Queue[Outcome | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.gleap.max_concurrency)
-        called: set[str] = set()  # users already called in this pass
+        slots = asyncio.Semaphore(self.gleap.max_concurrency)  # calls in flight
+        # Calls sent and not yet recorded: in flight, or answered and waiting for their batch.
+        unrecorded = asyncio.Semaphore(self.gleap.max_concurrency + RECORD_WINDOW)
         refused: GleapAuthError | None = None
         calls = 0
         progress = _ProgressLog(self.store, audience_ids, self.clock, self.progress_every)
@@ -119,16 +131,7 @@ class Deliverer:
         async def write_answers() -> None:
             done = False
             while not done:
-                batch: list[Outcome] = []
-                item = await answers.get()
-                while True:
-                    if item is None:
-                        done = True
-                        break
-                    batch.append(item)
-                    if answers.empty():
-                        break
-                    item = answers.get_nowait()
+                batch, done = await _next_batch(answers)
                 if batch:
                     failpoints.reach("before-record")
                     ids = {c.audience_id: run_ids(c.audience_id) for o in batch for c in o.changes}
@@ -141,7 +144,7 @@ class Deliverer:
                     if tick is not None:
                         tick(len(batch))
                 for _ in batch:
-                    slots.release()
+                    unrecorded.release()
 
         async def send(client: GleapClient, user_id: str, call: Call[PendingChange]) -> None:
             changes = call.changes
@@ -154,10 +157,13 @@ class Deliverer:
                 refused = refused or exc
                 marked.unsent(changes)
                 slots.release()
+                unrecorded.release()
                 return
             except BaseException:
                 slots.release()
+                unrecorded.release()
                 raise
+            slots.release()
             answers.put_nowait(
                 Outcome(
                     tuple(changes),
@@ -197,7 +203,6 @@ class Deliverer:
         plan = plan_calls(
             self.store,
             audience_ids,
-            called,
             self.page_size,
             keys=keys,
             field_order=self.field_order,
@@ -212,18 +217,23 @@ class Deliverer:
                         in_flight: set[asyncio.Task[None]] = set()
                         async with asyncio.TaskGroup() as senders:
                             watcher = senders.create_task(stopper(in_flight)) if stop is not None else None
+                            queued: list[tuple[str, Call[PendingChange]]] = []
                             while not halted():
                                 if new_work is not None and new_work.is_set():
                                     break
-                                item = await asyncio.to_thread(next, plan, None)
-                                if item is None:
-                                    break
-                                user_id, call = item
+                                if not queued:
+                                    # A page's worth per trip to the store's thread, not a trip per call.
+                                    queued = await asyncio.to_thread(_take, plan, self.page_size)
+                                    queued.reverse()
+                                    if not queued:
+                                        break
+                                user_id, call = queued.pop()
+                                await unrecorded.acquire()
                                 await slots.acquire()
                                 if halted():
                                     slots.release()
+                                    unrecorded.release()
                                     break
-                                called.add(user_id)
                                 marked.sent(call.changes)
                                 task = senders.create_task(send(client, user_id, call))
                                 in_flight.add(task)
@@ -267,6 +277,37 @@ class Deliverer:
                 last_error=self.breaker.last_error or "unknown",
             )
         return calls
+
+
+def _take(plan: Iterator[tuple[str, Call[PendingChange]]], n: int) -> list[tuple[str, Call[PendingChange]]]:
+    return list(islice(plan, n))
+
+
+async def _next_batch(answers: asyncio.Queue[Outcome | None]) -> tuple[list[Outcome], bool]:
+    """The next batch of answers to record in one transaction, and whether the pass ended (None).
+
+    Waits for a first answer, then takes more until ``RECORD_BATCH`` of them or
+    ``RECORD_LINGER`` seconds have passed, whichever comes first.
+    """
+    loop = asyncio.get_running_loop()
+    batch: list[Outcome] = []
+    item = await answers.get()
+    deadline = loop.time() + RECORD_LINGER
+    while item is not None:
+        batch.append(item)
+        if len(batch) >= RECORD_BATCH:
+            return batch, False
+        if answers.empty():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return batch, False
+            try:
+                item = await asyncio.wait_for(answers.get(), remaining)
+            except TimeoutError:
+                return batch, False
+        else:
+            item = answers.get_nowait()
+    return batch, True
 
 
 class _Marks:

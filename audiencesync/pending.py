@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,10 +16,20 @@ from audiencesync.schema import audiences, due, memberships
 
 
 def pending_page_query(
-    audience_id: int, audience_ids: Sequence[int], after: str, limit: int, now: datetime | None = None
+    audience_id: int,
+    audience_ids: Sequence[int],
+    after: str,
+    limit: int,
+    now: datetime | None = None,
+    passed: Mapping[int, str | None] | None = None,
 ) -> sa.Select[Any]:
     """Users after ``after`` with a due change in ``audience_id``, with all their due
-    changes in ``audience_ids``; the primary key serves both the filter and the order."""
+    changes in ``audience_ids``; the primary key serves both the filter and the order.
+
+    ``passed``: how far each other audience's cursor has gone in this pass (None:
+    to the end). A row its cursor passed comes back ``carried``. It is compared in
+    SQL, so that the database's collation, which ordered the pages, decides.
+    """
     now = now or utc_now()
     users = (
         sa.select(memberships.c.user_id)
@@ -29,6 +39,12 @@ def pending_page_query(
         .subquery("next_users")
     )
     m = memberships.alias("m")
+    whens = [
+        (m.c.audience_id == other, sa.true() if cursor is None else m.c.user_id <= cursor)
+        for other, cursor in (passed or {}).items()
+        if other != audience_id and cursor != ""
+    ]
+    carried = sa.case(*whens, else_=sa.false()) if whens else sa.false()
     return (
         sa.select(
             m.c.audience_id,
@@ -39,6 +55,7 @@ def pending_page_query(
             audiences.c.kind,
             # What the call carries: the row's value while desired; a trait's missing value otherwise.
             sa.case((m.c.desired, m.c.value), else_=audiences.c.missing).label("value"),
+            carried.label("carried"),
         )
         .join(audiences, audiences.c.id == m.c.audience_id)
         .where(
@@ -51,19 +68,26 @@ def pending_page_query(
 
 
 def pending_page(
-    conn: Connection, audience_id: int, audience_ids: Sequence[int], after: str, limit: int, now: datetime
+    conn: Connection,
+    audience_id: int,
+    audience_ids: Sequence[int],
+    after: str,
+    limit: int,
+    now: datetime,
+    passed: Mapping[int, str | None] | None = None,
 ) -> list[PendingChange]:
     """``pending_page_query``'s rows as the changes one call carries (values decoded)."""
-    rows = conn.execute(pending_page_query(audience_id, audience_ids, after, limit, now))
+    rows = conn.execute(pending_page_query(audience_id, audience_ids, after, limit, now, passed)).all()
     return [
         PendingChange(
-            r.audience_id,
-            r.user_id,
-            r.desired,
-            r.unknown,
-            r.failures,
-            kind=r.kind,
-            value=values.decode(r.value),
+            audience_id,
+            user_id,
+            desired,
+            unknown,
+            failures,
+            kind=kind,
+            value=values.decode(value),
+            carried=bool(carried),
         )
-        for r in rows
+        for audience_id, user_id, desired, unknown, failures, kind, value, carried in rows
     ]

@@ -155,7 +155,7 @@ def phase_pending(config: Config) -> Figures:
     # Right after the refresh, as a cycle reads it: on PostgreSQL before autovacuum has analyzed.
     store, audience = _open_store(config)
     start = time.perf_counter()
-    calls = plan_calls(store, [audience.id], set(), keys={audience.id: audience.key})
+    calls = plan_calls(store, [audience.id], keys={audience.id: audience.key})
     rows = sum(len(call.changes) for _, call in calls)
     return {"seconds": time.perf_counter() - start, "rows": rows}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import sqlalchemy as sa
 
@@ -324,3 +326,52 @@ def test_many_members_across_pages(make_config: ConfigFactory, source: SourceDB,
     report = cycle(config)
     assert report.complete and report.calls == 1_234 and len(gleap.contacts) == 1_234
     assert sum(1 for c in gleap.contacts.values() if c.get("segment_b")) == 412
+
+
+THREE_AUDIENCES = (
+    TWO_AUDIENCES
+    + """
+[[audiences]]
+name = "Segment C"
+source = "main"
+query = "SELECT user_id FROM members WHERE segment = 'c'"
+"""
+)
+
+
+def test_a_pass_over_three_overlapping_audiences_calls_each_user_exactly_once(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    """No per-user set: a user's due changes in all three go in their one call, whichever
+    audience's cursor reaches them first, while calls are still in flight or after they failed."""
+    a = [f"u{i:03d}" for i in range(0, 400)]
+    b = [f"u{i:03d}" for i in range(100, 600, 2)]
+    c = [f"u{i:03d}" for i in range(0, 600, 3)]
+    source.set(a, "a")
+    source.set(b, "b")
+    source.set(c, "c")
+    distinct = set(a) | set(b) | set(c)
+    config = make_config(gleap.base_url, audiences=THREE_AUDIENCES)  # retry_backoff = "0s"
+    gleap.delay_next(60, 0.05)  # calls in flight while the other cursors reach their users
+    gleap.fail_user("u102", 400, times=1)  # a verdict: due again at once, but not in this pass
+    gleap.fail_user("u300", 503)  # no verdict after the retries: the same
+    engine = store_mod.create_engine(config.store.url)
+    store_mod.upgrade(engine)
+    syncer = Syncer(config, Store(engine), backoff_initial=0.01, page_size=7)  # many turns
+    try:
+        report = syncer.run_cycle()
+    finally:
+        syncer.sources.dispose()
+        engine.dispose()
+
+    bodies = [r.body for r in gleap.requests if r.path.startswith("/admin/identify")]
+    users = Counter(body["userId"] for body in bodies)
+    assert set(users) == distinct
+    assert report.calls == len(distinct)
+    # One call each; u300's is four requests (max_retries = 3).
+    assert {u: n for u, n in users.items() if n != 1} == {"u300": 4}
+    failed = next(body for body in bodies if body["userId"] == "u102")  # in a, b and c: one call
+    assert (failed["segment_a"], failed["segment_b"], failed["segment_c"]) == (True, True, True)
+    gleap.clear_faults()
+    report = cycle(config)
+    assert report.complete and report.calls == 2  # the two failed users, in the next pass
