@@ -3,13 +3,13 @@
 Audiences take turns a page of users at a time (``call_turns``), so a new
 audience's hours-long first sync never starves the few changes of the others.
 Each user gets one call carrying all of their pending properties (memberships,
-trait values). Calls run concurrently through the shared rate limiter, up to
-``max_concurrency`` at a time. Answers are recorded in batches, one store
-transaction each: a batch closes at ``RECORD_BATCH`` answers or ``RECORD_LINGER``
-seconds after its first answer, whichever comes first. A call's concurrency slot
-is freed when its answer arrives, but no new call starts while
-``max_concurrency + RECORD_WINDOW`` calls are sent and not yet recorded: that
-bounds what a crash can make the next run send again.
+trait values). ``max_concurrency`` senders make the calls through the shared
+rate limiter, each its next call once the last one's answer arrived. Answers are
+recorded in batches, one store transaction each: a batch closes at
+``RECORD_BATCH`` answers or ``RECORD_LINGER`` seconds after its first answer,
+whichever comes first. No new call starts while ``max_concurrency +
+RECORD_WINDOW`` calls are sent and not yet recorded: that bounds what a crash
+can make the next run send again.
 """
 
 from __future__ import annotations

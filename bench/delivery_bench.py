@@ -274,7 +274,7 @@ def bench(args: argparse.Namespace) -> int:
             store_url = fresh_store(args, work / f"store{users}.db")
             config = write_config(work / "bench.toml", store_url, source, url, args.audiences, rpm)
             run_phase("refresh", config, args)
-            bare = run_phase("bare", config, args) if not args.limit else None
+            bare = run_phase("bare", config, args) if not (args.limit or args.no_bare) else None
             answered(proc)  # forget the bare loop's answers
             real = run_phase("deliver", config, args)
             times = answered(proc)
@@ -325,6 +325,7 @@ def main() -> int:
         "--profile", action="store_true", help="print cProfile's top entries of each delivery"
     )
     parser.add_argument("--profile-top", type=int, default=25)
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare httpx loop (memory runs)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
