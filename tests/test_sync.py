@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config
+from audiencesync.delivery import RECORD_BATCH, RECORD_WINDOW
 from audiencesync.errors import MissingTokenError
 from audiencesync.gleap import identify_body
-from audiencesync.store import Store
+from audiencesync.store import Outcome, Store
 from audiencesync.sync import AudienceReport, CycleReport, PlannedCall, Syncer
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
@@ -375,3 +380,51 @@ def test_a_pass_over_three_overlapping_audiences_calls_each_user_exactly_once(
     gleap.clear_faults()
     report = cycle(config)
     assert report.complete and report.calls == 2  # the two failed users, in the next pass
+
+
+class _HeldRecords(Store):
+    """A store whose first record waits until the test lets it go."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        super().__init__(engine)
+        self.release = threading.Event()
+        self.waiting = threading.Event()
+        self.batches: list[int] = []
+
+    def record(self, results: Sequence[Outcome], run_ids: dict[int, int], **kwargs: Any) -> None:
+        if not self.batches:
+            self.waiting.set()
+            assert self.release.wait(60)
+        self.batches.append(len(results))
+        super().record(results, run_ids, **kwargs)
+
+
+def test_answers_not_yet_recorded_are_bounded_by_the_record_window(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    """While the store records nothing, calls stop at max_concurrency + RECORD_WINDOW: the crash bound."""
+    users = [f"u{i:04d}" for i in range(400)]
+    source.set(users)
+    config = make_config(gleap.base_url)
+    bound = config.gleap.max_concurrency + RECORD_WINDOW
+    engine = store_mod.create_engine(config.store.url)
+    store_mod.upgrade(engine)
+    store = _HeldRecords(engine)
+    syncer = Syncer(config, store, backoff_initial=0.01)
+    result: list[CycleReport] = []
+    worker = threading.Thread(target=lambda: result.append(syncer.run_cycle()))
+    worker.start()
+    try:
+        assert store.waiting.wait(60), "no answer came to be recorded"
+        deadline = time.monotonic() + 30
+        while len(gleap.identify_calls) < bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # room for a call past the bound to show up, were there one
+        assert len(gleap.identify_calls) == bound
+    finally:
+        store.release.set()
+        worker.join(60)
+        syncer.sources.dispose()
+        engine.dispose()
+    assert result and result[0].complete and set(gleap.contacts) == set(users)
+    assert sum(store.batches) == len(users) and max(store.batches) <= RECORD_BATCH
