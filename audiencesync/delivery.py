@@ -18,7 +18,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
 
@@ -205,15 +205,29 @@ class Deliverer:
             conflicts=self.conflicts,
             on_page=marked.mark,
         )
-        queued: deque[tuple[str, Call[PendingChange]]] = deque()
-        planning = asyncio.Lock()
+        # The planner keeps up to a page of calls ahead of the senders, reading the next
+        # page while this one goes out: on PostgreSQL a page's reads and write-ahead mark
+        # take tens of milliseconds, which would otherwise leave every sender idle.
+        queued: asyncio.Queue[tuple[str, Call[PendingChange]] | None] = asyncio.Queue()
+        room = asyncio.Event()
+        closing = False
 
-        async def next_call() -> tuple[str, Call[PendingChange]] | None:
-            async with planning:
-                if not queued:
-                    # A page's worth per trip to the store's thread, not a trip per call.
-                    queued.extend(await asyncio.to_thread(_take, plan, self.page_size))
-                return queued.popleft() if queued else None
+        def ended() -> bool:
+            return closing or halted() or (new_work is not None and new_work.is_set())
+
+        async def planner() -> None:
+            while not ended():
+                if queued.qsize() >= self.page_size:
+                    room.clear()
+                    await room.wait()
+                    continue
+                # A page's worth per trip to the store's thread, not a trip per call.
+                page = await asyncio.to_thread(_take, plan, self.page_size)
+                if not page:
+                    break
+                for item in page:
+                    queued.put_nowait(item)
+            queued.put_nowait(None)
 
         async def sender() -> None:
             """One of ``max_concurrency``: a call at a time, until the plan is done or the pass halts.
@@ -222,12 +236,16 @@ class Deliverer:
             quarter less CPU per call, httpx's pool included.
             """
             nonlocal calls
-            while not halted() and not (new_work is not None and new_work.is_set()):
+            while not ended():
                 await unrecorded.acquire()
-                item = await next_call()
-                if item is None or halted():
+                item = await queued.get()
+                if queued.qsize() < self.page_size:
+                    room.set()
+                if item is None or ended():
                     unrecorded.release()
-                    return
+                    if item is None:
+                        queued.put_nowait(None)  # for the other senders
+                    return  # a call taken but not sent keeps its mark until ``marked.restore``
                 user_id, call = item
                 marked.sent(call.changes)
                 calls += 1
@@ -239,6 +257,7 @@ class Deliverer:
                     supervisor.create_task(write_answers())
                     try:
                         async with asyncio.TaskGroup() as senders:
+                            planning = senders.create_task(planner())
                             n = self.gleap.max_concurrency
                             workers = {senders.create_task(sender()) for _ in range(n)}
                             watcher = senders.create_task(stopper(workers)) if stop is not None else None
@@ -246,6 +265,10 @@ class Deliverer:
                             if watcher is not None:
                                 # Drained normally: wait for the calls, not for a stop signal.
                                 watcher.cancel()
+                            # Not cancelled: a page being read ends with its marks known to ``marked``.
+                            closing = True
+                            room.set()
+                            await planning
                     finally:
                         # Whatever happened, the answers already received get recorded.
                         answers.put_nowait(None)
