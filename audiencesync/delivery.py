@@ -5,7 +5,7 @@ audience's hours-long first sync never starves the few changes of the others.
 Each user gets one call carrying all of their pending properties (memberships,
 trait values). ``max_concurrency`` senders make the calls through the shared
 rate limiter, each its next call once the last one's answer arrived. Answers are
-recorded in batches, one store transaction each: a batch closes at
+recorded in batches (``record_batches``), one store transaction each: a batch closes at
 ``RECORD_BATCH`` answers or ``RECORD_LINGER`` seconds after its first answer,
 whichever comes first. No new call starts while ``max_concurrency +
 RECORD_WINDOW`` calls are sent and not yet recorded: that bounds what a crash
@@ -33,19 +33,13 @@ from audiencesync.errors import AudienceSyncError, GleapAuthError, GleapUnavaila
 from audiencesync.events import Outbox
 from audiencesync.gleap import GleapClient
 from audiencesync.identify_calls import Call
+from audiencesync.record_batches import RECORD_WINDOW, next_batch
 from audiencesync.store import Backoff, Outcome, PendingChange, Store
 from audiencesync.track import EventSender
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
-
-# Answers received but not yet recorded, at most (on top of the max_concurrency calls in flight):
-# what a kill can make the next run send again, beside those calls. Two batches' worth, so that
-# one batch fills while the one before is written.
-RECORD_WINDOW = 100
-RECORD_BATCH = RECORD_WINDOW // 2  # answers per store transaction, at most
-RECORD_LINGER = 0.05  # seconds a batch waits for more answers after its first one
 
 
 class Deliverer:
@@ -130,7 +124,7 @@ class Deliverer:
         async def write_answers() -> None:
             done = False
             while not done:
-                batch, done = await _next_batch(answers)
+                batch, done = await next_batch(answers)
                 if batch:
                     failpoints.reach("before-record")
                     ids = {c.audience_id: run_ids(c.audience_id) for o in batch for c in o.changes}
@@ -308,33 +302,6 @@ class Deliverer:
 
 def _take(plan: Iterator[tuple[str, Call[PendingChange]]], n: int) -> list[tuple[str, Call[PendingChange]]]:
     return list(islice(plan, n))
-
-
-async def _next_batch(answers: asyncio.Queue[Outcome | None]) -> tuple[list[Outcome], bool]:
-    """The next batch of answers to record in one transaction, and whether the pass ended (None).
-
-    Waits for a first answer, then takes more until ``RECORD_BATCH`` of them or
-    ``RECORD_LINGER`` seconds have passed, whichever comes first.
-    """
-    loop = asyncio.get_running_loop()
-    batch: list[Outcome] = []
-    item = await answers.get()
-    deadline = loop.time() + RECORD_LINGER
-    while item is not None:
-        batch.append(item)
-        if len(batch) >= RECORD_BATCH:
-            return batch, False
-        if answers.empty():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return batch, False
-            try:
-                item = await asyncio.wait_for(answers.get(), remaining)
-            except TimeoutError:
-                return batch, False
-        else:
-            item = answers.get_nowait()
-    return batch, True
 
 
 class _Marks:

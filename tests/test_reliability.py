@@ -24,8 +24,8 @@ import sqlalchemy as sa
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config
-from audiencesync.delivery import RECORD_WINDOW
 from audiencesync.lease import WriterLease
+from audiencesync.record_batches import RECORD_WINDOW
 from audiencesync.schema import leases
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn

@@ -13,9 +13,9 @@ import sqlalchemy as sa
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config
-from audiencesync.delivery import RECORD_BATCH, RECORD_WINDOW
 from audiencesync.errors import MissingTokenError
 from audiencesync.gleap import identify_body
+from audiencesync.record_batches import RECORD_BATCH, RECORD_WINDOW
 from audiencesync.store import Outcome, Store
 from audiencesync.sync import AudienceReport, CycleReport, PlannedCall, Syncer
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
