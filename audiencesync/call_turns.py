@@ -10,7 +10,7 @@ and keyset cursors keep a pass finite even when calls fail.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Container, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import groupby
 
 from audiencesync.gleap import MAX_CUSTOM_KEYS
@@ -22,7 +22,6 @@ from audiencesync.store import PendingChange, Store
 def plan_calls(
     store: Store,
     audience_ids: Sequence[int],
-    skip: Container[str],
     page_size: int = 100,
     *,
     keys: Mapping[int, str],
@@ -34,22 +33,34 @@ def plan_calls(
 
     A user's due changes go in one call, with the contact fields that win for
     them across the audiences of ``field_order`` (config order), or in several
-    calls when they carry more than Gleap's 35 custom keys. Users in ``skip``
-    (already called in this pass) are passed over. Keyset cursors per audience
-    make the pass finite even when calls fail. ``on_page`` sees each page's
-    changes before any of them is yielded (the write-ahead mark of calls about
-    to go out). ``conflicts`` counts, per losing audience key, the fields that
-    went out with another audience's value.
+    calls when they carry more than Gleap's 35 custom keys. Keyset cursors per
+    audience make the pass finite even when calls fail. ``on_page`` sees each
+    page's changes before any of them is yielded (the write-ahead mark of calls
+    about to go out). ``conflicts`` counts, per losing audience key, the fields
+    that went out with another audience's value.
+
+    Each user is called once per pass, with no per-user memory: a pass reads
+    what was due when it started (one ``now`` for every page), and a user's
+    call carries their due changes in every audience of the pass. So when an
+    audience's page holds a user with a due change in another audience whose
+    cursor has already passed them, that audience's page held them too, and
+    their call carried this change: they are passed over. (Called and
+    answered, their rows are no longer due: acknowledged, or backed off past
+    ``now``; in flight, still marked due, they are caught by that rule.)
     """
-    cursors = dict.fromkeys(audience_ids, "")
-    while cursors:
-        for audience_id in list(cursors):
-            page = store.pending_page(audience_id, audience_ids, cursors[audience_id], page_size)
-            if not page:
-                del cursors[audience_id]
+    now = store.clock()
+    cursors: dict[int, str | None] = dict.fromkeys(audience_ids, "")  # None: passed every user
+    while any(cursor is not None for cursor in cursors.values()):
+        for audience_id, after in cursors.items():
+            if after is None:
                 continue
-            cursors[audience_id] = max(change.user_id for change in page)
-            users = [(u, list(c)) for u, c in groupby(page, key=lambda c: c.user_id) if u not in skip]
+            page = store.pending_page(audience_id, audience_ids, after, page_size, now=now, passed=cursors)
+            if not page:
+                cursors[audience_id] = None
+                continue
+            cursors[audience_id] = page[-1].user_id  # ordered by user, in the database's collation
+            grouped = [(user_id, list(group)) for user_id, group in groupby(page, key=lambda c: c.user_id)]
+            users = [(user, changes) for user, changes in grouped if not any(c.carried for c in changes)]
             fields = store.page_fields([u for u, _ in users], field_order) if field_order else PageFields()
             calls: list[tuple[str, Call[PendingChange]]] = []
             for user_id, changes in users:

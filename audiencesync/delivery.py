@@ -3,10 +3,13 @@
 Audiences take turns a page of users at a time (``call_turns``), so a new
 audience's hours-long first sync never starves the few changes of the others.
 Each user gets one call carrying all of their pending properties (memberships,
-trait values). Calls run concurrently through the shared rate limiter, and
-every answer is stored as soon as it arrives. A call's concurrency slot is freed only then, so at most
-``max_concurrency`` calls are ever sent but not yet recorded: that bounds what
-a crash can make the next run send again.
+trait values). ``max_concurrency`` senders make the calls through the shared
+rate limiter, each its next call once the last one's answer arrived. Answers are
+recorded in batches (``record_batches``), one store transaction each: a batch closes at
+``RECORD_BATCH`` answers or ``RECORD_LINGER`` seconds after its first answer,
+whichever comes first. No new call starts while ``max_concurrency +
+RECORD_WINDOW`` calls are sent and not yet recorded: that bounds what a crash
+can make the next run send again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from itertools import islice
 
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,6 +33,7 @@ from audiencesync.errors import AudienceSyncError, GleapAuthError, GleapUnavaila
 from audiencesync.events import Outbox
 from audiencesync.gleap import GleapClient
 from audiencesync.identify_calls import Call
+from audiencesync.record_batches import RECORD_WINDOW, next_batch
 from audiencesync.store import Backoff, Outcome, PendingChange, Store
 from audiencesync.track import EventSender
 
@@ -109,8 +114,8 @@ class Deliverer:
         given their mark back at the end.
         """
         answers: asyncio.Queue[Outcome | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.gleap.max_concurrency)
-        called: set[str] = set()  # users already called in this pass
+        # Calls sent and not yet recorded: in flight, or answered and waiting for their batch.
+        unrecorded = asyncio.Semaphore(self.gleap.max_concurrency + RECORD_WINDOW)
         refused: GleapAuthError | None = None
         calls = 0
         progress = _ProgressLog(self.store, audience_ids, self.clock, self.progress_every)
@@ -119,16 +124,7 @@ class Deliverer:
         async def write_answers() -> None:
             done = False
             while not done:
-                batch: list[Outcome] = []
-                item = await answers.get()
-                while True:
-                    if item is None:
-                        done = True
-                        break
-                    batch.append(item)
-                    if answers.empty():
-                        break
-                    item = answers.get_nowait()
+                batch, done = await next_batch(answers)
                 if batch:
                     failpoints.reach("before-record")
                     ids = {c.audience_id: run_ids(c.audience_id) for o in batch for c in o.changes}
@@ -141,7 +137,7 @@ class Deliverer:
                     if tick is not None:
                         tick(len(batch))
                 for _ in batch:
-                    slots.release()
+                    unrecorded.release()
 
         async def send(client: GleapClient, user_id: str, call: Call[PendingChange]) -> None:
             changes = call.changes
@@ -153,10 +149,10 @@ class Deliverer:
                 nonlocal refused
                 refused = refused or exc
                 marked.unsent(changes)
-                slots.release()
+                unrecorded.release()
                 return
             except BaseException:
-                slots.release()
+                unrecorded.release()
                 raise
             answers.put_nowait(
                 Outcome(
@@ -181,8 +177,8 @@ class Deliverer:
             assert stop is not None
             while not stop.is_set():
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(0)  # let the producer notice and stop first
-            _, unfinished = await asyncio.wait(tasks, timeout=grace_seconds) if tasks else ((), set())
+            # The senders start no new call now; those in flight get the grace period.
+            _, unfinished = await asyncio.wait(tasks, timeout=grace_seconds)
             for task in unfinished:
                 task.cancel()
 
@@ -197,41 +193,76 @@ class Deliverer:
         plan = plan_calls(
             self.store,
             audience_ids,
-            called,
             self.page_size,
             keys=keys,
             field_order=self.field_order,
             conflicts=self.conflicts,
             on_page=marked.mark,
         )
+        # The planner keeps up to a page of calls ahead of the senders, reading the next
+        # page while this one goes out: on PostgreSQL a page's reads and write-ahead mark
+        # take tens of milliseconds, which would otherwise leave every sender idle.
+        queued: asyncio.Queue[tuple[str, Call[PendingChange]] | None] = asyncio.Queue()
+        room = asyncio.Event()
+        closing = False
+
+        def ended() -> bool:
+            return closing or halted() or (new_work is not None and new_work.is_set())
+
+        async def planner() -> None:
+            while not ended():
+                if queued.qsize() >= self.page_size:
+                    room.clear()
+                    await room.wait()
+                    continue
+                # A page's worth per trip to the store's thread, not a trip per call.
+                page = await asyncio.to_thread(_take, plan, self.page_size)
+                if not page:
+                    break
+                for item in page:
+                    queued.put_nowait(item)
+            queued.put_nowait(None)
+
+        async def sender() -> None:
+            """One of ``max_concurrency``: a call at a time, until the plan is done or the pass halts.
+
+            A fixed set of senders, rather than a task per call: measured, it costs a
+            quarter less CPU per call, httpx's pool included.
+            """
+            nonlocal calls
+            while not ended():
+                await unrecorded.acquire()
+                item = await queued.get()
+                if queued.qsize() < self.page_size:
+                    room.set()
+                if item is None or ended():
+                    unrecorded.release()
+                    if item is None:
+                        queued.put_nowait(None)  # for the other senders
+                    return  # a call taken but not sent keeps its mark until ``marked.restore``
+                user_id, call = item
+                marked.sent(call.changes)
+                calls += 1
+                await send(client, user_id, call)
+
         try:
             async with client:
                 async with asyncio.TaskGroup() as supervisor:
                     supervisor.create_task(write_answers())
                     try:
-                        in_flight: set[asyncio.Task[None]] = set()
                         async with asyncio.TaskGroup() as senders:
-                            watcher = senders.create_task(stopper(in_flight)) if stop is not None else None
-                            while not halted():
-                                if new_work is not None and new_work.is_set():
-                                    break
-                                item = await asyncio.to_thread(next, plan, None)
-                                if item is None:
-                                    break
-                                user_id, call = item
-                                await slots.acquire()
-                                if halted():
-                                    slots.release()
-                                    break
-                                called.add(user_id)
-                                marked.sent(call.changes)
-                                task = senders.create_task(send(client, user_id, call))
-                                in_flight.add(task)
-                                task.add_done_callback(in_flight.discard)
-                                calls += 1
-                            if watcher is not None and stop is not None and not stop.is_set():
+                            planning = senders.create_task(planner())
+                            n = self.gleap.max_concurrency
+                            workers = {senders.create_task(sender()) for _ in range(n)}
+                            watcher = senders.create_task(stopper(workers)) if stop is not None else None
+                            await asyncio.wait(workers)
+                            if watcher is not None:
                                 # Drained normally: wait for the calls, not for a stop signal.
                                 watcher.cancel()
+                            # Not cancelled: a page being read ends with its marks known to ``marked``.
+                            closing = True
+                            room.set()
+                            await planning
                     finally:
                         # Whatever happened, the answers already received get recorded.
                         answers.put_nowait(None)
@@ -267,6 +298,10 @@ class Deliverer:
                 last_error=self.breaker.last_error or "unknown",
             )
         return calls
+
+
+def _take(plan: Iterator[tuple[str, Call[PendingChange]]], n: int) -> list[tuple[str, Call[PendingChange]]]:
+    return list(islice(plan, n))
 
 
 class _Marks:

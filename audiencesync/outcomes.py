@@ -32,6 +32,9 @@ class PendingChange:
     failures: int = 0  # failed deliveries of this value so far
     kind: str = "audience"  # audience | trait (the row of ``audiences``)
     value: Any = None  # decoded JSON: a trait's value, an audience member's contact fields
+    # As read in a delivery pass: this row's audience's cursor has already passed the user,
+    # so the user's call in that turn carried it (``call_turns.plan_calls``).
+    carried: bool = False
 
     @property
     def value_json(self) -> str | None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -12,23 +13,67 @@ from sqlalchemy import Connection
 from audiencesync import values
 from audiencesync.database import utc_now
 from audiencesync.outcomes import PendingChange
-from audiencesync.schema import audiences, due, memberships
+from audiencesync.schema import UtcDateTime, audiences, due, memberships
 
 
 def pending_page_query(
-    audience_id: int, audience_ids: Sequence[int], after: str, limit: int, now: datetime | None = None
+    audience_id: int,
+    audience_ids: Sequence[int],
+    after: str,
+    limit: int,
+    now: datetime | None = None,
+    passed: Mapping[int, str | None] | None = None,
 ) -> sa.Select[Any]:
     """Users after ``after`` with a due change in ``audience_id``, with all their due
-    changes in ``audience_ids``; the primary key serves both the filter and the order."""
-    now = now or utc_now()
+    changes in ``audience_ids``; the primary key serves both the filter and the order.
+
+    ``passed``: how far each other audience's cursor has gone in this pass (None:
+    to the end). A row its cursor passed comes back ``carried``. It is compared in
+    SQL, so that the database's collation, which ordered the pages, decides.
+    """
+    statement, params = _statement(audience_id, audience_ids, after, limit, now or utc_now(), passed)
+    return statement.params(params)
+
+
+def _statement(
+    audience_id: int,
+    audience_ids: Sequence[int],
+    after: str,
+    limit: int,
+    now: datetime,
+    passed: Mapping[int, str | None] | None,
+) -> tuple[sa.Select[Any], dict[str, Any]]:
+    """The page's statement, built once per shape (a pass reads thousands of pages of one shape:
+    building it each time cost more than running it), and its parameters."""
+    cursors = {other: c for other, c in (passed or {}).items() if other != audience_id and c != ""}
+    shape = tuple(sorted((other, c is None) for other, c in cursors.items()))
+    params: dict[str, Any] = {"audience_id": audience_id, "after": after, "now": now}
+    params |= {f"passed_{other}": c for other, c in cursors.items() if c is not None}
+    return _page_statement(tuple(audience_ids), limit, shape), params
+
+
+@functools.lru_cache(maxsize=256)
+def _page_statement(
+    audience_ids: tuple[int, ...], limit: int, passed: tuple[tuple[int, bool], ...]
+) -> sa.Select[Any]:
+    now = sa.bindparam("now", type_=UtcDateTime)
     users = (
         sa.select(memberships.c.user_id)
-        .where(memberships.c.audience_id == audience_id, memberships.c.user_id > after, due(memberships, now))
+        .where(
+            memberships.c.audience_id == sa.bindparam("audience_id"),
+            memberships.c.user_id > sa.bindparam("after"),
+            due(memberships, now),
+        )
         .order_by(memberships.c.user_id)
         .limit(limit)
         .subquery("next_users")
     )
     m = memberships.alias("m")
+    whens = [
+        (m.c.audience_id == other, sa.true() if done else m.c.user_id <= sa.bindparam(f"passed_{other}"))
+        for other, done in passed
+    ]
+    carried = sa.case(*whens, else_=sa.false()) if whens else sa.false()
     return (
         sa.select(
             m.c.audience_id,
@@ -39,6 +84,7 @@ def pending_page_query(
             audiences.c.kind,
             # What the call carries: the row's value while desired; a trait's missing value otherwise.
             sa.case((m.c.desired, m.c.value), else_=audiences.c.missing).label("value"),
+            carried.label("carried"),
         )
         .join(audiences, audiences.c.id == m.c.audience_id)
         .where(
@@ -51,19 +97,27 @@ def pending_page_query(
 
 
 def pending_page(
-    conn: Connection, audience_id: int, audience_ids: Sequence[int], after: str, limit: int, now: datetime
+    conn: Connection,
+    audience_id: int,
+    audience_ids: Sequence[int],
+    after: str,
+    limit: int,
+    now: datetime,
+    passed: Mapping[int, str | None] | None = None,
 ) -> list[PendingChange]:
     """``pending_page_query``'s rows as the changes one call carries (values decoded)."""
-    rows = conn.execute(pending_page_query(audience_id, audience_ids, after, limit, now))
+    statement, params = _statement(audience_id, audience_ids, after, limit, now, passed)
+    rows = conn.execute(statement, params).all()
     return [
         PendingChange(
-            r.audience_id,
-            r.user_id,
-            r.desired,
-            r.unknown,
-            r.failures,
-            kind=r.kind,
-            value=values.decode(r.value),
+            audience_id,
+            user_id,
+            desired,
+            unknown,
+            failures,
+            kind=kind,
+            value=values.decode(value),
+            carried=bool(carried),
         )
-        for r in rows
+        for audience_id, user_id, desired, unknown, failures, kind, value, carried in rows
     ]

@@ -425,7 +425,7 @@ forget_users = sa.Table(
 DELIVERABLE = sa.and_(memberships.c.pending == sa.true(), memberships.c.parked_at.is_(None))
 
 
-def due(table: sa.FromClause, now: datetime) -> sa.ColumnElement[bool]:
+def due(table: sa.FromClause, now: datetime | sa.BindParameter[datetime]) -> sa.ColumnElement[bool]:
     """Deliverable now: pending, not parked, and past its backoff."""
     return sa.and_(
         table.c.pending == sa.true(),

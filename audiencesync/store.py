@@ -9,7 +9,7 @@ callers that think of them as the store's.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -246,16 +246,24 @@ class Store:
     # --- delivery ---
 
     def pending_page(
-        self, audience_id: int, audience_ids: Sequence[int], after: str, limit: int
+        self,
+        audience_id: int,
+        audience_ids: Sequence[int],
+        after: str,
+        limit: int,
+        *,
+        now: datetime | None = None,
+        passed: Mapping[int, str | None] | None = None,
     ) -> list[PendingChange]:
-        """The next ``limit`` users after ``after`` with a deliverable change in ``audience_id``,
-        with all their deliverable changes in ``audience_ids``, ordered by user.
+        """The next ``limit`` users after ``after`` with a change in ``audience_id`` due at ``now``
+        (default: the clock's), with all their due changes in ``audience_ids``, ordered by user;
+        ``passed``: the pass's other cursors (see ``pending.pending_page_query``).
 
         Keyset pagination by user id over the primary key: rows acknowledged or
         failed meanwhile never make a page repeat or skip anyone.
         """
         with self._read() as conn:
-            return pending_page(conn, audience_id, audience_ids, after, limit, self.clock())
+            return pending_page(conn, audience_id, audience_ids, after, limit, now or self.clock(), passed)
 
     def page_fields(self, user_ids: Sequence[str], order: Sequence[str]) -> PageFields:
         """These users' contact fields in the audiences ``order`` names (see ``member_fields``)."""

@@ -46,7 +46,7 @@ from prometheus_client import generate_latest
 from audiencesync import status as status_mod, store as store_mod
 from audiencesync.metrics import Metrics
 from audiencesync.schema import audiences, due, memberships
-from bench.diff_bench import fresh_store
+from bench.perf_data import fresh_store
 from bench.report import chunks
 from tests import postgres_guard
 
@@ -184,7 +184,8 @@ TRIGGERS = tuple(f"memberships_counts_{op}" for op in ("insert", "update", "dele
 def refresh_once(
     args: argparse.Namespace, tmp: Path, triggers: tuple[str, ...], indexes: tuple[str, ...]
 ) -> float:
-    url = fresh_store(args, tmp / "refresh.db")
+    url = _store_url(args, tmp / "refresh.db")
+    fresh_store(url)
     engine = store_mod.create_engine(url)
     with engine.begin() as conn:
         for trigger in triggers:
@@ -224,7 +225,8 @@ def refresh_cost(args: argparse.Namespace, tmp: Path) -> list[tuple[str, float]]
 def bench(args: argparse.Namespace) -> int:
     problems: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        url = fresh_store(args, Path(tmp) / "store.db")
+        url = _store_url(args, Path(tmp) / "store.db")
+        fresh_store(url)
         start = time.perf_counter()
         fill(url, {"big": args.members, "small": 1000})
         built = time.perf_counter() - start
@@ -258,6 +260,10 @@ def bench(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"WRONG: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _store_url(args: argparse.Namespace, sqlite_path: Path) -> str:
+    return f"sqlite:///{sqlite_path}" if args.store == "sqlite" else str(args.postgres_url)
 
 
 def main() -> int:

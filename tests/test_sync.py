@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 
@@ -9,7 +15,8 @@ from audiencesync import store as store_mod
 from audiencesync.config import Config
 from audiencesync.errors import MissingTokenError
 from audiencesync.gleap import identify_body
-from audiencesync.store import Store
+from audiencesync.record_batches import RECORD_BATCH, RECORD_WINDOW
+from audiencesync.store import Outcome, Store
 from audiencesync.sync import AudienceReport, CycleReport, PlannedCall, Syncer
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
@@ -324,3 +331,100 @@ def test_many_members_across_pages(make_config: ConfigFactory, source: SourceDB,
     report = cycle(config)
     assert report.complete and report.calls == 1_234 and len(gleap.contacts) == 1_234
     assert sum(1 for c in gleap.contacts.values() if c.get("segment_b")) == 412
+
+
+THREE_AUDIENCES = (
+    TWO_AUDIENCES
+    + """
+[[audiences]]
+name = "Segment C"
+source = "main"
+query = "SELECT user_id FROM members WHERE segment = 'c'"
+"""
+)
+
+
+def test_a_pass_over_three_overlapping_audiences_calls_each_user_exactly_once(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    """No per-user set: a user's due changes in all three go in their one call, whichever
+    audience's cursor reaches them first, while calls are still in flight or after they failed."""
+    a = [f"u{i:03d}" for i in range(0, 400)]
+    b = [f"u{i:03d}" for i in range(100, 600, 2)]
+    c = [f"u{i:03d}" for i in range(0, 600, 3)]
+    source.set(a, "a")
+    source.set(b, "b")
+    source.set(c, "c")
+    distinct = set(a) | set(b) | set(c)
+    config = make_config(gleap.base_url, audiences=THREE_AUDIENCES)  # retry_backoff = "0s"
+    gleap.delay_next(60, 0.05)  # calls in flight while the other cursors reach their users
+    gleap.fail_user("u102", 400, times=1)  # a verdict: due again at once, but not in this pass
+    gleap.fail_user("u300", 503)  # no verdict after the retries: the same
+    engine = store_mod.create_engine(config.store.url)
+    store_mod.upgrade(engine)
+    syncer = Syncer(config, Store(engine), backoff_initial=0.01, page_size=7)  # many turns
+    try:
+        report = syncer.run_cycle()
+    finally:
+        syncer.sources.dispose()
+        engine.dispose()
+
+    bodies = [r.body for r in gleap.requests if r.path.startswith("/admin/identify")]
+    users = Counter(body["userId"] for body in bodies)
+    assert set(users) == distinct
+    assert report.calls == len(distinct)
+    # One call each; u300's is four requests (max_retries = 3).
+    assert {u: n for u, n in users.items() if n != 1} == {"u300": 4}
+    failed = next(body for body in bodies if body["userId"] == "u102")  # in a, b and c: one call
+    assert (failed["segment_a"], failed["segment_b"], failed["segment_c"]) == (True, True, True)
+    gleap.clear_faults()
+    report = cycle(config)
+    assert report.complete and report.calls == 2  # the two failed users, in the next pass
+
+
+class _HeldRecords(Store):
+    """A store whose first record waits until the test lets it go."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        super().__init__(engine)
+        self.release = threading.Event()
+        self.waiting = threading.Event()
+        self.batches: list[int] = []
+
+    def record(self, results: Sequence[Outcome], run_ids: dict[int, int], **kwargs: Any) -> None:
+        if not self.batches:
+            self.waiting.set()
+            assert self.release.wait(60)
+        self.batches.append(len(results))
+        super().record(results, run_ids, **kwargs)
+
+
+def test_answers_not_yet_recorded_are_bounded_by_the_record_window(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    """While the store records nothing, calls stop at max_concurrency + RECORD_WINDOW: the crash bound."""
+    users = [f"u{i:04d}" for i in range(400)]
+    source.set(users)
+    config = make_config(gleap.base_url)
+    bound = config.gleap.max_concurrency + RECORD_WINDOW
+    engine = store_mod.create_engine(config.store.url)
+    store_mod.upgrade(engine)
+    store = _HeldRecords(engine)
+    syncer = Syncer(config, store, backoff_initial=0.01)
+    result: list[CycleReport] = []
+    worker = threading.Thread(target=lambda: result.append(syncer.run_cycle()))
+    worker.start()
+    try:
+        assert store.waiting.wait(60), "no answer came to be recorded"
+        deadline = time.monotonic() + 30
+        while len(gleap.identify_calls) < bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # room for a call past the bound to show up, were there one
+        assert len(gleap.identify_calls) == bound
+    finally:
+        store.release.set()
+        worker.join(60)
+        syncer.sources.dispose()
+        engine.dispose()
+    assert result and result[0].complete and set(gleap.contacts) == set(users)
+    assert sum(store.batches) == len(users) and max(store.batches) <= RECORD_BATCH
