@@ -23,12 +23,16 @@ class TokenBucket:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.max_rate = per_minute / 60.0
-        self.min_rate = self.max_rate / 16
-        self.rate = self.max_rate
         # A small burst keeps a fresh start from spending a minute's budget at once,
         # which is what trips a server's own sliding window.
         self.capacity = float(burst if burst is not None else max(1, min(per_minute // 60, 10)))
+        # Any 60 s window sees at most the burst plus a minute of refills: the refill rate
+        # leaves room for the burst, so the window never holds more than ``per_minute``
+        # (measured against a stand-in that counts a sliding minute: 1,200/min with the
+        # burst on top drew a 429 about once a minute).
+        self.max_rate = max(per_minute - self.capacity, per_minute / 2) / 60.0
+        self.min_rate = self.max_rate / 16
+        self.rate = self.max_rate
         self._tokens = self.capacity
         self._clock = clock
         self._sleep = sleep
@@ -44,7 +48,9 @@ class TokenBucket:
         # The lock makes waiters queue in order instead of stampeding on refill.
         async with self._lock:
             self._refill()
-            while self._tokens < 1.0:
+            # Within a rounding error of a token is a token: the sleep that would make up
+            # the last 1e-16 of one is below the clock's resolution, and would never end.
+            while self._tokens < 1.0 - 1e-9:
                 await self._sleep((1.0 - self._tokens) / self.rate)
                 self._refill()
             self._tokens -= 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from datetime import UTC, datetime
 
@@ -110,13 +111,37 @@ def test_token_bucket_paces_and_pauses() -> None:
         for _ in range(n):
             await bucket.acquire()
 
-    asyncio.run(take(4))  # 2 from the burst, then one a second
-    assert now[0] == pytest.approx(2.0)
+    asyncio.run(take(4))  # 2 from the burst, then one each 60/58 s: the burst is within the minute
+    assert now[0] == pytest.approx(2 * 60 / 58)
     bucket.pause(5)
     bucket.pause(5)  # a second 429 in the same moment does not add up
+    before = now[0]
     asyncio.run(take(1))
-    assert now[0] == pytest.approx(8.0)
+    assert now[0] == pytest.approx(before + 5 + 60 / 58)
     assert slept
+
+
+@pytest.mark.parametrize(("per_minute", "burst"), [(1200, None), (1000, None), (60, 2), (7, None), (1, None)])
+def test_no_minute_ever_holds_more_than_the_limit(per_minute: int, burst: int | None) -> None:
+    # A sliding minute, as Gleap's limit and the stand-in count it; fed from the bucket's
+    # first moment (a full burst) for ten minutes of a fake clock.
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    bucket = TokenBucket(per_minute, burst=burst, clock=lambda: now[0], sleep=sleep)
+    times: list[float] = []
+
+    async def take_for(seconds: float) -> None:
+        while now[0] < seconds:
+            await bucket.acquire()
+            times.append(now[0])
+
+    asyncio.run(take_for(600))
+    busiest = max(bisect.bisect_left(times, start + 60) - i for i, start in enumerate(times))
+    assert busiest <= per_minute
+    assert len(times) >= 0.95 * per_minute * 10 or per_minute < 20  # a tiny limit loses its burst
 
 
 def test_secret_hides_itself() -> None:
