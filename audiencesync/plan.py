@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import BindParameter, Connection, bindparam, text
 
-from audiencesync import values
+from audiencesync import diff, values
 from audiencesync.diff import DiffCounts
 from audiencesync.identify_calls import user_calls
 from audiencesync.outcomes import PendingChange
@@ -41,13 +41,14 @@ def create_plan(conn: Connection) -> str:
     # ``<plan>_fields``: every member's fields after the plan, for the merge (``rank``:
     # the audience's place in the config).
     name = f"plan_{uuid.uuid4().hex[:12]}"
+    ids = diff.ids_type(conn)
     conn.exec_driver_sql(
-        f"CREATE TEMP TABLE {name} (key TEXT NOT NULL, user_id TEXT NOT NULL, "
+        f"CREATE TEMP TABLE {name} (key {ids} NOT NULL, user_id {ids} NOT NULL, "
         "kind TEXT NOT NULL DEFAULT 'audience', value BOOLEAN, data TEXT, acked_data TEXT)"
     )
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE {name}_fields (rank INTEGER NOT NULL, key TEXT NOT NULL, "
-        "user_id TEXT NOT NULL, data TEXT NOT NULL)"
+        f"user_id {ids} NOT NULL, data TEXT NOT NULL)"
     )
     return name
 

@@ -13,6 +13,7 @@ from datetime import datetime
 
 from sqlalchemy import BindParameter, Connection, String, bindparam, text
 
+from audiencesync import diff
 from audiencesync.schema import UtcDateTime
 
 _NOW: BindParameter[object] = bindparam("now", type_=UtcDateTime)
@@ -25,7 +26,8 @@ def create_event_plan(conn: Connection) -> str:
     # make (seq: the audience's place in the cycle; sub: exits first, as the refresh logs them).
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE {name} (rank INTEGER NOT NULL, seq INTEGER NOT NULL, sub INTEGER NOT NULL, "
-        f"user_id TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, audience_name TEXT NOT NULL, "
+        f"user_id {diff.ids_type(conn)} NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, "
+        "audience_name TEXT NOT NULL, "
         f"at {at_type} NOT NULL)"
     )
     return name
