@@ -75,15 +75,17 @@ def ids_only(conn: Connection, query: str) -> bool:
 
 @dataclass
 class Loaded:
-    """What ``load_stage`` read: rows, blank ids, and the bad ones (id, too long or else control
-    characters), all skipped."""
+    """What ``load_stage`` read: rows, blank ids, bad ids (too long or with control
+    characters), all skipped, and the first few bad ones (id, too long or else control
+    characters) as samples."""
 
     rows: int = 0
     blank: int = 0
-    bad: list[tuple[str, bool]] = field(default_factory=list)
+    bad: int = 0
+    samples: list[tuple[str, bool]] = field(default_factory=list)
 
 
-def load_stage(conn: Connection, stage: str, query: str, *, max_length: int) -> Loaded:
+def load_stage(conn: Connection, stage: str, query: str, *, max_length: int, samples: int) -> Loaded:
     """Run the audience's query into ``stage``, then skip what the streamed read would.
 
     In a savepoint, so that a failure (the caller turns it into a ``SourceError``)
@@ -97,17 +99,18 @@ def load_stage(conn: Connection, stage: str, query: str, *, max_length: int) -> 
             f"INSERT INTO {stage} (user_id) "
             f"SELECT coalesce(user_id::text, '') FROM ({query}) AS audience_query"
         ).rowcount
-        loaded.blank, bad = conn.exec_driver_sql(
+        loaded.blank, loaded.bad = conn.exec_driver_sql(
             f"SELECT count(*) FILTER (WHERE {_BLANK}), "
             f"count(*) FILTER (WHERE NOT {_BLANK} AND ({too_long} OR {_CONTROL})) FROM {stage}"
         ).one()
-        if not loaded.blank + bad:
+        if not loaded.blank + loaded.bad:
             return loaded
-        # Few, or the source is broken anyway: the guard and the summary will say so.
-        loaded.bad = [
+        # Samples only: a broken source may give millions of bad ids, never held in memory.
+        loaded.samples = [
             (user_id, long)
             for user_id, long in conn.exec_driver_sql(
-                f"SELECT user_id, {too_long} FROM {stage} WHERE NOT {_BLANK} AND ({too_long} OR {_CONTROL})"
+                f"SELECT user_id, {too_long} FROM {stage} "
+                f"WHERE NOT {_BLANK} AND ({too_long} OR {_CONTROL}) LIMIT {int(samples)}"
             )
         ]
         conn.exec_driver_sql(f"DELETE FROM {stage} WHERE {_BLANK} OR {too_long} OR {_CONTROL}")

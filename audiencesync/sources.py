@@ -211,11 +211,14 @@ class Sources:
             return False
         source = self._configs[audience.source]
         with self._guarded(audience, source, lambda: contextlib.nullcontext(conn)):
-            loaded = pushdown.load_stage(conn, stage, audience.query, max_length=MAX_ID_LENGTH)
+            loaded = pushdown.load_stage(
+                conn, stage, audience.query, max_length=MAX_ID_LENGTH, samples=SAMPLE_SIZE
+            )
         stats.rows += loaded.rows
         stats.skipped_blank += loaded.blank
-        for user_id, too_long in loaded.bad:
+        for user_id, too_long in loaded.samples:
             stats.skip_invalid(user_id, TOO_LONG if too_long else CONTROL_CHARACTERS)
+        stats.skipped_invalid += loaded.bad - len(loaded.samples)
         return True
 
     @contextlib.contextmanager

@@ -95,9 +95,9 @@ def loads(path: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureReq
     seen: list[str] = []
     real = pushdown.load_stage
 
-    def spy(conn: sa.Connection, stage: str, query: str, *, max_length: int) -> pushdown.Loaded:
+    def spy(conn: sa.Connection, stage: str, query: str, *, max_length: int, samples: int) -> pushdown.Loaded:
         seen.append(query)
-        return real(conn, stage, query, max_length=max_length)
+        return real(conn, stage, query, max_length=max_length, samples=samples)
 
     monkeypatch.setattr(pushdown, "load_stage", spy)
     yield seen
