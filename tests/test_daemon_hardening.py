@@ -285,8 +285,11 @@ def test_health_reports_a_stalled_delivery_and_status_shows_it(
     with InProcess(config):
         wait_for(lambda: "delivery stalled" in healthz(port)[1], what="/healthz to report the stall")
         assert healthz(port)[0] == 503
-        status = cli(config, "status")
-        assert "health: unhealthy: delivery stalled" in status.stdout, status.stdout
+        # `status` reads the health the daemon stored at its last heartbeat: poll, it lags /healthz.
+        wait_for(
+            lambda: "health: unhealthy: delivery stalled" in cli(config, "status").stdout,
+            what="status to show the stall",
+        )
         gleap.clear_faults()
         wait_for(lambda: healthz(port) == (200, "ok\n"), what="/healthz back to ok")
         wait_for(lambda: "health: ok" in cli(config, "status").stdout, what="status to show the recovery")

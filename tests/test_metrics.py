@@ -131,7 +131,11 @@ def test_the_daemon_counts_track_calls_beside_identify_calls(
         )
         assert len(gleap.identify_calls) in (5, 6)
         assert (sample(metrics, "audiencesync_retries_total") or 0) >= 1
-        assert sample(metrics, "audiencesync_pending_events", audience="paying") == 0
+        # The gauge reads the store, where the batch's answer is recorded just after it is counted.
+        wait_for(
+            lambda: sample(metrics, "audiencesync_pending_events", audience="paying") == 0,
+            what="no event left pending",
+        )
     engine = sa.create_engine(config.store.url)
     try:
         with engine.connect() as conn:
