@@ -84,6 +84,8 @@ class DaemonHealth:
 
     def beat(self) -> None:
         """The main loop went round: tell systemd (STATUS, WATCHDOG=1), unless a loop is gone."""
+        if self.stop.is_set():
+            return  # STOPPING=1 was sent: systemd's stop timeout rules now
         dead = self.dead()
         if dead is not None:
             # No ping: after WatchdogSec systemd restarts the service, which is the cure.
