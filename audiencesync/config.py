@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from audiencesync.config_alerts import AlertConfig, alert_configs
 from audiencesync.config_audiences import AudienceConfig, audience_configs, check_previous_keys
 from audiencesync.config_sections import (
     ENV_TOKEN,
@@ -46,6 +47,7 @@ from audiencesync.urls import display_url
 # Re-exported: other modules import these from here.
 __all__ = [
     "ENV_TOKEN",
+    "AlertConfig",
     "AudienceConfig",
     "Config",
     "GleapConfig",
@@ -63,6 +65,10 @@ __all__ = [
 ]
 
 ENV_CONFIG = "AUDIENCESYNC_CONFIG"
+TOP_LEVEL_KEYS = [
+    *("store", "gleap", "sync", "schedule", "server", "retention"),
+    *("sources", "audiences", "traits", "alerts"),
+]
 DEFAULT_CONFIG_NAME = "audiencesync.toml"
 
 
@@ -78,6 +84,7 @@ class Config:
     audiences: tuple[AudienceConfig, ...]
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     traits: tuple[AudienceConfig, ...] = ()  # [[traits]]: AudienceConfigs of kind "trait"
+    alerts: tuple[AlertConfig, ...] = ()  # [[alerts]]: the webhooks (alerts.py)
 
     @property
     def properties(self) -> tuple[AudienceConfig, ...]:
@@ -131,7 +138,7 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         raw,
         path,
         "top level",
-        ["store", "gleap", "sync", "schedule", "server", "retention", "sources", "audiences", "traits"],
+        TOP_LEVEL_KEYS,
     )
 
     def section(name: str, keys: Sequence[str]) -> Table:
@@ -150,6 +157,7 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
     )
     traits = trait_configs(root.take("traits", list, []), path, sources, sync, schedule, keys)
     check_previous_keys((*audiences, *traits), path)
+    alerts = alert_configs(root.take("alerts", list, []), path, environ)
     return Config(
         path=path,
         store=store,
@@ -161,4 +169,5 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         audiences=audiences,
         retention=retention,
         traits=traits,
+        alerts=alerts,
     )
