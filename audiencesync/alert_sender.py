@@ -76,6 +76,7 @@ class WebhookSender:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._abandon = threading.Event()  # past the exit grace: stop retrying, send nothing more
+        self._in_flight = False
 
     def put(self, body: bytes) -> None:
         """Queue one message; never blocks."""
@@ -102,7 +103,8 @@ class WebhookSender:
         if not thread.is_alive():
             return 0
         self._abandon.set()
-        return self._queue.qsize() + 1  # the one in flight, too
+        waiting = sum(1 for body in list(self._queue.queue) if body is not None)
+        return waiting + self._in_flight
 
     def send(self, body: bytes) -> Answer:
         """One post, no retry: what the webhook answered (alert-test's question)."""
@@ -119,15 +121,19 @@ class WebhookSender:
                 body = self._queue.get()
                 if body is None or self._abandon.is_set():
                     return
+                self._in_flight = True
                 try:
                     self._deliver(client, body)
                 except Exception as exc:
-                    log.warning("alert to %s dropped: %s", self.webhook.shown_url, self._describe(exc))
+                    if not self._abandon.is_set():  # else close() counted it
+                        log.warning("alert to %s dropped: %s", self.webhook.shown_url, self._describe(exc))
+                finally:
+                    self._in_flight = False
 
     def _deliver(self, client: httpx.Client, body: bytes) -> None:
         retrying = Retrying(
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential_jitter(initial=self.backoff[0], max=self.backoff[1]),
+            wait=wait_exponential_jitter(multiplier=self.backoff[0], max=self.backoff[1], jitter=self.backoff[0]),
             retry=retry_if_exception_type(_Retryable),
             sleep=self._sleep,
             reraise=True,

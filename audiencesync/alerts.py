@@ -98,8 +98,10 @@ class Alerts:
         with self._lock:
             self._clear.clear()
 
-    def close(self, grace: float = EXIT_GRACE_SECONDS) -> None:
-        """Give queued alerts ``grace`` seconds to go out; the rest are dropped, and counted in the log."""
+    def close(self, grace: float | None = None) -> None:
+        """Give queued alerts ``grace`` seconds (default EXIT_GRACE_SECONDS) to go out; the rest
+        are dropped, and counted in the log."""
+        grace = EXIT_GRACE_SECONDS if grace is None else grace
         deadline = time.monotonic() + grace
         dropped = sum(sender.close(deadline) for sender in self._senders)
         if dropped:
