@@ -106,6 +106,13 @@ class WebhookSender:
         waiting = sum(1 for body in list(self._queue.queue) if body is not None)
         return waiting + self._in_flight
 
+    def retire(self) -> None:
+        """Stop after what is queued (a reload replaced this webhook); never blocks."""
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            self._abandon.set()
+
     def send(self, body: bytes) -> Answer:
         """One post, no retry: what the webhook answered (alert-test's question)."""
         try:
@@ -133,7 +140,9 @@ class WebhookSender:
     def _deliver(self, client: httpx.Client, body: bytes) -> None:
         retrying = Retrying(
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential_jitter(multiplier=self.backoff[0], max=self.backoff[1], jitter=self.backoff[0]),
+            wait=wait_exponential_jitter(
+                multiplier=self.backoff[0], max=self.backoff[1], jitter=self.backoff[0]
+            ),
             retry=retry_if_exception_type(_Retryable),
             sleep=self._sleep,
             reraise=True,

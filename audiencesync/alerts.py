@@ -87,7 +87,7 @@ class Alerts:
         senders = [WebhookSender(w, transport=self._transport, backoff=backoff) for w in webhooks]
         old, self._senders = getattr(self, "_senders", []), senders
         for sender in old:
-            sender.close(time.monotonic())
+            sender.retire()
 
     @property
     def enabled(self) -> bool:

@@ -457,7 +457,7 @@ url = "sqlite:///store.db"
         ('url = "https://x.test"\nheaders = { "X-Key" = 5 }', "[[alerts]] #1.headers.X-Key", "Bearer"),
         ('url = "https://x.test"\nheaders = { "Bad Name" = "v" }', "[[alerts]] #1.headers", "dashes"),
         ('url = "https://x.test"\nremind = "1h"', "[[alerts]] #1.remind", "remind_every"),
-        ("format = \"json\"", "[[alerts]] #1", "add url"),
+        ('format = "json"', "[[alerts]] #1", "add url"),
     ],
 )
 def test_config_errors_name_the_file_the_key_and_the_fix(
@@ -520,3 +520,19 @@ def test_no_alerts_configured_writes_nothing_and_starts_no_thread(
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM alert_conditions")).scalar_one() == 0
     engine.dispose()
+
+
+def test_a_reload_replaces_the_webhooks_and_what_the_old_ones_had_queued_still_goes_out(
+    store: store_mod.Store, receiver: AlertReceiver
+) -> None:
+    alerts = Alerts([webhook(receiver.url("/old"))], store.engine)
+    alerts.gleap("down")
+    alerts.configure([webhook(receiver.url("/new"), format="slack")], ["a-rotated-token"])
+    alerts.gleap(None)
+    alerts.stalled("stalled by a-rotated-token")
+    alerts.close(30)
+    (old,) = receiver.wait_for(1, "/old")
+    assert (old.body["event"], old.body["state"]) == ("gleap_down", "firing")
+    resolved, stalled = texts(receiver.posts("/new"))
+    assert "Gleap answers again" in resolved
+    assert "a-rotated-token" not in stalled and "stalled by ***" in stalled
