@@ -231,8 +231,10 @@ class Alerts:
         try:
             with self._lock:
                 self._clear.discard((event, subject))
-                opened = self.conditions.open(event, subject, summary)
-                condition = opened or self.conditions.get(event, subject)
+                # Read first: a condition seen again each cycle takes no write lock.
+                existing = self.conditions.get(event, subject)
+                opened = None if existing else self.conditions.open(event, subject, summary)
+                condition = existing or opened or self.conditions.get(event, subject)
                 if condition is None:
                     return  # ended by another process this instant
                 reminded = [] if opened else self._reminders(event, condition)
