@@ -244,7 +244,7 @@ class Alerts:
                     summary, details = detail()
                 alert = self._alert(event, FIRING, subject, summary, audience, details, fix, condition)
                 if opened:
-                    log.warning("alert: %s", summary)
+                    log.info("alert: %s", summary)
                     self._send(alert)
                 else:
                     self._send(dataclasses.replace(alert, reminder=True), reminded)
@@ -268,7 +268,7 @@ class Alerts:
 
     def _notice(self, event: str, subject: str, summary: str, **kwargs: Any) -> None:
         if self.enabled:
-            log.warning("alert: %s", summary)
+            log.info("alert: %s", summary)
             self._send(Alert(event, NOTICE, subject, summary, self.clock(), self.host, **kwargs))
 
     def _reminders(self, event: str, condition: Condition) -> list[WebhookSender]:
