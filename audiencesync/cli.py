@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from audiencesync import __version__
+from audiencesync.cli_alerts import add_alert_commands
 from audiencesync.cli_audit import add_audit_commands
 from audiencesync.cli_forget import add_forget_command
 from audiencesync.cli_help import HelpFormatter, add_command, describe, examples
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(handler=cmd_prune)
 
     add_forget_command(commands)
+
+    add_alert_commands(commands)
 
     db = add_command(
         commands,

@@ -16,6 +16,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from audiencesync import store
+from audiencesync.alerts import Alerts
 from audiencesync.cli_output import (
     EXIT_GLEAP_DOWN,
     EXIT_INCOMPLETE,
@@ -77,11 +78,15 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
         engine = store.empty_store()
     lease = WriterLease(engine, store.utc_now, ttl_seconds=config.sync.lease_seconds, role="sync")
     interrupt = _Interrupt(Sources(config.sources))
+    # A dry run alerts nothing: it changes nothing, and may plan against a store in memory.
+    alerts = Alerts.of(config, None if args.dry_run else engine)
     try:
         if args.dry_run:
             # A dry run writes nothing, so it needs no lease and never waits for one.
             with interrupt:
-                report = interrupt.run(lambda: _run_cycle(args, config, store.Store(engine), interrupt))
+                report = interrupt.run(
+                    lambda: _run_cycle(args, config, store.Store(engine), interrupt, alerts)
+                )
         else:
             store.upgrade(engine)
             daemon = daemon_holding(engine) if (args.full or args.allow_removals) else None
@@ -89,8 +94,9 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
                 return _ask_daemon(args, config, engine, daemon)
             with interrupt, lease.held(args.wait or 0.0):
                 fenced = store.Store(engine, fence=lease.check)
-                report = interrupt.run(lambda: _run_cycle(args, config, fenced, interrupt))
+                report = interrupt.run(lambda: _run_cycle(args, config, fenced, interrupt, alerts))
     finally:
+        alerts.close()  # a short, bounded grace for the cycle's alerts
         engine.dispose()
     if args.dry_run:
         # stdout holds only the calls, so `--format csv > calls.csv` is a clean file.
@@ -228,9 +234,9 @@ def _ask_daemon(args: argparse.Namespace, config: Config, engine: Any, daemon: d
 
 
 def _run_cycle(
-    args: argparse.Namespace, config: Config, target: store.Store, interrupt: _Interrupt
+    args: argparse.Namespace, config: Config, target: store.Store, interrupt: _Interrupt, alerts: Alerts
 ) -> CycleReport:
-    syncer = Syncer(config, target, sources=interrupt.sources)
+    syncer = Syncer(config, target, sources=interrupt.sources, alerts=alerts)
     try:
         return syncer.run_cycle(
             args.audiences,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from audiencesync.config_alerts import AlertConfig, alert_configs
 from audiencesync.config_audiences import AudienceConfig, audience_configs, check_previous_keys
 from audiencesync.config_sections import (
     ENV_TOKEN,
@@ -46,6 +47,7 @@ from audiencesync.urls import display_url
 # Re-exported: other modules import these from here.
 __all__ = [
     "ENV_TOKEN",
+    "AlertConfig",
     "AudienceConfig",
     "Config",
     "GleapConfig",
@@ -64,7 +66,10 @@ __all__ = [
 
 ENV_CONFIG = "AUDIENCESYNC_CONFIG"
 # The config file's top-level tables, in the order the starter (starter.py) writes them.
-ROOT_KEYS = ("store", "gleap", "sync", "schedule", "server", "retention", "sources", "audiences", "traits")
+ROOT_KEYS = (
+    *("store", "gleap", "sync", "schedule", "server", "retention"),
+    *("sources", "audiences", "traits", "alerts"),
+)
 DEFAULT_CONFIG_NAME = "audiencesync.toml"
 
 
@@ -80,6 +85,7 @@ class Config:
     audiences: tuple[AudienceConfig, ...]
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     traits: tuple[AudienceConfig, ...] = ()  # [[traits]]: AudienceConfigs of kind "trait"
+    alerts: tuple[AlertConfig, ...] = ()  # [[alerts]]: the webhooks (alerts.py)
 
     @property
     def properties(self) -> tuple[AudienceConfig, ...]:
@@ -147,6 +153,7 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
     )
     traits = trait_configs(root.take("traits", list, []), path, sources, sync, schedule, keys)
     check_previous_keys((*audiences, *traits), path)
+    alerts = alert_configs(root.take("alerts", list, []), path, environ)
     return Config(
         path=path,
         store=store,
@@ -158,4 +165,5 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         audiences=audiences,
         retention=retention,
         traits=traits,
+        alerts=alerts,
     )

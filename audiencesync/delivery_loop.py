@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from audiencesync.alerts import Alerts
 from audiencesync.backoff import Backoff
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import Config
@@ -52,6 +53,7 @@ class DeliveryLoop:
     syncer: Syncer
     lease: WriterLease
     metrics: Metrics
+    alerts: Alerts
     outage: Outage
     progress: Progress
     halt: threading.Event
@@ -99,6 +101,7 @@ class DeliveryLoop:
                 else:
                     log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
                 self.metrics.breaker_open.set(1)
+                self.alerts.gleap(str(exc))
                 self.halt.wait(delay)
                 continue
             except GleapAuthError as exc:
@@ -126,6 +129,8 @@ class DeliveryLoop:
             if self.outage.close():
                 log.info("Gleap answers again; delivery resumed")
                 self.metrics.breaker_open.set(0)
+            if calls:
+                self.alerts.gleap(None)  # calls went through: ends an outage, even a previous process's
             if not calls:
                 self.wake.wait(IDLE_SECONDS)
 

@@ -266,7 +266,10 @@ class GleapClient:
         sent = False
 
         def stop(state: RetryCallState) -> bool:
-            return self.breaker.is_open or budget.exhausted(state)
+            # The budget first: the failed attempt counts even when the breaker stops the call
+            # (short-circuited, a call's first failure left retries at -1, which /metrics refused).
+            exhausted = budget.exhausted(state)
+            return self.breaker.is_open or exhausted
 
         retrying = AsyncRetrying(
             stop=stop,

@@ -97,10 +97,13 @@ class WriterLease:
         self.holder = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self.lost = threading.Event()
+        # Set by the try_acquire that took the lease from another holder ("host pid N, why").
+        self.took_over: str | None = None
 
     def try_acquire(self) -> Holder | None:
         """Take the lease if it is free, expired or already ours; else return who holds it."""
         now = self.clock()
+        self.took_over = None
         values = {
             "holder": self.holder,
             "host": self.host,
@@ -156,6 +159,7 @@ class WriterLease:
                 if row.holder != self.holder:
                     why = "whose process is gone" if dead else "which had expired"
                     log.warning("took over the store's lease from %s pid %s, %s", row.host, row.pid, why)
+                    self.took_over = f"{row.host} pid {row.pid}, {why}"
                 return None
             return Holder(
                 row.holder, row.host, row.pid, row.acquired_at, row.renewed_at, row.expires_at, row.role

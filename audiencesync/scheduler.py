@@ -31,6 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from audiencesync import store as store_mod
 from audiencesync.admin import AdminDesk
+from audiencesync.alerts import Alerts
 from audiencesync.backoff import Backoff
 from audiencesync.config import Config, load_config
 from audiencesync.daemon_health import DaemonHealth
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # How often the daemon looks for admin requests (sync --allow-removals / --full).
 REQUEST_POLL_SECONDS = 2.0
+# How often it looks whether delivery stalled, for the alerts.
+STALL_POLL_SECONDS = 10.0
 
 
 class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
@@ -107,6 +110,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
         stall_after = config.server.stall_after_seconds if config.server is not None else 900.0
         self.progress = Progress(store_mod.utc_now, stall_after)
         self._ids: dict[str, int] = {}  # audience key -> id, for the configured audiences seen
+        self.alerts = Alerts.of(config, self.engine, clock=clock)
         self._busy: set[str] = set()  # audiences refreshing now
         self.syncer = self._syncer(config)
         self.stop = threading.Event()  # the process is to stop
@@ -144,7 +148,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
     def _syncer(self, config: Config) -> Syncer:
         return Syncer(
             config, self.store, sources=Sources(config.sources), transport=self.transport,
-            backoff_initial=self.backoff_initial,
+            backoff_initial=self.backoff_initial, alerts=self.alerts,
         )  # fmt: skip
 
     # --- the process ----------------------------------------------------------
@@ -190,6 +194,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
                     errors.reset()
                 except LeaseLostError as exc:
                     log.error("%s Going back to standby.", exc)
+                    self.alerts.lease_lost(str(exc))
                 except Exception as exc:
                     # The store failed while starting or running the active period
                     # (locked, connection lost): not a reason to exit. Stand by and retry.
@@ -205,6 +210,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
         finally:
             if self.server is not None:
                 self.server.stop()
+            self.alerts.close()
             self.syncer.sources.dispose()
             self.engine.dispose()
         log.info("stopped")
@@ -229,6 +235,8 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
                 log.info("standby: the store answers again")
             if holder is None:
                 log.info("active: holding the store's lease as %s", self.lease.holder)
+                self.alerts.forget_cache()  # other processes may have opened or ended conditions
+                self.alerts.lease_held(self.lease.took_over)
                 return True
             self.standing = f"standby: the store is held by {holder.host} pid {holder.pid}"
             self.notifier.ready(self.standing)
@@ -283,7 +291,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
                 target=self.retention.run, args=(self.halt,), name="retention", daemon=True
             )
             self._retention.start()
-            polled = 0.0
+            polled = looked = 0.0
             self.notifier.ready(self.service_status())
             try:
                 while not self.halt.is_set() and not self.lease.lost.is_set():
@@ -294,11 +302,26 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
                         polled = time.monotonic()
                         self.admin.poll()
                         self._wake_for_forgets()
+                    if time.monotonic() - looked >= STALL_POLL_SECONDS:
+                        looked = time.monotonic()
+                        self._alert_if_stalled()
                     self.halt.wait(0.2)
             finally:
                 self._shutdown_work()
             if self.lease.lost.is_set():
                 raise LeaseLostError()
+
+    def _alert_if_stalled(self) -> None:
+        """Delivery stalled (as /healthz judges it), or moves again. Not while Gleap's breaker is
+        open: that has its own alert, and no call can be acknowledged meanwhile."""
+        if not self.alerts.enabled or self.outage.open:
+            return
+        try:
+            stalled = self.progress.stalled(self._due())
+        except Exception as exc:
+            log.warning("can't tell whether delivery stalled: %s", brief(exc))
+            return
+        self.alerts.stalled(stalled)
 
     def _wake_for_forgets(self) -> None:
         """A queued forget ends the delivery pass early: it is carried out between two passes."""
@@ -361,6 +384,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
         fresh = {a.key: a for a in new.properties}
         old_syncer = self.syncer
         self.config = new
+        self.alerts.configure(new.alerts, Alerts.secrets_of(new))
         self.syncer = self._syncer(new)
         if self.scheduler is not None:
             for key in old.keys() - fresh.keys():

@@ -421,6 +421,19 @@ forget_users = sa.Table(
 )
 
 
+# One row per alert condition open now (alerts.py): inserted when it starts, deleted when it
+# ends, so that each is told once even by `sync` run from cron. No user ids: a forgotten
+# user must not linger here.
+alert_conditions = sa.Table(
+    "alert_conditions",
+    metadata,
+    sa.Column("kind", sa.String(32), primary_key=True),  # an event name of config_alerts.EVENTS
+    sa.Column("subject", sa.String(255), primary_key=True),  # an audience key, "gleap", a host
+    sa.Column("opened_at", UtcDateTime, nullable=False),
+    sa.Column("notified_at", UtcDateTime, nullable=False),  # the last message about it
+    sa.Column("summary", sa.Text, nullable=False),  # what the opening message said
+)
+
 # Owed to Gleap and not parked: what `status`, the summary and /metrics call pending.
 DELIVERABLE = sa.and_(memberships.c.pending == sa.true(), memberships.c.parked_at.is_(None))
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from audiencesync import __version__
+from audiencesync.config_alerts import AlertConfig
 from audiencesync.config_sections import (
     DEFAULT_STORE_URL,
     ENV_TOKEN,
@@ -27,8 +28,9 @@ from audiencesync.config_sections import (
 )
 from audiencesync.fields import STANDARD_COLUMNS
 from audiencesync.keys import key_for_name
+from audiencesync.secret import Secret
 
-TomlValue = str | bool | int | float | list[str]
+TomlValue = str | bool | int | float | list[str] | dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ def toml_value(value: TomlValue) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(json.dumps(item) for item in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + "}"
     return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
 
 
@@ -81,6 +85,7 @@ AUDIENCE_QUERY = "SELECT id AS user_id FROM users WHERE plan = 'pro'"
 
 def sections() -> list[Section]:
     gleap, sync, schedule = GleapConfig(), SyncConfig(), ScheduleConfig()
+    alert = AlertConfig(url=Secret(""))  # only its defaults are read
     store_ = StoreConfig(url=DEFAULT_STORE_URL)
     return [
         Section(
@@ -263,6 +268,35 @@ def sections() -> list[Section]:
                     "missing",
                     "free",
                     "sent to a user who no longer has a value (default: null)",
+                    default=False,
+                ),
+            ],
+            commented=True,
+        ),
+        Section(
+            "[[alerts]]",
+            [
+                "A webhook told once when a condition starts and once when it ends (the README's",
+                '"Alerts"); repeat [[alerts]] for more. `audiencesync alert-test` tries each one.',
+            ],
+            [
+                Option(
+                    "url",
+                    "https://hooks.example.com/audiencesync",
+                    'the webhook; a secret one from the environment: url = "${SLACK_WEBHOOK_URL}"',
+                    default=False,
+                ),
+                Option("format", alert.format, 'json (an object, see the README) or "slack" ({"text": ...})'),
+                Option("events", list(alert.events), "the events this webhook hears (default: all)"),
+                Option(
+                    "headers",
+                    {},
+                    'extra headers, e.g. {Authorization = "Bearer ${ALERT_TOKEN}"} (values may use ${VAR})',
+                ),
+                Option(
+                    "remind_every",
+                    "4h",
+                    "repeat a condition still open this often (default: off, only its start and end)",
                     default=False,
                 ),
             ],

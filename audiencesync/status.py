@@ -56,8 +56,10 @@ class AudienceStatus:
     fields_pending: int = 0  # members owed a call because Gleap doesn't have their contact fields yet
 
 
-def parked_changes(conn: Connection, audience_key: str | None = None) -> list[ParkedChange]:
-    """Changes parked after repeated rejections, by audience and user."""
+def parked_changes(
+    conn: Connection, audience_key: str | None = None, limit: int | None = None
+) -> list[ParkedChange]:
+    """Changes parked after repeated rejections, by audience and user (the first ``limit`` of each kind)."""
     query = (
         sa.select(
             audiences.c.key,
@@ -74,11 +76,13 @@ def parked_changes(conn: Connection, audience_key: str | None = None) -> list[Pa
     )
     if audience_key is not None:
         query = query.where(audiences.c.key == audience_key)
-    parked = [ParkedChange(*row) for row in conn.execute(query)]
-    return parked + parked_events(conn, audience_key)
+    parked = [ParkedChange(*row) for row in conn.execute(query.limit(limit))]
+    return parked + parked_events(conn, audience_key, limit)
 
 
-def parked_events(conn: Connection, audience_key: str | None = None) -> list[ParkedChange]:
+def parked_events(
+    conn: Connection, audience_key: str | None = None, limit: int | None = None
+) -> list[ParkedChange]:
     """Events parked after repeated rejections, by audience, user and time."""
     query = (
         sa.select(
@@ -96,7 +100,7 @@ def parked_events(conn: Connection, audience_key: str | None = None) -> list[Par
     )
     if audience_key is not None:
         query = query.where(audiences.c.key == audience_key)
-    return [ParkedChange(*row) for row in conn.execute(query)]
+    return [ParkedChange(*row) for row in conn.execute(query.limit(limit))]
 
 
 def scanned_counts() -> sa.Subquery:

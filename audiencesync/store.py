@@ -351,10 +351,10 @@ class Store:
 
     # --- parked failures ---
 
-    def parked(self, audience_key: str | None = None) -> list[ParkedChange]:
-        """Changes parked after repeated rejections, by audience and user."""
+    def parked(self, audience_key: str | None = None, limit: int | None = None) -> list[ParkedChange]:
+        """Changes parked after repeated rejections, by audience and user (the first ``limit``)."""
         with self._read() as conn:
-            return status_mod.parked_changes(conn, audience_key)
+            return status_mod.parked_changes(conn, audience_key, limit)[:limit]
 
     def requeue(self, audience_key: str | None = None, user_id: str | None = None) -> int:
         """Un-park failed changes and events so the next run tries them again, with a fresh attempt budget."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from audiencesync.alerts import PARKED_EXAMPLES, Alerts
 from audiencesync.config import AudienceConfig, Config
 from audiencesync.delivery import Deliverer, Progress
 from audiencesync.dry_run import DryRun
@@ -53,7 +54,8 @@ class Run:
 
 
 class Syncer:
-    """Refreshes audiences and delivers their changes. Seams: the store, sources, an httpx transport.
+    """Refreshes audiences and delivers their changes. Seams: the store, sources, an httpx transport,
+    the alerts (none by default).
 
     ``run_cycle`` is the one-shot `sync`; the daemon calls ``refresh`` and
     ``deliverer`` separately, on its own schedule.
@@ -68,10 +70,12 @@ class Syncer:
         transport: httpx.AsyncBaseTransport | None = None,
         backoff_initial: float = 0.5,
         page_size: int = 100,
+        alerts: Alerts | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.sources = sources or Sources(config.sources)
+        self.alerts = alerts or Alerts([], None)
         self.transport = transport
         self.backoff_initial = backoff_initial
         self.page_size = page_size
@@ -154,6 +158,10 @@ class Syncer:
                 )
             except (GleapAuthError, GleapUnavailableError) as exc:
                 report.aborted = exc
+            if isinstance(report.aborted, GleapUnavailableError):
+                self.alerts.gleap(str(report.aborted))
+            elif report.aborted is None and report.calls:
+                self.alerts.gleap(None)  # calls went through: Gleap answers
             # Conflicts are counted per losing audience as calls go out; the run keeps its own.
             self.store.add_field_conflicts(
                 {run.run_id: deliverer.conflicts[run.audience.key] for run in runs}
@@ -212,11 +220,14 @@ class Syncer:
             # The snapshot is untouched; pending changes from earlier cycles still go out.
             run.report.status, run.report.error = "failed", str(exc)
             log.error("%s", exc)
+            if not self.sources.cancelled.is_set():  # stopping is no failure of the source
+                self.alerts.source_failed(config.key, config.kind, exc.source, str(exc))
             return run
         counts = refresh.counts
         if refresh.held is not None:
             run.report.status, run.report.error = "held", refresh.held
             log.error("audience %r held: %s", config.key, refresh.held)
+        self.alerts.refreshed(config.key, config.kind, counts, refresh.held)
         count_refresh(run.report, counts, stats)
         note_fields(run.report, fields)
         store.update_run(
@@ -291,6 +302,13 @@ class Syncer:
         run.report.events_sent = row["events_sent"]
         run.report.field_conflicts = row["field_conflicts"]
         run.report.events_pending, run.report.events_parked = store.event_counts(run.audience.id)
+        key = run.audience.key
+        self.alerts.parked(
+            key,
+            run.report.kind,
+            run.report.parked + run.report.events_parked,
+            lambda: store.parked(key, limit=PARKED_EXAMPLES),
+        )
 
     def _finish(self, store: Store, runs: list[Run], report: CycleReport) -> None:
         for run in runs:

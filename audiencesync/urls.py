@@ -27,7 +27,7 @@ MASK = "***"
 
 def resolve_url(url: str, *, config_path: Path, where: str, environ: Mapping[str, str]) -> str:
     """Expand ``${VAR}``s and validate a database URL; relative SQLite paths follow the config file."""
-    expanded = _expand(url, config_path=config_path, where=where, environ=environ)
+    expanded = expand_env(url, config_path=config_path, where=where, environ=environ)
     try:
         parsed = make_url(expanded)
     except ArgumentError:
@@ -108,7 +108,9 @@ def check_base_url(base_url: str, *, allow_http: bool, config_path: Path, where:
         )
 
 
-def _expand(text: str, *, config_path: Path, where: str, environ: Mapping[str, str]) -> str:
+def expand_env(text: str, *, config_path: Path, where: str, environ: Mapping[str, str]) -> str:
+    """``text`` with each ``${VAR}`` replaced by the variable's value; an unset one is a ConfigError."""
+
     def value(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in environ:

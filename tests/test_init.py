@@ -17,6 +17,7 @@ import pytest
 from audiencesync import __version__, starter
 from audiencesync.cli import build_parser
 from audiencesync.config import ROOT_KEYS, load_config
+from audiencesync.config_alerts import ALERT_KEYS
 from audiencesync.config_audiences import AUDIENCE_KEYS
 from audiencesync.config_sections import (
     GLEAP_KEYS,
@@ -148,6 +149,7 @@ def test_every_option_the_loader_knows_is_in_the_starter() -> None:
         f"sources.{starter.SOURCE_NAME}": SOURCE_KEYS,
         "audiences": AUDIENCE_KEYS,
         "traits": trait_keys,
+        "alerts": ALERT_KEYS,
     }
     assert {name: sorted(keys) for name, keys in tables.items()} == {
         name: sorted(keys) for name, keys in expected.items()

@@ -300,6 +300,23 @@ def test_one_failing_user_does_not_open_the_breaker(
     assert report.aborted is None and only(report).sent == 49 and only(report).pending == 1
 
 
+def test_calls_the_open_breaker_stops_count_no_negative_retries(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    """A call stopped by the breaker on its first failure made no retry: 0, not -1 (which the
+    daemon's /metrics counter refused, turning the outage into a 'delivery failed')."""
+    source.set([f"u{i:03d}" for i in range(20)])
+    config = make_config(gleap.base_url, extra_gleap="breaker_failures = 2")
+    gleap.fail_next(100_000, 503)
+    report = cycle(config)
+    assert report.aborted is not None
+    assert only(report).retries >= 0
+    engine = store_mod.engine_for(config.store)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT min(retries) FROM sync_runs")).scalar_one() >= 0
+    engine.dispose()
+
+
 # --- E18: counts that agree ----------------------------------------------------------------
 
 
