@@ -191,7 +191,8 @@ class Store:
                             diff.load_batch(conn, name, batch)  # type: ignore[arg-type]
                     failpoints.reach("stage-batch")
                 with conn.begin():
-                    members = diff.seal_stage(conn, name)
+                    # Ids only, on PostgreSQL: no key, the diff is one hash join (diff._apply_joined).
+                    members = diff.seal_stage(conn, name, keyed=valued)
                 failpoints.reach("after-stage")
                 with conn.execution_options(sqlite_begin="IMMEDIATE").begin() as transaction:
                     if self.fence is not None:
