@@ -128,7 +128,21 @@ def _distinct(conn: Connection) -> str:
     return "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
 
 
-def seal_stage(conn: Connection, name: str, *, keyed: bool = True) -> int | None:
+def seal_for_apply(conn: Connection, name: str, *, valued: bool) -> int | None:
+    """``seal_stage``, unless ``apply_stage`` can diff the stage as it was loaded; then None.
+
+    On PostgreSQL a stage of ids only gets its statistics and no key: ``_apply_joined``
+    diffs it in one hash join, which reads no index and handles an id given twice itself
+    (measured at 1M ids: the unique index took 1.7 s of a 6.5 s refresh). SQLite's
+    anti-joins need the key, and a stage with values needs its grouping (the smallest value).
+    """
+    if conn.dialect.name == "postgresql" and not valued:
+        conn.exec_driver_sql(f"ANALYZE {name}")
+        return None
+    return seal_stage(conn, name)
+
+
+def seal_stage(conn: Connection, name: str) -> int:
     """Make the loaded stage one keyed row per user, with statistics; returns its number of users.
 
     A stage whose ids are all distinct just gets a unique index (PostgreSQL);
@@ -136,16 +150,8 @@ def seal_stage(conn: Connection, name: str, *, keyed: bool = True) -> int | None
     given twice keeps the smallest value). Every statement after this reads a
     deduplicated, indexed stage, rather than each one grouping again. On
     PostgreSQL, without statistics the planner would guess a tiny stage.
-
-    ``keyed=False``, on PostgreSQL: statistics only, and None for the number of users. For a
-    stage of ids that ``apply_stage`` diffs in one hash join (``_apply_joined``): the join
-    reads no index, and it handles an id given twice itself (measured at 1M ids: the unique
-    index took 1.7 s of a 6.5 s refresh). SQLite's anti-joins need the key: it is made anyway.
     """
     keyed_name = f"{name}_keyed"
-    if conn.dialect.name == "postgresql" and not keyed:
-        conn.exec_driver_sql(f"ANALYZE {name}")
-        return None
     if conn.dialect.name == "postgresql":
         steer_planner(conn)
         # Sorting a million ids for an index takes 2.3 s in the default 64 MB, 0.6 s in this.
@@ -287,9 +293,9 @@ def _apply_joined(
     """
     params = {"a": audience_id, "r": run_id, "t": now}
     changes = f"{name}_changes"
-    conn.exec_driver_sql(
-        f"CREATE TEMP TABLE {changes} (user_id {ids_type(conn)} PRIMARY KEY, entered BOOLEAN NOT NULL)"
-    )
+    # The default collation, as memberships.user_id has: compared under the stage's "C", its
+    # ids could not be looked up in memberships' indexes (measured: a hash join over 1M rows).
+    conn.exec_driver_sql(f"CREATE TEMP TABLE {changes} (user_id TEXT PRIMARY KEY, entered BOOLEAN NOT NULL)")
     conn.execute(
         text(
             f"INSERT INTO {changes} (user_id, entered) "
