@@ -267,9 +267,7 @@ class GleapClient:
         if len(attributes) > MAX_CUSTOM_KEYS:
             raise ValueError(f"{len(attributes)} custom keys in one call; Gleap takes {MAX_CUSTOM_KEYS}")
         body = identify_body(user_id, attributes)
-        return await self._call(
-            user_id, lambda: self._send("POST", self._identify_url, json=body)
-        )
+        return await self._call(user_id, lambda: self._send("POST", self._identify_url, json=body))
 
     async def track(self, batch: list[dict[str, Any]]) -> Answer:
         """Send one batch of events (``track_event``s) with the identify calls' retries, limiter

@@ -331,7 +331,9 @@ def main() -> int:
     )
     parser.add_argument("--profile-top", type=int, default=25)
     parser.add_argument(
-        "--profile-out", type=Path, help="also save the raw cProfile stats there (pstats; e.g. /tmp/deliver.prof)"
+        "--profile-out",
+        type=Path,
+        help="also save the raw cProfile stats there (pstats; e.g. /tmp/deliver.prof)",
     )
     parser.add_argument("--no-bare", action="store_true", help="skip the bare httpx loop (memory runs)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
