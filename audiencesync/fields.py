@@ -286,7 +286,7 @@ class FieldReader:
         self.notices = list(mapper.notices)
         self.has_fields = mapper.has_fields
         if not mapper.has_fields:
-            return lambda row: None
+            return values.no_value
         id_index = columns.index(ID_COLUMN)
 
         def value_of(row: Sequence[Any]) -> str | None:

@@ -191,7 +191,7 @@ class Store:
                             diff.load_batch(conn, name, batch)  # type: ignore[arg-type]
                     failpoints.reach("stage-batch")
                 with conn.begin():
-                    members = diff.seal_stage(conn, name)
+                    members = diff.seal_for_apply(conn, name, valued=valued)
                 failpoints.reach("after-stage")
                 with conn.execution_options(sqlite_begin="IMMEDIATE").begin() as transaction:
                     if self.fence is not None:

@@ -29,6 +29,12 @@ def encode(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def no_value(row: Any) -> None:
+    """A source row's value when its query has no value columns. Readers (``sources``) recognise
+    this function and pair ids with None a batch at a time, not a call per row."""
+    return None
+
+
 def decode(text: str | None) -> Any:
     """The value a canonical JSON text holds; None for NULL."""
     return None if text is None else json.loads(text)

@@ -7,6 +7,7 @@ Run from the repository root::
     python bench/delivery_bench.py --audiences 3 --users 20000,100000   # peak RSS as users grow
     python bench/delivery_bench.py --limit 1200 --calls 3000            # the enforced-limit case
     python bench/delivery_bench.py --profile                            # cProfile's top entries
+    python bench/delivery_bench.py --profile --profile-out /tmp/d.prof  # and the raw stats, for pstats
 
 ``--store postgresql`` starts with DROP SCHEMA public CASCADE: point it only at a scratch database.
 
@@ -134,6 +135,8 @@ def phase_deliver(config_path: Path, args: argparse.Namespace) -> Figures:
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.profile_top)
         figures["profile"] = out.getvalue()
+        if args.profile_out:
+            profile.dump_stats(args.profile_out)
     return figures
 
 
@@ -250,6 +253,8 @@ def fresh_store(args: argparse.Namespace, path: Path) -> str:
 
 def run_phase(name: str, config: Path, args: argparse.Namespace) -> Figures:
     extra = ["--profile", "--profile-top", str(args.profile_top)] if args.profile else []
+    if args.profile_out:
+        extra += ["--profile-out", str(args.profile_out)]
     return report.run_phase(__file__, "--phase", name, "--config", str(config), *extra)
 
 
@@ -325,6 +330,11 @@ def main() -> int:
         "--profile", action="store_true", help="print cProfile's top entries of each delivery"
     )
     parser.add_argument("--profile-top", type=int, default=25)
+    parser.add_argument(
+        "--profile-out",
+        type=Path,
+        help="also save the raw cProfile stats there (pstats; e.g. /tmp/deliver.prof)",
+    )
     parser.add_argument("--no-bare", action="store_true", help="skip the bare httpx loop (memory runs)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)

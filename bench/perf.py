@@ -152,10 +152,17 @@ def whole(figures: Figures) -> Figures:
     return figures | {"work_seconds": figures["seconds"], "seconds": figures["wall"]}
 
 
+BULK_ROWS = ("a", "b", "c", "d", "g")
+DELIVERY_ROWS = ("e1", "e2", "e3", "f")
+
+
 def bulk(
-    run: Runner, store: str, store_url: str, n: int, churn: float, work: Path
+    run: Runner, store: str, store_url: str, n: int, churn: float, work: Path, wanted: frozenset[str]
 ) -> tuple[list[Figures], list[str]]:
-    """Figures a, b, c, d and g for one store at N members; and any wrong count."""
+    """Figures a, b, c, d and g (those ``wanted``) for one store at N members; and any wrong count.
+
+    The first refresh (b0) runs whenever b, c, d or g is wanted: the incremental figures and the
+    pages need the snapshot it makes."""
     rows: list[Figures] = []
     problems: list[str] = []
     half = max(1, round(n * churn / 2))
@@ -190,9 +197,10 @@ def bulk(
         rows.append({"figure": figure, "store": store, "source": source, "n": n, **figures})
 
     def floors_and_naive(figure: str, expected: tuple[int, int]) -> None:
-        for s in variants:
+        for s in variants if "c" in wanted else ():
             add(f"c {figure}", s.name, whole(run.phase("floor", base | {"source_table": s.table})), expected)
-        add(f"d {figure}", "streamed", whole(run.phase("naive", base)), expected)
+        if "d" in wanted:
+            add(f"d {figure}", "streamed", whole(run.phase("naive", base)), expected)
 
     def dry_run(figure: str, expected_calls: int) -> None:
         for s in variants:
@@ -217,17 +225,22 @@ def bulk(
     rows.append({"figure": "version", "store": store, "version": version})
 
     floors_and_naive("first", (n, 0))
-    dry_run("a first sync dry run", n)
-    refresh("b0 first refresh", variants[0], (n, 0))
-    add("g pending page", "store", run.phase("pending_pages", base | {"members": n}))
-    run.phase("setup", base | {"step": "ack"})
-    for turn, source in enumerate(variants):
+    if "a" in wanted:
+        dry_run("a first sync dry run", n)
+    incremental = wanted & {"b", "c", "d"}
+    if incremental or "g" in wanted:
+        refresh("b0 first refresh", variants[0], (n, 0))
+    if "g" in wanted:
+        add("g pending page", "store", run.phase("pending_pages", base | {"members": n}))
+    for turn, source in enumerate(variants if incremental else ()):
+        run.phase("setup", base | {"step": "ack"})
         run.phase("setup", base | {"step": "churn", "members": n, "half": half, "turn": turn, "pg_url": pg})
         if turn == 0:
             floors_and_naive("incremental", (half, half))
-            dry_run("b incremental dry run", 2 * half)
-        refresh("b incremental refresh", source, (half, half))
-        run.phase("setup", base | {"step": "ack"})
+            if "b" in wanted:
+                dry_run("b incremental dry run", 2 * half)
+        if "b" in wanted:
+            refresh("b incremental refresh", source, (half, half))
     if pg:
         run.phase("setup", base | {"step": "drop_pg_source"})
     return rows, problems
@@ -265,6 +278,14 @@ def main() -> int:
     )
     parser.add_argument("--full", action="store_true", help="e(2) on PostgreSQL too")
     parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=BULK_ROWS + DELIVERY_ROWS,
+        default=list(BULK_ROWS + DELIVERY_ROWS),
+        help="only these rows (default: all), e.g. --rows b c, or --rows e1; "
+        "b, c, d and g also run the first refresh b0 they need",
+    )
+    parser.add_argument(
         "--phase-timeout", type=float, default=1800, help="seconds before a phase is given up"
     )
     parser.add_argument(
@@ -293,6 +314,7 @@ def main() -> int:
         coalesce_users=args.coalesce_users,
     )
 
+    wanted = frozenset(args.rows)
     started = time.perf_counter()
     run = Runner(args.phase_timeout)
     rows: list[Figures] = []
@@ -307,18 +329,20 @@ def main() -> int:
         work = Path(tmp)
         for store, url in stores:
             store_url = url or f"sqlite:///{work / 'store.db'}"
-            for n in sizes:
+            for n in sizes if wanted & set(BULK_ROWS) else ():
                 try:
-                    got, wrong = bulk(run, store, store_url, n, args.churn, work)
+                    got, wrong = bulk(run, store, store_url, n, args.churn, work, wanted)
                 except PhaseTimeout as exc:
                     notes.append(f"{store} N={n:,}: stopped, {exc}")
                     continue
                 rows += got
                 problems += wrong
                 save()
+            if not wanted & set(DELIVERY_ROWS):
+                continue
             delivery_url = url or f"sqlite:///{work / 'delivery.db'}"
             got, wrong = perf_delivery.delivery_rows(
-                run.phase, work, store, delivery_url, plan, limited=store == "sqlite" or args.full
+                run.phase, work, store, delivery_url, plan, wanted, limited=store == "sqlite" or args.full
             )
             rows += got
             problems += wrong

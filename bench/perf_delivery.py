@@ -224,9 +224,16 @@ def _delivery_store(run: RunPhase, work: Path, store_url: str, name: str, count:
 
 
 def delivery_rows(
-    run: RunPhase, work: Path, store: str, store_url: str, plan: DeliveryPlan, limited: bool
+    run: RunPhase,
+    work: Path,
+    store: str,
+    store_url: str,
+    plan: DeliveryPlan,
+    wanted: frozenset[str],
+    limited: bool,
 ) -> tuple[list[Figures], list[str]]:
-    """The figures of e(1), e(2) when ``limited``, e(3) and f on this store, and any wrong count."""
+    """The figures of e(1), e(2) when ``limited``, e(3) and f on this store (those ``wanted``), and any
+    wrong count."""
     rows: list[Figures] = []
     problems: list[str] = []
 
@@ -251,14 +258,15 @@ def delivery_rows(
             problems.append(f"{store} {name}: expected {count} calls acknowledged, got {real}")
         return real | figures
 
-    with standin_process() as standin:
-        real = cycle("nolimit", plan.calls, {}, standin, bare=True)
-    bare = real.pop("bare")
-    if bare["acked"] != plan.calls:
-        problems.append(f"{store} bare loop: {bare['acked']} of {plan.calls} acknowledged")
-    rows.append({"figure": "e1", "store": store, **real, "bare": bare})
+    if "e1" in wanted:
+        with standin_process() as standin:
+            real = cycle("nolimit", plan.calls, {}, standin, bare=True)
+        bare = real.pop("bare")
+        if bare["acked"] != plan.calls:
+            problems.append(f"{store} bare loop: {bare['acked']} of {plan.calls} acknowledged")
+        rows.append({"figure": "e1", "store": store, **real, "bare": bare})
 
-    if limited and plan.limited_minutes > 0:
+    if "e2" in wanted and limited and plan.limited_minutes > 0:
         count = round(plan.limit * plan.limited_minutes)
         with standin_process(rate_limit=plan.limit) as standin:
             real = cycle("limited", count, {"requests_per_minute": plan.limit}, standin, bare=False)
@@ -271,10 +279,13 @@ def delivery_rows(
         real["span"] = span
         rows.append({"figure": "e2", "store": store, **real})
 
-    with standin_process(latency=0.05) as standin:
-        real = cycle("latency", plan.latency_calls, {}, standin, bare=False)
-    rows.append({"figure": "e3", "store": store, **real})
+    if "e3" in wanted:
+        with standin_process(latency=0.05) as standin:
+            real = cycle("latency", plan.latency_calls, {}, standin, bare=False)
+        rows.append({"figure": "e3", "store": store, **real})
 
+    if "f" not in wanted:
+        return rows, problems
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         real = run(
             "coalesce",

@@ -168,7 +168,9 @@ def render(rows: list[Figures], plan: DeliveryPlan, machine: dict[str, Any]) -> 
     print("times are whole processes (wall), RSS each process's peak; x: ratio to the same run's baseline")
     targets = Targets()
     _bulk(rows, targets)
-    _delivery([r for r in rows if r["figure"] in ("e1", "e2", "e3", "f")], plan, targets)
+    delivered = [r for r in rows if r["figure"] in ("e1", "e2", "e3", "f")]
+    if delivered:  # none when --rows left them out
+        _delivery(delivered, plan, targets)
     print("\ntargets")
     for t in targets.items:
         print(f"  {'PASS' if t['ok'] else 'FAIL'}  {t['target']}: {t['value']} (wanted {t['wanted']})")

@@ -44,3 +44,20 @@ def test_the_benchmark_runs_in_its_quickest_mode(store_url: str, tmp_path: Path)
     assert result["problems"] == []
     coalesced = next(t for t in result["targets"] if "f calls = distinct users" in t["target"])
     assert coalesced["ok"], coalesced
+
+
+def test_rows_runs_only_the_rows_asked_for(tmp_path: Path) -> None:
+    out = tmp_path / "perf.json"
+    args = ["--stores", "sqlite", "--members", "300", "--calls", "30", "--rows", "b", "e1"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "perf.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    figures = {r["figure"] for r in result["rows"]}
+    # b needs the first refresh it runs after; nothing else is measured.
+    assert figures == {"version", "b0 first refresh", "b incremental dry run", "b incremental refresh", "e1"}
+    assert result["problems"] == []

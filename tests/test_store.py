@@ -64,6 +64,26 @@ def test_duplicates_count_once(store: Store) -> None:
     assert refresh(store, "a", ["u1", "u1", "u2", "u2", "u2"]) == (2, 2, 0)
 
 
+def test_duplicates_in_an_incremental_refresh_count_once(store: Store) -> None:
+    # On PostgreSQL the ids-only stage has no key: the diff's one join must dedupe itself.
+    refresh(store, "a", ["u1", "u2", "u3"])
+    ack_all(store, "a")
+    # u2 stays (given twice), u4 enters (three times), u1 and u3 leave.
+    assert refresh(store, "a", ["u2", "u4", "u2", "u4", "u4"]) == (2, 1, 2)
+    assert pending(store, "a") == {"u1": False, "u3": False, "u4": True}
+    with store.engine.connect() as conn:
+        changes = conn.execute(
+            sa.select(membership_changes.c.user_id, membership_changes.c.change).where(
+                membership_changes.c.change != "entered", membership_changes.c.user_id != "u4"
+            )
+        ).all()
+        members = conn.execute(sa.text("SELECT members FROM audience_counts")).scalar_one()
+    assert sorted(changes) == [("u1", "left"), ("u3", "left")]
+    assert members == 2
+    # A leaver who comes back, given twice, enters once.
+    assert refresh(store, "a", ["u1", "u2", "u4", "u1"]) == (3, 1, 0)
+
+
 def test_unchanged_source_after_acks_leaves_nothing_pending(store: Store) -> None:
     refresh(store, "a", ["u1", "u2"])
     ack_all(store, "a")
