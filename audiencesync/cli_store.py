@@ -158,9 +158,10 @@ def _status_tables(
         )
         write_rows(sys.stdout, "table", RETIRED_COLUMNS, (_retired_row(r) for r in retired))
         for row in retired:
-            if row.members == 0 and row.pending:
+            owed = row.pending + row.parked
+            if row.members == 0 and owed:
                 print(
-                    f"{row.key}: Gleap is still owed {row.key}: false for {row.pending} user(s); "
+                    f"{row.key}: Gleap is still owed {row.key}: false for {owed} user(s); "
                     f"`audiencesync retire {row.key} --unset-in-gleap` carries on"
                 )
 

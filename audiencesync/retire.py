@@ -307,7 +307,8 @@ class Retirer:
 def _may_hold() -> sa.ColumnElement[bool]:
     """Gleap may hold the key for the user: it acknowledged true (a trait: a value), or a call
     got no verdict (renames.py retires an old key by the same rule)."""
-    return sa.or_(memberships.c.acked == sa.true(), memberships.c.unknown == sa.true())
+    acked_true = sa.func.coalesce(memberships.c.acked, sa.false()) == sa.true()  # never NULL: NOT works
+    return sa.or_(acked_true, memberships.c.unknown == sa.true())
 
 
 def _changes_of(audience_id: int) -> sa.ColumnElement[bool]:

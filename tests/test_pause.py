@@ -85,8 +85,8 @@ def test_config_reads_enabled(make_config: ConfigFactory) -> None:
         config.runnable("segment_a")
     assert "'segment_a' is paused (enabled = false)" in str(caught.value)
     assert "set enabled = true on 'segment_a'" in str(caught.value)
-    with pytest.raises(ConfigError, match="enabled.*must be a bool"):
-        make_config(audiences=two().replace('segment = \'a\'"', "segment = 'a'\"\nenabled = \"no\"", 1))
+    with pytest.raises(ConfigError, match=r"enabled.*must be a bool"):
+        make_config(audiences=two().replace("segment = 'a'\"", 'segment = \'a\'"\nenabled = "no"', 1))
 
 
 def test_pause_keeps_the_rows_and_sends_nothing_then_resume_sends_only_what_changed(
@@ -153,7 +153,9 @@ def test_metrics_label_a_paused_property(make_config: ConfigFactory, source: Sou
         info = "audiencesync_property_info"
         labels = {"audience": "segment_a", "kind": "audience", "state": "paused"}
         assert metrics.registry.get_sample_value(info, labels) == 1
-        assert metrics.registry.get_sample_value("audiencesync_pending_changes", {"audience": "segment_a"}) == 1
+        assert (
+            metrics.registry.get_sample_value("audiencesync_pending_changes", {"audience": "segment_a"}) == 1
+        )
     finally:
         engine.dispose()
 
