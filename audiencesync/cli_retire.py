@@ -104,6 +104,7 @@ class _Outcome:
     owed: int = 0  # users the unset was for
     sent: int = 0  # of them, acknowledged
     left: Owed | None = None  # still owed after the pass, when the state had to stay
+    held: int = 0  # without the unset: users Gleap may still hold the key for, left as they are
     aborted: GleapError | None = None
 
 
@@ -154,6 +155,12 @@ def cmd_retire(args: argparse.Namespace, config: Config) -> int:
     if outcome.left is not None:
         left = outcome.left
         raise RetireIncompleteError(key.key, remaining=left.rows, parked=left.parked, unknown=left.unknown)
+    if outcome.held:
+        print(
+            f"{key.key}: Gleap keeps what it was told: {outcome.held} user(s) may still hold {key.key} "
+            "there (--unset-in-gleap would have sent them the false first)",
+            file=notes,
+        )
     history = (
         "its history is deleted (--purge)" if args.purge else "its history is kept (`--purge` deletes it)"
     )
@@ -189,10 +196,14 @@ def _retire(
                 outcome.sent = int(run["sent"])
             except (GleapAuthError, GleapUnavailableError) as exc:
                 outcome.aborted = exc
+            finally:
+                syncer.sources.dispose()
         left = retirer.owed(key)
         if left.rows or stop.is_set():
             outcome.left = left
             return outcome
+    else:
+        outcome.held = retirer.plan(key, unset=True, purge=False)[1]
     outcome.deleted = retirer.remove_state(key)
     if args.purge:
         for table, n in retirer.purge(key).per_table():

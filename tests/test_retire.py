@@ -146,6 +146,7 @@ def test_status_lists_a_removed_key_apart_and_retire_removes_its_state_keeping_t
     assert done.returncode == 0, done.stderr
     assert csv_rows(done.stdout) == {"memberships": 2, "events": 0}
     assert "retired segment_a: its state is removed" in done.stderr
+    assert "Gleap keeps what it was told: 2 user(s) may still hold segment_a there" in done.stderr
     assert gleap.identify_calls == [], "without --unset-in-gleap Gleap keeps what it was told"
     assert rows(config, "segment_a") == {}
     runs = (
