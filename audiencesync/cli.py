@@ -24,6 +24,7 @@ from audiencesync.cli_output import (
     EXIT_STORE,
 )
 from audiencesync.cli_prune import cmd_prune
+from audiencesync.cli_retire import add_retire_command
 from audiencesync.cli_store import (
     cmd_check,
     cmd_db_current,
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_forget_command(commands)
 
     add_alert_commands(commands)
+    add_retire_command(commands)
 
     db = add_command(
         commands,

@@ -9,7 +9,7 @@ import sys
 from datetime import datetime, timedelta
 from typing import Any
 
-from audiencesync import store
+from audiencesync import lifecycle, store
 from audiencesync.cli_output import EXIT_INCOMPLETE, EXIT_OK, iso, open_store, when
 from audiencesync.cli_prune import prune_status
 from audiencesync.config import Config, Secret, display_url
@@ -47,11 +47,13 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
             engine.dispose()
     sources = Sources(config.sources)
     for audience in config.properties:
+        paused = "" if audience.enabled else "; paused"
+        what = f"{audience.kind} {audience.key} (source {audience.source}{paused})"
         try:
             sources.check(audience)
-            results.append((f"{audience.kind} {audience.key} (source {audience.source})", None))
+            results.append((what, None))
         except AudienceSyncError as exc:
-            results.append((f"{audience.kind} {audience.key} (source {audience.source})", str(exc)))
+            results.append((what, str(exc)))
     sources.dispose()
     token = config.gleap.api_token
     if token is None:
@@ -75,8 +77,11 @@ async def _check_token(config: Config, token: Secret) -> None:
 STATUS_COLUMNS = (
     "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
     "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
-    "fields_pending", "field_warnings", "field_conflicts",
+    "fields_pending", "field_warnings", "field_conflicts", "state",
 )  # fmt: skip
+# The table shows the state as its sections instead (live, then paused, then retired).
+TABLE_COLUMNS = STATUS_COLUMNS[:-1]
+RETIRED_COLUMNS = ("audience", "kind", "members", "pending", "failed", "unknown", "last_run", "result")
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -90,14 +95,27 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         rows = target.status()
         holder = target.lease_holder()
     configured = {a.key for a in config.properties}
+    known = lifecycle.states(config)
+    # Retired keys (in no config) are listed apart, after the rest: nothing refreshes or delivers them.
+    retired = [row for row in rows if lifecycle.state_of(row.key, known) == lifecycle.RETIRED]
+    rows = [row for row in rows if lifecycle.state_of(row.key, known) != lifecycle.RETIRED]
     # A store not yet migrated has no prunes table; the next sync migrates it.
     last_prune = Pruner(target.engine, store.utc_now).last() if current == head else None
     if args.format == "json":
         # The one shape that is not a list of rows: the lease and the last prune ride along.
-        data = _status_json(rows, holder, configured) | {"last_prune": last_prune and vars(last_prune)}
+        data = _status_json(rows, holder, configured, known) | {
+            "retired": _status_json(retired, None, configured, known)["audiences"],
+            "last_prune": last_prune and vars(last_prune),
+        }
         print(json.dumps(data, default=iso, indent=2))
         return EXIT_OK
-    write_rows(sys.stdout, args.format, STATUS_COLUMNS, (_status_row(row, configured) for row in rows))
+    if args.format == "table":
+        _status_tables(rows, retired, configured, known)
+    else:
+        every = [*rows, *retired]
+        write_rows(
+            sys.stdout, args.format, STATUS_COLUMNS, (_status_row(r, configured, known) for r in every)
+        )
     # The lease is not an audience: in csv and jsonl it goes aside, so stdout stays rows only.
     out = sys.stdout if args.format == "table" else sys.stderr
     if holder is None:
@@ -118,8 +136,53 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def _status_row(row: store.AudienceStatus, configured: set[str]) -> tuple[object, ...]:
+def _status_tables(
+    rows: list[store.AudienceStatus],
+    retired: list[store.AudienceStatus],
+    configured: set[str],
+    known: dict[str, str],
+) -> None:
+    """For people: the live properties, then a section for the paused and one for the retired."""
+    paused = [row for row in rows if known.get(row.key) == lifecycle.PAUSED]
+    live = [row for row in rows if known.get(row.key) != lifecycle.PAUSED]
+    write_rows(sys.stdout, "table", TABLE_COLUMNS, (_status_row(r, configured, known)[:-1] for r in live))
+    if paused:
+        print("\npaused (enabled = false: neither refreshed nor delivered; enabled = true resumes them):")
+        write_rows(
+            sys.stdout, "table", TABLE_COLUMNS, (_status_row(r, configured, known)[:-1] for r in paused)
+        )
+    if retired:
+        print(
+            "\nretired (in the store, in no config; `audiencesync retire KEY` removes the state, "
+            "with --unset-in-gleap setting KEY false in Gleap first):"
+        )
+        write_rows(sys.stdout, "table", RETIRED_COLUMNS, (_retired_row(r) for r in retired))
+        for row in retired:
+            owed = row.pending + row.parked
+            if row.members == 0 and owed:
+                print(
+                    f"{row.key}: Gleap is still owed {row.key}: false for {owed} user(s); "
+                    f"`audiencesync retire {row.key} --unset-in-gleap` carries on"
+                )
+
+
+def _retired_row(row: store.AudienceStatus) -> tuple[object, ...]:
     last = row.last_run or {}
+    return (
+        row.key,
+        row.kind,
+        row.members,
+        row.pending,
+        row.parked,
+        row.unknown,
+        last.get("started_at"),
+        last.get("status"),
+    )
+
+
+def _status_row(row: store.AudienceStatus, configured: set[str], known: dict[str, str]) -> tuple[object, ...]:
+    last = row.last_run or {}
+    paused = known.get(row.key) == lifecycle.PAUSED
     return (
         row.key,
         row.members,
@@ -132,7 +195,7 @@ def _status_row(row: store.AudienceStatus, configured: set[str]) -> tuple[object
         last.get("entered"),
         last.get("left"),
         last.get("sent"),
-        row.next_run_at,
+        None if paused else row.next_run_at,  # as the daemon last planned it: not while paused
         row.key in configured,
         row.events_pending,
         row.events_parked,
@@ -140,11 +203,15 @@ def _status_row(row: store.AudienceStatus, configured: set[str]) -> tuple[object
         row.fields_pending,
         last.get("field_warnings"),  # of the last run, as entered, left and sent are
         last.get("field_conflicts"),
+        lifecycle.state_of(row.key, known),
     )
 
 
 def _status_json(
-    rows: list[store.AudienceStatus], holder: dict[str, Any] | None, configured: set[str]
+    rows: list[store.AudienceStatus],
+    holder: dict[str, Any] | None,
+    configured: set[str],
+    known: dict[str, str],
 ) -> dict[str, Any]:
     return {
         "audiences": [
@@ -152,6 +219,7 @@ def _status_json(
                 "key": row.key,
                 "kind": row.kind,
                 "configured": row.key in configured,
+                "state": lifecycle.state_of(row.key, known),
                 "members": row.members,
                 "pending": row.pending,
                 "failed": row.parked,
@@ -162,7 +230,7 @@ def _status_json(
                 "oldest_pending_at": row.oldest_pending_at,
                 "oldest_pending_age_seconds": _age_seconds(row.oldest_pending_at),
                 "refreshed_at": row.refreshed_at,
-                "next_run_at": row.next_run_at,
+                "next_run_at": None if known.get(row.key) == lifecycle.PAUSED else row.next_run_at,
                 "last_run": row.last_run,
             }
             for row in rows

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from tqdm import tqdm
 
@@ -41,6 +41,8 @@ from audiencesync.scheduler import Daemon
 from audiencesync.sources import Sources
 from audiencesync.sync import CycleReport, PlannedCall, PlannedTrack, Syncer
 
+T = TypeVar("T")
+
 # How long `sync --full/--allow-removals` waits for a running daemon to carry it out.
 DAEMON_REQUEST_WAIT_SECONDS = 600.0
 
@@ -60,7 +62,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 def cmd_sync(args: argparse.Namespace, config: Config) -> int:
     if args.audiences:
         for key in args.audiences:
-            config.audience(key)  # refuse unknown keys before touching anything
+            config.runnable(key)  # refuse unknown and paused keys before touching anything
     if args.allow_removals and not args.audiences:
         raise ConfigError(
             "--allow-removals releases the guard for named audiences only",
@@ -77,7 +79,7 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
         # and leave no file behind.
         engine = store.empty_store()
     lease = WriterLease(engine, store.utc_now, ttl_seconds=config.sync.lease_seconds, role="sync")
-    interrupt = _Interrupt(Sources(config.sources))
+    interrupt = Interrupt(Sources(config.sources))
     # A dry run alerts nothing: it changes nothing, and may plan against a store in memory.
     alerts = Alerts.of(config, None if args.dry_run else engine)
     try:
@@ -124,7 +126,7 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK if report.complete else EXIT_INCOMPLETE
 
 
-class _Interrupt:
+class Interrupt:
     """SIGINT/SIGTERM during `sync`: stop starting calls, cancel source queries, report.
 
     The first signal sets ``stop`` (calls in flight finish and are recorded) and
@@ -146,20 +148,20 @@ class _Interrupt:
         self.stop.set()
         self.sources.cancel()
 
-    def __enter__(self) -> _Interrupt:
+    def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def run(self, work: Callable[[], CycleReport]) -> CycleReport:
+    def run(self, work: Callable[[], T]) -> T:
         """Do ``work`` on a worker thread, the main thread only waiting for it.
 
         Python runs signal handlers on the main thread, between bytecodes: a main
         thread stuck in a driver's C call (a slow source query) would never see
         the signal that should cancel that very query.
         """
-        outcome: list[CycleReport] = []
+        outcome: list[T] = []
         failure: list[BaseException] = []
 
         def target() -> None:
@@ -188,7 +190,7 @@ def _ask_daemon(args: argparse.Namespace, config: Config, engine: Any, daemon: d
     A request nobody picked up in time is withdrawn, so it can't surprise anyone
     later; one the daemon already started is left to finish.
     """
-    keys = args.audiences or [a.key for a in config.properties]
+    keys = args.audiences or [a.key for a in config.active]
     kind = kind_of(full=args.full, allow_removals=args.allow_removals)
     queue = AdminRequests(engine, store.utc_now)
     asker = f"{socket.gethostname()} pid {os.getpid()}"
@@ -234,7 +236,7 @@ def _ask_daemon(args: argparse.Namespace, config: Config, engine: Any, daemon: d
 
 
 def _run_cycle(
-    args: argparse.Namespace, config: Config, target: store.Store, interrupt: _Interrupt, alerts: Alerts
+    args: argparse.Namespace, config: Config, target: store.Store, interrupt: Interrupt, alerts: Alerts
 ) -> CycleReport:
     syncer = Syncer(config, target, sources=interrupt.sources, alerts=alerts)
     try:
@@ -243,7 +245,7 @@ def _run_cycle(
             full=args.full,
             dry_run=args.dry_run,
             show_calls=lambda calls: write_rows(sys.stdout, args.format, CALL_COLUMNS, _call_rows(calls)),
-            progress=_progress_bar if sys.stderr.isatty() else None,
+            progress=progress_bar if sys.stderr.isatty() else None,
             allow_removals=args.allow_removals,
             stop=interrupt.stop,
         )
@@ -251,7 +253,7 @@ def _run_cycle(
         syncer.sources.dispose()
 
 
-def _progress_bar(total: int) -> Progress:
+def progress_bar(total: int) -> Progress:
     bar = tqdm(total=total, unit="call", desc="delivering", file=sys.stderr, dynamic_ncols=True)
 
     def tick(done: int) -> None:

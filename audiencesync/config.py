@@ -39,7 +39,7 @@ from audiencesync.config_sections import (
     sync_config,
 )
 from audiencesync.config_traits import trait_configs
-from audiencesync.errors import ConfigError
+from audiencesync.errors import AudiencePausedError, ConfigError
 from audiencesync.secret import Secret
 from audiencesync.tomltable import Table, parse_duration
 from audiencesync.urls import display_url
@@ -91,6 +91,18 @@ class Config:
     def properties(self) -> tuple[AudienceConfig, ...]:
         """Everything synced, audiences then traits: what is scheduled, refreshed and delivered."""
         return self.audiences + self.traits
+
+    @property
+    def active(self) -> tuple[AudienceConfig, ...]:
+        """The properties that are refreshed and delivered: all but the paused ones (enabled = false)."""
+        return tuple(p for p in self.properties if p.enabled)
+
+    def runnable(self, key: str) -> AudienceConfig:
+        """``audience(key)``, refusing a paused one: it is neither refreshed nor delivered."""
+        found = self.audience(key)
+        if not found.enabled:
+            raise AudiencePausedError(found.kind, key, path=str(self.path))
+        return found
 
     def audience(self, key: str) -> AudienceConfig:
         """The audience or trait with this key (keys are unique across both)."""

@@ -30,6 +30,9 @@ class AudienceConfig:
     missing: str | None = None  # a trait's value (canonical JSON) for users without one; None: null
     # Keys it was synced under before (renames.py): Gleap gets each one retired, once.
     previous_keys: tuple[str, ...] = ()
+    # False: paused (lifecycle.py). Its store state stays as it is, and nothing refreshes or
+    # delivers it until it is true again.
+    enabled: bool = True
 
 
 AUDIENCE_KEYS = (
@@ -43,6 +46,7 @@ AUDIENCE_KEYS = (
     "jitter",
     "events",
     "previous_keys",
+    "enabled",
 )
 
 
@@ -136,6 +140,7 @@ def entry_config(
         # Only audiences have entries and exits; a [[traits]] table has no `events` key.
         events=entry.take("events", bool, events) if kind == "audience" else False,
         previous_keys=_previous_keys(entry, key),
+        enabled=entry.take("enabled", bool, True),
     )
 
 

@@ -70,7 +70,8 @@ class DaemonHealth:
         if stalled is not None:
             return False, stalled
         now = store_mod.utc_now()
-        intervals = {a.key: a.interval for a in self.config.properties}
+        # A paused property is never late: it is not meant to refresh (nor a removed one).
+        intervals = {a.key: a.interval for a in self.config.active}
         late = []
         for row in rows:
             if row.key not in intervals:

@@ -86,6 +86,7 @@ class DeliveryLoop:
             try:
                 # Between passes: no call is in flight, so no answer can bring a forgotten user back.
                 self.forgets.carry_out_waiting()
+                self._close_inactive()
                 self._open_delivery_runs()
                 with self._lock:
                     runs = dict(self._open)
@@ -137,10 +138,22 @@ class DeliveryLoop:
     def _due(self) -> int:
         return self.store.due_count(list(self._ids.values())) if self._ids else 0
 
+    def _close_inactive(self) -> None:
+        """Close the runs of properties paused or removed by a reload: their rows must not go out
+        in the next pass, not even in another property's call (a pass carries only the rows of
+        the ids it is given). Between passes, so no answer is recorded into a closed run."""
+        active = {a.key for a in self.config.active}
+        with self._lock:
+            stale = [(i, run) for i, run in self._open.items() if run.audience.key not in active]
+            for audience_id, _ in stale:
+                del self._open[audience_id]
+        for _, run in stale:
+            self._close(run)
+
     def _open_delivery_runs(self) -> None:
         """Open a 'delivery' run for each audience with changes due but no open run and no refresh
         going: re-queued changes and elapsed backoffs go out now, not at the next refresh."""
-        for audience in self.config.properties:
+        for audience in self.config.active:
             audience_id = self._ids.get(audience.key)
             if audience_id is None:
                 continue

@@ -47,6 +47,20 @@ class ConfigError(AudienceSyncError):
         super().__init__(text)
 
 
+class AudiencePausedError(ConfigError):
+    """A command asked to sync an audience or trait whose config says enabled = false."""
+
+    def __init__(self, kind: str, key: str, *, path: str) -> None:
+        self.key = key
+        super().__init__(
+            f"{kind} {key!r} is paused (enabled = false): it is neither refreshed nor delivered, "
+            "and its store state waits as it is.",
+            path=path,
+            fix=f"set enabled = true on {key!r} to resume it (the daemon picks it up on its reload, "
+            f"SIGHUP), or leave --audience {key} out",
+        )
+
+
 class BadTimeError(ConfigError):
     """A TIME on the command line (``--at``...) is neither ISO 8601 nor a span before now."""
 
@@ -222,4 +236,39 @@ class ForgetIncompleteError(AudienceSyncError):
             "kept. Fix: run the same `audiencesync forget --in-gleap` again for them (safe to repeat: a "
             "contact already deleted answers 404, which counts as done); for 'refused', read Gleap's "
             "answer above first."
+        )
+
+
+class DaemonHoldsStoreError(StoreBusyError):
+    """A command that needs the writer lease found a daemon (`audiencesync run`) holding it."""
+
+    def __init__(self, *, command: str, holder: str, since: datetime) -> None:
+        self.holder = holder
+        self.since = since
+        StoreError.__init__(
+            self,
+            f"a daemon ({holder}, since {iso_time(since)}) holds the store, and `{command}` needs its "
+            "writer lease. Fix: stop the daemon (systemctl stop audiencesync), run the command, then "
+            "start the daemon again; a key in no config is left alone by the daemon meanwhile.",
+        )
+
+
+class RetireIncompleteError(AudienceSyncError):
+    """`retire --unset-in-gleap` ended with users still owed the key's false: the state stays."""
+
+    def __init__(self, key: str, *, remaining: int, parked: int, unknown: int) -> None:
+        self.key = key
+        self.remaining = remaining
+        parked_text = (
+            f"; {parked} parked after repeated rejections (`audiencesync failures` lists them with "
+            "Gleap's answer)"
+            if parked
+            else ""
+        )
+        super().__init__(
+            f"{key!r} is not retired yet: {remaining} user(s) are still owed {key}: false "
+            f"({unknown} with an unknown outcome{parked_text}). Its state is kept. Fix: run "
+            f"`audiencesync retire {key} --unset-in-gleap` again: it carries on with what is left "
+            f"(parked users get a fresh attempt budget); or `audiencesync retire {key}` to drop "
+            "them and leave Gleap as it is."
         )

@@ -7,19 +7,22 @@ the store at scrape time, so they are right whichever process changed them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from audiencesync import lifecycle
 from audiencesync.gleap import Answer
 from audiencesync.prune import PruneRecord
 from audiencesync.store import AudienceStatus, Clock, Outcome, utc_now
 
 # The last prune that finished, and the latest `before` of any prune (history is whole from there).
 Prunes = Callable[[], tuple[PruneRecord | None, datetime | None]]
+# Each configured key's state (lifecycle.states): read at each scrape, so a reload shows at once.
+States = Callable[[], Mapping[str, str]]
 
 
 class Metrics:
@@ -28,6 +31,7 @@ class Metrics:
         status: Callable[[], Sequence[AudienceStatus]],
         clock: Clock = utc_now,
         prunes: Prunes = lambda: (None, None),
+        states: States | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.breaker_open = Gauge(
@@ -85,7 +89,7 @@ class Metrics:
             "Prunes of this daemon's retention that failed (tried again after a backoff).",
             registry=self.registry,
         )
-        self.registry.register(_StoreCollector(status, clock))
+        self.registry.register(_StoreCollector(status, clock, states))
         self.registry.register(_PruneCollector(prunes))
 
     def outcomes(self, outcomes: Iterable[Outcome]) -> None:
@@ -103,13 +107,28 @@ class Metrics:
 
 
 class _StoreCollector(Collector):
-    def __init__(self, status: Callable[[], Sequence[AudienceStatus]], clock: Clock) -> None:
+    def __init__(
+        self, status: Callable[[], Sequence[AudienceStatus]], clock: Clock, states: States | None
+    ) -> None:
         self._status = status
         self._clock = clock
+        self._states = states
 
     def collect(self) -> Iterable[Metric]:
         rows = self._status()
         now = self._clock()
+        known = self._states() if self._states is not None else None
+        retired = GaugeMetricFamily(
+            "audiencesync_retired_members",
+            "Members a retired key (in the store, in no config) still holds; `audiencesync retire` "
+            "clears them.",
+            labels=["audience"],
+        )
+        retired_pending = GaugeMetricFamily(
+            "audiencesync_retired_pending_changes",
+            "Changes a retired key still owes Gleap; nothing delivers them but `audiencesync retire`.",
+            labels=["audience"],
+        )
         gauges = {
             "members": GaugeMetricFamily("audiencesync_members", "Current members.", labels=["audience"]),
             "pending": GaugeMetricFamily(
@@ -165,11 +184,18 @@ class _StoreCollector(Collector):
         }
         kinds = GaugeMetricFamily(
             "audiencesync_property_info",
-            "1 per synced key: whether it is an audience or a trait (the other gauges' audience label).",
-            labels=["audience", "kind"],
+            "1 per synced key: whether it is an audience or a trait (the other gauges' audience label), "
+            "and its state: live, paused (enabled = false), or renamed (an old key still owed).",
+            labels=["audience", "kind", "state"],
         )
         for row in rows:
-            kinds.add_metric([row.key, row.kind], 1)
+            state = lifecycle.LIVE if known is None else lifecycle.state_of(row.key, known)
+            if state == lifecycle.RETIRED:
+                # Not live: no gauge of the live ones (an alert on pending or age must not fire for it).
+                retired.add_metric([row.key], row.members)
+                retired_pending.add_metric([row.key], row.pending)
+                continue
+            kinds.add_metric([row.key, row.kind, state], 1)
             gauges["members"].add_metric([row.key], row.members)
             gauges["pending"].add_metric([row.key], row.pending)
             gauges["parked"].add_metric([row.key], row.parked)
@@ -189,6 +215,8 @@ class _StoreCollector(Collector):
         yield oldest
         yield last_success
         yield kinds
+        yield retired
+        yield retired_pending
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected lazily: don't query the store at registration

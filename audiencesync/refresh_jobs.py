@@ -99,6 +99,8 @@ class RefreshJobs:
             audience = self.config.audience(key)
         except ConfigError:
             return None  # removed by a reload a moment ago
+        if not audience.enabled:
+            return None  # paused by a reload a moment ago
         with self._lock:
             if key in self._busy:
                 return None

@@ -27,9 +27,10 @@ from types import FrameType
 
 import httpx
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from audiencesync import store as store_mod
+from audiencesync import lifecycle, store as store_mod
 from audiencesync.admin import AdminDesk
 from audiencesync.alerts import Alerts
 from audiencesync.backoff import Backoff
@@ -127,7 +128,9 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
         self._delivery: threading.Thread | None = None
         pruner = Pruner(self.engine, clock)
         self.metrics = Metrics(
-            self.store.status, prunes=lambda: (pruner.last(finished=True), pruner.exact_from())
+            self.store.status,
+            prunes=lambda: (pruner.last(finished=True), pruner.exact_from()),
+            states=lambda: lifecycle.states(self.config),
         )
         # Read at each look, so that a reload turns retention on, off or changes it.
         self.retention = Retention(pruner, lambda: self.config.retention.keep_seconds, self.metrics)
@@ -281,7 +284,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
             )
             # Started first, so that each job gets its next run time as it is added.
             self.scheduler.start()
-            for audience in self.config.properties:
+            for audience in self.config.active:  # a paused one is not scheduled
                 self._schedule(audience, start_now=self._due_now(audience))
             self._delivery = threading.Thread(target=self._deliver_forever, name="delivery", daemon=True)
             self._delivery.start()
@@ -380,15 +383,19 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
         if new.store.url != self.config.store.url:
             log.error("reload refused: [store] url can't change while running; restart the daemon instead")
             return
-        old = {a.key: a for a in self.config.properties}
-        fresh = {a.key: a for a in new.properties}
+        # Scheduled: the active properties. One paused (enabled = false) leaves the schedule as a
+        # removed one does, and one resumed joins it as an added one does.
+        old = {a.key: a for a in self.config.active}
+        fresh = {a.key: a for a in new.active}
+        listed = ({a.key for a in self.config.properties}, {a.key for a in new.properties})
         old_syncer = self.syncer
         self.config = new
         self.alerts.configure(new.alerts, Alerts.secrets_of(new))
         self.syncer = self._syncer(new)
         if self.scheduler is not None:
             for key in old.keys() - fresh.keys():
-                self.scheduler.remove_job(key)
+                with contextlib.suppress(JobLookupError):
+                    self.scheduler.remove_job(key)
                 self._ids.pop(key, None)
                 with contextlib.suppress(Exception):  # only shown by `status`
                     self.store.set_next_run(key, None)
@@ -398,12 +405,18 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
                     self._schedule(audience, start_now=self._due_now(audience))
                 elif (before.interval, before.jitter) != (audience.interval, audience.jitter):
                     self._schedule(audience, start_now=False)
+        if old.keys() - fresh.keys():
+            # A pass under way ends early: the next one leaves out what was paused or removed.
+            self.wake.set()
         # Running refreshes may still use the old sources; their engines close when idle.
         old_syncer.sources.dispose()
+        was, now = listed
         log.info(
-            "reloaded %s: %d audience(s) (%d added, %d removed)",
+            "reloaded %s: %d audience(s) (%d added, %d removed, %d paused, %d resumed)",
             Path(new.path),
-            len(fresh),
-            len(fresh.keys() - old.keys()),
-            len(old.keys() - fresh.keys()),
+            len(now),
+            len(now - was),
+            len(was - now),
+            len((old.keys() - fresh.keys()) & now),
+            len((fresh.keys() - old.keys()) & was),
         )

@@ -222,7 +222,7 @@ sync_runs = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("cycle_id", sa.String(36), nullable=False, index=True),
     sa.Column("audience_id", sa.Integer, sa.ForeignKey("audiences.id"), nullable=False),
-    # initial | incremental | full | delivery (no refresh: pending changes only)
+    # initial | incremental | full | delivery (no refresh: pending changes only) | retire (retire.py)
     sa.Column("mode", sa.String(16), nullable=False),
     # running | succeeded | partial | held | failed | aborted | interrupted
     sa.Column("status", sa.String(16), nullable=False),

@@ -317,10 +317,11 @@ def _entry_options(name: str, query: str, *, active: bool, events: bool | None =
         Option("interval", duration(schedule.interval), "its own schedule ([schedule]'s by default)"),
         Option("jitter", duration(schedule.jitter), "its own jitter ([schedule]'s by default)"),
         Option("previous_keys", [], "keys it had before a rename: each is retired in Gleap once"),
+        Option("enabled", True, "false pauses it: kept in the store, neither refreshed nor delivered"),
     ]
     if events is not None:  # only audiences have entries and exits
         options.insert(
-            -1, Option("events", events, "its Audience Entered/Exited events ([gleap]'s by default)")
+            -2, Option("events", events, "its Audience Entered/Exited events ([gleap]'s by default)")
         )
     return options
 

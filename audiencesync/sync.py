@@ -114,14 +114,15 @@ class Syncer:
         allow_removals: bool = False,
         stop: threading.Event | None = None,
     ) -> CycleReport:
-        """Refresh then deliver the selected audiences (all when ``keys`` is None).
+        """Refresh then deliver the selected audiences (all but the paused when ``keys`` is None).
 
         ``show_calls`` gets the dry run's calls as they are read from the plan
         (the rest are still counted if it stops early). ``progress`` is called
         with the number of calls to make and returns a callback for each call done.
         ``allow_removals`` releases the mass-removal guard for this cycle.
         """
-        selected = [self.config.audience(k) for k in keys] if keys else list(self.config.properties)
+        # A paused property (enabled = false) is left as it is: named, it is refused.
+        selected = [self.config.runnable(k) for k in keys] if keys else list(self.config.active)
         if not dry_run and self.config.gleap.api_token is None:
             raise MissingTokenError()
         report = CycleReport(cycle_id=str(uuid.uuid4()), audiences=[], dry_run=dry_run)

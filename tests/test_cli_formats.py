@@ -69,13 +69,13 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
     assert list(row) == [
         "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
         "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
-        "fields_pending", "field_warnings", "field_conflicts",
+        "fields_pending", "field_warnings", "field_conflicts", "state",
     ]  # fmt: skip
     assert (row["audience"], row["members"], row["pending"], row["failed"], row["unknown"]) == (
         "segment_a", "2", "0", "1", "0"
     )  # fmt: skip
     assert (row["result"], row["entered"], row["sent"], row["configured"]) == ("partial", "2", "1", "true")
-    assert row["kind"] == "audience"
+    assert row["kind"] == "audience" and row["state"] == "live"
     assert re.fullmatch(MACHINE_TIME, row["last_run"]) and row["oldest_pending"] == ""
     assert row["next_run"] == ""  # no daemon planned one
     # The lease and the last prune go aside, not into the rows.
@@ -91,7 +91,8 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
 
     # json keeps its own shape: the audiences and the lease in one object.
     as_json = json.loads(run(path, "status", "--format", "json").stdout)
-    assert set(as_json) == {"audiences", "lease", "last_prune"} and as_json["lease"] is None
+    assert set(as_json) == {"audiences", "retired", "lease", "last_prune"} and as_json["lease"] is None
+    assert as_json["retired"] == [] and as_json["audiences"][0]["state"] == "live"
     assert as_json["audiences"][0]["key"] == "segment_a" and as_json["audiences"][0]["failed"] == 1
 
     table = run(path, "status")
@@ -109,7 +110,7 @@ def test_status_of_an_empty_store_is_still_well_formed(make_config: ConfigFactor
         Path(engine_url.removeprefix("sqlite:///")).touch()  # a file, no schema yet
     as_json = run(config.path, "status", "--format", "json")
     assert as_json.returncode == 0, as_json.stderr
-    assert json.loads(as_json.stdout) == {"audiences": [], "lease": None, "last_prune": None}
+    assert json.loads(as_json.stdout) == {"audiences": [], "retired": [], "lease": None, "last_prune": None}
     assert "no sync has run yet" in as_json.stderr
     assert run(config.path, "status", "--format", "jsonl").stdout == ""
 

@@ -65,8 +65,9 @@ def test_gauges_count_fields_events_and_traits_pending(
         assert sample(metrics, "audiencesync_pending_events", audience="paying") == 3
         assert sample(metrics, "audiencesync_failed_events", audience="paying") == 0
         # A trait is a property like an audience: its pending values have the same gauges, and its kind.
-        assert sample(metrics, "audiencesync_property_info", audience="tier", kind="trait") == 1
-        assert sample(metrics, "audiencesync_property_info", audience="paying", kind="audience") == 1
+        info = "audiencesync_property_info"
+        assert sample(metrics, info, audience="tier", kind="trait", state="live") == 1
+        assert sample(metrics, info, audience="paying", kind="audience", state="live") == 1
         assert sample(metrics, "audiencesync_pending_changes", audience="tier") == 2
         assert sample(metrics, "audiencesync_members", audience="tier") == 2
         assert (
