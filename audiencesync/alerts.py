@@ -164,6 +164,12 @@ class Alerts:
 
         self._firing("parked", key, stored, audience=key, fix=fix, detail=detail)
 
+    def retired(self, key: str) -> None:
+        """``retire`` removed the key's state: what was open about it ends, one "resolved" each
+        (nothing would ever end it otherwise: no refresh or delivery runs the key again)."""
+        for kind in ("held", "source_failed", "parked"):
+            self._resolved(kind, key, f"{key!r} is retired: audiencesync syncs it no more", audience=key)
+
     def gleap(self, error: str | None) -> None:
         """Gleap's circuit breaker: ``error`` when it is open, None after calls went through."""
         if error is None:

@@ -8,6 +8,7 @@ holding it is named, with the fix), then ``Retirer``; or, with --dry-run, only r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from audiencesync import lifecycle, store
+from audiencesync.alerts import Alerts
 from audiencesync.cli_output import (
     EXIT_GLEAP_DOWN,
     EXIT_INTERRUPTED,
@@ -129,6 +131,9 @@ def cmd_retire(args: argparse.Namespace, config: Config) -> int:
         interrupt = Interrupt(Sources({}))
         with interrupt, lease.held(args.wait):
             outcome = interrupt.run(lambda: _retire(args, config, engine, lease, interrupt.stop, notes))
+        if outcome.left is None:
+            with contextlib.closing(Alerts.of(config, engine)) as alerts:
+                alerts.retired(outcome.key.key)
     finally:
         engine.dispose()
     write_rows(sys.stdout, args.format, ("table", "deleted"), outcome.deleted.per_table())

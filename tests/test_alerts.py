@@ -152,6 +152,27 @@ def test_one_audiences_recovery_never_ends_anothers_condition(
     assert_no_secrets(receiver)
 
 
+def test_retiring_an_audience_ends_what_was_open_about_it_once(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, receiver: AlertReceiver
+) -> None:
+    source.set(["a1", "a2", "a3"], "a")
+    source.set(["b1"], "b")
+    config = make_config(gleap.base_url, audiences=TWO_AUDIENCES, extra=hooks(receiver))
+    assert sync(config) == 0
+    source.set([], "a")
+    assert sync(config) == 1  # segment_a held
+    # Removed from the config, it is refreshed no more: only its retirement can end the hold.
+    only_b = make_config(gleap.base_url, audiences=TWO_AUDIENCES.split("\n\n")[1], extra=hooks(receiver))
+    assert [a.key for a in only_b.audiences] == ["segment_b"]
+    assert cli.main(["--config", str(only_b.path), "retire", "segment_a"]) == 0
+    assert sync(only_b) == 0
+    assert states(receiver.posts("/json")) == [
+        ("held", "segment_a", "firing"), ("held", "segment_a", "resolved")
+    ]  # fmt: skip
+    assert "retired" in texts(receiver.posts("/slack"))[1]
+    assert_no_secrets(receiver)
+
+
 def test_parked_changes_alert_with_examples_and_end_once_retried_and_delivered(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, receiver: AlertReceiver
 ) -> None:
