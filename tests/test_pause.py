@@ -23,6 +23,8 @@ from audiencesync.sync import Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, cli, daemons, free_port, healthz, wait_for
+from tests.test_renames import rows
+from tests.test_traits import cycle as sync
 
 __all__ = ["daemons"]  # the daemon tests' fixture, used here too
 
@@ -43,16 +45,6 @@ query = "SELECT user_id FROM members WHERE segment = 'b'"
 """
 
 
-def sync(config: Config, **kwargs: Any) -> Any:
-    engine = store_mod.engine_for(config.store)
-    syncer = Syncer(config, Store(engine), backoff_initial=0.01)
-    try:
-        return syncer.run_cycle(**kwargs)
-    finally:
-        syncer.sources.dispose()
-        engine.dispose()
-
-
 def refresh_only(config: Config, key: str) -> None:
     """A refresh with no delivery: its changes stay pending (as a cycle stopped before its calls)."""
     engine = store_mod.engine_for(config.store)
@@ -61,14 +53,6 @@ def refresh_only(config: Config, key: str) -> None:
         syncer.finish(syncer.refresh(config.audience(key), "cycle-refresh-only"))
     finally:
         syncer.sources.dispose()
-        engine.dispose()
-
-
-def rows(config: Config, key: str) -> dict[str, tuple[bool, bool | None]]:
-    engine = store_mod.engine_for(config.store)
-    try:
-        return Store(engine).memberships_of(key)
-    finally:
         engine.dispose()
 
 

@@ -22,9 +22,10 @@ from audiencesync.store import Store
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import cli
-from tests.test_pause import by_user, refresh_only, rows, sync, two
+from tests.test_pause import by_user, refresh_only, two
 from tests.test_reliability import resend_bound, resent, start
-from tests.test_traits import set_trait
+from tests.test_renames import rows
+from tests.test_traits import cycle as sync, set_trait
 
 ONLY_B = """
 [[audiences]]
