@@ -21,6 +21,7 @@ from audiencesync.cli_output import (
     EXIT_STORE,
 )
 from audiencesync.cli_prune import cmd_prune
+from audiencesync.cli_serve import add_serve_command
 from audiencesync.cli_store import (
     cmd_check,
     cmd_db_current,
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(handler=cmd_prune)
 
     add_forget_command(commands)
+
+    add_serve_command(commands)
 
     db = commands.add_parser("db", help="manage the membership store")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
