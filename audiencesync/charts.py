@@ -102,13 +102,18 @@ def members(points: Sequence[RunPoint], *, title: str, spark: bool = False) -> C
     """Members after each applied refresh, on a time axis. ``spark``: the overview's small one."""
     width, height = (160, 36) if spark else (720, 260)
     left, top, right, bottom = (
-        (3.0, 3.0, width - 3.0, height - 3.0) if spark else (64.0, 16.0, width - 16.0, height - 52.0)
+        (3.0, 3.0, width - 3.0, height - 3.0) if spark else (64.0, 16.0, width - 44.0, height - 52.0)
     )
     top_value = nice_max(max((p.members for p in points), default=0))
+    # A sparkline spans its own lowest to highest: from 0, a churn of 1% would draw a flat line.
+    low = min((p.members for p in points), default=0) if spark else 0
+    high = max((p.members for p in points), default=0) if spark else top_value
     xs = _x_scale([p.started_at for p in points], left, right)
 
     def y(value: float) -> float:
-        return bottom - value / top_value * (bottom - top)
+        if high == low:
+            return (top + bottom) / 2
+        return bottom - (value - low) / (high - low) * (bottom - top)
 
     chart_points = [
         Point(x, y(p.members), f"{p.started_at:%Y-%m-%d %H:%M} UTC: {p.members:,} members (run {p.run_id})")
@@ -135,7 +140,7 @@ def members(points: Sequence[RunPoint], *, title: str, spark: bool = False) -> C
 def changes(points: Sequence[RunPoint], *, title: str) -> Chart:
     """Entered (up) and left (down) per applied refresh, a pair of bars per run, on a time axis."""
     width, height = 720, 260
-    left, top, right, bottom = 64.0, 16.0, width - 16.0, height - 52.0
+    left, top, right, bottom = 64.0, 16.0, width - 44.0, height - 52.0
     top_value = nice_max(max((max(p.entered, p.left) for p in points), default=0))
     middle = (top + bottom) / 2
     half = bottom - middle

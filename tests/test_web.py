@@ -4,6 +4,7 @@ HTTP server: each page's content, escaping, paging, the token check, and `serve`
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import os
 import re
@@ -27,10 +28,13 @@ from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 
 WEB_TOKEN = "web-token-0123456789abcdef"
+SERVE = (sys.executable, "-m", "audiencesync", "--config")
 Get = Callable[..., httpx.Response]
 
 
+@contextlib.contextmanager
 def serve(scenario: w.WebScenario, token: Secret | None = None) -> Iterator[str]:
+    """The pages of the scenario's store on a real loopback server; its base URL."""
     engine = store_mod.engine_for(scenario.config.store)
     app = WebApp(
         engine,
@@ -56,12 +60,8 @@ def scenario(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) 
 
 @pytest.fixture
 def get(scenario: w.WebScenario) -> Iterator[Get]:
-    for base in serve(scenario):
-
-        def fetch(path: str, **kwargs: object) -> httpx.Response:
-            return httpx.get(base + path, timeout=10, **kwargs)  # type: ignore[arg-type]
-
-        yield fetch
+    with serve(scenario) as base, httpx.Client(base_url=base, timeout=10) as client:
+        yield client.get
 
 
 def rows(page: str, css: str) -> list[str]:
@@ -70,7 +70,9 @@ def rows(page: str, css: str) -> list[str]:
 
 def points(page: str) -> list[int]:
     """The number of points of each chart (an SVG circle each), in page order."""
-    return [len(re.findall(r'<circle class="point"', svg)) for svg in re.findall(r"<svg.*?</svg>", page, re.S)]
+    return [
+        len(re.findall(r'<circle class="point"', svg)) for svg in re.findall(r"<svg.*?</svg>", page, re.S)
+    ]
 
 
 def test_overview_shows_every_audience_with_its_counts_last_run_and_members_chart(get: Get) -> None:
@@ -86,7 +88,7 @@ def test_overview_shows_every_audience_with_its_counts_last_run_and_members_char
     # One point per applied refresh: eight cycles each.
     assert points(page) == [len(w.MEMBERS_A), len(w.MEMBERS_B)]
     assert "2026-11-02 16:00:00 UTC" in page  # the last run's start, in UTC, said so
-    assert "This process: <span class=\"badge active\">active</span>" in page
+    assert 'This process: <span class="badge active">active</span>' in page
     assert "None: no run is delivering now." in page
     # The parked count (u3 in a, the HTML id in b) is shown in both rows.
     assert all(re.search(r'<td class="num bad">1</td>', row) for row in audiences)
@@ -121,7 +123,9 @@ def test_runs_are_paged_and_filtered_by_status(get: Get) -> None:
     assert len(runs) == 16  # both audiences' eight cycles, fewer than a page
     assert 'class="older"' not in page
     held = get("/runs", params={"status": "partial"}).text
-    assert rows(held, "run") and all('data-status="partial"' in r for r in re.findall(r"<tr class=\"run\"[^>]*>", held))
+    assert rows(held, "run") and all(
+        'data-status="partial"' in r for r in re.findall(r"<tr class=\"run\"[^>]*>", held)
+    )
     audience = get("/audiences/segment_a", params={"before": "3"}).text
     assert len(rows(audience, "run")) == 1  # run 1: segment_a's first
     assert get("/runs", params={"status": "<bogus>"}).status_code == 200  # an unknown status: no filter
@@ -153,7 +157,7 @@ def test_pages_forbid_scripts_and_frames_and_say_what_is_missing(get: Get) -> No
     assert get("/static/style.css").headers["content-type"].startswith("text/css")
     assert get("/audiences/nope").status_code == 404
     assert get("/nope").status_code == 404
-    assert httpx.post(str(answer.url), timeout=10).status_code == 405
+    assert httpx.post(str(answer.url), timeout=10).status_code == 405  # read-only
 
 
 def test_no_page_shows_the_gleap_token_or_a_password(get: Get, scenario: w.WebScenario) -> None:
@@ -168,7 +172,8 @@ def test_no_page_shows_the_gleap_token_or_a_password(get: Get, scenario: w.WebSc
 
 @pytest.fixture
 def guarded(scenario: w.WebScenario) -> Iterator[str]:
-    yield from serve(scenario, Secret(WEB_TOKEN))
+    with serve(scenario, Secret(WEB_TOKEN)) as base:
+        yield base
 
 
 def basic(password: str) -> dict[str, str]:
@@ -224,7 +229,7 @@ def test_listening_beyond_loopback_needs_a_token(tmp_path: Path, monkeypatch: py
 def test_serve_refuses_a_public_address_without_a_token(scenario: w.WebScenario) -> None:
     env = {k: v for k, v in os.environ.items() if k != "AUDIENCESYNC_SERVER_TOKEN"}
     done = subprocess.run(
-        [sys.executable, "-m", "audiencesync", "--config", str(scenario.config.path), "serve", "--listen", "0.0.0.0:0"],
+        [*SERVE, str(scenario.config.path), "serve", "--listen", "0.0.0.0:0"],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2
@@ -238,7 +243,7 @@ def test_serve_reads_the_store_beside_the_lease_holder_and_never_takes_the_lease
     lease = WriterLease(engine, store_mod.utc_now, ttl_seconds=120, role="daemon")
     assert lease.try_acquire() is None
     process = subprocess.Popen(
-        [sys.executable, "-m", "audiencesync", "--config", str(scenario.config.path), "serve", "--listen", "127.0.0.1:0"],
+        [*SERVE, str(scenario.config.path), "serve", "--listen", "127.0.0.1:0"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -255,3 +260,50 @@ def test_serve_reads_the_store_beside_the_lease_holder_and_never_takes_the_lease
         assert process.wait(timeout=30) == 0
         lease.release()
         engine.dispose()
+
+
+# --- the daemon ------------------------------------------------------------------------
+
+
+def test_the_daemon_serves_the_pages_beside_healthz_and_metrics_behind_its_token(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, tmp_path: Path
+) -> None:
+    from tests.test_daemon import SCHEDULE, SYNC, free_port, wait_for
+
+    port = free_port()
+    source.set(["u1", "u2"])
+    env = os.environ | {"AUDIENCESYNC_SERVER_TOKEN": WEB_TOKEN}
+    with pytest.MonkeyPatch.context() as patch:  # make_config loads the file in this process
+        patch.setenv("AUDIENCESYNC_SERVER_TOKEN", WEB_TOKEN)
+        config = make_config(
+            gleap.base_url, sync=SYNC, extra=SCHEDULE + f'[server]\nlisten = "0.0.0.0:{port}"\n'
+        )
+    refused = subprocess.run([*SERVE, str(config.path), "run"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "auth_token" in refused.stderr  # no token in its environment
+    log = (tmp_path / "daemon.log").open("w")
+    daemon = subprocess.Popen([*SERVE, str(config.path), "run"], stderr=log, env=env)
+    base = f"http://127.0.0.1:{port}"
+    bearer = {"Authorization": f"Bearer {WEB_TOKEN}"}
+    try:
+
+        def overview() -> str:
+            try:
+                return httpx.get(base + "/", headers=bearer, timeout=5).text
+            except httpx.HTTPError:
+                return ""
+
+        wait_for(
+            lambda: 'data-key="segment_a"' in overview() and "badge active" in overview(), what="the overview"
+        )
+        page = overview()
+        assert 'This process: <span class="badge active">active</span>' in page
+        assert "served by the daemon" in page
+        assert httpx.get(base + "/", timeout=5).status_code == 401
+        assert httpx.get(base + "/metrics", timeout=5).status_code == 401
+        assert "audiencesync_members" in httpx.get(base + "/metrics", headers=bearer, timeout=5).text
+        assert httpx.get(base + "/healthz", timeout=5).status_code in (200, 503)  # open: no 401
+        assert WEB_TOKEN not in page
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=60) == 0
+        log.close()
