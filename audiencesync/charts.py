@@ -141,7 +141,10 @@ def changes(points: Sequence[RunPoint], *, title: str) -> Chart:
     """Entered (up) and left (down) per applied refresh, a pair of bars per run, on a time axis."""
     width, height = 720, 260
     left, top, right, bottom = 64.0, 16.0, width - 44.0, height - 52.0
-    top_value = nice_max(max((max(p.entered, p.left) for p in points), default=0))
+    # The scale is the incremental runs': a first sync's thousands would flatten the churn to
+    # nothing. Its bar is cut at the top (marked, and its tooltip says the real count).
+    usual = [max(p.entered, p.left) for p in points if p.mode == "incremental"]
+    top_value = nice_max(max(usual or [max((max(p.entered, p.left) for p in points), default=0)]))
     middle = (top + bottom) / 2
     half = bottom - middle
     # Bars at the runs' times; inset so the first and last bars stay inside the plot.
@@ -152,10 +155,16 @@ def changes(points: Sequence[RunPoint], *, title: str) -> Chart:
     bars: list[Bar] = []
     for x, p in zip(xs, points, strict=True):
         when = f"{p.started_at:%Y-%m-%d %H:%M} UTC, run {p.run_id}"
-        up = p.entered / top_value * half
-        down = p.left / top_value * half
-        bars.append(Bar(x - bar, middle - up, bar, up, "entered", f"{when}: {p.entered:,} entered"))
-        bars.append(Bar(x, middle, bar, down, "left", f"{when}: {p.left:,} left"))
+        up = min(p.entered / top_value, 1.0) * half
+        down = min(p.left / top_value, 1.0) * half
+        cut_up = " cut" if p.entered > top_value else ""
+        cut_down = " cut" if p.left > top_value else ""
+        bars.append(
+            Bar(
+                x - bar, middle - up, bar, up, "entered" + cut_up, f"{when} ({p.mode}): {p.entered:,} entered"
+            )
+        )
+        bars.append(Bar(x, middle, bar, down, "left" + cut_down, f"{when} ({p.mode}): {p.left:,} left"))
     ticks = [Tick(middle - half * i / 2, _count(top_value * i / 2)) for i in (2, 1, 0)]
     ticks += [Tick(middle + half * i / 2, _count(top_value * i / 2)) for i in (1, 2)]
     return Chart(

@@ -50,6 +50,7 @@ class RunPoint:
     members: int
     entered: int
     left: int
+    mode: str = "incremental"  # initial | incremental | full
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def daemon_state(conn: Connection, now: datetime, this_process: str | None = Non
 
 def history(conn: Connection, audience_id: int, limit: int) -> list[RunPoint]:
     query = (
-        sa.select(_r.id, _r.started_at, _r.members, _r.entered, _r.left)
+        sa.select(_r.id, _r.started_at, _r.members, _r.entered, _r.left, _r.mode)
         .where(_r.audience_id == audience_id, APPLIED)
         .order_by(_r.id.desc())
         .limit(limit)

@@ -6,7 +6,8 @@ It builds the demo source (examples/make_demo_source.py) and a store in a scratc
 syncs config.example.toml's audiences against the loopback Gleap stand-in of the tests
 (tests/gleap_standin.py: no real Gleap, no token) for a day of cycles two hours apart, with
 orders coming and going between them (and one user Gleap refuses, so a failure is parked), then
-serves the pages and photographs them in headless Chromium (/usr/bin/chromium, chromedriver).
+starts the daemon (`audiencesync run`, which catches up at once) and photographs the pages it
+serves in headless Chromium (/usr/bin/chromium, chromedriver).
 With --keep DIR the demo store stays there, for `audiencesync --config DIR/config.toml serve`.
 """
 
@@ -15,24 +16,26 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import httpx  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 
 from audiencesync import store as store_mod  # noqa: E402
 from audiencesync.config import load_config  # noqa: E402
-from audiencesync.server import Server  # noqa: E402
 from audiencesync.sources import Sources  # noqa: E402
 from audiencesync.sync import Syncer  # noqa: E402
-from audiencesync.web import WebApp  # noqa: E402
 from examples.make_demo_source import build  # noqa: E402
 from tests.gleap_standin import GleapStandIn  # noqa: E402
 
@@ -86,22 +89,40 @@ def make_store(directory: Path, gleap: GleapStandIn) -> Path:
     return config_path
 
 
-def photograph(config_path: Path, out: Path) -> None:
-    config = load_config(config_path)
-    engine = store_mod.engine_for(config.store)
-    app = WebApp(
-        engine, token=None, configured=lambda: [a.key for a in config.properties],
-        health=lambda: (True, "ok"), clock=store_mod.utc_now, mode="serve",
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def daemon(config_path: Path, port: int) -> subprocess.Popen[bytes]:
+    """`audiencesync run` on the demo store, serving its pages on loopback; returns once it is active."""
+    with config_path.open("a") as config:
+        config.write(f'\n[server]\nlisten = "127.0.0.1:{port}"\n')
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module, the config we wrote
+        [sys.executable, "-m", "audiencesync", "--config", str(config_path), "run"],
+        stderr=subprocess.DEVNULL, env=os.environ | {"GLEAP_API_TOKEN": TOKEN},
     )  # fmt: skip
-    server = Server("127.0.0.1", 0, app)
-    server.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text
+            if "badge active" in page and "no run is delivering" in page:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the daemon did not become active within 60 s")
+
+
+def photograph(base: str, out: Path) -> None:
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,760"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
-        base = f"http://127.0.0.1:{server.port}"
         driver.get(base + "/")
         driver.save_screenshot(str(out / "web-overview.png"))
         driver.set_window_size(1400, 1250)
@@ -109,8 +130,6 @@ def photograph(config_path: Path, out: Path) -> None:
         driver.save_screenshot(str(out / "web-audience.png"))
     finally:
         driver.quit()
-        server.stop()
-        engine.dispose()
 
 
 def main() -> None:
@@ -123,7 +142,13 @@ def main() -> None:
         directory = args.keep or Path(scratch)
         directory.mkdir(parents=True, exist_ok=True)
         config_path = make_store(directory, gleap)
-        photograph(config_path, ROOT / "docs")
+        port = free_port()
+        running = daemon(config_path, port)
+        try:
+            photograph(f"http://127.0.0.1:{port}", ROOT / "docs")
+        finally:
+            running.terminate()
+            running.wait(timeout=60)
     print("wrote", ", ".join(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("web-*.png"))))
 
 

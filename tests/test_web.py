@@ -101,8 +101,10 @@ def test_audience_page_charts_runs_and_parked_failures_with_gleaps_answer(get: G
     for value in w.MEMBERS_A:
         assert f"{value} members" in members_chart
     # Two bars per run (entered up, left down); cycle 4: u1, u6 entered, u3 left.
-    assert len(re.findall(r'<rect class="bar (entered|left)"', changes_chart)) == 2 * len(w.MEMBERS_A)
+    assert len(re.findall(r'<rect class="bar (entered|left)[ "]', changes_chart)) == 2 * len(w.MEMBERS_A)
     assert "2 entered" in changes_chart and "1 left" in changes_chart
+    # The scale is the incremental runs' (at most 2): the first sync's 3 entries are cut, and said.
+    assert re.search(r'<rect class="bar entered cut"[^>]*><title>[^<]*\(initial\): 3 entered', changes_chart)
     assert "run started (UTC)" in members_chart and "members" in members_chart
     assert len(rows(page, "run")) == 8
     [parked] = rows(page, "parked-row")
