@@ -139,8 +139,8 @@ def members(points: Sequence[RunPoint], *, title: str, spark: bool = False) -> C
 
 def changes(points: Sequence[RunPoint], *, title: str) -> Chart:
     """Entered (up) and left (down) per applied refresh, a pair of bars per run, on a time axis."""
-    width, height = 720, 260
-    left, top, right, bottom = 64.0, 16.0, width - 44.0, height - 52.0
+    width, height = 720, 276
+    left, top, right, bottom = 64.0, 32.0, width - 44.0, height - 52.0  # the legend above the plot
     # The scale is the incremental runs': a first sync's thousands would flatten the churn to
     # nothing. Its bar is cut at the top (marked, and its tooltip says the real count).
     usual = [max(p.entered, p.left) for p in points if p.mode == "incremental"]

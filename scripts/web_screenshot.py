@@ -46,10 +46,9 @@ CYCLES = 12
 def churn(source: Path, rng: random.Random, day: str) -> None:
     """Some orders go, some come: the audiences gain and lose members between cycles."""
     with sqlite3.connect(source) as conn:
-        conn.execute(
-            "DELETE FROM orders WHERE rowid IN (SELECT rowid FROM orders ORDER BY random() LIMIT ?)",
-            (rng.randint(20, 120),),
-        )
+        rowids = [row[0] for row in conn.execute("SELECT rowid FROM orders ORDER BY rowid")]
+        gone = rng.sample(rowids, rng.randint(20, 120))  # the script's own seed: the same demo every time
+        conn.executemany("DELETE FROM orders WHERE rowid = ?", [(r,) for r in gone])
         users = [f"user-{rng.randint(1, 2000):05d}" for _ in range(rng.randint(30, 110))]
         conn.executemany(
             "INSERT INTO orders VALUES (?, ?, ?)", [(u, day, round(rng.uniform(50, 600), 2)) for u in users]
