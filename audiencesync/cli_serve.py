@@ -51,9 +51,9 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     serve = commands.add_parser(
         "serve",
         help="serve the web status page from the store, read-only (never takes the writer lease)",
-        description="Serve the web status page (the same pages `run` serves on [server] listen), "
-        "reading the store only: run it beside a daemon, or on another host pointed at the same "
-        "PostgreSQL store.",
+        description="Serve the web status page (the same pages `run` serves on [server] listen),\n"
+        "reading the store only: run it beside a daemon, or on another host pointed at\n"
+        "the same PostgreSQL store. It never takes the writer lease and never writes.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -11,15 +11,18 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from audiencesync import audit, store as store_mod
 from audiencesync.config import load_config
 from audiencesync.errors import ConfigError
 from audiencesync.lease import WriterLease
+from audiencesync.schema import audience_counts, audiences, sync_runs
 from audiencesync.secret import Secret
 from audiencesync.server import Server
 from audiencesync.web import WebApp
@@ -117,6 +120,30 @@ def test_audience_page_escapes_the_html_id_and_gleaps_html_answer(get: Get) -> N
     [parked] = rows(page, "parked-row")
     assert html.escape(w.HTML_ID, quote=False) in parked
     assert html.escape(w.HTML_ERROR, quote=False) in parked
+
+
+def test_a_delivery_in_progress_shows_sent_remaining_rate_and_eta(get: Get, scenario: w.WebScenario) -> None:
+    engine = store_mod.engine_for(scenario.config.store)
+    with engine.begin() as conn:
+        audience_id = conn.execute(
+            sa.select(audiences.c.id).where(audiences.c.key == "segment_a")
+        ).scalar_one()
+        pending = conn.execute(
+            sa.select(audience_counts.c.pending).where(audience_counts.c.audience_id == audience_id)
+        ).scalar_one()
+        conn.execute(
+            sa.insert(sync_runs).values(
+                cycle_id="c9", audience_id=audience_id, mode="incremental", status="running",
+                started_at=w.T8 - timedelta(seconds=100), sent=50,
+            )
+        )  # fmt: skip
+    engine.dispose()
+    [row] = rows(get("/").text, "delivery")
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+    assert ">segment_a<" in cells[0]
+    assert "stale" in cells[0]  # no process holds the store: a run a dead process left open
+    assert cells[2:5] == ["50", str(pending), "0.5 calls/s"]
+    assert cells[5] == ("0s" if pending == 0 else f"{pending * 2}s")
 
 
 def test_runs_are_paged_and_filtered_by_status(get: Get) -> None:
