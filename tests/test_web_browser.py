@@ -35,6 +35,7 @@ if MISSING:
 from selenium import webdriver  # noqa: E402 - only once the browser is known to be there
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @pytest.fixture
@@ -70,6 +71,17 @@ def load(driver: webdriver.Chrome, url: str) -> None:
     driver.get(url)
     assert console_errors(driver) == []
     assert driver.find_element(By.TAG_NAME, "footer").text.find("UTC") > 0
+
+
+def navigated(driver: webdriver.Chrome, css: str, text: str | None = None) -> None:
+    """Wait for the page a form's submit loads (the submit returns before it does): its ``css``
+    element is there (with ``text``). A deadline, not a race: a loaded machine is slow."""
+
+    def arrived(d: webdriver.Chrome) -> bool:
+        found = d.find_elements(By.CSS_SELECTOR, css)
+        return bool(found) and (text is None or found[0].text == text)
+
+    WebDriverWait(driver, 60, poll_frequency=0.05).until(arrived)
 
 
 def alert_open(driver: webdriver.Chrome) -> bool:
@@ -118,6 +130,7 @@ def test_user_lookup_in_a_browser(browser: webdriver.Chrome, base: str) -> None:
     box = browser.find_element(By.ID, "user-search")
     box.send_keys("u4")
     box.submit()
+    navigated(browser, "h2.user-id", "u4")
     events = browser.find_elements(By.CSS_SELECTOR, "tr.event")
     kinds = [row.get_attribute("data-event") for row in events]
     assert kinds[0] == "entered" and kinds.count("call") == 5  # four 503s, then the 200
@@ -127,6 +140,7 @@ def test_user_lookup_in_a_browser(browser: webdriver.Chrome, base: str) -> None:
     box.clear()
     box.send_keys(w.HTML_ID)
     box.submit()
+    navigated(browser, "h2.user-id", w.HTML_ID)
     assert browser.find_element(By.CSS_SELECTOR, "h2.user-id").text == w.HTML_ID
     assert browser.find_elements(By.CSS_SELECTOR, "tr.event")
     assert browser.find_elements(By.TAG_NAME, "script") == []
@@ -139,6 +153,7 @@ def test_runs_page_in_a_browser_filters_by_status(browser: webdriver.Chrome, bas
     assert len(browser.find_elements(By.CSS_SELECTOR, "tr.run")) == 16
     browser.find_element(By.CSS_SELECTOR, "#status option[value='succeeded']").click()
     browser.find_element(By.CSS_SELECTOR, "form.filter button").click()
+    navigated(browser, "#status option[value='succeeded'][selected]")
     statuses = {row.get_attribute("data-status") for row in browser.find_elements(By.CSS_SELECTOR, "tr.run")}
     assert statuses == {"succeeded"}
     assert console_errors(browser) == []
