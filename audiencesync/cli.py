@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from audiencesync import __version__
 from audiencesync.cli_audit import add_audit_commands
 from audiencesync.cli_forget import add_forget_command
+from audiencesync.cli_help import HelpFormatter, add_command, describe, examples
+from audiencesync.cli_init import add_init_command
 from audiencesync.cli_output import (
     EXIT_BUSY,
     EXIT_CONFIG,
@@ -64,7 +66,18 @@ EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="audiencesync",
-        description="Sync audience membership from SQL sources into Gleap.",
+        description=describe(
+            "Sync audience membership from SQL sources into Gleap. "
+            "`audiencesync COMMAND --help` explains each command."
+        ),
+        epilog=examples(
+            "audiencesync init                      # write ./audiencesync.toml",
+            "audiencesync db upgrade                # create the store",
+            "audiencesync check                     # config, store, queries, token",
+            "audiencesync sync --dry-run            # the calls a sync would make",
+            "audiencesync run                       # the daemon",
+        ),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"audiencesync {__version__}")
     parser.add_argument(
@@ -86,13 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sync = commands.add_parser("sync", help="run one sync cycle now")
+    add_init_command(commands)
+
+    sync = add_command(
+        commands,
+        "sync",
+        help="run one sync cycle now",
+        description="One cycle now: refresh every audience and trait from its source, then deliver "
+        "the changes to Gleap. The run-once mode, for cron or an admin. Exit status 0 when "
+        "everything was delivered, 1 when changes remain pending or failed. While `run` holds the "
+        "store, --full and --allow-removals are handed to the daemon.",
+        example=[
+            "audiencesync sync --dry-run --format csv > calls.csv",
+            "audiencesync sync --audience pro_users --allow-removals",
+        ],
+    )
     sync.add_argument(
         "--audience",
         action="append",
         metavar="KEY",
         dest="audiences",
-        help="only this audience (repeatable; default: all)",
+        help="only this audience or trait (repeatable; default: all)",
     )
     sync.add_argument("--full", action="store_true", help="re-send the current value to every member")
     sync.add_argument(
@@ -116,31 +143,76 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.set_defaults(handler=cmd_sync)
 
-    run = commands.add_parser("run", help="run as a daemon: refresh each audience on its schedule, deliver")
+    run = add_command(
+        commands,
+        "run",
+        help="run as a daemon: refresh each audience on its schedule, deliver",
+        description="The daemon: refresh each audience on its own schedule ([schedule] interval plus "
+        "jitter) and deliver continuously. One daemon per store is active; others stand by. "
+        "SIGTERM stops it gracefully, SIGHUP reloads the config; under systemd (Type=notify) it "
+        "reports readiness and pings the watchdog.",
+        example="GLEAP_API_TOKEN=... audiencesync --config /etc/audiencesync/audiencesync.toml run",
+    )
     run.set_defaults(handler=cmd_run)
 
-    status = commands.add_parser("status", help="per audience: members, pending, failed, last and next run")
+    status = add_command(
+        commands,
+        "status",
+        help="per audience: members, pending, failed, last and next run",
+        description="Per audience and trait: members, pending, failed, the last run and the next; "
+        "then which daemon holds the store, its last heartbeat, and the last prune. Only reads: "
+        "safe while the daemon runs.",
+        example="audiencesync status --format json",
+    )
     add_format_option(status)
     status.set_defaults(handler=cmd_status)
 
-    check = commands.add_parser("check", help="check the config, the store, each source and the Gleap token")
+    check = add_command(
+        commands,
+        "check",
+        help="check the config, the store, each source and the Gleap token",
+        description="Check each part on its own: the config, the store, every audience's query (up to "
+        "its first row) and the Gleap token (GET /admin/auth). One line per part; exit status 1 if "
+        "any fails.",
+        example="GLEAP_API_TOKEN=... audiencesync --config audiencesync.toml check",
+    )
     check.set_defaults(handler=cmd_check)
 
     add_audit_commands(commands)
 
-    failures = commands.add_parser("failures", help="list changes parked after repeated rejections")
-    failures.add_argument("--audience", metavar="KEY", help="only this audience")
+    failures = add_command(
+        commands,
+        "failures",
+        help="list changes parked after repeated rejections",
+        description="List the changes and events parked after repeated rejections by Gleap, with "
+        "their attempts, when they were parked and Gleap's last answer.",
+        example="audiencesync failures --audience pro_users --format csv",
+    )
+    failures.add_argument("--audience", metavar="KEY", help="only this audience (default: all)")
     add_format_option(failures)
     failures.set_defaults(handler=cmd_failures)
 
-    retry = commands.add_parser("retry", help="re-queue parked changes for the next sync")
-    retry.add_argument("--audience", metavar="KEY", help="only this audience")
-    retry.add_argument("--user", metavar="ID", help="only this user id")
+    retry = add_command(
+        commands,
+        "retry",
+        help="re-queue parked changes for the next sync",
+        description="Re-queue parked changes and events for the next sync, with a fresh attempt "
+        "budget. Without a filter, --all is needed.",
+        example=["audiencesync retry --audience pro_users --user u42", "audiencesync retry --all"],
+    )
+    retry.add_argument("--audience", metavar="KEY", help="only this audience (default: all)")
+    retry.add_argument("--user", metavar="ID", help="only this user id (default: all)")
     retry.add_argument("--all", action="store_true", help="every parked change (when no filter is given)")
     retry.set_defaults(handler=cmd_retry)
 
-    prune = commands.add_parser(
-        "prune", help="delete delivery attempts and settled history older than a time, in batches"
+    prune = add_command(
+        commands,
+        "prune",
+        help="delete delivery attempts and settled history older than a time, in batches",
+        description="Delete calls, acknowledged events and settled history older than TIME (at least "
+        "a day ago), in short batches, with a row of counts per table. What is still owed to Gleap "
+        "keeps its history. Safe while the daemon runs.",
+        example=["audiencesync prune --before 90d --dry-run", "audiencesync prune --before 2026-09-01"],
     )
     prune.add_argument(
         "--before",
@@ -163,14 +235,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(commands)
 
-    db = commands.add_parser("db", help="manage the membership store")
+    db = add_command(
+        commands,
+        "db",
+        help="manage the membership store",
+        description="Manage the membership store's schema.",
+        example=["audiencesync db upgrade", "audiencesync db current"],
+    )
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
-    db_commands.add_parser("upgrade", help="apply pending schema migrations").set_defaults(
-        handler=cmd_db_upgrade
-    )
-    db_commands.add_parser("current", help="show the store's schema revision").set_defaults(
-        handler=cmd_db_current
-    )
+    add_command(
+        db_commands,
+        "upgrade",
+        help="apply pending schema migrations",
+        description="Apply pending schema migrations; on a new SQLite store, create its file. The only "
+        "command that creates a store: `sync` and `run` refuse a missing one (a typo in [store] url "
+        "would otherwise re-send every member).",
+        example="audiencesync --config audiencesync.toml db upgrade",
+    ).set_defaults(handler=cmd_db_upgrade)
+    add_command(
+        db_commands,
+        "current",
+        help="show the store's schema revision",
+        description="Show the store's schema revision, and whether migrations are pending.",
+        example="audiencesync db current",
+    ).set_defaults(handler=cmd_db_current)
     return parser
 
 
@@ -187,8 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # drown the one summary line per audience per cycle.
         for chatty in ("httpx", "apscheduler", "alembic"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
-    handler: Callable[[argparse.Namespace, Config], int] = args.handler
+    standalone: Callable[[argparse.Namespace], int] | None = getattr(args, "standalone", None)
     try:
+        if standalone is not None:  # init: it needs no config
+            return standalone(args)
+        handler: Callable[[argparse.Namespace, Config], int] = args.handler
         config = load_config(find_config(args.config))
         return handler(args, config)
     except AudienceSyncError as exc:

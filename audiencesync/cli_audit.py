@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from audiencesync import audit, store
+from audiencesync.cli_help import add_command
 from audiencesync.cli_output import EXIT_OK, open_store, when
 from audiencesync.config import Config
 from audiencesync.errors import ConfigError, StoreError, StoreMissingError, UnknownAudienceError
@@ -24,31 +25,63 @@ from audiencesync.times import TIME_HELP, add_time_option, option_time, parse_ti
 
 def add_audit_commands(commands: Any) -> None:
     """The `audit` group, on the top-level parser's subcommands."""
-    group = commands.add_parser(
-        "audit", help="ask the store: members at an instant, a user's timeline, a diff, the runs"
+    group = add_command(
+        commands,
+        "audit",
+        help="ask the store: members at an instant, a user's timeline, a diff, the runs",
+        description="Ask the store's history: an audience's members at an instant, a user's timeline, "
+        "who entered and left between two instants, the runs. Only reads: safe while the daemon runs.",
+        example=["audiencesync audit members pro_users --at 7d", "audiencesync audit user u42"],
     )
     sub = group.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
 
-    members = sub.add_parser("members", help="an audience's members now, or at an instant")
-    members.add_argument("audience", metavar="KEY")
+    members = add_command(
+        sub,
+        "members",
+        help="an audience's members now, or at an instant",
+        description="An audience's members (user id, and since when), now or at an instant.",
+        example="audiencesync audit members pro_users --at 2026-11-01 --format csv > members.csv",
+    )
+    members.add_argument("audience", metavar="KEY", help="the audience or trait")
     add_time_option(members, "--at", "the members at this time (default: now)")
     members.set_defaults(handler=cmd_members)
 
-    user = sub.add_parser("user", help="a user's changes in each audience and every call that carried one")
-    user.add_argument("user", metavar="USER_ID")
-    user.add_argument("--audience", metavar="KEY", help="only this audience")
+    user = add_command(
+        sub,
+        "user",
+        help="a user's changes in each audience and every call that carried one",
+        description="A user's timeline in every audience and trait: each change (when, which run, what "
+        "became of it), each request that carried it (attempt, HTTP status, Gleap's text), each event.",
+        example="audiencesync audit user u42 --audience pro_users",
+    )
+    user.add_argument("user", metavar="USER_ID", help="the user's id, as the sources give it")
+    user.add_argument("--audience", metavar="KEY", help="only this audience (default: all)")
     user.set_defaults(handler=cmd_user)
 
-    diff = sub.add_parser("diff", help="who entered and who left between two instants")
-    diff.add_argument("audience", metavar="KEY")
+    diff = add_command(
+        sub,
+        "diff",
+        help="who entered and who left between two instants",
+        description="Who entered and who left an audience between two instants (the net change per "
+        "user), with the counts.",
+        example="audiencesync audit diff pro_users --from 7d --to 1d",
+    )
+    diff.add_argument("audience", metavar="KEY", help="the audience or trait")
     # Required, so not add_time_option's; parsed in the command all the same (parse_time).
     for flag, dest in (("--from", "start"), ("--to", "end")):
         help_ = f"{flag[2:]} this time: {TIME_HELP}"
         diff.add_argument(flag, dest=dest, metavar="TIME", required=True, help=help_)
     diff.set_defaults(handler=cmd_diff)
 
-    runs = sub.add_parser("runs", help="the runs, newest first, with every counter")
-    runs.add_argument("--audience", metavar="KEY", help="only this audience")
+    runs = add_command(
+        sub,
+        "runs",
+        help="the runs, newest first, with every counter",
+        description="The runs, newest first, with every counter (entered, left, sent, failed, "
+        "pending, retries...).",
+        example="audiencesync audit runs --audience pro_users --since 3d --limit 10",
+    )
+    runs.add_argument("--audience", metavar="KEY", help="only this audience (default: all)")
     add_time_option(runs, "--since", "only runs started then or later")
     runs.add_argument("--limit", type=_positive, default=50, metavar="N", help="at most N runs (default: 50)")
     runs.set_defaults(handler=cmd_runs)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from audiencesync import store
+from audiencesync.cli_help import add_command
 from audiencesync.cli_output import EXIT_OK, daemon_holding
 from audiencesync.config import Config
 from audiencesync.errors import ConfigError, ForgetIncompleteError, GleapAuthError, MissingTokenError
@@ -36,8 +37,14 @@ COMEBACK = (
 
 
 def add_forget_command(commands: Any) -> None:
-    forget = commands.add_parser(
-        "forget", help="delete users' rows from the store (and their Gleap contacts) for privacy requests"
+    forget = add_command(
+        commands,
+        "forget",
+        help="delete users' rows from the store (and their Gleap contacts) for privacy requests",
+        description="Privacy deletion: remove these users' rows from the store (memberships, history, "
+        "calls), with a row of counts per table; --in-gleap deletes each contact in Gleap first. Safe "
+        "to repeat, and safe while the daemon runs. A user still in a source comes back next cycle.",
+        example=["audiencesync forget u42 u43", "audiencesync forget --in-gleap --from-file erase.txt"],
     )
     forget.add_argument("user_ids", nargs="*", metavar="USER_ID", help="a user id (repeatable)")
     forget.add_argument(

@@ -11,13 +11,13 @@ import logging
 import os
 import signal
 import sys
-import textwrap
 import threading
 from types import FrameType
 
 import sqlalchemy as sa
 
 from audiencesync import audit, store
+from audiencesync.cli_help import add_command
 from audiencesync.cli_output import EXIT_OK
 from audiencesync.config import Config
 from audiencesync.config_sections import ENV_SERVER_TOKEN, MIN_SERVER_TOKEN, parse_listen, server_token
@@ -30,32 +30,28 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
 
-EPILOG = textwrap.dedent(
-    f"""\
-    Pages: / (every audience at a glance, the daemon, a delivery in progress),
-    /audiences/KEY, /runs?status=STATUS, /users?id=USER_ID; and /healthz.
-
-    The token: [server] auth_token, or ${ENV_SERVER_TOKEN} (preferred). Without one the
-    pages are open to anyone who can reach the address, so serve refuses any address but
-    loopback without one. With one, a browser asks for it (any user name, the token as
-    the password: HTTP Basic); tools send "Authorization: Bearer TOKEN".
-
-    examples:
-      audiencesync --config /etc/audiencesync/audiencesync.toml serve
-      {ENV_SERVER_TOKEN}=$(openssl rand -hex 16) audiencesync serve --listen 0.0.0.0:8080
-    """
+DESCRIPTION = (
+    "Serve the web status page (the same pages `run` serves on [server] listen), reading the store "
+    "only: run it beside a daemon, or on another host pointed at the same PostgreSQL store. It never "
+    "takes the writer lease and never writes. Pages: / (every audience at a glance, the daemon, a "
+    "delivery in progress), /audiences/KEY, /runs?status=STATUS, /users?id=USER_ID; and /healthz. "
+    f"The token: ${ENV_SERVER_TOKEN} (preferred) or [server] auth_token. Without one the pages are "
+    "open to anyone who can reach the address, so serve refuses any address but loopback without "
+    "one. With one, a browser asks for it (any user name, the token as the password: HTTP Basic); "
+    'tools send "Authorization: Bearer TOKEN".'
 )
 
 
 def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve = commands.add_parser(
+    serve = add_command(
+        commands,
         "serve",
         help="serve the web status page from the store, read-only (never takes the writer lease)",
-        description="Serve the web status page (the same pages `run` serves on [server] listen),\n"
-        "reading the store only: run it beside a daemon, or on another host pointed at\n"
-        "the same PostgreSQL store. It never takes the writer lease and never writes.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
+        example=[
+            "audiencesync --config /etc/audiencesync/audiencesync.toml serve",
+            f"{ENV_SERVER_TOKEN}=$(openssl rand -hex 16) audiencesync serve --listen 0.0.0.0:8080",
+        ],
     )
     serve.add_argument(
         "--listen",

@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 ENV_CONFIG = "AUDIENCESYNC_CONFIG"
+# The config file's top-level tables, in the order the starter (starter.py) writes them.
+ROOT_KEYS = ("store", "gleap", "sync", "schedule", "server", "retention", "sources", "audiences", "traits")
 DEFAULT_CONFIG_NAME = "audiencesync.toml"
 
 
@@ -127,12 +129,7 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
 
 
 def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Config:
-    root = Table(
-        raw,
-        path,
-        "top level",
-        ["store", "gleap", "sync", "schedule", "server", "retention", "sources", "audiences", "traits"],
-    )
+    root = Table(raw, path, "top level", list(ROOT_KEYS))
 
     def section(name: str, keys: Sequence[str]) -> Table:
         return Table(root.take(name, dict, {}), path, f"[{name}]", list(keys))

@@ -129,6 +129,8 @@ GLEAP_KEYS = (
 )
 SYNC_KEYS = ("max_removal_fraction", "max_attempts", "lease_seconds", "retry_backoff", "retry_backoff_max")
 STORE_KEYS = ("url", "busy_timeout_seconds")
+SOURCE_KEYS = ("url", "timeout_seconds", "pushdown")
+DEFAULT_STORE_URL = "sqlite:///audiencesync.db"  # beside the config file
 SERVER_KEYS = ("listen", "stall_after", "auth_token")
 RETENTION_KEYS = ("keep",)
 SCHEDULE_KEYS = ("interval", "jitter", "shutdown_grace_seconds", "misfire_grace_seconds")
@@ -136,7 +138,7 @@ SCHEDULE_KEYS = ("interval", "jitter", "shutdown_grace_seconds", "misfire_grace_
 
 def store_config(store_t: Table, environ: Mapping[str, str]) -> StoreConfig:
     return StoreConfig(
-        url=_url(store_t, store_t.take("url", str, "sqlite:///audiencesync.db"), environ),
+        url=_url(store_t, store_t.take("url", str, DEFAULT_STORE_URL), environ),
         busy_timeout_seconds=store_t.take_positive(
             "busy_timeout_seconds", float, StoreConfig.busy_timeout_seconds
         ),
@@ -250,7 +252,7 @@ def schedule_config(schedule_t: Table) -> ScheduleConfig:
 def source_configs(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> dict[str, SourceConfig]:
     sources: dict[str, SourceConfig] = {}
     for name, table in raw.items():
-        source_t = Table(table, path, f"[sources.{name}]", ["url", "timeout_seconds", "pushdown"])
+        source_t = Table(table, path, f"[sources.{name}]", list(SOURCE_KEYS))
         sources[name] = SourceConfig(
             name=name,
             url=_url(source_t, source_t.take("url", str, required=True), environ),

@@ -17,6 +17,7 @@ from audiencesync import store as store_mod
 from audiencesync.config import Config
 from audiencesync.errors import brief, iso_time
 from audiencesync.health import Outage, Progress
+from audiencesync.notify import Notifier
 
 
 class DaemonHealth:
@@ -32,16 +33,28 @@ class DaemonHealth:
     _died: str | None
     _started: datetime
     _due: Callable[[], int]  # the delivery loop's: changes due now
+    notifier: Notifier
+    standing: str  # what the daemon does while not active (standby, a retry)
+
+    def dead(self) -> str | None:
+        """Why a loop of the active daemon is gone, or None: what a restart would cure, so
+        systemd's watchdog hears nothing while it is so (the breaker or a stall are Gleap's)."""
+        if not self.active:
+            return None
+        if self._died is not None:
+            return self._died
+        if self.scheduler is None or not self.scheduler.running:
+            return "the scheduler is not running"
+        if self._delivery is None or not self._delivery.is_alive():
+            return "the delivery loop is not running"
+        return None
 
     def health(self) -> tuple[bool, str]:
         if not self.active:
             return (True, "standby") if not self.stop.is_set() else (False, "stopping")
-        if self._died is not None:
-            return False, self._died
-        if self.scheduler is None or not self.scheduler.running:
-            return False, "the scheduler is not running"
-        if self._delivery is None or not self._delivery.is_alive():
-            return False, "the delivery loop is not running"
+        dead = self.dead()
+        if dead is not None:
+            return False, dead
         if self.outage.open and self.outage.opened_at is not None:
             probe = self.outage.next_probe_at
             return False, (
@@ -68,6 +81,31 @@ class DaemonHealth:
         if late:
             return False, "no successful cycle within twice the interval: " + ", ".join(late)
         return True, "ok"
+
+    def beat(self) -> None:
+        """The main loop went round: tell systemd (STATUS, WATCHDOG=1), unless a loop is gone."""
+        if self.stop.is_set():
+            return  # STOPPING=1 was sent: systemd's stop timeout rules now
+        dead = self.dead()
+        if dead is not None:
+            # No ping: after WatchdogSec systemd restarts the service, which is the cure.
+            self.notifier.status(f"unhealthy: {dead}")
+            return
+        self.notifier.status(self.service_status())
+        self.notifier.alive()
+
+    def service_status(self) -> str:
+        """One line for `systemctl status`: active or standby, and what comes next."""
+        if not self.active:
+            return self.standing
+        if self.outage.open:
+            probe = iso_time(self.outage.next_probe_at) if self.outage.next_probe_at else "soon"
+            return f"active: Gleap is unavailable, delivery paused; next probe {probe}"
+        jobs = [job for job in self.scheduler.get_jobs() if job.next_run_time] if self.scheduler else []
+        if not jobs:
+            return "active"
+        job = min(jobs, key=lambda job: job.next_run_time)
+        return f"active: {len(jobs)} scheduled; next refresh {job.id} at {iso_time(job.next_run_time)}"
 
     def _lease_health(self) -> tuple[str, datetime | None]:
         """What the heartbeat writes into the lease row, for `status` in other processes."""

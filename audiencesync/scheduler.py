@@ -49,6 +49,7 @@ from audiencesync.gleap import GleapClient
 from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
+from audiencesync.notify import Notifier
 from audiencesync.prune import Pruner
 from audiencesync.refresh_jobs import RefreshJobs
 from audiencesync.requests import AdminRequests
@@ -74,8 +75,11 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
         breaker_backoff: tuple[float, float] = (30.0, 600.0),
         error_backoff: tuple[float, float] = (1.0, 60.0),
         clock: store_mod.Clock = store_mod.utc_now,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        self.notifier = notifier if notifier is not None else Notifier()  # systemd's, from the environment
+        self.standing = "starting"
         self.transport = transport
         self.backoff_initial = backoff_initial
         self.breaker_backoff = (
@@ -167,6 +171,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
         self.stop.set()
         self.halt.set()
         self.wake.set()
+        self.notifier.stopping()
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
         self._reload.set()
@@ -202,6 +207,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
                         delay,
                         exc_info=errors.failures == 1,
                     )
+                    self.standing = f"standby: the active period ended on an error; retrying in {delay:.0f} s"
                     self._pause(delay)
         finally:
             if self.server is not None:
@@ -225,6 +231,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
 
     def _standby(self) -> bool:
         """Wait until this process holds the lease; False if told to stop first."""
+        self.standing = "standby: waiting for the store's lease"
         announced: float | None = None  # not 0.0: the monotonic clock may start near 0 at boot
         errors = Backoff(*self.error_backoff)
         while not self.stop.is_set():
@@ -242,6 +249,8 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
             if holder is None:
                 log.info("active: holding the store's lease as %s", self.lease.holder)
                 return True
+            self.standing = f"standby: the store is held by {holder.host} pid {holder.pid}"
+            self.notifier.ready(self.standing)
             if announced is None or time.monotonic() - announced > 300:
                 log.info(
                     "standby: the store is held by %s pid %d (lease to %s); waiting to take over",
@@ -258,6 +267,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
         while not self.stop.is_set() and time.monotonic() < deadline:
             if self._reload.is_set():
                 self.reload()
+            self.beat()
             self.stop.wait(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def _serve(self) -> None:
@@ -293,8 +303,10 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
             )
             self._retention.start()
             polled = 0.0
+            self.notifier.ready(self.service_status())
             try:
                 while not self.halt.is_set() and not self.lease.lost.is_set():
+                    self.beat()
                     if self._reload.is_set():
                         self.reload()
                     if time.monotonic() - polled >= REQUEST_POLL_SECONDS:
@@ -349,6 +361,13 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
     def reload(self) -> None:
         """SIGHUP: re-read the config; add, remove and reschedule audiences without a restart."""
         self._reload.clear()
+        self.notifier.reloading()
+        try:
+            self._reload_config()
+        finally:
+            self.notifier.ready(self.service_status())
+
+    def _reload_config(self) -> None:
         try:
             new = load_config(self.config.path)
         except ConfigError as exc:
