@@ -25,6 +25,7 @@ from audiencesync.cli_output import (
 )
 from audiencesync.cli_prune import cmd_prune
 from audiencesync.cli_retire import add_retire_command
+from audiencesync.cli_serve import add_serve_command
 from audiencesync.cli_store import (
     cmd_check,
     cmd_db_current,
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_alert_commands(commands)
     add_retire_command(commands)
+    add_serve_command(commands)
 
     db = add_command(
         commands,

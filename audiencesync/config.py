@@ -156,7 +156,7 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
     gleap = gleap_config(section("gleap", GLEAP_KEYS), path, environ)
     sync = sync_config(section("sync", SYNC_KEYS))
     schedule = schedule_config(section("schedule", SCHEDULE_KEYS))
-    server = server_config(section("server", SERVER_KEYS))
+    server = server_config(section("server", SERVER_KEYS), environ)
     retention = retention_config(section("retention", RETENTION_KEYS))
     sources = source_configs(root.take("sources", dict, {}), path, environ)
     keys: dict[str, str] = {}

@@ -10,12 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from audiencesync.errors import ConfigError
 from audiencesync.prune import MIN_AGE
 from audiencesync.secret import Secret
 from audiencesync.tomltable import Table
-from audiencesync.urls import check_base_url, resolve_url
+from audiencesync.urls import check_base_url, is_loopback, resolve_url
 
 ENV_TOKEN = "GLEAP_API_TOKEN"  # noqa: S105 - the name of the variable, not a secret
+# The web status page's token: [server] auth_token, or this variable (preferred).
+ENV_SERVER_TOKEN = "AUDIENCESYNC_SERVER_TOKEN"  # noqa: S105 - the name of the variable, not a secret
+# Shorter tokens fall to guessing over the network; 16 characters of `openssl rand -hex 16` are 128 bits.
+MIN_SERVER_TOKEN = 16
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,8 @@ class ServerConfig:
     port: int
     # /healthz answers 503 when work is due and nothing was acknowledged for this long.
     stall_after_seconds: float = 900.0
+    # Required on every page but /healthz when set; required to listen beyond loopback.
+    auth_token: Secret | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ SYNC_KEYS = ("max_removal_fraction", "max_attempts", "lease_seconds", "retry_bac
 STORE_KEYS = ("url", "busy_timeout_seconds")
 SOURCE_KEYS = ("url", "timeout_seconds", "pushdown")
 DEFAULT_STORE_URL = "sqlite:///audiencesync.db"  # beside the config file
-SERVER_KEYS = ("listen", "stall_after")
+SERVER_KEYS = ("listen", "stall_after", "auth_token")
 RETENTION_KEYS = ("keep",)
 SCHEDULE_KEYS = ("interval", "jitter", "shutdown_grace_seconds", "misfire_grace_seconds")
 
@@ -255,15 +262,58 @@ def source_configs(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) 
     return sources
 
 
-def server_config(table: Table) -> ServerConfig | None:
+def server_config(table: Table, environ: Mapping[str, str]) -> ServerConfig | None:
     listen = table.take_optional("listen", str)
+    file_token = table.take_optional("auth_token", str)
+    token = server_token(environ, file_token, table)
     if listen is None:
+        if file_token is not None:
+            raise table.error(
+                "auth_token is set but listen is not, so nothing serves the pages it protects",
+                key="auth_token",
+                fix='add listen = "127.0.0.1:9464" (or the address to serve on), or remove auth_token',
+            )
         return None
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    host, port = parse_listen(listen)
+    if host is None:
         raise table.error(f"{listen!r} is not HOST:PORT", key="listen", fix='write listen = "127.0.0.1:9464"')
     stall_after = table.take_duration("stall_after", ServerConfig.stall_after_seconds)
-    return ServerConfig(host.strip("[]"), int(port), stall_after)
+    if token is None and not is_loopback(host):
+        raise table.error(
+            f"listen = {listen!r} serves the status pages beyond this host, and no token protects them",
+            key="auth_token",
+            fix=f"set {ENV_SERVER_TOKEN} (or auth_token here) to a secret of at least {MIN_SERVER_TOKEN} "
+            'characters, e.g. from `openssl rand -hex 16`; or listen on loopback: listen = "127.0.0.1:9464"',
+        )
+    return ServerConfig(host, port, stall_after, token)
+
+
+def parse_listen(listen: str) -> tuple[str | None, int]:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port); (None, 0) when it is not that."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        return None, 0
+    return host.strip("[]"), int(port)
+
+
+def server_token(
+    environ: Mapping[str, str], file_token: str | None = None, table: Table | None = None
+) -> Secret | None:
+    """The status pages' token: the environment's first, as for the Gleap token, then the file's
+    ``[server] auth_token`` (read from ``table``). Refused when short enough to guess."""
+    token, where = environ.get(ENV_SERVER_TOKEN), ENV_SERVER_TOKEN
+    if not token and table is not None:
+        token, where = file_token, table.place("auth_token")
+    if not token:
+        return None
+    if len(token) < MIN_SERVER_TOKEN or token != token.strip():
+        raise ConfigError(
+            f"the status pages' token is shorter than {MIN_SERVER_TOKEN} characters, or has blanks at an end",
+            path=str(table.path) if table is not None and where != ENV_SERVER_TOKEN else None,
+            where=where,
+            fix="use a random secret, e.g. the output of `openssl rand -hex 16`",
+        )
+    return Secret(token)
 
 
 def retention_config(table: Table) -> RetentionConfig:

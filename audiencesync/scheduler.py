@@ -10,7 +10,8 @@ It wires the parts together:
   ``[retention] keep`` is set (``retention.py``);
 - signals: SIGTERM and SIGINT stop it gracefully, a second one exits at once,
   and SIGHUP reloads the config;
-- the optional /healthz and /metrics endpoint (what it answers: ``daemon_health.py``).
+- the optional HTTP endpoint: the status pages (``web.py``), /healthz (what it answers:
+  ``daemon_health.py``) and /metrics.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import httpx
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import make_wsgi_app
 
 from audiencesync import lifecycle, store as store_mod
 from audiencesync.admin import AdminDesk
@@ -57,6 +59,7 @@ from audiencesync.retention import Retention
 from audiencesync.server import Server
 from audiencesync.sources import Sources
 from audiencesync.sync import Run, Syncer
+from audiencesync.web import WebApp
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +187,13 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
         """Serve until stopped. Returns the exit status."""
         store_mod.upgrade(self.engine)
         if self.config.server is not None:
-            self.server = Server(self.config.server.host, self.config.server.port, self.metrics, self.health)
+            self.server = Server(self.config.server.host, self.config.server.port, self._web())
             self.server.start()
-            log.info("serving /healthz and /metrics on %s:%d", self.config.server.host, self.server.port)
+            log.info(
+                "serving the status pages, /healthz and /metrics on http://%s:%d/",
+                self.config.server.host,
+                self.server.port,
+            )
         errors = Backoff(*self.error_backoff)
         try:
             while not self.stop.is_set():
@@ -218,6 +225,18 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
             self.engine.dispose()
         log.info("stopped")
         return 0
+
+    def _web(self) -> WebApp:
+        assert self.config.server is not None
+        return WebApp(
+            self.engine,
+            token=self.config.server.auth_token,
+            configured=lambda: [a.key for a in self.config.properties],  # a reload changes them
+            health=self.health,
+            clock=store_mod.utc_now,
+            metrics=make_wsgi_app(self.metrics.registry),
+            this_process=lambda: "active" if self.active else "standby",
+        )
 
     def _standby(self) -> bool:
         """Wait until this process holds the lease; False if told to stop first."""

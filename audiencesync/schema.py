@@ -196,6 +196,14 @@ memberships = sa.Table(
     ),
     # Lookups by user alone (forget, retry --user): the primary key leads with the audience.
     sa.Index("ix_memberships_user_id", "user_id"),
+    # An audience's parked changes, for the web page's list: only those rows (0009).
+    sa.Index(
+        "ix_memberships_parked",
+        "audience_id",
+        "user_id",
+        sqlite_where=sa.text("pending = 1 AND parked_at IS NOT NULL"),
+        postgresql_where=sa.text("pending AND parked_at IS NOT NULL"),
+    ),
 )
 
 # Per audience, counts of its memberships and events rows, kept by triggers (migration 0008) in the
@@ -308,6 +316,14 @@ events = sa.Table(
         "id",
         sqlite_where=sa.text("acked_at IS NULL AND parked_at IS NULL"),
         postgresql_where=sa.text("acked_at IS NULL AND parked_at IS NULL"),
+    ),
+    # An audience's parked events, for the web page's list (0009).
+    sa.Index(
+        "ix_events_parked",
+        "audience_id",
+        "id",
+        sqlite_where=sa.text("parked_at IS NOT NULL AND acked_at IS NULL"),
+        postgresql_where=sa.text("parked_at IS NOT NULL AND acked_at IS NULL"),
     ),
 )
 

@@ -1,17 +1,18 @@
-"""The daemon's HTTP endpoint: /healthz and /metrics, on a thread of its own."""
+"""The HTTP endpoint: a WSGI app (``web.WebApp``: status pages, /healthz, /metrics) on a thread of its own.
+
+The daemon runs one beside its work (``[server] listen``); `audiencesync serve` runs
+one alone. Each request gets a thread, so a slow page never holds up /healthz.
+"""
 
 from __future__ import annotations
 
+import socket
 import threading
-from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import make_wsgi_app
-
-from audiencesync.metrics import Metrics
-
-Health = Callable[[], tuple[bool, str]]
+from audiencesync.web import WsgiApp
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -19,22 +20,20 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a scrape every 15 s is not news
 
 
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a request in flight never keeps the process alive
+
+
+class _IPv6Server(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
 class Server:
-    def __init__(self, host: str, port: int, metrics: Metrics, health: Health) -> None:
-        metrics_app = make_wsgi_app(metrics.registry)
-
-        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            if environ.get("PATH_INFO") == "/healthz":
-                ok, reason = health()
-                status = "200 OK" if ok else "503 Service Unavailable"
-                start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
-                return [reason.encode() + b"\n"]
-            if environ.get("PATH_INFO") == "/metrics":
-                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found: try /healthz or /metrics\n"]
-
-        self._server: WSGIServer = make_server(host, port, app, handler_class=_QuietHandler)
+    def __init__(self, host: str, port: int, app: WsgiApp) -> None:
+        server_class = _IPv6Server if ":" in host else _ThreadingServer
+        self._server: WSGIServer = make_server(
+            host, port, app, server_class=server_class, handler_class=_QuietHandler
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 
     @property
@@ -43,6 +42,10 @@ class Server:
 
     def start(self) -> None:
         self._thread.start()
+
+    def serve_forever(self) -> None:
+        """Serve on this thread until ``stop`` (from another thread or a signal handler)."""
+        self._server.serve_forever()
 
     def stop(self) -> None:
         self._server.shutdown()

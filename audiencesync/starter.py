@@ -200,13 +200,23 @@ def sections() -> list[Section]:
         ),
         Section(
             "[server]",
-            ["/healthz and /metrics for `audiencesync run`: off unless listen is set."],
+            [
+                "The web status page, /healthz and /metrics for `audiencesync run`: off unless",
+                "listen is set. Any address but loopback needs a token: AUDIENCESYNC_SERVER_TOKEN",
+                "(preferred) or auth_token, at least 16 characters (openssl rand -hex 16).",
+            ],
             [
                 Option("listen", "127.0.0.1:9464", "HOST:PORT to serve on (no default)", default=False),
                 Option(
                     "stall_after",
                     duration(ServerConfig.stall_after_seconds),
                     "/healthz answers 503 when work is due and nothing was acknowledged this long",
+                ),
+                Option(
+                    "auth_token",
+                    "<openssl rand -hex 16>",
+                    "fallback for AUDIENCESYNC_SERVER_TOKEN; asked on every page but /healthz",
+                    default=False,
                 ),
             ],
             commented=True,

@@ -1,0 +1,136 @@
+"""`audiencesync serve`: the web status page alone, reading the store, beside a daemon or on another host.
+
+It never takes the writer lease and never writes: it opens the store as `status`
+does, and each page is one read transaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+
+import sqlalchemy as sa
+
+from audiencesync import audit, store
+from audiencesync.cli_help import add_command
+from audiencesync.cli_output import EXIT_OK
+from audiencesync.config import Config
+from audiencesync.config_sections import ENV_SERVER_TOKEN, MIN_SERVER_TOKEN, parse_listen, server_token
+from audiencesync.errors import ConfigError, StoreError, brief
+from audiencesync.server import Server
+from audiencesync.urls import is_loopback
+from audiencesync.web import WebApp
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:9464"
+
+DESCRIPTION = (
+    "Serve the web status page (the same pages `run` serves on [server] listen), reading the store "
+    "only: run it beside a daemon, or on another host pointed at the same PostgreSQL store. It never "
+    "takes the writer lease and never writes. Pages: / (every audience at a glance, the daemon, a "
+    "delivery in progress), /audiences/KEY, /runs?status=STATUS, /users?id=USER_ID; and /healthz. "
+    f"The token: ${ENV_SERVER_TOKEN} (preferred) or [server] auth_token. Without one the pages are "
+    "open to anyone who can reach the address, so serve refuses any address but loopback without "
+    "one. With one, a browser asks for it (any user name, the token as the password: HTTP Basic); "
+    'tools send "Authorization: Bearer TOKEN".'
+)
+
+
+def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = add_command(
+        commands,
+        "serve",
+        help="serve the web status page from the store, read-only (never takes the writer lease)",
+        description=DESCRIPTION,
+        example=[
+            "audiencesync --config /etc/audiencesync/audiencesync.toml serve",
+            f"{ENV_SERVER_TOKEN}=$(openssl rand -hex 16) audiencesync serve --listen 0.0.0.0:8080",
+        ],
+    )
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help=f"address to serve on (default: [server] listen, else {DEFAULT_LISTEN}); an address "
+        f"other than loopback needs the token ([server] auth_token or ${ENV_SERVER_TOKEN})",
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+
+def listen_address(args: argparse.Namespace, config: Config) -> tuple[str, int]:
+    if args.listen is None:
+        if config.server is not None:
+            return config.server.host, config.server.port
+        args.listen = DEFAULT_LISTEN
+    host, port = parse_listen(args.listen)
+    if host is None:
+        raise ConfigError(
+            f"--listen {args.listen!r} is not HOST:PORT", fix=f"write --listen {DEFAULT_LISTEN}"
+        )
+    return host, port
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    host, port = listen_address(args, config)
+    token = config.server.auth_token if config.server is not None else server_token(os.environ)
+    if token is None and not is_loopback(host):
+        raise ConfigError(
+            f"serving on {host}:{port} would show the store to anyone who can reach it, and no token is set",
+            where="[server] auth_token",
+            fix=f"set {ENV_SERVER_TOKEN} to a secret of at least {MIN_SERVER_TOKEN} characters "
+            "(e.g. `openssl rand -hex 16`), or --listen 127.0.0.1:PORT and a reverse proxy in front",
+        )
+    engine = store.engine_for(config.store)  # never creates a store: a typo must not serve an empty one
+    try:
+        current, head = store.schema_revisions(engine)
+        if current is None:
+            raise StoreError(
+                "the store has no schema yet: nothing to show. Fix: run `audiencesync db upgrade` "
+                "(or a first sync), then serve again."
+            )
+        if current != head:
+            log.warning(
+                "the store is at schema revision %s, this audiencesync's is %s: some pages may fail "
+                "until `audiencesync db upgrade` (serve never migrates it)",
+                current,
+                head,
+            )
+
+        def health() -> tuple[bool, str]:
+            try:
+                with audit.snapshot(engine) as conn:
+                    conn.execute(sa.select(1))
+            except Exception as exc:
+                return False, f"the store can't be read: {brief(exc)}"
+            return True, "ok (serve: read-only status page)"
+
+        app = WebApp(
+            engine,
+            token=token,
+            configured=lambda: [a.key for a in config.properties],
+            health=health,
+            clock=store.utc_now,
+            mode="serve",
+        )
+        server = Server(host, port, app)
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            # shutdown() waits for serve_forever to return: from the signal handler on the same
+            # thread it would wait for ever, so it runs on a thread of its own.
+            threading.Thread(target=server.stop, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        print(
+            f"serving the status page on http://{host}:{server.port}/ (read-only); stop with Ctrl-C",
+            file=sys.stderr,
+        )
+        server.serve_forever()
+    finally:
+        engine.dispose()
+    return EXIT_OK
