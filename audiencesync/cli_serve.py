@@ -16,7 +16,7 @@ from types import FrameType
 
 import sqlalchemy as sa
 
-from audiencesync import audit, store
+from audiencesync import audit, lifecycle, store
 from audiencesync.cli_help import add_command
 from audiencesync.cli_output import EXIT_OK
 from audiencesync.config import Config
@@ -112,7 +112,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         app = WebApp(
             engine,
             token=token,
-            configured=lambda: [a.key for a in config.properties],
+            configured=lambda: lifecycle.states(config),
             health=health,
             clock=store.utc_now,
             mode="serve",

@@ -231,7 +231,7 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
         return WebApp(
             self.engine,
             token=self.config.server.auth_token,
-            configured=lambda: [a.key for a in self.config.properties],  # a reload changes them
+            configured=lambda: lifecycle.states(self.config),  # a reload changes them
             health=self.health,
             clock=store_mod.utc_now,
             metrics=make_wsgi_app(self.metrics.registry),

@@ -18,7 +18,7 @@ import base64
 import binascii
 import hmac
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -100,8 +100,9 @@ def environment() -> jinja2.Environment:
 class WebApp:
     """The pages, /healthz, and /metrics when given one; a WSGI callable.
 
-    ``configured``: the keys of the audiences the config has now (the daemon's reload changes
-    them); ``this_process``: the daemon's own state (active or standby), None under `serve`.
+    ``configured``: the state of each key the config has now (``lifecycle.states``: live,
+    paused or renamed; any other key of the store is retired; a reload changes them);
+    ``this_process``: the daemon's own state (active or standby), None under `serve`.
     """
 
     def __init__(
@@ -109,7 +110,7 @@ class WebApp:
         engine: Engine,
         *,
         token: Secret | None,
-        configured: Callable[[], Collection[str]],
+        configured: Callable[[], Mapping[str, str]],
         health: Health,
         clock: Callable[[], datetime],
         metrics: WsgiApp | None = None,
@@ -181,7 +182,7 @@ class WebApp:
     # --- pages ------------------------------------------------------------------------
 
     def _page(self, path: str, query: dict[str, str], start_response: StartResponse) -> Iterable[bytes]:
-        configured = set(self.configured())
+        configured = self.configured()
         now = self.clock()
         with audit.snapshot(self.engine) as conn:
             if path == "/":

@@ -10,7 +10,7 @@ the user id indexes (``audit.timeline``). Every list is a page: runs by keyset
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from audiencesync import audit
+from audiencesync import audit, lifecycle
 from audiencesync.schema import audience_counts, audiences, events, leases, memberships, sync_runs
 from audiencesync.status import AudienceStatus, ParkedChange, audience_status
 
@@ -56,8 +56,12 @@ class RunPoint:
 @dataclass(frozen=True)
 class AudienceRow:
     status: AudienceStatus
-    configured: bool
+    state: str  # lifecycle: live, paused, renamed or retired (in no config)
     history: list[RunPoint]  # the recent applied refreshes, oldest first
+
+    @property
+    def configured(self) -> bool:
+        return self.state != lifecycle.RETIRED
 
     @property
     def last_run(self) -> dict[str, Any] | None:
@@ -136,14 +140,19 @@ def history(conn: Connection, audience_id: int, limit: int) -> list[RunPoint]:
 
 
 def _rows(
-    conn: Connection, configured: Collection[str], runs: int, key: str | None = None
+    conn: Connection, states: Mapping[str, str], runs: int, key: str | None = None
 ) -> list[AudienceRow]:
     ids = {key: id_ for key, id_ in conn.execute(sa.select(audiences.c.key, audiences.c.id))}
-    return [
-        AudienceRow(status, status.key in configured, history(conn, ids[status.key], runs))
+    rows = [
+        AudienceRow(status, lifecycle.state_of(status.key, states), history(conn, ids[status.key], runs))
         for status in audience_status(conn)
         if key is None or status.key == key
     ]
+    # As `status` lists them: the live first, then the paused, the renamed and the retired apart.
+    return sorted(rows, key=lambda row: _STATE_ORDER.index(row.state))
+
+
+_STATE_ORDER = (lifecycle.LIVE, lifecycle.PAUSED, lifecycle.RENAMED, lifecycle.RETIRED)
 
 
 def deliveries(conn: Connection, now: datetime, live: bool) -> list[Delivery]:
@@ -165,10 +174,10 @@ def deliveries(conn: Connection, now: datetime, live: bool) -> list[Delivery]:
 
 
 def overview(
-    conn: Connection, configured: Collection[str], now: datetime, this_process: str | None = None
+    conn: Connection, states: Mapping[str, str], now: datetime, this_process: str | None = None
 ) -> Overview:
     daemon = daemon_state(conn, now, this_process)
-    return Overview(now, _rows(conn, configured, SPARK_RUNS), daemon, deliveries(conn, now, daemon.live))
+    return Overview(now, _rows(conn, states, SPARK_RUNS), daemon, deliveries(conn, now, daemon.live))
 
 
 def _run_rows(query: sa.Select[Any], conn: Connection, page: int) -> tuple[list[dict[str, Any]], int | None]:
@@ -184,12 +193,12 @@ def _run_query() -> sa.Select[Any]:
 
 
 def audience_page(
-    conn: Connection, key: str, configured: Collection[str], *, before: int | None = None
+    conn: Connection, key: str, states: Mapping[str, str], *, before: int | None = None
 ) -> AudiencePage | None:
     audience_id = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar_one_or_none()
     if audience_id is None:
         return None
-    [row] = _rows(conn, configured, HISTORY_RUNS, key)
+    [row] = _rows(conn, states, HISTORY_RUNS, key)
     query = _run_query().where(_r.audience_id == audience_id)
     if before is not None:
         query = query.where(_r.id < before)

@@ -81,8 +81,8 @@ def main() -> None:
         add_runs(url, args.runs, args.members)
         engine = store_mod.create_engine(url)
         app = WebApp(
-            engine, token=None, configured=lambda: ["big", "small"], health=lambda: (True, "ok"),
-            clock=store_mod.utc_now, mode="serve",
+            engine, token=None, configured=lambda: {"big": "live", "small": "live"},
+            health=lambda: (True, "ok"), clock=store_mod.utc_now, mode="serve",
         )  # fmt: skip
         server = Server("127.0.0.1", 0, app)
         server.start()

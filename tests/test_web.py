@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import html
 import os
 import re
@@ -18,7 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import audit, store as store_mod
+from audiencesync import audit, lifecycle, store as store_mod
 from audiencesync.config import load_config
 from audiencesync.errors import ConfigError
 from audiencesync.lease import WriterLease
@@ -42,7 +43,7 @@ def serve(scenario: w.WebScenario, token: Secret | None = None) -> Iterator[str]
     app = WebApp(
         engine,
         token=token,
-        configured=lambda: [a.key for a in scenario.config.properties],
+        configured=lambda: lifecycle.states(scenario.config),
         health=lambda: (True, "ok"),
         clock=lambda: w.T8,
         this_process=lambda: "active",
@@ -95,6 +96,23 @@ def test_overview_shows_every_audience_with_its_counts_last_run_and_members_char
     assert "None: no run is delivering now." in page
     # The parked count (u3 in a, the HTML id in b) is shown in both rows.
     assert all(re.search(r'<td class="num bad">1</td>', row) for row in audiences)
+
+
+def test_a_paused_or_retired_audience_says_so_and_the_retired_come_last(scenario: w.WebScenario) -> None:
+    # segment_a gone from the config (retired), segment_b paused: as `status` lists them.
+    paused_b = dataclasses.replace(
+        scenario.config,
+        audiences=tuple(
+            dataclasses.replace(a, enabled=False) for a in scenario.config.audiences if a.key == "segment_b"
+        ),
+    )
+    with serve(dataclasses.replace(scenario, config=paused_b)) as base:
+        page = httpx.get(f"{base}/", timeout=10).text
+        audience_a = httpx.get(f"{base}/audiences/segment_a", timeout=10).text
+    first, second = rows(page, "audience")
+    assert 'href="/audiences/segment_b"' in first and "paused (enabled = false)" in first
+    assert 'href="/audiences/segment_a"' in second and "retired: not in the config" in second
+    assert "retired: not in the config" in audience_a
 
 
 def test_audience_page_charts_runs_and_parked_failures_with_gleaps_answer(get: Get) -> None:
