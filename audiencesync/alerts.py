@@ -184,6 +184,17 @@ class Alerts:
             fix="check the network and Gleap's status page, or [gleap] base_url",
         )
 
+    def refused(self, error: str) -> None:
+        """Gleap refuses the token (401/403): every call would be, so nothing is delivered. The
+        same condition as an outage (Gleap is down for us), ended the same way: calls go through."""
+        self._firing(
+            "gleap_down",
+            GLEAP,
+            f"Gleap refuses the API token; nothing is delivered and every change stays pending: {error}",
+            details={"error": error},
+            fix="set a valid token in GLEAP_API_TOKEN (or [gleap] api_token), then `audiencesync check`",
+        )
+
     def stalled(self, reason: str | None) -> None:
         if reason is None:
             self._resolved("stalled", DELIVERY, "delivery moves again")

@@ -107,6 +107,7 @@ class DeliveryLoop:
                 continue
             except GleapAuthError as exc:
                 log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
+                self.alerts.refused(str(exc))
                 self.wake.clear()
                 self.wake.wait(AUTH_BACKOFF_SECONDS)
                 continue

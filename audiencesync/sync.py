@@ -161,6 +161,8 @@ class Syncer:
                 report.aborted = exc
             if isinstance(report.aborted, GleapUnavailableError):
                 self.alerts.gleap(str(report.aborted))
+            elif isinstance(report.aborted, GleapAuthError):
+                self.alerts.refused(str(report.aborted))
             elif report.aborted is None and report.calls:
                 self.alerts.gleap(None)  # calls went through: Gleap answers
             # Conflicts are counted per losing audience as calls go out; the run keeps its own.

@@ -218,6 +218,25 @@ def test_gleap_down_alerts_once_and_recovers_when_calls_go_through(
     assert_no_secrets(receiver)
 
 
+def test_a_refused_token_alerts_as_gleap_down_once_and_recovers_with_the_right_token(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, receiver: AlertReceiver
+) -> None:
+    source.set(["u1", "u2", "u3"])
+    config = make_config(gleap.base_url, extra=hooks(receiver))
+    gleap.set_token("a-token-rotated-in-gleap")  # ours is refused: 401 on every call
+    assert sync(config) != 0
+    assert sync(config) != 0
+    (refused,) = receiver.posts("/json")
+    assert states([refused]) == [("gleap_down", None, "firing")]
+    assert "refuses the API token" in refused.body["summary"] and "GLEAP_API_TOKEN" in refused.body["fix"]
+    gleap.set_token(TOKEN)
+    assert sync(config) == 0
+    assert states(receiver.posts("/json")) == [
+        ("gleap_down", None, "firing"), ("gleap_down", None, "resolved")
+    ]  # fmt: skip
+    assert_no_secrets(receiver)
+
+
 def test_a_failing_or_hanging_webhook_never_holds_up_sync(
     make_config: ConfigFactory,
     source: SourceDB,
