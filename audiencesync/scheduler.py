@@ -9,26 +9,23 @@ It wires the parts together:
 - a retention thread, which prunes old history once a day when
   ``[retention] keep`` is set (``retention.py``);
 - signals: SIGTERM and SIGINT stop it gracefully, a second one exits at once,
-  and SIGHUP reloads the config;
+  and SIGHUP reloads the config (``daemon_reload.py``);
 - the optional HTTP endpoint: the status pages (``web.py``), /healthz (what it answers:
   ``daemon_health.py``) and /metrics.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import threading
 import time
 from datetime import UTC
-from pathlib import Path
 from types import FrameType
 
 import httpx
 from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import make_wsgi_app
 
@@ -36,11 +33,11 @@ from audiencesync import lifecycle, store as store_mod
 from audiencesync.admin import AdminDesk
 from audiencesync.alerts import Alerts
 from audiencesync.backoff import Backoff
-from audiencesync.config import Config, load_config
+from audiencesync.config import Config
 from audiencesync.daemon_health import DaemonHealth
+from audiencesync.daemon_reload import ConfigReload
 from audiencesync.delivery_loop import DeliveryLoop
 from audiencesync.errors import (
-    ConfigError,
     LeaseLostError,
     brief,
     iso_time,
@@ -53,7 +50,6 @@ from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
 from audiencesync.notify import Notifier
 from audiencesync.prune import Pruner
-from audiencesync.refresh_jobs import RefreshJobs
 from audiencesync.requests import AdminRequests
 from audiencesync.retention import Retention
 from audiencesync.server import Server
@@ -69,7 +65,7 @@ REQUEST_POLL_SECONDS = 2.0
 STALL_POLL_SECONDS = 10.0
 
 
-class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
+class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
     def __init__(
         self,
         config: Config,
@@ -381,61 +377,3 @@ class Daemon(RefreshJobs, DeliveryLoop, DaemonHealth):
             except Exception as exc:  # the next process marks it interrupted
                 log.warning("could not close the run of %s: %s", run.report.key, brief(exc))
         self.active = False
-
-    # --- reload ----------------------------------------------------------
-
-    def reload(self) -> None:
-        """SIGHUP: re-read the config; add, remove and reschedule audiences without a restart."""
-        self._reload.clear()
-        self.notifier.reloading()
-        try:
-            self._reload_config()
-        finally:
-            self.notifier.ready(self.service_status())
-
-    def _reload_config(self) -> None:
-        try:
-            new = load_config(self.config.path)
-        except ConfigError as exc:
-            log.error("reload refused, still running the previous config: %s", exc)
-            return
-        if new.store.url != self.config.store.url:
-            log.error("reload refused: [store] url can't change while running; restart the daemon instead")
-            return
-        # Scheduled: the active properties. One paused (enabled = false) leaves the schedule as a
-        # removed one does, and one resumed joins it as an added one does.
-        old = {a.key: a for a in self.config.active}
-        fresh = {a.key: a for a in new.active}
-        listed = ({a.key for a in self.config.properties}, {a.key for a in new.properties})
-        old_syncer = self.syncer
-        self.config = new
-        self.alerts.configure(new.alerts, Alerts.secrets_of(new))
-        self.syncer = self._syncer(new)
-        if self.scheduler is not None:
-            for key in old.keys() - fresh.keys():
-                with contextlib.suppress(JobLookupError):
-                    self.scheduler.remove_job(key)
-                self._ids.pop(key, None)
-                with contextlib.suppress(Exception):  # only shown by `status`
-                    self.store.set_next_run(key, None)
-            for key, audience in fresh.items():
-                before = old.get(key)
-                if before is None:
-                    self._schedule(audience, start_now=self._due_now(audience))
-                elif (before.interval, before.jitter) != (audience.interval, audience.jitter):
-                    self._schedule(audience, start_now=False)
-        if old.keys() - fresh.keys():
-            # A pass under way ends early: the next one leaves out what was paused or removed.
-            self.wake.set()
-        # Running refreshes may still use the old sources; their engines close when idle.
-        old_syncer.sources.dispose()
-        was, now = listed
-        log.info(
-            "reloaded %s: %d audience(s) (%d added, %d removed, %d paused, %d resumed)",
-            Path(new.path),
-            len(now),
-            len(now - was),
-            len(was - now),
-            len((old.keys() - fresh.keys()) & now),
-            len((fresh.keys() - old.keys()) & was),
-        )
