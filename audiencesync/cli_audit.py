@@ -18,7 +18,7 @@ from audiencesync import audit, store
 from audiencesync.cli_help import add_command
 from audiencesync.cli_output import EXIT_OK, open_store, when
 from audiencesync.config import Config
-from audiencesync.errors import ConfigError, StoreError, StoreMissingError, UnknownAudienceError
+from audiencesync.errors import ConfigError, StoreMissingError, UnknownAudienceError
 from audiencesync.formats import add_format_option, write_rows
 from audiencesync.times import TIME_HELP, add_time_option, option_time, parse_time
 
@@ -109,12 +109,7 @@ def _snapshot(config: Config, key: str | None) -> Iterator[tuple[Connection, aud
             raise UnknownAudienceError(key, configured=configured, stored_only=[]) from None
         raise
     try:
-        current, head = store.schema_revisions(engine)
-        if current != head:
-            raise StoreError(
-                f"the store is at schema revision {current or 'none'}; audit reads revision {head}. "
-                "Fix: run `audiencesync db upgrade` (or let `sync` migrate it)."
-            )
+        store.require_head(engine, "audit")
         with audit.snapshot(engine) as conn:
             found = None if key is None else audit.audience(conn, key, configured)
             _note(found)

@@ -36,7 +36,6 @@ from audiencesync.errors import (
     GleapUnavailableError,
     MissingTokenError,
     RetireIncompleteError,
-    StoreError,
 )
 from audiencesync.formats import add_format_option, write_rows
 from audiencesync.lease import WriterLease
@@ -218,12 +217,7 @@ def _retire(
 
 def _dry_run(args: argparse.Namespace, engine: Engine, notes: Any) -> int:
     """Counts only: no lease, no write (like `sync --dry-run`)."""
-    current, head = store.schema_revisions(engine)
-    if current != head:
-        raise StoreError(
-            f"the store is at schema revision {current or 'none'}, not this audiencesync's ({head}); a dry "
-            "run only reads. Fix: run `audiencesync db upgrade` first"
-        )
+    store.require_head(engine, "a dry run")
     retirer = Retirer(engine)
     key = _find(retirer, args.key)
     counts, owed = retirer.plan(key, unset=args.unset_in_gleap, purge=args.purge)

@@ -109,6 +109,18 @@ def schema_revisions(engine: Engine) -> tuple[str | None, str]:
 MIGRATION_LOCK_ID = 0x61756473796E63  # "audsync"
 
 
+def require_head(engine: Engine, reader: str) -> None:
+    """For a command that only reads (``audit``, a dry run): it can't read another schema than
+    its own, and must not migrate the store itself."""
+    current, head = schema_revisions(engine)
+    if current != head:
+        raise StoreError(
+            f"the store is at schema revision {current or 'none'}, not this audiencesync's ({head}); "
+            f"{reader} only reads, so it does not migrate it. Fix: run `audiencesync db upgrade` "
+            "(a real sync does it by itself)."
+        )
+
+
 def upgrade(engine: Engine) -> bool:
     """Apply pending migrations. Returns whether anything was applied."""
     current, head = schema_revisions(engine)

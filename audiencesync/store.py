@@ -22,6 +22,7 @@ from audiencesync.database import (
     create_engine as create_engine,
     empty_store as empty_store,
     engine_for as engine_for,
+    require_head as require_head,
     schema_revisions as schema_revisions,
     upgrade as upgrade,
     utc_now as utc_now,
