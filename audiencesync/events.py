@@ -4,9 +4,12 @@ A refresh of an audience with events on turns each ``entered``/``left``
 membership change into an event row, in the same transaction (so a crash can
 neither lose nor duplicate one). An event is due once the identify call that
 set its membership is done: no pending memberships row is left for its
-audience and user (acknowledged, or gone). A user's events go out in the order
-they were seen: one waits while an earlier event of the same user is still
-owed and not due (a parked event holds nothing back). The delivery state
+audience and user (acknowledged, or gone). A user's events in one audience go
+out in the order they were seen: one waits while an earlier event of the same
+user and audience is owed and not due (backing off, or parked: then it waits
+for ``retry``, and ``failures`` lists it). Nothing of another audience holds an
+event back, so a paused, removed or parked audience never stops the others.
+The delivery state
 follows the memberships' rules: a write-ahead unknown mark, acknowledged only
 by a 2xx, rejections counted towards ``max_attempts`` and then parked, and a
 per-event backoff after every failure.
@@ -123,20 +126,26 @@ def _ready(e: sa.FromClause, now: datetime) -> sa.ColumnElement[bool]:
     )
 
 
-def due_query(audience_ids: Sequence[int], after: int, limit: int, now: datetime) -> sa.Select[Any]:
-    """The next ``limit`` due events after id ``after``, in id (so time) order."""
-    e = events.alias("e")
+def held_back(e: sa.FromClause, now: datetime) -> sa.Exists:
+    """An earlier event of the same user and audience is owed and can't go now: it is backing
+    off, or parked. Its identify is the same as ``e``'s, so that needs no check here."""
     earlier = events.alias("p")
-    held_back = (
+    return (
         sa.select(sa.literal(1))
         .where(
             earlier.c.user_id == e.c.user_id,
+            earlier.c.audience_id == e.c.audience_id,
             earlier.c.id < e.c.id,
-            _unsent(earlier),
-            ~sa.and_(_ready(earlier, now), earlier.c.audience_id.in_(audience_ids)),
+            earlier.c.acked_at.is_(None),
+            sa.or_(earlier.c.parked_at.is_not(None), earlier.c.next_attempt_at > now),
         )
         .exists()
     )
+
+
+def due_query(audience_ids: Sequence[int], after: int, limit: int, now: datetime) -> sa.Select[Any]:
+    """The next ``limit`` due events after id ``after``, in id (so time) order."""
+    e = events.alias("e")
     return (
         sa.select(
             e.c.id,
@@ -150,7 +159,7 @@ def due_query(audience_ids: Sequence[int], after: int, limit: int, now: datetime
             e.c.failures,
         )
         .join(audiences, audiences.c.id == e.c.audience_id)
-        .where(e.c.id > after, e.c.audience_id.in_(audience_ids), _ready(e, now), ~held_back)
+        .where(e.c.id > after, e.c.audience_id.in_(audience_ids), _ready(e, now), ~held_back(e, now))
         .order_by(e.c.id)
         .limit(limit)
     )
