@@ -12,8 +12,9 @@ import pytest
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config
+from audiencesync.events import HELD_BEHIND_PARKED
 from audiencesync.store import Store
-from audiencesync.sync import Syncer
+from audiencesync.sync import PlannedCall, PlannedTrack, Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_events import EVENTS_ON, event_rows, track_requests
@@ -43,9 +44,18 @@ events = true
 """
 
 
+IN_AND_OUT = [("u1", "segment_a", "Audience Entered"), ("u1", "segment_a", "Audience Exited")]
+
+
 def told(gleap: GleapStandIn) -> list[tuple[str, str, str]]:
     """(user, audience key, event name) of every event Gleap accepted, in arrival order."""
     return [(e["userId"], e["data"]["audience_key"], e["name"]) for e in gleap.events]
+
+
+def planned(config: Config) -> list[PlannedCall | PlannedTrack]:
+    calls: list[PlannedCall | PlannedTrack] = []
+    cycle(config, dry_run=True, show_calls=calls.extend)
+    return calls
 
 
 def store_for(config: Config) -> Store:
@@ -75,7 +85,7 @@ def test_a_split_batch_holds_a_users_later_event_behind_their_refused_one(
     assert only(report).events_pending == 2
 
     report = cycle(config)  # the refusal passed: both, in order
-    assert told(gleap) == [("u1", "segment_a", "Audience Entered"), ("u1", "segment_a", "Audience Exited")]
+    assert told(gleap) == IN_AND_OUT
     assert only(report).events_pending == 0
 
 
@@ -89,9 +99,11 @@ def test_a_users_event_waits_while_their_earlier_event_backs_off(
     cycle(config)
     assert told(gleap) == []
     source.set([])
+    assert planned(config) == [PlannedCall("u1", {"segment_a": False})]  # and no track call
     report = cycle(config)  # the false is acknowledged; the exit's identify is done, but the entry backs off
     assert gleap.identify_calls[-1] == {"userId": "u1", "segment_a": False}
     assert told(gleap) == [] and only(report).events_pending == 2
+    assert planned(config) == []  # the dry run says so too
 
     later = datetime.now(UTC) + timedelta(hours=2)
     engine = store_mod.create_engine(config.store.url)
@@ -101,7 +113,7 @@ def test_a_users_event_waits_while_their_earlier_event_backs_off(
     finally:
         syncer.sources.dispose()
         engine.dispose()
-    assert told(gleap) == [("u1", "segment_a", "Audience Entered"), ("u1", "segment_a", "Audience Exited")]
+    assert told(gleap) == IN_AND_OUT
 
 
 def test_a_parked_event_holds_its_users_later_events_of_that_audience_until_retry(
@@ -113,18 +125,41 @@ def test_a_parked_event_holds_its_users_later_events_of_that_audience_until_retr
     gleap.fail_track_next(1, 400)
     cycle(config)  # the entry refused once: parked
     source.set([])
-    report = cycle(config)
-    assert told(gleap) == [] and (only(report).events_pending, only(report).events_parked) == (1, 1)
+    report = cycle(config)  # the exit is made parked behind it
+    assert told(gleap) == [] and (only(report).events_pending, only(report).events_parked) == (0, 2)
     store = store_for(config)
-    # Seen where: the parked event, with Gleap's answer.
-    assert [(p.audience, p.user_id, p.value, p.last_status) for p in store.parked()] == [
-        ("segment_a", "u1", "Audience Entered", 400)
+    # Seen where: the refused event with Gleap's answer, and the one held behind it, with why.
+    assert [(p.audience, p.user_id, p.value, p.last_status, p.last_error) for p in store.parked()] == [
+        ("segment_a", "u1", "Audience Entered", 400, "HTTP 400"),
+        ("segment_a", "u1", "Audience Exited", None, HELD_BEHIND_PARKED),
     ]
-    assert store.requeue(user_id="u1") == 1
+    assert store.requeue(audience_key="segment_a") == 2  # any filter of `retry` covers both
     store.engine.dispose()
     report = cycle(config)
-    assert told(gleap) == [("u1", "segment_a", "Audience Entered"), ("u1", "segment_a", "Audience Exited")]
+    assert told(gleap) == IN_AND_OUT
     assert (only(report).events_pending, only(report).events_parked) == (0, 0)
+
+
+def test_a_split_batch_parks_a_users_later_event_with_their_refused_one(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, extra="[sync]\nmax_attempts = 1\n")
+    gleap.fail_user("u1", 503, times=4)
+    cycle(config)
+    source.set(["u2"])
+    gleap.fail_track_next(2, 400)  # [entered, exited] -> 400; [entered] -> 400: parked; [exited] held
+    report = cycle(config)
+    assert told(gleap) == [("u2", "segment_a", "Audience Entered")]
+    assert (only(report).events_pending, only(report).events_parked) == (0, 2)
+    rows = {row["name"]: row for row in event_rows(config) if row["user_id"] == "u1"}
+    assert rows["Audience Exited"]["last_error"] == HELD_BEHIND_PARKED
+    assert rows["Audience Exited"]["sends"] == 0
+    store = store_for(config)
+    assert store.requeue(user_id="u1") == 2
+    store.engine.dispose()
+    cycle(config)
+    assert told(gleap)[1:] == IN_AND_OUT
 
 
 @pytest.mark.parametrize("how", ["removed", "paused"])
