@@ -9,10 +9,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
 
-from audiencesync import store as store_mod
+from audiencesync import database, store as store_mod
 from audiencesync.config import Config
 from audiencesync.events import HELD_BEHIND_PARKED
+from audiencesync.schema import events
 from audiencesync.store import Store
 from audiencesync.sync import PlannedCall, PlannedTrack, Syncer
 from tests.conftest import ConfigFactory, SourceDB
@@ -211,3 +214,27 @@ def test_a_parked_identify_in_one_audience_holds_back_no_event_of_another(
     assert gleap.identify_calls[-1] == {"userId": "u1", "segment_a": True}
     assert told(gleap)[1:] == [("u1", "segment_a", "Audience Entered")]
     assert report.complete, report
+
+
+def test_0011_parks_the_owed_events_an_older_store_left_behind_a_parked_one(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    audiences = EVENTS_ON + "allow_empty = true\n"
+    config = make_config(gleap.base_url, audiences=audiences, extra="[sync]\nmax_attempts = 1\n")
+    gleap.fail_track_next(1, 400)
+    cycle(config)  # the entry parked
+    source.set([])
+    cycle(config)
+    engine = store_mod.create_engine(config.store.url)
+    with engine.begin() as conn:  # as a store before 0011 has it: the exit owed, not parked
+        conn.execute(sa.update(events).where(events.c.name == "Audience Exited").values(parked_at=None))
+        command.downgrade(database._alembic_config(conn), "0010_web")
+    store_mod.upgrade(engine)
+    store = Store(engine)
+    assert [(p.value, p.last_error) for p in store.parked()] == [
+        ("Audience Entered", "HTTP 400"),
+        ("Audience Exited", HELD_BEHIND_PARKED),
+    ]
+    assert store.event_counts(store.ensure_audience("segment_a", "Segment A").id) == (0, 2)
+    engine.dispose()
