@@ -4,9 +4,15 @@ A refresh of an audience with events on turns each ``entered``/``left``
 membership change into an event row, in the same transaction (so a crash can
 neither lose nor duplicate one). An event is due once the identify call that
 set its membership is done: no pending memberships row is left for its
-audience and user (acknowledged, or gone). A user's events go out in the order
-they were seen: one waits while an earlier event of the same user is still
-owed and not due (a parked event holds nothing back). The delivery state
+audience and user (acknowledged, or gone). A user's events in one audience go
+out in the order they were seen: one waits while an earlier event of the same
+user and audience is owed and not due (backing off, or parked). A parked event
+parks the later ones of its user and audience with it (``HELD_BEHIND_PARKED``),
+those made afterwards included, so ``failures`` lists them and ``retry``, whose
+filters always cover a whole user and audience, releases them together, in
+order. Nothing of another audience holds an event back, so a paused, removed
+or parked audience never stops the others.
+The delivery state
 follows the memberships' rules: a write-ahead unknown mark, acknowledged only
 by a 2xx, rejections counted towards ``max_attempts`` and then parked, and a
 per-event backoff after every failure.
@@ -15,7 +21,7 @@ per-event backoff after every failure.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +41,12 @@ from audiencesync.schema import (
 )
 
 Clock = Callable[[], datetime]
+
+# The last_error of an event parked because an earlier one of its user and audience is.
+HELD_BEHIND_PARKED = "held: an earlier event of this user in this audience is parked"
+
+# Parked, not yet acknowledged: what holds back the later events of its user and audience.
+_PARKED_OWED = "parked_at IS NOT NULL AND acked_at IS NULL"
 
 
 @dataclass(frozen=True)
@@ -85,9 +97,10 @@ def create_from_changes(conn: Connection, *, audience_id: int, run_id: int, name
     """One event per entry and exit this run recorded for the audience; in the caller's transaction.
 
     Read from the run's membership changes, so that the events are exactly the
-    changes (any other kind of change is not an event).
+    changes (any other kind of change is not an event). A new event of a user
+    with a parked event in the audience is parked behind it, at once.
     """
-    return conn.execute(
+    made = conn.execute(
         sa.text(
             "INSERT INTO events (audience_id, user_id, run_id, change, name, audience_name, at) "
             "SELECT c.audience_id, c.user_id, c.run_id, c.change, "
@@ -99,6 +112,31 @@ def create_from_changes(conn: Connection, *, audience_id: int, run_id: int, name
         ),
         {"a": audience_id, "r": run_id, "en": names.entered, "ex": names.exited},
     ).rowcount
+    # The usual case, no parked event in the audience, costs one probe of ix_events_parked.
+    any_parked = f"SELECT 1 FROM events WHERE audience_id = :a AND {_PARKED_OWED}"
+    if made and conn.execute(sa.text(any_parked + " LIMIT 1"), {"a": audience_id}).first() is not None:
+        conn.execute(
+            sa.text(
+                "UPDATE events SET parked_at = at, last_error = :why "
+                "WHERE run_id = :r AND audience_id = :a AND acked_at IS NULL AND parked_at IS NULL "
+                f"AND user_id IN (SELECT user_id FROM events WHERE audience_id = :a AND {_PARKED_OWED})"
+            ),
+            {"a": audience_id, "r": run_id, "why": HELD_BEHIND_PARKED},
+        )
+    return made
+
+
+def park_behind(conn: Connection, streams: Iterable[tuple[int, str]], now: datetime) -> None:
+    """Park the owed events that come after a parked one of their (audience id, user id)."""
+    conn.execute(
+        sa.text(
+            "UPDATE events SET parked_at = :t, last_error = :why "
+            "WHERE audience_id = :a AND user_id = :u AND acked_at IS NULL AND parked_at IS NULL "
+            "AND id > (SELECT min(p.id) FROM events p "
+            "WHERE p.audience_id = :a AND p.user_id = :u AND p.parked_at IS NOT NULL AND p.acked_at IS NULL)"
+        ).bindparams(sa.bindparam("t", type_=UtcDateTime)),
+        [{"a": a, "u": u, "t": now, "why": HELD_BEHIND_PARKED} for a, u in sorted(set(streams))],
+    )
 
 
 def _unsent(e: sa.FromClause) -> sa.ColumnElement[bool]:
@@ -123,20 +161,26 @@ def _ready(e: sa.FromClause, now: datetime) -> sa.ColumnElement[bool]:
     )
 
 
-def due_query(audience_ids: Sequence[int], after: int, limit: int, now: datetime) -> sa.Select[Any]:
-    """The next ``limit`` due events after id ``after``, in id (so time) order."""
-    e = events.alias("e")
+def held_back(e: sa.FromClause, now: datetime) -> sa.Exists:
+    """An earlier event of the same user and audience is owed and can't go now: it is backing
+    off, or parked. Its identify is the same as ``e``'s, so that needs no check here."""
     earlier = events.alias("p")
-    held_back = (
+    return (
         sa.select(sa.literal(1))
         .where(
             earlier.c.user_id == e.c.user_id,
+            earlier.c.audience_id == e.c.audience_id,
             earlier.c.id < e.c.id,
-            _unsent(earlier),
-            ~sa.and_(_ready(earlier, now), earlier.c.audience_id.in_(audience_ids)),
+            earlier.c.acked_at.is_(None),
+            sa.or_(earlier.c.parked_at.is_not(None), earlier.c.next_attempt_at > now),
         )
         .exists()
     )
+
+
+def due_query(audience_ids: Sequence[int], after: int, limit: int, now: datetime) -> sa.Select[Any]:
+    """The next ``limit`` due events after id ``after``, in id (so time) order."""
+    e = events.alias("e")
     return (
         sa.select(
             e.c.id,
@@ -150,7 +194,7 @@ def due_query(audience_ids: Sequence[int], after: int, limit: int, now: datetime
             e.c.failures,
         )
         .join(audiences, audiences.c.id == e.c.audience_id)
-        .where(e.c.id > after, e.c.audience_id.in_(audience_ids), _ready(e, now), ~held_back)
+        .where(e.c.id > after, e.c.audience_id.in_(audience_ids), _ready(e, now), ~held_back(e, now))
         .order_by(e.c.id)
         .limit(limit)
     )
@@ -313,6 +357,8 @@ def write_outcome(
                 for e in outcome.events
             ],
         )
+        if outcome.permanent:  # a verdict may have parked some: their later events park with them
+            park_behind(conn, ((e.audience_id, e.user_id) for e in outcome.events), now)
     tallies: dict[int, int] = {}
     for event in outcome.events:
         tallies[event.audience_id] = tallies.get(event.audience_id, 0) + 1

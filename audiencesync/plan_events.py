@@ -18,6 +18,13 @@ from audiencesync.schema import UtcDateTime
 
 _NOW: BindParameter[object] = bindparam("now", type_=UtcDateTime)
 
+# An owed event of the user in the audience that can't go now (parked, or backing off): the
+# later events of that user and audience wait for it (events.held_back), and are not sent.
+_BLOCKED = (
+    "EXISTS (SELECT 1 FROM events p WHERE p.audience_id = :a AND p.user_id = {user} {earlier}"
+    "AND p.acked_at IS NULL AND (p.parked_at IS NOT NULL OR p.next_attempt_at > :now))"
+)
+
 
 def create_event_plan(conn: Connection) -> str:
     name = f"plan_events_{uuid.uuid4().hex[:12]}"
@@ -34,7 +41,8 @@ def create_event_plan(conn: Connection) -> str:
 
 
 def add_owed_events(conn: Connection, plan: str, *, key: str, audience_id: int | None, now: datetime) -> int:
-    """The audience's events the outbox owes and would send now (not parked, past their backoff)."""
+    """The audience's events the outbox owes and would send now (not parked, past their backoff,
+    and no earlier event of the user in the audience held)."""
     if audience_id is None:
         return 0
     return int(
@@ -43,7 +51,8 @@ def add_owed_events(conn: Connection, plan: str, *, key: str, audience_id: int |
                 f"INSERT INTO {plan} (rank, seq, sub, user_id, key, name, audience_name, at) "
                 "SELECT 0, e.id, 0, e.user_id, :k, e.name, e.audience_name, e.at FROM events e "
                 "WHERE e.audience_id = :a AND e.acked_at IS NULL AND e.parked_at IS NULL "
-                "AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= :now)"
+                "AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= :now) "
+                "AND NOT " + _BLOCKED.format(user="e.user_id", earlier="AND p.id < e.id ")
             ).bindparams(_NOW),
             {"k": key, "a": audience_id, "now": now},
         ).rowcount
@@ -62,15 +71,25 @@ def add_new_events(
     names: tuple[str, str],
     now: datetime,
 ) -> int:
-    """The events applying the stage would make: an entry or an exit each, seen ``now``."""
+    """The events applying the stage would make: an entry or an exit each, seen ``now``; but
+    not those of a user whose events in the audience are held (they would wait, or be parked)."""
     params = {"k": key, "a": audience_id if audience_id is not None else -1, "p": place, "now": now}
     params |= {"an": audience_name, "en": names[0], "ex": names[1]}
+    # Usually no event of the audience is held: then a big first sync's plan probes nothing.
+    held = conn.execute(
+        text(
+            "SELECT 1 FROM events p WHERE p.audience_id = :a AND p.acked_at IS NULL "
+            "AND (p.parked_at IS NOT NULL OR p.next_attempt_at > :now) LIMIT 1"
+        ).bindparams(_NOW),
+        params,
+    ).first()
     insert = f"INSERT INTO {plan} (rank, seq, sub, user_id, key, name, audience_name, at) "
     left = conn.execute(
         text(
             insert + "SELECT 1, :p, 0, m.user_id, :k, :ex, :an, :now FROM memberships m "
             "WHERE m.audience_id = :a AND m.desired = true "
             f"AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_id = m.user_id)"
+            + (" AND NOT " + _BLOCKED.format(user="m.user_id", earlier="") if held else "")
         ).bindparams(_NOW),
         params,
     ).rowcount
@@ -79,6 +98,7 @@ def add_new_events(
             insert + f"SELECT 1, :p, 1, s.user_id, :k, :en, :an, :now FROM {stage} s "
             "WHERE NOT EXISTS (SELECT 1 FROM memberships m WHERE m.audience_id = :a "
             "AND m.user_id = s.user_id AND m.desired = true)"
+            + (" AND NOT " + _BLOCKED.format(user="s.user_id", earlier="") if held else "")
         ).bindparams(_NOW),
         params,
     ).rowcount

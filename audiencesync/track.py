@@ -6,7 +6,9 @@ in the events' order: a crash re-sends at most the one batch in flight. Each
 batch is marked outcome-unknown in the store before it leaves, and its answer
 is stored as soon as it arrives. A batch refused as a whole (400, 413, 422) is
 split in halves until the refused events stand alone, so one bad event never
-parks its neighbours; a lone event refused is a verdict on it.
+parks its neighbours; a lone event refused is a verdict on it. A user's events
+in one audience keep their order through the splits: once one of them fails,
+the later ones in the rest of the batch are not sent (they wait for it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 from audiencesync import failpoints
 from audiencesync.errors import GleapAuthError
@@ -25,6 +28,13 @@ log = logging.getLogger(__name__)
 
 # Answers about a batch's content that may concern only some of its events.
 SPLIT_STATUSES = frozenset({400, 413, 422})
+
+# Whose events are kept in order: a user's, in one audience.
+Stream: TypeAlias = tuple[str, int]
+
+
+def stream(event: DueEvent) -> Stream:
+    return event.user_id, event.audience_id
 
 
 def event_body(event: DueEvent) -> dict[str, object]:
@@ -68,8 +78,9 @@ class EventSender:
     ) -> int:
         """One pass over the due events of these audiences; returns the number of requests sent.
 
-        A user whose event failed in this pass has no later event sent in it, so that
-        their events never arrive out of order. Once ``stop`` is set, the request in
+        A user whose event failed in this pass has no later event of that audience sent
+        in it, not even in the other half of a split batch, so that their events never
+        arrive out of order. Once ``stop`` is set, the request in
         flight gets ``grace_seconds``, as identify calls do, then is cancelled (its
         events stay marked unknown, and owed).
         """
@@ -102,20 +113,20 @@ class EventSender:
     ) -> int:
         after = 0
         requests = 0
-        failed_users: set[str] = set()
+        failed: set[Stream] = set()
         while not halted():
             page = await asyncio.to_thread(self.outbox.due, audience_ids, after, self.batch_size)
             if not page:
                 break
             after = page[-1].id
-            batch = [event for event in page if event.user_id not in failed_users]
+            batch = [event for event in page if stream(event) not in failed]
             if not batch:
                 continue
             await asyncio.to_thread(self.outbox.mark_unknown, batch)
             failpoints.reach("event-batch")
             recorded: set[int] = set()
             try:
-                outcomes, sent = await self._deliver(client, batch, run_ids, 0, recorded, halted)
+                sent = await self._deliver(client, batch, run_ids, 0, recorded, halted, failed)
             except GleapAuthError:
                 # A verdict on the token: nothing was applied.
                 await asyncio.to_thread(
@@ -123,9 +134,6 @@ class EventSender:
                 )
                 raise
             requests += sent
-            for outcome in outcomes:
-                if not outcome.acknowledged:
-                    failed_users.update(event.user_id for event in outcome.events)
         return requests
 
     async def _deliver(
@@ -136,11 +144,18 @@ class EventSender:
         sends_before: int,
         recorded: set[int],
         halted: Callable[[], bool],
-    ) -> tuple[list[EventOutcome], int]:
-        if halted():  # marked but never sent: they get their mark back
-            await asyncio.to_thread(self.outbox.restore_unknown, batch)
-            recorded.update(event.id for event in batch)
-            return [], 0
+        failed: set[Stream],
+    ) -> int:
+        """Send ``batch`` (split on a refusal); returns the requests sent. ``failed``: the
+        streams with an event not acknowledged in this pass, whose later events are held."""
+        stop = halted()
+        held = [event for event in batch if stop or stream(event) in failed]
+        if held:  # marked but never sent: they get their mark back, and stay owed
+            await asyncio.to_thread(self.outbox.restore_unknown, held)
+            recorded.update(event.id for event in held)
+            batch = [event for event in batch if not stop and stream(event) not in failed]
+        if not batch:
+            return 0
         answer = await client.track([event_body(event) for event in batch])
         if self.on_answer is not None:
             self.on_answer(answer, len(batch))
@@ -149,11 +164,10 @@ class EventSender:
         if answer.permanent and answer.status in SPLIT_STATUSES and len(batch) > 1:
             middle = len(batch) // 2
             log.info("a batch of %d events was refused (%s); splitting it", len(batch), answer.error)
-            first, first_sent = await self._deliver(client, batch[:middle], run_ids, sends, recorded, halted)
-            second, second_sent = await self._deliver(
-                client, batch[middle:], run_ids, sends, recorded, halted
-            )
-            return first + second, sent + first_sent + second_sent
+            first = await self._deliver(client, batch[:middle], run_ids, sends, recorded, halted, failed)
+            # The second half after the first is recorded: a user's later events wait for a refused one.
+            second = await self._deliver(client, batch[middle:], run_ids, sends, recorded, halted, failed)
+            return sent + first + second
         outcome = EventOutcome(
             tuple(batch),
             answer.status,
@@ -173,6 +187,8 @@ class EventSender:
         failpoints.reach("after-event-record")
         if answer.ok and self.on_acknowledged is not None:
             self.on_acknowledged()
+        if not outcome.acknowledged:
+            failed.update(stream(event) for event in batch)
         if not answer.ok:
             log.warning("track: %d event(s) refused: %s", len(batch), answer.error)
-        return [outcome], sent
+        return sent
