@@ -67,6 +67,9 @@ class Answer:
     # dropped answer, a 5xx): Gleap may have applied it.
     maybe_applied: bool = False
     tries: tuple[Try, ...] = ()
+    # The circuit breaker opened while this call waited for the rate limiter, before any
+    # request of it went out: nothing was sent, and nothing is to be recorded.
+    halted: bool = False
 
     @property
     def ok(self) -> bool:
@@ -93,6 +96,10 @@ class _Budget:
             return self.rate_limited > MAX_RATE_LIMITED
         self.failures += 1
         return self.failures > self.max_retries
+
+
+class _Halted(Exception):
+    """The breaker opened while a request waited on the limiter: it does not go out."""
 
 
 class _Transient(Exception):
@@ -128,6 +135,11 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _sent(tries: list[Try]) -> bool:
+    """Sent at least once: some attempt may have reached Gleap (everything but a failed connect)."""
+    return any(t.outcome in ("unknown", "rate_limited") for t in tries)
 
 
 def _ms(started: float) -> int:
@@ -298,6 +310,8 @@ class GleapClient:
         tries: list[Try] = []
         try:
             answer = await self._attempt(user_id, send, tries)
+        except _Halted:
+            return Answer(0, "not sent: Gleap is failing for everyone (circuit breaker open)", halted=True)
         except _Transient as exc:
             return await self._retry(user_id, send, tries, exc)
         # ``retries`` as the retry loop counts them: none, since nothing failed.
@@ -306,6 +320,10 @@ class GleapClient:
     async def _attempt(self, user_id: str, send: Callable[[], Awaitable[Answer]], tries: list[Try]) -> Answer:
         """One request through the limiter, noted in ``tries`` and told to the breaker."""
         await self.limiter.acquire()
+        # The wait can be long (a 429's pause, a slowed rate): a breaker that opened meanwhile
+        # stops this request too, not only those that start after it.
+        if self.breaker.is_open:
+            raise _Halted()
         # Timed from when the request may go out, not from the wait for the limiter.
         at, started = self._now(), time.monotonic()
         try:
@@ -314,6 +332,9 @@ class GleapClient:
             tries.append(Try(at, exc.status, exc.outcome, str(exc), _ms(started)))
             if exc.status != 429:
                 self.breaker.failure(user_id, str(exc))
+            raise
+        except GleapAuthError as exc:
+            tries.append(Try(at, exc.status, "rejected", f"HTTP {exc.status}", _ms(started)))
             raise
         outcome = "acknowledged" if answer.ok else "rejected"
         tries.append(Try(at, answer.status, outcome, answer.error, _ms(started)))
@@ -340,20 +361,31 @@ class GleapClient:
             reraise=True,
         )
         replay: _Transient | None = first
+        last = first
         try:
             async for attempt in retrying:
                 with attempt:
                     if replay is not None:
                         exc, replay = replay, None
                         raise exc  # attempt 1, already made (and noted) by ``_call``
-                    answer = await self._attempt(user_id, send, tries)
+                    try:
+                        answer = await self._attempt(user_id, send, tries)
+                    except _Transient as exc:
+                        last = exc
+                        raise
         except _Transient as exc:
             answer = Answer(
                 exc.status, f"gave up after {budget.failures + budget.rate_limited} attempts: {exc}"
             )
+        except _Halted:
+            # The next attempt never went out: the call ends on the last answer it had.
+            attempts = budget.failures + budget.rate_limited
+            answer = Answer(last.status, f"gave up after {attempts} attempts (circuit breaker open): {last}")
+        except GleapAuthError as exc:
+            # A verdict on the token, not on this call: an earlier attempt may still have been applied.
+            raise GleapAuthError(exc.status, maybe_applied=_sent(tries), tries=tuple(tries)) from None
         retries = budget.failures + budget.rate_limited - (0 if answer.ok or answer.permanent else 1)
-        # Sent at least once: some attempt may have reached Gleap (everything but a failed connect).
-        sent = any(t.outcome in ("unknown", "rate_limited") for t in tries)
+        sent = _sent(tries)
         return Answer(
             answer.status,
             answer.error,

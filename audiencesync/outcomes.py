@@ -74,8 +74,12 @@ class Outcome:
 
     @property
     def unknown(self) -> bool:
-        """Gleap may or may not have applied this call."""
-        return not self.acknowledged and not self.permanent and self.maybe_applied
+        """Gleap may or may not have applied this call.
+
+        A verdict (a 4xx, a refused token) on a retry says nothing of the attempts before it:
+        one that got no answer, or a 5xx, may have been applied all the same.
+        """
+        return not self.acknowledged and self.maybe_applied
 
 
 @dataclass(frozen=True)
@@ -102,11 +106,13 @@ def write_outcomes(
     """Store Gleap's answers in one transaction: acknowledged values, failures, the delivery log.
 
     - 2xx: the value sent is acknowledged, and the outcome is known again.
-    - A verdict (a 4xx but 408/429): the call was not applied, so the row's
-      unknown mark is what it was before; it counts towards ``max_attempts``,
-      and at the limit the change is parked.
+    - A verdict (a 4xx but 408/429): that request was not applied; it counts
+      towards ``max_attempts``, and at the limit the change is parked. The
+      row's unknown mark is what it was before, unless an earlier attempt of
+      the same call got no verdict: that one may have been applied.
     - No verdict (timeout, dropped answer, 5xx, retries used up): Gleap may
       have applied it, so the row stays marked unknown (and pending).
+    An unknown mark is only ever cleared by a 2xx.
     Every failure pushes the user's next attempt back (``backoff``).
     """
     acked: list[dict[str, Any]] = []

@@ -142,6 +142,10 @@ class EventSender:
             recorded.update(event.id for event in batch)
             return [], 0
         answer = await client.track([event_body(event) for event in batch])
+        if answer.halted:  # the breaker opened while it waited for the limiter: never sent
+            await asyncio.to_thread(self.outbox.restore_unknown, batch)
+            recorded.update(event.id for event in batch)
+            return [], 0
         if self.on_answer is not None:
             self.on_answer(answer, len(batch))
         sent = max(len(answer.tries), 1)
