@@ -167,7 +167,12 @@ def test_an_answer_is_in_the_store_while_the_next_one_is_still_awaited(
     config = make_config(gleap.base_url, timeout_seconds=30)
     gleap.hold(after=1)  # the first identify is answered; the second waits for release()
     done = threading.Event()
-    worker = threading.Thread(target=lambda: (cycle(config), done.set()), daemon=True)
+
+    def deliver() -> None:
+        cycle(config)
+        done.set()
+
+    worker = threading.Thread(target=deliver, daemon=True)
     worker.start()
     try:
         assert gleap.wait_held(1), "the second call never arrived"
