@@ -157,6 +157,7 @@ class Deliverer:
                             exc.status,
                             f"HTTP {exc.status}",
                             retries=len(exc.tries) - 1,
+                            maybe_applied=True,
                             tries=exc.tries,
                         )
                     )

@@ -52,7 +52,9 @@ class Outcome:
     permanent: bool = False  # Gleap rejected the call itself (400/404/422...), not a passing fault
     retries: int = 0
     rate_limited: int = 0
-    maybe_applied: bool = True  # no verdict, and the request may have reached Gleap
+    # Some request of the call got no verdict, and may have been applied. None: as the final
+    # answer says (no verdict, unless it is one).
+    maybe_applied: bool | None = None
     tries: tuple[Try, ...] = ()  # each request sent, for the call log
 
     @property
@@ -66,7 +68,7 @@ class Outcome:
             return "acknowledged"
         if self.permanent:
             return "rejected"
-        return "unknown" if self.maybe_applied else "not_sent"
+        return "unknown" if self.may_have_applied else "not_sent"
 
     def logged_tries(self, now: datetime) -> tuple[Try, ...]:
         # An outcome made without a client (a test, a replay) is logged as one request.
@@ -79,7 +81,11 @@ class Outcome:
         A verdict (a 4xx, a refused token) on a retry says nothing of the attempts before it:
         one that got no answer, or a 5xx, may have been applied all the same.
         """
-        return not self.acknowledged and self.maybe_applied
+        return not self.acknowledged and self.may_have_applied
+
+    @property
+    def may_have_applied(self) -> bool:
+        return not self.permanent if self.maybe_applied is None else self.maybe_applied
 
 
 @dataclass(frozen=True)

@@ -259,8 +259,9 @@ class GleapStandIn:
     with fault injection.
 
     Fault rules are consumed per kind in FIFO order, and only by identify requests
-    carrying a valid token. For one identify the order of evaluation is: drop_next,
-    fail_next, rate limit, body validation (400), fail_user, success. delay_next is
+    carrying a valid token. For one identify the order of evaluation is: script_next (which,
+    while it has steps, replaces drop_next, fail_next, lose_answer_next and the rate limit),
+    drop_next, fail_next, rate limit, body validation (400), fail_user, success. delay_next is
     orthogonal: it postpones whatever the answer turns out to be (a drop included).
     ``latency_seconds`` postpones every identify's answer the same way, as a distant
     Gleap would (the benchmark's "50 ms per answer").
@@ -444,7 +445,7 @@ class GleapStandIn:
             self._lose_rules.append([count, True])
 
     def script_next(self, *steps: int | str) -> None:
-        """The next identify (or DELETE) requests, one step each, in order, before any other rule:
+        """The next identify, track or DELETE requests, one step each, in order, before any other rule:
         ``"lose"`` applies it and drops the answer; ``0`` drops it unapplied; a 2xx applies it and
         answers that status (204 with no body); any other status answers it, unapplied."""
         with self._lock:
@@ -661,16 +662,21 @@ class GleapStandIn:
         """Events, with the same fault rules as identify (but not hold()), and their own
         (fail_track_next, lose_track_answer_next, reject_events_of): drop, fail, rate limit,
         validation, reject_events_of, then success (or a lost answer)."""
+        ok = 200
+        failure: _Reply | None
+        limit_headers: dict[str, str]
         with self._lock:
             delay: float | None = _take(self._delay_rules)
-            drop = _take(self._drop_rules) is not None
-            failure: _Reply | None = (
-                None if drop else _take(self._track_fail_rules) or _take(self._fail_rules)
-            )
-            limit_headers, limited = ({}, False) if drop or failure else self._admit()
-            lose = not (drop or failure or limited) and (
-                _take(self._track_lose_rules) is not None or _take(self._lose_rules) is not None
-            )
+            if self._script:
+                drop, failure, lose, ok = self._scripted()
+                limit_headers, limited = {}, False
+            else:
+                drop = _take(self._drop_rules) is not None
+                failure = None if drop else _take(self._track_fail_rules) or _take(self._fail_rules)
+                limit_headers, limited = ({}, False) if drop or failure else self._admit()
+                lose = not (drop or failure or limited) and (
+                    _take(self._track_lose_rules) is not None or _take(self._lose_rules) is not None
+                )
         if delay and self._stopping.wait(delay):
             return _Reply(0)
         if drop:
@@ -694,7 +700,7 @@ class GleapStandIn:
         self._contacts_changed()
         if lose:
             return _Reply(0)
-        return _json_reply(200, {"ok": True}, limit_headers)
+        return _ok_reply(ok, {"ok": True}, limit_headers)
 
     def _user_fault(self, user_id: str) -> _UserFault | None:
         faults = self._user_faults.get(user_id)
