@@ -128,6 +128,22 @@ class EventSender:
                     failed_users.update(event.user_id for event in outcome.events)
         return requests
 
+    async def _record_refused(
+        self, batch: list[DueEvent], exc: GleapAuthError, run_ids: Callable[[int], int], sends_before: int
+    ) -> None:
+        outcome = EventOutcome(
+            tuple(batch),
+            exc.status,
+            f"HTTP {exc.status}",
+            maybe_applied=True,
+            sends=sends_before + len(exc.tries),
+            sent_at=exc.tries[-1].at if exc.tries else None,
+            retries=max(len(exc.tries) - 1, 0),
+        )
+        await asyncio.to_thread(
+            self.outbox.record, outcome, run_ids, max_attempts=self.max_attempts, backoff=self.backoff
+        )
+
     async def _deliver(
         self,
         client: GleapClient,
@@ -141,7 +157,13 @@ class EventSender:
             await asyncio.to_thread(self.outbox.restore_unknown, batch)
             recorded.update(event.id for event in batch)
             return [], 0
-        answer = await client.track([event_body(event) for event in batch])
+        try:
+            answer = await client.track([event_body(event) for event in batch])
+        except GleapAuthError as exc:
+            if exc.maybe_applied:  # an earlier request may have been applied: recorded as unknown
+                await self._record_refused(batch, exc, run_ids, sends_before)
+                recorded.update(event.id for event in batch)
+            raise
         if answer.halted:  # the breaker opened while it waited for the limiter: never sent
             await asyncio.to_thread(self.outbox.restore_unknown, batch)
             recorded.update(event.id for event in batch)

@@ -84,20 +84,21 @@ def test_a_verdict_on_the_retry_of_a_call_that_may_have_been_applied_keeps_it_un
     assert settled is not None and not settled["unknown"]
 
 
+@pytest.mark.parametrize("verdict", [422, 401])
 def test_an_event_that_may_have_been_applied_stays_unknown_after_a_verdict_on_its_retry(
-    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, verdict: int
 ) -> None:
     source.set(["u1"])
     config = make_config(gleap.base_url, extra_gleap="events = true")
     # The identify; then the track call is applied and its answer lost, and its retry refused.
-    gleap.script_next(200, "lose", 422)
+    gleap.script_next(200, "lose", verdict)
     cycle(config)
     assert [e["userId"] for e in gleap.events] == ["u1"]
     engine = store_mod.engine_for(config.store)
     with engine.connect() as conn:
         event = conn.execute(sa.text("SELECT unknown, acked_at, last_status FROM events")).one()
     engine.dispose()
-    assert event.acked_at is None and event.last_status == 422
+    assert event.acked_at is None and event.last_status == verdict
     assert event.unknown, "the verdict cleared the event's unknown mark"
 
 
