@@ -3,7 +3,6 @@ and retries."""
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import time
 import urllib.parse
@@ -20,6 +19,7 @@ from audiencesync import __version__
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError, GleapError
+from audiencesync.gleap_http import AdminClient, parse_retry_after, retryable
 from audiencesync.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,6 @@ TRACK_PATH = "/admin/track"
 AUTH_PATH = "/admin/auth"
 # Gleap's documented limit on custom data keys in one identify call.
 MAX_CUSTOM_KEYS = 35
-MAX_RETRY_AFTER = 300.0
-
-
-def retryable(status: int) -> bool:
-    """408, 429 and every 5xx but 501 may succeed when tried again (GLEAP_API.md).
-
-    501 Not Implemented means a wrong URL, not a passing fault; every other 4xx
-    is a verdict on the call itself.
-    """
-    return status in (408, 429) or (500 <= status < 600 and status != 501)
 
 
 # A 429 says "later", not "wrong": it doesn't use up a call's retries, but a
@@ -119,24 +109,6 @@ class _Transient(Exception):
         return "rate_limited" if self.status == 429 else "unknown"
 
 
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
-
-
 def _sent(tries: list[Try]) -> bool:
     """Sent at least once: some attempt may have reached Gleap (everything but a failed connect)."""
     return any(t.outcome in ("unknown", "rate_limited") for t in tries)
@@ -184,29 +156,6 @@ def identify_url(config: GleapConfig) -> str:
     return str(httpx.URL(config.base_url + IDENTIFY_PATH, params=identify_params(config)))
 
 
-class _Cookieless(httpx.Cookies):
-    """No cookie jar: Gleap's admin API authenticates by token, so a cookie it set would only be
-    carried along. httpx otherwise parses every answer for Set-Cookie through urllib's cookie
-    machinery: 7% of the client's CPU per call (measured)."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
-
-
-class _AdminClient(httpx.AsyncClient):
-    """httpx's client, without cookies (``_Cookieless``)."""
-
-    _no_cookies = _Cookieless()
-
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return self._no_cookies
-
-    @cookies.setter
-    def cookies(self, cookies: Any) -> None:
-        raise TypeError("the Gleap client keeps no cookies")
-
-
 class GleapClient:
     """One long-lived HTTP client per cycle, shared by all delivery tasks."""
 
@@ -240,7 +189,7 @@ class GleapClient:
         limits = httpx.Limits(
             max_connections=self.config.max_concurrency, max_keepalive_connections=self.config.max_concurrency
         )
-        self._client = _AdminClient(
+        self._client = AdminClient(
             base_url=self.config.base_url,
             headers={"Api-Token": self._token.reveal(), "User-Agent": f"audiencesync/{__version__}"},
             timeout=httpx.Timeout(self.config.timeout_seconds),

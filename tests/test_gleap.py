@@ -12,7 +12,8 @@ import pytest
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError
-from audiencesync.gleap import Answer, GleapClient, identify_body, parse_retry_after
+from audiencesync.gleap import Answer, GleapClient, identify_body
+from audiencesync.gleap_http import parse_retry_after
 from audiencesync.ratelimit import TokenBucket
 from tests.conftest import TOKEN
 from tests.gleap_standin import GleapStandIn
