@@ -144,16 +144,35 @@ class Deliverer:
             try:
                 answer = await client.identify(user_id, call.attributes)
             except GleapAuthError as exc:
-                # A verdict on the token: nothing was applied. The calls in flight
+                # A verdict on the token: this request was not applied. The calls in flight
                 # finish (and are refused) rather than being cancelled half-sent.
                 nonlocal refused
                 refused = refused or exc
+                if exc.maybe_applied:
+                    # An earlier attempt got no verdict and may have been applied: recorded as
+                    # unknown (its requests in the call log), not given its old mark back.
+                    answers.put_nowait(
+                        Outcome(
+                            tuple(changes),
+                            exc.status,
+                            f"HTTP {exc.status}",
+                            retries=len(exc.tries) - 1,
+                            maybe_applied=True,
+                            tries=exc.tries,
+                        )
+                    )
+                    return
                 marked.unsent(changes)
                 unrecorded.release()
                 return
             except BaseException:
                 unrecorded.release()
                 raise
+            if answer.halted:
+                # The breaker opened while the call waited for the limiter: it never went out.
+                marked.unsent(changes)
+                unrecorded.release()
+                return
             answers.put_nowait(
                 Outcome(
                     tuple(changes),

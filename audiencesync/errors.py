@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 
 def iso_time(value: datetime) -> str:
@@ -121,8 +122,12 @@ class GleapError(AudienceSyncError):
 class GleapAuthError(GleapError):
     """Gleap refused the token (401/403): nothing more can be delivered this cycle."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, *, maybe_applied: bool = False, tries: tuple[Any, ...] = ()) -> None:
         self.status = status
+        # An earlier attempt of the same call got no verdict (a lost answer, a 5xx): Gleap may
+        # have applied it, so the call's outcome is unknown, not "not sent".
+        self.maybe_applied = maybe_applied
+        self.tries = tries  # every request of the call (``gleap.Try``), the refused one last
         reason = "is wrong or was revoked" if status == 401 else "lacks the rights for this call"
         super().__init__(
             f"Gleap answered {status}: the API token {reason}. "

@@ -78,7 +78,8 @@ class EventOutcome:
     status: int  # 0: no answer
     error: str | None = None
     permanent: bool = False  # a verdict: not applied
-    maybe_applied: bool = True  # no verdict, and a request may have reached Gleap
+    # A request got no verdict, and may have been applied. None: as the final answer says.
+    maybe_applied: bool | None = None
     sends: int = 1  # requests that carried these events (retries and split batches included)
     sent_at: datetime | None = None  # when the last of them went out
     retries: int = 0
@@ -90,7 +91,9 @@ class EventOutcome:
 
     @property
     def unknown(self) -> bool:
-        return not self.acknowledged and not self.permanent and self.maybe_applied
+        """Gleap may have these events: a verdict on a retry says nothing of a request before it."""
+        may_have_applied = not self.permanent if self.maybe_applied is None else self.maybe_applied
+        return not self.acknowledged and may_have_applied
 
 
 def create_from_changes(conn: Connection, *, audience_id: int, run_id: int, names: EventNames) -> int:

@@ -211,11 +211,16 @@ class Forgetter:
                     answer = await client.delete_contact(user_id)
                 except GleapAuthError as exc:
                     refused = refused or exc
-                    kept.append(Kept(user_id, "not_attempted"))
+                    # An earlier attempt with no verdict may have deleted the contact all the same.
+                    if exc.maybe_applied:
+                        detail = f"an attempt got no verdict, then the token was refused (HTTP {exc.status})"
+                        kept.append(Kept(user_id, "unknown", detail))
+                    else:
+                        kept.append(Kept(user_id, "not_attempted"))
                     return
             if answer.ok or answer.status == 404:  # 404: already gone, as a privacy request wants
                 acknowledged.append(user_id)
-            elif answer.permanent:
+            elif answer.permanent and not answer.maybe_applied:
                 kept.append(Kept(user_id, "refused", answer.error))
             else:  # never sent (no connection): certainly not deleted, so not attempted
                 kept.append(

@@ -3,7 +3,6 @@ and retries."""
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import time
 import urllib.parse
@@ -20,6 +19,7 @@ from audiencesync import __version__
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError, GleapError
+from audiencesync.gleap_http import AdminClient, parse_retry_after, retryable
 from audiencesync.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,6 @@ TRACK_PATH = "/admin/track"
 AUTH_PATH = "/admin/auth"
 # Gleap's documented limit on custom data keys in one identify call.
 MAX_CUSTOM_KEYS = 35
-MAX_RETRY_AFTER = 300.0
-
-
-def retryable(status: int) -> bool:
-    """408, 429 and every 5xx but 501 may succeed when tried again (GLEAP_API.md).
-
-    501 Not Implemented means a wrong URL, not a passing fault; every other 4xx
-    is a verdict on the call itself.
-    """
-    return status in (408, 429) or (500 <= status < 600 and status != 501)
 
 
 # A 429 says "later", not "wrong": it doesn't use up a call's retries, but a
@@ -67,6 +57,9 @@ class Answer:
     # dropped answer, a 5xx): Gleap may have applied it.
     maybe_applied: bool = False
     tries: tuple[Try, ...] = ()
+    # The circuit breaker opened while this call waited for the rate limiter, before any
+    # request of it went out: nothing was sent, and nothing is to be recorded.
+    halted: bool = False
 
     @property
     def ok(self) -> bool:
@@ -95,6 +88,10 @@ class _Budget:
         return self.failures > self.max_retries
 
 
+class _Halted(Exception):
+    """The breaker opened while a request waited on the limiter: it does not go out."""
+
+
 class _Transient(Exception):
     def __init__(
         self, status: int, detail: str, retry_after: float | None = None, *, sent: bool = True
@@ -112,22 +109,9 @@ class _Transient(Exception):
         return "rate_limited" if self.status == 429 else "unknown"
 
 
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+def _sent(tries: list[Try]) -> bool:
+    """Sent at least once: some attempt may have reached Gleap (everything but a failed connect)."""
+    return any(t.outcome in ("unknown", "rate_limited") for t in tries)
 
 
 def _ms(started: float) -> int:
@@ -172,29 +156,6 @@ def identify_url(config: GleapConfig) -> str:
     return str(httpx.URL(config.base_url + IDENTIFY_PATH, params=identify_params(config)))
 
 
-class _Cookieless(httpx.Cookies):
-    """No cookie jar: Gleap's admin API authenticates by token, so a cookie it set would only be
-    carried along. httpx otherwise parses every answer for Set-Cookie through urllib's cookie
-    machinery: 7% of the client's CPU per call (measured)."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
-
-
-class _AdminClient(httpx.AsyncClient):
-    """httpx's client, without cookies (``_Cookieless``)."""
-
-    _no_cookies = _Cookieless()
-
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return self._no_cookies
-
-    @cookies.setter
-    def cookies(self, cookies: Any) -> None:
-        raise TypeError("the Gleap client keeps no cookies")
-
-
 class GleapClient:
     """One long-lived HTTP client per cycle, shared by all delivery tasks."""
 
@@ -228,7 +189,7 @@ class GleapClient:
         limits = httpx.Limits(
             max_connections=self.config.max_concurrency, max_keepalive_connections=self.config.max_concurrency
         )
-        self._client = _AdminClient(
+        self._client = AdminClient(
             base_url=self.config.base_url,
             headers={"Api-Token": self._token.reveal(), "User-Agent": f"audiencesync/{__version__}"},
             timeout=httpx.Timeout(self.config.timeout_seconds),
@@ -298,6 +259,8 @@ class GleapClient:
         tries: list[Try] = []
         try:
             answer = await self._attempt(user_id, send, tries)
+        except _Halted:
+            return Answer(0, "not sent: Gleap is failing for everyone (circuit breaker open)", halted=True)
         except _Transient as exc:
             return await self._retry(user_id, send, tries, exc)
         # ``retries`` as the retry loop counts them: none, since nothing failed.
@@ -306,6 +269,10 @@ class GleapClient:
     async def _attempt(self, user_id: str, send: Callable[[], Awaitable[Answer]], tries: list[Try]) -> Answer:
         """One request through the limiter, noted in ``tries`` and told to the breaker."""
         await self.limiter.acquire()
+        # The wait can be long (a 429's pause, a slowed rate): a breaker that opened meanwhile
+        # stops this request too, not only those that start after it.
+        if self.breaker.is_open:
+            raise _Halted()
         # Timed from when the request may go out, not from the wait for the limiter.
         at, started = self._now(), time.monotonic()
         try:
@@ -314,6 +281,9 @@ class GleapClient:
             tries.append(Try(at, exc.status, exc.outcome, str(exc), _ms(started)))
             if exc.status != 429:
                 self.breaker.failure(user_id, str(exc))
+            raise
+        except GleapAuthError as exc:
+            tries.append(Try(at, exc.status, "rejected", f"HTTP {exc.status}", _ms(started)))
             raise
         outcome = "acknowledged" if answer.ok else "rejected"
         tries.append(Try(at, answer.status, outcome, answer.error, _ms(started)))
@@ -340,20 +310,31 @@ class GleapClient:
             reraise=True,
         )
         replay: _Transient | None = first
+        last = first
         try:
             async for attempt in retrying:
                 with attempt:
                     if replay is not None:
                         exc, replay = replay, None
                         raise exc  # attempt 1, already made (and noted) by ``_call``
-                    answer = await self._attempt(user_id, send, tries)
+                    try:
+                        answer = await self._attempt(user_id, send, tries)
+                    except _Transient as exc:
+                        last = exc
+                        raise
         except _Transient as exc:
             answer = Answer(
                 exc.status, f"gave up after {budget.failures + budget.rate_limited} attempts: {exc}"
             )
+        except _Halted:
+            # The next attempt never went out: the call ends on the last answer it had.
+            attempts = budget.failures + budget.rate_limited
+            answer = Answer(last.status, f"gave up after {attempts} attempts (circuit breaker open): {last}")
+        except GleapAuthError as exc:
+            # A verdict on the token, not on this call: an earlier attempt may still have been applied.
+            raise GleapAuthError(exc.status, maybe_applied=_sent(tries), tries=tuple(tries)) from None
         retries = budget.failures + budget.rate_limited - (0 if answer.ok or answer.permanent else 1)
-        # Sent at least once: some attempt may have reached Gleap (everything but a failed connect).
-        sent = any(t.outcome in ("unknown", "rate_limited") for t in tries)
+        sent = _sent(tries)
         return Answer(
             answer.status,
             answer.error,

@@ -52,7 +52,9 @@ class Outcome:
     permanent: bool = False  # Gleap rejected the call itself (400/404/422...), not a passing fault
     retries: int = 0
     rate_limited: int = 0
-    maybe_applied: bool = True  # no verdict, and the request may have reached Gleap
+    # Some request of the call got no verdict, and may have been applied. None: as the final
+    # answer says (no verdict, unless it is one).
+    maybe_applied: bool | None = None
     tries: tuple[Try, ...] = ()  # each request sent, for the call log
 
     @property
@@ -66,7 +68,7 @@ class Outcome:
             return "acknowledged"
         if self.permanent:
             return "rejected"
-        return "unknown" if self.maybe_applied else "not_sent"
+        return "unknown" if self.may_have_applied else "not_sent"
 
     def logged_tries(self, now: datetime) -> tuple[Try, ...]:
         # An outcome made without a client (a test, a replay) is logged as one request.
@@ -74,8 +76,16 @@ class Outcome:
 
     @property
     def unknown(self) -> bool:
-        """Gleap may or may not have applied this call."""
-        return not self.acknowledged and not self.permanent and self.maybe_applied
+        """Gleap may or may not have applied this call.
+
+        A verdict (a 4xx, a refused token) on a retry says nothing of the attempts before it:
+        one that got no answer, or a 5xx, may have been applied all the same.
+        """
+        return not self.acknowledged and self.may_have_applied
+
+    @property
+    def may_have_applied(self) -> bool:
+        return not self.permanent if self.maybe_applied is None else self.maybe_applied
 
 
 @dataclass(frozen=True)
@@ -102,11 +112,13 @@ def write_outcomes(
     """Store Gleap's answers in one transaction: acknowledged values, failures, the delivery log.
 
     - 2xx: the value sent is acknowledged, and the outcome is known again.
-    - A verdict (a 4xx but 408/429): the call was not applied, so the row's
-      unknown mark is what it was before; it counts towards ``max_attempts``,
-      and at the limit the change is parked.
+    - A verdict (a 4xx but 408/429): that request was not applied; it counts
+      towards ``max_attempts``, and at the limit the change is parked. The
+      row's unknown mark is what it was before, unless an earlier attempt of
+      the same call got no verdict: that one may have been applied.
     - No verdict (timeout, dropped answer, 5xx, retries used up): Gleap may
       have applied it, so the row stays marked unknown (and pending).
+    An unknown mark is only ever cleared by a 2xx.
     Every failure pushes the user's next attempt back (``backoff``).
     """
     acked: list[dict[str, Any]] = []

@@ -136,6 +136,22 @@ class EventSender:
             requests += sent
         return requests
 
+    async def _record_refused(
+        self, batch: list[DueEvent], exc: GleapAuthError, run_ids: Callable[[int], int], sends_before: int
+    ) -> None:
+        outcome = EventOutcome(
+            tuple(batch),
+            exc.status,
+            f"HTTP {exc.status}",
+            maybe_applied=True,
+            sends=sends_before + len(exc.tries),
+            sent_at=exc.tries[-1].at if exc.tries else None,
+            retries=max(len(exc.tries) - 1, 0),
+        )
+        await asyncio.to_thread(
+            self.outbox.record, outcome, run_ids, max_attempts=self.max_attempts, backoff=self.backoff
+        )
+
     async def _deliver(
         self,
         client: GleapClient,
@@ -156,7 +172,17 @@ class EventSender:
             batch = [event for event in batch if not stop and stream(event) not in failed]
         if not batch:
             return 0
-        answer = await client.track([event_body(event) for event in batch])
+        try:
+            answer = await client.track([event_body(event) for event in batch])
+        except GleapAuthError as exc:
+            if exc.maybe_applied:  # an earlier request may have been applied: recorded as unknown
+                await self._record_refused(batch, exc, run_ids, sends_before)
+                recorded.update(event.id for event in batch)
+            raise
+        if answer.halted:  # the breaker opened while it waited for the limiter: never sent
+            await asyncio.to_thread(self.outbox.restore_unknown, batch)
+            recorded.update(event.id for event in batch)
+            return 0
         if self.on_answer is not None:
             self.on_answer(answer, len(batch))
         sent = max(len(answer.tries), 1)

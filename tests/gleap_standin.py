@@ -94,6 +94,13 @@ def _text_reply(status: int, text: str, headers: dict[str, str] | None = None) -
     return _Reply(status, text.encode(), extra)
 
 
+def _ok_reply(status: int, payload: Any, headers: dict[str, str]) -> _Reply:
+    """A success: 200 unless a script asked for another 2xx (204 has no body)."""
+    if status == 204:
+        return _Reply(204, b"", dict(headers))
+    return _json_reply(status, payload, headers)
+
+
 def _reject_constant(name: str) -> Any:
     # JSON.parse on Gleap's side refuses NaN/Infinity; Python would accept them silently.
     raise ValueError(f"not JSON: {name}")
@@ -231,6 +238,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(reply.status)
         for name, value in reply.headers.items():
             self.send_header(name, value)
+        cookie = standin._set_cookie()
+        if cookie is not None:
+            self.send_header("Set-Cookie", cookie)
         self.send_header("Content-Length", str(len(reply.body)))
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -249,8 +259,9 @@ class GleapStandIn:
     with fault injection.
 
     Fault rules are consumed per kind in FIFO order, and only by identify requests
-    carrying a valid token. For one identify the order of evaluation is: drop_next,
-    fail_next, rate limit, body validation (400), fail_user, success. delay_next is
+    carrying a valid token. For one identify the order of evaluation is: script_next (which,
+    while it has steps, replaces drop_next, fail_next, lose_answer_next and the rate limit),
+    drop_next, fail_next, rate limit, body validation (400), fail_user, success. delay_next is
     orthogonal: it postpones whatever the answer turns out to be (a drop included).
     ``latency_seconds`` postpones every identify's answer the same way, as a distant
     Gleap would (the benchmark's "50 ms per answer").
@@ -283,6 +294,8 @@ class GleapStandIn:
         self._drop_rules: deque[list[Any]] = deque()
         self._lose_rules: deque[list[Any]] = deque()
         self._user_faults: dict[str, deque[_UserFault]] = {}
+        self._script: deque[int | str] = deque()  # script_next(): one step per identify or DELETE
+        self._cookie: str | None = None  # set_cookie(): a Set-Cookie header on every answer
         self._window: deque[float] = deque()
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
@@ -431,6 +444,18 @@ class GleapStandIn:
         with self._lock:
             self._lose_rules.append([count, True])
 
+    def script_next(self, *steps: int | str) -> None:
+        """The next identify, track or DELETE requests, one step each, in order, before any other rule:
+        ``"lose"`` applies it and drops the answer; ``0`` drops it unapplied; a 2xx applies it and
+        answers that status (204 with no body); any other status answers it, unapplied."""
+        with self._lock:
+            self._script.extend(steps)
+
+    def set_cookie(self, cookie: str | None) -> None:
+        """Every answer from now on carries ``Set-Cookie: <cookie>`` (None: no more)."""
+        with self._lock:
+            self._cookie = cookie
+
     def drop_next(self, count: int) -> None:
         with self._lock:
             self._drop_rules.append([count, True])
@@ -443,6 +468,7 @@ class GleapStandIn:
             self._drop_rules.clear()
             self._lose_rules.clear()
             self._user_faults.clear()
+            self._script.clear()
             self._bad_event_users.clear()
             self._track_fail_rules.clear()
             self._track_lose_rules.clear()
@@ -475,6 +501,22 @@ class GleapStandIn:
     def _connection_closed(self, conn: socket.socket) -> None:
         with self._lock:
             self._connections.discard(conn)
+
+    def _set_cookie(self) -> str | None:
+        with self._lock:
+            return self._cookie
+
+    def _scripted(self) -> tuple[bool, _Reply | None, bool, int]:
+        """The next script step, under the lock: (drop, failure, lose, success status)."""
+        step = self._script.popleft()
+        if step == "lose":
+            return False, None, True, 200
+        assert isinstance(step, int), step
+        if step == 0:
+            return True, None, False, 200
+        if 200 <= step < 300:
+            return False, None, False, step
+        return False, _text_reply(step, ""), False, 200
 
     def _arrived(self) -> int:
         with self._lock:
@@ -515,12 +557,19 @@ class GleapStandIn:
 
     def _delete_contact(self, user_id: str) -> _Reply:
         """DELETE a contact: 404 when unknown. Takes the same fault rules as identify (not hold())."""
+        ok = 200
+        failure: _Reply | None
+        limit_headers: dict[str, str]
         with self._lock:
             delay: float | None = _take(self._delay_rules)
-            drop = _take(self._drop_rules) is not None
-            failure: _Reply | None = None if drop else _take(self._fail_rules)
-            limit_headers, limited = ({}, False) if drop or failure else self._admit()
-            lose = not (drop or failure or limited) and _take(self._lose_rules) is not None
+            if self._script:
+                drop, failure, lose, ok = self._scripted()
+                limit_headers, limited = {}, False
+            else:
+                drop = _take(self._drop_rules) is not None
+                failure = None if drop else _take(self._fail_rules)
+                limit_headers, limited = ({}, False) if drop or failure else self._admit()
+                lose = not (drop or failure or limited) and _take(self._lose_rules) is not None
         if delay and self._stopping.wait(delay):
             return _Reply(0)
         if drop:
@@ -541,7 +590,7 @@ class GleapStandIn:
             return _Reply(0)  # deleted, but the answer never reaches the client
         if not known:
             return _json_reply(404, {"message": "Contact not found"}, limit_headers)
-        return _json_reply(200, {"userId": user_id, "deleted": True}, limit_headers)
+        return _ok_reply(ok, {"userId": user_id, "deleted": True}, limit_headers)
 
     def _identify(self, headers: dict[str, str], body: Any) -> _Reply:
         with self._held_changed:
@@ -555,12 +604,19 @@ class GleapStandIn:
             while not self._gate.wait(0.05):
                 if self._stopping.is_set():
                     return _Reply(0)
+        ok = 200
+        failure: _Reply | None
+        limit_headers: dict[str, str]
         with self._lock:
             delay: float | None = _take(self._delay_rules)
-            drop = _take(self._drop_rules) is not None
-            failure: _Reply | None = None if drop else _take(self._fail_rules)
-            limit_headers, limited = ({}, False) if drop or failure else self._admit()
-            lose = not (drop or failure or limited) and _take(self._lose_rules) is not None
+            if self._script:
+                drop, failure, lose, ok = self._scripted()
+                limit_headers, limited = {}, False
+            else:
+                drop = _take(self._drop_rules) is not None
+                failure = None if drop else _take(self._fail_rules)
+                limit_headers, limited = ({}, False) if drop or failure else self._admit()
+                lose = not (drop or failure or limited) and _take(self._lose_rules) is not None
 
         delay = (delay or 0.0) + self.latency_seconds
         if delay and self._stopping.wait(delay):
@@ -600,22 +656,27 @@ class GleapStandIn:
         self._contacts_changed()
         if lose:
             return _Reply(0)  # applied, but the answer never reaches the client
-        return _json_reply(200, {"userId": user_id, "ok": True}, limit_headers)
+        return _ok_reply(ok, {"userId": user_id, "ok": True}, limit_headers)
 
     def _track(self, headers: dict[str, str], body: Any) -> _Reply:
         """Events, with the same fault rules as identify (but not hold()), and their own
         (fail_track_next, lose_track_answer_next, reject_events_of): drop, fail, rate limit,
         validation, reject_events_of, then success (or a lost answer)."""
+        ok = 200
+        failure: _Reply | None
+        limit_headers: dict[str, str]
         with self._lock:
             delay: float | None = _take(self._delay_rules)
-            drop = _take(self._drop_rules) is not None
-            failure: _Reply | None = (
-                None if drop else _take(self._track_fail_rules) or _take(self._fail_rules)
-            )
-            limit_headers, limited = ({}, False) if drop or failure else self._admit()
-            lose = not (drop or failure or limited) and (
-                _take(self._track_lose_rules) is not None or _take(self._lose_rules) is not None
-            )
+            if self._script:
+                drop, failure, lose, ok = self._scripted()
+                limit_headers, limited = {}, False
+            else:
+                drop = _take(self._drop_rules) is not None
+                failure = None if drop else _take(self._track_fail_rules) or _take(self._fail_rules)
+                limit_headers, limited = ({}, False) if drop or failure else self._admit()
+                lose = not (drop or failure or limited) and (
+                    _take(self._track_lose_rules) is not None or _take(self._lose_rules) is not None
+                )
         if delay and self._stopping.wait(delay):
             return _Reply(0)
         if drop:
@@ -639,7 +700,7 @@ class GleapStandIn:
         self._contacts_changed()
         if lose:
             return _Reply(0)
-        return _json_reply(200, {"ok": True}, limit_headers)
+        return _ok_reply(ok, {"ok": True}, limit_headers)
 
     def _user_fault(self, user_id: str) -> _UserFault | None:
         faults = self._user_faults.get(user_id)

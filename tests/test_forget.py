@@ -281,6 +281,31 @@ def test_a_refused_token_stops_with_the_token_error(
     assert set(gleap.contacts) >= {"u1", "u2"}
 
 
+@pytest.mark.parametrize("verdict", [401, 422])
+def test_a_deletion_that_may_have_been_applied_is_unknown_whatever_its_retry_is_answered(
+    make_config: ConfigFactory,
+    source: SourceDB,
+    gleap: GleapStandIn,
+    store_url: str,
+    capsys: pytest.CaptureFixture[str],
+    verdict: int,
+) -> None:
+    """Gleap deletes the contact but the answer is lost; the retry is refused (a 401 on the token, a
+    4xx on the call). The contact may be gone: unknown, not "not attempted" or "refused"."""
+    source.set(["u1", "u2"])
+    config = make_config(gleap.base_url)
+    cycle(config)
+    before = rows_of(store_url, ["u1"])
+    gleap.script_next("lose", verdict)
+    status, out, err = run(config, capsys, "forget", "u1", "--in-gleap")
+    assert status == 1 and "not forgotten: u1 (unknown" in out, out + err
+    assert "u1" not in gleap.contacts  # it was deleted
+    assert rows_of(store_url, ["u1"]) == before  # kept until Gleap says so; a rerun gets its 404
+    status, out, err = run(config, capsys, "forget", "u1", "--in-gleap")
+    assert status == 0, out + err
+    assert rows_of(store_url, ["u1"]) == dict.fromkeys(table_names(), 0)
+
+
 def test_in_gleap_needs_a_token_and_delete_path_is_checked(
     make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,9 +9,11 @@ from datetime import UTC, datetime
 
 import pytest
 
+from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError
-from audiencesync.gleap import Answer, GleapClient, identify_body, parse_retry_after
+from audiencesync.gleap import Answer, GleapClient, identify_body
+from audiencesync.gleap_http import parse_retry_after
 from audiencesync.ratelimit import TokenBucket
 from tests.conftest import TOKEN
 from tests.gleap_standin import GleapStandIn
@@ -176,3 +178,86 @@ def test_the_stand_in_answers_no_sooner_than_its_latency() -> None:
     assert answer.ok
     assert elapsed >= 0.2
     assert slow.identify_calls == [{"vip": True, "userId": "u1"}]
+
+
+class _SleepLog(CircuitBreaker):
+    """A breaker whose backoff sleeps are noted and skipped (a unit seam: the HTTP stays real)."""
+
+    def __init__(self, threshold: int = 100) -> None:
+        super().__init__(threshold)
+        self.slept: list[float] = []
+        self.sleeping = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.sleeping.set()
+
+
+def _client(gleap: GleapStandIn, breaker: CircuitBreaker, limiter: TokenBucket | None = None) -> GleapClient:
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=1, max_retries=3)
+    return GleapClient(settings, Secret(TOKEN), breaker=breaker, limiter=limiter, backoff_initial=0.01)
+
+
+@pytest.mark.parametrize("status", [503, 500, 502])
+def test_retry_after_on_a_5xx_is_honoured(gleap: GleapStandIn, status: int) -> None:
+    """Only the 429 path pauses the shared limiter; a 5xx's Retry-After is the call's own wait."""
+    gleap.fail_next(1, status, retry_after="7")
+    gleap.fail_next(1, status, retry_after="Thu, 01 Jan 1970 00:00:00 GMT")  # in the past: no wait
+    breaker = _SleepLog()
+
+    async def go() -> Answer:
+        async with _client(gleap, breaker) as client:
+            return await client.identify("u1", {"vip": True})
+
+    answer = asyncio.run(go())
+    assert answer.ok and answer.retries == 2
+    assert breaker.slept == [7.0, 0.0]
+
+
+def test_a_retry_the_breaker_stopped_during_its_backoff_is_not_sent(gleap: GleapStandIn) -> None:
+    class Backoff(_SleepLog):
+        async def sleep(self, seconds: float) -> None:
+            await super().sleep(seconds)
+            await CircuitBreaker.sleep(self, 60)  # until the breaker opens
+
+    gleap.fail_next(1, 503)
+    breaker = Backoff(threshold=2)
+
+    async def go() -> Answer:
+        async with _client(gleap, breaker) as client:
+            call = asyncio.create_task(client.identify("u1", {"vip": True}))
+            await breaker.sleeping.wait()  # the 503 is in; the retry waits
+            breaker.failure("u2", "HTTP 503")  # another user's failure opens the breaker
+            return await call
+
+    answer = asyncio.run(go())
+    assert breaker.is_open and [r.status for r in gleap.requests] == [503]
+    # The call ends on its last answer: a 5xx, which may have been applied.
+    assert answer.status == 503 and answer.maybe_applied and not answer.halted
+
+
+def test_a_call_waiting_on_the_limiter_when_the_breaker_opens_is_not_sent(gleap: GleapStandIn) -> None:
+    class Gate(TokenBucket):
+        def __init__(self) -> None:
+            super().__init__(600_000)
+            self.waiting = asyncio.Event()
+            self.open = asyncio.Event()
+
+        async def acquire(self) -> None:
+            self.waiting.set()
+            await self.open.wait()
+
+    breaker = CircuitBreaker(1, min_users=1)
+    gate = Gate()
+
+    async def go() -> Answer:
+        async with _client(gleap, breaker, gate) as client:
+            call = asyncio.create_task(client.identify("u1", {"vip": True}))
+            await gate.waiting.wait()
+            breaker.failure("u2", "HTTP 503")  # Gleap is down for everyone meanwhile
+            gate.open.set()
+            return await call
+
+    answer = asyncio.run(go())
+    assert gleap.requests == []
+    assert answer.halted and not answer.maybe_applied and answer.tries == ()

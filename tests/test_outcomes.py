@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config
-from audiencesync.gleap import retryable
+from audiencesync.gleap_http import retryable
 from audiencesync.schema import memberships
 from audiencesync.store import Store
 from audiencesync.sync import CycleReport, Syncer
