@@ -129,7 +129,12 @@ class Deliverer:
                     failpoints.reach("before-record")
                     ids = {c.audience_id: run_ids(c.audience_id) for o in batch for c in o.changes}
                     await asyncio.to_thread(
-                        self.store.record, batch, ids, max_attempts=self.max_attempts, backoff=self.backoff
+                        self.store.record,
+                        batch,
+                        ids,
+                        max_attempts=self.max_attempts,
+                        backoff=self.backoff,
+                        keys=keys,  # what the calls carried: a row renamed meanwhile is not acknowledged
                     )
                     progress.sent(len(batch))
                     if self.observe is not None:

@@ -33,6 +33,7 @@ from audiencesync.forget_requests import ForgetDesk
 from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
+from audiencesync.pass_gate import PassGate
 from audiencesync.store import Outcome, Store
 from audiencesync.sync import Run, Syncer
 
@@ -67,6 +68,7 @@ class DeliveryLoop:
     _died: str | None
     _close: Callable[[Run], None]
     forgets: ForgetDesk
+    gate: PassGate
 
     def _deliver_forever(self) -> None:
         try:
@@ -84,15 +86,18 @@ class DeliveryLoop:
             self.wake.clear()
             calls = 0
             try:
-                # Between passes: no call is in flight, so no answer can bring a forgotten user back.
-                self.forgets.carry_out_waiting()
-                self._close_inactive()
-                self._open_delivery_runs()
-                with self._lock:
-                    runs = dict(self._open)
-                if runs:
-                    calls = self._drain(runs)
-                    self._close_drained(runs)
+                # No rename runs meanwhile (pass_gate.py): every answer of the pass is recorded
+                # under the key its call carried, before any row can change its key.
+                with self.gate.passing():
+                    # Between passes: no call is in flight, so no answer can bring a forgotten user back.
+                    self.forgets.carry_out_waiting()
+                    self._close_inactive()
+                    self._open_delivery_runs()
+                    with self._lock:
+                        runs = dict(self._open)
+                    if runs:
+                        calls = self._drain(runs)
+                        self._close_drained(runs)
                 if not calls and not self._due():
                     self.progress.nothing_due()
             except GleapUnavailableError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -71,9 +72,12 @@ class Syncer:
         backoff_initial: float = 0.5,
         page_size: int = 100,
         alerts: Alerts | None = None,
+        renaming: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
     ) -> None:
         self.config = config
         self.store = store
+        # Held around each rename: the daemon's waits for its delivery pass (pass_gate.py).
+        self.renaming = renaming
         self.sources = sources or Sources(config.sources)
         self.alerts = alerts or Alerts([], None)
         self.transport = transport
@@ -333,9 +337,10 @@ class Syncer:
         """Apply the property's ``previous_keys`` (renames.py), before anything reads its row."""
         if not config.previous_keys:
             return RenameReport(key=config.key)
-        return Renames(self.store.engine, clock=self.store.clock, fence=self.store.fence).apply(
-            config.key, config.previous_keys, kind=config.kind
-        )
+        with self.renaming():
+            return Renames(self.store.engine, clock=self.store.clock, fence=self.store.fence).apply(
+                config.key, config.previous_keys, kind=config.kind
+            )
 
 
 def delivery_runs(runs: Sequence[Run]) -> dict[int, int]:
