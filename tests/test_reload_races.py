@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+import sqlalchemy as sa
+
 from audiencesync import store as store_mod
 from audiencesync.config import Config
 from audiencesync.renames import Renames
+from audiencesync.schema import audiences
 from audiencesync.store import Store
 from audiencesync.sync import Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for
-from tests.test_renames import NEW, OLD, rename_and_deliver, rows
+from tests.test_renames import NEW, OLD, cycle, rename_and_deliver, rows
 
 __all__ = ["daemons"]  # the daemon tests' fixture, used here too
 
@@ -99,3 +104,42 @@ def test_answers_landing_after_a_rename_are_recorded_under_the_key_their_call_ca
     rename_and_deliver(new_config)
     assert keys_held(gleap, "seg_old", "seg_new") == dict.fromkeys(users, (False, True))
     assert rows(new_config, "seg_old") == {}
+
+
+def test_a_rename_beside_another_write_waits_for_the_lock_on_sqlite(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str
+) -> None:
+    """B: a rename's transaction takes SQLite's write lock up front. Deferred, it failed at once
+    with "database is locked" when another connection (the daemon's delivery) committed a write
+    between its first read and its first write, and the refresh behind it was skipped."""
+    if not store_url.startswith("sqlite"):
+        pytest.skip("SQLite's deferred transactions")
+    source.set(["u1", "u2"])
+    cycle(make_config(gleap.base_url, audiences=OLD))
+    config = make_config(gleap.base_url, audiences=NEW)
+    other: list[str] = []
+
+    def another_write_meanwhile(conn: sa.Connection) -> None:
+        """The rename has begun (the fence is its first read): another connection writes now if it
+        can. Under BEGIN IMMEDIATE it can't (the rename holds the lock), which is the point."""
+        conn.execute(sa.select(sa.func.count()).select_from(audiences))  # as the lease's check reads
+        writer = sqlite3.connect(store_url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")  # as set_next_run, say
+            writer.execute("UPDATE audiences SET next_run_at = '2030-01-01 00:00:00.000000+00:00'")
+            writer.execute("COMMIT")
+            other.append("wrote")
+        except sqlite3.OperationalError as exc:
+            other.append(str(exc))
+        finally:
+            writer.close()
+
+    engine = store_mod.engine_for(config.store)
+    try:
+        report = Renames(engine, fence=another_write_meanwhile).apply("seg_new", ["seg_old"])
+    finally:
+        engine.dispose()
+    assert report.renamed_from == "seg_old"
+    assert other == ["database is locked"]  # it waited for the rename instead
+    rename_and_deliver(config)
+    assert keys_held(gleap, "seg_old", "seg_new") == {"u1": (False, True), "u2": (False, True)}
