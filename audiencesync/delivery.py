@@ -80,6 +80,8 @@ class Deliverer:
             max_attempts=max_attempts,
             backoff=(self.backoff.seconds, self.backoff.max_seconds),
         )
+        # Called before each request to Gleap; raises to stop the pass (the daemon's lease check).
+        self.before_send: Callable[[], None] | None = None
         self.field_order = field_order  # the configured audiences' keys, first wins a field
         self.conflicts: Counter[str] = Counter()  # fields sent with another audience's value, by loser
 
@@ -194,6 +196,7 @@ class Deliverer:
             breaker=self.breaker,
             backoff_initial=self.backoff_initial,
             now=self.store.clock,  # the call log's times, on the same clock as the rest of the store
+            before_send=self.before_send,
         )
         plan = plan_calls(
             self.store,

@@ -10,6 +10,7 @@ refused token waits for a reload.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import uuid
@@ -45,6 +46,9 @@ IDLE_SECONDS = 5.0
 # After Gleap refused the token, wait this long before trying again (a rotated token
 # can be fixed with a SIGHUP reload meanwhile).
 AUTH_BACKOFF_SECONDS = 300.0
+# No call to Gleap starts within this long of the lease's expiry unrenewed (or a tenth of
+# lease_seconds, when less).
+SEND_MARGIN_SECONDS = 5.0
 
 
 class DeliveryLoop:
@@ -71,18 +75,22 @@ class DeliveryLoop:
     gate: PassGate
 
     def _deliver_forever(self) -> None:
+        # This thread works for the active period (the lease's term) that started it, and ends
+        # with it: left over (stuck in a store write past the shutdown's grace), it can neither
+        # write beside the next period's delivery thread nor send its calls (lease.bind).
+        term = self.lease.bind()
         try:
-            self._delivery_loop()
+            self._delivery_loop(self.halt, term)
         except BaseException as exc:
             # Nothing should get here; if it does, /healthz must say so.
             self._died = f"the delivery loop died: {brief(exc)}"
             log.exception("the delivery loop died")
             raise
 
-    def _delivery_loop(self) -> None:
+    def _delivery_loop(self, halt: threading.Event, term: str) -> None:
         errors = Backoff(*self.error_backoff)
         probes = Backoff(*self.breaker_backoff)
-        while not self.halt.is_set() and not self.lease.lost.is_set():
+        while not halt.is_set() and not self.lease.lost.is_set() and self.lease.current(term):
             self.wake.clear()
             calls = 0
             try:
@@ -96,7 +104,7 @@ class DeliveryLoop:
                     with self._lock:
                         runs = dict(self._open)
                     if runs:
-                        calls = self._drain(runs)
+                        calls = self._drain(runs, halt, term)
                         self._close_drained(runs)
                 if not calls and not self._due():
                     self.progress.nothing_due()
@@ -108,7 +116,7 @@ class DeliveryLoop:
                     log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
                 self.metrics.breaker_open.set(1)
                 self.alerts.gleap(str(exc))
-                self.halt.wait(delay)
+                halt.wait(delay)
                 continue
             except GleapAuthError as exc:
                 log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
@@ -117,8 +125,9 @@ class DeliveryLoop:
                 self.wake.wait(AUTH_BACKOFF_SECONDS)
                 continue
             except LeaseLostError:
-                self.lease.lost.set()
-                self.halt.set()
+                if self.lease.current(term):  # else a later period runs: not this thread's to end
+                    self.lease.lost.set()
+                    halt.set()
                 return
             except Exception as exc:
                 delay = errors.next()
@@ -128,7 +137,7 @@ class DeliveryLoop:
                     delay,
                     exc_info=errors.failures == 1,
                 )
-                self.halt.wait(delay)
+                halt.wait(delay)
                 continue
             if errors.reset():
                 log.info("delivery: the store answers again")
@@ -177,8 +186,13 @@ class DeliveryLoop:
                     continue
             self._close(late)
 
-    def _drain(self, runs: dict[int, Run]) -> int:
+    def _drain(self, runs: dict[int, Run], halt: threading.Event, term: str) -> int:
         deliverer = self.syncer.deliverer()
+        # No request goes out unless the lease is surely still held: a daemon that stalled past
+        # its expiry must not call Gleap beside its successor (its answers already can't be
+        # recorded: the fence). The margin leaves a request time to reach Gleap before expiry.
+        margin = min(SEND_MARGIN_SECONDS, self.lease.ttl.total_seconds() / 10)
+        deliverer.before_send = functools.partial(self.lease.require, term, margin)
         deliverer.observe = self._observe
         deliverer.events.on_acknowledged = self.progress.acknowledged
         deliverer.events.on_answer = self.metrics.track
@@ -202,7 +216,7 @@ class DeliveryLoop:
                     [*runs, *owners],
                     keys,
                     run_id,
-                    stop=self.halt,
+                    stop=halt,
                     grace_seconds=self.config.schedule.shutdown_grace_seconds,
                     new_work=self.wake,
                 )

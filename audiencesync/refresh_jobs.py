@@ -95,6 +95,9 @@ class RefreshJobs:
         """
         if self.halt.is_set():
             return None
+        # The scheduler's threads are the active period's: a refresh still running after the
+        # next period began fails the fence rather than write beside it.
+        self.lease.bind()
         try:
             audience = self.config.audience(key)
         except ConfigError:

@@ -282,7 +282,10 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
             self.stop.wait(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def _serve(self) -> None:
-        self.halt.clear()
+        # A new event, not the last one cleared: threads the last period left behind keep theirs, set.
+        self.halt = threading.Event()
+        if self.stop.is_set():
+            self.halt.set()
         # Not the last period's: a delivery thread it left behind must not hold renames up.
         self.gate = PassGate(self.wake)
         self.syncer.sources.resume()

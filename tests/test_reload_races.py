@@ -9,11 +9,13 @@ in-process ones where a seam is needed; the loopback stand-in for Gleap, on both
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sqlite3
 import threading
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -21,6 +23,8 @@ import sqlalchemy as sa
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config
+from audiencesync.errors import LeaseLostError
+from audiencesync.lease import WriterLease
 from audiencesync.renames import Renames
 from audiencesync.schema import audiences
 from audiencesync.store import Store
@@ -143,3 +147,95 @@ def test_a_rename_beside_another_write_waits_for_the_lock_on_sqlite(
     assert other == ["database is locked"]  # it waited for the rename instead
     rename_and_deliver(config)
     assert keys_held(gleap, "seg_old", "seg_new") == {"u1": (False, True), "u2": (False, True)}
+
+
+def test_a_thread_left_from_an_earlier_active_period_fails_the_fence(store_url: str) -> None:
+    """B: a daemon that takes the lease again does so under a fresh holder token, and a thread of
+    its earlier active period (bound to it, as the delivery thread is) can no longer write."""
+    engine = store_mod.create_engine(store_url, create=True)
+    store_mod.upgrade(engine)
+    lease = WriterLease(engine, store_mod.utc_now, ttl_seconds=30, role="daemon")
+    store = Store(engine, fence=lease.check)
+    bound, go = threading.Event(), threading.Event()
+    wrote: list[object] = []
+
+    def left_over() -> None:
+        lease.bind()  # as the delivery thread does when its period starts
+        bound.set()
+        go.wait(30)
+        try:
+            store.ensure_audience("late", "Late")
+            wrote.append("wrote")
+        except LeaseLostError as exc:
+            wrote.append(exc)
+
+    try:
+        assert lease.try_acquire() is None
+        first = lease.holder
+        # The period ends without releasing the lease (as when a refresh still runs) and leaves a thread.
+        with lease.kept(release=lambda: False):
+            thread = threading.Thread(target=left_over, daemon=True)
+            thread.start()
+            assert bound.wait(30)
+        assert lease.try_acquire() is None  # the next period: its own claim, taken again at once
+        assert lease.holder != first
+        with lease.kept():
+            go.set()
+            thread.join(timeout=30)
+            assert len(wrote) == 1 and isinstance(wrote[0], LeaseLostError)
+            assert not lease.lost.is_set()  # the current period goes on...
+            store.ensure_audience("now", "Now")  # ...and writes
+    finally:
+        go.set()
+        engine.dispose()
+
+
+def test_a_holder_stalled_past_its_lease_sends_no_more_calls_and_records_no_answer(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    """B: a holder that stalls past its lease while calls are in flight: its successor takes over;
+    the stalled holder's late answers are not recorded (the fence), and it starts no further call
+    (the daemon's check before each request, lease.require). The calls in flight when it stalled
+    can still land after the successor's: the README's residual risk."""
+    users = [f"u{i:02d}" for i in range(12)]
+    source.set(users)
+    config = make_config(gleap.base_url, timeout_seconds=120)  # max_concurrency = 4
+    engine = store_mod.engine_for(config.store)
+    clock = [store_mod.utc_now()]
+    lease = WriterLease(engine, lambda: clock[0], ttl_seconds=30)
+    assert lease.try_acquire() is None
+    syncer = Syncer(config, Store(engine, clock=lambda: clock[0], fence=lease.check), backoff_initial=0.01)
+    failed: list[BaseException] = []
+    try:
+        (audience,) = config.properties
+        run = syncer.refresh(audience, str(uuid.uuid4()))
+        deliverer = syncer.deliverer()
+
+        def deliver() -> None:
+            term = lease.bind()
+            deliverer.before_send = functools.partial(lease.require, term, 3.0)
+            try:
+                asyncio.run(
+                    deliverer.drain([run.audience.id], {run.audience.id: "segment_a"}, lambda _: run.run_id)
+                )
+            except BaseException as exc:
+                failed.append(exc)
+
+        gleap.hold()
+        passing = threading.Thread(target=deliver, daemon=True)
+        passing.start()
+        assert gleap.wait_held(4), "the pass's calls never went out"
+        clock[0] += timedelta(seconds=31)  # the holder stalls past its lease...
+        successor = WriterLease(engine, lambda: clock[0], ttl_seconds=30)
+        assert successor.try_acquire() is None  # ...and another process takes over
+        gleap.release()
+        passing.join(timeout=60)
+        assert not passing.is_alive()
+    finally:
+        gleap.release()
+        syncer.sources.dispose()
+        engine.dispose()
+    assert len(failed) == 1 and isinstance(failed[0], LeaseLostError)
+    assert len(gleap.identify_calls) == 4  # only those in flight when it stalled
+    acked = {u: a for u, (_, a) in rows(config, "segment_a").items() if a is not None}
+    assert acked == {}  # and none of their answers recorded: they stay owed, marked unknown
