@@ -46,9 +46,6 @@ IDLE_SECONDS = 5.0
 # After Gleap refused the token, wait this long before trying again (a rotated token
 # can be fixed with a SIGHUP reload meanwhile).
 AUTH_BACKOFF_SECONDS = 300.0
-# No call to Gleap starts within this long of the lease's expiry unrenewed (or a tenth of
-# lease_seconds, when less).
-SEND_MARGIN_SECONDS = 5.0
 
 
 class DeliveryLoop:
@@ -191,8 +188,7 @@ class DeliveryLoop:
         # No request goes out unless the lease is surely still held: a daemon that stalled past
         # its expiry must not call Gleap beside its successor (its answers already can't be
         # recorded: the fence). The margin leaves a request time to reach Gleap before expiry.
-        margin = min(SEND_MARGIN_SECONDS, self.lease.ttl.total_seconds() / 10)
-        deliverer.before_send = functools.partial(self.lease.require, term, margin)
+        deliverer.before_send = functools.partial(self.lease.require, term)
         deliverer.observe = self._observe
         deliverer.events.on_acknowledged = self.progress.acknowledged
         deliverer.events.on_answer = self.metrics.track

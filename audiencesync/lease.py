@@ -41,6 +41,7 @@ from audiencesync.schema import UtcDateTime, leases, write_connection
 log = logging.getLogger(__name__)
 
 WRITER = "writer"
+SEND_MARGIN_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,15 @@ class WriterLease:
         self._bound.set(self.holder)
         return self.holder
 
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[str]:
+        """``bind`` for the block only (a worker thread that outlives the term's work)."""
+        token = self._bound.set(self.holder)
+        try:
+            yield self.holder
+        finally:
+            self._bound.reset(token)
+
     def current(self, term: str) -> bool:
         """``term`` is this process's current one."""
         return term == self.holder and self._in_term
@@ -217,9 +227,16 @@ class WriterLease:
             and self.clock() + timedelta(seconds=margin) < until
         )
 
-    def require(self, term: str, margin: float) -> None:
-        """Raise unless ``term``'s lease is surely held for ``margin`` seconds more (``sure``)."""
-        if not self.sure(term, margin):
+    @property
+    def send_margin(self) -> float:
+        """How long before its expiry, unrenewed, the lease stops being sure enough to call
+        Gleap: 5 s, or a tenth of the TTL when less; a request then has time to reach Gleap."""
+        return min(SEND_MARGIN_SECONDS, self.ttl.total_seconds() / 10)
+
+    def require(self, term: str, margin: float | None = None) -> None:
+        """Raise unless ``term``'s lease is surely held for ``margin`` (``send_margin``)
+        seconds more (``sure``): called before each request to Gleap."""
+        if not self.sure(term, self.send_margin if margin is None else margin):
             raise LeaseLostError(
                 "the store's lease is not surely held any more (lost, or about to expire "
                 "unrenewed): no more calls to Gleap from this term."

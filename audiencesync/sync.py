@@ -78,6 +78,8 @@ class Syncer:
         self.store = store
         # Held around each rename: the daemon's waits for its delivery pass (pass_gate.py).
         self.renaming = renaming
+        # Before each request to Gleap: raises when the lease is not surely held (lease.require).
+        self.before_send: Callable[[], None] | None = None
         self.sources = sources or Sources(config.sources)
         self.alerts = alerts or Alerts([], None)
         self.transport = transport
@@ -93,7 +95,7 @@ class Syncer:
         token = self.config.gleap.api_token
         if token is None:
             raise MissingTokenError()
-        return Deliverer(
+        deliverer = Deliverer(
             store or self.store,
             self.config.gleap,
             token,
@@ -106,6 +108,8 @@ class Syncer:
             page_size=self.page_size,
             field_order=[a.key for a in self.config.audiences],
         )
+        deliverer.before_send = self.before_send
+        return deliverer
 
     def run_cycle(
         self,

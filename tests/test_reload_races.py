@@ -213,7 +213,7 @@ def test_a_holder_stalled_past_its_lease_sends_no_more_calls_and_records_no_answ
 
         def deliver() -> None:
             term = lease.bind()
-            deliverer.before_send = functools.partial(lease.require, term, 3.0)
+            deliverer.before_send = functools.partial(lease.require, term)
             try:
                 asyncio.run(
                     deliverer.drain([run.audience.id], {run.audience.id: "segment_a"}, lambda _: run.run_id)
