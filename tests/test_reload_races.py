@@ -25,6 +25,7 @@ from audiencesync import store as store_mod
 from audiencesync.config import Config
 from audiencesync.errors import LeaseLostError
 from audiencesync.lease import WriterLease
+from audiencesync.pass_gate import PassGate
 from audiencesync.renames import Renames
 from audiencesync.schema import audiences
 from audiencesync.store import Store
@@ -239,3 +240,40 @@ def test_a_holder_stalled_past_its_lease_sends_no_more_calls_and_records_no_answ
     assert len(gleap.identify_calls) == 4  # only those in flight when it stalled
     acked = {u: a for u, (_, a) in rows(config, "segment_a").items() if a is not None}
     assert acked == {}  # and none of their answers recorded: they stay owed, marked unknown
+
+
+def test_the_pass_gate_lets_a_rename_in_between_two_passes_only() -> None:
+    """pass_gate: a rename waits for the pass under way (and asks it to end early), goes before the
+    next pass, and the delivery thread may rename between its own passes without waiting."""
+    wake = threading.Event()
+    gate = PassGate(wake)
+    in_pass, end_pass, renamed = threading.Event(), threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def delivery() -> None:
+        with gate.passing():
+            with gate.exclusive():  # its own rename, between two of its calls: no wait
+                order.append("own rename")
+            in_pass.set()
+            assert end_pass.wait(30)
+            order.append("pass 1 ends")
+        assert renamed.wait(30)
+        with gate.passing():
+            order.append("pass 2")
+
+    def rename() -> None:
+        with gate.exclusive():
+            order.append("rename")
+        renamed.set()
+
+    thread = threading.Thread(target=delivery, daemon=True)
+    thread.start()
+    assert in_pass.wait(30)
+    renaming = threading.Thread(target=rename, daemon=True)
+    renaming.start()
+    assert wake.wait(30)  # the pass is asked to end early
+    assert "rename" not in order  # ...and the rename waits for it
+    end_pass.set()
+    renaming.join(timeout=30)
+    thread.join(timeout=30)
+    assert order == ["own rename", "pass 1 ends", "rename", "pass 2"]
