@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -96,7 +97,9 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
                 return _ask_daemon(args, config, engine, daemon)
             with interrupt, lease.held(args.wait or 0.0):
                 fenced = store.Store(engine, fence=lease.check)
-                report = interrupt.run(lambda: _run_cycle(args, config, fenced, interrupt, alerts))
+                # As the daemon: stalled past its lease, it sends Gleap nothing more.
+                sure = functools.partial(lease.require, lease.holder)
+                report = interrupt.run(lambda: _run_cycle(args, config, fenced, interrupt, alerts, sure))
     finally:
         alerts.close()  # a short, bounded grace for the cycle's alerts
         engine.dispose()
@@ -236,9 +239,15 @@ def _ask_daemon(args: argparse.Namespace, config: Config, engine: Any, daemon: d
 
 
 def _run_cycle(
-    args: argparse.Namespace, config: Config, target: store.Store, interrupt: Interrupt, alerts: Alerts
+    args: argparse.Namespace,
+    config: Config,
+    target: store.Store,
+    interrupt: Interrupt,
+    alerts: Alerts,
+    before_send: Callable[[], None] | None = None,
 ) -> CycleReport:
     syncer = Syncer(config, target, sources=interrupt.sources, alerts=alerts)
+    syncer.before_send = before_send
     try:
         return syncer.run_cycle(
             args.audiences,

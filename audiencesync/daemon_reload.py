@@ -70,7 +70,11 @@ class ConfigReload(RefreshJobs):
                     self.store.set_next_run(key, None)
             for key, audience in fresh.items():
                 before = old.get(key)
-                if before is None:
+                if before is None and audience.previous_keys:
+                    # A rename: its refresh job applies it, once the delivery pass under way has
+                    # recorded its answers (pass_gate.py). Not here: this thread pings the watchdog.
+                    self._schedule(audience, start_now=True)
+                elif before is None:
                     self._schedule(audience, start_now=self._due_now(audience))
                 elif (before.interval, before.jitter) != (audience.interval, audience.jitter):
                     self._schedule(audience, start_now=False)

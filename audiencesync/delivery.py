@@ -80,6 +80,8 @@ class Deliverer:
             max_attempts=max_attempts,
             backoff=(self.backoff.seconds, self.backoff.max_seconds),
         )
+        # Called before each request to Gleap; raises to stop the pass (the daemon's lease check).
+        self.before_send: Callable[[], None] | None = None
         self.field_order = field_order  # the configured audiences' keys, first wins a field
         self.conflicts: Counter[str] = Counter()  # fields sent with another audience's value, by loser
 
@@ -129,7 +131,12 @@ class Deliverer:
                     failpoints.reach("before-record")
                     ids = {c.audience_id: run_ids(c.audience_id) for o in batch for c in o.changes}
                     await asyncio.to_thread(
-                        self.store.record, batch, ids, max_attempts=self.max_attempts, backoff=self.backoff
+                        self.store.record,
+                        batch,
+                        ids,
+                        max_attempts=self.max_attempts,
+                        backoff=self.backoff,
+                        keys=keys,  # what the calls carried: a row renamed meanwhile is not acknowledged
                     )
                     progress.sent(len(batch))
                     if self.observe is not None:
@@ -208,6 +215,7 @@ class Deliverer:
             breaker=self.breaker,
             backoff_initial=self.backoff_initial,
             now=self.store.clock,  # the call log's times, on the same clock as the rest of the store
+            before_send=self.before_send,
         )
         plan = plan_calls(
             self.store,

@@ -10,6 +10,7 @@ refused token waits for a reload.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import uuid
@@ -33,6 +34,7 @@ from audiencesync.forget_requests import ForgetDesk
 from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
+from audiencesync.pass_gate import PassGate
 from audiencesync.store import Outcome, Store
 from audiencesync.sync import Run, Syncer
 
@@ -67,32 +69,40 @@ class DeliveryLoop:
     _died: str | None
     _close: Callable[[Run], None]
     forgets: ForgetDesk
+    gate: PassGate
 
     def _deliver_forever(self) -> None:
+        # This thread works for the active period (the lease's term) that started it, and ends
+        # with it: left over (stuck in a store write past the shutdown's grace), it can neither
+        # write beside the next period's delivery thread nor send its calls (lease.bind).
+        term = self.lease.bind()
         try:
-            self._delivery_loop()
+            self._delivery_loop(self.halt, term)
         except BaseException as exc:
             # Nothing should get here; if it does, /healthz must say so.
             self._died = f"the delivery loop died: {brief(exc)}"
             log.exception("the delivery loop died")
             raise
 
-    def _delivery_loop(self) -> None:
+    def _delivery_loop(self, halt: threading.Event, term: str) -> None:
         errors = Backoff(*self.error_backoff)
         probes = Backoff(*self.breaker_backoff)
-        while not self.halt.is_set() and not self.lease.lost.is_set():
+        while not halt.is_set() and not self.lease.lost.is_set() and self.lease.current(term):
             self.wake.clear()
             calls = 0
             try:
-                # Between passes: no call is in flight, so no answer can bring a forgotten user back.
-                self.forgets.carry_out_waiting()
-                self._close_inactive()
-                self._open_delivery_runs()
-                with self._lock:
-                    runs = dict(self._open)
-                if runs:
-                    calls = self._drain(runs)
-                    self._close_drained(runs)
+                # No rename runs meanwhile (pass_gate.py): every answer of the pass is recorded
+                # under the key its call carried, before any row can change its key.
+                with self.gate.passing():
+                    # Between passes: no call is in flight, so no answer can bring a forgotten user back.
+                    self.forgets.carry_out_waiting()
+                    self._close_inactive()
+                    self._open_delivery_runs()
+                    with self._lock:
+                        runs = dict(self._open)
+                    if runs:
+                        calls = self._drain(runs, halt, term)
+                        self._close_drained(runs)
                 if not calls and not self._due():
                     self.progress.nothing_due()
             except GleapUnavailableError as exc:
@@ -103,7 +113,7 @@ class DeliveryLoop:
                     log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
                 self.metrics.breaker_open.set(1)
                 self.alerts.gleap(str(exc))
-                self.halt.wait(delay)
+                halt.wait(delay)
                 continue
             except GleapAuthError as exc:
                 log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
@@ -112,8 +122,9 @@ class DeliveryLoop:
                 self.wake.wait(AUTH_BACKOFF_SECONDS)
                 continue
             except LeaseLostError:
-                self.lease.lost.set()
-                self.halt.set()
+                if self.lease.current(term):  # else a later period runs: not this thread's to end
+                    self.lease.lost.set()
+                    halt.set()
                 return
             except Exception as exc:
                 delay = errors.next()
@@ -123,7 +134,7 @@ class DeliveryLoop:
                     delay,
                     exc_info=errors.failures == 1,
                 )
-                self.halt.wait(delay)
+                halt.wait(delay)
                 continue
             if errors.reset():
                 log.info("delivery: the store answers again")
@@ -172,8 +183,12 @@ class DeliveryLoop:
                     continue
             self._close(late)
 
-    def _drain(self, runs: dict[int, Run]) -> int:
+    def _drain(self, runs: dict[int, Run], halt: threading.Event, term: str) -> int:
         deliverer = self.syncer.deliverer()
+        # No request goes out unless the lease is surely still held: a daemon that stalled past
+        # its expiry must not call Gleap beside its successor (its answers already can't be
+        # recorded: the fence). The margin leaves a request time to reach Gleap before expiry.
+        deliverer.before_send = functools.partial(self.lease.require, term)
         deliverer.observe = self._observe
         deliverer.events.on_acknowledged = self.progress.acknowledged
         deliverer.events.on_answer = self.metrics.track
@@ -197,7 +212,7 @@ class DeliveryLoop:
                     [*runs, *owners],
                     keys,
                     run_id,
-                    stop=self.halt,
+                    stop=halt,
                     grace_seconds=self.config.schedule.shutdown_grace_seconds,
                     new_work=self.wake,
                 )

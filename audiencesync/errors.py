@@ -98,9 +98,10 @@ class StoreBusyError(StoreError):
 class LeaseLostError(StoreError):
     """This process no longer holds the writer lease, so it must not write."""
 
-    def __init__(self) -> None:
+    def __init__(self, message: str | None = None) -> None:
         super().__init__(
-            "this process lost the store's writer lease (it stalled past the lease's expiry and "
+            message
+            or "this process lost the store's writer lease (it stalled past the lease's expiry and "
             "another process took over). Nothing more was written; the next run carries on. "
             "Fix: check for long pauses (swap, suspended VM) or a clock jump on this host."
         )

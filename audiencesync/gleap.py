@@ -170,8 +170,10 @@ class GleapClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        before_send: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        self.before_send = before_send  # raises when no request may go out (the lease's check)
         self._now = now
         self._token = token
         self._transport = transport
@@ -273,6 +275,8 @@ class GleapClient:
         # stops this request too, not only those that start after it.
         if self.breaker.is_open:
             raise _Halted()
+        if self.before_send is not None:
+            self.before_send()  # after the limiter's wait, which may be long
         # Timed from when the request may go out, not from the wait for the limiter.
         at, started = self._now(), time.monotonic()
         try:

@@ -8,11 +8,20 @@ that stalled past its expiry can't write over its successor's work.
 
 Expiry is judged by the clocks of the hosts that run audiencesync: keep them
 in sync (NTP) when several hosts share one store.
+
+Each time a process takes the lease (a *term*: from an acquisition to the end of
+``kept``) it writes a fresh holder token. A thread that belongs to one term (the
+daemon's delivery thread, its refresh jobs) binds to it (``bind``): once the
+process has taken the lease again, such a thread left over from an earlier term
+fails the fence, as another process would, instead of writing beside the new
+term's threads. And a bound thread may send to Gleap only while the term's lease
+is surely held (``sure``): a holder that stalled past its expiry stops calling.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -32,6 +41,7 @@ from audiencesync.schema import UtcDateTime, leases, write_connection
 log = logging.getLogger(__name__)
 
 WRITER = "writer"
+SEND_MARGIN_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -94,16 +104,31 @@ class WriterLease:
         self.instance = instance if instance is not None else instance_id()
         # What the heartbeat writes into the row for `status` in other processes.
         self.health: Callable[[], tuple[str, datetime | None]] | None = None
-        self.holder = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
+        self.holder = self._new_token()
+        self._in_term = False  # between an acquisition and the end of ``kept``
+        self.valid_until: datetime | None = None  # as last written by this process, on its clock
+        # The term a thread works for (``bind``); unbound threads act for the current one.
+        self._bound: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+            f"lease-{id(self)}", default=None
+        )
         self._stop = threading.Event()
         self.lost = threading.Event()
         # Set by the try_acquire that took the lease from another holder ("host pid N, why").
         self.took_over: str | None = None
 
+    def _new_token(self) -> str:
+        return f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
+
     def try_acquire(self) -> Holder | None:
-        """Take the lease if it is free, expired or already ours; else return who holds it."""
+        """Take the lease if it is free, expired or already ours; else return who holds it.
+
+        Outside a term, under a fresh holder token (a new term): a claim of this process's
+        previous term is taken over at once, and that term's threads then fail the fence."""
         now = self.clock()
         self.took_over = None
+        previous = self.holder
+        if not self._in_term:
+            self.holder = self._new_token()
         values = {
             "holder": self.holder,
             "host": self.host,
@@ -131,6 +156,7 @@ class WriterLease:
                 {"name": self.name, **values},
             ).rowcount
             if created:
+                self._begin_term(now)
                 return None
             row = conn.execute(sa.select(leases).where(leases.c.name == self.name)).one()
             # A holder on this host whose process is gone (killed, crashed) need not
@@ -148,7 +174,7 @@ class WriterLease:
                 .where(
                     leases.c.name == self.name,
                     sa.or_(
-                        leases.c.holder == self.holder,
+                        leases.c.holder.in_((self.holder, previous)),
                         leases.c.expires_at < now,
                         leases.c.holder == row.holder if dead else sa.false(),
                     ),
@@ -156,13 +182,64 @@ class WriterLease:
                 .values(**values)
             ).rowcount
             if taken:
-                if row.holder != self.holder:
+                self._begin_term(now)
+                if row.holder not in (self.holder, previous):
                     why = "whose process is gone" if dead else "which had expired"
                     log.warning("took over the store's lease from %s pid %s, %s", row.host, row.pid, why)
                     self.took_over = f"{row.host} pid {row.pid}, {why}"
                 return None
             return Holder(
                 row.holder, row.host, row.pid, row.acquired_at, row.renewed_at, row.expires_at, row.role
+            )
+
+    def _begin_term(self, now: datetime) -> None:
+        self._in_term = True
+        self.valid_until = now + self.ttl
+
+    def bind(self) -> str:
+        """This thread (and what it starts: asyncio tasks, ``to_thread``) works for the current
+        term: its writes fail the fence once the lease is lost or taken again. Returns the term."""
+        self._bound.set(self.holder)
+        return self.holder
+
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[str]:
+        """``bind`` for the block only (a worker thread that outlives the term's work)."""
+        token = self._bound.set(self.holder)
+        try:
+            yield self.holder
+        finally:
+            self._bound.reset(token)
+
+    def current(self, term: str) -> bool:
+        """``term`` is this process's current one."""
+        return term == self.holder and self._in_term
+
+    def sure(self, term: str, margin: float) -> bool:
+        """As far as this process can tell without asking the store, ``term``'s lease is held for
+        ``margin`` seconds more: after a stall (a frozen VM, a paused process) it is not, until
+        the heartbeat renews it, and nothing bound to the term should reach Gleap meanwhile."""
+        until = self.valid_until
+        return (
+            self.current(term)
+            and not self.lost.is_set()
+            and until is not None
+            and self.clock() + timedelta(seconds=margin) < until
+        )
+
+    @property
+    def send_margin(self) -> float:
+        """How long before its expiry, unrenewed, the lease stops being sure enough to call
+        Gleap: 5 s, or a tenth of the TTL when less; a request then has time to reach Gleap."""
+        return min(SEND_MARGIN_SECONDS, self.ttl.total_seconds() / 10)
+
+    def require(self, term: str, margin: float | None = None) -> None:
+        """Raise unless ``term``'s lease is surely held for ``margin`` (``send_margin``)
+        seconds more (``sure``): called before each request to Gleap."""
+        if not self.sure(term, self.send_margin if margin is None else margin):
+            raise LeaseLostError(
+                "the store's lease is not surely held any more (lost, or about to expire "
+                "unrenewed): no more calls to Gleap from this term."
             )
 
     def acquire(
@@ -203,8 +280,10 @@ class WriterLease:
         if not renewed:
             self.lost.set()
             raise LeaseLostError()
+        self.valid_until = now + self.ttl
 
     def release(self) -> None:
+        self._in_term = False
         with write_connection(self.engine) as conn, conn.begin():
             conn.execute(sa.delete(leases).where(leases.c.name == self.name, leases.c.holder == self.holder))
 
@@ -216,12 +295,18 @@ class WriterLease:
         check and the write are atomic. (Without it, a holder paused between check
         and commit could write after its successor took over.) SQLite's BEGIN
         IMMEDIATE already serialises every writer.
+
+        A thread bound to an earlier term of this process (``bind``) fails it too, without
+        ending the current term.
         """
+        term = self._bound.get() or self.holder
+        if term != self.holder:
+            raise LeaseLostError("this thread's term of the store's lease has ended: it stops writing.")
         query = sa.select(leases.c.holder, leases.c.expires_at).where(leases.c.name == self.name)
         if conn.dialect.name == "postgresql":
             query = query.with_for_update(read=True)
         row = conn.execute(query).one_or_none()
-        if row is None or row.holder != self.holder or row.expires_at < self.clock():
+        if row is None or row.holder != term or row.expires_at < self.clock():
             self.lost.set()
             raise LeaseLostError()
 
@@ -245,6 +330,7 @@ class WriterLease:
         finally:
             self._stop.set()
             beat.join()
+            self._in_term = False  # the next acquisition is a new term, under a new token
             if release():
                 with contextlib.suppress(sa.exc.SQLAlchemyError):
                     self.release()

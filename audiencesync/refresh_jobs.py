@@ -95,6 +95,12 @@ class RefreshJobs:
         """
         if self.halt.is_set():
             return None
+        # A refresh is the active period's: still running after the next period began, it
+        # fails the fence rather than write beside it.
+        with self.lease.bound() as term:
+            return self._refresh_bound(key, term, full=full, allow_removals=allow_removals)
+
+    def _refresh_bound(self, key: str, term: str, *, full: bool, allow_removals: bool) -> Run | None:
         try:
             audience = self.config.audience(key)
         except ConfigError:
@@ -132,8 +138,9 @@ class RefreshJobs:
             self.wake.set()
             return run
         except LeaseLostError:
-            self.lease.lost.set()
-            self.halt.set()
+            if self.lease.current(term):  # else a later period runs: not this refresh's to end
+                self.lease.lost.set()
+                self.halt.set()
             return None
         finally:
             with self._lock:

@@ -33,7 +33,7 @@ from sqlalchemy import Connection, Engine
 
 from audiencesync.database import utc_now
 from audiencesync.errors import StoreError
-from audiencesync.schema import UtcDateTime, audiences, memberships
+from audiencesync.schema import UtcDateTime, audiences, fenced_write, memberships
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,10 @@ class Renames:
         Before the property's own refresh: the refresh then finds its row under the new key.
         """
         report = RenameReport(key=key)
-        with self.engine.begin() as conn:
-            if self.fence is not None:
-                self.fence(conn)
+        # BEGIN IMMEDIATE on SQLite, as every write of the store: a deferred transaction that
+        # read before another connection's write committed fails at once ("database is locked")
+        # when it then writes, and the refresh behind it would be skipped.
+        with fenced_write(self.engine, self.fence) as conn:
             for old in _in_order(conn, key, previous_keys):
                 self._apply_one(conn, key, old, kind, report)
         for note in report.notes:

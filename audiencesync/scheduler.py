@@ -49,6 +49,7 @@ from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
 from audiencesync.notify import Notifier
+from audiencesync.pass_gate import PassGate
 from audiencesync.prune import Pruner
 from audiencesync.requests import AdminRequests
 from audiencesync.retention import Retention
@@ -116,6 +117,8 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
         self.stop = threading.Event()  # the process is to stop
         self.halt = threading.Event()  # the current active period is to end (stop, or the lease lost)
         self.wake = threading.Event()
+        # A rename waits for the delivery pass under way (pass_gate.py); one per active period.
+        self.gate = PassGate(self.wake)
         self._reload = threading.Event()
         self._signals = 0
         self._lock = threading.Lock()
@@ -151,6 +154,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
         return Syncer(
             config, self.store, sources=Sources(config.sources), transport=self.transport,
             backoff_initial=self.backoff_initial, alerts=self.alerts,
+            renaming=lambda: self.gate.exclusive(),  # the current active period's gate
         )  # fmt: skip
 
     # --- the process ----------------------------------------------------------
@@ -278,7 +282,12 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
             self.stop.wait(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def _serve(self) -> None:
-        self.halt.clear()
+        # A new event, not the last one cleared: threads the last period left behind keep theirs, set.
+        self.halt = threading.Event()
+        if self.stop.is_set():
+            self.halt.set()
+        # Not the last period's: a delivery thread it left behind must not hold renames up.
+        self.gate = PassGate(self.wake)
         self.syncer.sources.resume()
         self.outage.close()
         self.metrics.breaker_open.set(0)

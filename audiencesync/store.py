@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from audiencesync import diff, events as events_mod, failpoints, outcomes, runs, status as status_mod
+from audiencesync.carried_keys import as_carried
 from audiencesync.database import (
     create_engine as create_engine,
     empty_store as empty_store,
@@ -297,11 +298,15 @@ class Store:
         *,
         max_attempts: int = 5,
         backoff: Backoff | None = None,
+        keys: Mapping[int, str] | None = None,
     ) -> None:
-        """Store Gleap's answers in one transaction (see ``outcomes.write_outcomes``)."""
+        """Store Gleap's answers in one transaction (see ``outcomes.write_outcomes``); ``keys``:
+        the key each row's value went out under, to record it against (``carried_keys``)."""
         if not results:
             return
         with self._write() as conn:
+            if keys is not None:
+                results, run_ids = as_carried(conn, results, run_ids, keys)
             outcomes.write_outcomes(
                 conn,
                 results,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -71,9 +72,14 @@ class Syncer:
         backoff_initial: float = 0.5,
         page_size: int = 100,
         alerts: Alerts | None = None,
+        renaming: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
     ) -> None:
         self.config = config
         self.store = store
+        # Held around each rename: the daemon's waits for its delivery pass (pass_gate.py).
+        self.renaming = renaming
+        # Before each request to Gleap: raises when the lease is not surely held (lease.require).
+        self.before_send: Callable[[], None] | None = None
         self.sources = sources or Sources(config.sources)
         self.alerts = alerts or Alerts([], None)
         self.transport = transport
@@ -89,7 +95,7 @@ class Syncer:
         token = self.config.gleap.api_token
         if token is None:
             raise MissingTokenError()
-        return Deliverer(
+        deliverer = Deliverer(
             store or self.store,
             self.config.gleap,
             token,
@@ -102,6 +108,8 @@ class Syncer:
             page_size=self.page_size,
             field_order=[a.key for a in self.config.audiences],
         )
+        deliverer.before_send = self.before_send
+        return deliverer
 
     def run_cycle(
         self,
@@ -333,9 +341,10 @@ class Syncer:
         """Apply the property's ``previous_keys`` (renames.py), before anything reads its row."""
         if not config.previous_keys:
             return RenameReport(key=config.key)
-        return Renames(self.store.engine, clock=self.store.clock, fence=self.store.fence).apply(
-            config.key, config.previous_keys, kind=config.kind
-        )
+        with self.renaming():
+            return Renames(self.store.engine, clock=self.store.clock, fence=self.store.fence).apply(
+                config.key, config.previous_keys, kind=config.kind
+            )
 
 
 def delivery_runs(runs: Sequence[Run]) -> dict[int, int]:

@@ -253,10 +253,10 @@ def test_breaker_pauses_delivery_and_health_goes_503_and_back(
     with InProcess(config) as daemon:
         real_drain = daemon.core._drain
 
-        def drain(runs: Any) -> int:
+        def drain(runs: Any, halt: threading.Event, term: str) -> int:
             if down.is_set():
                 raise GleapUnavailableError(base_url=gleap.base_url, failures=20, users=20, last_error="503")
-            return real_drain(runs)
+            return real_drain(runs, halt, term)
 
         daemon.core._drain = drain  # type: ignore[method-assign]
         wait_for(lambda: "circuit breaker open" in healthz(port)[1], what="/healthz to report the breaker")
