@@ -154,7 +154,9 @@ def make_config(
         requests_per_minute: int = 600_000,
         create_store: bool = True,
         sync: str = 'retry_backoff = "0s"',
-        timeout_seconds: float = 2,
+        # Generous: tests count requests exactly, and a loaded machine can stall a loopback
+        # answer for seconds; a test that wants a client timeout asks for one (and a delay past it).
+        timeout_seconds: float = 30,
     ) -> Config:
         if audiences is None:
             audiences = """

@@ -17,11 +17,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from audiencesync.config import Config
+from audiencesync.schema import leases
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_sync import TWO_AUDIENCES
@@ -206,8 +208,22 @@ def test_sigterm_mid_delivery_exits_0_and_leaves_a_consistent_store(
     assert len(gleap.identify_calls) <= 400 + config.gleap.max_concurrency
 
 
+def lease_row(store_url: str) -> sa.Row[Any]:
+    """The store's lease as the daemons see it: who holds it, renewed when, until when."""
+    engine = sa.create_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(leases)).one()
+    finally:
+        engine.dispose()
+
+
 def test_standby_takes_over_when_the_active_daemon_dies(
-    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, daemons: Callable[[Config], Daemon]
+    make_config: ConfigFactory,
+    source: SourceDB,
+    gleap: GleapStandIn,
+    daemons: Callable[[Config], Daemon],
+    store_url: str,
 ) -> None:
     source.set(["u1", "u2"])
     config = make_config(gleap.base_url, token=None, sync=SYNC, extra=SCHEDULE)
@@ -215,8 +231,18 @@ def test_standby_takes_over_when_the_active_daemon_dies(
     wait_for(lambda: members_true(gleap) == {"u1", "u2"}, what="the first daemon's sync")
     standby = daemons(config)
     wait_for(lambda: "standby: the store is held by" in standby.output, what="the standby message")
-    time.sleep(1)
-    assert "active:" not in standby.output
+    # Not a fixed sleep: wait until the lease the standby found has run out and the active
+    # daemon has renewed it more than one of the standby's lease checks (ttl / 3) later. A
+    # standby that took a lease renewed under it would have become active by then.
+    seen = lease_row(store_url)
+    check = timedelta(seconds=config.sync.lease_seconds / 3)
+    wait_for(
+        lambda: lease_row(store_url).renewed_at > seen.expires_at + check,
+        timeout=20,
+        what="the active daemon to renew the lease past the one the standby saw",
+    )
+    assert lease_row(store_url).pid == active.process.pid
+    assert "active:" not in standby.output and standby.process.poll() is None
 
     active.process.kill()
     active.process.wait()
@@ -372,10 +398,36 @@ def test_a_daemon_that_loses_its_lease_stops_writing_and_goes_back_to_standby(
     wait_for(
         lambda: "standby: the store is held by elsewhere pid 1" in daemon.output, timeout=10, what="standby"
     )
+    # Stopped writing: a change in the source that an active daemon would store and send
+    # within one scheduled cycle (interval + jitter) and one lease check is neither stored
+    # nor sent, and the new holder's lease row stays as it wrote it. The store is read
+    # throughout that window, not once after a sleep.
+    before, sent = written(engine), len(gleap.requests)
+    source.set(["u1", "u2"])
+    window = time.monotonic() + 2 + 1 + config.sync.lease_seconds / 3
+    while time.monotonic() < window:
+        assert written(engine) == before and len(gleap.requests) == sent
+        time.sleep(0.2)
     with engine.begin() as conn:  # ...and gives it back
         conn.execute(sa.text("DELETE FROM leases"))
-    engine.dispose()
     wait_for(lambda: daemon.output.count("active:") == 2, timeout=15, what="the daemon to take over again")
-    source.set(["u1", "u2"])
     wait_for(lambda: members_true(gleap) == {"u1", "u2"}, timeout=15, what="a cycle after the takeover")
+    assert written(engine) != before  # the same reads see a writing daemon
+    engine.dispose()
     assert daemon.stop() == 0
+
+
+def written(engine: sa.Engine) -> tuple[Any, ...]:
+    """What an active daemon writes: its runs, the memberships and their outcomes, the call
+    log, the lease row."""
+    with engine.connect() as conn:
+        return tuple(
+            conn.execute(sa.text(query)).all()
+            for query in (
+                "SELECT id, status, finished_at FROM sync_runs ORDER BY id",
+                "SELECT audience_id, user_id, desired, acked, unknown, changed_at, acked_at "
+                "FROM memberships ORDER BY audience_id, user_id",
+                "SELECT count(*) FROM calls",
+                "SELECT holder, pid, renewed_at, expires_at FROM leases",
+            )
+        )

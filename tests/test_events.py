@@ -209,7 +209,7 @@ def test_an_event_batch_without_a_verdict_stays_unknown_and_is_sent_again(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, fault: str
 ) -> None:
     source.set(["u1", "u2"])
-    config = make_config(gleap.base_url, audiences=EVENTS_ON, timeout_seconds=0.5)
+    config = make_config(gleap.base_url, audiences=EVENTS_ON)  # every fault is answered at once
     if fault == "503":
         gleap.fail_track_next(4, 503)  # the first try and its 3 retries
     elif fault == "dropped":

@@ -20,7 +20,7 @@ from tests.gleap_standin import GleapStandIn
 
 
 def identify(gleap: GleapStandIn, user_id: str = "u1", **config: object) -> tuple[Answer, int]:
-    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=1, max_retries=3, **config)  # type: ignore[arg-type]
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=30, max_retries=3, **config)  # type: ignore[arg-type]
 
     async def go() -> tuple[Answer, int]:
         async with GleapClient(settings, Secret(TOKEN), backoff_initial=0.01) as client:

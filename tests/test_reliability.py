@@ -141,7 +141,7 @@ def test_sigkill_mid_delivery_from_outside_then_rerun_converges(
 
 def test_random_faults_converge(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) -> None:
     rng = random.Random(7)
-    config = make_config(gleap.base_url)
+    config = make_config(gleap.base_url, timeout_seconds=2)  # the delays below outlast it
     from tests.test_sync import cycle
 
     members: list[str] = []

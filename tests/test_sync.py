@@ -167,8 +167,8 @@ def test_slow_answer_times_out_and_is_retried(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
 ) -> None:
     source.set(["u1"])
-    gleap.delay_next(1, 3.0)  # timeout_seconds = 2
-    report = cycle(make_config(gleap.base_url))
+    gleap.delay_next(1, 3.0)  # past timeout_seconds = 2
+    report = cycle(make_config(gleap.base_url, timeout_seconds=2))
     assert report.complete and report.retries >= 1
     assert set(gleap.contacts) == {"u1"}
 
