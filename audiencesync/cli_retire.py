@@ -186,8 +186,10 @@ def _retire(
     target = store.Store(engine, fence=lease.check)
     target.mark_interrupted()  # a run a killed retire (or sync) left open
     # Before its rows go: its users whose contact fields it won are owed the next winner
-    # (the key left the config, so it no longer counts), which the next sync sends.
-    reconcile(engine, lease.check, [a.key for a in config.audiences])
+    # (the key left the config, so it no longer counts), which the next sync sends. Without
+    # --unset-in-gleap its rows go unacknowledged, unknown marks included: compare them all.
+    order = [a.key for a in config.audiences]
+    reconcile(engine, lease.check, order, dropping=() if args.unset_in_gleap else [key.id])
     outcome = _Outcome(key, Counts())
     if args.unset_in_gleap:
         outcome.owed = retirer.prepare_unset(key)

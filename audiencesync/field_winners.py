@@ -33,7 +33,7 @@ from audiencesync import values
 from audiencesync.fields import merge_fields
 from audiencesync.identify_calls import owed_fields
 from audiencesync.member_fields import held_fields
-from audiencesync.schema import audiences, fenced_write, memberships
+from audiencesync.schema import audiences, contact_fields, fenced_write, memberships
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,20 @@ def _ranks(conn: Connection, order: Sequence[str]) -> tuple[list[int], list[int]
     return stored, configured, {a: rank for rank, a in enumerate(configured)}
 
 
-def _candidates(conn: Connection, changed: Collection[int], after: str, limit: int) -> list[str]:
-    """The next users, by id, with a row in these audiences that gives or gave fields."""
+def _candidates(
+    conn: Connection, changed: Collection[int], after: str, limit: int, unknown: Collection[int] = ()
+) -> list[str]:
+    """The next users, by id, with a row in these audiences that gives or gave fields (or, in
+    the ``unknown`` ones, whose last call had no verdict)."""
     m = memberships.c
+    lost = sa.and_(m.audience_id.in_(list(unknown)), m.unknown == sa.true()) if unknown else sa.false()
     return list(
         conn.execute(
             sa.select(m.user_id)
             .where(
                 m.audience_id.in_(list(changed)),
                 m.user_id > after,
-                sa.or_(m.value.is_not(None), m.acked_value.is_not(None)),
+                sa.or_(m.value.is_not(None), m.acked_value.is_not(None), lost),
             )
             .distinct()
             .order_by(m.user_id)
@@ -121,23 +125,36 @@ def owed_rows(
 
 
 def reconcile(
-    engine: Engine, fence: Fence, order: Sequence[str], deliverable: Collection[int] = (), batch: int = BATCH
+    engine: Engine,
+    fence: Fence,
+    order: Sequence[str],
+    deliverable: Collection[int] = (),
+    batch: int = BATCH,
+    dropping: Collection[int] = (),
 ) -> int:
     """When the configured order differs from the stored one, flag a row of each user owed a
-    winning field, then store the order; returns the rows flagged. Cheap when it did not change."""
+    winning field, then store the order; returns the rows flagged. Cheap when it did not change.
+
+    ``dropping``: audiences (not configured) whose rows are about to be deleted unacknowledged
+    (``retire`` without ``--unset-in-gleap``). Their users are compared too, and those whose
+    last call there had no verdict count as holding nothing known: that call may have carried
+    any of their fields, and its unknown mark goes with the row.
+    """
     if not order:
         return 0  # no configured audience (a caller that delivers no contact fields)
     with engine.connect() as conn, conn.begin():
         stored, configured, rank = _ranks(conn, order)
-    if stored == configured:
+    if stored == configured and not dropping:
         return 0
-    changed = moved(stored, configured)
+    changed = (moved(stored, configured) if stored != configured else set()) | set(dropping)
     flagged, after = 0, ""
     while changed:
         with fenced_write(engine, fence) as conn:
-            users = _candidates(conn, changed, after, batch)
+            users = _candidates(conn, changed, after, batch, dropping)
             if not users:
                 break
+            if dropping:
+                _forget_held_of_unknown(conn, users, dropping)
             rows = owed_rows(conn, users, rank, deliverable)
             for i in range(0, len(rows), 500):
                 conn.execute(
@@ -152,6 +169,14 @@ def reconcile(
     if flagged:
         log.info("the config's order of audiences changed: %d user(s) are owed a contact field", flagged)
     return flagged
+
+
+def _forget_held_of_unknown(conn: Connection, users: Sequence[str], dropping: Collection[int]) -> None:
+    m = memberships.c
+    lost = sa.select(m.user_id).where(
+        m.user_id.in_(list(users)), m.audience_id.in_(list(dropping)), m.unknown == sa.true()
+    )
+    conn.execute(sa.delete(contact_fields).where(contact_fields.c.user_id.in_(lost)))
 
 
 def _store_ranks(conn: Connection, rank: dict[int, int]) -> None:
