@@ -11,14 +11,18 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
+from alembic import command
 
-from audiencesync import store as store_mod
+from audiencesync import database, store as store_mod
 from audiencesync.config import Config
 from audiencesync.gleap import identify_body
+from audiencesync.schema import UtcDateTime
+from audiencesync.store import Store
 from audiencesync.sync import PlannedCall
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_contact_fields import audience, people
+from tests.test_counters import assert_counters_exact
 from tests.test_daemon import cli
 from tests.test_sync import calls, cycle
 
@@ -149,3 +153,75 @@ def test_a_lost_answer_resends_the_new_winner_even_when_the_source_flips_back(
     gleap.reset_log()
     cycle(make_config(gleap.base_url, audiences=X + B, create_store=False))
     assert plans(gleap)["u1"] == "pro"
+
+
+def test_a_winner_owed_after_a_reorder_is_counted_as_fields_pending_exactly(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    synced(make_config, source, gleap)
+    b_first = make_config(gleap.base_url, audiences=B + X, create_store=False)
+    gleap.fail_user("u1", 422, body="no")  # refused every time: the change stays owed
+    cycle(b_first)
+    engine = store_mod.create_engine(b_first.store.url)
+    try:
+        counted = assert_counters_exact(Store(engine))
+    finally:
+        engine.dispose()
+    assert counted["b"][1] == 1 and counted["b"][4] == 1  # pending, fields_pending: u1's row of b
+    assert counted["x"][4] == 0
+    gleap.clear_faults()
+    cycle(b_first)
+    assert plans(gleap)["u1"] == "basic" and owed(b_first) == 0
+
+
+def test_a_store_upgraded_to_0011_sends_only_the_conflicting_winners_once(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str
+) -> None:
+    """Before 0011 the store knew each row's own fields, not what the call carried: where rows
+    agree that is what Gleap holds; where they disagreed, the winner goes once."""
+    people(source, ROWS)
+    engine = store_mod.create_engine(store_url, create=True)
+    with engine.begin() as conn:
+        command.upgrade(database._alembic_config(conn), "0010_web")
+        t = sa.bindparam("t", type_=UtcDateTime)
+        conn.execute(
+            sa.text(
+                "INSERT INTO audiences (id, key, name, created_at, refreshed_at) "
+                "VALUES (1, 'x', 'X', :t, :t), (2, 'b', 'B', :t, :t)"
+            ).bindparams(t),
+            {"t": store_mod.utc_now()},
+        )
+        member = (
+            "INSERT INTO memberships (audience_id, user_id, desired, acked, value, acked_value, "
+            "changed_at, acked_at) VALUES (:a, :u, true, true, :v, :v, :t, :t)"
+        )
+        conn.execute(
+            sa.text(member).bindparams(t),
+            [
+                {"a": a, "u": u, "v": v, "t": store_mod.utc_now()}
+                for a, u, v in (
+                    (1, "u1", '{"plan":"pro"}'),
+                    (2, "u1", '{"email":"u1@b.io","plan":"basic"}'),
+                    (2, "u2", '{"plan":"basic"}'),
+                    (1, "u3", '{"plan":"pro"}'),
+                )
+            ],
+        )
+    engine.dispose()
+    config = make_config(gleap.base_url, audiences=X + B)  # upgrades the store to head
+    engine = store_mod.create_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            held = conn.execute(sa.text("SELECT user_id, field, value FROM contact_fields")).all()
+    finally:
+        engine.dispose()
+    assert sorted(map(tuple, held)) == [
+        ("u1", "email", '"u1@b.io"'),
+        ("u2", "plan", '"basic"'),
+        ("u3", "plan", '"pro"'),
+    ]
+    cycle(config)
+    assert calls(gleap) == {"u1": {"userId": "u1", "x": True, "plan": "pro"}}  # its email agreed
+    gleap.reset_log()
+    cycle(config)
+    assert gleap.identify_calls == []

@@ -10,6 +10,10 @@ Create Date: 2026-12-06
   call carried (the value of the first audience in the config that gives the field), so a
   change of the winning value that no row's own fields showed (a retired, removed or
   reordered audience) was never sent.
+- ``audience_counts.fields_pending`` also counts a member owed a resend (``resend``: a
+  reconciled winner, ``sync --full``): its fields go out again. The counters' triggers on
+  ``memberships`` are made again with that condition (0008's builders), and the counter
+  recounted from the rows.
 - ``audiences.field_rank``: the audience's place in the config when the winning values were
   last reconciled (``field_winners.py``); NULL for now, so the first delivery pass after this
   upgrade compares every member with fields against what this backfill says Gleap holds.
@@ -22,7 +26,10 @@ backfilled: the field counts as owed, and the next sync sends the winning value 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -52,6 +59,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("user_id", "field", name="pk_contact_fields"),
     )
     _backfill(op.get_bind())
+    _recreate_membership_counters(resend=True)
 
 
 def _backfill(conn: sa.Connection) -> None:
@@ -102,7 +110,65 @@ def _backfill(conn: sa.Connection) -> None:
         after = rows[-1].user_id
 
 
+# --- the fields_pending counter: a member flagged to resend is owed its fields too -----------------
+
+
+def _counters_0008() -> Any:
+    """Migration 0008's trigger builders, loaded from its file (one text, never copied)."""
+    spec = importlib.util.spec_from_file_location(
+        "_audiencesync_0008", Path(__file__).with_name("0008_counters.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fields_owed(resend: bool) -> Callable[[str, str], dict[str, str]]:
+    """0008's membership counters, with fields_pending counting a member owed a resend (a
+    reconciled winner, ``sync --full``) when ``resend``."""
+    base = _counters_0008()._membership_conditions
+
+    def conditions(r: str, distinct: str) -> dict[str, str]:
+        out: dict[str, str] = base(r, distinct)
+        if resend:
+            out["fields_pending"] = (
+                f"{r}.pending AND {r}.parked_at IS NULL AND {r}.desired AND {r}.value IS NOT NULL "
+                f"AND ({r}.value {distinct} {r}.acked_value OR {r}.resend)"
+            )
+        return out
+
+    return conditions
+
+
+def _recreate_membership_counters(resend: bool) -> None:
+    """Drop the counters' triggers on memberships and make them again with the new condition,
+    then recount fields_pending from the rows, all in the migration's transaction."""
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    module = _counters_0008()
+    _, watched = module.TABLES["memberships"]
+    conditions = _fields_owed(resend)
+    module.TABLES = {"memberships": (conditions, watched)}
+    for name in ("insert", "delete", "update", "move"):
+        if sqlite:
+            op.execute(f"DROP TRIGGER IF EXISTS memberships_counts_{name}")
+        else:
+            op.execute(f"DROP TRIGGER IF EXISTS memberships_counts_{name} ON memberships")
+            op.execute(f"DROP FUNCTION IF EXISTS memberships_counts_{name}()")
+    made = module._sqlite_triggers() if sqlite else module._postgresql_triggers()
+    for statement in made:
+        if "memberships_counts_" in statement.split("(")[0]:
+            op.execute(statement)
+    distinct = "IS NOT" if sqlite else "IS DISTINCT FROM"
+    owed = conditions("t", distinct)["fields_pending"]
+    op.execute(
+        "UPDATE audience_counts SET fields_pending = (SELECT count(*) FROM memberships t "
+        f"WHERE t.audience_id = audience_counts.audience_id AND {owed})"
+    )
+
+
 def downgrade() -> None:
+    _recreate_membership_counters(resend=False)
     op.drop_table("contact_fields")
     # Plain ALTER TABLE DROP COLUMN (SQLite 3.35+), as 0006's downgrade: a batch rebuild of
     # audiences, which other tables refer to, would trip SQLite's foreign keys.
