@@ -115,7 +115,7 @@ class DryRun:
                 # As the delivery's first step (``field_winners.reconcile``), read only.
                 drained = [i for i in (_audience_id(conn, c.key) for c in selected) if i is not None]
                 order = [a.key for a in self.config.audiences]
-                plan.add_reconciled(conn, table, field_winners.planned_rows(conn, order, drained))
+                field_winners.add_to_plan(conn, table, field_winners.planned_rows(conn, order, drained))
                 size = self.config.gleap.track_batch_size
                 conflicts: Counter[str] = Counter()  # per losing audience, as the delivery counts them
                 identify = counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))

@@ -205,3 +205,21 @@ def planned_rows(
         out += owed_rows(conn, users, rank, deliverable)
         after = users[-1]
     return out
+
+
+def add_to_plan(conn: Connection, plan: str, rows: Sequence[tuple[int, str]]) -> int:
+    """The dry run's plan (``plan.py``) gets the member rows ``reconcile`` would make pending
+    (``planned_rows``), unless it already has the user's row."""
+    if not rows:
+        return 0
+    return int(
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {plan} (key, user_id, value, data, acked_data, unknown) "
+                "SELECT a.key, m.user_id, true, m.value, m.acked_value, m.unknown FROM memberships m "
+                "JOIN audiences a ON a.id = m.audience_id WHERE m.audience_id = :a AND m.user_id = :u "
+                f"AND NOT EXISTS (SELECT 1 FROM {plan} p WHERE p.key = a.key AND p.user_id = m.user_id)"
+            ),
+            [{"a": audience_id, "u": user_id} for audience_id, user_id in rows],
+        ).rowcount
+    )

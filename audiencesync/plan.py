@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from itertools import chain, groupby
 from typing import Any
@@ -283,24 +283,6 @@ def add_rekeyed(conn: Connection, plan: str, *, key: str, audience_id: int, trai
                 "WHERE m.audience_id = :a AND m.desired = true"
             ),
             {"k": key, "a": audience_id, "kind": "trait" if trait else "audience"},
-        ).rowcount
-    )
-
-
-def add_reconciled(conn: Connection, plan: str, rows: Sequence[tuple[int, str]]) -> int:
-    """The member rows ``field_winners.reconcile`` would make pending (the config's order of
-    audiences changed), unless the plan already has the user's row."""
-    if not rows:
-        return 0
-    return int(
-        conn.execute(
-            text(
-                f"INSERT INTO {plan} (key, user_id, value, data, acked_data, unknown) "
-                "SELECT a.key, m.user_id, true, m.value, m.acked_value, m.unknown FROM memberships m "
-                "JOIN audiences a ON a.id = m.audience_id WHERE m.audience_id = :a AND m.user_id = :u "
-                f"AND NOT EXISTS (SELECT 1 FROM {plan} p WHERE p.key = a.key AND p.user_id = m.user_id)"
-            ),
-            [{"a": audience_id, "u": user_id} for audience_id, user_id in rows],
         ).rowcount
     )
 

@@ -225,3 +225,25 @@ def test_a_store_upgraded_to_0011_sends_only_the_conflicting_winners_once(
     gleap.reset_log()
     cycle(config)
     assert gleap.identify_calls == []
+
+
+def test_retire_without_unset_of_a_row_whose_call_had_no_verdict_resends_the_winner(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    """u1 enters x (first: pro) beside b (basic); that call is applied and its answer lost. x is
+    then retired without --unset-in-gleap: its unknown mark goes with its row, and the winner
+    is b's basic again, which is what Gleap acknowledged last, yet Gleap may hold pro."""
+    people(source, [ROWS[1], ROWS[3]])
+    config = make_config(gleap.base_url, audiences=X + B)
+    cycle(config)
+    people(source, ROWS)
+    gleap.lose_answer_next(10)
+    cycle(config)
+    assert plans(gleap)["u1"] == "pro"  # applied, never acknowledged
+    gleap.clear_faults()
+    without_x = make_config(gleap.base_url, audiences=B, create_store=False)
+    retired = cli(without_x, "retire", "x")
+    assert retired.returncode == 0, retired.stderr
+    gleap.reset_log()
+    cycle(without_x)
+    assert plans(gleap)["u1"] == "basic" and owed(without_x) == 0
