@@ -70,21 +70,20 @@ def _ranks(conn: Connection, order: Sequence[str]) -> tuple[list[int], list[int]
 
 
 def _candidates(
-    conn: Connection, changed: Collection[int], after: str, limit: int, unknown: Collection[int] = ()
+    conn: Connection, audience_id: int, after: str, limit: int, dropping: bool = False
 ) -> list[str]:
-    """The next users, by id, with a row in these audiences that gives or gave fields (or, in
-    the ``unknown`` ones, whose last call had no verdict)."""
+    """The audience's next users, by id, whose row gives or gave fields (or, when it is being
+    dropped, whose last call there had no verdict): a range of its primary key."""
     m = memberships.c
-    lost = sa.and_(m.audience_id.in_(list(unknown)), m.unknown == sa.true()) if unknown else sa.false()
+    lost = m.unknown == sa.true() if dropping else sa.false()
     return list(
         conn.execute(
             sa.select(m.user_id)
             .where(
-                m.audience_id.in_(list(changed)),
+                m.audience_id == audience_id,
                 m.user_id > after,
                 sa.or_(m.value.is_not(None), m.acked_value.is_not(None), lost),
             )
-            .distinct()
             .order_by(m.user_id)
             .limit(limit)
         ).scalars()
@@ -133,7 +132,8 @@ def reconcile(
     dropping: Collection[int] = (),
 ) -> int:
     """When the configured order differs from the stored one, flag a row of each user owed a
-    winning field, then store the order; returns the rows flagged. Cheap when it did not change.
+    winning field, then store the order; returns the rows newly flagged. Cheap when it did not
+    change.
 
     ``dropping``: audiences (not configured) whose rows are about to be deleted unacknowledged
     (``retire`` without ``--unset-in-gleap``). Their users are compared too, and those whose
@@ -147,27 +147,35 @@ def reconcile(
     if stored == configured and not dropping:
         return 0
     changed = (moved(stored, configured) if stored != configured else set()) | set(dropping)
-    flagged, after = 0, ""
-    while changed:
-        with fenced_write(engine, fence) as conn:
-            users = _candidates(conn, changed, after, batch, dropping)
-            if not users:
-                break
-            if dropping:
-                _forget_held_of_unknown(conn, users, dropping)
-            rows = owed_rows(conn, users, rank, deliverable)
-            for i in range(0, len(rows), 500):
-                conn.execute(
-                    sa.update(memberships)
-                    .where(sa.tuple_(memberships.c.audience_id, memberships.c.user_id).in_(rows[i : i + 500]))
-                    .values(resend=True)
-                )
-            flagged += len(rows)
-            after = users[-1]
+    flagged = 0
+    # Audience by audience, each a keyset walk of its primary key: a user in two of them is
+    # compared twice (flags are idempotent), and no statement ever sorts them all.
+    for audience_id in sorted(changed):
+        after = ""
+        while True:
+            with fenced_write(engine, fence) as conn:
+                users = _candidates(conn, audience_id, after, batch, audience_id in dropping)
+                if not users:
+                    break
+                if audience_id in dropping:
+                    _forget_held_of_unknown(conn, users, dropping)
+                rows = owed_rows(conn, users, rank, deliverable)
+                for i in range(0, len(rows), 500):
+                    flagged += conn.execute(
+                        sa.update(memberships)
+                        .where(
+                            sa.tuple_(memberships.c.audience_id, memberships.c.user_id).in_(
+                                rows[i : i + 500]
+                            ),
+                            memberships.c.resend == sa.false(),
+                        )
+                        .values(resend=True)
+                    ).rowcount
+                after = users[-1]
     with fenced_write(engine, fence) as conn:
         _store_ranks(conn, rank)
     if flagged:
-        log.info("the config's order of audiences changed: %d user(s) are owed a contact field", flagged)
+        log.info("the order of audiences changed: %d member row(s) made pending for a contact field", flagged)
     return flagged
 
 
@@ -198,13 +206,13 @@ def planned_rows(
     stored, configured, rank = _ranks(conn, order)
     if stored == configured:
         return []
-    changed = moved(stored, configured)
-    out: list[tuple[int, str]] = []
-    after = ""
-    while users := _candidates(conn, changed, after, BATCH):
-        out += owed_rows(conn, users, rank, deliverable)
-        after = users[-1]
-    return out
+    out: dict[tuple[int, str], None] = {}  # ordered, and each row once
+    for audience_id in sorted(moved(stored, configured)):
+        after = ""
+        while users := _candidates(conn, audience_id, after, BATCH):
+            out.update(dict.fromkeys(owed_rows(conn, users, rank, deliverable)))
+            after = users[-1]
+    return list(out)
 
 
 def add_to_plan(conn: Connection, plan: str, rows: Sequence[tuple[int, str]]) -> int:

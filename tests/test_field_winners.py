@@ -15,6 +15,7 @@ from alembic import command
 
 from audiencesync import database, store as store_mod
 from audiencesync.config import Config
+from audiencesync.field_winners import moved, reconcile
 from audiencesync.gleap import identify_body
 from audiencesync.schema import UtcDateTime
 from audiencesync.store import Store
@@ -247,3 +248,27 @@ def test_retire_without_unset_of_a_row_whose_call_had_no_verdict_resends_the_win
     gleap.reset_log()
     cycle(without_x)
     assert plans(gleap)["u1"] == "basic" and owed(without_x) == 0
+
+
+def test_moved_names_the_audiences_whose_precedence_changed_and_no_other() -> None:
+    assert moved([1, 2, 3], [1, 2, 3]) == set()
+    assert moved([1, 2, 3], [4, 1, 2, 3]) == {4}  # one added before them shifts, but reorders nothing
+    assert moved([1, 2, 3], [1, 3]) == {2}
+    assert moved([1, 2, 3], [2, 1, 3]) == {1, 2}
+    assert moved([1, 2, 3], [3, 1, 2]) == {1, 2, 3}
+    assert moved([], [1, 2]) == {1, 2}  # a store upgraded to 0011: every member is compared once
+
+
+def test_reconcile_walks_every_user_a_batch_at_a_time(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    config = synced(make_config, source, gleap)
+    engine = store_mod.create_engine(config.store.url)
+    try:
+        assert reconcile(engine, None, ["b", "x"], batch=1) == 1  # u1's row of b (b is not drained)
+        assert reconcile(engine, None, ["b", "x"], batch=1) == 0  # stored: nothing to compare
+        with engine.connect() as conn:
+            flagged = conn.execute(sa.text("SELECT user_id FROM memberships WHERE resend")).scalars().all()
+        assert flagged == ["u1"]
+    finally:
+        engine.dispose()
