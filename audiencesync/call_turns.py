@@ -65,7 +65,7 @@ def plan_calls(
             calls: list[tuple[str, Call[PendingChange]]] = []
             for user_id, changes in users:
                 made, lost = user_calls(
-                    changes, keys, fields.members.get(user_id, ()), fields.gave.get(user_id), MAX_CUSTOM_KEYS
+                    changes, keys, fields.members.get(user_id, ()), fields.held.get(user_id), MAX_CUSTOM_KEYS
                 )
                 calls.extend((user_id, call) for call in made)
                 if conflicts is not None:

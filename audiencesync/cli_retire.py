@@ -37,6 +37,7 @@ from audiencesync.errors import (
     MissingTokenError,
     RetireIncompleteError,
 )
+from audiencesync.field_winners import reconcile
 from audiencesync.formats import add_format_option, write_rows
 from audiencesync.lease import WriterLease
 from audiencesync.retire import Counts, Key, Owed, Retirer
@@ -184,6 +185,11 @@ def _retire(
     key = _find(retirer, args.key)
     target = store.Store(engine, fence=lease.check)
     target.mark_interrupted()  # a run a killed retire (or sync) left open
+    # Before its rows go: its users whose contact fields it won are owed the next winner
+    # (the key left the config, so it no longer counts), which the next sync sends. Without
+    # --unset-in-gleap its rows go unacknowledged, unknown marks included: compare them all.
+    order = [a.key for a in config.audiences]
+    reconcile(engine, lease.check, order, dropping=() if args.unset_in_gleap else [key.id])
     outcome = _Outcome(key, Counts())
     if args.unset_in_gleap:
         outcome.owed = retirer.prepare_unset(key)

@@ -25,12 +25,13 @@ from itertools import islice
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
-from audiencesync import failpoints
+from audiencesync import failpoints, values
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.call_turns import plan_calls
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import AudienceSyncError, GleapAuthError, GleapUnavailableError
 from audiencesync.events import Outbox
+from audiencesync.field_winners import reconcile
 from audiencesync.gleap import GleapClient
 from audiencesync.identify_calls import Call
 from audiencesync.record_batches import RECORD_WINDOW, next_batch
@@ -115,6 +116,11 @@ class Deliverer:
         pending whatever the source says next. Rows marked but never sent are
         given their mark back at the end.
         """
+        # A config whose order of audiences changed since the last pass may change the winning
+        # contact fields of users none of whose rows changed: make those pending first.
+        await asyncio.to_thread(
+            reconcile, self.store.engine, self.store.fence, self.field_order, audience_ids
+        )
         answers: asyncio.Queue[Outcome | None] = asyncio.Queue()
         # Calls sent and not yet recorded: in flight, or answered and waiting for their batch.
         unrecorded = asyncio.Semaphore(self.gleap.max_concurrency + RECORD_WINDOW)
@@ -190,6 +196,7 @@ class Deliverer:
                     rate_limited=answer.rate_limited,
                     maybe_applied=answer.maybe_applied,
                     tries=answer.tries,
+                    fields=tuple((name, values.encode(v)) for name, v in call.fields.items()),
                 )
             )
             if not answer.ok and not self.breaker.is_open:

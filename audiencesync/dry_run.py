@@ -18,7 +18,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from audiencesync import diff, plan, plan_events, renames
+from audiencesync import diff, field_winners, plan, plan_events, renames
 from audiencesync.config import AudienceConfig, Config
 from audiencesync.errors import SourceError, StoreError
 from audiencesync.events import EventNames
@@ -112,6 +112,10 @@ class DryRun:
                         plan.add_stored_fields(
                             conn, table, rank=rank, key=config.key, audience_id=_audience_id(conn, config.key)
                         )
+                # As the delivery's first step (``field_winners.reconcile``), read only.
+                drained = [i for i in (_audience_id(conn, c.key) for c in selected) if i is not None]
+                order = [a.key for a in self.config.audiences]
+                field_winners.add_to_plan(conn, table, field_winners.planned_rows(conn, order, drained))
                 size = self.config.gleap.track_batch_size
                 conflicts: Counter[str] = Counter()  # per losing audience, as the delivery counts them
                 identify = counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))

@@ -22,7 +22,15 @@ from sqlalchemy import Connection, Engine
 
 from audiencesync.errors import GleapAuthError, MissingTokenError
 from audiencesync.gleap import GleapClient
-from audiencesync.schema import call_values, calls, events, membership_changes, memberships, write_connection
+from audiencesync.schema import (
+    call_values,
+    calls,
+    contact_fields,
+    events,
+    membership_changes,
+    memberships,
+    write_connection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ PER_USER_TABLES: tuple[UserRows, ...] = (
     UserRows(membership_changes),
     UserRows(calls, children=((call_values, call_values.c.call_id),)),
     UserRows(events),
+    UserRows(contact_fields),
 )
 
 # Tables with a user_id that `forget` leaves alone, and why.

@@ -2,8 +2,8 @@
 
 A call carries the fields that win for the user (first audience in the
 config), so the delivery needs each user's member rows in all configured
-audiences, not only the ones it drains, and, for the rows it sends, the
-fields Gleap last acknowledged.
+audiences, not only the ones it drains, and what Gleap acknowledged per field
+(``contact_fields``), to send each winning value it does not hold.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from audiencesync import values
-from audiencesync.schema import audiences, memberships
+from audiencesync.schema import audiences, contact_fields, memberships
 
 
 @dataclass
 class PageFields:
-    """Per user, (audience key, fields) of their member rows in config order; per row, the
-    names of the fields Gleap last acknowledged."""
+    """Per user, (audience key, fields) of their member rows in config order, and per field the
+    canonical JSON of the value Gleap acknowledged (only for users who have fields now)."""
 
     members: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
-    gave: dict[str, dict[int, frozenset[str]]] = field(default_factory=dict)
+    held: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def read_page_fields(conn: Connection, user_ids: Sequence[str], order: Sequence[str]) -> PageFields:
@@ -36,22 +36,35 @@ def read_page_fields(conn: Connection, user_ids: Sequence[str], order: Sequence[
     rank = {key: index for index, key in enumerate(order)}
     m = memberships
     rows = conn.execute(
-        sa.select(audiences.c.key, m.c.audience_id, m.c.user_id, m.c.desired, m.c.value, m.c.acked_value)
+        sa.select(audiences.c.key, m.c.user_id, m.c.value)
         .join(audiences, audiences.c.id == m.c.audience_id)
         .where(
             audiences.c.kind == "audience",
             audiences.c.key.in_(list(order)),
             m.c.user_id.in_(list(user_ids)),
-            sa.or_(m.c.value.is_not(None), m.c.acked_value.is_not(None)),
+            m.c.desired == sa.true(),
+            m.c.value.is_not(None),
         )
     ).all()
     for row in sorted(rows, key=lambda r: (r.user_id, rank[r.key])):
-        if row.desired and row.value is not None:
-            page.members.setdefault(row.user_id, []).append((row.key, values.decode(row.value)))
-        acked = values.decode(row.acked_value)
-        if isinstance(acked, dict):
-            page.gave.setdefault(row.user_id, {})[row.audience_id] = frozenset(acked)
+        page.members.setdefault(row.user_id, []).append((row.key, values.decode(row.value)))
+    # Only users with a winning value can be owed one: a page of ids-only audiences reads nothing more.
+    page.held = held_fields(conn, list(page.members))
     return page
+
+
+def held_fields(conn: Connection, user_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Per user, per field, the canonical JSON Gleap acknowledged (the primary key leads with the user)."""
+    held: dict[str, dict[str, str]] = {}
+    for i in range(0, len(user_ids), 500):
+        rows = conn.execute(
+            sa.select(contact_fields.c.user_id, contact_fields.c.field, contact_fields.c.value).where(
+                contact_fields.c.user_id.in_(user_ids[i : i + 500])
+            )
+        )
+        for user_id, name, value in rows:
+            held.setdefault(user_id, {})[name] = value
+    return held
 
 
 def holds_fields(conn: Connection, audience_id: int) -> bool:

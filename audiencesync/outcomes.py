@@ -17,6 +17,7 @@ from sqlalchemy import Connection
 
 from audiencesync import values
 from audiencesync.backoff import doubling
+from audiencesync.field_acks import acknowledge_fields
 from audiencesync.gleap import Try
 from audiencesync.schema import UtcDateTime, call_values, calls, sync_runs
 
@@ -56,6 +57,9 @@ class Outcome:
     # answer says (no verdict, unless it is one).
     maybe_applied: bool | None = None
     tries: tuple[Try, ...] = ()  # each request sent, for the call log
+    # The contact fields the call carried, (name, canonical JSON): a 2xx records them as what
+    # Gleap holds for the user (``contact_fields``).
+    fields: tuple[tuple[str, str], ...] = ()
 
     @property
     def acknowledged(self) -> bool:
@@ -164,6 +168,7 @@ def write_outcomes(
         # in flight, it comes back as a non-member that Gleap has a value for.
         latest = list({(row["a"], row["u"]): row for row in acked}.values())  # as upserts in turn
         _acknowledge(conn, latest, now)
+        acknowledge_fields(conn, [(r.changes[0].user_id, r.fields) for r in results if r.acknowledged], now)
     if failed:
         # A failure is about the value sent: if the source changed it meanwhile,
         # the new value starts with a clean slate (only the mark is kept).

@@ -37,14 +37,16 @@ _DUE = "m.pending AND m.parked_at IS NULL AND (m.next_attempt_at IS NULL OR m.ne
 def create_plan(conn: Connection) -> str:
     # One row per (key, user): what a PendingChange would hold (desired, and the value JSON
     # the call carries), so that payload.attributes makes the body a real call would send.
-    # ``acked_data``: the contact fields Gleap last acknowledged for an audience's row.
+    # ``acked_data``: the value Gleap last acknowledged for the row; ``unknown``: its last call
+    # had no verdict (then the user's call carries every winning field, as the delivery's does).
     # ``<plan>_fields``: every member's fields after the plan, for the merge (``rank``:
     # the audience's place in the config).
     name = f"plan_{uuid.uuid4().hex[:12]}"
     ids = diff.ids_type(conn)
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE {name} (key {ids} NOT NULL, user_id {ids} NOT NULL, "
-        "kind TEXT NOT NULL DEFAULT 'audience', value BOOLEAN, data TEXT, acked_data TEXT)"
+        "kind TEXT NOT NULL DEFAULT 'audience', value BOOLEAN, data TEXT, acked_data TEXT, "
+        "unknown BOOLEAN NOT NULL DEFAULT false)"
     )
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE {name}_fields (rank INTEGER NOT NULL, key TEXT NOT NULL, "
@@ -121,8 +123,8 @@ def add_applied(
     owed = f"m.resend OR m.unknown OR coalesce(m.acked, false) = false OR s.value {differs} m.acked_value"
     members = conn.execute(
         text(
-            f"INSERT INTO {plan} (key, user_id, value, data, acked_data) "
-            f"SELECT :k, s.user_id, true, s.value, m.acked_value FROM {stage} s "
+            f"INSERT INTO {plan} (key, user_id, value, data, acked_data, unknown) "
+            f"SELECT :k, s.user_id, true, s.value, m.acked_value, coalesce(m.unknown, false) FROM {stage} s "
             "LEFT JOIN memberships m ON m.audience_id = :a AND m.user_id = s.user_id "
             "WHERE m.user_id IS NULL "
             # entering, or staying with new fields: a new value, which clears parking and backoff
@@ -136,8 +138,9 @@ def add_applied(
     ).rowcount
     others = conn.execute(
         text(
-            f"INSERT INTO {plan} (key, user_id, value, acked_data) "
-            "SELECT :k, m.user_id, false, m.acked_value FROM memberships m WHERE m.audience_id = :a "
+            f"INSERT INTO {plan} (key, user_id, value, acked_data, unknown) "
+            "SELECT :k, m.user_id, false, m.acked_value, m.unknown FROM memberships m "
+            "WHERE m.audience_id = :a "
             f"AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_id = m.user_id) "
             # leaving: Gleap may think they are a member
             "AND ((m.desired = true AND (m.unknown OR m.acked = true)) "
@@ -195,8 +198,8 @@ def _add_applied_trait(
     )
     members = conn.execute(
         text(
-            f"INSERT INTO {plan} (key, user_id, kind, value, data) "
-            f"SELECT :k, s.user_id, 'trait', true, s.value FROM {stage} s "
+            f"INSERT INTO {plan} (key, user_id, kind, value, data, unknown) "
+            f"SELECT :k, s.user_id, 'trait', true, s.value, coalesce(m.unknown, false) FROM {stage} s "
             "LEFT JOIN memberships m ON m.audience_id = :a AND m.user_id = s.user_id "
             "WHERE m.user_id IS NULL "
             f"OR ((m.desired = false OR m.value {differs} s.value) AND {unacked}) "
@@ -207,8 +210,8 @@ def _add_applied_trait(
     ).rowcount
     others = conn.execute(
         text(
-            f"INSERT INTO {plan} (key, user_id, kind, value, data) "
-            "SELECT :k, m.user_id, 'trait', false, :missing FROM memberships m "
+            f"INSERT INTO {plan} (key, user_id, kind, value, data, unknown) "
+            "SELECT :k, m.user_id, 'trait', false, :missing, m.unknown FROM memberships m "
             f"WHERE m.audience_id = :a AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_id = m.user_id) "
             "AND ((m.desired = true AND (m.unknown OR m.acked = true)) "
             f"OR (m.desired = false AND {_DUE}))"
@@ -234,9 +237,9 @@ def add_current(
     return int(
         conn.execute(
             text(
-                f"INSERT INTO {plan} (key, user_id, kind, value, data, acked_data) "
+                f"INSERT INTO {plan} (key, user_id, kind, value, data, acked_data, unknown) "
                 "SELECT :k, m.user_id, :kind, m.desired, CASE WHEN m.desired THEN m.value ELSE :missing END, "
-                f"m.acked_value FROM memberships m WHERE m.audience_id = :a AND {_DUE}"
+                f"m.acked_value, m.unknown FROM memberships m WHERE m.audience_id = :a AND {_DUE}"
             ).bindparams(_NOW),
             {
                 "k": key,
@@ -261,9 +264,9 @@ def add_retired(
     if retired:
         owed, params["now"] = _DUE, now
     query = text(
-        f"INSERT INTO {plan} (key, user_id, kind, value, data, acked_data) "
+        f"INSERT INTO {plan} (key, user_id, kind, value, data, acked_data, unknown) "
         "SELECT :k, m.user_id, a.kind, false, CASE WHEN a.kind = 'trait' THEN a.missing END, "
-        "m.acked_value FROM memberships m JOIN audiences a ON a.id = m.audience_id "
+        "m.acked_value, m.unknown FROM memberships m JOIN audiences a ON a.id = m.audience_id "
         f"WHERE m.audience_id = :a AND {owed}"
     )
     return int(conn.execute(query.bindparams(_NOW) if retired else query, params).rowcount)
@@ -297,18 +300,44 @@ def planned_calls(
     """
     stream = {"stream_results": True, "yield_per": 10_000}
     rows = conn.execute(
-        text(f"SELECT user_id, key, kind, value, data, acked_data FROM {plan} ORDER BY user_id, key"),
+        text(
+            f"SELECT user_id, key, kind, value, data, acked_data, unknown FROM {plan} ORDER BY user_id, key"
+        ),
         execution_options=stream,
     )
     has_fields = conn.execute(text(f"SELECT 1 FROM {plan}_fields LIMIT 1")).first() is not None
-    members = peekable(
-        conn.execute(
-            text(f"SELECT user_id, key, data FROM {plan}_fields ORDER BY user_id, rank"),
-            execution_options=stream,
-        )
+    # What Gleap holds of the planned users' fields, in the plan's order of ids (code points).
+    collate = ' COLLATE "C"' if conn.dialect.name == "postgresql" else ""
+    streams = (
+        [
+            conn.execute(
+                text(f"SELECT user_id, key, data FROM {plan}_fields ORDER BY user_id, rank"),
+                execution_options=stream,
+            ),
+            conn.execute(
+                text(
+                    "SELECT c.user_id, c.field, c.value FROM contact_fields c WHERE c.user_id IN "
+                    f"(SELECT user_id FROM {plan}) ORDER BY c.user_id{collate}"
+                ),
+                execution_options=stream,
+            ),
+        ]
         if has_fields
-        else ()
+        else []
     )
+    try:
+        members, held_rows = (peekable(s) for s in streams) if streams else (peekable(()), peekable(()))
+        yield from _walk(rows, members, held_rows, max_keys, conflicts)
+    finally:
+        # A stream left unread would keep the plan's tables in use (PostgreSQL refuses to drop them).
+        for result in streams:
+            result.close()
+
+
+def _walk(
+    rows: Any, members: peekable, held_rows: peekable, max_keys: int, conflicts: Counter[str] | None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The plan's rows, the members' fields and what Gleap holds, walked side by side by user."""
     # Partitions: a row at a time, SQLAlchemy fetches one by one from the driver (4 s per 1M).
     for user_id, group in groupby(chain.from_iterable(rows.partitions(10_000)), key=_first):
         planned = list(group)
@@ -318,6 +347,12 @@ def planned_calls(
         while members.peek() is not None and members.peek()[0] == user_id:
             _, key, data = next(members)
             fields.append((key, values.decode(data)))
+        held: dict[str, str] = {}
+        while held_rows.peek() is not None and held_rows.peek()[0] < user_id:
+            next(held_rows)
+        while held_rows.peek() is not None and held_rows.peek()[0] == user_id:
+            _, name, value = next(held_rows)
+            held[name] = value
         if not fields and len(planned) <= max_keys and all(_plain(row) for row in planned):
             # Audiences' booleans alone (no fields, no values): the call is the rows' keys, as
             # user_calls would make it; most of a first sync's million calls take this path.
@@ -325,14 +360,14 @@ def planned_calls(
             continue
         keys: dict[int, str] = {}
         changes: list[PendingChange] = []
-        gave: dict[int, frozenset[str]] = {}
-        for number, (_, key, kind, value, data, acked_data) in enumerate(planned):
+        for number, (_, key, kind, value, data, _acked, unknown) in enumerate(planned):
             keys[number] = key
-            changes.append(PendingChange(number, user_id, bool(value), kind=kind, value=values.decode(data)))
-            acked = values.decode(acked_data)
-            if isinstance(acked, dict):
-                gave[number] = frozenset(acked)
-        made, lost = user_calls(changes, keys, fields, gave, max_keys)
+            changes.append(
+                PendingChange(
+                    number, user_id, bool(value), bool(unknown), kind=kind, value=values.decode(data)
+                )
+            )
+        made, lost = user_calls(changes, keys, fields, held, max_keys)
         if conflicts is not None:
             conflicts.update(conflict.loser for conflict in lost)
         for call in made:
@@ -344,8 +379,8 @@ def _first(row: Any) -> Any:
 
 
 def _plain(row: Any) -> bool:
-    """An audience's boolean with no value now nor when Gleap last acknowledged it."""
-    return bool(row[2] == "audience" and row[4] is None and row[5] is None)
+    """An audience's boolean with no value now."""
+    return bool(row[2] == "audience" and row[4] is None)
 
 
 class peekable:

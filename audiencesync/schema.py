@@ -137,6 +137,10 @@ audiences = sa.Table(
     sa.Column("refreshed_at", UtcDateTime, nullable=True),
     # When the daemon will refresh it next (shown by `status`); NULL when no daemon schedules it.
     sa.Column("next_run_at", UtcDateTime, nullable=True),
+    # An audience's place in the config when the winning contact fields were last reconciled
+    # (field_winners.py): the first audience in the config that gives a field wins, so a change of
+    # this order can change what Gleap must hold. NULL: not configured then (or a trait).
+    sa.Column("field_rank", sa.Integer, nullable=True),
 )
 
 memberships = sa.Table(
@@ -204,6 +208,19 @@ memberships = sa.Table(
         sqlite_where=sa.text("pending = 1 AND parked_at IS NOT NULL"),
         postgresql_where=sa.text("pending AND parked_at IS NOT NULL"),
     ),
+)
+
+# What Gleap acknowledged, per user and contact field: the value (canonical JSON) the last call
+# answered 2xx carried, written in the transaction that records that answer (migration 0012). A
+# user is owed a field while the value that wins for them now (the first audience in the config
+# that gives it) differs from this one, or is missing here.
+contact_fields = sa.Table(
+    "contact_fields",
+    metadata,
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    sa.Column("field", sa.String(255), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("acked_at", UtcDateTime, nullable=False),
 )
 
 # Per audience, counts of its memberships and events rows, kept by triggers (migration 0008) in the

@@ -18,12 +18,16 @@ from audiencesync.schema import DELIVERABLE, audience_counts, audiences, events,
 
 # A member whose pending change carries contact fields Gleap has not acknowledged: they
 # entered with fields, or their fields changed (a row's value is its fields, acked_value
-# the fields of the last 2xx).
+# the fields of the last 2xx), or they are owed them again (resend: a winner that changed
+# with the config's order of audiences, field_winners.py; `sync --full`). Migration 0012.
 FIELDS_OWED = sa.and_(
     DELIVERABLE,
     memberships.c.desired == sa.true(),
     memberships.c.value.is_not(None),
-    memberships.c.value.is_distinct_from(memberships.c.acked_value),
+    sa.or_(
+        memberships.c.value.is_distinct_from(memberships.c.acked_value),
+        memberships.c.resend == sa.true(),
+    ),
 )
 
 

@@ -33,7 +33,7 @@ TWO_AUDIENCES = """
     [[audiences]]
     name = "Segment A"
     source = "main"
-    query = "SELECT user_id FROM members WHERE segment = 'a'"
+    query = "SELECT user_id, segment AS team FROM members WHERE segment = 'a'"
 
     [[audiences]]
     name = "Segment B"
@@ -149,7 +149,8 @@ def test_a_forgotten_user_still_in_the_source_comes_back_as_a_new_member(
     report = cycle(synced)
     assert {a.key: a.entered for a in report.audiences} == {"segment_a": 1, "segment_b": 1}
     assert [body for body in gleap.identify_calls if body["userId"] == "u1"] == [
-        {"userId": "u1", "segment_a": True, "segment_b": True}  # a first push, both audiences in one call
+        # a first push, both audiences in one call, with the contact field segment_a gives
+        {"userId": "u1", "segment_a": True, "segment_b": True, "team": "a"}
     ]
     rows = rows_of(store_url, ["u1"])
     assert rows["memberships"] == 2 and rows["membership_changes"] == 2  # one entry each, nothing older

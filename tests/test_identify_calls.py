@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from audiencesync.identify_calls import custom_keys, pack, row_part
+from audiencesync import values
+from audiencesync.identify_calls import custom_keys, owed_fields, pack, row_part, user_calls
+from audiencesync.outcomes import PendingChange
 
 
 def test_a_member_row_carries_the_winning_values_of_the_fields_it_gives() -> None:
@@ -11,21 +13,44 @@ def test_a_member_row_carries_the_winning_values_of_the_fields_it_gives() -> Non
     assert part == {"email": "first@x.io", "seats": 3, "silver": True}
 
 
-def test_a_leaver_carries_only_its_false_unless_another_audience_now_gives_what_it_gave() -> None:
-    assert row_part("gold", False, merged={}, gave={"email"}) == {"gold": False}
-    # Still a member elsewhere: the field the leaver gave now comes from that audience.
-    assert row_part("gold", False, merged={"email": "b@x.io", "plan": "x"}, gave={"email"}) == {
-        "email": "b@x.io",
-        "gold": False,
+def held(**fields: object) -> dict[str, str]:
+    return {name: values.encode(value) for name, value in fields.items()}
+
+
+def test_a_leaver_carries_its_false_and_only_the_winning_fields_gleap_does_not_hold() -> None:
+    leave = [PendingChange(1, "u1", False)]
+    [call], _ = user_calls(leave, {1: "gold"}, [], held(email="a@x.io"))
+    assert call.attributes == {"gold": False} and call.fields == {}
+    # Still a member elsewhere: the other audience's email now wins; its plan Gleap has already.
+    members = [("silver", {"email": "b@x.io", "plan": "x"})]
+    [call], _ = user_calls(leave, {1: "gold"}, members, held(email="a@x.io", plan="x"))
+    assert call.attributes == {"gold": False, "email": "b@x.io"} and call.fields == {"email": "b@x.io"}
+
+
+def test_after_a_call_with_no_verdict_every_winning_field_goes() -> None:
+    members = [("silver", {"email": "b@x.io", "plan": "x"})]
+    unknown = [PendingChange(1, "u1", False, unknown=True)]
+    [call], _ = user_calls(unknown, {1: "gold"}, members, held(email="b@x.io", plan="x"))
+    assert call.fields == {"email": "b@x.io", "plan": "x"}
+    assert owed_fields({"plan": "x"}, held(plan="x")) == set()
+    assert owed_fields({"plan": 1}, held(plan="1")) == {"plan"}  # 1 and "1" are not the same value
+
+
+def test_owed_custom_fields_beyond_one_call_ride_more_calls_of_the_first_change() -> None:
+    members = [("a", {f"c{n:02d}": n for n in range(34)}), ("b", {f"d{n:02d}": n for n in range(34)})]
+    change = PendingChange(1, "u1", True, value={"e": 1})
+    calls, _ = user_calls([change], {1: "x"}, members, {}, 35)
+    assert all(custom_keys(c.attributes) <= 35 and c.changes == [change] for c in calls)
+    assert {k for c in calls for k in c.fields} == {f"c{n:02d}" for n in range(34)} | {
+        f"d{n:02d}" for n in range(34)
     }
 
 
 def test_a_row_part_stays_within_the_custom_key_limit() -> None:
     merged = {f"a{n:02d}": n for n in range(40)}
-    gives = {f"a{n:02d}" for n in range(34)}
-    part = row_part("k", True, merged=merged | {"email": "e"}, gives=gives | {"email"}, gave=set(merged))
+    gives = {f"a{n:02d}" for n in range(36)}
+    part = row_part("k", True, merged=merged | {"email": "e"}, gives=gives | {"email"})
     assert custom_keys(part) == 35 and "email" in part and "k" in part
-    assert "a34" not in part  # what it only used to give is what makes way
 
 
 def test_pack_fills_calls_up_to_35_custom_keys_in_order_without_splitting_a_part() -> None:
