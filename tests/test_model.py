@@ -1,0 +1,65 @@
+"""The model-based test of the whole engine (issue 19 part C), on both stores, in CI's budget.
+
+The machine (tests/model/machine.py) draws operations and faults, drives the real engine
+against the Gleap stand-in, and after settling checks Gleap against a simple model
+(tests/model/expect.py). Longer runs: ``scripts/fuzz --examples 5000 --store postgresql``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from tests.conftest import POSTGRES_URL, _reset_postgres
+from tests.model.machine import EngineMachine
+from tests.model.world import Templates, fast_backoff
+
+# CI's budget: derandomized, so a failure reproduces as it is; `scripts/fuzz` explores further.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    stateful_step_count=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+EXAMPLES = {"sqlite": int(os.environ.get("MODEL_EXAMPLES_SQLITE", "100")),
+            "postgresql": int(os.environ.get("MODEL_EXAMPLES_POSTGRESQL", "30"))}  # fmt: skip
+
+
+def run_machine(store_url: str, workdir: Path, examples: int, profile: str = "ci") -> None:
+    EngineMachine.templates = Templates(store_url, workdir)
+    try:
+        with fast_backoff():
+            run_state_machine_as_test(
+                EngineMachine, settings=settings(settings.get_profile(profile), max_examples=examples)
+            )
+    finally:
+        EngineMachine.templates = None
+
+
+@pytest.mark.parametrize(
+    "store_kind",
+    [
+        "sqlite",
+        pytest.param(
+            "postgresql",
+            marks=[
+                pytest.mark.postgres,
+                pytest.mark.skipif(not POSTGRES_URL, reason="AUDIENCESYNC_TEST_POSTGRES_URL is not set"),
+            ],
+        ),
+    ],
+)
+def test_the_engine_converges_to_the_model(store_kind: str, tmp_path: Path) -> None:
+    if store_kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'unused.db'}"
+    else:
+        assert POSTGRES_URL
+        _reset_postgres(POSTGRES_URL)
+        url = POSTGRES_URL
+    run_machine(url, tmp_path, EXAMPLES[store_kind])
