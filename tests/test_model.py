@@ -16,14 +16,14 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from tests.conftest import POSTGRES_URL, _reset_postgres
 from tests.model.machine import EngineMachine
-from tests.model.world import Templates, fast_backoff
+from tests.model.world import Templates, fast_clients
 
 # CI's budget: derandomized, so a failure reproduces as it is; `scripts/fuzz` explores further.
 settings.register_profile(
     "ci",
     derandomize=True,
     deadline=None,
-    stateful_step_count=25,
+    stateful_step_count=12,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
@@ -34,7 +34,7 @@ EXAMPLES = {"sqlite": int(os.environ.get("MODEL_EXAMPLES_SQLITE", "100")),
 def run_machine(store_url: str, workdir: Path, examples: int, profile: str = "ci") -> None:
     EngineMachine.templates = Templates(store_url, workdir)
     try:
-        with fast_backoff():
+        with fast_clients():
             run_state_machine_as_test(
                 EngineMachine, settings=settings(settings.get_profile(profile), max_examples=examples)
             )

@@ -33,7 +33,7 @@ class Slot:
     events: bool = False
     members: dict[str, str] = field(default_factory=dict)  # user -> plan, the source now
     seen: set[str] = field(default_factory=set)  # members at the last refresh (the store's view)
-    refreshed: bool = False  # the store has the key
+    stored_key: str | None = None  # the key of its last refresh: the store has it
     events_since_settle: bool = False  # a refresh of it made an event since the last settle
     retiring: bool = False  # a retire --unset-in-gleap that did not finish yet
 
@@ -83,7 +83,7 @@ class Model:
                     self.events.setdefault(user, []).append((EXITED, slot.name))
                     slot.events_since_settle = True
             slot.seen = now
-            slot.refreshed = True
+            slot.stored_key = slot.key
 
     def forgotten(self, user: str) -> None:
         """The store holds nothing of the user any more: they come back as a new member."""

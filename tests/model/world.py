@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from httpx._transports import default as httpx_transports
 
 from audiencesync import cli, failpoints, store as store_mod
 from audiencesync.config import Config, load_config
@@ -43,16 +44,29 @@ class Ran:
 
 
 @contextlib.contextmanager
-def fast_backoff() -> Iterator[None]:
-    """The CLI builds its clients with the production backoff (0.5 s, jittered); examples run
-    many retries, so the default is made 10 ms for the test. No result depends on it."""
+def fast_clients() -> Iterator[None]:
+    """Speed only, no result depends on it. The CLI builds its clients with the production
+    backoff (0.5 s, jittered): made 10 ms, as the other tests pass it. And each client loads
+    the CA bundle (~0.1 s, for a loopback stand-in over http): loaded once."""
     saved = (Syncer.__init__.__kwdefaults__, GleapClient.__init__.__kwdefaults__)
     Syncer.__init__.__kwdefaults__ = {**(saved[0] or {}), "backoff_initial": 0.01}
     GleapClient.__init__.__kwdefaults__ = {**(saved[1] or {}), "backoff_initial": 0.01}
+    create = httpx_transports.create_ssl_context
+    contexts: dict[Any, Any] = {}
+
+    def cached(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+        if verify is not True or cert is not None:
+            return create(verify=verify, cert=cert, trust_env=trust_env)
+        if trust_env not in contexts:
+            contexts[trust_env] = create(verify=verify, cert=cert, trust_env=trust_env)
+        return contexts[trust_env]
+
+    httpx_transports.create_ssl_context = cached
     try:
         yield
     finally:
         Syncer.__init__.__kwdefaults__, GleapClient.__init__.__kwdefaults__ = saved
+        httpx_transports.create_ssl_context = create
 
 
 class Templates:
@@ -92,6 +106,7 @@ class World:
         conn.close()
         self.config_path = directory / "audiencesync.toml"
         self.config: Config | None = None
+        self._reader: sa.Engine | None = None  # NullPool: it holds no connection between reads
 
     # -- the source and the config ---------------------------------------------------------------
 
@@ -239,16 +254,18 @@ allow_empty = true
     # -- the store, read only for the cheap invariants (never for expectations) ----------------
 
     def rows(self) -> list[dict[str, Any]]:
-        engine = sa.create_engine(self.store_url)
-        try:
-            with engine.connect() as conn:
-                query = sa.text(
-                    "SELECT a.key, a.kind, m.user_id, m.acked, m.unknown FROM memberships m "
-                    "JOIN audiences a ON a.id = m.audience_id"
-                )
-                return [dict(r._mapping) for r in conn.execute(query)]
-        finally:
-            engine.dispose()
+        if self._reader is None:
+            self._reader = sa.create_engine(self.store_url, poolclass=sa.pool.NullPool)
+        with self._reader.connect() as conn:
+            query = sa.text(
+                "SELECT a.key, a.kind, m.user_id, m.acked, m.unknown FROM memberships m "
+                "JOIN audiences a ON a.id = m.audience_id"
+            )
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.dispose()
 
 
 @contextlib.contextmanager
