@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from tests.conftest import POSTGRES_URL, _reset_postgres
+from tests.model import expect, machine as machine_mod
 from tests.model.machine import EngineMachine
 from tests.model.world import Templates, fast_clients
 
@@ -63,3 +64,42 @@ def test_the_engine_converges_to_the_model(store_kind: str, tmp_path: Path) -> N
         _reset_postgres(POSTGRES_URL)
         url = POSTGRES_URL
     run_machine(url, tmp_path, EXAMPLES[store_kind])
+
+
+# --- explicit examples: sequences the machine found, or the known defects it must catch ----------
+
+
+def play(store_url: str, tmp_path: Path, steps: list[tuple[str, dict[str, object]]]) -> None:
+    """Run one sequence of the machine's rules, checking its invariants after each, then settle."""
+    EngineMachine.templates = Templates(store_url, tmp_path)
+    try:
+        with fast_clients():
+            machine = EngineMachine()
+            try:
+                for name, kwargs in steps:
+                    getattr(machine, name)(**kwargs)
+                    machine.nothing_acknowledged_without_a_2xx()
+            finally:
+                machine.teardown()
+    finally:
+        EngineMachine.templates = None
+
+
+@pytest.fixture
+def no_known_defects(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(expect, "KNOWN_DEFECTS", set())
+    monkeypatch.setattr(machine_mod, "KNOWN_DEFECTS", set())
+
+
+@pytest.mark.xfail(strict=True, reason="issue 19 A.5, fixed in another branch: then drop this mark")
+@pytest.mark.usefixtures("no_known_defects")
+def test_a5_a_retired_audiences_contact_field_gives_way_to_the_next(store_url: str, tmp_path: Path) -> None:
+    play(store_url, tmp_path, [
+        ("start", {"events": (False, False)}),
+        ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
+        ("enter_or_change_plan", {"index": 1, "user": "u1", "plan": "basic"}),
+        ("sync", {"full": False, "kill": None}),
+        ("remove", {"index": 0}),
+        ("retire", {"index": 0, "unset": True}),
+        ("settle", {}),
+    ])  # fmt: skip

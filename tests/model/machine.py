@@ -292,7 +292,9 @@ class EngineMachine(RuleBasedStateMachine):
         rows = {row["key"]: row for row in self.world.status()["audiences"]}
         for slot in self.model.live():
             row = rows[slot.key]
-            got = tuple(row[c] for c in ("members", "pending", "unknown", "failed", "events_pending", "events_failed"))
+            got = tuple(
+                row[c] for c in ("members", "pending", "unknown", "failed", "events_pending", "events_failed")
+            )
             assert got == (len(slot.members), 0, 0, 0, 0, 0), (slot.key, row)
         tier = rows[TRAIT_KEY]
         assert (tier["members"], tier["pending"], tier["unknown"]) == (len(self.model.trait), 0, 0), tier
@@ -310,12 +312,16 @@ class EngineMachine(RuleBasedStateMachine):
         for row in rows:
             key, user = row["key"], row["user_id"]
             if row["kind"] == "audience" and row["acked"] is not None:
-                assert (user, key, bool(row["acked"])) in told, f"{key}={row['acked']} acked for {user}, never 2xx"
+                assert (user, key, bool(row["acked"])) in told, (
+                    f"{key}={row['acked']} acked for {user}, never 2xx"
+                )
         # Unknown marks: one cleared needs a 2xx carrying its key since it was seen.
         for row in rows:
             mark = (row["key"], row["user_id"])
             if mark in self.unknown_then and not row["unknown"]:
-                assert counts[(row["user_id"], row["key"])] > self.unknown_then[mark], f"unknown mark of {mark} cleared"
+                assert counts[(row["user_id"], row["key"])] > self.unknown_then[mark], (
+                    f"unknown mark of {mark} cleared"
+                )
         self.unknown_then = {
             (r["key"], r["user_id"]): counts[(r["user_id"], r["key"])] for r in rows if r["unknown"]
         }
@@ -327,4 +333,3 @@ class EngineMachine(RuleBasedStateMachine):
                 body = request.body
                 told += [(body["userId"], k, v) for k, v in body.items() if k != "userId"]
         return told
-

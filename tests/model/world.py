@@ -51,7 +51,7 @@ def fast_clients() -> Iterator[None]:
     saved = (Syncer.__init__.__kwdefaults__, GleapClient.__init__.__kwdefaults__)
     Syncer.__init__.__kwdefaults__ = {**(saved[0] or {}), "backoff_initial": 0.01}
     GleapClient.__init__.__kwdefaults__ = {**(saved[1] or {}), "backoff_initial": 0.01}
-    create = httpx_transports.create_ssl_context
+    create = getattr(httpx_transports, "create_ssl_context")  # noqa: B009 (not re-exported: mypy)
     contexts: dict[Any, Any] = {}
 
     def cached(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
@@ -61,12 +61,12 @@ def fast_clients() -> Iterator[None]:
             contexts[trust_env] = create(verify=verify, cert=cert, trust_env=trust_env)
         return contexts[trust_env]
 
-    httpx_transports.create_ssl_context = cached
+    setattr(httpx_transports, "create_ssl_context", cached)  # noqa: B010
     try:
         yield
     finally:
         Syncer.__init__.__kwdefaults__, GleapClient.__init__.__kwdefaults__ = saved
-        httpx_transports.create_ssl_context = create
+        setattr(httpx_transports, "create_ssl_context", create)  # noqa: B010
 
 
 class Templates:
