@@ -269,7 +269,8 @@ class EngineMachine(RuleBasedStateMachine):
         if self.model.events_checkable():
             received = self.gleap.events
             for user in USERS:
-                assert self._events_of(user, received) == self.model.expected_events(user), user
+                got, want = self._events_of(user, received), self.model.expected_events(user)
+                assert got == want, f"{user}'s events: Gleap got {got}, the model says {want}"
 
     def _events_of(self, user: str, received: list[dict[str, Any]]) -> list[tuple[str, str]]:
         """The user's events since they were last forgotten, each once (Gleap may get one twice)."""
