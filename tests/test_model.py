@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -28,8 +29,8 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-EXAMPLES = {"sqlite": int(os.environ.get("MODEL_EXAMPLES_SQLITE", "50")),
-            "postgresql": int(os.environ.get("MODEL_EXAMPLES_POSTGRESQL", "15"))}  # fmt: skip
+EXAMPLES = {"sqlite": int(os.environ.get("MODEL_EXAMPLES_SQLITE", "40")),
+            "postgresql": int(os.environ.get("MODEL_EXAMPLES_POSTGRESQL", "10"))}  # fmt: skip
 
 
 def run_machine(store_url: str, workdir: Path, examples: int, profile: str = "ci") -> None:
@@ -139,4 +140,26 @@ def test_a3_a_split_track_batch_keeps_a_users_events_in_order(store_url: str, tm
         ("fault", {"kind": "track400", "count": 2, "user": "u1"}),  # the batch, then its first half
         ("sync", {"full": False, "kill": None}),
         ("settle", {}),
+    ])  # fmt: skip
+
+
+# Not strict: the pass's timing decides whether the lock is held at that moment.
+@pytest.mark.xfail(raises=sa.exc.OperationalError, reason="issue 19 B.2 (SQLite 'database is locked')")
+@pytest.mark.usefixtures("no_known_defects")
+def test_b2_a_reload_renaming_beside_a_pass_is_not_refused_by_sqlite(tmp_path: Path) -> None:
+    """Found by scripts/fuzz (seed 3941096994), shrunk by hand: Renames.apply, run by a reload
+    while a pass is under way, fails at once with 'database is locked' on SQLite."""
+    play(f"sqlite:///{tmp_path / 'unused.db'}", tmp_path, [
+        ("start", {"events": (True, False)}),
+        ("sync_with_reload_mid_pass", {"index": 0, "change": "events"}),
+        ("enter_or_change_plan", {"index": 7, "user": "u1", "plan": "basic"}),
+        ("events_on_or_off", {"index": 0}),
+        ("events_on_or_off", {"index": 0}),
+        ("add_audience", {"events": False}),
+        ("add_audience", {"events": True}),
+        ("sync_with_reload_mid_pass", {"index": 2, "change": "events"}),
+        ("rename", {"index": 4}),
+        ("add_audience", {"events": True}),
+        ("enter_or_change_plan", {"index": 4, "user": "u1", "plan": "basic"}),
+        ("sync_with_reload_mid_pass", {"index": 5, "change": "reorder"}),
     ])  # fmt: skip

@@ -19,8 +19,9 @@ ENTERED, EXITED = "Audience Entered", "Audience Exited"
 
 # The five defects of issue 19 part A that other branches fix. While one is listed, the machine
 # leaves out the operation/fault combinations that trigger it (see tests/test_model.py); the
-# integrator empties this set once the fixes are merged.
-KNOWN_DEFECTS: set[str] = {"A1", "A2", "A3", "A4", "A5"}
+# integrator empties this set once the fixes are merged. B2 (part B: Renames.apply refused
+# at once by SQLite beside a pass) was found by this test: tests/test_model.py::test_b2_...
+KNOWN_DEFECTS: set[str] = {"A1", "A2", "A3", "A4", "A5", "B2"}
 
 
 @dataclass

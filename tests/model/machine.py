@@ -179,8 +179,12 @@ class EngineMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model.configured())
     @rule(index=picks, change=st.sampled_from(["rename", "events", "reorder"]))
     def sync_with_reload_mid_pass(self, index: int, change: str) -> None:
-        if change == "rename" and "A1" in KNOWN_DEFECTS:
-            change = "events"  # A1: the pass's answers land on the renamed rows
+        # A1: the pass's answers land on the rows a reload renamed (a rename made earlier
+        # and not yet seen by a refresh is applied by the reload too).
+        # B2: on SQLite such a rename beside the pass can fail at once with "database is locked".
+        renames = not ({"A1", "B2"} & KNOWN_DEFECTS)
+        if not renames:
+            change = "events" if change == "rename" else change
         self._prepare()
         self.model.refresh()  # the pass's refresh ran on the config before the reload
         if change == "rename":
@@ -190,7 +194,7 @@ class EngineMachine(RuleBasedStateMachine):
         else:
             self.model.order.append(self.model.order.pop(0))
             self.model.disturbed = True
-        self.world.sync_with_reload(self.model)
+        self.world.sync_with_reload(self.model, renames=renames)
 
     @precondition(lambda self: any(s.state == "removed" for s in self.model.slots.values()))
     @rule(index=picks, unset=st.booleans())

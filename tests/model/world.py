@@ -192,7 +192,7 @@ allow_empty = true
                 engine.dispose()
         return Ran(0 if report.complete else 1)
 
-    def sync_with_reload(self, new: Model) -> tuple[Ran, bool]:
+    def sync_with_reload(self, new: Model, *, renames: bool = True) -> tuple[Ran, bool]:
         """A `sync` pass whose identify calls are held unanswered while the config changes
         and the daemon's reload code runs (Renames.apply for each active property, as
         refresh_jobs does on SIGHUP); then the calls are answered. True: the reload came mid-pass."""
@@ -220,7 +220,7 @@ allow_empty = true
             engine = store_mod.engine_for(config.store)
             syncer = Syncer(config, Store(engine))
             try:
-                for audience in config.active:
+                for audience in config.active if renames else ():
                     syncer.rename(audience)
             finally:
                 syncer.sources.dispose()
