@@ -24,6 +24,7 @@ from tests.model.world import Templates, fast_clients
 settings.register_profile(
     "ci",
     derandomize=True,
+    database=None,
     deadline=None,
     stateful_step_count=10,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

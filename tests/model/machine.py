@@ -3,6 +3,7 @@ drawn by Hypothesis, the real engine against the real Gleap stand-in, beside the
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,7 +34,7 @@ class EngineMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         assert self.templates is not None
-        directory = workdir()
+        self.directory = directory = workdir()
         self.gleap = GleapStandIn(TOKEN).start()
         self.world = World(self.gleap, self.templates.fresh(directory), Path(directory))
         self.model = Model()
@@ -53,6 +54,7 @@ class EngineMachine(RuleBasedStateMachine):
         finally:
             self.world.close()
             self.gleap.stop()
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- the sources ---------------------------------------------------------------------------
 
