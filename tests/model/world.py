@@ -1,0 +1,288 @@
+"""The real things the model-based test drives: a source database, a config file, a store,
+the Gleap stand-in, and the engine's own entry points (Syncer.run_cycle as `sync` runs it,
+Renames.apply as the daemon's reload runs it, and the CLI's retry, retire, forget, status).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from httpx._transports import default as httpx_transports
+
+from audiencesync import cli, failpoints, store as store_mod
+from audiencesync.config import Config, load_config
+from audiencesync.gleap import GleapClient
+from audiencesync.store import Store
+from audiencesync.sync import Syncer
+from tests.gleap_standin import GleapStandIn
+from tests.model.expect import MISSING, TRAIT_KEY, Model
+
+TOKEN = "model-token-4b1e"
+
+
+@dataclass
+class Ran:
+    """What an engine entry point did: its exit status, or that a failpoint stopped it."""
+
+    status: int
+    killed: bool = False
+    out: str = ""
+    err: str = ""
+
+
+@contextlib.contextmanager
+def fast_clients() -> Iterator[None]:
+    """Speed only, no result depends on it. The CLI builds its clients with the production
+    backoff (0.5 s, jittered): made 10 ms, as the other tests pass it. And each client loads
+    the CA bundle (~0.1 s, for a loopback stand-in over http): loaded once."""
+    saved = (Syncer.__init__.__kwdefaults__, GleapClient.__init__.__kwdefaults__)
+    Syncer.__init__.__kwdefaults__ = {**(saved[0] or {}), "backoff_initial": 0.01}
+    GleapClient.__init__.__kwdefaults__ = {**(saved[1] or {}), "backoff_initial": 0.01}
+    create = getattr(httpx_transports, "create_ssl_context")  # noqa: B009 (not re-exported: mypy)
+    contexts: dict[Any, Any] = {}
+
+    def cached(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+        if verify is not True or cert is not None:
+            return create(verify=verify, cert=cert, trust_env=trust_env)
+        if trust_env not in contexts:
+            contexts[trust_env] = create(verify=verify, cert=cert, trust_env=trust_env)
+        return contexts[trust_env]
+
+    setattr(httpx_transports, "create_ssl_context", cached)  # noqa: B010
+    try:
+        yield
+    finally:
+        Syncer.__init__.__kwdefaults__, GleapClient.__init__.__kwdefaults__ = saved
+        setattr(httpx_transports, "create_ssl_context", create)  # noqa: B010
+
+
+class Templates:
+    """A migrated empty store made once per test run; each example starts from a copy of it
+    (SQLite: the file; PostgreSQL: every table emptied), since migrating takes seconds."""
+
+    def __init__(self, store_url: str, workdir: Path) -> None:
+        self.store_url = store_url
+        self.sqlite = store_url.startswith("sqlite")
+        self.template = workdir / "template.db"
+        url = f"sqlite:///{self.template}" if self.sqlite else store_url
+        engine = store_mod.create_engine(url, create=True)
+        store_mod.upgrade(engine)
+        self.tables = [t for t in sa.inspect(engine).get_table_names() if t != "alembic_version"]
+        engine.dispose()
+
+    def fresh(self, directory: Path) -> str:
+        if self.sqlite:
+            shutil.copy(self.template, directory / "store.db")
+            return f"sqlite:///{directory / 'store.db'}"
+        engine = sa.create_engine(self.store_url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"TRUNCATE {', '.join(self.tables)} RESTART IDENTITY CASCADE")
+        engine.dispose()
+        return self.store_url
+
+
+class World:
+    def __init__(self, gleap: GleapStandIn, store_url: str, directory: Path) -> None:
+        self.gleap = gleap
+        self.store_url = store_url
+        self.dir = directory
+        self.source = directory / "source.db"
+        with sqlite3.connect(self.source) as conn:
+            conn.execute("CREATE TABLE m (slot TEXT, user_id TEXT, plan TEXT)")
+            conn.execute("CREATE TABLE t (user_id TEXT, value TEXT)")
+        conn.close()
+        self.config_path = directory / "audiencesync.toml"
+        self.config: Config | None = None
+        self._reader: sa.Engine | None = None  # NullPool: it holds no connection between reads
+
+    # -- the source and the config ---------------------------------------------------------------
+
+    def write_source(self, model: Model) -> None:
+        with sqlite3.connect(self.source) as conn:
+            conn.execute("DELETE FROM m")
+            conn.executemany(
+                "INSERT INTO m VALUES (?, ?, ?)",
+                [(s.name, u, p) for s in model.slots.values() for u, p in sorted(s.members.items())],
+            )
+            conn.execute("DELETE FROM t")
+            conn.executemany("INSERT INTO t VALUES (?, ?)", sorted(model.trait.items()))
+        conn.close()
+
+    def write_config(self, model: Model) -> Config:
+        tables = []
+        for slot in model.configured():
+            previous = ", ".join(f'"{k}"' for k in slot.keys[:-1])
+            tables.append(
+                f"""
+[[audiences]]
+name = "Slot {slot.name}"
+key = "{slot.key}"
+source = "main"
+query = "SELECT user_id, plan FROM m WHERE slot = '{slot.name}'"
+allow_empty = true
+events = {str(slot.events).lower()}
+enabled = {str(slot.state == "live").lower()}
+previous_keys = [{previous}]
+"""
+            )
+        text = f"""
+[store]
+url = "{self.store_url}"
+
+[gleap]
+base_url = "{self.gleap.base_url}"
+api_token = "{TOKEN}"
+requests_per_minute = 600000
+max_concurrency = 4
+timeout_seconds = 10
+max_retries = 1
+track_batch_size = 2
+
+[sources.main]
+url = "sqlite:///{self.source}"
+
+[sync]
+retry_backoff = "0s"
+retry_backoff_max = "0s"
+max_removal_fraction = 1.0
+max_attempts = 50
+
+[[traits]]
+name = "Tier"
+key = "{TRAIT_KEY}"
+source = "main"
+query = "SELECT user_id, value FROM t"
+missing = "{MISSING}"
+allow_empty = true
+""" + "".join(tables)
+        self.config_path.write_text(text)
+        self.config_path.chmod(0o600)
+        self.config = load_config(self.config_path)
+        return self.config
+
+    # -- the engine ------------------------------------------------------------------------------
+
+    def sync(self, *, full: bool = False, failpoint: str | None = None) -> Ran:
+        """One `sync` cycle in-process: refresh every active property, then deliver."""
+        assert self.config is not None
+        engine = store_mod.engine_for(self.config.store)
+        syncer = Syncer(self.config, Store(engine), backoff_initial=0.01)
+        with armed(failpoint):
+            try:
+                report = syncer.run_cycle(full=full)
+            except RuntimeError as exc:
+                if "failpoint" not in str(exc):
+                    raise
+                return Ran(1, killed=True)
+            finally:
+                syncer.sources.dispose()
+                engine.dispose()
+        return Ran(0 if report.complete else 1)
+
+    def sync_with_reload(self, new: Model, *, renames: bool = True) -> tuple[Ran, bool]:
+        """A `sync` pass whose identify calls are held unanswered while the config changes
+        and the daemon's reload code runs (Renames.apply for each active property, as
+        refresh_jobs does on SIGHUP); then the calls are answered. True: the reload came mid-pass."""
+        assert self.config is not None
+        result: list[Ran] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                result.append(self.sync())
+            except BaseException as exc:  # re-raised in the test's thread
+                errors.append(exc)
+
+        self.gleap.hold()
+        thread = threading.Thread(target=run, name="model-pass")
+        thread.start()
+        mid = False
+        try:
+            # Either a call is held, or the pass ends with nothing to call: no timing involved.
+            while thread.is_alive():
+                if self.gleap.wait_held(1, timeout=0.05):
+                    mid = True
+                    break
+            config = self.write_config(new)
+            engine = store_mod.engine_for(config.store)
+            syncer = Syncer(config, Store(engine))
+            try:
+                for audience in config.active if renames else ():
+                    syncer.rename(audience)
+            finally:
+                syncer.sources.dispose()
+                engine.dispose()
+        finally:
+            self.gleap.release()
+            thread.join(timeout=120)
+        if errors:
+            raise errors[0]
+        return result[0], mid
+
+    def cli(self, *args: str) -> Ran:
+        """An `audiencesync` command in-process, as the CLI runs it."""
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                status = cli.main(["--config", str(self.config_path), *args])
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        return Ran(status, out=out.getvalue(), err=err.getvalue())
+
+    def status(self) -> dict[str, Any]:
+        ran = self.cli("status", "--format", "json")
+        assert ran.status in (0, 1), ran.err
+        result: dict[str, Any] = json.loads(ran.out)
+        return result
+
+    # -- the store, read only for the cheap invariants (never for expectations) ----------------
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self._reader is None:
+            self._reader = sa.create_engine(self.store_url, poolclass=sa.pool.NullPool)
+        with self._reader.connect() as conn:
+            query = sa.text(
+                "SELECT a.key, a.kind, m.user_id, m.acked, m.unknown FROM memberships m "
+                "JOIN audiences a ON a.id = m.audience_id"
+            )
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.dispose()
+
+
+@contextlib.contextmanager
+def armed(failpoint: str | None) -> Iterator[None]:
+    """A failpoint (audiencesync/failpoints.py) raised in-process: the pass stops there, as a
+    kill would stop it, except that `finally` blocks run."""
+    if failpoint is None:
+        yield
+        return
+    failpoints._reached.clear()
+    os.environ[failpoints.ENV] = failpoint
+    try:
+        yield
+    finally:
+        del os.environ[failpoints.ENV]
+        failpoints._reached.clear()
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="model-"))
