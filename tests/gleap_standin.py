@@ -65,6 +65,19 @@ class _Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Faults:
+    """What the fault rules decided for one request (``GleapStandIn._faults``)."""
+
+    delay: float | None
+    drop: bool
+    failure: _Reply | None
+    lost: bool  # applied, then the answer is lost
+    ok: int  # the success status (a script may ask for 201 or 204)
+    limit_headers: dict[str, str]
+    limited: bool
+
+
 @dataclass
 class _UserFault:
     status: int
@@ -555,29 +568,42 @@ class GleapStandIn:
             return self._track(headers, body)
         return _json_reply(404, {"message": f"Not found: {route}"})
 
-    def _delete_contact(self, user_id: str) -> _Reply:
-        """DELETE a contact: 404 when unknown. Takes the same fault rules as identify (not hold())."""
-        ok = 200
-        failure: _Reply | None
-        limit_headers: dict[str, str]
+    def _faults(self, fail: tuple[deque[Any], ...], lose: tuple[deque[Any], ...]) -> _Faults:
+        """This request's faults, taken under the lock in the order every route applies them:
+        a script step, or drop, then a failure (the first of ``fail`` that has one), then the
+        rate limit, then a lost answer (the first of ``lose`` that has one)."""
         with self._lock:
             delay: float | None = _take(self._delay_rules)
             if self._script:
-                drop, failure, lose, ok = self._scripted()
-                limit_headers, limited = {}, False
-            else:
-                drop = _take(self._drop_rules) is not None
-                failure = None if drop else _take(self._fail_rules)
-                limit_headers, limited = ({}, False) if drop or failure else self._admit()
-                lose = not (drop or failure or limited) and _take(self._lose_rules) is not None
+                drop, failure, lost, ok = self._scripted()
+                return _Faults(delay, drop, failure, lost, ok, {}, False)
+            drop = _take(self._drop_rules) is not None
+            failure = None if drop else next((f for f in map(_take, fail) if f is not None), None)
+            limit_headers, limited = ({}, False) if drop or failure else self._admit()
+            lost = not (drop or failure or limited) and any(_take(rules) is not None for rules in lose)
+            return _Faults(delay, drop, failure, lost, 200, limit_headers, limited)
+
+    def _early(self, faults: _Faults, latency: float = 0.0) -> _Reply | None:
+        """The answer a fault gives before the request is looked at, or None to go on."""
+        delay = (faults.delay or 0.0) + latency
         if delay and self._stopping.wait(delay):
+            return _Reply(0)  # stopped mid-request: a dead server answers nothing
+        if faults.drop:
             return _Reply(0)
-        if drop:
-            return _Reply(0)
-        if failure is not None:
-            return failure
-        if limited:
-            return _json_reply(429, {"message": "Too many requests"}, {"Retry-After": "1", **limit_headers})
+        if faults.failure is not None:
+            return faults.failure
+        if faults.limited:
+            headers = {"Retry-After": "1", **faults.limit_headers}
+            return _json_reply(429, {"message": "Too many requests"}, headers)
+        return None
+
+    def _delete_contact(self, user_id: str) -> _Reply:
+        """DELETE a contact: 404 when unknown. Takes the same fault rules as identify (not hold())."""
+        faults = self._faults((self._fail_rules,), (self._lose_rules,))
+        early = self._early(faults)
+        if early is not None:
+            return early
+        ok, lose, limit_headers = faults.ok, faults.lost, faults.limit_headers
         with self._lock:
             fault = self._user_fault(user_id)
             known = fault is None and self._contacts.pop(user_id, None) is not None
@@ -604,29 +630,11 @@ class GleapStandIn:
             while not self._gate.wait(0.05):
                 if self._stopping.is_set():
                     return _Reply(0)
-        ok = 200
-        failure: _Reply | None
-        limit_headers: dict[str, str]
-        with self._lock:
-            delay: float | None = _take(self._delay_rules)
-            if self._script:
-                drop, failure, lose, ok = self._scripted()
-                limit_headers, limited = {}, False
-            else:
-                drop = _take(self._drop_rules) is not None
-                failure = None if drop else _take(self._fail_rules)
-                limit_headers, limited = ({}, False) if drop or failure else self._admit()
-                lose = not (drop or failure or limited) and _take(self._lose_rules) is not None
-
-        delay = (delay or 0.0) + self.latency_seconds
-        if delay and self._stopping.wait(delay):
-            return _Reply(0)  # stopped mid-request: a dead server answers nothing
-        if drop:
-            return _Reply(0)
-        if failure is not None:
-            return failure
-        if limited:
-            return _json_reply(429, {"message": "Too many requests"}, {"Retry-After": "1", **limit_headers})
+        faults = self._faults((self._fail_rules,), (self._lose_rules,))
+        early = self._early(faults, self.latency_seconds)
+        if early is not None:
+            return early
+        ok, lose, limit_headers = faults.ok, faults.lost, faults.limit_headers
 
         content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type != _JSON:
@@ -662,29 +670,13 @@ class GleapStandIn:
         """Events, with the same fault rules as identify (but not hold()), and their own
         (fail_track_next, lose_track_answer_next, reject_events_of): drop, fail, rate limit,
         validation, reject_events_of, then success (or a lost answer)."""
-        ok = 200
-        failure: _Reply | None
-        limit_headers: dict[str, str]
-        with self._lock:
-            delay: float | None = _take(self._delay_rules)
-            if self._script:
-                drop, failure, lose, ok = self._scripted()
-                limit_headers, limited = {}, False
-            else:
-                drop = _take(self._drop_rules) is not None
-                failure = None if drop else _take(self._track_fail_rules) or _take(self._fail_rules)
-                limit_headers, limited = ({}, False) if drop or failure else self._admit()
-                lose = not (drop or failure or limited) and (
-                    _take(self._track_lose_rules) is not None or _take(self._lose_rules) is not None
-                )
-        if delay and self._stopping.wait(delay):
-            return _Reply(0)
-        if drop:
-            return _Reply(0)
-        if failure is not None:
-            return failure
-        if limited:
-            return _json_reply(429, {"message": "Too many requests"}, {"Retry-After": "1", **limit_headers})
+        faults = self._faults(
+            (self._track_fail_rules, self._fail_rules), (self._track_lose_rules, self._lose_rules)
+        )
+        early = self._early(faults)
+        if early is not None:
+            return early
+        ok, lose, limit_headers = faults.ok, faults.lost, faults.limit_headers
         content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type != _JSON:
             return _json_reply(400, {"message": "Content-Type must be application/json"})
