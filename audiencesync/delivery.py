@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
 
 import httpx
-from sqlalchemy.exc import SQLAlchemyError
 
 from audiencesync import failpoints, values
 from audiencesync.breaker import CircuitBreaker
@@ -34,9 +33,11 @@ from audiencesync.events import Outbox
 from audiencesync.field_winners import reconcile
 from audiencesync.gleap import GleapClient
 from audiencesync.identify_calls import Call
+from audiencesync.progress_log import ProgressLog
 from audiencesync.record_batches import RECORD_WINDOW, next_batch
 from audiencesync.store import Backoff, Outcome, PendingChange, Store
 from audiencesync.track import EventSender
+from audiencesync.unknown_marks import UnknownMarks
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,8 @@ class Deliverer:
         unrecorded = asyncio.Semaphore(self.gleap.max_concurrency + RECORD_WINDOW)
         refused: GleapAuthError | None = None
         calls = 0
-        progress = _ProgressLog(self.store, audience_ids, self.clock, self.progress_every)
-        marked = _Marks(self.store)
+        progress = ProgressLog(self.store, audience_ids, self.clock, self.progress_every)
+        marked = UnknownMarks(self.store)
 
         async def write_answers() -> None:
             done = False
@@ -336,89 +337,6 @@ class Deliverer:
 
 def _take(plan: Iterator[tuple[str, Call[PendingChange]]], n: int) -> list[tuple[str, Call[PendingChange]]]:
     return list(islice(plan, n))
-
-
-class _Marks:
-    """Rows marked outcome-unknown ahead of their call, until the call is handed to a sender.
-
-    Once handed over, the mark stays until the answer is stored: a call
-    cancelled or killed in flight may have reached Gleap.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._lock = threading.Lock()
-        self._open: dict[tuple[int, str], PendingChange] = {}
-
-    def mark(self, changes: list[PendingChange]) -> None:
-        self.store.mark_unknown(changes)
-        with self._lock:
-            self._open.update(((c.audience_id, c.user_id), c) for c in changes)
-
-    def sent(self, changes: Sequence[PendingChange]) -> None:
-        with self._lock:
-            for change in changes:
-                self._open.pop((change.audience_id, change.user_id), None)
-
-    def unsent(self, changes: Sequence[PendingChange]) -> None:
-        with self._lock:
-            self._open.update(((c.audience_id, c.user_id), c) for c in changes)
-
-    def restore(self) -> None:
-        """Never sent: these rows get back the mark they had before this pass."""
-        with self._lock:
-            unsent = list(self._open.values())
-            self._open.clear()
-        if not unsent:
-            return
-        try:
-            self.store.restore_unknown(unsent)
-        except (AudienceSyncError, SQLAlchemyError) as exc:
-            # Harmless: they stay pending, and the next pass sends them once more.
-            log.warning("could not clear the marks of %d unsent call(s): %s", len(unsent), exc)
-
-
-class _ProgressLog:
-    """A log line at least every ``every`` seconds during a long delivery: sent, remaining, rate, ETA."""
-
-    def __init__(
-        self, store: Store, audience_ids: Sequence[int], clock: Callable[[], float], every: float
-    ) -> None:
-        self.store = store
-        self.audience_ids = audience_ids
-        self.clock = clock
-        self.every = every
-        self.started = self.last = clock()
-        self.count = 0
-
-    def sent(self, n: int) -> None:
-        self.count += n
-        now = self.clock()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        remaining = self.store.pending_count(self.audience_ids)
-        rate = self.count / max(now - self.started, 1e-9)
-        eta = remaining / rate if rate else float("inf")
-        log.info(
-            "delivering: %d sent, %d remaining, %.1f calls/s, ETA %s",
-            self.count,
-            remaining,
-            rate,
-            _duration(eta),
-        )
-
-    def done(self) -> None:
-        if self.count and self.clock() - self.started >= self.every:
-            log.info("delivery pass done: %d sent in %s", self.count, _duration(self.clock() - self.started))
-
-
-def _duration(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "unknown"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -153,14 +153,14 @@ def test_secret_hides_itself() -> None:
 
 
 def test_progress_lines_come_at_least_every_interval(caplog: pytest.LogCaptureFixture) -> None:
-    from audiencesync.delivery import _ProgressLog
+    from audiencesync.progress_log import ProgressLog
 
     class FakeStore:
         def pending_count(self, audience_ids: object) -> int:
             return 900
 
     now = [0.0]
-    progress = _ProgressLog(FakeStore(), [1], lambda: now[0], every=60)  # type: ignore[arg-type]
+    progress = ProgressLog(FakeStore(), [1], lambda: now[0], every=60)  # type: ignore[arg-type]
     caplog.set_level("INFO")
     for _ in range(100):  # 100 answers over 100 s
         now[0] += 1
