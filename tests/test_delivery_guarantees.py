@@ -93,16 +93,22 @@ def test_an_event_that_may_have_been_applied_stays_unknown_after_a_verdict_on_it
 ) -> None:
     source.set(["u1"])
     config = make_config(gleap.base_url, extra_gleap="events = true")
-    # The identify; then the track call is applied and its answer lost, and its retry refused.
-    gleap.script_next(200, "lose", verdict)
+    # The identify; then the track call is applied and its answer lost, its retry answered 503,
+    # and the retry after that refused.
+    gleap.script_next(200, "lose", 503, verdict)
     cycle(config)
     assert [e["userId"] for e in gleap.events] == ["u1"]
     engine = store_mod.engine_for(config.store)
     with engine.connect() as conn:
-        event = conn.execute(sa.text("SELECT unknown, acked_at, last_status FROM events")).one()
+        event = conn.execute(
+            sa.text("SELECT unknown, acked_at, last_status, last_error, sends FROM events")
+        ).one()
+        retries = conn.execute(sa.text("SELECT SUM(retries) FROM sync_runs")).scalar_one()
     engine.dispose()
     assert event.acked_at is None and event.last_status == verdict
     assert event.unknown, "the verdict cleared the event's unknown mark"
+    # What the audit and the run's counts show: the refusal, three requests, two of them retries.
+    assert str(verdict) in event.last_error and (event.sends, retries) == (3, 2)
 
 
 # --- D: the circuit breaker's rules --------------------------------------------------------------------
