@@ -162,6 +162,10 @@ def test_a_parked_event_holds_its_users_later_events_of_that_audience_until_retr
     ]
     assert store.requeue(audience_key="segment_a") == 2  # any filter of `retry` covers both
     store.engine.dispose()
+    # Requeued as new: a full attempt budget, no backoff, nothing parked.
+    fresh = (0, 0, None, None)
+    rows = event_rows(config)
+    assert [(r["attempts"], r["failures"], r["next_attempt_at"], r["parked_at"]) for r in rows] == [fresh] * 2
     report = cycle(config)
     assert told(gleap) == IN_AND_OUT
     assert (only(report).events_pending, only(report).events_parked) == (0, 0)
