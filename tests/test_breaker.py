@@ -50,3 +50,35 @@ def test_a_backoff_sleep_ends_when_the_breaker_opens() -> None:
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 30  # cut short, far from its 60 s
+
+
+def test_a_success_between_failures_starts_the_count_again() -> None:
+    # "threshold failures in a row": two, a success, two more is not three in a row.
+    breaker = CircuitBreaker(3)
+    breaker.failure("u1", "HTTP 503")
+    breaker.failure("u2", "HTTP 503")
+    breaker.success()
+    assert (breaker.failures, breaker.users) == (0, set())
+    breaker.failure("u1", "HTTP 503")
+    breaker.failure("u2", "HTTP 503")
+    assert not breaker.is_open and breaker.failures == 2
+    breaker.failure("u3", "HTTP 503")
+    assert breaker.is_open
+
+
+def test_a_success_forgets_the_users_who_failed_before_it() -> None:
+    # After the success only u2 fails: one poisoned user, so the breaker stays shut.
+    breaker = CircuitBreaker(3)
+    breaker.failure("u1", "HTTP 503")
+    breaker.success()
+    for _ in range(3):
+        breaker.failure("u2", "HTTP 400")
+    assert not breaker.is_open and breaker.users == {"u2"}
+
+
+def test_a_success_does_not_shut_an_open_breaker() -> None:
+    breaker = CircuitBreaker(2)
+    breaker.failure("u1", "HTTP 503")
+    breaker.failure("u2", "HTTP 503")
+    breaker.success()
+    assert breaker.is_open and breaker.failures == 2

@@ -5,10 +5,12 @@ loopback stand-in, on both stores."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +19,7 @@ from audiencesync import store as store_mod
 from audiencesync.config import Config
 from audiencesync.forget import Forgetter
 from audiencesync.gleap import GleapClient
+from audiencesync.record_batches import RECORD_BATCH, next_batch
 from audiencesync.secret import Secret
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
@@ -90,16 +93,22 @@ def test_an_event_that_may_have_been_applied_stays_unknown_after_a_verdict_on_it
 ) -> None:
     source.set(["u1"])
     config = make_config(gleap.base_url, extra_gleap="events = true")
-    # The identify; then the track call is applied and its answer lost, and its retry refused.
-    gleap.script_next(200, "lose", verdict)
+    # The identify; then the track call is applied and its answer lost, its retry answered 503,
+    # and the retry after that refused.
+    gleap.script_next(200, "lose", 503, verdict)
     cycle(config)
     assert [e["userId"] for e in gleap.events] == ["u1"]
     engine = store_mod.engine_for(config.store)
     with engine.connect() as conn:
-        event = conn.execute(sa.text("SELECT unknown, acked_at, last_status FROM events")).one()
+        event = conn.execute(
+            sa.text("SELECT unknown, acked_at, last_status, last_error, sends FROM events")
+        ).one()
+        retries = conn.execute(sa.text("SELECT SUM(retries) FROM sync_runs")).scalar_one()
     engine.dispose()
     assert event.acked_at is None and event.last_status == verdict
     assert event.unknown, "the verdict cleared the event's unknown mark"
+    # What the audit and the run's counts show: the refusal, three requests, two of them retries.
+    assert str(verdict) in event.last_error and (event.sends, retries) == (3, 2)
 
 
 # --- D: the circuit breaker's rules --------------------------------------------------------------------
@@ -224,3 +233,36 @@ def test_the_removal_guard_allows_exactly_the_fraction_and_holds_one_more(
     report = cycle(config)
     assert report.complete and only(report).status != "held", only(report).error
     assert sorted(u for u, c in gleap.contacts.items() if c[KEY] is False) == ["u0", "u1"]
+
+
+def test_answers_are_recorded_in_batches_of_record_batch_until_the_pass_ends() -> None:
+    """``next_batch`` as a unit: a full batch at once, a short one when the queue runs dry, and
+    the end of the pass (None) with or without answers before it."""
+
+    async def scenario() -> list[tuple[list[Any], bool]]:
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        got = []
+        for i in range(RECORD_BATCH + 2):
+            answers.put_nowait(i)
+        got.append(await next_batch(answers))  # full: no wait for more
+        got.append(await next_batch(answers))  # the 2 left, then the linger runs out
+        answers.put_nowait("x")
+        # Arrives while the batch lingers (the queue was empty): it joins the batch.
+        loop.call_soon(answers.put_nowait, "y")
+        got.append(await next_batch(answers))
+        answers.put_nowait("z")
+        answers.put_nowait(None)
+        got.append(await next_batch(answers))
+        answers.put_nowait(None)
+        got.append(await next_batch(answers))
+        return got
+
+    got = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert got == [
+        (list(range(RECORD_BATCH)), False),
+        ([RECORD_BATCH, RECORD_BATCH + 1], False),
+        (["x", "y"], False),
+        (["z"], True),
+        ([], True),
+    ]

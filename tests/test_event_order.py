@@ -92,6 +92,30 @@ def test_a_split_batch_holds_a_users_later_event_behind_their_refused_one(
     assert only(report).events_pending == 0
 
 
+def test_a_split_batch_still_sends_the_other_users_events_beside_a_held_one(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1", "u2", "u3"])
+    extra = "[sync]\nmax_attempts = 3\nmax_removal_fraction = 1.0\n"
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, extra=extra)
+    gleap.fail_user("u1", 503, times=4)  # u1's true: no verdict this cycle, so its event waits
+    cycle(config)
+    assert told(gleap) == [("u2", "segment_a", "Audience Entered"), ("u3", "segment_a", "Audience Entered")]
+    source.set(["u3"])  # u1 and u2 leave
+    gleap.reset_log()
+    # [u1 entered, u1 exited, u2 exited] -> 400, split; [u1 entered] -> 400, a verdict;
+    # [u1 exited, u2 exited]: u1's is held behind the refused one, u2's goes all the same.
+    gleap.fail_track_next(2, 400)
+    report = cycle(config)
+    assert [(len(r.body["events"]), r.status) for r in track_requests(gleap)] == [
+        (3, 400),
+        (1, 400),
+        (1, 200),
+    ]
+    assert told(gleap) == [("u2", "segment_a", "Audience Exited")]
+    assert only(report).events_pending == 2
+
+
 def test_a_users_event_waits_while_their_earlier_event_backs_off(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
 ) -> None:
@@ -138,6 +162,10 @@ def test_a_parked_event_holds_its_users_later_events_of_that_audience_until_retr
     ]
     assert store.requeue(audience_key="segment_a") == 2  # any filter of `retry` covers both
     store.engine.dispose()
+    # Requeued as new: a full attempt budget, no backoff, nothing parked.
+    fresh = (0, 0, None, None)
+    rows = event_rows(config)
+    assert [(r["attempts"], r["failures"], r["next_attempt_at"], r["parked_at"]) for r in rows] == [fresh] * 2
     report = cycle(config)
     assert told(gleap) == IN_AND_OUT
     assert (only(report).events_pending, only(report).events_parked) == (0, 0)

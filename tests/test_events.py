@@ -10,17 +10,20 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pytest
 import sqlalchemy as sa
 
 from audiencesync import audit, store as store_mod
 from audiencesync.config import Config
-from audiencesync.gleap import event_date
+from audiencesync.events import DueEvent, EventOutcome, Outbox
+from audiencesync.gleap import Answer, GleapClient, event_date
 from audiencesync.prune import Pruner
 from audiencesync.schema import events, sync_runs
 from audiencesync.store import Store
 from audiencesync.sync import PlannedCall, PlannedTrack, Syncer
+from audiencesync.track import EventSender
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn, RecordedRequest, _track_problem
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for
@@ -268,6 +271,8 @@ def test_prune_deletes_acknowledged_events_and_keeps_the_unsent(
     assert [e["userId"] for e in gleap.events] == ["u1", "u2"]
 
     pruner = Pruner(engine, lambda: datetime.now(UTC), pause_seconds=0)
+    # Acknowledged after the cut: kept (only what Gleap acknowledged before it goes).
+    assert pruner.plan(long_ago - timedelta(days=1)).events == 0
     cut = datetime.now(UTC) - timedelta(days=5)
     assert pruner.plan(cut).events == 2
     result = pruner.prune(cut, by="cli")
@@ -419,3 +424,73 @@ def test_a_stop_mid_event_batch_cancels_it_after_the_grace_and_the_events_stay_o
 
     report = cycle(config)
     assert sorted(e["userId"] for e in gleap.events) == ["u1", "u2"] and only(report).events_pending == 0
+
+
+# --- EventSender as a unit (seams: the outbox and the client) ------------------------------------
+
+
+class _Outbox:
+    """The outbox's seam: one page of due events, and what the sender does with their marks."""
+
+    def __init__(self, due: list[DueEvent]) -> None:
+        self.pages = [due]
+        self.marked: list[list[int]] = []
+        self.restored: list[list[int]] = []
+        self.recorded: list[EventOutcome] = []
+
+    def due(self, audience_ids: object, after: int, limit: int) -> list[DueEvent]:
+        return self.pages.pop(0) if self.pages else []
+
+    def mark_unknown(self, batch: list[DueEvent]) -> None:
+        self.marked.append([e.id for e in batch])
+
+    def restore_unknown(self, batch: list[DueEvent]) -> None:
+        self.restored.append([e.id for e in batch])
+
+    def record(self, outcome: EventOutcome, run_ids: object, **_: object) -> None:
+        self.recorded.append(outcome)
+
+
+class _Client:
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+
+    async def track(self, bodies: list[dict[str, object]]) -> Answer:
+        return self.answer
+
+
+def _send(outbox: _Outbox, answer: Answer, sender_hook: Callable[[EventSender], None]) -> int:
+    sender = EventSender(cast(Outbox, outbox), batch_size=10, max_attempts=3, backoff=(1.0, 60.0))
+    sender_hook(sender)
+    client = cast(GleapClient, _Client(answer))
+    return asyncio.run(sender.send_due(client, [1], lambda _: 1, halted=lambda: False))
+
+
+def _due(*ids: int) -> list[DueEvent]:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    return [DueEvent(i, 1, "gold", f"u{i}", "Audience Entered", "Gold", at) for i in ids]
+
+
+def test_a_track_call_halted_by_the_breaker_before_it_went_out_gives_the_marks_back() -> None:
+    # The breaker opened while the call waited for the limiter: nothing was sent, so nothing is
+    # recorded and the events get back the mark they had (not "outcome unknown").
+    outbox = _Outbox(_due(1, 2))
+    answers: list[tuple[Answer, int]] = []
+    halted = Answer(0, "not sent: circuit breaker open", halted=True)
+    requests = _send(outbox, halted, lambda s: setattr(s, "on_answer", lambda a, n: answers.append((a, n))))
+    assert (requests, outbox.marked, outbox.restored, outbox.recorded, answers) == (
+        0,
+        [[1, 2]],
+        [[1, 2]],
+        [],
+        [],
+    )
+
+
+def test_every_track_answer_is_told_with_the_number_of_events_it_carried() -> None:
+    outbox = _Outbox(_due(1, 2, 3))
+    answers: list[tuple[Answer, int]] = []
+    ok = Answer(200)
+    requests = _send(outbox, ok, lambda s: setattr(s, "on_answer", lambda a, n: answers.append((a, n))))
+    assert (requests, answers, outbox.restored) == (1, [(ok, 3)], [])
+    assert [(o.status, [e.id for e in o.events]) for o in outbox.recorded] == [(200, [1, 2, 3])]

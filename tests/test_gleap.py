@@ -13,7 +13,7 @@ from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError
 from audiencesync.gleap import Answer, GleapClient, identify_body
-from audiencesync.gleap_http import parse_retry_after
+from audiencesync.gleap_http import parse_retry_after, retryable
 from audiencesync.ratelimit import TokenBucket
 from tests.conftest import TOKEN
 from tests.gleap_standin import GleapStandIn
@@ -97,6 +97,25 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0
     assert parse_retry_after("99999") == 300.0
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_parse_retry_after_reads_a_date_without_a_zone_as_utc() -> None:
+    # RFC 2822's "-0000" zone parses to a naive datetime: it is read as UTC, not refused.
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("Thu, 01 Jan 2026 12:00:30 -0000", now) == 30.0
+    # Without ``now``, the real clock: a date years ahead is capped, one years back is 0.
+    assert parse_retry_after("Thu, 01 Jan 2099 12:00:00 GMT") == 300.0
+    assert parse_retry_after(" Thu, 01 Jan 2009 12:00:00 GMT ") == 0.0
+
+
+def test_only_408_429_and_the_5xx_but_501_are_retried() -> None:
+    # 600 and up is no 5xx: a status outside HTTP's classes is a verdict, not a passing fault.
+    assert [s for s in (399, 400, 407, 408, 429, 499, 500, 501, 599, 600) if retryable(s)] == [
+        408,
+        429,
+        500,
+        599,
+    ]
 
 
 def test_token_bucket_paces_and_pauses() -> None:
