@@ -33,8 +33,8 @@ EXAMPLES = {"sqlite": int(os.environ.get("MODEL_EXAMPLES_SQLITE", "40")),
             "postgresql": int(os.environ.get("MODEL_EXAMPLES_POSTGRESQL", "10"))}  # fmt: skip
 
 
-def run_machine(store_url: str, workdir: Path, examples: int, profile: str = "ci") -> None:
-    EngineMachine.templates = Templates(store_url, workdir)
+def run_machine(store_url: str, examples: int, profile: str = "ci") -> None:
+    EngineMachine.templates = templates = Templates(store_url)
     try:
         with fast_clients():
             run_state_machine_as_test(
@@ -42,6 +42,7 @@ def run_machine(store_url: str, workdir: Path, examples: int, profile: str = "ci
             )
     finally:
         EngineMachine.templates = None
+        templates.close()
 
 
 @pytest.mark.parametrize(
@@ -64,15 +65,15 @@ def test_the_engine_converges_to_the_model(store_kind: str, tmp_path: Path) -> N
         assert POSTGRES_URL
         _reset_postgres(POSTGRES_URL)
         url = POSTGRES_URL
-    run_machine(url, tmp_path, EXAMPLES[store_kind])
+    run_machine(url, EXAMPLES[store_kind])
 
 
 # --- explicit examples: sequences the machine found, or the known defects it must catch ----------
 
 
-def play(store_url: str, tmp_path: Path, steps: list[tuple[str, dict[str, object]]]) -> None:
+def play(store_url: str, steps: list[tuple[str, dict[str, object]]]) -> None:
     """Run one sequence of the machine's rules, checking its invariants after each, then settle."""
-    EngineMachine.templates = Templates(store_url, tmp_path)
+    EngineMachine.templates = templates = Templates(store_url)
     try:
         with fast_clients():
             machine = EngineMachine()
@@ -84,6 +85,7 @@ def play(store_url: str, tmp_path: Path, steps: list[tuple[str, dict[str, object
                 machine.teardown()
     finally:
         EngineMachine.templates = None
+        templates.close()
 
 
 @pytest.fixture
@@ -93,8 +95,8 @@ def no_known_defects(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("no_known_defects")
-def test_a5_a_retired_audiences_contact_field_gives_way_to_the_next(store_url: str, tmp_path: Path) -> None:
-    play(store_url, tmp_path, [
+def test_a5_a_retired_audiences_contact_field_gives_way_to_the_next(store_url: str) -> None:
+    play(store_url, [
         ("start", {"events": (False, False)}),
         ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
         ("enter_or_change_plan", {"index": 1, "user": "u1", "plan": "basic"}),
@@ -106,8 +108,8 @@ def test_a5_a_retired_audiences_contact_field_gives_way_to_the_next(store_url: s
 
 
 @pytest.mark.usefixtures("no_known_defects")
-def test_a1_a_rename_by_a_reload_mid_pass_still_sends_the_new_key(store_url: str, tmp_path: Path) -> None:
-    play(store_url, tmp_path, [
+def test_a1_a_rename_by_a_reload_mid_pass_still_sends_the_new_key(store_url: str) -> None:
+    play(store_url, [
         ("start", {"events": (False, False)}),
         ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
         ("sync_with_reload_mid_pass", {"index": 0, "change": "rename"}),
@@ -116,8 +118,8 @@ def test_a1_a_rename_by_a_reload_mid_pass_still_sends_the_new_key(store_url: str
 
 
 @pytest.mark.usefixtures("no_known_defects")
-def test_a4_an_owed_event_of_a_removed_audience_blocks_no_other(store_url: str, tmp_path: Path) -> None:
-    play(store_url, tmp_path, [
+def test_a4_an_owed_event_of_a_removed_audience_blocks_no_other(store_url: str) -> None:
+    play(store_url, [
         ("start", {"events": (True, True)}),
         ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
         ("sync", {"full": False, "kill": ("event-batch", 1)}),  # u1's Entered event is owed
@@ -128,8 +130,8 @@ def test_a4_an_owed_event_of_a_removed_audience_blocks_no_other(store_url: str, 
 
 
 @pytest.mark.usefixtures("no_known_defects")
-def test_a3_a_split_track_batch_keeps_a_users_events_in_order(store_url: str, tmp_path: Path) -> None:
-    play(store_url, tmp_path, [
+def test_a3_a_split_track_batch_keeps_a_users_events_in_order(store_url: str) -> None:
+    play(store_url, [
         ("start", {"events": (True, False)}),
         ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
         ("sync", {"full": False, "kill": ("event-batch", 1)}),  # u1's Entered event is owed
@@ -144,7 +146,7 @@ def test_a3_a_split_track_batch_keeps_a_users_events_in_order(store_url: str, tm
 def test_b2_a_reload_renaming_beside_a_pass_is_not_refused_by_sqlite(tmp_path: Path) -> None:
     """Found by scripts/fuzz (seed 3941096994), shrunk by hand: Renames.apply, run by a reload
     while a pass is under way, fails at once with 'database is locked' on SQLite."""
-    play(f"sqlite:///{tmp_path / 'unused.db'}", tmp_path, [
+    play(f"sqlite:///{tmp_path / 'unused.db'}", [
         ("start", {"events": (True, False)}),
         ("sync_with_reload_mid_pass", {"index": 0, "change": "events"}),
         ("enter_or_change_plan", {"index": 7, "user": "u1", "plan": "basic"}),
