@@ -143,6 +143,23 @@ def test_a3_a_split_track_batch_keeps_a_users_events_in_order(store_url: str) ->
 
 
 @pytest.mark.usefixtures("no_known_defects")
+@pytest.mark.parametrize("fault", ["lose_then_4xx", "lose_then_401"])
+def test_a2_a_lost_answer_then_a_verdict_keeps_the_user_owed(store_url: str, fault: str) -> None:
+    """u1's `false` reaches Gleap but its answer is lost; the retry is refused (422, or 401).
+    Once u1 re-enters, Gleap must say `true` again: the store must not take `false` as unsent."""
+    play(store_url, [
+        ("start", {"events": (False, False)}),
+        ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
+        ("sync", {"full": False, "kill": None}),  # Gleap: u1 true
+        ("leave", {"index": 0, "user": "u1"}),
+        ("fault", {"kind": fault, "count": 1, "user": "u1"}),
+        ("sync", {"full": False, "kill": None}),  # false applied, answer lost; the retry refused
+        ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
+        ("settle", {}),
+    ])  # fmt: skip
+
+
+@pytest.mark.usefixtures("no_known_defects")
 def test_b2_a_reload_renaming_beside_a_pass_is_not_refused_by_sqlite(tmp_path: Path) -> None:
     """Found by scripts/fuzz (seed 3941096994), shrunk by hand: Renames.apply, run by a reload
     while a pass is under way, fails at once with 'database is locked' on SQLite."""
