@@ -29,8 +29,8 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-EXAMPLES = {"sqlite": int(os.environ.get("MODEL_EXAMPLES_SQLITE", "40")),
-            "postgresql": int(os.environ.get("MODEL_EXAMPLES_POSTGRESQL", "10"))}  # fmt: skip
+EXAMPLES = {"sqlite": int(os.environ.get("MODEL_EXAMPLES_SQLITE", "100")),
+            "postgresql": int(os.environ.get("MODEL_EXAMPLES_POSTGRESQL", "30"))}  # fmt: skip
 
 
 def run_machine(store_url: str, examples: int, profile: str = "ci") -> None:
