@@ -298,18 +298,19 @@ class EngineMachine(RuleBasedStateMachine):
                 assert got == want, f"{user}'s events by audience: Gleap got {got}, the model says {want}"
 
     def _events_of(self, user: str, received: list[dict[str, Any]]) -> list[tuple[str, str]]:
-        """The user's events since they were last forgotten, each once (Gleap may get one twice)."""
+        """The user's events since they were last forgotten, each once (Gleap may get one twice,
+        and a copy re-sent after a rename carries the new key: the same event, by its audience)."""
         seen: set[tuple[str, str, str]] = set()
         out: list[tuple[str, str]] = []
         for event in received[self.cuts.get(user, 0) :]:
             if event["userId"] != user:
                 continue
-            ident = (event["name"], event["date"], event["data"]["audience_key"])
+            slot = self.model.slot_of_key(event["data"]["audience_key"])
+            assert slot is not None, event
+            ident = (event["name"], event["date"], slot.name)
             if ident in seen:
                 continue
             seen.add(ident)
-            slot = self.model.slot_of_key(event["data"]["audience_key"])
-            assert slot is not None, event
             if slot.state == "live":
                 out.append((event["name"], slot.name))
         return out
