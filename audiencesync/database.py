@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 from datetime import UTC, datetime
 from typing import Any
@@ -85,11 +86,20 @@ def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
     return cfg
 
 
-def schema_revisions(engine: Engine) -> tuple[str | None, str]:
-    """(the store's revision, the newest this version of audiencesync knows)."""
+@functools.cache
+def _known_revisions() -> tuple[str, frozenset[str]]:
+    """(the head, every revision) of the migrations this audiencesync ships. Read once per
+    process: alembic compiles every script to learn them (~40 ms, on every command and pass),
+    and the installed scripts are those of the code running, so they cannot change under it."""
     script = ScriptDirectory.from_config(_alembic_config())
     head = script.get_current_head()
     assert head is not None
+    return head, frozenset(rev.revision for rev in script.walk_revisions())
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the store's revision, the newest this version of audiencesync knows)."""
+    head, known = _known_revisions()
     try:
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
@@ -98,7 +108,7 @@ def schema_revisions(engine: Engine) -> tuple[str | None, str]:
             f"cannot open the store at {display_url(engine.url.render_as_string(hide_password=False))}: "
             f"{str(exc.orig).strip()}. Fix: check [store] url and that the database is reachable."
         ) from None
-    if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
+    if current is not None and current not in known:
         raise StoreError(
             f"the store is at schema revision {current!r}, made by a newer audiencesync. "
             "Fix: upgrade audiencesync (pip install -U audiencesync); this version will not touch it."

@@ -488,16 +488,18 @@ class GleapStandIn:
 
     def hold(self, after: int = 0) -> None:
         """Answer the next ``after`` identify requests, then keep every later one
-        waiting, unanswered, until release() (or stop())."""
+        waiting, unanswered, until release() (or stop()). wait_held() counts from here: a
+        second hold() must not find the requests of the first one still counted."""
         with self._lock:
             self._let_through = after
+            self._held = 0
             self._gate.clear()
 
     def release(self) -> None:
         self._gate.set()
 
     def wait_held(self, count: int = 1, timeout: float = 30) -> bool:
-        """Block until ``count`` identify requests have arrived and are waiting at hold()."""
+        """Block until ``count`` identify requests have arrived and are waiting at the last hold()."""
         with self._held_changed:
             return self._held_changed.wait_for(lambda: self._held >= count, timeout)
 

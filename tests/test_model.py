@@ -29,12 +29,12 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-EXAMPLES = {"sqlite": int(os.environ.get("MODEL_EXAMPLES_SQLITE", "40")),
-            "postgresql": int(os.environ.get("MODEL_EXAMPLES_POSTGRESQL", "10"))}  # fmt: skip
+EXAMPLES = {"sqlite": int(os.environ.get("MODEL_EXAMPLES_SQLITE", "100")),
+            "postgresql": int(os.environ.get("MODEL_EXAMPLES_POSTGRESQL", "30"))}  # fmt: skip
 
 
-def run_machine(store_url: str, workdir: Path, examples: int, profile: str = "ci") -> None:
-    EngineMachine.templates = Templates(store_url, workdir)
+def run_machine(store_url: str, examples: int, profile: str = "ci") -> None:
+    EngineMachine.templates = templates = Templates(store_url)
     try:
         with fast_clients():
             run_state_machine_as_test(
@@ -42,6 +42,7 @@ def run_machine(store_url: str, workdir: Path, examples: int, profile: str = "ci
             )
     finally:
         EngineMachine.templates = None
+        templates.close()
 
 
 @pytest.mark.parametrize(
@@ -64,15 +65,15 @@ def test_the_engine_converges_to_the_model(store_kind: str, tmp_path: Path) -> N
         assert POSTGRES_URL
         _reset_postgres(POSTGRES_URL)
         url = POSTGRES_URL
-    run_machine(url, tmp_path, EXAMPLES[store_kind])
+    run_machine(url, EXAMPLES[store_kind])
 
 
 # --- explicit examples: sequences the machine found, or the known defects it must catch ----------
 
 
-def play(store_url: str, tmp_path: Path, steps: list[tuple[str, dict[str, object]]]) -> None:
+def play(store_url: str, steps: list[tuple[str, dict[str, object]]]) -> None:
     """Run one sequence of the machine's rules, checking its invariants after each, then settle."""
-    EngineMachine.templates = Templates(store_url, tmp_path)
+    EngineMachine.templates = templates = Templates(store_url)
     try:
         with fast_clients():
             machine = EngineMachine()
@@ -84,6 +85,7 @@ def play(store_url: str, tmp_path: Path, steps: list[tuple[str, dict[str, object
                 machine.teardown()
     finally:
         EngineMachine.templates = None
+        templates.close()
 
 
 @pytest.fixture
@@ -93,8 +95,8 @@ def no_known_defects(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("no_known_defects")
-def test_a5_a_retired_audiences_contact_field_gives_way_to_the_next(store_url: str, tmp_path: Path) -> None:
-    play(store_url, tmp_path, [
+def test_a5_a_retired_audiences_contact_field_gives_way_to_the_next(store_url: str) -> None:
+    play(store_url, [
         ("start", {"events": (False, False)}),
         ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
         ("enter_or_change_plan", {"index": 1, "user": "u1", "plan": "basic"}),
@@ -106,8 +108,8 @@ def test_a5_a_retired_audiences_contact_field_gives_way_to_the_next(store_url: s
 
 
 @pytest.mark.usefixtures("no_known_defects")
-def test_a1_a_rename_by_a_reload_mid_pass_still_sends_the_new_key(store_url: str, tmp_path: Path) -> None:
-    play(store_url, tmp_path, [
+def test_a1_a_rename_by_a_reload_mid_pass_still_sends_the_new_key(store_url: str) -> None:
+    play(store_url, [
         ("start", {"events": (False, False)}),
         ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
         ("sync_with_reload_mid_pass", {"index": 0, "change": "rename"}),
@@ -116,8 +118,8 @@ def test_a1_a_rename_by_a_reload_mid_pass_still_sends_the_new_key(store_url: str
 
 
 @pytest.mark.usefixtures("no_known_defects")
-def test_a4_an_owed_event_of_a_removed_audience_blocks_no_other(store_url: str, tmp_path: Path) -> None:
-    play(store_url, tmp_path, [
+def test_a4_an_owed_event_of_a_removed_audience_blocks_no_other(store_url: str) -> None:
+    play(store_url, [
         ("start", {"events": (True, True)}),
         ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
         ("sync", {"full": False, "kill": ("event-batch", 1)}),  # u1's Entered event is owed
@@ -128,8 +130,8 @@ def test_a4_an_owed_event_of_a_removed_audience_blocks_no_other(store_url: str, 
 
 
 @pytest.mark.usefixtures("no_known_defects")
-def test_a3_a_split_track_batch_keeps_a_users_events_in_order(store_url: str, tmp_path: Path) -> None:
-    play(store_url, tmp_path, [
+def test_a3_a_split_track_batch_keeps_a_users_events_in_order(store_url: str) -> None:
+    play(store_url, [
         ("start", {"events": (True, False)}),
         ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
         ("sync", {"full": False, "kill": ("event-batch", 1)}),  # u1's Entered event is owed
@@ -141,10 +143,27 @@ def test_a3_a_split_track_batch_keeps_a_users_events_in_order(store_url: str, tm
 
 
 @pytest.mark.usefixtures("no_known_defects")
+@pytest.mark.parametrize("fault", ["lose_then_4xx", "lose_then_401"])
+def test_a2_a_lost_answer_then_a_verdict_keeps_the_user_owed(store_url: str, fault: str) -> None:
+    """u1's `false` reaches Gleap but its answer is lost; the retry is refused (422, or 401).
+    Once u1 re-enters, Gleap must say `true` again: the store must not take `false` as unsent."""
+    play(store_url, [
+        ("start", {"events": (False, False)}),
+        ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
+        ("sync", {"full": False, "kill": None}),  # Gleap: u1 true
+        ("leave", {"index": 0, "user": "u1"}),
+        ("fault", {"kind": fault, "count": 1, "user": "u1"}),
+        ("sync", {"full": False, "kill": None}),  # false applied, answer lost; the retry refused
+        ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
+        ("settle", {}),
+    ])  # fmt: skip
+
+
+@pytest.mark.usefixtures("no_known_defects")
 def test_b2_a_reload_renaming_beside_a_pass_is_not_refused_by_sqlite(tmp_path: Path) -> None:
     """Found by scripts/fuzz (seed 3941096994), shrunk by hand: Renames.apply, run by a reload
     while a pass is under way, fails at once with 'database is locked' on SQLite."""
-    play(f"sqlite:///{tmp_path / 'unused.db'}", tmp_path, [
+    play(f"sqlite:///{tmp_path / 'unused.db'}", [
         ("start", {"events": (True, False)}),
         ("sync_with_reload_mid_pass", {"index": 0, "change": "events"}),
         ("enter_or_change_plan", {"index": 7, "user": "u1", "plan": "basic"}),
@@ -157,4 +176,37 @@ def test_b2_a_reload_renaming_beside_a_pass_is_not_refused_by_sqlite(tmp_path: P
         ("add_audience", {"events": True}),
         ("enter_or_change_plan", {"index": 4, "user": "u1", "plan": "basic"}),
         ("sync_with_reload_mid_pass", {"index": 5, "change": "reorder"}),
+    ])  # fmt: skip
+
+
+@pytest.mark.usefixtures("no_known_defects")
+def test_a_second_reload_mid_pass_waits_for_the_pass_to_send(store_url: str) -> None:
+    """Found by scripts/fuzz (seed 2031269316, PostgreSQL), shrunk by hand; a harness bug: the
+    stand-in counted requests held at an earlier hold(), so the second reload ran beside the
+    pass's own rename (the daemon's pass gate never lets two renames overlap) and PostgreSQL
+    refused the second retired row (uq_audiences_key). A reload mid-pass now comes only once
+    a call of this pass is held."""
+    play(store_url, [
+        ("start", {"events": (False, False)}),
+        ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
+        ("sync_with_reload_mid_pass", {"index": 0, "change": "rename"}),
+        ("rename", {"index": 0}),  # applied by the next pass's own refresh
+        ("enter_or_change_plan", {"index": 0, "user": "u2", "plan": "pro"}),
+        ("sync_with_reload_mid_pass", {"index": 0, "change": "rename"}),
+        ("settle", {}),
+    ])  # fmt: skip
+
+
+@pytest.mark.usefixtures("no_known_defects")
+def test_an_event_resent_after_a_rename_counts_once(store_url: str) -> None:
+    """Found by scripts/fuzz (seed 664541714, SQLite), shrunk by hand; a model bug: u1's Entered
+    reached Gleap with its answer lost, then went again after a rename, under the new key (the
+    same event, its date unchanged: at least once). The model counted it twice."""
+    play(store_url, [
+        ("start", {"events": (True, False)}),
+        ("enter_or_change_plan", {"index": 0, "user": "u1", "plan": "pro"}),
+        ("fault", {"kind": "track_lose", "count": 3, "user": "u1"}),  # the call and its retry
+        ("sync", {"full": False, "kill": None}),
+        ("rename", {"index": 0}),
+        ("settle", {}),
     ])  # fmt: skip

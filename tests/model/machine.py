@@ -20,7 +20,18 @@ picks = st.integers(0, 7)  # an index into whatever candidates there are, modulo
 # Faults that leave a call's outcome unknown (it may have been applied), and verdicts.
 MAYBE_APPLIED = ("drop", "lose", "5xx", "408", "track_lose", "kill")
 VERDICTS = ("4xx", "401")
-FAULTS = (*MAYBE_APPLIED[:-1], "429", *VERDICTS, "track400")
+# Scripted (GleapStandIn.script_next): one step per request, in order, so one call's retry meets
+# the second step (A2: an outcome unknown, then a verdict on the retry, keeps its unknown mark).
+# The steps go to whichever requests come next (identify, track or DELETE, of any user).
+SCRIPTS: dict[str, tuple[int | str, ...]] = {
+    "lose_then_4xx": ("lose", 422),
+    "lose_then_401": ("lose", 401),
+    "5xx_then_401": (503, 401),
+    "drop_then_4xx": (0, 422),
+    "2xx_201": (201,),  # any 2xx acknowledges, not just 200
+    "2xx_204": (204,),
+}
+FAULTS = (*MAYBE_APPLIED[:-1], "429", *VERDICTS, "track400", *SCRIPTS)
 KILLS = ("before-record", "after-record", "event-batch", "before-event-record", "after-event-record")
 
 
@@ -147,6 +158,9 @@ class EngineMachine(RuleBasedStateMachine):
             gleap.fail_user(user, 422, body="unprocessable", times=1)
         elif kind == "401":
             gleap.fail_next(1, 401)
+        elif kind in SCRIPTS:
+            # A 2xx step repeats `count` times; a fault's pair is one call and its retry.
+            gleap.script_next(*(SCRIPTS[kind] * (count if kind.startswith("2xx") else 1)))
         else:
             gleap.fail_track_next(count, 400)
 
@@ -155,6 +169,8 @@ class EngineMachine(RuleBasedStateMachine):
             return False  # A3: a split batch delivers a user's later event before the refused one
         if "A2" in KNOWN_DEFECTS:
             # A2: a verdict on the retry of a call that may have been applied clears its mark.
+            if kind in SCRIPTS and not kind.startswith("2xx"):
+                return False
             if kind in VERDICTS and self.armed & set(MAYBE_APPLIED):
                 return False
             if kind in MAYBE_APPLIED and self.armed & set(VERDICTS):
@@ -282,18 +298,19 @@ class EngineMachine(RuleBasedStateMachine):
                 assert got == want, f"{user}'s events by audience: Gleap got {got}, the model says {want}"
 
     def _events_of(self, user: str, received: list[dict[str, Any]]) -> list[tuple[str, str]]:
-        """The user's events since they were last forgotten, each once (Gleap may get one twice)."""
+        """The user's events since they were last forgotten, each once (Gleap may get one twice,
+        and a copy re-sent after a rename carries the new key: the same event, by its audience)."""
         seen: set[tuple[str, str, str]] = set()
         out: list[tuple[str, str]] = []
         for event in received[self.cuts.get(user, 0) :]:
             if event["userId"] != user:
                 continue
-            ident = (event["name"], event["date"], event["data"]["audience_key"])
+            slot = self.model.slot_of_key(event["data"]["audience_key"])
+            assert slot is not None, event
+            ident = (event["name"], event["date"], slot.name)
             if ident in seen:
                 continue
             seen.add(ident)
-            slot = self.model.slot_of_key(event["data"]["audience_key"])
-            assert slot is not None, event
             if slot.state == "live":
                 out.append((event["name"], slot.name))
         return out

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from httpx._transports import default as httpx_transports
 
 from audiencesync import cli, failpoints, store as store_mod
-from audiencesync.config import Config, load_config
+from audiencesync.config import Config, StoreConfig, load_config
 from audiencesync.gleap import GleapClient
 from audiencesync.store import Store
 from audiencesync.sync import Syncer
@@ -31,6 +31,8 @@ from tests.gleap_standin import GleapStandIn
 from tests.model.expect import MISSING, TRAIT_KEY, Model
 
 TOKEN = "model-token-4b1e"
+# fast_clients' store engines, one per URL and options, for the whole run.
+ENGINES: dict[tuple[str, bool, float], sa.Engine] = {}
 
 
 @dataclass
@@ -46,9 +48,24 @@ class Ran:
 @contextlib.contextmanager
 def fast_clients() -> Iterator[None]:
     """Speed only, no result depends on it. The CLI builds its clients with the production
-    backoff (0.5 s, jittered): made 10 ms, as the other tests pass it. And each client loads
-    the CA bundle (~0.1 s, for a loopback stand-in over http): loaded once."""
+    backoff (0.5 s, jittered): made 10 ms, as the other tests pass it. Each client loads
+    the CA bundle (~0.1 s, for a loopback stand-in over http): loaded once. Each command
+    builds the CLI's parser (~30 ms): built once. And each command and pass makes its own
+    store engine, so compiles every statement afresh: one engine per store URL and options
+    instead, as the daemon keeps one (callers still dispose it, which only empties its pool;
+    its connect and begin hooks stay, so SQLite's pragmas and IMMEDIATE are as in production)."""
     saved = (Syncer.__init__.__kwdefaults__, GleapClient.__init__.__kwdefaults__)
+    build_parser, engine_for = cli.build_parser, store_mod.engine_for
+    parser = build_parser()
+
+    def one_engine(config: StoreConfig, *, create: bool = False) -> sa.Engine:
+        key = (config.url, create, config.busy_timeout_seconds)
+        if key not in ENGINES:
+            ENGINES[key] = engine = engine_for(config, create=create)
+            if engine.dialect.name == "postgresql":
+                sa.event.listen(engine, "connect", _no_commit_flush)
+        return ENGINES[key]
+
     Syncer.__init__.__kwdefaults__ = {**(saved[0] or {}), "backoff_initial": 0.01}
     GleapClient.__init__.__kwdefaults__ = {**(saved[1] or {}), "backoff_initial": 0.01}
     create = getattr(httpx_transports, "create_ssl_context")  # noqa: B009 (not re-exported: mypy)
@@ -62,21 +79,36 @@ def fast_clients() -> Iterator[None]:
         return contexts[trust_env]
 
     setattr(httpx_transports, "create_ssl_context", cached)  # noqa: B010
+    cli.build_parser, store_mod.engine_for = (lambda: parser), one_engine
     try:
         yield
     finally:
         Syncer.__init__.__kwdefaults__, GleapClient.__init__.__kwdefaults__ = saved
         setattr(httpx_transports, "create_ssl_context", create)  # noqa: B010
+        cli.build_parser, store_mod.engine_for = build_parser, engine_for
+        for engine in ENGINES.values():
+            engine.dispose()
+        ENGINES.clear()
+
+
+def _no_commit_flush(dbapi_connection: Any, _record: Any) -> None:
+    """PostgreSQL: a commit returns before its WAL reaches the disk (most of an example's time
+    on a busy disk). Only a crash of the server could tell, and none is part of the model:
+    what each transaction sees and locks is unchanged."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit TO off")
+    dbapi_connection.commit()
 
 
 class Templates:
     """A migrated empty store made once per test run; each example starts from a copy of it
     (SQLite: the file; PostgreSQL: every table emptied), since migrating takes seconds."""
 
-    def __init__(self, store_url: str, workdir: Path) -> None:
+    def __init__(self, store_url: str) -> None:
         self.store_url = store_url
         self.sqlite = store_url.startswith("sqlite")
-        self.template = workdir / "template.db"
+        self.dir = workdir()
+        self.template = self.dir / "template.db"
         url = f"sqlite:///{self.template}" if self.sqlite else store_url
         engine = store_mod.create_engine(url, create=True)
         store_mod.upgrade(engine)
@@ -84,14 +116,24 @@ class Templates:
         engine.dispose()
 
     def fresh(self, directory: Path) -> str:
+        # The same URL every example, so fast_clients' one engine (and the statements it
+        # compiled) serves them all; its pool is emptied first: no connection to the last store.
+        for engine in ENGINES.values():
+            engine.dispose()
         if self.sqlite:
-            shutil.copy(self.template, directory / "store.db")
-            return f"sqlite:///{directory / 'store.db'}"
+            store = self.template.with_name("store.db")
+            for path in (store, store.with_name("store.db-wal"), store.with_name("store.db-shm")):
+                path.unlink(missing_ok=True)
+            shutil.copy(self.template, store)
+            return f"sqlite:///{store}"
         engine = sa.create_engine(self.store_url)
         with engine.begin() as conn:
             conn.exec_driver_sql(f"TRUNCATE {', '.join(self.tables)} RESTART IDENTITY CASCADE")
         engine.dispose()
         return self.store_url
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class World:
@@ -285,4 +327,9 @@ def armed(failpoint: str | None) -> Iterator[None]:
 
 
 def workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="model-"))
+    """A new directory, in memory where there is a tmpfs: SQLite's fsyncs on a busy disk were
+    most of an example's time, and no crash of the machine is part of the model."""
+    shm = Path("/dev/shm")
+    return Path(
+        tempfile.mkdtemp(prefix="model-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None)
+    )
