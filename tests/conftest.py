@@ -74,18 +74,20 @@ def _reset_postgres(url: str) -> None:
         engine.dispose()
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=[
-                pytest.mark.postgres,
-                pytest.mark.skipif(not POSTGRES_URL, reason="AUDIENCESYNC_TEST_POSTGRES_URL is not set"),
-            ],
-        ),
-    ]
-)
+# The two stores every store test runs on, as pytest params (``store_url``, tests/test_model.py).
+STORE_KINDS = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=[
+            pytest.mark.postgres,
+            pytest.mark.skipif(not POSTGRES_URL, reason="AUDIENCESYNC_TEST_POSTGRES_URL is not set"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=STORE_KINDS)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL of an empty store: a fresh SQLite file, or a wiped PostgreSQL schema."""
     if request.param == "sqlite":

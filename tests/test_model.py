@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from tests.conftest import POSTGRES_URL, _reset_postgres
+from tests.conftest import POSTGRES_URL, STORE_KINDS, _reset_postgres
 from tests.model import expect, machine as machine_mod
 from tests.model.machine import EngineMachine
 from tests.model.world import Templates, fast_clients
@@ -45,19 +45,7 @@ def run_machine(store_url: str, examples: int, profile: str = "ci") -> None:
         templates.close()
 
 
-@pytest.mark.parametrize(
-    "store_kind",
-    [
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=[
-                pytest.mark.postgres,
-                pytest.mark.skipif(not POSTGRES_URL, reason="AUDIENCESYNC_TEST_POSTGRES_URL is not set"),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("store_kind", STORE_KINDS)
 def test_the_engine_converges_to_the_model(store_kind: str, tmp_path: Path) -> None:
     if store_kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'unused.db'}"
