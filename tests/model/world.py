@@ -52,8 +52,8 @@ def fast_clients() -> Iterator[None]:
     the CA bundle (~0.1 s, for a loopback stand-in over http): loaded once. Each command
     builds the CLI's parser (~30 ms): built once. And each command and pass makes its own
     store engine, so compiles every statement afresh: one engine per store URL and options
-    instead, as the daemon keeps one (callers still dispose it, which only empties its pool;
-    its connect and begin hooks stay, so SQLite's pragmas and IMMEDIATE are as in production)."""
+    instead, as the daemon keeps one, its pool kept between commands (its connect and begin
+    hooks stay, so SQLite's pragmas and IMMEDIATE are as in production)."""
     saved = (Syncer.__init__.__kwdefaults__, GleapClient.__init__.__kwdefaults__)
     build_parser, engine_for = cli.build_parser, store_mod.engine_for
     parser = build_parser()
@@ -64,6 +64,10 @@ def fast_clients() -> Iterator[None]:
             ENGINES[key] = engine = engine_for(config, create=create)
             if engine.dialect.name == "postgresql":
                 sa.event.listen(engine, "connect", _no_commit_flush)
+            # A caller's dispose() keeps the pool, as the daemon's one engine keeps it between
+            # cycles: on PostgreSQL a new connection is a new backend, and those were half of
+            # what an example waited for. Templates.fresh still empties it, once per example.
+            setattr(engine, "dispose", lambda close=True: None)  # noqa: B010
         return ENGINES[key]
 
     Syncer.__init__.__kwdefaults__ = {**(saved[0] or {}), "backoff_initial": 0.01}
@@ -87,7 +91,7 @@ def fast_clients() -> Iterator[None]:
         setattr(httpx_transports, "create_ssl_context", create)  # noqa: B010
         cli.build_parser, store_mod.engine_for = build_parser, engine_for
         for engine in ENGINES.values():
-            engine.dispose()
+            sa.Engine.dispose(engine)
         ENGINES.clear()
 
 
@@ -119,7 +123,7 @@ class Templates:
         # The same URL every example, so fast_clients' one engine (and the statements it
         # compiled) serves them all; its pool is emptied first: no connection to the last store.
         for engine in ENGINES.values():
-            engine.dispose()
+            sa.Engine.dispose(engine)
         if self.sqlite:
             store = self.template.with_name("store.db")
             for path in (store, store.with_name("store.db-wal"), store.with_name("store.db-shm")):
@@ -148,7 +152,9 @@ class World:
         conn.close()
         self.config_path = directory / "audiencesync.toml"
         self.config: Config | None = None
-        self._reader: sa.Engine | None = None  # NullPool: it holds no connection between reads
+        # One pooled connection, idle (no transaction, so no lock) between reads: a connection per
+        # step cost PostgreSQL a backend each time. close() releases it before the next store.
+        self._reader: sa.Engine | None = None
 
     # -- the source and the config ---------------------------------------------------------------
 
@@ -297,7 +303,7 @@ allow_empty = true
 
     def rows(self) -> list[dict[str, Any]]:
         if self._reader is None:
-            self._reader = sa.create_engine(self.store_url, poolclass=sa.pool.NullPool)
+            self._reader = sa.create_engine(self.store_url, pool_size=1, max_overflow=0)
         with self._reader.connect() as conn:
             query = sa.text(
                 "SELECT a.key, a.kind, m.user_id, m.acked, m.unknown FROM memberships m "
