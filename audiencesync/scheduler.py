@@ -133,6 +133,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
             self.store.status,
             prunes=lambda: (pruner.last(finished=True), pruner.exact_from()),
             states=lambda: lifecycle.states(self.config),
+            attention=self.attention,
         )
         # Read at each look, so that a reload turns retention on, off or changes it.
         self.retention = Retention(pruner, lambda: self.config.retention.keep_seconds, self.metrics)
