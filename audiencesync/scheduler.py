@@ -38,6 +38,7 @@ from audiencesync.daemon_health import DaemonHealth
 from audiencesync.daemon_reload import ConfigReload
 from audiencesync.delivery_loop import DeliveryLoop
 from audiencesync.errors import (
+    GleapError,
     LeaseLostError,
     brief,
     iso_time,
@@ -140,6 +141,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
         self._retention: threading.Thread | None = None
         self.server: Server | None = None
         self._died: str | None = None  # why a loop thread ended, when it did
+        self.blocked: GleapError | None = None  # the delivery loop's last pass: Gleap refused it
 
     def _forgetter(self) -> Forgetter:
         config, transport = self.config.gleap, self.transport
