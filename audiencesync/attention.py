@@ -152,7 +152,8 @@ def assess(
     from the open alert ``conditions``, the lifecycle states the config gives (``known``), the
     writer lease's row (``holder``) and, in the daemon, its own facts (``local``)."""
     conditions = list(conditions)
-    daemon_live = local.active if local is not None else _holder_live(holder, now)
+    # A daemon holds the store: this one (active), or another whose lease has not expired.
+    daemon_live = (local is not None and local.active) or _holder_live(holder, now)
     wide = _daemon_concerns(conditions, holder, now, local, daemon_live)
     overdue = [] if daemon_live else _overdue(rows, known, now)
     if overdue:
@@ -211,8 +212,10 @@ def _daemon_concerns(
         state = FROM_CONDITION.get(condition.kind)
         if state is None or state in (HELD, SOURCE_FAILING) or state in seen:
             continue
-        if state == LEASE_LOST and local is not None and local.active:
-            continue  # this process holds the lease now; the row ends at its next heartbeat
+        if state == LEASE_LOST and daemon_live:
+            # Held again (by this process, whose row ends at its next heartbeat, or by another
+            # daemon that serves meanwhile): only a store no daemon can hold fails everything.
+            continue
         if state == GLEAP_DOWN and any(c.state == TOKEN_REFUSED for c in out):
             continue
         seen.add(state)

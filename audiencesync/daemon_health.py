@@ -77,13 +77,18 @@ class DaemonHealth:
     def health(self) -> tuple[bool, str]:
         """/healthz: unhealthy for what concerns the whole daemon (attention.py); a property's own
         conditions (held, a failing source, parked) are listed, and leave it healthy."""
-        if not self.active:
-            return (True, "standby") if not self.stop.is_set() else (False, "stopping")
+        if not self.active and self.stop.is_set():
+            return False, "stopping"
         try:
-            return self.attention().health()
+            healthy, body = self.attention().health()
         except Exception as exc:
             dead = self.dead()
             return False, dead if dead is not None else f"the store can't be read: {brief(exc)}"
+        if healthy and not self.active:
+            # Standing by while another daemon holds the store is healthy; a lease this daemon
+            # lost with no daemon holding the store since is not (attention.py).
+            return True, "\n".join(["standby", *body.splitlines()[1:]])
+        return healthy, body
 
     def beat(self) -> None:
         """The main loop went round: tell systemd (STATUS, WATCHDOG=1), unless a loop is gone."""

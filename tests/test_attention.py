@@ -175,3 +175,13 @@ def test_another_daemons_unhealthy_heartbeat_is_shown() -> None:
     sick = HOLDER | {"health": "unhealthy: the scheduler is not running"}
     seen = attention.assess([row()], [], LIVE, sick, NOW)
     assert seen.daemon.state == "dead" and seen.daemon.reason == "the scheduler is not running"
+
+
+def test_a_lost_lease_fails_only_while_no_daemon_holds_the_store() -> None:
+    lost = [condition("lease", "host-a", "the daemon on host-a lost the store's writer lease")]
+    standby = attention.Local(active=False)
+    nobody = attention.assess([row()], lost, LIVE, None, NOW, standby)
+    assert not nobody.healthy and nobody.daemon.state == "lease_lost"
+    # Another daemon holds it and serves: standing by is healthy.
+    other = attention.assess([row()], lost, LIVE, HOLDER, NOW, standby)
+    assert other.healthy and other.daemon.state == "standby" and other.concerns == ()
