@@ -21,6 +21,7 @@ never do: a restart would cure none of them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -115,16 +116,19 @@ class Attention:
     properties: Mapping[str, Verdict]
 
     @property
+    def failing(self) -> Concern | None:
+        """The first condition of the whole daemon that is failing: why it is unhealthy."""
+        return next((c for c in self.concerns if c.subject is None and c.severity == "failing"), None)
+
+    @property
     def healthy(self) -> bool:
-        return not any(c.subject is None and c.severity == "failing" for c in self.concerns)
+        return self.failing is None
 
     def health(self) -> tuple[bool, str]:
         """/healthz: the first line says ok, standby or why not; each open concern follows."""
-        if self.healthy:
-            first = STANDBY if self.daemon.state == STANDBY else OK
-        else:
-            first = next(c for c in self.concerns if c.subject is None and c.severity == "failing").reason
-        return self.healthy, "\n".join([first, *(c.line() for c in self.concerns)])
+        failing = self.failing
+        first = failing.reason if failing is not None else STANDBY if self.daemon.state == STANDBY else OK
+        return failing is None, "\n".join([first, *(c.line() for c in self.concerns)])
 
     def open(self) -> set[tuple[str, str | None]]:
         """(state, subject) of each open concern: /metrics' gauges."""
@@ -189,6 +193,11 @@ def assess(
     return Attention(_daemon_verdict(wide, local, daemon_live, holder), (*wide, *own), properties)
 
 
+# What the daemon's heartbeat writes into the lease row when unhealthy (daemon_health.py):
+# "unhealthy (STATE): REASON"; an older daemon wrote "unhealthy: REASON".
+HEARTBEAT = re.compile(r"unhealthy(?: \((?P<state>\w+)\))?: (?P<reason>.*)", re.DOTALL)
+
+
 def _holder_live(holder: Mapping[str, Any] | None, now: datetime) -> bool:
     return holder is not None and holder["expires_at"] >= now
 
@@ -222,9 +231,10 @@ def _daemon_concerns(
         out.append(Concern(state, None, condition.summary, ACTIONS[state], condition.opened_at))
     if local is None and daemon_live and holder is not None:
         # Another process's daemon: what its heartbeat last said of itself, when nothing above does.
-        health = str(holder.get("health") or "")
-        if health.startswith("unhealthy: ") and not any(c.severity == "failing" for c in out):
-            out.append(Concern(DEAD, None, health.removeprefix("unhealthy: "), ACTIONS[DEAD]))
+        said = HEARTBEAT.fullmatch(str(holder.get("health") or ""))
+        if said is not None and not any(c.severity == "failing" for c in out):
+            state = said["state"] if said["state"] in DAEMON_CONDITIONS else DEAD
+            out.append(Concern(state, None, said["reason"], ACTIONS[state]))
     # Token refused before Gleap down: the token is the cause a person can fix.
     return sorted(out, key=lambda c: DAEMON_CONDITIONS.index(c.state))
 

@@ -117,6 +117,10 @@ class DaemonHealth:
 
     def _lease_health(self) -> tuple[str, datetime | None]:
         """What the heartbeat writes into the lease row, for `status` in other processes."""
-        ok, reason = self.health()
-        first = reason.partition("\n")[0]  # the concerns below it are the store's to tell
-        return ("ok" if ok else f"unhealthy: {first}"), self.progress.acked_at
+        # "unhealthy (STATE): REASON", which attention.py reads back in other processes.
+        try:
+            failing = self.attention().failing if self.active else None
+        except Exception as exc:
+            return f"unhealthy: the store can't be read: {brief(exc)}", self.progress.acked_at
+        health = "ok" if failing is None else f"unhealthy ({failing.state}): {failing.reason}"
+        return health, self.progress.acked_at

@@ -171,7 +171,13 @@ def test_late_audiences_are_stalled_unless_their_own_condition_explains_it() -> 
     assert quiet.healthy  # each audience's own condition says why; a restart would cure neither
 
 
-def test_another_daemons_unhealthy_heartbeat_is_shown() -> None:
+def test_another_daemons_unhealthy_heartbeat_is_shown_with_its_state() -> None:
+    late = HOLDER | {"health": "unhealthy (stalled): no successful cycle within twice the interval: seg"}
+    seen = attention.assess([row()], [], LIVE, late, NOW)
+    assert (seen.daemon.state, seen.daemon.reason) == (
+        "stalled", "no successful cycle within twice the interval: seg"
+    )  # fmt: skip
+    # An older daemon's heartbeat said no state: a loop of it is what /healthz failed on.
     sick = HOLDER | {"health": "unhealthy: the scheduler is not running"}
     seen = attention.assess([row()], [], LIVE, sick, NOW)
     assert seen.daemon.state == "dead" and seen.daemon.reason == "the scheduler is not running"

@@ -287,7 +287,7 @@ def test_health_reports_a_stalled_delivery_and_status_shows_it(
         assert healthz(port)[0] == 503
         # `status` reads the health the daemon stored at its last heartbeat: poll, it lags /healthz.
         wait_for(
-            lambda: "health: unhealthy: delivery stalled" in cli(config, "status").stdout,
+            lambda: "health: unhealthy (stalled): delivery stalled" in cli(config, "status").stdout,
             what="status to show the stall",
         )
         gleap.clear_faults()
