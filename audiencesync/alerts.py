@@ -7,6 +7,9 @@ store (``alert_conditions``), so `sync` run from cron alerts once, not each run.
 Each condition has a subject (an audience key, "gleap", a host): one audience's
 recovery never ends another's condition.
 
+The conditions are recorded whether or not any webhook is set: they are what
+`status`, /healthz, the web page and /metrics show (``attention.py``).
+
 Best-effort by design: the condition's state is recorded whatever the webhook
 does, sending happens on the senders' threads (``alert_sender``), and a failure
 here is logged, never raised into a sync.
@@ -43,6 +46,12 @@ PARKED_EXAMPLES = 5  # the user ids a parked alert names
 GLEAP, DELIVERY = "gleap", "delivery"  # the subjects of the conditions that concern everything
 
 Clock = Callable[[], Any]
+
+
+def subscribed(event: str, events: Sequence[str]) -> bool:
+    """Whether a webhook listening to ``events`` gets ``event``. A refused token was a kind of
+    gleap_down until token_refused had its own name: a webhook that lists gleap_down still gets it."""
+    return event in events or (event == "token_refused" and "gleap_down" in events)
 
 
 class Alerts:
@@ -91,7 +100,8 @@ class Alerts:
 
     @property
     def enabled(self) -> bool:
-        return bool(self._senders) and self.conditions is not None
+        """Conditions are recorded (a store is given): every surface shows them, webhook or not."""
+        return self.conditions is not None
 
     def forget_cache(self) -> None:
         """Read the store again before the next recovery: another process may have opened conditions."""
@@ -174,6 +184,7 @@ class Alerts:
         """Gleap's circuit breaker: ``error`` when it is open, None after calls went through."""
         if error is None:
             self._resolved("gleap_down", GLEAP, "Gleap answers again; delivery resumed")
+            self._resolved("token_refused", GLEAP, "Gleap accepts the API token again; delivery resumed")
             return
         self._firing(
             "gleap_down",
@@ -185,10 +196,11 @@ class Alerts:
         )
 
     def refused(self, error: str) -> None:
-        """Gleap refuses the token (401/403): every call would be, so nothing is delivered. The
-        same condition as an outage (Gleap is down for us), ended the same way: calls go through."""
+        """Gleap refuses the token (401/403): every call would be, so nothing is delivered. A
+        condition of its own (a person must fix the token; an outage ends by itself), ended the
+        same way: calls go through."""
         self._firing(
-            "gleap_down",
+            "token_refused",
             GLEAP,
             f"Gleap refuses the API token; nothing is delivered and every change stays pending: {error}",
             details={"error": error},
@@ -295,7 +307,7 @@ class Alerts:
         due = []
         for sender in self._senders:
             every = sender.webhook.remind_every_seconds
-            if every is None or event not in sender.webhook.events:
+            if every is None or not subscribed(event, sender.webhook.events):
                 continue
             before = (condition.notified_at - condition.opened_at).total_seconds() // every
             if (now - condition.opened_at).total_seconds() // every > before:
@@ -320,7 +332,7 @@ class Alerts:
 
     def _send(self, alert: Alert, senders: Sequence[WebhookSender] | None = None) -> None:
         for sender in self._senders if senders is None else senders:
-            if alert.event not in sender.webhook.events:
+            if not subscribed(alert.event, sender.webhook.events):
                 continue
             body = render(alert, sender.webhook.format)
             for secret in self._secrets:

@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from audiencesync import lifecycle, store
+from audiencesync import attention as attention_mod, lifecycle, store
+from audiencesync.attention import Verdict
 from audiencesync.cli_output import EXIT_INCOMPLETE, EXIT_OK, iso, open_store, when
 from audiencesync.cli_prune import prune_status
 from audiencesync.config import Config, Secret, display_url
@@ -75,8 +77,8 @@ async def _check_token(config: Config, token: Secret) -> None:
 
 
 STATUS_COLUMNS = (
-    "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
-    "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
+    "audience", "condition", "members", "pending", "failed", "unknown", "oldest_pending", "last_run",
+    "result", "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
     "fields_pending", "field_warnings", "field_conflicts", "state",
 )  # fmt: skip
 # The table shows the state as its sections instead (live, then paused, then retired).
@@ -89,9 +91,13 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     current, head = store.schema_revisions(target.engine)
     rows: list[store.AudienceStatus] = []
     holder = None
+    attention = attention_mod.assess([], [], {}, None, store.utc_now())
     if current is None:
         print("the store is empty: no sync has run yet", file=sys.stderr)
     else:
+        with target.engine.connect() as conn:
+            # One read: what the table counts and what the conditions say agree.
+            attention = attention_mod.read(conn, lifecycle.states(config), store.utc_now())
         rows = target.status()
         holder = target.lease_holder()
     configured = {a.key for a in config.properties}
@@ -103,18 +109,24 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     last_prune = Pruner(target.engine, store.utc_now).last() if current == head else None
     if args.format == "json":
         # The one shape that is not a list of rows: the lease and the last prune ride along.
-        data = _status_json(rows, holder, configured, known) | {
-            "retired": _status_json(retired, None, configured, known)["audiences"],
+        data = _status_json(rows, holder, configured, known, attention) | {
+            "retired": _status_json(retired, None, configured, known, attention)["audiences"],
             "last_prune": last_prune and vars(last_prune),
+            "daemon": attention.daemon.as_dict(),
+            "concerns": [c.as_dict() for c in attention.concerns],
         }
         print(json.dumps(data, default=iso, indent=2))
         return EXIT_OK
+    verdicts = attention.properties
     if args.format == "table":
-        _status_tables(rows, retired, configured, known)
+        _status_tables(rows, retired, configured, known, verdicts)
     else:
         every = [*rows, *retired]
         write_rows(
-            sys.stdout, args.format, STATUS_COLUMNS, (_status_row(r, configured, known) for r in every)
+            sys.stdout,
+            args.format,
+            STATUS_COLUMNS,
+            (_status_row(r, configured, known, verdicts) for r in every),
         )
     # The lease is not an audience: in csv and jsonl it goes aside, so stdout stays rows only.
     out = sys.stdout if args.format == "table" else sys.stderr
@@ -133,6 +145,12 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 file=out,
             )
     print(prune_status(last_prune), file=out)
+    # What needs a person, each with its fix: the same conditions as /healthz, the web page,
+    # /metrics and the alerts (attention.py).
+    if attention.concerns:
+        print("needs attention:", file=out)
+        for concern in attention.concerns:
+            print(f"  {concern.line()}", file=out)
     return EXIT_OK
 
 
@@ -141,16 +159,19 @@ def _status_tables(
     retired: list[store.AudienceStatus],
     configured: set[str],
     known: dict[str, str],
+    verdicts: Mapping[str, Verdict],
 ) -> None:
     """For people: the live properties, then a section for the paused and one for the retired."""
     paused = [row for row in rows if known.get(row.key) == lifecycle.PAUSED]
     live = [row for row in rows if known.get(row.key) != lifecycle.PAUSED]
-    write_rows(sys.stdout, "table", TABLE_COLUMNS, (_status_row(r, configured, known)[:-1] for r in live))
+
+    def table_rows(of: list[store.AudienceStatus]) -> Iterator[tuple[object, ...]]:
+        return (_status_row(r, configured, known, verdicts)[:-1] for r in of)
+
+    write_rows(sys.stdout, "table", TABLE_COLUMNS, table_rows(live))
     if paused:
         print("\npaused (enabled = false: neither refreshed nor delivered; enabled = true resumes them):")
-        write_rows(
-            sys.stdout, "table", TABLE_COLUMNS, (_status_row(r, configured, known)[:-1] for r in paused)
-        )
+        write_rows(sys.stdout, "table", TABLE_COLUMNS, table_rows(paused))
     if retired:
         print(
             "\nretired (in the store, in no config; `audiencesync retire KEY` removes the state, "
@@ -180,11 +201,15 @@ def _retired_row(row: store.AudienceStatus) -> tuple[object, ...]:
     )
 
 
-def _status_row(row: store.AudienceStatus, configured: set[str], known: dict[str, str]) -> tuple[object, ...]:
+def _status_row(
+    row: store.AudienceStatus, configured: set[str], known: dict[str, str], verdicts: Mapping[str, Verdict]
+) -> tuple[object, ...]:
     last = row.last_run or {}
     paused = known.get(row.key) == lifecycle.PAUSED
+    verdict = verdicts.get(row.key)
     return (
         row.key,
+        attention_mod.label(verdict.state) if verdict is not None else None,
         row.members,
         row.pending,
         row.parked,
@@ -212,6 +237,7 @@ def _status_json(
     holder: dict[str, Any] | None,
     configured: set[str],
     known: dict[str, str],
+    attention: attention_mod.Attention,
 ) -> dict[str, Any]:
     return {
         "audiences": [
@@ -220,6 +246,7 @@ def _status_json(
                 "kind": row.kind,
                 "configured": row.key in configured,
                 "state": lifecycle.state_of(row.key, known),
+                "condition": verdict.as_dict() if (verdict := attention.properties.get(row.key)) else None,
                 "members": row.members,
                 "pending": row.pending,
                 "failed": row.parked,

@@ -19,7 +19,7 @@ from audiencesync.tomltable import Table
 from audiencesync.urls import expand_env
 
 # Every event a webhook can subscribe to (alerts.py raises them; the README describes each).
-EVENTS = ("held", "source_failed", "parked", "gleap_down", "stalled", "lease")
+EVENTS = ("held", "source_failed", "parked", "gleap_down", "token_refused", "stalled", "lease")
 FORMATS = ("json", "slack")
 ALERT_KEYS = ["url", "format", "events", "headers", "remind_every"]
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from audiencesync import store as store_mod
+from audiencesync import attention as attention_mod, lifecycle, store as store_mod
 from audiencesync.config import Config
 from audiencesync.errors import brief, iso_time
 from audiencesync.health import Outage, Progress
@@ -49,39 +49,46 @@ class DaemonHealth:
             return "the delivery loop is not running"
         return None
 
+    def attention(self) -> attention_mod.Attention:
+        """The daemon's and each property's state (attention.py), with what only this process
+        knows: its loops, Gleap's circuit breaker, whether delivery stalled."""
+        local = attention_mod.Local(
+            active=self.active,
+            stopping=self.stop.is_set(),
+            dead=self.dead(),
+            outage=self._outage_reason(),
+            outage_since=self.outage.opened_at,
+            stalled=self.progress.stalled(self._due()) if self.active else None,
+            started_at=self._started,
+            intervals={a.key: a.interval for a in self.config.active},
+        )
+        with self.store.engine.connect() as conn:
+            return attention_mod.read(conn, lifecycle.states(self.config), store_mod.utc_now(), local)
+
+    def _outage_reason(self) -> str | None:
+        if not self.outage.open or self.outage.opened_at is None:
+            return None
+        probe = self.outage.next_probe_at
+        return (
+            f"Gleap is unavailable; delivery paused (circuit breaker open, next probe "
+            f"{iso_time(probe) if probe else 'soon'}): {self.outage.reason}"
+        )
+
     def health(self) -> tuple[bool, str]:
-        if not self.active:
-            return (True, "standby") if not self.stop.is_set() else (False, "stopping")
-        dead = self.dead()
-        if dead is not None:
-            return False, dead
-        if self.outage.open and self.outage.opened_at is not None:
-            probe = self.outage.next_probe_at
-            return False, (
-                f"Gleap is unavailable; delivery paused (circuit breaker open since "
-                f"{iso_time(self.outage.opened_at)}, next probe {iso_time(probe) if probe else 'soon'}): "
-                f"{self.outage.reason}"
-            )
+        """/healthz: unhealthy for what concerns the whole daemon (attention.py); a property's own
+        conditions (held, a failing source, parked) are listed, and leave it healthy."""
+        if not self.active and self.stop.is_set():
+            return False, "stopping"
         try:
-            stalled = self.progress.stalled(self._due())
-            rows = self.store.status()
+            healthy, body = self.attention().health()
         except Exception as exc:
-            return False, f"the store can't be read: {brief(exc)}"
-        if stalled is not None:
-            return False, stalled
-        now = store_mod.utc_now()
-        # A paused property is never late: it is not meant to refresh (nor a removed one).
-        intervals = {a.key: a.interval for a in self.config.active}
-        late = []
-        for row in rows:
-            if row.key not in intervals:
-                continue
-            last = row.refreshed_at or self._started
-            if now - max(last, self._started) > timedelta(seconds=2 * intervals[row.key]):
-                late.append(f"{row.key} (last success {last:%Y-%m-%d %H:%M} UTC)")
-        if late:
-            return False, "no successful cycle within twice the interval: " + ", ".join(late)
-        return True, "ok"
+            dead = self.dead()
+            return False, dead if dead is not None else f"the store can't be read: {brief(exc)}"
+        if healthy and not self.active:
+            # Standing by while another daemon holds the store is healthy; a lease this daemon
+            # lost with no daemon holding the store since is not (attention.py).
+            return True, "\n".join(["standby", *body.splitlines()[1:]])
+        return healthy, body
 
     def beat(self) -> None:
         """The main loop went round: tell systemd (STATUS, WATCHDOG=1), unless a loop is gone."""
@@ -110,5 +117,10 @@ class DaemonHealth:
 
     def _lease_health(self) -> tuple[str, datetime | None]:
         """What the heartbeat writes into the lease row, for `status` in other processes."""
-        ok, reason = self.health()
-        return ("ok" if ok else f"unhealthy: {reason}"), self.progress.acked_at
+        # "unhealthy (STATE): REASON", which attention.py reads back in other processes.
+        try:
+            failing = self.attention().failing if self.active else None
+        except Exception as exc:
+            return f"unhealthy: the store can't be read: {brief(exc)}", self.progress.acked_at
+        health = "ok" if failing is None else f"unhealthy ({failing.state}): {failing.reason}"
+        return health, self.progress.acked_at

@@ -26,6 +26,7 @@ from audiencesync.config import Config
 from audiencesync.errors import (
     AudienceSyncError,
     GleapAuthError,
+    GleapError,
     GleapUnavailableError,
     LeaseLostError,
     brief,
@@ -68,6 +69,9 @@ class DeliveryLoop:
     _ids: dict[str, int]
     _died: str | None
     _close: Callable[[Run], None]
+    # Why Gleap took no call in the last pass (the token refused, or Gleap down), or None: a
+    # run closed meanwhile ended "aborted" with it, as a plain `sync` records it.
+    blocked: GleapError | None
     forgets: ForgetDesk
     gate: PassGate
 
@@ -112,11 +116,13 @@ class DeliveryLoop:
                 else:
                     log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
                 self.metrics.breaker_open.set(1)
+                self.blocked = exc
                 self.alerts.gleap(str(exc))
                 halt.wait(delay)
                 continue
             except GleapAuthError as exc:
                 log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
+                self.blocked = exc
                 self.alerts.refused(str(exc))
                 self.wake.clear()
                 self.wake.wait(AUTH_BACKOFF_SECONDS)
@@ -136,6 +142,7 @@ class DeliveryLoop:
                 )
                 halt.wait(delay)
                 continue
+            self.blocked = None  # a pass went through without Gleap refusing it
             if errors.reset():
                 log.info("delivery: the store answers again")
             probes.reset()

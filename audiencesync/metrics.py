@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from audiencesync import lifecycle
+from audiencesync import attention as attention_mod, lifecycle
 from audiencesync.gleap import Answer
 from audiencesync.prune import PruneRecord
 from audiencesync.store import AudienceStatus, Clock, Outcome, utc_now
@@ -23,6 +23,8 @@ from audiencesync.store import AudienceStatus, Clock, Outcome, utc_now
 Prunes = Callable[[], tuple[PruneRecord | None, datetime | None]]
 # Each configured key's state (lifecycle.states): read at each scrape, so a reload shows at once.
 States = Callable[[], Mapping[str, str]]
+# What needs a person now (attention.py): the same reading as /healthz, `status` and the web page.
+Attentions = Callable[[], attention_mod.Attention]
 
 
 class Metrics:
@@ -32,6 +34,7 @@ class Metrics:
         clock: Clock = utc_now,
         prunes: Prunes = lambda: (None, None),
         states: States | None = None,
+        attention: Attentions | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.breaker_open = Gauge(
@@ -91,6 +94,8 @@ class Metrics:
         )
         self.registry.register(_StoreCollector(status, clock, states))
         self.registry.register(_PruneCollector(prunes))
+        if attention is not None:
+            self.registry.register(_AttentionCollector(attention))
 
     def outcomes(self, outcomes: Iterable[Outcome]) -> None:
         for outcome in outcomes:
@@ -217,6 +222,42 @@ class _StoreCollector(Collector):
         yield kinds
         yield retired
         yield retired_pending
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected lazily: don't query the store at registration
+
+
+class _AttentionCollector(Collector):
+    """A gauge per condition and audience, 0 or 1, from the one reading every surface shows
+    (attention.py): an alert rule on it fires for exactly what the alerts and /healthz report."""
+
+    def __init__(self, attention: Attentions) -> None:
+        self._attention = attention
+
+    def collect(self) -> Iterable[Metric]:
+        seen = self._attention()
+        condition = GaugeMetricFamily(
+            "audiencesync_condition",
+            "1 while a condition that needs a person is open, else 0 (attention.py): per audience "
+            '(held, source_failing, parked, overdue), and with audience="" for the whole daemon '
+            "(token_refused, gleap_down, stalled, dead, lease_lost, overdue).",
+            labels=["condition", "audience"],
+        )
+        open_ = seen.open()
+        for state in attention_mod.DAEMON_CONDITIONS:
+            condition.add_metric([state, ""], 1 if (state, None) in open_ else 0)
+        for key, verdict in seen.properties.items():
+            if verdict.state in (attention_mod.PAUSED, attention_mod.RETIRED):
+                continue  # nothing runs it: no condition can open or end
+            for state in attention_mod.PROPERTY_CONDITIONS:
+                condition.add_metric([state, key], 1 if (state, key) in open_ else 0)
+        healthy = GaugeMetricFamily(
+            "audiencesync_healthy",
+            "1 while /healthz answers 200 (no condition of the whole daemon is failing), else 0.",
+        )
+        healthy.add_metric([], 1 if seen.healthy else 0)
+        yield condition
+        yield healthy
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected lazily: don't query the store at registration

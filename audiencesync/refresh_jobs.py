@@ -21,7 +21,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from audiencesync import store as store_mod
 from audiencesync.config import AudienceConfig, Config
-from audiencesync.errors import ConfigError, LeaseLostError, brief
+from audiencesync.errors import ConfigError, GleapError, LeaseLostError, brief
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
 from audiencesync.sync import Run, Syncer
@@ -44,6 +44,7 @@ class RefreshJobs:
     _busy: set[str]
     _ids: dict[str, int]
     _refreshing: int
+    blocked: GleapError | None  # the delivery loop's: why Gleap took no call in its last pass
 
     def _due_now(self, audience: AudienceConfig) -> bool:
         """Never synced, overdue, or changes still pending: don't wait a whole interval."""
@@ -157,7 +158,8 @@ class RefreshJobs:
         self.scheduler.add_job(job, id=job_id, misfire_grace_time=None)
 
     def _close(self, run: Run) -> None:
-        """Finish a run and log its one summary line."""
-        self.syncer.finish(run)
+        """Finish a run and log its one summary line. While Gleap refuses the calls (the token,
+        or an outage), a run ends "aborted" with the reason, as a plain `sync`'s does."""
+        self.syncer.finish(run, aborted=self.blocked)
         self.metrics.cycles.labels(run.report.key, run.report.status).inc()
         log.info("%s", run.report.summary())

@@ -38,6 +38,7 @@ from audiencesync.daemon_health import DaemonHealth
 from audiencesync.daemon_reload import ConfigReload
 from audiencesync.delivery_loop import DeliveryLoop
 from audiencesync.errors import (
+    GleapError,
     LeaseLostError,
     brief,
     iso_time,
@@ -133,12 +134,14 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
             self.store.status,
             prunes=lambda: (pruner.last(finished=True), pruner.exact_from()),
             states=lambda: lifecycle.states(self.config),
+            attention=self.attention,
         )
         # Read at each look, so that a reload turns retention on, off or changes it.
         self.retention = Retention(pruner, lambda: self.config.retention.keep_seconds, self.metrics)
         self._retention: threading.Thread | None = None
         self.server: Server | None = None
         self._died: str | None = None  # why a loop thread ended, when it did
+        self.blocked: GleapError | None = None  # the delivery loop's last pass: Gleap refused it
 
     def _forgetter(self) -> Forgetter:
         config, transport = self.config.gleap, self.transport

@@ -218,21 +218,32 @@ def test_gleap_down_alerts_once_and_recovers_when_calls_go_through(
     assert_no_secrets(receiver)
 
 
-def test_a_refused_token_alerts_as_gleap_down_once_and_recovers_with_the_right_token(
+def test_a_refused_token_alerts_once_as_its_own_condition_and_recovers_with_the_right_token(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, receiver: AlertReceiver
 ) -> None:
     source.set(["u1", "u2", "u3"])
-    config = make_config(gleap.base_url, extra=hooks(receiver))
+    # /json listens to every event; /old lists only gleap_down, as a config did before
+    # token_refused had its own name: it still hears of a refused token.
+    extra = (
+        hooks(receiver)
+        + f"""
+[[alerts]]
+url = "{receiver.url("/old")}"
+events = ["gleap_down"]
+"""
+    )
+    config = make_config(gleap.base_url, extra=extra)
     gleap.set_token("a-token-rotated-in-gleap")  # ours is refused: 401 on every call
     assert sync(config) != 0
     assert sync(config) != 0
     (refused,) = receiver.posts("/json")
-    assert states([refused]) == [("gleap_down", None, "firing")]
+    assert states([refused]) == [("token_refused", None, "firing")]
     assert "refuses the API token" in refused.body["summary"] and "GLEAP_API_TOKEN" in refused.body["fix"]
+    assert states(receiver.posts("/old")) == [("token_refused", None, "firing")]
     gleap.set_token(TOKEN)
     assert sync(config) == 0
     assert states(receiver.posts("/json")) == [
-        ("gleap_down", None, "firing"), ("gleap_down", None, "resolved")
+        ("token_refused", None, "firing"), ("token_refused", None, "resolved")
     ]  # fmt: skip
     assert_no_secrets(receiver)
 
@@ -550,9 +561,11 @@ headers = { Authorization = "Bearer ${ALERT_TOKEN}" }
     assert HOOK_SECRET not in repr(ops) and "XYZ" not in repr(slack)
 
 
-def test_no_alerts_configured_writes_nothing_and_starts_no_thread(
+def test_no_alerts_configured_still_records_the_condition_and_starts_no_thread(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str
 ) -> None:
+    """Without a webhook nothing is sent, but the condition is kept: status, /healthz, the web
+    page and /metrics show it (attention.py)."""
     source.set(["u1"])
     config = make_config(gleap.base_url)
     before = threading.active_count()
@@ -562,7 +575,8 @@ def test_no_alerts_configured_writes_nothing_and_starts_no_thread(
     assert threading.active_count() <= before
     engine = sa.create_engine(store_url)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM alert_conditions")).scalar_one() == 0
+        rows = conn.execute(sa.text("SELECT kind, subject FROM alert_conditions")).all()
+    assert [tuple(r) for r in rows] == [("held", "segment_a")]
     engine.dispose()
 
 

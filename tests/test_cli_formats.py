@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+from audiencesync import attention
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_cli import run, sync_with_u2_parked
@@ -60,6 +61,12 @@ def test_failures_with_none_parked(make_config: ConfigFactory, source: SourceDB,
     ]  # fmt: skip
 
 
+PARKED_LINE = (
+    "  parked: segment_a: 1 change(s) parked after repeated rejections by Gleap. Fix: audiencesync "
+    "failures --audience segment_a, fix the cause, then audiencesync retry --audience segment_a"
+)
+
+
 def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) -> None:
     path = sync_with_u2_parked(make_config, source, gleap).path
 
@@ -67,19 +74,23 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
     assert as_csv.returncode == 0, as_csv.stderr
     (row,) = csv.DictReader(io.StringIO(as_csv.stdout))
     assert list(row) == [
-        "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
-        "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
-        "fields_pending", "field_warnings", "field_conflicts", "state",
+        "audience", "condition", "members", "pending", "failed", "unknown", "oldest_pending", "last_run",
+        "result", "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed",
+        "kind", "fields_pending", "field_warnings", "field_conflicts", "state",
     ]  # fmt: skip
     assert (row["audience"], row["members"], row["pending"], row["failed"], row["unknown"]) == (
         "segment_a", "2", "0", "1", "0"
     )  # fmt: skip
     assert (row["result"], row["entered"], row["sent"], row["configured"]) == ("partial", "2", "1", "true")
-    assert row["kind"] == "audience" and row["state"] == "live"
+    assert row["kind"] == "audience" and row["state"] == "live" and row["condition"] == "parked"
     assert re.fullmatch(MACHINE_TIME, row["last_run"]) and row["oldest_pending"] == ""
     assert row["next_run"] == ""  # no daemon planned one
     # The lease and the last prune go aside, not into the rows.
-    assert as_csv.stderr == "daemon: none holds the store\nlast prune: none; all history is kept\n"
+    # ...and what needs a person after them, with the fix (attention.py).
+    assert as_csv.stderr.splitlines() == [
+        "daemon: none holds the store", "last prune: none; all history is kept", "needs attention:",
+        PARKED_LINE,
+    ]  # fmt: skip
 
     (line,) = run(path, "status", "--format", "jsonl").stdout.splitlines()
     assert json.loads(line) == {
@@ -91,16 +102,23 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
 
     # json keeps its own shape: the audiences and the lease in one object.
     as_json = json.loads(run(path, "status", "--format", "json").stdout)
-    assert set(as_json) == {"audiences", "retired", "lease", "last_prune"} and as_json["lease"] is None
+    assert set(as_json) == {"audiences", "retired", "lease", "last_prune", "daemon", "concerns"}
+    assert as_json["lease"] is None and as_json["daemon"]["state"] == "no_daemon"
+    (concern,) = as_json["concerns"]
+    assert (concern["state"], concern["severity"], concern["subject"]) == ("parked", "action", "segment_a")
+    assert as_json["audiences"][0]["condition"]["state"] == "parked"
     assert as_json["retired"] == [] and as_json["audiences"][0]["state"] == "live"
     assert as_json["audiences"][0]["key"] == "segment_a" and as_json["audiences"][0]["failed"] == 1
 
     table = run(path, "status")
     lines = table.stdout.splitlines()
-    assert lines[0].startswith("audience   members  pending  failed  unknown  oldest_pending")
-    assert re.match(r"segment_a +2 +0 +1 +0 +- +", lines[1]), lines
-    assert lines[-2:] == ["daemon: none holds the store", "last prune: none; all history is kept"]
-    assert all(len(line) <= 80 for line in lines) and table.stderr == CUT_NOTE
+    assert lines[0].startswith("audience   condition  members  pending  failed  unknown")
+    assert re.match(r"segment_a +parked +2 +0 +1 +0 +", lines[1]), lines
+    assert lines[-4:] == [
+        "daemon: none holds the store", "last prune: none; all history is kept", "needs attention:",
+        PARKED_LINE,
+    ]  # fmt: skip
+    assert all(len(line) <= 80 for line in lines[:2]) and table.stderr == CUT_NOTE
 
 
 def test_status_of_an_empty_store_is_still_well_formed(make_config: ConfigFactory) -> None:
@@ -110,7 +128,11 @@ def test_status_of_an_empty_store_is_still_well_formed(make_config: ConfigFactor
         Path(engine_url.removeprefix("sqlite:///")).touch()  # a file, no schema yet
     as_json = run(config.path, "status", "--format", "json")
     assert as_json.returncode == 0, as_json.stderr
-    assert json.loads(as_json.stdout) == {"audiences": [], "retired": [], "lease": None, "last_prune": None}
+    assert json.loads(as_json.stdout) == {
+        "audiences": [], "retired": [], "lease": None, "last_prune": None, "concerns": [],
+        "daemon": {"state": "no_daemon", "severity": "neutral", "reason": "no daemon holds the store",
+                   "action": attention.ACTIONS[attention.OVERDUE]},
+    }  # fmt: skip
     assert "no sync has run yet" in as_json.stderr
     assert run(config.path, "status", "--format", "jsonl").stdout == ""
 

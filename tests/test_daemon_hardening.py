@@ -287,7 +287,7 @@ def test_health_reports_a_stalled_delivery_and_status_shows_it(
         assert healthz(port)[0] == 503
         # `status` reads the health the daemon stored at its last heartbeat: poll, it lags /healthz.
         wait_for(
-            lambda: "health: unhealthy: delivery stalled" in cli(config, "status").stdout,
+            lambda: "health: unhealthy (stalled): delivery stalled" in cli(config, "status").stdout,
             what="status to show the stall",
         )
         gleap.clear_faults()
@@ -302,7 +302,15 @@ def test_a_loop_that_died_makes_health_say_so(make_config: ConfigFactory) -> Non
     try:
         core.active = True
         core._died = "the delivery loop died: RuntimeError: boom"
-        assert core.health() == (False, "the delivery loop died: RuntimeError: boom")
+        ok, body = core.health()
+        assert not ok
+        # The first line says why (the lease's heartbeat carries it); the concern follows, with its fix.
+        first, *concerns = body.splitlines()
+        assert first == "the delivery loop died: RuntimeError: boom"
+        assert concerns == [
+            "dead: the delivery loop died: RuntimeError: boom. Fix: restart the service (systemd's "
+            "watchdog does after WatchdogSec); the log says why the loop ended"
+        ]
     finally:
         core.engine.dispose()
 
