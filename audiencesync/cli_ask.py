@@ -58,8 +58,11 @@ def ask_daemon(args: argparse.Namespace, config: Config, engine: Engine, daemon:
             print(_outcome(key, request.result or {}))
             continue
         status = EXIT_INCOMPLETE
-        if request.state == "failed":
-            outcome = request.result or {}
+        outcome = request.result or {}
+        if request.state == "failed" and outcome.get("status") == "held":
+            # Not a failure: the guard waits for a person, and its message says how to release it.
+            print(f"{key}: held, nothing was applied: {outcome.get('error')}")
+        elif request.state == "failed":
             print(f"{key}: the daemon's refresh failed: {outcome.get('error') or outcome.get('status')}")
         elif gone and queue.cancel(request.id, "no daemon held the store any more"):
             print(

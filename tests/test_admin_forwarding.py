@@ -100,6 +100,12 @@ def test_sync_audience_is_carried_out_by_the_running_daemon(
         ("refresh", "done"),
         ("refresh", "done"),
     ]
+
+    source.set([], segment="b")  # the guard holds an audience that would lose every member
+    held = cli(config, "sync", "--audience", "segment_b", "--wait", "60")
+    assert held.returncode == 1, held.stdout + held.stderr
+    assert "segment_b: held, nothing was applied: " in held.stdout
+    assert "--audience segment_b --allow-removals" in held.stdout  # how to release it
     assert daemon.process.poll() is None
     assert daemon.stop() == 0
 
