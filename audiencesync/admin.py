@@ -1,6 +1,6 @@
 """The daemon's side of admin requests: take each pending one, run its refresh, write the outcome.
 
-`sync --allow-removals` and `sync --full` queue a request (``requests.py``)
+`sync --audience KEY`, `sync --allow-removals` and `sync --full` queue a request (``requests.py``)
 when a daemon holds the store; the daemon polls the queue every couple of
 seconds and carries each request out on its scheduler's worker threads.
 """

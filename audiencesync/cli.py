@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="One cycle now: refresh every audience and trait from its source, then deliver "
         "the changes to Gleap. The run-once mode, for cron or an admin. Exit status 0 when "
         "everything was delivered, 1 when changes remain pending or failed. While `run` holds the "
-        "store, --full and --allow-removals are handed to the daemon.",
+        "store, --audience, --full and --allow-removals are handed to the daemon, which refreshes "
+        "those audiences now and reports back.",
         example=[
             "audiencesync sync --dry-run --format csv > calls.csv",
             "audiencesync sync --audience pro_users --allow-removals",
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="if another sync holds the store, wait this long for it (default: 0); when a daemon "
-        "holds it, how long to wait for the daemon to carry out --full/--allow-removals (default: 600)",
+        "holds it, how long to wait for the daemon to carry out --audience/--full/--allow-removals "
+        "(default: 600)",
     )
     sync.set_defaults(handler=cmd_sync)
 

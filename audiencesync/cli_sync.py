@@ -7,10 +7,8 @@ import functools
 import json
 import os
 import signal
-import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
@@ -18,6 +16,7 @@ from tqdm import tqdm
 
 from audiencesync import store
 from audiencesync.alerts import Alerts
+from audiencesync.cli_ask import ask_daemon
 from audiencesync.cli_output import (
     EXIT_GLEAP_DOWN,
     EXIT_INCOMPLETE,
@@ -37,15 +36,11 @@ from audiencesync.errors import (
 from audiencesync.formats import write_rows
 from audiencesync.gleap import identify_url, track_url
 from audiencesync.lease import WriterLease
-from audiencesync.requests import AdminRequests, kind_of
 from audiencesync.scheduler import Daemon
 from audiencesync.sources import Sources
 from audiencesync.sync import CycleReport, PlannedCall, PlannedTrack, Syncer
 
 T = TypeVar("T")
-
-# How long `sync --full/--allow-removals` waits for a running daemon to carry it out.
-DAEMON_REQUEST_WAIT_SECONDS = 600.0
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
@@ -92,9 +87,11 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
                 )
         else:
             store.upgrade(engine)
-            daemon = daemon_holding(engine) if (args.full or args.allow_removals) else None
+            # A daemon never finishes: what names audiences (or asks for --full) is handed to it.
+            asks = bool(args.audiences or args.full or args.allow_removals)
+            daemon = daemon_holding(engine) if asks else None
             if daemon is not None:
-                return _ask_daemon(args, config, engine, daemon)
+                return ask_daemon(args, config, engine, daemon)
             with interrupt, lease.held(args.wait or 0.0):
                 fenced = store.Store(engine, fence=lease.check)
                 # As the daemon: stalled past its lease, it sends Gleap nothing more.
@@ -185,57 +182,6 @@ class Interrupt:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
-
-
-def _ask_daemon(args: argparse.Namespace, config: Config, engine: Any, daemon: dict[str, Any]) -> int:
-    """Queue --full/--allow-removals for the daemon holding the store, and wait for its outcome.
-
-    A request nobody picked up in time is withdrawn, so it can't surprise anyone
-    later; one the daemon already started is left to finish.
-    """
-    keys = args.audiences or [a.key for a in config.active]
-    kind = kind_of(full=args.full, allow_removals=args.allow_removals)
-    queue = AdminRequests(engine, store.utc_now)
-    asker = f"{socket.gethostname()} pid {os.getpid()}"
-    ids = {key: queue.submit(kind, key, asker) for key in keys}
-    wait = DAEMON_REQUEST_WAIT_SECONDS if args.wait is None else args.wait
-    what = {
-        "full": "fully resync",
-        "release": "release the removal guard of",
-        "release+full": "release and fully resync",
-    }[kind]
-    print(
-        f"the daemon on {daemon['host']} (pid {daemon['pid']}) holds the store; asked it to {what} "
-        f"{', '.join(keys)} in its next cycle. Waiting up to {wait:g} s for it...",
-        flush=True,
-    )
-    deadline = time.monotonic() + wait
-    results = {key: queue.get(request_id) for key, request_id in ids.items()}
-    while not all(r.finished for r in results.values()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-        results = {key: queue.get(request_id) for key, request_id in ids.items()}
-    status = EXIT_OK
-    for key, request in results.items():
-        outcome = request.result or {}
-        if request.state == "done":
-            print(
-                f"{key}: {outcome.get('status')} ({outcome.get('mode')}) entered={outcome.get('entered')} "
-                f"left={outcome.get('left')}; {outcome.get('pending')} change(s) pending, "
-                "the daemon delivers them"
-            )
-            continue
-        status = EXIT_INCOMPLETE
-        if request.state == "failed":
-            detail = outcome.get("error") or outcome.get("status")
-            print(f"{key}: the daemon's refresh failed: {detail}")
-        elif queue.cancel(request.id, f"not picked up within {wait:g} s"):
-            print(
-                f"{key}: the daemon did not pick the request up within {wait:g} s; withdrawn. "
-                "Fix: check the daemon's log and /healthz, then ask again (a longer --wait)"
-            )
-        else:
-            print(f"{key}: the daemon is still carrying it out; `audiencesync status` shows the outcome")
-    return status
 
 
 def _run_cycle(

@@ -6,6 +6,7 @@ file, the place in it and the fix (see ``errors.ConfigError``).
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -109,11 +110,13 @@ class Config:
         for audience in self.properties:
             if audience.key == key:
                 return audience
-        known = ", ".join(a.key for a in self.properties) or "none"
+        keys = [a.key for a in self.properties]
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
             f"no audience or trait has the key {key!r}",
             path=str(self.path),
-            fix=f"use one of the configured keys: {known}",
+            fix=f"{hint}Use one of the configured keys: {', '.join(keys) or 'none'}",
         )
 
 

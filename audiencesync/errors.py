@@ -82,16 +82,24 @@ class StoreError(AudienceSyncError):
 class StoreBusyError(StoreError):
     """Another audiencesync process holds the store's writer lease."""
 
-    def __init__(self, *, holder: str, since: datetime, expires: datetime, waited: float) -> None:
+    def __init__(
+        self, *, holder: str, since: datetime, expires: datetime, waited: float, daemon: bool = False
+    ) -> None:
         self.holder = holder
         self.since = since
         self.expires = expires
         waited_text = f" after waiting {waited:g} s" if waited else ""
+        # A daemon never finishes: waiting for it is no fix.
+        fix = (
+            "Fix: it is a daemon (`audiencesync run`), which never finishes: `sync --audience KEY` "
+            "(repeatable) and `sync --full` are handed to it; for anything else, stop it."
+            if daemon
+            else "Fix: let it finish, pass --wait SECONDS to queue behind it, or stop that process."
+        )
         super().__init__(
             f"the store is in use by another audiencesync ({holder}, since {iso_time(since)}; "
             f"its lease runs to {iso_time(expires)} unless renewed){waited_text}. "
-            "Fix: let it finish, pass --wait SECONDS to queue behind it, or stop that process. "
-            "If it crashed, its lease expires by itself."
+            f"{fix} If it crashed, its lease expires by itself."
         )
 
 

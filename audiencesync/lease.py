@@ -260,6 +260,7 @@ class WriterLease:
                     since=holder.acquired_at,
                     expires=holder.expires_at,
                     waited=wait_seconds,
+                    daemon=holder.role == "daemon",
                 )
             sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))
 

@@ -28,6 +28,9 @@ from audiencesync.sync import Run, Syncer
 
 log = logging.getLogger(__name__)
 
+# How a last run may have ended for the daemon to run the audience again as soon as it is active.
+RERUN_AT_START = ("aborted", "failed", "interrupted")
+
 
 class RefreshJobs:
     # Provided by the daemon.
@@ -47,7 +50,14 @@ class RefreshJobs:
     blocked: GleapError | None  # the delivery loop's: why Gleap took no call in its last pass
 
     def _due_now(self, audience: AudienceConfig) -> bool:
-        """Never synced, overdue, or changes still pending: don't wait a whole interval."""
+        """Never synced, overdue, changes still pending, or its last run ended red: don't wait a
+        whole interval.
+
+        Red is aborted (a token Gleap refused, Gleap down), failed (its source) or interrupted
+        (a process stopped mid-run): whatever made it so may be fixed by now, e.g. a manual
+        `sync` with a wrong token, and the run would otherwise stay red for hours. Held is
+        not: it waits for a person's release, and would only be held again.
+        """
         try:
             self.syncer.rename(audience)  # before its row is read: it may still be under an old key
             existing = self.store.ensure_audience(
@@ -60,6 +70,9 @@ class RefreshJobs:
             return True
         self._ids[audience.key] = existing.id
         if existing.refreshed_at is None or self.store.pending_count([existing.id]) > 0:
+            return True
+        if self.store.last_run_status(existing.id) in RERUN_AT_START:
+            log.info("%s's last run ended red; refreshing it now", audience.key)
             return True
         return store_mod.utc_now() - existing.refreshed_at > timedelta(seconds=audience.interval)
 

@@ -1,9 +1,9 @@
-"""Admin requests to a running daemon: release a held audience, or a full resync.
+"""Admin requests to a running daemon: refresh audiences now, release a held one, or a full resync.
 
-While `audiencesync run` holds the store, `sync --allow-removals` or `sync --full`
-can't take the lease. Instead the command queues a request here, and the daemon,
-which polls the queue every couple of seconds, runs that audience's refresh with
-the flag in its next cycle and writes the outcome back. The asking command waits
+While `audiencesync run` holds the store, `sync --audience KEY`, `sync --allow-removals`
+or `sync --full` can't take the lease. Instead the command queues a request here, and the daemon,
+which polls the queue every couple of seconds, runs that audience's refresh at once
+(with the flag, if any; not waiting for its interval) and writes the outcome back. The asking command waits
 for the outcome. Seams: the engine, a clock, and the daemon's lease fence.
 """
 
@@ -20,11 +20,12 @@ from sqlalchemy import Connection, Engine
 
 from audiencesync.schema import admin_requests, write_connection
 
+REFRESH = "refresh"  # refresh now, as its schedule would (`sync --audience KEY`)
 RELEASE = "release"  # refresh once with the mass-removal guard released
 FULL = "full"  # re-send every member's current value
 RELEASE_FULL = "release+full"  # both at once
 # What the daemon's admin desk carries out by refreshing an audience (forget.py's kinds are not).
-REFRESH_KINDS = (RELEASE, FULL, RELEASE_FULL)
+REFRESH_KINDS = (REFRESH, RELEASE, FULL, RELEASE_FULL)
 
 Clock = Callable[[], datetime]
 Fence = Callable[[Connection], None]
@@ -57,7 +58,9 @@ class AdminRequest:
 def kind_of(*, full: bool, allow_removals: bool) -> str:
     if full and allow_removals:
         return RELEASE_FULL
-    return FULL if full else RELEASE
+    if full:
+        return FULL
+    return RELEASE if allow_removals else REFRESH
 
 
 class AdminRequests:

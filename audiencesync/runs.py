@@ -95,3 +95,14 @@ def mark_interrupted(conn: Connection, *, now: datetime) -> int:
         .where(sync_runs.c.status == "running")
         .values(status="interrupted", finished_at=now, error="the process stopped mid-run")
     ).rowcount
+
+
+def last_status(conn: Connection, audience_id: int) -> str | None:
+    """How the audience's latest run ended (``running`` while it runs); None before its first."""
+    status: str | None = conn.execute(
+        sa.select(sync_runs.c.status)
+        .where(sync_runs.c.audience_id == audience_id)
+        .order_by(sync_runs.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return status

@@ -426,7 +426,8 @@ admin_requests = sa.Table(
     "admin_requests",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("kind", sa.String(16), nullable=False),  # release | full | release+full | forget | forget+gleap
+    # refresh | release | full | release+full | forget | forget+gleap
+    sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("audience_key", sa.String(255), nullable=False),
     sa.Column("requested_at", UtcDateTime, nullable=False),
     sa.Column("requested_by", sa.String(255), nullable=False),

@@ -148,6 +148,10 @@ class Store:
         with self._write() as conn:
             return runs.mark_interrupted(conn, now=self.clock())
 
+    def last_run_status(self, audience_id: int) -> str | None:
+        with self._read() as conn:
+            return runs.last_status(conn, audience_id)
+
     # --- the diff ---
 
     def refresh(
