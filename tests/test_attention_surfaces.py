@@ -20,6 +20,7 @@ from tests.alert_receiver import AlertReceiver
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, Daemon, cli, daemons, free_port, wait_for
+from tests.test_daemon_hardening import healthz as probe  # (status, body); 0 while not serving
 
 __all__ = ["daemons"]  # the fixture, used by name
 
@@ -45,14 +46,6 @@ class Seen:
     conditions_column: dict[str, str]  # audience -> the table's condition column
     metrics: set[tuple[str, str]]  # (condition, audience) of each gauge at 1
     metrics_healthy: bool
-
-
-def probe(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 def label_and_fix(line: str) -> tuple[str, str]:
@@ -113,15 +106,8 @@ def start(
         extra=SCHEDULE + f'[server]\nlisten = "127.0.0.1:{port}"\n' + extra,
     )  # fmt: skip
     daemons(config)
-    wait_for(lambda: probe_or_none(port) is not None, what="the daemon's /healthz")
+    wait_for(lambda: probe(port)[0] != 0, what="the daemon's /healthz")
     return config, port
-
-
-def probe_or_none(port: int) -> tuple[int, str] | None:
-    try:
-        return probe(port)
-    except OSError:
-        return None
 
 
 def settled(config: Config, port: int, want: set[tuple[str, str | None]]) -> Seen:
