@@ -224,11 +224,14 @@ def test_a_refused_token_alerts_once_as_its_own_condition_and_recovers_with_the_
     source.set(["u1", "u2", "u3"])
     # /json listens to every event; /old lists only gleap_down, as a config did before
     # token_refused had its own name: it still hears of a refused token.
-    extra = hooks(receiver) + f"""
+    extra = (
+        hooks(receiver)
+        + f"""
 [[alerts]]
 url = "{receiver.url("/old")}"
 events = ["gleap_down"]
 """
+    )
     config = make_config(gleap.base_url, extra=extra)
     gleap.set_token("a-token-rotated-in-gleap")  # ours is refused: 401 on every call
     assert sync(config) != 0
