@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
-from audiencesync import web_attention
+from audiencesync import store as store_mod, web_attention
+from audiencesync.schema import audiences, sync_runs
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.web_states import HOLD, KEY, RETRY, States, serve
@@ -154,3 +157,22 @@ def test_an_action_splits_into_words_and_commands_to_copy() -> None:
     )
     assert shown("check the network") == "check the network"
     assert web_attention.pieces(None) == []
+
+
+def test_a_delivery_blocked_by_a_refused_token_says_so_not_running(states: States) -> None:
+    states.enter_token_refused()
+    engine = store_mod.engine_for(states.config.store)
+    with engine.begin() as conn:  # the daemon's delivery run, open while Gleap refuses every call
+        audience_id = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == KEY)).scalar_one()
+        conn.execute(
+            sa.insert(sync_runs).values(
+                cycle_id="d1", audience_id=audience_id, mode="delivery", status="running",
+                started_at=store_mod.utc_now() - timedelta(minutes=5), sent=0,
+            )
+        )  # fmt: skip
+    engine.dispose()
+    with serve(states.config) as base:
+        [row] = re.findall(r'<tr class="delivery blocked">(.*?)</tr>', page(base), re.S)
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+        assert 'class="badge sev-failing" data-state="token_refused"' in cells[1] and "blocked" in cells[1]
+        assert cells[-1] == "blocked"  # not "unknown" at 0.0 calls/s

@@ -47,10 +47,12 @@ class States:
 
     def leave_held(self) -> None:
         assert self.sync("--audience", KEY, "--allow-removals") == 0  # the banner's command
+        self.source.set(MEMBERS)  # the source mended: everyone back, for the next state
+        assert self.sync() == 0
 
     def enter_parked(self) -> None:
-        self.gleap.fail_user("u2", 422, body="contact is blocked")
-        self.source.set([m for m in MEMBERS if m != "u2"])  # u2 leaves; Gleap refuses it, so it parks
+        self.gleap.fail_user("u42", 422, body="contact is blocked")
+        self.source.set([*MEMBERS, "u42"])  # u42 enters; Gleap refuses it (max_attempts = 1): parked
         assert self.sync() == 1
 
     def leave_parked(self) -> None:
