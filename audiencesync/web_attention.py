@@ -70,6 +70,12 @@ def banners(seen: attention.Attention, key: str | None = None) -> list[attention
     ]
 
 
+def said(shown: list[attention.Concern], state: str, key: str | None = None) -> bool:
+    """A banner above already gives this state's reason (the property's own, or the daemon's):
+    a badge beside it need not repeat it."""
+    return any(c.state == state and c.subject in (None, key) for c in shown)
+
+
 def overdue(seen: attention.Attention, key: str) -> bool:
     """The property's next run is past and no daemon holds the store: nothing will run it."""
     return any(c.state == attention.OVERDUE and c.subject == key for c in seen.concerns)
@@ -94,6 +100,7 @@ GLOBALS = {
     "pieces": pieces,
     "banners": banners,
     "overdue": overdue,
+    "said": said,
     "verdict": verdict,
     "blocked": blocked,
 }

@@ -75,6 +75,7 @@ def test_a_held_audience_shows_its_release_command_at_the_top_and_says_held_in_i
         assert audience.index(f"<code>{HOLD}</code>") < audience.index('<section class="counts">')
         counts = audience[audience.index('<section class="counts">') :]
         assert counts.index('data-state="held"') < counts.index("members</div>")
+        assert "see above" in counts.split("</div>")[0]  # the banner's reason, not said twice
         # The run result "held" wears the needs-action colour, not the in-progress one of "running".
         assert '<span class="badge held sev-action">held</span>' in audience
         states.leave_held()
