@@ -179,7 +179,7 @@ def shown(driver: webdriver.Chrome) -> list[tuple[str, str, list[str]]]:
         (
             banner.get_attribute("data-state") or "",
             next(c for c in (banner.get_attribute("class") or "").split() if c.startswith("sev-")),
-            [code.text for code in banner.find_elements(By.TAG_NAME, "code")],
+            [code.text for code in banner.find_elements(By.CSS_SELECTOR, ".fix code")],
         )
         for banner in driver.find_elements(By.CSS_SELECTOR, ".banners .banner")
     ]
