@@ -28,10 +28,11 @@ import jinja2
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from audiencesync import audit, charts, web_attention, web_pages
+from audiencesync import audit, charts, web_pages
 from audiencesync.attention import Attention
 from audiencesync.errors import AudienceSyncError, brief
 from audiencesync.secret import Secret
+from audiencesync.web_attention import GLOBALS as ATTENTION
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def environment() -> jinja2.Environment:
     env.globals.update(
         members_chart=charts.members, changes_chart=charts.changes, statuses=web_pages.RUN_STATUSES
     )
-    env.globals.update(web_attention.GLOBALS)
+    env.globals.update(ATTENTION)
     return env
 
 
