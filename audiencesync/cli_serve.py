@@ -99,12 +99,16 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
                 head,
             )
 
+        def attention() -> attention_mod.Attention:
+            """What needs a person, from the store alone: serve knows nothing of a daemon's own."""
+            with audit.snapshot(engine) as conn:
+                return attention_mod.read(conn, lifecycle.states(config), store.utc_now())
+
         def health() -> tuple[bool, str]:
             """Whether this page can read the store; what needs a person is listed below it
             (attention.py), as the daemon's /healthz lists it, without making serve unhealthy."""
             try:
-                with audit.snapshot(engine) as conn:
-                    seen = attention_mod.read(conn, lifecycle.states(config), store.utc_now())
+                seen = attention()
             except Exception as exc:
                 return False, f"the store can't be read: {brief(exc)}"
             return True, "\n".join(["ok (serve: read-only status page)", *(c.line() for c in seen.concerns)])
@@ -114,6 +118,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             token=token,
             configured=lambda: lifecycle.states(config),
             health=health,
+            attention=attention,
             clock=store.utc_now,
             mode="serve",
         )

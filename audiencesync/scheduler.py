@@ -236,6 +236,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
             token=self.config.server.auth_token,
             configured=lambda: lifecycle.states(self.config),  # a reload changes them
             health=self.health,
+            attention=self.attention,
             clock=store_mod.utc_now,
             metrics=make_wsgi_app(self.metrics.registry),
             this_process=lambda: "active" if self.active else "standby",

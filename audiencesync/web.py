@@ -29,8 +29,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from audiencesync import audit, charts, web_pages
+from audiencesync.attention import Attention
 from audiencesync.errors import AudienceSyncError, brief
 from audiencesync.secret import Secret
+from audiencesync.web_attention import GLOBALS as ATTENTION
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ def environment() -> jinja2.Environment:
     env.globals.update(
         members_chart=charts.members, changes_chart=charts.changes, statuses=web_pages.RUN_STATUSES
     )
+    env.globals.update(ATTENTION)
     return env
 
 
@@ -102,7 +105,9 @@ class WebApp:
 
     ``configured``: the state of each key the config has now (``lifecycle.states``: live,
     paused or renamed; any other key of the store is retired; a reload changes them);
-    ``this_process``: the daemon's own state (active or standby), None under `serve`.
+    ``this_process``: the daemon's own state (active or standby), None under `serve`;
+    ``attention``: what needs a person (attention.py), as `status` and /healthz read it: the
+    daemon's, with what only it knows; `serve`'s, from the store alone. Read once per page.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class WebApp:
         token: Secret | None,
         configured: Callable[[], Mapping[str, str]],
         health: Health,
+        attention: Callable[[], Attention],
         clock: Callable[[], datetime],
         metrics: WsgiApp | None = None,
         this_process: Callable[[], str] | None = None,
@@ -121,6 +127,7 @@ class WebApp:
         self._token = token.reveal().encode() if token is not None else None
         self.configured = configured
         self.health = health
+        self.attention = attention
         self.clock = clock
         self.metrics = metrics
         self.this_process = this_process
@@ -188,13 +195,17 @@ class WebApp:
             if path == "/":
                 state = self.this_process() if self.this_process is not None else None
                 data = web_pages.overview(conn, configured, now, state)
-                return self._render(start_response, "overview.html", title="Overview", page=data)
+                seen = self.attention()
+                return self._render(start_response, "overview.html", title="Overview", page=data, seen=seen)
             if path.startswith("/audiences/"):
                 key = unquote(path.removeprefix("/audiences/"))
                 audience = web_pages.audience_page(conn, key, configured, before=_int(query.get("before")))
                 if audience is None:
                     return self._not_found(start_response, f"No audience or trait {key!r} in the store.")
-                return self._render(start_response, "audience.html", title=key, page=audience, now=now)
+                seen = self.attention()
+                return self._render(
+                    start_response, "audience.html", title=key, page=audience, now=now, seen=seen
+                )
             if path == "/users":
                 user_id = query.get("id", "")
                 user = web_pages.user_page(conn, user_id) if user_id else None

@@ -25,7 +25,7 @@ from datetime import timedelta
 import httpx
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
+from audiencesync import attention, store as store_mod
 from audiencesync.schema import sync_runs
 from audiencesync.server import Server
 from audiencesync.web import WebApp
@@ -80,9 +80,15 @@ def main() -> None:
         fill(url, {"big": args.members, "small": 1000})
         add_runs(url, args.runs, args.members)
         engine = store_mod.create_engine(url)
+        states = {"big": "live", "small": "live"}
+
+        def seen() -> attention.Attention:
+            with engine.connect() as conn:
+                return attention.read(conn, states, store_mod.utc_now())
+
         app = WebApp(
-            engine, token=None, configured=lambda: {"big": "live", "small": "live"},
-            health=lambda: (True, "ok"), clock=store_mod.utc_now, mode="serve",
+            engine, token=None, configured=lambda: states, health=lambda: (True, "ok"), attention=seen,
+            clock=store_mod.utc_now, mode="serve",
         )  # fmt: skip
         server = Server("127.0.0.1", 0, app)
         server.start()

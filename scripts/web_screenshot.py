@@ -1,14 +1,25 @@
-"""Regenerate docs/web-overview.png and docs/web-audience.png: the status page on the demo data.
+"""Regenerate docs/web-*.png: the status page on the demo data, in each state attention.py names.
 
     python scripts/web_screenshot.py [--keep DIR]
 
 It builds the demo source (examples/make_demo_source.py) and a store in a scratch directory,
 syncs config.example.toml's audiences against the loopback Gleap stand-in of the tests
 (tests/gleap_standin.py: no real Gleap, no token) for a day of cycles two hours apart, with
-orders coming and going between them (and one user Gleap refuses, so a failure is parked), then
-starts the daemon (`audiencesync run`, which catches up at once) and photographs the pages it
-serves in headless Chromium (/usr/bin/chromium, chromedriver).
-With --keep DIR the demo store stays there, for `audiencesync --config DIR/config.toml serve`.
+orders coming and going between them, then starts the daemon (`audiencesync run`, which catches
+up at once) and photographs the pages it serves in headless Chromium (/usr/bin/chromium,
+chromedriver), one per state, each brought about as it happens in life and ended by its fix:
+
+    docs/web-state-ok.png             everything delivered
+    docs/web-state-delivering.png     a full sync delivering (the stand-in holds Gleap's answers)
+    docs/web-state-parked.png         Gleap refuses one user (422): parked (also web-overview.png,
+                                      and web-audience.png, the audience's page)
+    docs/web-state-held.png           the orders table emptied: the audience's page, held
+    docs/web-state-token_refused.png  the stand-in's token rotated: every call 401
+    docs/web-state-gleap_down.png     every call 503: the circuit breaker opens
+    docs/web-state-overdue.png        the daemon stopped, its next runs past (`audiencesync serve`)
+
+Each refresh is a `sync --full`, which the running daemon carries out. With --keep DIR the demo
+store stays there, for `audiencesync --config DIR/config.toml serve`.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,11 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 
 from audiencesync import store as store_mod  # noqa: E402
 from audiencesync.config import load_config  # noqa: E402
+from audiencesync.schema import audiences  # noqa: E402
 from audiencesync.sources import Sources  # noqa: E402
 from audiencesync.sync import Syncer  # noqa: E402
 from examples.make_demo_source import build  # noqa: E402
@@ -72,7 +86,6 @@ def make_store(directory: Path, gleap: GleapStandIn) -> Path:
     rng = random.Random(7)
     now = store_mod.utc_now().replace(microsecond=0)
     start = now - timedelta(hours=2 * CYCLES)
-    gleap.fail_user("user-00042", 422, body='{"error":"contact is blocked"}')
     for k in range(CYCLES):
         at = start + timedelta(hours=2 * k, minutes=rng.randint(0, 50))
         if k:
@@ -102,33 +115,156 @@ def daemon(config_path: Path, port: int) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", "audiencesync", "--config", str(config_path), "run"],
         stderr=subprocess.DEVNULL, env=os.environ | {"GLEAP_API_TOKEN": TOKEN},
     )  # fmt: skip
-    deadline = time.monotonic() + 60
+    try:
+        wait_for(port, lambda page: "badge active" in page and "no run is delivering" in page, "the daemon")
+    except SystemExit:
+        process.kill()
+        raise
+    return process
+
+
+def wait_for(port: int, ready: Callable[[str], bool], what: str, seconds: float = 120) -> None:
+    """Poll the overview until ``ready`` says it shows what is awaited (a deadline, not a sleep)."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text
-            if "badge active" in page and "no run is delivering" in page:
-                return process
+            if ready(httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text):
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the daemon did not become active within 60 s")
+    raise SystemExit(f"{what}: not shown on the overview within {seconds:g} s")
 
 
-def photograph(base: str, out: Path) -> None:
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,760"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+def banner(state: str) -> Callable[[str], bool]:
+    return lambda page: f'data-state="{state}" data-subject=' in page
+
+
+def calm(page: str) -> bool:
+    return 'class="banners"' not in page and "no run is delivering" in page
+
+
+def sync(config_path: Path, *args: str, wait: bool = True) -> subprocess.Popen[bytes]:
+    """`audiencesync sync --full`: the running daemon carries it out."""
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module, the config we wrote
+        [sys.executable, "-m", "audiencesync", "--config", str(config_path), "sync", "--full",
+         "--wait", "600", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | {"GLEAP_API_TOKEN": TOKEN},
+    )  # fmt: skip
+    if wait:
+        process.wait(timeout=600)
+    return process
+
+
+class Camera:
+    def __init__(self, base: str, out: Path) -> None:
+        options = webdriver.ChromeOptions()
+        options.binary_location = "/usr/bin/chromium"
+        for argument in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--window-size=1400,760",
+        ):
+            options.add_argument(argument)
+        self.driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        self.base, self.out = base, out
+
+    def shoot(self, path: str, name: str, height: int = 900) -> None:
+        self.driver.set_window_size(1400, height)
+        self.driver.get(self.base + path)
+        self.driver.save_screenshot(str(self.out / name))
+
+    def close(self) -> None:
+        self.driver.quit()
+
+
+AUDIENCE = "/audiences/order_completed_last_30_days"
+
+
+def states(config_path: Path, gleap: GleapStandIn, port: int, camera: Camera) -> None:
+    """Each state in turn, on the daemon's pages: brought about, photographed, then ended."""
+    source = config_path.parent / "demo_source.db"
+    rng = random.Random(11)
+    today = store_mod.utc_now().date().isoformat()
+    camera.shoot("/", "web-state-ok.png")
+
+    gleap.hold(after=40)  # some calls answered, the rest wait: a delivery in progress
+    churn(source, rng, today)
+    running = sync(config_path, wait=False)
+    wait_for(port, lambda page: '<tr class="delivery"' in page, "a delivery")
+    camera.shoot("/", "web-state-delivering.png")
+    gleap.release()
+    running.wait(timeout=600)
+    wait_for(port, calm, "the delivery's end")
+
+    gleap.fail_user("user-00042", 422, body='{"error":"contact is blocked"}')
+    with sqlite3.connect(source) as conn:
+        conn.execute("INSERT INTO orders VALUES ('user-00042', ?, 512.5)", (today,))
+    conn.close()
+    sync(config_path)
+    wait_for(port, lambda page: banner("parked")(page) and "no run is delivering" in page, "parked")
+    camera.shoot("/", "web-state-parked.png")
+    camera.shoot("/", "web-overview.png", 760)
+    camera.shoot(AUDIENCE, "web-audience.png", 1250)
+    gleap.clear_faults()
+    retry = [sys.executable, "-m", "audiencesync", "--config", str(config_path), "retry", "--all"]
+    subprocess.run(retry, check=True, capture_output=True, env=os.environ | {"GLEAP_API_TOKEN": TOKEN})  # noqa: S603
+    wait_for(port, calm, "the parked change's retry")
+
+    with sqlite3.connect(source) as conn:  # a broken load empties the table: held, not applied
+        conn.execute("CREATE TABLE orders_kept AS SELECT * FROM orders")
+        conn.execute("DELETE FROM orders")
+    conn.close()
+    sync(config_path)
+    wait_for(port, banner("held"), "held")
+    camera.shoot(AUDIENCE, "web-state-held.png")
+    with sqlite3.connect(source) as conn:
+        conn.execute("INSERT INTO orders SELECT * FROM orders_kept")
+        conn.execute("DROP TABLE orders_kept")
+    conn.close()
+    sync(config_path)
+    wait_for(port, calm, "the held audience's recovery")
+
+    gleap.set_token("a-token-rotated-in-gleap")
+    churn(source, rng, today)
+    sync(config_path)
+    wait_for(port, banner("token_refused"), "the refused token")
+    camera.shoot("/", "web-state-token_refused.png")
+    gleap.set_token(TOKEN)
+    sync(config_path)  # the daemon retries a refused token every 5 min; a sync wakes it now
+    wait_for(port, calm, "the token's recovery", 900)
+
+    gleap.fail_next(1_000_000, 503)
+    churn(source, rng, today)
+    sync(config_path, wait=False)
+    wait_for(port, banner("gleap_down"), "Gleap down")
+    camera.shoot("/", "web-state-gleap_down.png")
+    gleap.clear_faults()
+    wait_for(port, calm, "Gleap's recovery", 900)
+
+
+def overdue(config_path: Path, port: int, camera: Camera) -> None:
+    """The daemon stopped; its next runs came and went: `audiencesync serve` shows them overdue."""
+    config = load_config(config_path)
+    engine = store_mod.create_engine(config.store.url)
+    with engine.begin() as conn:  # the next runs it planned, an hour past: time moved on
+        conn.execute(
+            sa.update(audiences).values(next_run_at=store_mod.utc_now() - timedelta(hours=1))
+            .where(audiences.c.next_run_at.is_not(None))
+        )  # fmt: skip
+    engine.dispose()
+    serving = subprocess.Popen(  # noqa: S603 - our own interpreter and module, the config we wrote
+        [sys.executable, "-m", "audiencesync", "--config", str(config_path), "serve", "--listen",
+         f"127.0.0.1:{port}"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
-        driver.get(base + "/")
-        driver.save_screenshot(str(out / "web-overview.png"))
-        driver.set_window_size(1400, 1250)
-        driver.get(base + "/audiences/order_completed_last_30_days")
-        driver.save_screenshot(str(out / "web-audience.png"))
+        wait_for(port, banner("overdue"), "overdue")
+        camera.shoot("/", "web-state-overdue.png")
     finally:
-        driver.quit()
+        serving.terminate()
+        serving.wait(timeout=60)
 
 
 def main() -> None:
@@ -143,11 +279,16 @@ def main() -> None:
         config_path = make_store(directory, gleap)
         port = free_port()
         running = daemon(config_path, port)
+        camera = Camera(f"http://127.0.0.1:{port}", ROOT / "docs")
         try:
-            photograph(f"http://127.0.0.1:{port}", ROOT / "docs")
+            try:
+                states(config_path, gleap, port, camera)
+            finally:
+                running.terminate()
+                running.wait(timeout=60)
+            overdue(config_path, port, camera)
         finally:
-            running.terminate()
-            running.wait(timeout=60)
+            camera.close()
     print("wrote", ", ".join(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("web-*.png"))))
 
 

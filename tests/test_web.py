@@ -19,7 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import audit, lifecycle, store as store_mod
+from audiencesync import attention, audit, lifecycle, store as store_mod
 from audiencesync.config import load_config
 from audiencesync.errors import ConfigError
 from audiencesync.lease import WriterLease
@@ -40,11 +40,17 @@ Get = Callable[..., httpx.Response]
 def serve(scenario: w.WebScenario, token: Secret | None = None) -> Iterator[str]:
     """The pages of the scenario's store on a real loopback server; its base URL."""
     engine = store_mod.engine_for(scenario.config.store)
+
+    def seen() -> attention.Attention:  # as `serve` reads it, at the scenario's time
+        with audit.snapshot(engine) as conn:
+            return attention.read(conn, lifecycle.states(scenario.config), w.T8)
+
     app = WebApp(
         engine,
         token=token,
         configured=lambda: lifecycle.states(scenario.config),
         health=lambda: (True, "ok"),
+        attention=seen,
         clock=lambda: w.T8,
         this_process=lambda: "active",
     )
@@ -92,7 +98,7 @@ def test_overview_shows_every_audience_with_its_counts_last_run_and_members_char
     # One point per applied refresh: eight cycles each.
     assert points(page) == [len(w.MEMBERS_A), len(w.MEMBERS_B)]
     assert "2026-11-02 16:00:00 UTC" in page  # the last run's start, in UTC, said so
-    assert 'This process: <span class="badge active">active</span>' in page
+    assert 'This process: <span class="badge active sev-ok">active</span>' in page
     assert "None: no run is delivering now." in page
     # The parked count (u3 in a, the HTML id in b) is shown in both rows.
     assert all(re.search(r'<td class="num bad">1</td>', row) for row in audiences)
@@ -110,9 +116,12 @@ def test_a_paused_or_retired_audience_says_so_and_the_retired_come_last(scenario
         page = httpx.get(f"{base}/", timeout=10).text
         audience_a = httpx.get(f"{base}/audiences/segment_a", timeout=10).text
     first, second = rows(page, "audience")
-    assert 'href="/audiences/segment_b"' in first and "paused (enabled = false)" in first
-    assert 'href="/audiences/segment_a"' in second and "retired: not in the config" in second
-    assert "retired: not in the config" in audience_a
+    # The state is the badge of its verdict (attention.py), grey: nothing to act on by itself.
+    assert 'href="/audiences/segment_b"' in first
+    assert '<span class="badge sev-neutral" data-state="paused"' in first and "enabled = false" in first
+    assert 'href="/audiences/segment_a"' in second
+    assert '<span class="badge sev-neutral" data-state="retired"' in second
+    assert 'data-state="retired"' in audience_a
 
 
 def test_audience_page_charts_runs_and_parked_failures_with_gleaps_answer(get: Get) -> None:
@@ -160,8 +169,8 @@ def test_a_delivery_in_progress_shows_sent_remaining_rate_and_eta(get: Get, scen
     cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
     assert ">segment_a<" in cells[0]
     assert "stale" in cells[0]  # no process holds the store: a run a dead process left open
-    assert cells[2:5] == ["50", str(pending), "0.5 calls/s"]
-    assert cells[5] == ("0s" if pending == 0 else f"{pending * 2}s")
+    assert cells[3:6] == ["50", str(pending), "0.5 calls/s"]
+    assert cells[6] == ("0s" if pending == 0 else f"{pending * 2}s")
 
 
 def test_runs_are_paged_and_filtered_by_status(get: Get) -> None:
@@ -343,7 +352,7 @@ def test_the_daemon_serves_the_pages_beside_healthz_and_metrics_behind_its_token
             lambda: 'data-key="segment_a"' in overview() and "badge active" in overview(), what="the overview"
         )
         page = overview()
-        assert 'This process: <span class="badge active">active</span>' in page
+        assert 'This process: <span class="badge active sev-ok">active</span>' in page
         assert "served by the daemon" in page
         assert httpx.get(base + "/", timeout=5).status_code == 401
         assert httpx.get(base + "/metrics", timeout=5).status_code == 401

@@ -19,6 +19,7 @@ from tests import web_scenario as w
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_web import serve
+from tests.web_states import HOLD, KEY, RETRY, States, serve as serve_states
 
 CHROMIUM = os.environ.get("AUDIENCESYNC_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("AUDIENCESYNC_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -157,3 +158,79 @@ def test_runs_page_in_a_browser_filters_by_status(browser: webdriver.Chrome, bas
     statuses = {row.get_attribute("data-status") for row in browser.find_elements(By.CSS_SELECTOR, "tr.run")}
     assert statuses == {"succeeded"}
     assert console_errors(browser) == []
+
+
+@pytest.fixture
+def states(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str
+) -> Iterator[States]:
+    if not store_url.startswith("sqlite"):
+        pytest.skip("the browser sees the same HTML on both stores; test_web_attention covers PostgreSQL")
+    made = States(make_config, source, gleap)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def shown(driver: webdriver.Chrome) -> list[tuple[str, str, list[str]]]:
+    """Each banner at the top of the page: its state, its severity class, the commands to copy."""
+    return [
+        (
+            banner.get_attribute("data-state") or "",
+            next(c for c in (banner.get_attribute("class") or "").split() if c.startswith("sev-")),
+            [code.text for code in banner.find_elements(By.CSS_SELECTOR, ".fix code")],
+        )
+        for banner in driver.find_elements(By.CSS_SELECTOR, ".banners .banner")
+    ]
+
+
+def state_badge(driver: webdriver.Chrome) -> tuple[str, str, str]:
+    """The audience's badge on the overview: its words, severity class and background colour."""
+    badge = driver.find_element(By.CSS_SELECTOR, f'tr.audience[data-key="{KEY}"] td.state .badge')
+    severity = next(c for c in (badge.get_attribute("class") or "").split() if c.startswith("sev-"))
+    return badge.text, severity, badge.value_of_css_property("background-color")
+
+
+def test_each_condition_shows_a_banner_with_its_command_and_a_badge_then_clears(
+    browser: webdriver.Chrome, states: States
+) -> None:
+    with serve_states(states.config) as base:
+        load(browser, base + "/")
+        assert shown(browser) == []
+        words, severity, ok_colour = state_badge(browser)
+        assert (words, severity) == ("ok", "sev-ok")
+        colours = {"sev-ok": ok_colour}
+
+        cases = [
+            ("held", states.enter_held, states.leave_held, "sev-action", [HOLD]),
+            ("parked", states.enter_parked, states.leave_parked, "sev-action",
+             [f"audiencesync failures --audience {KEY}", RETRY]),
+            ("token_refused", states.enter_token_refused, states.leave_token_refused, "sev-failing",
+             ["audiencesync check"]),
+        ]  # fmt: skip
+        for state, enter, leave, severity, commands in cases:
+            enter()
+            load(browser, base + "/")
+            assert shown(browser) == [(state, severity, commands)], state
+            words, badge_severity, colour = state_badge(browser)
+            assert (words, badge_severity) == (state.replace("_", " "), severity)
+            colours[severity] = colour
+            # The audience's own page: the same banner first, above its counts.
+            load(browser, base + f"/audiences/{KEY}")
+            assert shown(browser) == [(state, severity, commands)], state
+            top = browser.find_element(By.CSS_SELECTOR, ".banners").location["y"]
+            assert top < browser.find_element(By.CSS_SELECTOR, "section.counts").location["y"]
+            header = browser.find_element(By.CSS_SELECTOR, "section.counts .state .badge")
+            assert header.text == state.replace("_", " ")
+            leave()
+            load(browser, base + "/")
+            assert shown(browser) == [], state
+            assert state_badge(browser)[:2] == ("ok", "sev-ok")
+        # Three severities, three colours (and each badge says its word, above).
+        assert len(set(colours.values())) == 3
+        # "held" (a run's result) and "running" do not share a colour.
+        load(browser, base + "/runs?status=held")
+        held = browser.find_element(By.CSS_SELECTOR, "span.badge.held")
+        assert held.value_of_css_property("background-color") == colours["sev-action"]
+        assert held.value_of_css_property("background-color") != "rgba(221, 244, 255, 1)"  # progress' blue
