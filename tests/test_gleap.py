@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import socket
 import time
 from datetime import UTC, datetime
 
@@ -11,8 +12,8 @@ import pytest
 
 from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
-from audiencesync.errors import GleapAuthError
-from audiencesync.gleap import Answer, GleapClient, identify_body
+from audiencesync.errors import GleapAuthError, GleapError
+from audiencesync.gleap import Answer, GleapClient, identify_body, identify_url
 from audiencesync.gleap_http import parse_retry_after, retryable
 from audiencesync.ratelimit import TokenBucket
 from tests.conftest import TOKEN
@@ -84,6 +85,63 @@ def test_auth_failures_raise(gleap: GleapStandIn, status: int) -> None:
     with pytest.raises(GleapAuthError) as info:
         identify(gleap)
     assert info.value.status == status and TOKEN not in str(info.value)
+
+
+def check_token(base_url: str) -> None:
+    settings = GleapConfig(base_url=base_url, timeout_seconds=30, max_retries=0)
+
+    async def go() -> None:
+        async with GleapClient(settings, Secret(TOKEN)) as client:
+            await client.check_token()
+
+    asyncio.run(go())
+
+
+def test_check_token_asks_gleap_and_passes_on_a_2xx(gleap: GleapStandIn) -> None:
+    check_token(gleap.base_url)
+    [request] = gleap.requests
+    assert (request.method, request.path, request.headers["api-token"]) == ("GET", "/admin/auth", TOKEN)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_check_token_says_the_token_is_refused_on_401_and_403(gleap: GleapStandIn, status: int) -> None:
+    if status == 401:
+        gleap.set_token("other")
+    else:
+        gleap.fail_auth_next(1, 403)
+    with pytest.raises(GleapAuthError) as info:
+        check_token(gleap.base_url)
+    assert info.value.status == status and TOKEN not in str(info.value)
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_check_token_names_any_other_status_and_its_text(gleap: GleapStandIn, status: int) -> None:
+    # Not a verdict on the token: a plain GleapError that quotes Gleap's answer.
+    gleap.fail_auth_next(1, status, body="no such thing")
+    with pytest.raises(GleapError) as info:
+        check_token(gleap.base_url)
+    assert type(info.value) is GleapError
+    assert str(info.value) == f"Gleap answered {status} to /admin/auth: no such thing"
+
+
+def test_check_token_says_how_to_fix_an_unreachable_gleap() -> None:
+    # A port bound and not listening refuses the connection, and nobody else can take it meanwhile.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        base_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        with pytest.raises(GleapError) as info:
+            check_token(base_url)
+    assert str(info.value) == (
+        f"cannot reach Gleap at {base_url} (ConnectError). Fix: check [gleap] base_url and the network"
+    )
+
+
+def test_identify_url_is_the_base_url_the_path_and_the_query() -> None:
+    assert identify_url(GleapConfig(base_url="https://gleap.example")) == (
+        "https://gleap.example/admin/identify?preventLastActivityUpdate=true"
+    )
+    plain = GleapConfig(base_url="https://gleap.example", prevent_last_activity_update=False)
+    assert identify_url(plain) == "https://gleap.example/admin/identify"
 
 
 def test_identify_body_keeps_user_id_last_and_authoritative() -> None:
@@ -186,6 +244,13 @@ def test_progress_lines_come_at_least_every_interval(caplog: pytest.LogCaptureFi
         progress.sent(1)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivering:")]
     assert lines == ["delivering: 60 sent, 900 remaining, 1.0 calls/s, ETA 15m00s"]
+
+
+def test_a_progress_duration_reads_in_minutes_then_in_hours() -> None:
+    from audiencesync.progress_log import _duration
+
+    texts = [_duration(s) for s in (0, 59.9, 61, 3599, 3600, 3725, 7199, 90000, float("inf"))]
+    assert texts == ["0m00s", "0m59s", "1m01s", "59m59s", "1h00m", "1h02m", "1h59m", "25h00m", "unknown"]
 
 
 def test_the_stand_in_answers_no_sooner_than_its_latency() -> None:
