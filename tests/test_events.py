@@ -17,8 +17,9 @@ import sqlalchemy as sa
 
 from audiencesync import audit, store as store_mod
 from audiencesync.config import Config
+from audiencesync.errors import GleapAuthError
 from audiencesync.events import DueEvent, EventOutcome, Outbox
-from audiencesync.gleap import Answer, GleapClient, event_date
+from audiencesync.gleap import Answer, GleapClient, Try, event_date
 from audiencesync.prune import Pruner
 from audiencesync.schema import events, sync_runs
 from audiencesync.store import Store
@@ -494,3 +495,22 @@ def test_every_track_answer_is_told_with_the_number_of_events_it_carried() -> No
     requests = _send(outbox, ok, lambda s: setattr(s, "on_answer", lambda a, n: answers.append((a, n))))
     assert (requests, answers, outbox.restored) == (1, [(ok, 3)], [])
     assert [(o.status, [e.id for e in o.events]) for o in outbox.recorded] == [(200, [1, 2, 3])]
+
+
+def test_a_refused_call_that_may_have_been_applied_is_recorded_as_sent_by_its_last_request() -> None:
+    # The call log's sent time is when the refused request went out, not when the answer was stored.
+    went = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    tries = (Try(went, 0, "unknown", "no answer"), Try(went + timedelta(seconds=7), 401, "rejected"))
+
+    class Refusing:
+        async def track(self, bodies: list[dict[str, object]]) -> Answer:
+            raise GleapAuthError(401, maybe_applied=True, tries=tries)
+
+    outbox = _Outbox(_due(1, 2))
+    sender = EventSender(cast(Outbox, outbox), batch_size=10, max_attempts=3, backoff=(1.0, 60.0))
+    with pytest.raises(GleapAuthError):
+        asyncio.run(sender.send_due(cast(GleapClient, Refusing()), [1], lambda _: 1, halted=lambda: False))
+    [outcome] = outbox.recorded
+    assert [e.id for e in outcome.events] == [1, 2] and outcome.unknown
+    assert [i for ids in outbox.restored for i in ids] == []  # no mark given back: both may be in Gleap
+    assert (outcome.status, outcome.sends, outcome.retries, outcome.sent_at) == (401, 2, 1, tries[-1].at)
