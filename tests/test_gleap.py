@@ -345,3 +345,43 @@ def test_a_call_waiting_on_the_limiter_when_the_breaker_opens_is_not_sent(gleap:
     answer = asyncio.run(go())
     assert gleap.requests == []
     assert answer.halted and not answer.maybe_applied and answer.tries == ()
+
+
+def _paced(gleap: GleapStandIn, max_retries: int) -> tuple[GleapClient, list[float]]:
+    """A client whose limiter pauses (a 429's) pass on a fake clock; returns the clock too."""
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    limiter = TokenBucket(600, clock=lambda: now[0], sleep=sleep)
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=30, max_retries=max_retries)
+    return GleapClient(settings, Secret(TOKEN), limiter=limiter, breaker=_SleepLog()), now
+
+
+def test_429s_do_not_use_up_a_calls_retries(gleap: GleapStandIn) -> None:
+    # "Later", not "wrong": three 429s in a row and one retry allowed, and the call still gets through.
+    gleap.fail_next(3, 429, retry_after="5")
+    client, now = _paced(gleap, max_retries=1)
+
+    async def go() -> Answer:
+        async with client:
+            return await client.identify("u1", {"vip": True})
+
+    answer = asyncio.run(go())
+    assert (answer.status, answer.rate_limited, answer.retries) == (200, 3, 3)
+    assert [r.status for r in gleap.requests] == [429, 429, 429, 200] and now[0] >= 15
+
+
+def test_a_call_refused_after_a_429_may_have_been_applied(gleap: GleapStandIn) -> None:
+    # Only a failed connect is certainly not sent: a request answered 429 reached Gleap.
+    gleap.script_next(429, 401)
+    client, _ = _paced(gleap, max_retries=3)
+
+    async def go() -> Answer:
+        async with client:
+            return await client.identify("u1", {"vip": True})
+
+    with pytest.raises(GleapAuthError) as info:
+        asyncio.run(go())
+    assert info.value.maybe_applied and [t.outcome for t in info.value.tries] == ["rate_limited", "rejected"]
