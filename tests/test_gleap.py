@@ -371,6 +371,8 @@ def test_429s_do_not_use_up_a_calls_retries(gleap: GleapStandIn) -> None:
     answer = asyncio.run(go())
     assert (answer.status, answer.rate_limited, answer.retries) == (200, 3, 3)
     assert [r.status for r in gleap.requests] == [429, 429, 429, 200] and now[0] >= 15
+    # The pause is the shared limiter's alone: the call's own wait adds nothing to it.
+    assert isinstance(client.breaker, _SleepLog) and client.breaker.slept == [0.0, 0.0, 0.0]
 
 
 def test_a_call_refused_after_a_429_may_have_been_applied(gleap: GleapStandIn) -> None:
@@ -385,3 +387,39 @@ def test_a_call_refused_after_a_429_may_have_been_applied(gleap: GleapStandIn) -
     with pytest.raises(GleapAuthError) as info:
         asyncio.run(go())
     assert info.value.maybe_applied and [t.outcome for t in info.value.tries] == ["rate_limited", "rejected"]
+
+
+def test_a_retry_stopped_by_the_breaker_at_the_limiter_counts_the_attempts_made(gleap: GleapStandIn) -> None:
+    class Gate(TokenBucket):
+        """Lets the first two requests through; the third waits until the test opens it."""
+
+        def __init__(self) -> None:
+            super().__init__(600_000)
+            self.calls = 0
+            self.waiting = asyncio.Event()
+            self.open = asyncio.Event()
+
+        async def acquire(self) -> None:
+            self.calls += 1
+            if self.calls == 3:
+                self.waiting.set()
+                await self.open.wait()
+
+    gleap.fail_next(1, 429, retry_after="0")
+    gleap.fail_next(1, 503)
+    breaker, gate = _SleepLog(threshold=2), Gate()
+
+    async def go() -> Answer:
+        async with _client(gleap, breaker, gate) as client:
+            call = asyncio.create_task(client.identify("u1", {"vip": True}))
+            await gate.waiting.wait()  # a 429, a 503, and the second retry waits on the limiter
+            breaker.failure("u2", "HTTP 503")  # another user's failure opens the breaker
+            gate.open.set()
+            return await call
+
+    answer = asyncio.run(go())
+    assert breaker.is_open and [r.status for r in gleap.requests] == [429, 503]
+    assert answer.status == 503 and answer.maybe_applied and (answer.rate_limited, answer.retries) == (1, 1)
+    assert answer.error is not None and answer.error.startswith(
+        "gave up after 2 attempts (circuit breaker open)"
+    )
