@@ -250,6 +250,33 @@ def test_an_events_backoff_doubles_from_its_first_failure_up_to_the_maximum(stor
     assert waits == [10, 20, 35, 35]
 
 
+def test_the_outbox_marks_a_batch_unknown_then_gives_each_event_back_its_own_mark(store: Store) -> None:
+    a = store.ensure_audience("a", "A")
+    now = [T1]
+    outbox = events_mod.Outbox(store.engine, clock=lambda: now[0])
+    ids = owe_events(store, a, ["u1", "u2", "u3"])
+
+    def rows() -> list[tuple[bool, datetime | None, datetime | None]]:
+        with store.engine.connect() as conn:
+            query = sa.select(events.c.unknown, events.c.sent_at, events.c.acked_at).order_by(events.c.id)
+            return [(bool(r.unknown), r.sent_at, r.acked_at) for r in conn.execute(query)]
+
+    fail(outbox, a, ids[:1], status=0)  # u1's was sent, and no answer came: Gleap may have it
+    assert [r[0] for r in rows()] == [True, False, False]
+    now[0] = T1 + timedelta(seconds=10)
+    due = outbox.due([a.id], 0, 100)
+    outbox.mark_unknown(due[1:])  # write-ahead, before the request carrying them leaves
+    assert [r[0] for r in rows()] == [True, True, True]
+    outbox.restore_unknown(due)  # never sent after all
+    assert [r[0] for r in rows()] == [True, False, False]
+    sent = T1 + timedelta(seconds=12)
+    now[0] = T1 + timedelta(seconds=13)
+    outbox.record(
+        events_mod.EventOutcome(tuple(due), 200, sent_at=sent), lambda _: 1, max_attempts=3, backoff=(10, 35)
+    )
+    assert rows() == [(False, sent, now[0])] * 3
+
+
 def test_0008_counts_the_rows_of_a_0007_store(store_url: str) -> None:
     engine = store_mod.create_engine(store_url, create=True)
     with engine.begin() as conn:
