@@ -246,6 +246,46 @@ def test_progress_lines_come_at_least_every_interval(caplog: pytest.LogCaptureFi
     assert lines == ["delivering: 60 sent, 900 remaining, 1.0 calls/s, ETA 15m00s"]
 
 
+def test_progress_asks_for_its_audiences_counts_the_rate_and_the_end_of_the_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from audiencesync.progress_log import ProgressLog
+
+    class Remaining:
+        def __init__(self) -> None:
+            self.asked: list[object] = []
+
+        def pending_count(self, audience_ids: object) -> int:
+            self.asked.append(audience_ids)
+            return 30
+
+    store, now = Remaining(), [1000.0]
+    progress = ProgressLog(store, [4, 7], lambda: now[0], every=0.25)  # type: ignore[arg-type]
+    caplog.set_level("INFO")
+    progress.done()  # nothing sent, at once: no line
+    now[0] += 0.5
+    progress.sent(0)  # past the interval, nothing sent yet: no rate, so no ETA
+    now[0] += 0.25
+    progress.sent(6)  # 6 in 0.75 s
+    progress.sent(2)  # within the interval: counted, no line
+    now[0] += 1.25
+    progress.done()  # 8 in 2 s
+    assert store.asked == [[4, 7], [4, 7]]
+    assert [r.getMessage() for r in caplog.records] == [
+        "delivering: 0 sent, 30 remaining, 0.0 calls/s, ETA unknown",
+        "delivering: 6 sent, 30 remaining, 8.0 calls/s, ETA 0m03s",
+        "delivery pass done: 8 sent in 0m02s",
+    ]
+    caplog.clear()
+    quick = ProgressLog(store, [4], lambda: now[0], every=0.25)  # type: ignore[arg-type]
+    quick.sent(3)
+    quick.done()  # sent, but within the interval: no line either
+    idle = ProgressLog(store, [4], lambda: now[0], every=0.25)  # type: ignore[arg-type]
+    now[0] += 1
+    idle.done()  # long, but nothing sent
+    assert caplog.records == []
+
+
 def test_a_progress_duration_reads_in_minutes_then_in_hours() -> None:
     from audiencesync.progress_log import _duration
 
