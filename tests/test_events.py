@@ -550,3 +550,20 @@ def test_the_event_failpoints_sit_around_the_record(
     with pytest.raises(RuntimeError, match=f"failpoint {point} reached"):
         _send(outbox, Answer(200), lambda s: None)
     assert outbox.marked == [[1, 2]] and [o.status for o in outbox.recorded] == recorded
+
+
+def test_a_pass_reads_page_after_page_and_counts_the_requests_of_all() -> None:
+    class Pages(_Outbox):
+        def __init__(self) -> None:
+            super().__init__([])
+            self.pages = [_due(1, 2), _due(3)]
+            self.asked: list[int] = []
+
+        def due(self, audience_ids: object, after: int, limit: int) -> list[DueEvent]:
+            self.asked.append(after)
+            return super().due(audience_ids, after, limit)
+
+    outbox = Pages()
+    assert _send(outbox, Answer(200), lambda s: None) == 2
+    assert outbox.asked == [0, 2, 3] and outbox.marked == [[1, 2], [3]]
+    assert [[e.id for e in o.events] for o in outbox.recorded] == [[1, 2], [3]]
