@@ -463,3 +463,56 @@ def test_a_retry_stopped_by_the_breaker_at_the_limiter_counts_the_attempts_made(
     assert answer.error is not None and answer.error.startswith(
         "gave up after 2 attempts (circuit breaker open)"
     )
+
+
+def test_each_request_of_a_call_is_noted_with_its_time_status_outcome_and_text(gleap: GleapStandIn) -> None:
+    # What the call log keeps, and what the breaker is told (a 429 is no failure of Gleap's).
+    went = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=30, max_retries=3)
+    breaker = _SleepLog()
+    gleap.fail_next(1, 503, body="overloaded")
+    gleap.fail_next(1, 429, retry_after="0")
+    gleap.fail_next(1, 401)
+
+    async def go() -> None:
+        async with GleapClient(settings, Secret(TOKEN), breaker=breaker, now=lambda: went) as client:
+            await client.identify("u1", {"vip": True})
+
+    with pytest.raises(GleapAuthError) as info:
+        asyncio.run(go())
+    tries = info.value.tries
+    assert [(t.at, t.status, t.outcome, t.error) for t in tries] == [
+        (went, 503, "unknown", "HTTP 503 overloaded"),
+        (went, 429, "rate_limited", "HTTP 429"),
+        (went, 401, "rejected", "HTTP 401"),
+    ]
+    assert all(isinstance(t.elapsed_ms, int) and t.elapsed_ms >= 0 for t in tries)
+    assert breaker.last_error == "HTTP 503 overloaded" and not breaker.is_open
+
+
+def test_a_call_with_no_answer_ends_on_status_0_and_says_whether_it_left(gleap: GleapStandIn) -> None:
+    # Dropped after it was sent: Gleap may have applied it. Never connected: it certainly did not.
+    gleap.drop_next(2)
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=30, max_retries=1)
+
+    async def go(config: GleapConfig) -> Answer:
+        async with GleapClient(config, Secret(TOKEN), breaker=_SleepLog()) as client:
+            return await client.identify("u1", {"vip": True})
+
+    dropped = asyncio.run(go(settings))
+    assert (dropped.status, dropped.maybe_applied, dropped.permanent) == (0, True, False)
+    assert dropped.error == "gave up after 2 attempts: connection failed (RemoteProtocolError)"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = asyncio.run(
+            go(GleapConfig(base_url=f"http://127.0.0.1:{closed.getsockname()[1]}", max_retries=1))
+        )
+    assert (refused.status, refused.maybe_applied, refused.permanent) == (0, False, False)
+    assert refused.error == "gave up after 2 attempts: cannot connect (ConnectError)"
+    assert [t.outcome for t in refused.tries] == ["not_sent", "not_sent"]
+
+
+def test_a_refusal_quotes_at_most_500_characters_of_gleaps_answer(gleap: GleapStandIn) -> None:
+    gleap.fail_user("u1", 422, body="x" * 600)
+    answer, _ = identify(gleap)
+    assert answer.error == "HTTP 422: " + "x" * 500
