@@ -385,6 +385,7 @@ def test_a_call_waiting_on_the_limiter_when_the_breaker_opens_is_not_sent(gleap:
     answer = asyncio.run(go())
     assert gleap.requests == []
     assert answer.halted and not answer.maybe_applied and answer.tries == ()
+    assert answer.error == "not sent: Gleap is failing for everyone (circuit breaker open)"
 
 
 def _paced(gleap: GleapStandIn, max_retries: int) -> tuple[GleapClient, list[float]]:
@@ -516,3 +517,18 @@ def test_a_refusal_quotes_at_most_500_characters_of_gleaps_answer(gleap: GleapSt
     gleap.fail_user("u1", 422, body="x" * 600)
     answer, _ = identify(gleap)
     assert answer.error == "HTTP 422: " + "x" * 500
+
+
+def test_a_call_with_no_answer_in_time_ends_on_status_0_and_may_have_been_applied(
+    gleap: GleapStandIn,
+) -> None:
+    gleap.delay_next(1, 5.0)  # far past the client's 0.2 s; the stand-in stops waiting when it stops
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=0.2, max_retries=0)
+
+    async def go() -> Answer:
+        async with GleapClient(settings, Secret(TOKEN), breaker=_SleepLog()) as client:
+            return await client.identify("u1", {"vip": True})
+
+    answer = asyncio.run(go())
+    assert (answer.status, answer.maybe_applied, answer.permanent) == (0, True, False)
+    assert answer.error == "gave up after 1 attempts: no answer within 0.2 s"
