@@ -214,6 +214,11 @@ def test_the_outbox_counts_the_events_due_now_in_the_audiences_asked(store: Stor
     assert outbox.due_count([a.id]) == 2
     now[0] = T1 + timedelta(seconds=10)  # its backoff is over, by the outbox's clock
     assert outbox.due_count([a.id]) == 4
+    # An event waits for its own identify (u3 in a), not for the user's identify in another audience.
+    refresh(store, b, ["u2"])
+    assert outbox.due_count([a.id]) == 4
+    refresh(store, a, ["u3"])
+    assert outbox.due_count([a.id]) == 3
 
 
 def test_the_outbox_counts_at_most_a_thousand_due_events_by_default(store: Store) -> None:
