@@ -301,6 +301,7 @@ class GleapStandIn:
         self._bad_event_users: set[str] = set()
         self._track_fail_rules: deque[list[Any]] = deque()  # only track calls consume these
         self._track_lose_rules: deque[list[Any]] = deque()
+        self._auth_fail_rules: deque[list[Any]] = deque()  # only GET /admin/auth consumes these
         self._contacts: dict[str, dict[str, Any]] = {}
         self._fail_rules: deque[list[Any]] = deque()
         self._delay_rules: deque[list[Any]] = deque()
@@ -438,6 +439,11 @@ class GleapStandIn:
         with self._lock:
             self._track_fail_rules.append([count, _text_reply(status, body) if status else _Reply(0)])
 
+    def fail_auth_next(self, count: int, status: int, *, body: str = "") -> None:
+        """The next ``count`` token checks (GET /admin/auth, a valid token) are answered ``status``."""
+        with self._lock:
+            self._auth_fail_rules.append([count, _text_reply(status, body)])
+
     def lose_track_answer_next(self, count: int) -> None:
         """Accept the next ``count`` track calls, then drop the connection: the answer is lost."""
         with self._lock:
@@ -485,6 +491,7 @@ class GleapStandIn:
             self._bad_event_users.clear()
             self._track_fail_rules.clear()
             self._track_lose_rules.clear()
+            self._auth_fail_rules.clear()
 
     def hold(self, after: int = 0) -> None:
         """Answer the next ``after`` identify requests, then keep every later one
@@ -555,7 +562,9 @@ class GleapStandIn:
         if route == AUTH_PATH:
             if method != "GET":
                 return _json_reply(405, {"message": "Method not allowed"}, {"Allow": "GET"})
-            return _json_reply(200, {"ok": True})
+            with self._lock:
+                failure = _take(self._auth_fail_rules)
+            return failure if failure is not None else _json_reply(200, {"ok": True})
         if route == IDENTIFY_PATH:
             if method != "POST":
                 return _json_reply(405, {"message": "Method not allowed"}, {"Allow": "POST"})

@@ -11,7 +11,7 @@ from alembic import command
 from audiencesync import database, events as events_mod, status as status_mod, store as store_mod
 from audiencesync.forget import Forgetter
 from audiencesync.renames import Renames
-from audiencesync.schema import UtcDateTime, audience_counts, audiences
+from audiencesync.schema import UtcDateTime, audience_counts, audiences, events
 from audiencesync.store import Audience, Backoff, Outcome, Store
 from audiencesync.values import encode
 
@@ -167,6 +167,119 @@ def test_pending_and_due_counts_come_from_counters_and_the_backoff_index(store: 
 
 
 T1 = datetime(2026, 11, 30, 10, 0, 0, tzinfo=UTC)
+
+
+# --- the outbox's counts and backoff, exactly ----------------------------------------------------------
+
+
+def owe_events(store: Store, audience: Audience, users: list[str]) -> list[int]:
+    """An Audience Entered owed for each user, with no identify owed (no memberships row): due at
+    once. Returns their ids."""
+    run_id = store.start_run("cycle", audience, "incremental")
+    rows = [
+        {"audience_id": audience.id, "user_id": u, "run_id": run_id, "change": "entered"}
+        | {"name": "Audience Entered", "audience_name": audience.name, "at": T1}
+        for u in users
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(sa.insert(events), rows)
+        return list(conn.execute(sa.select(events.c.id).where(events.c.run_id == run_id)).scalars())
+
+
+def fail(
+    outbox: events_mod.Outbox, audience: Audience, ids: list[int], *, status: int = 500, max_attempts: int = 9
+) -> None:
+    """Gleap answers these due events ``status`` (0: none); the backoff: 10 s, doubling, at most 35 s."""
+    due = [e for e in outbox.due([audience.id], 0, 100) if e.id in ids]
+    assert sorted(e.id for e in due) == sorted(ids)
+    outcome = events_mod.EventOutcome(tuple(due), status, f"HTTP {status}", permanent=400 <= status < 500)
+    outbox.record(outcome, lambda _: 1, max_attempts=max_attempts, backoff=(10, 35))
+
+
+def test_the_outbox_counts_the_events_due_now_in_the_audiences_asked(store: Store) -> None:
+    a, b = store.ensure_audience("a", "A"), store.ensure_audience("b", "B")
+    now = [T1]
+    outbox = events_mod.Outbox(store.engine, clock=lambda: now[0])
+    assert outbox.due_count([a.id]) == 0
+    first, *_ = owe_events(store, a, ["u1", "u2", "u3"])
+    assert first == 1  # a fresh store: a due count that starts after the first id would miss it
+    assert (outbox.due_count([a.id]), outbox.due_count([a.id], cap=2), outbox.due_count([b.id])) == (3, 2, 0)
+    owe_events(store, b, ["u9"])
+    assert (outbox.due_count([b.id]), outbox.due_count([a.id, b.id]), outbox.due_count([])) == (1, 4, 0)
+    # u1's event fails: it waits 10 s, and u1's next event in a waits behind it; u2's and u3's don't.
+    owe_events(store, a, ["u1"])
+    fail(outbox, a, [first])
+    assert outbox.due_count([a.id]) == 2
+    now[0] = T1 + timedelta(seconds=9.999)
+    assert outbox.due_count([a.id]) == 2
+    now[0] = T1 + timedelta(seconds=10)  # its backoff is over, by the outbox's clock
+    assert outbox.due_count([a.id]) == 4
+    # An event waits for its own identify (u3 in a), not for the user's identify in another audience.
+    refresh(store, b, ["u2"])
+    assert outbox.due_count([a.id]) == 4
+    refresh(store, a, ["u3"])
+    assert outbox.due_count([a.id]) == 3
+
+
+def test_the_outbox_counts_at_most_a_thousand_due_events_by_default(store: Store) -> None:
+    a = store.ensure_audience("a", "A")
+    owe_events(store, a, [f"u{i:04d}" for i in range(1001)])
+    outbox = events_mod.Outbox(store.engine, clock=lambda: T1)
+    assert (outbox.due_count([a.id]), outbox.due_count([a.id], cap=5000)) == (1000, 1001)
+
+
+def test_the_outbox_counts_pending_and_parked_events_per_audience(store: Store) -> None:
+    a, b, c = (store.ensure_audience(k, k.upper()) for k in "abc")
+    outbox = events_mod.Outbox(store.engine, clock=lambda: T1)
+    ids = owe_events(store, a, ["u1", "u2", "u3"])
+    owe_events(store, b, ["u1"])
+    fail(outbox, a, ids[:1], status=400, max_attempts=1)  # a verdict with one attempt allowed: parked
+    assert outbox.counts([a.id]) == {a.id: (2, 1)}
+    assert outbox.counts([a.id, b.id, c.id]) == {a.id: (2, 1), b.id: (1, 0), c.id: (0, 0)}
+    assert outbox.counts([]) == {}
+
+
+def test_an_events_backoff_doubles_from_its_first_failure_up_to_the_maximum(store: Store) -> None:
+    a = store.ensure_audience("a", "A")
+    now = [T1]
+    outbox = events_mod.Outbox(store.engine, clock=lambda: now[0])
+    [event] = owe_events(store, a, ["u1"])
+    waits: list[float] = []
+    for status in (500, 400, 0, 503):  # verdicts and passing faults alike (max_attempts not reached)
+        fail(outbox, a, [event], status=status)
+        with store.engine.connect() as conn:
+            row = conn.execute(sa.select(events).where(events.c.id == event)).one()
+        assert row.failures == len(waits) + 1 and row.acked_at is None and row.parked_at is None
+        waits.append((row.next_attempt_at - now[0]).total_seconds())
+        now[0] = row.next_attempt_at
+    assert waits == [10, 20, 35, 35]
+
+
+def test_the_outbox_marks_a_batch_unknown_then_gives_each_event_back_its_own_mark(store: Store) -> None:
+    a = store.ensure_audience("a", "A")
+    now = [T1]
+    outbox = events_mod.Outbox(store.engine, clock=lambda: now[0])
+    ids = owe_events(store, a, ["u1", "u2", "u3"])
+
+    def rows() -> list[tuple[bool, datetime | None, datetime | None]]:
+        with store.engine.connect() as conn:
+            query = sa.select(events.c.unknown, events.c.sent_at, events.c.acked_at).order_by(events.c.id)
+            return [(bool(r.unknown), r.sent_at, r.acked_at) for r in conn.execute(query)]
+
+    fail(outbox, a, ids[:1], status=0)  # u1's was sent, and no answer came: Gleap may have it
+    assert [r[0] for r in rows()] == [True, False, False]
+    now[0] = T1 + timedelta(seconds=10)
+    due = outbox.due([a.id], 0, 100)
+    outbox.mark_unknown(due[1:])  # write-ahead, before the request carrying them leaves
+    assert [r[0] for r in rows()] == [True, True, True]
+    outbox.restore_unknown(due)  # never sent after all
+    assert [r[0] for r in rows()] == [True, False, False]
+    sent = T1 + timedelta(seconds=12)
+    now[0] = T1 + timedelta(seconds=13)
+    outbox.record(
+        events_mod.EventOutcome(tuple(due), 200, sent_at=sent), lambda _: 1, max_attempts=3, backoff=(10, 35)
+    )
+    assert rows() == [(False, sent, now[0])] * 3
 
 
 def test_0008_counts_the_rows_of_a_0007_store(store_url: str) -> None:

@@ -17,8 +17,9 @@ import sqlalchemy as sa
 
 from audiencesync import audit, store as store_mod
 from audiencesync.config import Config
+from audiencesync.errors import GleapAuthError
 from audiencesync.events import DueEvent, EventOutcome, Outbox
-from audiencesync.gleap import Answer, GleapClient, event_date
+from audiencesync.gleap import Answer, GleapClient, Try, event_date
 from audiencesync.prune import Pruner
 from audiencesync.schema import events, sync_runs
 from audiencesync.store import Store
@@ -494,3 +495,75 @@ def test_every_track_answer_is_told_with_the_number_of_events_it_carried() -> No
     requests = _send(outbox, ok, lambda s: setattr(s, "on_answer", lambda a, n: answers.append((a, n))))
     assert (requests, answers, outbox.restored) == (1, [(ok, 3)], [])
     assert [(o.status, [e.id for e in o.events]) for o in outbox.recorded] == [(200, [1, 2, 3])]
+
+
+def test_a_refused_call_that_may_have_been_applied_is_recorded_as_sent_by_its_last_request() -> None:
+    # The call log's sent time is when the refused request went out, not when the answer was stored.
+    went = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    tries = (Try(went, 0, "unknown", "no answer"), Try(went + timedelta(seconds=7), 401, "rejected"))
+
+    class Refusing:
+        async def track(self, bodies: list[dict[str, object]]) -> Answer:
+            raise GleapAuthError(401, maybe_applied=True, tries=tries)
+
+    outbox = _Outbox(_due(1, 2))
+    sender = EventSender(cast(Outbox, outbox), batch_size=10, max_attempts=3, backoff=(1.0, 60.0))
+    with pytest.raises(GleapAuthError):
+        asyncio.run(sender.send_due(cast(GleapClient, Refusing()), [1], lambda _: 1, halted=lambda: False))
+    [outcome] = outbox.recorded
+    assert [e.id for e in outcome.events] == [1, 2] and outcome.unknown
+    assert [i for ids in outbox.restored for i in ids] == []  # no mark given back: both may be in Gleap
+    assert (outcome.status, outcome.sends, outcome.retries, outcome.sent_at) == (401, 2, 1, tries[-1].at)
+
+
+def test_a_split_batch_counts_every_request_it_took() -> None:
+    # [1 2 3 4] refused, [1 2] sent, [3 4] refused, [3] refused alone, [4] sent: five requests.
+    class RefusingU3:
+        def __init__(self) -> None:
+            self.batches: list[list[object]] = []
+
+        async def track(self, bodies: list[dict[str, object]]) -> Answer:
+            self.batches.append([b["userId"] for b in bodies])
+            return Answer(400, "HTTP 400") if any(b["userId"] == "u3" for b in bodies) else Answer(200)
+
+    outbox, client = _Outbox(_due(1, 2, 3, 4)), RefusingU3()
+    sender = EventSender(cast(Outbox, outbox), batch_size=10, max_attempts=3, backoff=(1.0, 60.0))
+    requests = asyncio.run(sender.send_due(cast(GleapClient, client), [1], lambda _: 1, halted=lambda: False))
+    assert client.batches == [["u1", "u2", "u3", "u4"], ["u1", "u2"], ["u3", "u4"], ["u3"], ["u4"]]
+    assert requests == 5
+    assert [(o.status, [e.id for e in o.events]) for o in outbox.recorded] == [
+        (200, [1, 2]),
+        (400, [3]),
+        (200, [4]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("point", "recorded"), [("event-batch", []), ("before-event-record", []), ("after-event-record", [200])]
+)
+def test_the_event_failpoints_sit_around_the_record(
+    monkeypatch: pytest.MonkeyPatch, point: str, recorded: list[int]
+) -> None:
+    # In-process (raise, not SIGKILL): the crash tests rely on where each named point is reached.
+    monkeypatch.setenv("AUDIENCESYNC_FAILPOINT", f"{point}:1:raise")
+    outbox = _Outbox(_due(1, 2))
+    with pytest.raises(RuntimeError, match=f"failpoint {point} reached"):
+        _send(outbox, Answer(200), lambda s: None)
+    assert outbox.marked == [[1, 2]] and [o.status for o in outbox.recorded] == recorded
+
+
+def test_a_pass_reads_page_after_page_and_counts_the_requests_of_all() -> None:
+    class Pages(_Outbox):
+        def __init__(self) -> None:
+            super().__init__([])
+            self.pages = [_due(1, 2), _due(3)]
+            self.asked: list[int] = []
+
+        def due(self, audience_ids: object, after: int, limit: int) -> list[DueEvent]:
+            self.asked.append(after)
+            return super().due(audience_ids, after, limit)
+
+    outbox = Pages()
+    assert _send(outbox, Answer(200), lambda s: None) == 2
+    assert outbox.asked == [0, 2, 3] and outbox.marked == [[1, 2], [3]]
+    assert [[e.id for e in o.events] for o in outbox.recorded] == [[1, 2], [3]]

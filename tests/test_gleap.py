@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import socket
 import time
 from datetime import UTC, datetime
 
 import pytest
 
-from audiencesync.breaker import CircuitBreaker
 from audiencesync.config import GleapConfig, Secret
-from audiencesync.errors import GleapAuthError
-from audiencesync.gleap import Answer, GleapClient, identify_body
+from audiencesync.errors import GleapAuthError, GleapError
+from audiencesync.gleap import Answer, GleapClient, identify_body, identify_url
 from audiencesync.gleap_http import parse_retry_after, retryable
 from audiencesync.ratelimit import TokenBucket
 from tests.conftest import TOKEN
@@ -84,6 +84,63 @@ def test_auth_failures_raise(gleap: GleapStandIn, status: int) -> None:
     with pytest.raises(GleapAuthError) as info:
         identify(gleap)
     assert info.value.status == status and TOKEN not in str(info.value)
+
+
+def check_token(base_url: str) -> None:
+    settings = GleapConfig(base_url=base_url, timeout_seconds=30, max_retries=0)
+
+    async def go() -> None:
+        async with GleapClient(settings, Secret(TOKEN)) as client:
+            await client.check_token()
+
+    asyncio.run(go())
+
+
+def test_check_token_asks_gleap_and_passes_on_a_2xx(gleap: GleapStandIn) -> None:
+    check_token(gleap.base_url)
+    [request] = gleap.requests
+    assert (request.method, request.path, request.headers["api-token"]) == ("GET", "/admin/auth", TOKEN)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_check_token_says_the_token_is_refused_on_401_and_403(gleap: GleapStandIn, status: int) -> None:
+    if status == 401:
+        gleap.set_token("other")
+    else:
+        gleap.fail_auth_next(1, 403)
+    with pytest.raises(GleapAuthError) as info:
+        check_token(gleap.base_url)
+    assert info.value.status == status and TOKEN not in str(info.value)
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_check_token_names_any_other_status_and_its_text(gleap: GleapStandIn, status: int) -> None:
+    # Not a verdict on the token: a plain GleapError that quotes Gleap's answer.
+    gleap.fail_auth_next(1, status, body="no such thing")
+    with pytest.raises(GleapError) as info:
+        check_token(gleap.base_url)
+    assert type(info.value) is GleapError
+    assert str(info.value) == f"Gleap answered {status} to /admin/auth: no such thing"
+
+
+def test_check_token_says_how_to_fix_an_unreachable_gleap() -> None:
+    # A port bound and not listening refuses the connection, and nobody else can take it meanwhile.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        base_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        with pytest.raises(GleapError) as info:
+            check_token(base_url)
+    assert str(info.value) == (
+        f"cannot reach Gleap at {base_url} (ConnectError). Fix: check [gleap] base_url and the network"
+    )
+
+
+def test_identify_url_is_the_base_url_the_path_and_the_query() -> None:
+    assert identify_url(GleapConfig(base_url="https://gleap.example")) == (
+        "https://gleap.example/admin/identify?preventLastActivityUpdate=true"
+    )
+    plain = GleapConfig(base_url="https://gleap.example", prevent_last_activity_update=False)
+    assert identify_url(plain) == "https://gleap.example/admin/identify"
 
 
 def test_identify_body_keeps_user_id_last_and_authoritative() -> None:
@@ -188,6 +245,53 @@ def test_progress_lines_come_at_least_every_interval(caplog: pytest.LogCaptureFi
     assert lines == ["delivering: 60 sent, 900 remaining, 1.0 calls/s, ETA 15m00s"]
 
 
+def test_progress_asks_for_its_audiences_counts_the_rate_and_the_end_of_the_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from audiencesync.progress_log import ProgressLog
+
+    class Remaining:
+        def __init__(self) -> None:
+            self.asked: list[object] = []
+
+        def pending_count(self, audience_ids: object) -> int:
+            self.asked.append(audience_ids)
+            return 30
+
+    store, now = Remaining(), [1000.0]
+    progress = ProgressLog(store, [4, 7], lambda: now[0], every=0.25)  # type: ignore[arg-type]
+    caplog.set_level("INFO")
+    progress.done()  # nothing sent, at once: no line
+    now[0] += 0.5
+    progress.sent(0)  # past the interval, nothing sent yet: no rate, so no ETA
+    now[0] += 0.25
+    progress.sent(6)  # 6 in 0.75 s
+    progress.sent(2)  # within the interval: counted, no line
+    now[0] += 1.25
+    progress.done()  # 8 in 2 s
+    assert store.asked == [[4, 7], [4, 7]]
+    assert [r.getMessage() for r in caplog.records] == [
+        "delivering: 0 sent, 30 remaining, 0.0 calls/s, ETA unknown",
+        "delivering: 6 sent, 30 remaining, 8.0 calls/s, ETA 0m03s",
+        "delivery pass done: 8 sent in 0m02s",
+    ]
+    caplog.clear()
+    quick = ProgressLog(store, [4], lambda: now[0], every=0.25)  # type: ignore[arg-type]
+    quick.sent(3)
+    quick.done()  # sent, but within the interval: no line either
+    idle = ProgressLog(store, [4], lambda: now[0], every=0.25)  # type: ignore[arg-type]
+    now[0] += 1
+    idle.done()  # long, but nothing sent
+    assert caplog.records == []
+
+
+def test_a_progress_duration_reads_in_minutes_then_in_hours() -> None:
+    from audiencesync.progress_log import _duration
+
+    texts = [_duration(s) for s in (0, 59.9, 61, 3599, 3600, 3725, 7199, 90000, float("inf"))]
+    assert texts == ["0m00s", "0m59s", "1m01s", "59m59s", "1h00m", "1h02m", "1h59m", "25h00m", "unknown"]
+
+
 def test_the_stand_in_answers_no_sooner_than_its_latency() -> None:
     # The benchmark's "50 ms a call" row relies on it; a lower bound, so no clock race.
     with GleapStandIn(TOKEN, latency_seconds=0.2) as slow:
@@ -197,86 +301,3 @@ def test_the_stand_in_answers_no_sooner_than_its_latency() -> None:
     assert answer.ok
     assert elapsed >= 0.2
     assert slow.identify_calls == [{"vip": True, "userId": "u1"}]
-
-
-class _SleepLog(CircuitBreaker):
-    """A breaker whose backoff sleeps are noted and skipped (a unit seam: the HTTP stays real)."""
-
-    def __init__(self, threshold: int = 100) -> None:
-        super().__init__(threshold)
-        self.slept: list[float] = []
-        self.sleeping = asyncio.Event()
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.sleeping.set()
-
-
-def _client(gleap: GleapStandIn, breaker: CircuitBreaker, limiter: TokenBucket | None = None) -> GleapClient:
-    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=1, max_retries=3)
-    return GleapClient(settings, Secret(TOKEN), breaker=breaker, limiter=limiter, backoff_initial=0.01)
-
-
-@pytest.mark.parametrize("status", [503, 500, 502])
-def test_retry_after_on_a_5xx_is_honoured(gleap: GleapStandIn, status: int) -> None:
-    """Only the 429 path pauses the shared limiter; a 5xx's Retry-After is the call's own wait."""
-    gleap.fail_next(1, status, retry_after="7")
-    gleap.fail_next(1, status, retry_after="Thu, 01 Jan 1970 00:00:00 GMT")  # in the past: no wait
-    breaker = _SleepLog()
-
-    async def go() -> Answer:
-        async with _client(gleap, breaker) as client:
-            return await client.identify("u1", {"vip": True})
-
-    answer = asyncio.run(go())
-    assert answer.ok and answer.retries == 2
-    assert breaker.slept == [7.0, 0.0]
-
-
-def test_a_retry_the_breaker_stopped_during_its_backoff_is_not_sent(gleap: GleapStandIn) -> None:
-    class Backoff(_SleepLog):
-        async def sleep(self, seconds: float) -> None:
-            await super().sleep(seconds)
-            await CircuitBreaker.sleep(self, 60)  # until the breaker opens
-
-    gleap.fail_next(1, 503)
-    breaker = Backoff(threshold=2)
-
-    async def go() -> Answer:
-        async with _client(gleap, breaker) as client:
-            call = asyncio.create_task(client.identify("u1", {"vip": True}))
-            await breaker.sleeping.wait()  # the 503 is in; the retry waits
-            breaker.failure("u2", "HTTP 503")  # another user's failure opens the breaker
-            return await call
-
-    answer = asyncio.run(go())
-    assert breaker.is_open and [r.status for r in gleap.requests] == [503]
-    # The call ends on its last answer: a 5xx, which may have been applied.
-    assert answer.status == 503 and answer.maybe_applied and not answer.halted
-
-
-def test_a_call_waiting_on_the_limiter_when_the_breaker_opens_is_not_sent(gleap: GleapStandIn) -> None:
-    class Gate(TokenBucket):
-        def __init__(self) -> None:
-            super().__init__(600_000)
-            self.waiting = asyncio.Event()
-            self.open = asyncio.Event()
-
-        async def acquire(self) -> None:
-            self.waiting.set()
-            await self.open.wait()
-
-    breaker = CircuitBreaker(1, min_users=1)
-    gate = Gate()
-
-    async def go() -> Answer:
-        async with _client(gleap, breaker, gate) as client:
-            call = asyncio.create_task(client.identify("u1", {"vip": True}))
-            await gate.waiting.wait()
-            breaker.failure("u2", "HTTP 503")  # Gleap is down for everyone meanwhile
-            gate.open.set()
-            return await call
-
-    answer = asyncio.run(go())
-    assert gleap.requests == []
-    assert answer.halted and not answer.maybe_applied and answer.tries == ()

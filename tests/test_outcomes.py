@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta
+from typing import cast
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config
 from audiencesync.gleap_http import retryable
 from audiencesync.schema import memberships
-from audiencesync.store import Store
+from audiencesync.store import PendingChange, Store
 from audiencesync.sync import CycleReport, Syncer
+from audiencesync.unknown_marks import UnknownMarks
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_reliability import assert_converged, sync
@@ -380,3 +383,41 @@ def test_every_request_is_logged_with_its_attempt_status_outcome_and_keys(
     assert "busy" in logged[0].error and logged[3].error == "HTTP 422: bad user"
     assert all(r.elapsed_ms is not None and r.elapsed_ms >= 0 for r in logged)
     assert runs == [run_ids[0], run_ids[0], run_ids[2], run_ids[1], run_ids[2]]
+
+
+def test_the_marks_of_calls_never_sent_are_given_back_at_the_end_of_the_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Marks:
+        """The store's seam: what was marked, what was given back."""
+
+        def __init__(self) -> None:
+            self.marked: list[list[PendingChange]] = []
+            self.restored: list[list[PendingChange]] = []
+            self.broken = False
+
+        def mark_unknown(self, changes: list[PendingChange]) -> None:
+            self.marked.append(list(changes))
+
+        def restore_unknown(self, changes: list[PendingChange]) -> None:
+            if self.broken:
+                raise SQLAlchemyError("database is locked")
+            self.restored.append(list(changes))
+
+    store = Marks()
+    marks = UnknownMarks(cast(Store, store))
+    a, b, c = PendingChange(1, "u1", True), PendingChange(1, "u2", True), PendingChange(2, "u1", False)
+    marks.mark([a, b, c])
+    marks.sent([a, b])  # handed to a sender: the mark stays until the answer is stored
+    marks.unsent([b])  # given back by the sender, never sent
+    marks.restore()
+    marks.restore()  # nothing left open: the store is not asked again
+    assert (store.marked, store.restored) == ([[a, b, c]], [[c, b]])
+    # The store fails: harmless (they stay pending, marked), so it is logged, not raised.
+    store.broken = True
+    marks.mark([a, c])
+    caplog.set_level("WARNING")
+    marks.restore()
+    assert [r.getMessage() for r in caplog.records] == [
+        "could not clear the marks of 2 unsent call(s): database is locked"
+    ]

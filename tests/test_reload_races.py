@@ -22,13 +22,14 @@ import pytest
 import sqlalchemy as sa
 
 from audiencesync import store as store_mod
+from audiencesync.carried_keys import as_carried
 from audiencesync.config import Config
 from audiencesync.errors import LeaseLostError
 from audiencesync.lease import WriterLease
 from audiencesync.pass_gate import PassGate
 from audiencesync.renames import Renames
 from audiencesync.schema import audiences
-from audiencesync.store import Store
+from audiencesync.store import Outcome, PendingChange, Store
 from audiencesync.sync import Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
@@ -277,3 +278,32 @@ def test_the_pass_gate_lets_a_rename_in_between_two_passes_only() -> None:
     renaming.join(timeout=30)
     thread.join(timeout=30)
     assert order == ["own rename", "pass 1 ends", "rename", "pass 2"]
+
+
+def test_answers_are_moved_to_the_row_that_holds_the_key_their_call_carried(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    renamed, other, lost = (store.ensure_audience(k, k.upper()).id for k in ("old", "other", "gone"))
+    keys = {renamed: "old", other: "other", lost: "gone"}  # what the calls carried
+    a, b, c = (
+        PendingChange(renamed, "u1", True),
+        PendingChange(other, "u1", True),
+        PendingChange(lost, "u2", True),
+    )
+    results = [Outcome((a, b), 200), Outcome((c,), 200)]
+    run_ids = {renamed: 11, other: 12, lost: 13}
+    with store.engine.connect() as conn:
+        assert as_carried(conn, results, run_ids, keys) == (results, run_ids)  # nothing renamed
+    # Renamed meanwhile: "old" is another row now; no row has "gone" any more.
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(audiences).where(audiences.c.id == renamed).values(key="new"))
+        conn.execute(sa.update(audiences).where(audiences.c.id == lost).values(key="gone2"))
+    old = store.ensure_audience("old", "OLD").id
+    caplog.set_level("WARNING")
+    with store.engine.connect() as conn:
+        moved, moved_runs = as_carried(conn, results, run_ids, keys)
+    assert moved == [Outcome((PendingChange(old, "u1", True), b), 200)]  # nothing to record c against
+    assert moved_runs == {old: 11, **run_ids}
+    assert [r.getMessage() for r in caplog.records] == [
+        "answers to calls that carried gone, old recorded under that key: its row was renamed meanwhile"
+    ]
