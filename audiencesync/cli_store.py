@@ -75,13 +75,13 @@ async def _check_token(config: Config, token: Secret) -> None:
 
 
 STATUS_COLUMNS = (
-    "audience", "members", "pending", "failed", "unknown", "oldest_pending", "last_run", "result",
-    "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
+    "audience", "members", "pending", "parked", "unknown", "oldest_pending", "last_run", "result",
+    "entered", "left", "sent", "next_run", "configured", "events_pending", "events_parked", "kind",
     "fields_pending", "field_warnings", "field_conflicts", "state",
 )  # fmt: skip
 # The table shows the state as its sections instead (live, then paused, then retired).
 TABLE_COLUMNS = STATUS_COLUMNS[:-1]
-RETIRED_COLUMNS = ("audience", "kind", "members", "pending", "failed", "unknown", "last_run", "result")
+RETIRED_COLUMNS = ("audience", "kind", "members", "pending", "parked", "unknown", "last_run", "result")
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -222,9 +222,12 @@ def _status_json(
                 "state": lifecycle.state_of(row.key, known),
                 "members": row.members,
                 "pending": row.pending,
-                "failed": row.parked,
+                "parked": row.parked,
                 "unknown": row.unknown,
                 "events_pending": row.events_pending,
+                "events_parked": row.events_parked,
+                # Deprecated aliases of parked and events_parked, for scripts written before (README).
+                "failed": row.parked,
                 "events_failed": row.events_parked,
                 "fields_pending": row.fields_pending,
                 "oldest_pending_at": row.oldest_pending_at,
