@@ -119,7 +119,7 @@ def scanned_counts() -> sa.Subquery:
             .filter(memberships.c.parked_at.is_not(None), memberships.c.pending == sa.true())
             .label("parked"),
             sa.func.count().filter(memberships.c.unknown == sa.true()).label("unknown"),
-            sa.func.min(memberships.c.changed_at).filter(DELIVERABLE).label("oldest_pending_at"),
+            sa.func.min(memberships.c.pending_since).filter(DELIVERABLE).label("oldest_pending_at"),
             sa.func.count().filter(FIELDS_OWED).label("fields_pending"),
         )
         .group_by(memberships.c.audience_id)
@@ -132,7 +132,7 @@ def kept_counts() -> sa.Subquery:
     the first entry of its index: a few rows read per audience, however big it is."""
     m = memberships.alias("m")
     oldest = (
-        sa.select(sa.func.min(m.c.changed_at))
+        sa.select(sa.func.min(m.c.pending_since))
         .where(
             m.c.audience_id == audience_counts.c.audience_id,
             m.c.pending == sa.true(),
