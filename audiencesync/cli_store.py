@@ -261,7 +261,12 @@ def cmd_failures(args: argparse.Namespace, config: Config) -> int:
     target = open_store(config)
     store.schema_revisions(target.engine)  # refuses a store from a newer version
     parked = target.parked(args.audience)
-    rows = ((c.audience, c.user_id, c.value, c.attempts, c.parked_at, c.last_error) for c in parked)
+    # Programs get the value itself (608.44, null, true); people the one way every surface shows it.
+    machine = args.format in ("json", "jsonl")
+    rows = (
+        (c.audience, c.user_id, c.value if machine else c.shown, c.attempts, c.parked_at, c.last_error)
+        for c in parked
+    )
     write_rows(sys.stdout, args.format, FAILURE_COLUMNS, rows)
     print(
         f"{len(parked)} parked change(s)" + ("; re-queue with `audiencesync retry`" if parked else ""),

@@ -28,7 +28,7 @@ import jinja2
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from audiencesync import audit, charts, web_pages
+from audiencesync import audit, charts, values, web_pages
 from audiencesync.errors import AudienceSyncError, brief
 from audiencesync.secret import Secret
 
@@ -90,7 +90,14 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(utc=_utc, duration=_duration, took=_took, count=_count)
+    env.filters.update(
+        utc=_utc,
+        duration=_duration,
+        took=_took,
+        count=_count,
+        value=values.shown,
+        value_text=values.shown_text,
+    )
     env.globals.update(
         members_chart=charts.members, changes_chart=charts.changes, statuses=web_pages.RUN_STATUSES
     )

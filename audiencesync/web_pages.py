@@ -20,7 +20,7 @@ from sqlalchemy import Connection
 
 from audiencesync import audit, lifecycle
 from audiencesync.schema import audience_counts, audiences, events, leases, memberships, sync_runs
-from audiencesync.status import AudienceStatus, ParkedChange, audience_status
+from audiencesync.status import AudienceStatus, ParkedChange, audience_status, parked_change, refused
 
 # What a run can end as (runs.py, sync.py), for the runs page's filter.
 RUN_STATUSES = ("running", "succeeded", "partial", "held", "failed", "aborted", "interrupted")
@@ -211,12 +211,13 @@ def parked(conn: Connection, audience_id: int, key: str, limit: int) -> list[Par
     """The audience's first ``limit`` parked changes, then events, from the parked-only indexes."""
     m, e = memberships.c, events.c
     changes = conn.execute(
-        sa.select(m.user_id, m.desired, m.attempts, m.last_status, m.last_error, m.parked_at)
+        sa.select(m.user_id, *refused(), m.attempts, m.last_status, m.last_error, m.parked_at)
+        .join(audiences, audiences.c.id == m.audience_id)
         .where(m.audience_id == audience_id, m.pending == sa.true(), m.parked_at.is_not(None))
         .order_by(m.user_id)
         .limit(limit)
     ).all()
-    found = [ParkedChange(key, *row) for row in changes]
+    found = [parked_change(key, row) for row in changes]
     if len(found) < limit:
         parked_events = conn.execute(
             sa.select(e.user_id, e.name, e.attempts, e.last_status, e.last_error, e.parked_at)
@@ -224,7 +225,7 @@ def parked(conn: Connection, audience_id: int, key: str, limit: int) -> list[Par
             .order_by(e.id)
             .limit(limit - len(found))
         ).all()
-        found += [ParkedChange(key, *row) for row in parked_events]
+        found += [ParkedChange(key, *row, event=True) for row in parked_events]
     return found
 
 
@@ -236,9 +237,11 @@ def user_page(conn: Connection, user_id: str) -> UserPage:
             sa.select(
                 audiences.c.key.label("audience"),
                 audiences.c.kind,
+                audiences.c.missing,
                 m.desired,
                 m.acked,
                 m.value,
+                m.acked_value,
                 m.pending,
                 m.unknown,
                 m.changed_at,

@@ -375,7 +375,9 @@ def test_pending_parked_and_unknown_agree_between_the_summary_and_status(
 def wsgi_get(app: WebApp, path: str) -> str:
     """A page of the WSGI app, called directly (no server: the test reads what it renders)."""
     answer: list[str] = []
-    body = app({"PATH_INFO": path, "REQUEST_METHOD": "GET"}, lambda status, headers: answer.append(status))
+    where, _, query = path.partition("?")
+    environ = {"PATH_INFO": where, "QUERY_STRING": query, "REQUEST_METHOD": "GET"}
+    body = app(environ, lambda status, headers: answer.append(status))
     assert answer == ["200 OK"], (path, answer)
     return b"".join(body).decode()
 
