@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from audiencesync import audit, lifecycle
+from audiencesync.runs import APPLIED
 from audiencesync.schema import audience_counts, audiences, events, leases, memberships, sync_runs
 from audiencesync.status import AudienceStatus, ParkedChange, audience_status, parked_change, refused
 
@@ -30,17 +31,7 @@ RUNS_PAGE = 25
 PARKED_PAGE = 50
 TIMELINE_ROWS = 500
 
-# A run whose refresh was applied, so its members/entered/left are the audience's. A held run
-# counted a diff it rolled back; a run whose source failed counted nothing (0 rows read and none
-# left): an aborted, interrupted or still running one counts when its refresh read or removed.
 _r = sync_runs.c
-APPLIED = sa.and_(
-    _r.mode != "delivery",
-    sa.or_(
-        _r.status.in_(("succeeded", "partial")),
-        sa.and_(_r.status.in_(("aborted", "interrupted", "running")), _r.source_rows + _r.left > 0),
-    ),
-)
 
 
 @dataclass(frozen=True)
@@ -187,7 +178,7 @@ def _run_rows(query: sa.Select[Any], conn: Connection, page: int) -> tuple[list[
 
 
 def _run_query() -> sa.Select[Any]:
-    return sa.select(sync_runs, audiences.c.key.label("audience")).join(
+    return sa.select(sync_runs, audiences.c.key.label("audience"), APPLIED.label("applied")).join(
         audiences, audiences.c.id == _r.audience_id
     )
 
