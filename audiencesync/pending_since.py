@@ -7,8 +7,9 @@ or trait change of a long-standing member is as old as the change, not as the me
 Every write that can make a row pending sets it with ``SINCE`` (SQL text) or ``since`` (Core):
 a row already owed (pending, not parked) keeps its time, since Gleap has been behind for it
 since then, whatever changed meanwhile; any other row (not pending, or parked: a new change
-replaces the parked one) gets the write's time. A row that stops being pending keeps its
-stale value, which nothing reads: every reader filters on pending and not parked.
+replaces the parked one) gets the write's time. `retry` (un-parking) leaves it: that change has
+been owed since it was made. A row that stops being pending keeps its stale value, which
+nothing reads: every reader filters on pending and not parked.
 """
 
 from __future__ import annotations
