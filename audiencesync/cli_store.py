@@ -77,13 +77,14 @@ async def _check_token(config: Config, token: Secret) -> None:
 
 
 STATUS_COLUMNS = (
-    "audience", "condition", "members", "pending", "failed", "unknown", "oldest_pending", "last_run",
-    "result", "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed", "kind",
+    "audience", "condition", "members", "pending", "parked", "unknown", "oldest_pending", "last_run",
+    "result", "entered", "left", "sent", "next_run", "configured", "events_pending", "events_parked",
+    "kind",
     "fields_pending", "field_warnings", "field_conflicts", "state",
 )  # fmt: skip
 # The table shows the state as its sections instead (live, then paused, then retired).
 TABLE_COLUMNS = STATUS_COLUMNS[:-1]
-RETIRED_COLUMNS = ("audience", "kind", "members", "pending", "failed", "unknown", "last_run", "result")
+RETIRED_COLUMNS = ("audience", "kind", "members", "pending", "parked", "unknown", "last_run", "result")
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -249,9 +250,12 @@ def _status_json(
                 "condition": verdict.as_dict() if (verdict := attention.properties.get(row.key)) else None,
                 "members": row.members,
                 "pending": row.pending,
-                "failed": row.parked,
+                "parked": row.parked,
                 "unknown": row.unknown,
                 "events_pending": row.events_pending,
+                "events_parked": row.events_parked,
+                # Deprecated aliases of parked and events_parked, for scripts written before (README).
+                "failed": row.parked,
                 "events_failed": row.events_parked,
                 "fields_pending": row.fields_pending,
                 "oldest_pending_at": row.oldest_pending_at,
@@ -285,7 +289,12 @@ def cmd_failures(args: argparse.Namespace, config: Config) -> int:
     target = open_store(config)
     store.schema_revisions(target.engine)  # refuses a store from a newer version
     parked = target.parked(args.audience)
-    rows = ((c.audience, c.user_id, c.value, c.attempts, c.parked_at, c.last_error) for c in parked)
+    # Programs get the value itself (608.44, null, true); people the one way every surface shows it.
+    machine = args.format in ("json", "jsonl")
+    rows = (
+        (c.audience, c.user_id, c.value if machine else c.shown, c.attempts, c.parked_at, c.last_error)
+        for c in parked
+    )
     write_rows(sys.stdout, args.format, FAILURE_COLUMNS, rows)
     print(
         f"{len(parked)} parked change(s)" + ("; re-queue with `audiencesync retry`" if parked else ""),

@@ -120,7 +120,12 @@ class Deliverer:
         # A config whose order of audiences changed since the last pass may change the winning
         # contact fields of users none of whose rows changed: make those pending first.
         await asyncio.to_thread(
-            reconcile, self.store.engine, self.store.fence, self.field_order, audience_ids
+            reconcile,
+            self.store.engine,
+            self.store.fence,
+            self.field_order,
+            audience_ids,
+            clock=self.store.clock,
         )
         answers: asyncio.Queue[Outcome | None] = asyncio.Queue()
         # Calls sent and not yet recorded: in flight, or answered and waiting for their batch.

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, TextClause, bindparam, text
 from sqlalchemy.exc import IntegrityError
 
+from audiencesync.pending_since import SINCE, since_sql
 from audiencesync.schema import UtcDateTime
 
 
@@ -197,6 +198,10 @@ def steer_planner(conn: Connection) -> None:
         conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
 
 
+# An entry onto an existing row (a leaver whose false is still owed) keeps the time it has owed.
+ENTRY_SINCE = since_sql("excluded.pending_since")
+
+
 def _timed(sql: str) -> TextClause:
     # Typed, so that SQLite stores the same text format as every other write.
     return text(sql).bindparams(bindparam("t", type_=UtcDateTime))
@@ -259,7 +264,7 @@ def apply_stage(
                 # A new value is a new change: earlier failures, backoff and parking don't
                 # carry over. The unknown mark does: Gleap may still hold anything.
                 "UPDATE memberships SET desired = false, resend = false, changed_at = :t, "
-                "attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL "
+                f"attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL, {SINCE} "
                 f"WHERE audience_id = :a AND desired = true AND {not_in_stage('memberships')}"
             ),
             params,
@@ -267,11 +272,12 @@ def apply_stage(
     if entered:
         conn.execute(
             _timed(
-                "INSERT INTO memberships (audience_id, user_id, desired, resend, changed_at, attempts) "
-                f"SELECT :a, s.user_id, true, false, :t, 0 FROM {name} s WHERE {not_member} "
+                "INSERT INTO memberships "
+                "(audience_id, user_id, desired, resend, changed_at, pending_since, attempts) "
+                f"SELECT :a, s.user_id, true, false, :t, :t, 0 FROM {name} s WHERE {not_member} "
                 "ON CONFLICT (audience_id, user_id) "
                 "DO UPDATE SET desired = true, changed_at = excluded.changed_at, "
-                "attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL"
+                f"attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL, {ENTRY_SINCE}"
             ),
             params,
         )
@@ -321,7 +327,7 @@ def _apply_joined(
         conn.execute(
             _timed(
                 "UPDATE memberships SET desired = false, resend = false, changed_at = :t, "
-                "attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL "
+                f"attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL, {SINCE} "
                 f"FROM {changes} c WHERE memberships.audience_id = :a AND memberships.user_id = c.user_id "
                 "AND NOT c.entered AND memberships.desired = true"
             ),
@@ -330,12 +336,13 @@ def _apply_joined(
     if entered:
         conn.execute(
             _timed(
-                "INSERT INTO memberships (audience_id, user_id, desired, resend, changed_at, attempts) "
-                f"SELECT :a, c.user_id, true, false, :t, 0 FROM {changes} c WHERE c.entered "
+                "INSERT INTO memberships "
+                "(audience_id, user_id, desired, resend, changed_at, pending_since, attempts) "
+                f"SELECT :a, c.user_id, true, false, :t, :t, 0 FROM {changes} c WHERE c.entered "
                 "ORDER BY c.user_id "
                 "ON CONFLICT (audience_id, user_id) "
                 "DO UPDATE SET desired = true, changed_at = excluded.changed_at, "
-                "attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL"
+                f"attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL, {ENTRY_SINCE}"
             ),
             params,
         )
@@ -385,7 +392,7 @@ def _apply_values(
         ),
         params,
     ).rowcount
-    fresh = "changed_at = :t, attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL"
+    fresh = f"changed_at = :t, attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL, {SINCE}"
     if left:
         conn.execute(
             _timed(
@@ -399,9 +406,9 @@ def _apply_values(
         # A new value is a new change, as an entry is: failures and parking don't carry over.
         # changed_at stays the entry's time: the audit rebuilds members at an instant from it.
         conn.execute(
-            text(
+            _timed(
                 "UPDATE memberships SET value = s.value, attempts = 0, failures = 0, "
-                f"next_attempt_at = NULL, parked_at = NULL FROM {stage} s "
+                f"next_attempt_at = NULL, parked_at = NULL, {SINCE} FROM {stage} s "
                 f"WHERE memberships.audience_id = :a AND memberships.desired = true "
                 f"AND s.user_id = memberships.user_id AND memberships.value {differs} s.value"
             ),
@@ -411,11 +418,11 @@ def _apply_values(
         conn.execute(
             _timed(
                 "INSERT INTO memberships "
-                "(audience_id, user_id, desired, value, resend, changed_at, attempts) "
-                f"SELECT :a, s.user_id, true, s.value, false, :t, 0 FROM {stage} s WHERE {not_member} "
+                "(audience_id, user_id, desired, value, resend, changed_at, pending_since, attempts) "
+                f"SELECT :a, s.user_id, true, s.value, false, :t, :t, 0 FROM {stage} s WHERE {not_member} "
                 "ON CONFLICT (audience_id, user_id) "
                 "DO UPDATE SET desired = true, value = excluded.value, changed_at = excluded.changed_at, "
-                "attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL"
+                f"attempts = 0, failures = 0, next_attempt_at = NULL, parked_at = NULL, {ENTRY_SINCE}"
             ),
             params,
         )
@@ -434,8 +441,9 @@ def _settle(conn: Connection, params: dict[str, object], *, full: bool) -> None:
     if full:
         # The admin asked for everything now: backoffs end too (parked changes stay parked).
         conn.execute(
-            text(
-                "UPDATE memberships SET resend = true, failures = 0, next_attempt_at = NULL "
+            _timed(
+                "UPDATE memberships SET resend = true, failures = 0, next_attempt_at = NULL, "
+                f"{since_sql(stays_parked=True)} "
                 "WHERE audience_id = :a AND desired = true"
             ),
             params,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Sequence
+from datetime import datetime
 from itertools import combinations
 from typing import Any
 
@@ -30,9 +31,11 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from audiencesync import values
+from audiencesync.database import utc_now
 from audiencesync.fields import merge_fields
 from audiencesync.identify_calls import owed_fields
 from audiencesync.member_fields import held_fields
+from audiencesync.pending_since import since
 from audiencesync.schema import audiences, contact_fields, fenced_write, memberships
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,7 @@ def reconcile(
     deliverable: Collection[int] = (),
     batch: int = BATCH,
     dropping: Collection[int] = (),
+    clock: Callable[[], datetime] = utc_now,
 ) -> int:
     """When the configured order differs from the stored one, flag a row of each user owed a
     winning field, then store the order; returns the rows newly flagged. Cheap when it did not
@@ -169,7 +173,7 @@ def reconcile(
                             ),
                             memberships.c.resend == sa.false(),
                         )
-                        .values(resend=True)
+                        .values(resend=True, pending_since=since(clock(), stays_parked=True))
                     ).rowcount
                 after = users[-1]
     with fenced_write(engine, fence) as conn:

@@ -1,7 +1,7 @@
 """Prometheus metrics of the daemon, in a registry of its own.
 
 Counters and the cycle-duration histogram are updated as things happen.
-Per-audience gauges (members, pending, failed, last success) are read from
+Per-audience gauges (members, pending, parked, last success) are read from
 the store at scrape time, so they are right whichever process changed them.
 """
 
@@ -140,8 +140,14 @@ class _StoreCollector(Collector):
                 "audiencesync_pending_changes", "Changes not yet acknowledged by Gleap.", labels=["audience"]
             ),
             "parked": GaugeMetricFamily(
+                "audiencesync_parked_changes",
+                "Changes parked after repeated rejections (`audiencesync failures` lists them).",
+                labels=["audience"],
+            ),
+            # The old names of the two parked gauges, kept while dashboards move (README: deprecated).
+            "parked_old": GaugeMetricFamily(
                 "audiencesync_failed_changes",
-                "Changes parked after repeated rejections.",
+                "Deprecated: the same as audiencesync_parked_changes.",
                 labels=["audience"],
             ),
             "unknown": GaugeMetricFamily(
@@ -160,8 +166,13 @@ class _StoreCollector(Collector):
                 labels=["audience"],
             ),
             "events_parked": GaugeMetricFamily(
-                "audiencesync_failed_events",
+                "audiencesync_parked_events",
                 "Audience Entered/Exited events parked after repeated rejections.",
+                labels=["audience"],
+            ),
+            "events_parked_old": GaugeMetricFamily(
+                "audiencesync_failed_events",
+                "Deprecated: the same as audiencesync_parked_events.",
                 labels=["audience"],
             ),
         }
@@ -204,10 +215,12 @@ class _StoreCollector(Collector):
             gauges["members"].add_metric([row.key], row.members)
             gauges["pending"].add_metric([row.key], row.pending)
             gauges["parked"].add_metric([row.key], row.parked)
+            gauges["parked_old"].add_metric([row.key], row.parked)
             gauges["unknown"].add_metric([row.key], row.unknown)
             gauges["fields_pending"].add_metric([row.key], row.fields_pending)
             gauges["events_pending"].add_metric([row.key], row.events_pending)
             gauges["events_parked"].add_metric([row.key], row.events_parked)
+            gauges["events_parked_old"].add_metric([row.key], row.events_parked)
             age = (now - row.oldest_pending_at).total_seconds() if row.oldest_pending_at else 0.0
             oldest.add_metric([row.key], max(0.0, age))
             if row.refreshed_at is not None:

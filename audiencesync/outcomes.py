@@ -19,6 +19,7 @@ from audiencesync import values
 from audiencesync.backoff import doubling
 from audiencesync.field_acks import acknowledge_fields
 from audiencesync.gleap import Try
+from audiencesync.pending_since import SINCE, since_sql
 from audiencesync.schema import UtcDateTime, call_values, calls, sync_runs
 
 
@@ -175,7 +176,8 @@ def write_outcomes(
         current = f"desired = :v AND (NOT desired OR value {same} :j)"  # still what was sent
         conn.execute(
             sa.text(
-                "UPDATE memberships SET unknown = :k, last_status = :s, last_error = :e, "
+                # Marked unknown, a row whose source went back to what Gleap held owes again.
+                f"UPDATE memberships SET unknown = :k, last_status = :s, last_error = :e, {SINCE}, "
                 f"failures = CASE WHEN {current} THEN failures + 1 ELSE failures END, "
                 f"next_attempt_at = CASE WHEN {current} THEN :next ELSE next_attempt_at END, "
                 f"attempts = CASE WHEN {current} AND :verdict THEN attempts + 1 ELSE attempts END, "
@@ -208,8 +210,10 @@ def write_outcomes(
 
 UPSERT = (
     "INSERT INTO memberships (audience_id, user_id, desired, acked, acked_value, resend, "
-    "unknown, changed_at, acked_at, attempts, failures, last_status) {rows} "
+    "unknown, changed_at, pending_since, acked_at, attempts, failures, last_status) {rows} "
     "ON CONFLICT (audience_id, user_id) DO UPDATE SET acked = excluded.acked, "
+    # An answer for a value the source has left makes the row owe again, from now.
+    f"{since_sql('excluded.pending_since')}, "
     "acked_value = excluded.acked_value, "
     "resend = false, unknown = false, acked_at = excluded.acked_at, attempts = 0, "
     "failures = 0, next_attempt_at = NULL, last_status = excluded.last_status, "
@@ -227,7 +231,7 @@ def _acknowledge(conn: Connection, acked: list[dict[str, Any]], now: datetime) -
     """
     leavers = [row for row in acked if not row["v"]]
     if conn.dialect.name != "postgresql":
-        values = "VALUES (:a, :u, false, :v, :j, false, false, :t, :t, 0, 0, :s)"
+        values = "VALUES (:a, :u, false, :v, :j, false, false, :t, :t, :t, 0, 0, :s)"
         timed = sa.bindparam("t", type_=UtcDateTime)
         conn.execute(sa.text(UPSERT.format(rows=values)).bindparams(timed), acked)
         if leavers:
@@ -242,7 +246,7 @@ def _acknowledge(conn: Connection, acked: list[dict[str, Any]], now: datetime) -
         "s": [r["s"] for r in acked],
     }
     unnested = (
-        "SELECT x.a, x.u, false, x.v, x.j, false, false, :t, :t, 0, 0, x.s FROM unnest("
+        "SELECT x.a, x.u, false, x.v, x.j, false, false, :t, :t, :t, 0, 0, x.s FROM unnest("
         "CAST(:a AS integer[]), CAST(:u AS text[]), CAST(:v AS boolean[]), CAST(:j AS text[]), "
         "CAST(:s AS integer[])) "
         "AS x(a, u, v, j, s)"

@@ -33,6 +33,7 @@ from sqlalchemy import Connection, Engine
 
 from audiencesync.database import utc_now
 from audiencesync.errors import StoreError
+from audiencesync.pending_since import since
 from audiencesync.schema import UtcDateTime, audiences, fenced_write, memberships
 
 log = logging.getLogger(__name__)
@@ -206,8 +207,8 @@ def _rename(conn: Connection, audience_id: int, key: str, old: str, now: datetim
     conn.execute(
         sa.text(
             "INSERT INTO memberships (audience_id, user_id, desired, acked, value, acked_value, resend, "
-            "unknown, changed_at, attempts, failures) "
-            "SELECT :r, user_id, false, acked, NULL, acked_value, false, unknown, :t, 0, 0 "
+            "unknown, changed_at, pending_since, attempts, failures) "
+            "SELECT :r, user_id, false, acked, NULL, acked_value, false, unknown, :t, :t, 0, 0 "
             "FROM memberships WHERE audience_id = :a AND (acked = true OR unknown)"
         ).bindparams(sa.bindparam("t", type_=UtcDateTime)),
         {"r": retired.id, "a": audience_id, "t": now},
@@ -221,6 +222,7 @@ def _rename(conn: Connection, audience_id: int, key: str, old: str, now: datetim
         sa.update(memberships)
         .where(memberships.c.audience_id == audience_id)
         .values(
+            pending_since=since(now),  # the new key is owed from now on
             acked=None,
             acked_value=None,
             acked_at=None,
@@ -242,7 +244,7 @@ def _retire(conn: Connection, retired_id: int, now: datetime) -> None:
     conn.execute(
         sa.update(memberships)
         .where(memberships.c.audience_id == retired_id, memberships.c.desired == sa.true())
-        .values(desired=False, value=None, changed_at=now)
+        .values(desired=False, value=None, changed_at=now, pending_since=since(now))
     )
     conn.execute(
         sa.delete(memberships).where(

@@ -37,6 +37,7 @@ from sqlalchemy import Connection, Engine
 
 from audiencesync.database import utc_now
 from audiencesync.delivery import Deliverer, Progress
+from audiencesync.pending_since import since
 from audiencesync.schema import (
     UtcDateTime,
     admin_requests,
@@ -185,6 +186,7 @@ class Retirer:
                 sa.update(memberships)
                 .where(m.audience_id == key.id)
                 .values(
+                    pending_since=since(now),
                     desired=False,
                     value=None,
                     resend=False,

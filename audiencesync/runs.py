@@ -55,7 +55,9 @@ def finish_run(
     """Close a run, counting what is still pending for its audience; returns the run's row.
 
     A run that would succeed but leaves changes (or events) pending or parked is recorded
-    as ``partial``.
+    as ``partial``. Its ``members`` are the audience's snapshot after it, whatever it did: a
+    held or failed refresh and a delivery-only run changed nothing, so they show the members
+    the store still holds (not 0, nor the count a held refresh would have left).
     """
     audience_id = conn.execute(
         sa.select(sync_runs.c.audience_id).where(sync_runs.c.id == run_id)
@@ -64,9 +66,9 @@ def finish_run(
     # would hold the write transaction for seconds.
     c = audience_counts.c
     counts = conn.execute(
-        sa.select(c.pending, c.parked, c.unknown).where(c.audience_id == audience_id)
+        sa.select(c.members, c.pending, c.parked, c.unknown).where(c.audience_id == audience_id)
     ).one_or_none()
-    pending, parked, unknown = (int(n) for n in counts) if counts is not None else (0, 0, 0)
+    members, pending, parked, unknown = (int(n) for n in counts) if counts is not None else (0, 0, 0, 0)
     events_owed = sum(events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0)))
     if status == "succeeded" and (pending or parked or events_owed):
         status = "partial"
@@ -77,12 +79,26 @@ def finish_run(
             status=status,
             error=error,
             finished_at=now,
+            members=members,
             pending_after=pending,
             parked_after=parked,
             unknown_after=unknown,
         )
     )
     return dict(conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id)).one()._mapping)
+
+
+# A run whose refresh was applied, so its entered/left are changes the snapshot took. A held run
+# counted a diff it rolled back; a run whose source failed counted nothing (0 rows read and none
+# left): an aborted, interrupted or still running one applied one when its refresh read or removed.
+_r = sync_runs.c
+APPLIED = sa.and_(
+    _r.mode != "delivery",
+    sa.or_(
+        _r.status.in_(("succeeded", "partial")),
+        sa.and_(_r.status.in_(("aborted", "interrupted", "running")), _r.source_rows + _r.left > 0),
+    ),
+)
 
 
 def mark_interrupted(conn: Connection, *, now: datetime) -> int:

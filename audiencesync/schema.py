@@ -163,6 +163,9 @@ memberships = sa.Table(
     sa.Column("unknown", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("pending", sa.Boolean, sa.Computed(PENDING_EXPR, persisted=True)),
     sa.Column("changed_at", UtcDateTime, nullable=False),
+    # When its pending change was made (entry, exit, a new value, a resend owed): the oldest
+    # pending age counts from it. Meaningful only while pending (pending_since.py, 0013).
+    sa.Column("pending_since", UtcDateTime, nullable=True),
     sa.Column("acked_at", UtcDateTime, nullable=True),
     # Rejections (verdicts) of the current value; at max_attempts the change is parked.
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
@@ -186,7 +189,7 @@ memberships = sa.Table(
     sa.Index(
         "ix_memberships_oldest_pending",
         "audience_id",
-        "changed_at",
+        "pending_since",
         sqlite_where=sa.text("pending = 1 AND parked_at IS NULL"),
         postgresql_where=sa.text("pending AND parked_at IS NULL"),
     ),

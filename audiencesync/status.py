@@ -13,6 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from audiencesync import values
 from audiencesync.events import counts_by_audience
 from audiencesync.schema import DELIVERABLE, audience_counts, audiences, events, memberships, sync_runs
 
@@ -35,11 +36,32 @@ FIELDS_OWED = sa.and_(
 class ParkedChange:
     audience: str
     user_id: str
-    value: bool | str  # the membership (a trait: whether the user has a value), or an event's name
+    value: Any  # the value refused: an audience's membership, a trait's value (JSON); an event's name
     attempts: int
     last_status: int | None
     last_error: str | None
     parked_at: datetime
+    event: bool = False
+
+    @property
+    def shown(self) -> str:
+        """The value as people read it: ``values.shown`` of a change's, an event's name as is."""
+        return self.value if self.event else values.shown(self.value)
+
+
+def refused() -> tuple[sa.ColumnElement[Any], ...]:
+    """What a parked membership's refused call carried, for ``parked_change``: the kind, the
+    membership, and a trait's value (JSON) while the user has one, else its configured missing
+    value (what pending.py sends)."""
+    m = memberships.c
+    trait_value = sa.case((m.desired == sa.true(), m.value), else_=audiences.c.missing)
+    return audiences.c.kind, m.desired, trait_value
+
+
+def parked_change(key: str, row: Any) -> ParkedChange:
+    """A ParkedChange of a row of user_id, ``refused()``, attempts, last_status, last_error, parked_at."""
+    user_id, kind, desired, trait_value, *tail = row
+    return ParkedChange(key, user_id, values.decode(trait_value) if kind == "trait" else desired, *tail)
 
 
 @dataclass(frozen=True)
@@ -68,7 +90,7 @@ def parked_changes(
         sa.select(
             audiences.c.key,
             memberships.c.user_id,
-            memberships.c.desired,
+            *refused(),
             memberships.c.attempts,
             memberships.c.last_status,
             memberships.c.last_error,
@@ -80,7 +102,7 @@ def parked_changes(
     )
     if audience_key is not None:
         query = query.where(audiences.c.key == audience_key)
-    parked = [ParkedChange(*row) for row in conn.execute(query.limit(limit))]
+    parked = [parked_change(row[0], row[1:]) for row in conn.execute(query.limit(limit))]
     return parked + parked_events(conn, audience_key, limit)
 
 
@@ -104,7 +126,7 @@ def parked_events(
     )
     if audience_key is not None:
         query = query.where(audiences.c.key == audience_key)
-    return [ParkedChange(*row) for row in conn.execute(query.limit(limit))]
+    return [ParkedChange(*row, event=True) for row in conn.execute(query.limit(limit))]
 
 
 def scanned_counts() -> sa.Subquery:
@@ -119,7 +141,7 @@ def scanned_counts() -> sa.Subquery:
             .filter(memberships.c.parked_at.is_not(None), memberships.c.pending == sa.true())
             .label("parked"),
             sa.func.count().filter(memberships.c.unknown == sa.true()).label("unknown"),
-            sa.func.min(memberships.c.changed_at).filter(DELIVERABLE).label("oldest_pending_at"),
+            sa.func.min(memberships.c.pending_since).filter(DELIVERABLE).label("oldest_pending_at"),
             sa.func.count().filter(FIELDS_OWED).label("fields_pending"),
         )
         .group_by(memberships.c.audience_id)
@@ -132,7 +154,7 @@ def kept_counts() -> sa.Subquery:
     the first entry of its index: a few rows read per audience, however big it is."""
     m = memberships.alias("m")
     oldest = (
-        sa.select(sa.func.min(m.c.changed_at))
+        sa.select(sa.func.min(m.c.pending_since))
         .where(
             m.c.audience_id == audience_counts.c.audience_id,
             m.c.pending == sa.true(),

@@ -367,7 +367,8 @@ class Store:
             return status_mod.parked_changes(conn, audience_key, limit)[:limit]
 
     def requeue(self, audience_key: str | None = None, user_id: str | None = None) -> int:
-        """Un-park failed changes and events so the next run tries them again, with a fresh attempt budget."""
+        """Un-park parked changes and events so the next run tries them again, with a fresh attempt
+        budget. A change keeps its ``pending_since``: it has been owed since it was made."""
         query = sa.update(memberships).where(memberships.c.parked_at.is_not(None))
         if audience_key is not None:
             ids = sa.select(audiences.c.id).where(audiences.c.key == audience_key).scalar_subquery()

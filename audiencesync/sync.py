@@ -309,6 +309,7 @@ class Syncer:
         run.report.parked, run.report.unknown = row["parked_after"], row["unknown_after"]
         run.report.retries, run.report.rate_limited = row["retries"], row["rate_limited"]
         run.report.sent = row["sent"]
+        run.report.members = row["members"]  # the snapshot after the run: unchanged if nothing was applied
         run.report.status = row["status"]
         run.report.events_sent = row["events_sent"]
         run.report.field_conflicts = row["field_conflicts"]

@@ -35,6 +35,18 @@ def no_value(row: Any) -> None:
     return None
 
 
+def shown(value: Any) -> str:
+    """A property value as every surface shows it to a person: as JSON writes it (``608.44``,
+    ``null``, ``true``, ``"gold"``), never as Python's ``True`` or ``None``. The one formatter
+    of the web pages, `failures` and the CLI tables for a value Gleap holds or is sent."""
+    return encode(value)
+
+
+def shown_text(text: str | None) -> str:
+    """``shown`` of a value the store keeps as canonical JSON text: the text itself; NULL is ``null``."""
+    return "null" if text is None else text
+
+
 def decode(text: str | None) -> Any:
     """The value a canonical JSON text holds; None for NULL."""
     return None if text is None else json.loads(text)

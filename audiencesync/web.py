@@ -25,10 +25,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import jinja2
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from audiencesync import audit, charts, web_pages
+from audiencesync import attention as attention_mod, audit, charts, values, web_pages
 from audiencesync.attention import Attention
 from audiencesync.errors import AudienceSyncError, brief
 from audiencesync.secret import Secret
@@ -92,7 +92,14 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(utc=_utc, duration=_duration, took=_took, count=_count)
+    env.filters.update(
+        utc=_utc,
+        duration=_duration,
+        took=_took,
+        count=_count,
+        value=values.shown,
+        value_text=values.shown_text,
+    )
     env.globals.update(
         members_chart=charts.members, changes_chart=charts.changes, statuses=web_pages.RUN_STATUSES
     )
@@ -107,7 +114,8 @@ class WebApp:
     paused or renamed; any other key of the store is retired; a reload changes them);
     ``this_process``: the daemon's own state (active or standby), None under `serve`;
     ``attention``: what needs a person (attention.py), as `status` and /healthz read it: the
-    daemon's, with what only it knows; `serve`'s, from the store alone. Read once per page.
+    daemon's, with what only it knows; by default (`serve`), read from the store in the page's
+    own snapshot. Read once per page.
     """
 
     def __init__(
@@ -117,11 +125,11 @@ class WebApp:
         token: Secret | None,
         configured: Callable[[], Mapping[str, str]],
         health: Health,
-        attention: Callable[[], Attention],
         clock: Callable[[], datetime],
         metrics: WsgiApp | None = None,
         this_process: Callable[[], str] | None = None,
         mode: str = "daemon",
+        attention: Callable[[], Attention] | None = None,
     ) -> None:
         self.engine = engine
         self._token = token.reveal().encode() if token is not None else None
@@ -195,14 +203,14 @@ class WebApp:
             if path == "/":
                 state = self.this_process() if self.this_process is not None else None
                 data = web_pages.overview(conn, configured, now, state)
-                seen = self.attention()
+                seen = self._attention(conn, configured, now)
                 return self._render(start_response, "overview.html", title="Overview", page=data, seen=seen)
             if path.startswith("/audiences/"):
                 key = unquote(path.removeprefix("/audiences/"))
                 audience = web_pages.audience_page(conn, key, configured, before=_int(query.get("before")))
                 if audience is None:
                     return self._not_found(start_response, f"No audience or trait {key!r} in the store.")
-                seen = self.attention()
+                seen = self._attention(conn, configured, now)
                 return self._render(
                     start_response, "audience.html", title=key, page=audience, now=now, seen=seen
                 )
@@ -219,6 +227,11 @@ class WebApp:
                 runs = web_pages.runs_page(conn, status, _int(query.get("before")))
                 return self._render(start_response, "runs.html", title="Runs", page=runs)
         return self._not_found(start_response, "No such page.")
+
+    def _attention(self, conn: Connection, configured: Mapping[str, str], now: datetime) -> Attention:
+        if self.attention is not None:
+            return self.attention()
+        return attention_mod.read(conn, configured, now)
 
     def _render(
         self, start_response: StartResponse, template: str, status: str = "200 OK", **context: Any

@@ -19,8 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from audiencesync import audit, lifecycle
+from audiencesync.runs import APPLIED
 from audiencesync.schema import audience_counts, audiences, events, leases, memberships, sync_runs
-from audiencesync.status import AudienceStatus, ParkedChange, audience_status
+from audiencesync.status import AudienceStatus, ParkedChange, audience_status, parked_change, refused
 
 # What a run can end as (runs.py, sync.py), for the runs page's filter.
 RUN_STATUSES = ("running", "succeeded", "partial", "held", "failed", "aborted", "interrupted")
@@ -30,17 +31,7 @@ RUNS_PAGE = 25
 PARKED_PAGE = 50
 TIMELINE_ROWS = 500
 
-# A run whose refresh was applied, so its members/entered/left are the audience's. A held run
-# counted a diff it rolled back; a run whose source failed counted nothing (0 rows read and none
-# left): an aborted, interrupted or still running one counts when its refresh read or removed.
 _r = sync_runs.c
-APPLIED = sa.and_(
-    _r.mode != "delivery",
-    sa.or_(
-        _r.status.in_(("succeeded", "partial")),
-        sa.and_(_r.status.in_(("aborted", "interrupted", "running")), _r.source_rows + _r.left > 0),
-    ),
-)
 
 
 @dataclass(frozen=True)
@@ -187,7 +178,7 @@ def _run_rows(query: sa.Select[Any], conn: Connection, page: int) -> tuple[list[
 
 
 def _run_query() -> sa.Select[Any]:
-    return sa.select(sync_runs, audiences.c.key.label("audience")).join(
+    return sa.select(sync_runs, audiences.c.key.label("audience"), APPLIED.label("applied")).join(
         audiences, audiences.c.id == _r.audience_id
     )
 
@@ -211,12 +202,13 @@ def parked(conn: Connection, audience_id: int, key: str, limit: int) -> list[Par
     """The audience's first ``limit`` parked changes, then events, from the parked-only indexes."""
     m, e = memberships.c, events.c
     changes = conn.execute(
-        sa.select(m.user_id, m.desired, m.attempts, m.last_status, m.last_error, m.parked_at)
+        sa.select(m.user_id, *refused(), m.attempts, m.last_status, m.last_error, m.parked_at)
+        .join(audiences, audiences.c.id == m.audience_id)
         .where(m.audience_id == audience_id, m.pending == sa.true(), m.parked_at.is_not(None))
         .order_by(m.user_id)
         .limit(limit)
     ).all()
-    found = [ParkedChange(key, *row) for row in changes]
+    found = [parked_change(key, row) for row in changes]
     if len(found) < limit:
         parked_events = conn.execute(
             sa.select(e.user_id, e.name, e.attempts, e.last_status, e.last_error, e.parked_at)
@@ -224,7 +216,7 @@ def parked(conn: Connection, audience_id: int, key: str, limit: int) -> list[Par
             .order_by(e.id)
             .limit(limit - len(found))
         ).all()
-        found += [ParkedChange(key, *row) for row in parked_events]
+        found += [ParkedChange(key, *row, event=True) for row in parked_events]
     return found
 
 
@@ -236,9 +228,11 @@ def user_page(conn: Connection, user_id: str) -> UserPage:
             sa.select(
                 audiences.c.key.label("audience"),
                 audiences.c.kind,
+                audiences.c.missing,
                 m.desired,
                 m.acked,
                 m.value,
+                m.acked_value,
                 m.pending,
                 m.unknown,
                 m.changed_at,

@@ -58,6 +58,7 @@ COLUMNS = (
     "acked",
     "unknown",
     "changed_at",
+    "pending_since",
     "next_attempt_at",
     "parked_at",
     "attempts",
@@ -83,6 +84,7 @@ def member_rows(audience_id: int, members: int) -> Iterator[tuple[Any, ...]]:
             True if told else None,
             unknown,
             changed,
+            None if told else changed,  # pending since the change
             backoff,
             parked,
             0,
@@ -109,10 +111,7 @@ def fill(url: str, sizes: dict[str, int]) -> None:
             for chunk in chunks(member_rows(n, size), 200_000):
                 lite.executemany(
                     f"INSERT INTO memberships ({', '.join(COLUMNS)}) VALUES ({placeholders})",
-                    [
-                        (*r[:5], _sqlite_time(r[5]), _sqlite_time(r[6]), _sqlite_time(r[7]), *r[8:])
-                        for r in chunk
-                    ],
+                    [(*r[:5], *(_sqlite_time(t) for t in r[5:9]), *r[9:]) for r in chunk],
                 )
                 lite.commit()
             lite.close()

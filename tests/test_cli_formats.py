@@ -74,11 +74,11 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
     assert as_csv.returncode == 0, as_csv.stderr
     (row,) = csv.DictReader(io.StringIO(as_csv.stdout))
     assert list(row) == [
-        "audience", "condition", "members", "pending", "failed", "unknown", "oldest_pending", "last_run",
-        "result", "entered", "left", "sent", "next_run", "configured", "events_pending", "events_failed",
+        "audience", "condition", "members", "pending", "parked", "unknown", "oldest_pending", "last_run",
+        "result", "entered", "left", "sent", "next_run", "configured", "events_pending", "events_parked",
         "kind", "fields_pending", "field_warnings", "field_conflicts", "state",
     ]  # fmt: skip
-    assert (row["audience"], row["members"], row["pending"], row["failed"], row["unknown"]) == (
+    assert (row["audience"], row["members"], row["pending"], row["parked"], row["unknown"]) == (
         "segment_a", "2", "0", "1", "0"
     )  # fmt: skip
     assert (row["result"], row["entered"], row["sent"], row["configured"]) == ("partial", "2", "1", "true")
@@ -94,9 +94,9 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
 
     (line,) = run(path, "status", "--format", "jsonl").stdout.splitlines()
     assert json.loads(line) == {
-        **{k: v for k, v in row.items() if k not in ("members", "pending", "failed", "unknown")},
-        "members": 2, "pending": 0, "failed": 1, "unknown": 0, "oldest_pending": None, "next_run": None,
-        "entered": 2, "left": 0, "sent": 1, "configured": True, "events_pending": 0, "events_failed": 0,
+        **{k: v for k, v in row.items() if k not in ("members", "pending", "parked", "unknown")},
+        "members": 2, "pending": 0, "parked": 1, "unknown": 0, "oldest_pending": None, "next_run": None,
+        "entered": 2, "left": 0, "sent": 1, "configured": True, "events_pending": 0, "events_parked": 0,
         "fields_pending": 0, "field_warnings": 0, "field_conflicts": 0,
     }  # fmt: skip
 
@@ -108,11 +108,11 @@ def test_status_in_each_format(make_config: ConfigFactory, source: SourceDB, gle
     assert (concern["state"], concern["severity"], concern["subject"]) == ("parked", "action", "segment_a")
     assert as_json["audiences"][0]["condition"]["state"] == "parked"
     assert as_json["retired"] == [] and as_json["audiences"][0]["state"] == "live"
-    assert as_json["audiences"][0]["key"] == "segment_a" and as_json["audiences"][0]["failed"] == 1
+    assert as_json["audiences"][0]["key"] == "segment_a" and as_json["audiences"][0]["parked"] == 1
 
     table = run(path, "status")
     lines = table.stdout.splitlines()
-    assert lines[0].startswith("audience   condition  members  pending  failed  unknown")
+    assert lines[0].startswith("audience   condition  members  pending  parked  unknown")
     assert re.match(r"segment_a +parked +2 +0 +1 +0 +", lines[1]), lines
     assert lines[-4:] == [
         "daemon: none holds the store", "last prune: none; all history is kept", "needs attention:",

@@ -63,7 +63,7 @@ def test_gauges_count_fields_events_and_traits_pending(
         assert sample(metrics, "audiencesync_pending_changes", audience="paying") == 3
         assert sample(metrics, "audiencesync_pending_field_changes", audience="paying") == 2
         assert sample(metrics, "audiencesync_pending_events", audience="paying") == 3
-        assert sample(metrics, "audiencesync_failed_events", audience="paying") == 0
+        assert sample(metrics, "audiencesync_parked_events", audience="paying") == 0
         # A trait is a property like an audience: its pending values have the same gauges, and its kind.
         info = "audiencesync_property_info"
         assert sample(metrics, info, audience="tier", kind="trait", state="live") == 1

@@ -3,6 +3,10 @@ limits, the circuit breaker and counts that agree. Against the loopback stand-in
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import re
 import time
 from datetime import datetime, timedelta
 from typing import cast
@@ -11,15 +15,18 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from audiencesync import store as store_mod
+from audiencesync import attention, lifecycle, store as store_mod
 from audiencesync.config import Config
 from audiencesync.gleap_http import retryable
+from audiencesync.metrics import Metrics
 from audiencesync.schema import memberships
 from audiencesync.store import PendingChange, Store
 from audiencesync.sync import CycleReport, Syncer
 from audiencesync.unknown_marks import UnknownMarks
+from audiencesync.web import WebApp
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
+from tests.test_daemon import cli
 from tests.test_reliability import assert_converged, sync
 from tests.test_sync import only
 
@@ -337,8 +344,50 @@ def test_pending_parked_and_unknown_agree_between_the_summary_and_status(
     assert "parked=1" in a.summary() and "unknown=1" in a.summary()
     engine = store_mod.engine_for(config.store)
     [status] = Store(engine).status()
-    engine.dispose()
     assert (status.pending, status.parked, status.unknown) == (a.pending, a.parked, a.unknown)
+    # The same words and numbers on every surface: `status` (json, csv), /metrics and the web page.
+    listing = json.loads(cli(config, "status", "--format", "json").stdout)["audiences"][0]
+    counted = (listing["pending"], listing["parked"], listing["unknown"], listing["events_parked"])
+    assert counted == (1, 1, 1, 0)
+    assert (listing["failed"], listing["events_failed"]) == (1, 0)  # the deprecated aliases
+    [csv_row] = csv.DictReader(io.StringIO(cli(config, "status", "--format", "csv").stdout))
+    assert (csv_row["pending"], csv_row["parked"], csv_row["unknown"]) == ("1", "1", "1")
+    assert "failed" not in csv_row and "events_failed" not in csv_row
+    metrics = Metrics(Store(engine).status)
+    gauges = {
+        name: metrics.registry.get_sample_value(name, {"audience": KEY})
+        for name in ("pending_changes", "parked_changes", "unknown_outcome_changes", "parked_events")
+        for name in [f"audiencesync_{name}"]
+    }
+    assert list(gauges.values()) == [1, 1, 1, 0]
+
+    def seen() -> attention.Attention:
+        with engine.connect() as conn:
+            return attention.read(conn, lifecycle.states(config), store_mod.utc_now())
+
+    app = WebApp(
+        engine, token=None, configured=lambda: lifecycle.states(config), health=lambda: (True, "ok"),
+        clock=store_mod.utc_now, attention=seen,
+    )  # fmt: skip
+    overview, page = wsgi_get(app, "/"), wsgi_get(app, f"/audiences/{KEY}")
+    engine.dispose()
+    cells = re.findall(r'<td class="num[^"]*">(\d+)</td>', overview)
+    # members, pending, unknown, the last run's calls not acknowledged (u1 refused, u2 unanswered), parked
+    assert cells == ["4", "1", "1", "2", "1"], cells
+    assert ">not acked</th>" in overview and ">failed</th>" not in overview
+    assert re.search(r'<span class="n">1</span> pending.*<span class="n">1</span> unknown', page, re.S)
+    assert '<span class="n bad">1</span> parked' in page
+    assert ">failed</th>" not in page
+
+
+def wsgi_get(app: WebApp, path: str) -> str:
+    """A page of the WSGI app, called directly (no server: the test reads what it renders)."""
+    answer: list[str] = []
+    where, _, query = path.partition("?")
+    environ = {"PATH_INFO": where, "QUERY_STRING": query, "REQUEST_METHOD": "GET"}
+    body = app(environ, lambda status, headers: answer.append(status))
+    assert answer == ["200 OK"], (path, answer)
+    return b"".join(body).decode()
 
 
 # --- the call log: every request, retries included ----------------------------------------

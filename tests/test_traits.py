@@ -396,7 +396,8 @@ def test_a_rejected_trait_value_is_parked_listed_and_retried(
     engine = store_mod.engine_for(config.store)
     store = Store(engine)
     (parked,) = store.parked("tier")
-    assert (parked.audience, parked.user_id, parked.value) == ("tier", "u2", True)
+    assert (parked.audience, parked.user_id, parked.value) == ("tier", "u2", "free")  # the value refused
+    assert parked.shown == '"free"'
     assert "bad value" in (parked.last_error or "")
     gleap.reset_log()
     assert cycle(config).complete is False and gleap.identify_calls == []  # parked: not retried

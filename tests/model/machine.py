@@ -320,7 +320,7 @@ class EngineMachine(RuleBasedStateMachine):
         for slot in self.model.live():
             row = rows[slot.key]
             got = tuple(
-                row[c] for c in ("members", "pending", "unknown", "failed", "events_pending", "events_failed")
+                row[c] for c in ("members", "pending", "unknown", "parked", "events_pending", "events_parked")
             )
             assert got == (len(slot.members), 0, 0, 0, 0, 0), (slot.key, row)
         tier = rows[TRAIT_KEY]
