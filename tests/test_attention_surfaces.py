@@ -19,7 +19,7 @@ from audiencesync.config import Config
 from tests.alert_receiver import AlertReceiver
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
-from tests.test_daemon import SCHEDULE, Daemon, cli, daemons, free_port, wait_for
+from tests.test_daemon import SCHEDULE, Daemon, cli, daemons, free_port, members_true, wait_for
 from tests.test_daemon_hardening import healthz as probe  # (status, body); 0 while not serving
 
 __all__ = ["daemons"]  # the fixture, used by name
@@ -210,7 +210,7 @@ def test_gleap_down_opens_the_breaker_everywhere_then_clears(
 
     gleap.clear_faults()
     settled(config, port, set())
-    assert gleap.contacts["u2"]["segment_a"] is True
+    wait_for(lambda: members_true(gleap) == {"u1", "u2"}, what="the changes held back by the outage")
 
 
 def test_with_no_daemon_past_runs_are_overdue(
