@@ -129,6 +129,15 @@ def settled(config: Config, port: int, want: set[tuple[str, str | None]]) -> See
     return found[0]
 
 
+def quiet(config: Config, port: int) -> bool:
+    """Nothing open anywhere, and the audience ok: its changes delivered, not only unblocked."""
+    seen = look(config, port)
+    try:
+        return agree(seen) == set() and seen.conditions_column == {"segment_a": "ok"}
+    except AssertionError:
+        return False  # the surfaces read at slightly different instants: look again
+
+
 def test_a_refused_token_shows_everywhere_then_clears(
     make_config: ConfigFactory,
     source: SourceDB,
@@ -157,7 +166,9 @@ def test_a_refused_token_shows_everywhere_then_clears(
     assert all("the API token is wrong" in str(r["error"]) for r in runs() if r["status"] == "aborted")
 
     gleap.set_token(TOKEN)
-    seen = settled(config, port, set())
+    wait_for(lambda: members_true(gleap) == {"u1", "u2"}, what="the changes the token held back")
+    wait_for(lambda: quiet(config, port), what="every surface to say ok")
+    seen = look(config, port)
     assert (seen.healthz_status, seen.healthz_first) == (200, "ok") and seen.metrics_healthy
     assert seen.status_daemon == "ok" and seen.conditions_column == {"segment_a": "ok"}
     resolved = receiver.wait_for(2)[1]
@@ -178,8 +189,7 @@ def test_a_held_audience_is_listed_everywhere_and_the_daemon_stays_healthy(
     assert "audiencesync sync --audience segment_a --allow-removals" in fix
 
     source.set(["u1", "u2", "u3"])  # the source is back: the hold ends with the next refresh
-    seen = settled(config, port, set())
-    assert seen.conditions_column == {"segment_a": "ok"}
+    wait_for(lambda: quiet(config, port), what="every surface to say ok")
 
 
 def test_parked_changes_show_everywhere_and_clear_after_retry(
