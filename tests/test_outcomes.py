@@ -19,7 +19,7 @@ from audiencesync import attention, lifecycle, store as store_mod
 from audiencesync.config import Config
 from audiencesync.gleap_http import retryable
 from audiencesync.metrics import Metrics
-from audiencesync.schema import memberships
+from audiencesync.schema import contact_fields, memberships, sync_runs
 from audiencesync.store import PendingChange, Store
 from audiencesync.sync import CycleReport, Syncer
 from audiencesync.unknown_marks import UnknownMarks
@@ -64,7 +64,39 @@ def row(config: Config, user_id: str) -> dict[str, object] | None:
     return dict(found._mapping) if found is not None else None
 
 
+def last_run(config: Config) -> dict[str, object]:
+    engine = store_mod.engine_for(config.store)
+    with engine.connect() as conn:
+        found = conn.execute(sa.select(sync_runs).order_by(sync_runs.c.id.desc()).limit(1)).one()
+    engine.dispose()
+    return dict(found._mapping)
+
+
 # --- A1: unknown outcomes -----------------------------------------------------------
+
+
+def test_an_acknowledged_calls_contact_fields_are_recorded_as_gleap_holds_them(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    """What Gleap holds of each field is what a 2xx acknowledged (`contact_fields`): the next
+    change of the field is compared with it; a refused call records nothing."""
+    source.set(["u1", "u2"])
+    gleap.fail_user("u2", 422, body="nope")
+    audiences = """
+        [[audiences]]
+        name = "Segment A"
+        source = "main"
+        query = "SELECT user_id, 'pro' AS plan FROM members WHERE segment = 'a'"
+    """
+    config = make_config(gleap.base_url, audiences=audiences)
+    cycle(config)
+    assert gleap.contacts["u1"]["plan"] == "pro"
+    engine = store_mod.engine_for(config.store)
+    with engine.connect() as conn:
+        c = contact_fields.c
+        held = conn.execute(sa.select(c.user_id, c.field, c.value))
+        assert [tuple(r) for r in held] == [("u1", "plan", '"pro"')]
+    engine.dispose()
 
 
 def test_lost_answer_then_flip_back_to_the_acknowledged_value_is_still_sent(
@@ -79,6 +111,8 @@ def test_lost_answer_then_flip_back_to_the_acknowledged_value_is_still_sent(
     report = cycle(config)
     assert gleap.contacts["u1"][KEY] is False
     assert only(report).unknown == 1 and not report.complete
+    # The run counts the call whose outcome it left unknown (audit runs' `unknown`), once.
+    assert last_run(config)["unknown"] == 1
     # The source flips back to what Gleap last acknowledged. Gleap may hold false: send true.
     source.set(["u1", "u2"])
     gleap.reset_log()
