@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from audiencesync import attention, audit, cli, lifecycle, store as store_mod
+from audiencesync import cli, lifecycle, store as store_mod
 from audiencesync.alerts import Alerts
 from audiencesync.config import Config
 from audiencesync.lease import WriterLease
@@ -113,14 +113,10 @@ class States:
 def serve(config: Config) -> Iterator[str]:
     """The pages as `audiencesync serve` shows them (attention from the store alone, now)."""
     engine = store_mod.engine_for(config.store)
-
-    def seen() -> attention.Attention:
-        with audit.snapshot(engine) as conn:
-            return attention.read(conn, lifecycle.states(config), store_mod.utc_now())
-
+    # No attention given: the app reads it from the store in each page's snapshot, as serve does.
     app = WebApp(
         engine, token=None, configured=lambda: lifecycle.states(config), health=lambda: (True, "ok"),
-        attention=seen, clock=store_mod.utc_now, mode="serve",
+        clock=store_mod.utc_now, mode="serve",
     )  # fmt: skip
     server = Server("127.0.0.1", 0, app)
     server.start()
