@@ -66,7 +66,7 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
             fix="add --audience KEY for each audience whose removals you have checked",
         )
     if args.all_calls and not args.dry_run:
-        raise ConfigError("--all-calls lists a dry run's calls", fix="add --dry-run, or drop --all-calls")
+        raise ConfigError("--all-calls lists a dry run's calls. Fix: add --dry-run, or drop --all-calls")
     if not args.dry_run and config.gleap.api_token is None:
         raise MissingTokenError()
     try:

@@ -111,4 +111,4 @@ def test_all_calls_is_refused_without_dry_run(make_config: ConfigFactory, source
         timeout=120,
     )
     assert run.returncode == 2, run.stderr
-    assert "--all-calls lists a dry run's calls" in run.stderr and "add --dry-run" in run.stderr
+    assert "--all-calls lists a dry run's calls. Fix: add --dry-run, or drop --all-calls" in run.stderr

@@ -110,12 +110,28 @@ def test_the_readme_states_the_units_rating() -> None:
     assert f"rates it {stated_exposure()} OK" in README.read_text()
 
 
-def _analyze() -> str:
+def _tool() -> str:
     tool = shutil.which("systemd-analyze")
     if tool is None:
         if os.environ.get("CI") == "true":
             pytest.fail("systemd-analyze is not installed (Debian: apt-get install systemd)")
         pytest.skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
+    return tool
+
+
+def test_systemd_knows_every_setting_of_the_unit(tmp_path: Path) -> None:
+    # `verify` checks that ExecStart's program exists: here it is the venv of the install steps.
+    text = re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", UNIT.read_text(), flags=re.M)
+    copy = tmp_path / "audiencesync.service"
+    copy.write_text(text)
+    run = subprocess.run(
+        [_tool(), "verify", "--no-pager", str(copy)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and run.stderr.strip() == "", run.stderr  # e.g. "Unknown key ..., ignoring"
+
+
+def _analyze() -> str:
+    tool = _tool()
     run = subprocess.run(
         [tool, "security", "--offline=yes", "--no-pager", str(UNIT)],
         capture_output=True,
