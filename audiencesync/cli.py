@@ -36,6 +36,7 @@ from audiencesync.cli_store import (
 )
 from audiencesync.cli_sync import cmd_run, cmd_sync
 from audiencesync.config import Config, find_config, load_config
+from audiencesync.dry_run import LISTED_ON_A_TERMINAL
 from audiencesync.errors import (
     AudienceSyncError,
     ConfigError,
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="list the calls instead of making them (see --format); change nothing",
+    )
+    sync.add_argument(
+        "--all-calls",
+        action="store_true",
+        help="with --dry-run: list every call on a terminal too (default: the first "
+        f"{LISTED_ON_A_TERMINAL} there; every call to a pipe, a file, csv or json)",
     )
     add_format_option(sync)
     sync.add_argument(

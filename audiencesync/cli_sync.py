@@ -27,6 +27,7 @@ from audiencesync.cli_output import (
 )
 from audiencesync.config import Config
 from audiencesync.delivery import Progress
+from audiencesync.dry_run import Listing
 from audiencesync.errors import (
     ConfigError,
     GleapUnavailableError,
@@ -64,6 +65,8 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
             "--allow-removals releases the guard for named audiences only",
             fix="add --audience KEY for each audience whose removals you have checked",
         )
+    if args.all_calls and not args.dry_run:
+        raise ConfigError("--all-calls lists a dry run's calls. Fix: add --dry-run, or drop --all-calls")
     if not args.dry_run and config.gleap.api_token is None:
         raise MissingTokenError()
     try:
@@ -78,12 +81,15 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
     interrupt = Interrupt(Sources(config.sources))
     # A dry run alerts nothing: it changes nothing, and may plan against a store in memory.
     alerts = Alerts.of(config, None if args.dry_run else engine)
+    listing = Listing.for_output(
+        table=args.format == "table", terminal=sys.stdout.isatty(), all_calls=args.all_calls
+    )
     try:
         if args.dry_run:
             # A dry run writes nothing, so it needs no lease and never waits for one.
             with interrupt:
                 report = interrupt.run(
-                    lambda: _run_cycle(args, config, store.Store(engine), interrupt, alerts)
+                    lambda: _run_cycle(args, config, store.Store(engine), interrupt, alerts, listing=listing)
                 )
         else:
             store.upgrade(engine)
@@ -101,6 +107,9 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
         alerts.close()  # a short, bounded grace for the cycle's alerts
         engine.dispose()
     if args.dry_run:
+        cut = listing.note(report.calls + report.track_calls)
+        if cut is not None:  # on a terminal only: under the calls, before the summary
+            print(cut, file=sys.stdout, flush=True)
         # stdout holds only the calls, so `--format csv > calls.csv` is a clean file.
         print_summary(
             report, sys.stderr, url=identify_url(config.gleap), track_target=track_url(config.gleap)
@@ -191,6 +200,8 @@ def _run_cycle(
     interrupt: Interrupt,
     alerts: Alerts,
     before_send: Callable[[], None] | None = None,
+    *,
+    listing: Listing | None = None,
 ) -> CycleReport:
     syncer = Syncer(config, target, sources=interrupt.sources, alerts=alerts)
     syncer.before_send = before_send
@@ -199,7 +210,9 @@ def _run_cycle(
             args.audiences,
             full=args.full,
             dry_run=args.dry_run,
-            show_calls=lambda calls: write_rows(sys.stdout, args.format, CALL_COLUMNS, _call_rows(calls)),
+            show_calls=lambda calls: write_rows(
+                sys.stdout, args.format, CALL_COLUMNS, _call_rows((listing or Listing(None)).take(calls))
+            ),
             progress=progress_bar if sys.stderr.isatty() else None,
             allow_removals=args.allow_removals,
             stop=interrupt.stop,

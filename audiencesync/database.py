@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,10 +37,27 @@ def create_engine(url: str, *, create: bool = False, busy_timeout_seconds: float
     path = sqlite_file(url)
     if path is not None and not create and not path.exists():
         raise StoreMissingError(str(path))
+    if path is not None and create:
+        _create_private(path)
     engine = sa.create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         _tune_sqlite(engine, busy_timeout_seconds)
     return engine
+
+
+def _create_private(path: Path) -> None:
+    """Create a new SQLite store's file empty (SQLite takes it for an empty database), readable
+    by its owner alone whatever the umask: the store holds emails and names. SQLite gives its
+    -wal, -shm and journal files the mode of the store's own. A file that exists keeps the mode
+    its owner gave it; a path that cannot be created is left for SQLite to report."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    try:
+        os.fchmod(fd, 0o600)  # 0o600 even under a umask that takes the owner's bits away
+    finally:
+        os.close(fd)
 
 
 def engine_for(config: StoreConfig, *, create: bool = False) -> Engine:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -40,6 +41,39 @@ from audiencesync.sources import ReadStats
 from audiencesync.store import Store, empty_store, schema_revisions
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The calls a dry run lists on a terminal, in a table: a first sync's thousands would scroll its
+# summary away. Elsewhere (a pipe, a file, csv/json) it lists every call.
+LISTED_ON_A_TERMINAL = 5
+
+
+class Listing:
+    """Which of a dry run's calls are listed: ``limit`` at most (None: every one)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.listed = 0
+
+    @classmethod
+    def for_output(cls, *, table: bool, terminal: bool, all_calls: bool) -> Listing:
+        return cls(LISTED_ON_A_TERMINAL if table and terminal and not all_calls else None)
+
+    def take(self, calls: Iterable[T]) -> Iterator[T]:
+        """The calls to list, counted; what it leaves unread, ``DryRun.plan`` still reads and counts."""
+        for call in calls if self.limit is None else itertools.islice(calls, self.limit):
+            self.listed += 1
+            yield call
+
+    def note(self, total: int) -> str | None:
+        """What to say under a listing cut short, or None when it holds every call."""
+        if self.limit is None or total <= self.listed:
+            return None
+        return (
+            f"first {self.listed} of {total} calls listed; "
+            "--all-calls for all, --format csv > calls.csv for a file"
+        )
 
 
 class DryRun:

@@ -20,6 +20,12 @@ chromedriver), one per state, each brought about as it happens in life and ended
 
 Each refresh is a `sync --full`, which the running daemon carries out. With --keep DIR the demo
 store stays there, for `audiencesync --config DIR/config.toml serve`.
+
+    python scripts/web_screenshot.py --keep DIR --store-only
+
+builds the demo store in DIR and stops there: no daemon, no browser, no screenshots, and
+nothing but audiencesync itself (`pip install -e .`) is needed. The screenshots need the dev
+extra (`pip install -e '.[dev]'`: selenium) and Debian's chromium and chromium-driver.
 """
 
 from __future__ import annotations
@@ -42,8 +48,6 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 
 from audiencesync import store as store_mod  # noqa: E402
 from audiencesync.config import load_config  # noqa: E402
@@ -158,6 +162,10 @@ def sync(config_path: Path, *args: str, wait: bool = True) -> subprocess.Popen[b
 
 class Camera:
     def __init__(self, base: str, out: Path) -> None:
+        # Here, not at the top: --store-only needs neither selenium nor a browser.
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
         for argument in (
@@ -272,11 +280,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--keep", type=Path, help="build the demo store here and keep it")
+    parser.add_argument(
+        "--store-only", action="store_true", help="with --keep: build the demo store, then stop (no browser)"
+    )
     args = parser.parse_args()
+    if args.store_only and args.keep is None:
+        parser.error("--store-only builds the demo store to keep: add --keep DIR")
     with tempfile.TemporaryDirectory() as scratch, GleapStandIn(TOKEN) as gleap:
         directory = args.keep or Path(scratch)
         directory.mkdir(parents=True, exist_ok=True)
         config_path = make_store(directory, gleap)
+        if args.store_only:
+            print(f"the demo store is in {directory}; to see its pages, run:")
+            print(f"  .venv/bin/audiencesync --config {config_path} serve    # http://127.0.0.1:9464/")
+            return
         port = free_port()
         running = daemon(config_path, port)
         camera = Camera(f"http://127.0.0.1:{port}", ROOT / "docs")
