@@ -109,7 +109,7 @@ def test_table_fits_80_columns_and_says_once_that_it_cut() -> None:
     assert lines[1].startswith("user-0    true   0         2026-12-01T19:25:25+00:00  422 unprocessable")
     assert lines[1].endswith("…") and len(lines[1]) == 80
     # The first column names the row: a later, longer id stays whole, past the width.
-    assert lines[-1].startswith(rows[-1][0] + "  false  1")  # type: ignore[operator]
+    assert lines[-1].startswith(f"{rows[-1][0]}  false  1")
     assert notes.getvalue() == "output was cut to 80 columns; see all of it with | less -S or --format csv\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -24,7 +25,10 @@ def status_row(key: str, condition: str, result: str) -> tuple[object, ...]:
 
 
 def table(
-    columns: tuple[str, ...], rows: list[tuple[object, ...]], width: int | None, layout: Layout | None = None
+    columns: tuple[str, ...],
+    rows: Sequence[Sequence[object]],
+    width: int | None,
+    layout: Layout | None = None,
 ) -> tuple[list[str], str]:
     out, notes = io.StringIO(), io.StringIO()
     write_rows(out, "table", columns, rows, layout=layout, width=width, notes=notes)
