@@ -26,7 +26,6 @@ from audiencesync.tables import (
     Row,
     checked as _checked,
     flush_now_and_then as _flush_now_and_then,
-    human_age as human_age,
     table_width,
     write_table,
 )
