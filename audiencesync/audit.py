@@ -187,7 +187,7 @@ def diff(conn: Connection, audience_id: int, start: datetime, end: datetime) -> 
 
 # --- a user's timeline ------------------------------------------------------------------
 
-# Most telling first: a table cut to the terminal's width keeps the first columns.
+# Most telling first: a table on a narrow terminal keeps the first columns (see cli_audit).
 TIMELINE_COLUMNS = (
     "at",
     "audience",

@@ -20,7 +20,15 @@ from audiencesync.cli_output import EXIT_OK, open_store, when
 from audiencesync.config import Config
 from audiencesync.errors import ConfigError, StoreMissingError, UnknownAudienceError
 from audiencesync.formats import add_format_option, write_rows
+from audiencesync.tables import Layout
 from audiencesync.times import TIME_HELP, add_time_option, option_time, parse_time
+
+# What each table keeps on a terminal too narrow for every column: what the row is about, its
+# state and its error; then the others, most telling first (the columns' own order).
+MEMBER_LAYOUT = Layout(keep=audit.MEMBER_COLUMNS)
+DIFF_LAYOUT = Layout(keep=audit.DIFF_COLUMNS)
+TIMELINE_LAYOUT = Layout(keep=("at", "audience", "event", "result", "error"))
+RUN_LAYOUT = Layout(keep=("run_id", "audience_key", "status", "error"), first=("started_at",))
 
 
 def add_audit_commands(commands: Any) -> None:
@@ -131,7 +139,7 @@ def cmd_members(args: argparse.Namespace, config: Config) -> int:
     with _snapshot(config, args.audience) as (conn, audience):
         assert audience is not None
         rows = audit.members(conn, audience.id, at) if audience.id is not None else iter(())
-        count = write_rows(sys.stdout, args.format, audit.MEMBER_COLUMNS, rows)
+        count = write_rows(sys.stdout, args.format, audit.MEMBER_COLUMNS, rows, layout=MEMBER_LAYOUT)
     print(f"{count} member(s) of {args.audience}" + (f" at {when(at)}" if at else ""), file=sys.stderr)
     return EXIT_OK
 
@@ -139,7 +147,7 @@ def cmd_members(args: argparse.Namespace, config: Config) -> int:
 def cmd_user(args: argparse.Namespace, config: Config) -> int:
     with _snapshot(config, args.audience) as (conn, _):
         events = audit.timeline(conn, args.user, args.audience)
-    write_rows(sys.stdout, args.format, audit.TIMELINE_COLUMNS, events)
+    write_rows(sys.stdout, args.format, audit.TIMELINE_COLUMNS, events, layout=TIMELINE_LAYOUT)
     if not events:
         where = f" in audience {args.audience}" if args.audience else ""
         print(f"no change or call is stored for user {args.user!r}{where}", file=sys.stderr)
@@ -164,7 +172,7 @@ def cmd_diff(args: argparse.Namespace, config: Config) -> int:
     with _snapshot(config, args.audience) as (conn, audience):
         assert audience is not None
         rows = audit.diff(conn, audience.id, start, end) if audience.id is not None else iter(())
-        write_rows(sys.stdout, args.format, audit.DIFF_COLUMNS, counted(rows))
+        write_rows(sys.stdout, args.format, audit.DIFF_COLUMNS, counted(rows), layout=DIFF_LAYOUT)
     summary = (
         f"{counts['entered']} entered, {counts['left']} left {args.audience} "
         f"between {when(start)} and {when(end)}"
@@ -177,9 +185,8 @@ def cmd_diff(args: argparse.Namespace, config: Config) -> int:
 def cmd_runs(args: argparse.Namespace, config: Config) -> int:
     since = option_time(args.since, "--since", store.utc_now())
     with _snapshot(config, args.audience) as (conn, _):
-        count = write_rows(
-            sys.stdout, args.format, audit.RUN_COLUMNS, audit.runs(conn, args.audience, since, args.limit)
-        )
+        runs = audit.runs(conn, args.audience, since, args.limit)
+        count = write_rows(sys.stdout, args.format, audit.RUN_COLUMNS, runs, layout=RUN_LAYOUT)
     if not count:
         print("no run is stored" + (" since " + when(since) if since else ""), file=sys.stderr)
     return EXIT_OK

@@ -24,6 +24,7 @@ from audiencesync.formats import write_rows
 from audiencesync.gleap import GleapClient
 from audiencesync.prune import Pruner
 from audiencesync.sources import Sources
+from audiencesync.tables import Layout
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
@@ -85,6 +86,12 @@ STATUS_COLUMNS = (
 # The table shows the state as its sections instead (live, then paused, then retired).
 TABLE_COLUMNS = STATUS_COLUMNS[:-1]
 RETIRED_COLUMNS = ("audience", "kind", "members", "pending", "parked", "unknown", "last_run", "result")
+# On a terminal too narrow for every column: the audience, its condition and its last run's
+# result always, then the last run's time (whole), then the counts.
+STATUS_LAYOUT = Layout(
+    keep=("audience", "condition", "result"), first=("last_run", "members", "pending", "parked")
+)
+RETIRED_LAYOUT = Layout(keep=("audience", "result"), first=("last_run", "pending", "parked"))
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -169,16 +176,18 @@ def _status_tables(
     def table_rows(of: list[store.AudienceStatus]) -> Iterator[tuple[object, ...]]:
         return (_status_row(r, configured, known, verdicts)[:-1] for r in of)
 
-    write_rows(sys.stdout, "table", TABLE_COLUMNS, table_rows(live))
+    write_rows(sys.stdout, "table", TABLE_COLUMNS, table_rows(live), layout=STATUS_LAYOUT)
     if paused:
         print("\npaused (enabled = false: neither refreshed nor delivered; enabled = true resumes them):")
-        write_rows(sys.stdout, "table", TABLE_COLUMNS, table_rows(paused))
+        write_rows(sys.stdout, "table", TABLE_COLUMNS, table_rows(paused), layout=STATUS_LAYOUT)
     if retired:
         print(
             "\nretired (in the store, in no config; `audiencesync retire KEY` removes the state, "
             "with --unset-in-gleap setting KEY false in Gleap first):"
         )
-        write_rows(sys.stdout, "table", RETIRED_COLUMNS, (_retired_row(r) for r in retired))
+        write_rows(
+            sys.stdout, "table", RETIRED_COLUMNS, (_retired_row(r) for r in retired), layout=RETIRED_LAYOUT
+        )
         for row in retired:
             owed = row.pending + row.parked
             if row.members == 0 and owed:
@@ -281,6 +290,8 @@ def _age_seconds(since: datetime | None) -> float | None:
 
 
 FAILURE_COLUMNS = ("audience", "user_id", "value", "attempts", "parked_at", "last_error")
+# Gleap's answer is what a person reads the list for: a narrow terminal loses the rest first.
+FAILURE_LAYOUT = Layout(keep=("audience", "user_id", "last_error"))
 
 
 def cmd_failures(args: argparse.Namespace, config: Config) -> int:
@@ -295,7 +306,7 @@ def cmd_failures(args: argparse.Namespace, config: Config) -> int:
         (c.audience, c.user_id, c.value if machine else c.shown, c.attempts, c.parked_at, c.last_error)
         for c in parked
     )
-    write_rows(sys.stdout, args.format, FAILURE_COLUMNS, rows)
+    write_rows(sys.stdout, args.format, FAILURE_COLUMNS, rows, layout=FAILURE_LAYOUT)
     print(
         f"{len(parked)} parked change(s)" + ("; re-queue with `audiencesync retry`" if parked else ""),
         file=sys.stderr,

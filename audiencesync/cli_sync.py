@@ -40,6 +40,7 @@ from audiencesync.lease import WriterLease
 from audiencesync.scheduler import Daemon
 from audiencesync.sources import Sources
 from audiencesync.sync import CycleReport, PlannedCall, PlannedTrack, Syncer
+from audiencesync.tables import Layout
 
 T = TypeVar("T")
 
@@ -211,7 +212,11 @@ def _run_cycle(
             full=args.full,
             dry_run=args.dry_run,
             show_calls=lambda calls: write_rows(
-                sys.stdout, args.format, CALL_COLUMNS, _call_rows((listing or Listing(None)).take(calls))
+                sys.stdout,
+                args.format,
+                CALL_COLUMNS,
+                _call_rows((listing or Listing(None)).take(calls)),
+                layout=CALL_LAYOUT,
             ),
             progress=progress_bar if sys.stderr.isatty() else None,
             allow_removals=args.allow_removals,
@@ -234,6 +239,7 @@ def progress_bar(total: int) -> Progress:
 
 # A call's rows share its number: POST to the identify URL with {"userId": user_id, audience: value...}.
 CALL_COLUMNS = ("call", "user_id", "audience", "value")
+CALL_LAYOUT = Layout(keep=("call", "user_id", "audience"))
 
 
 def _call_rows(calls: Iterable[PlannedCall | PlannedTrack]) -> Iterator[tuple[object, ...]]:
@@ -255,6 +261,8 @@ SUMMARY_COLUMNS = (
     "pending", "parked", "unknown", "skipped", "events_sent", "events_pending", "changed", "kind",
     "field_warnings", "field_conflicts",
 )  # fmt: skip
+# A held, failed or aborted run must show on any terminal.
+SUMMARY_LAYOUT = Layout(keep=("audience", "result"))
 
 
 def print_summary(
@@ -294,7 +302,7 @@ def print_summary(
         for a in report.audiences
     )
     notes = notes or out
-    write_rows(out, fmt, SUMMARY_COLUMNS, rows, notes=notes)
+    write_rows(out, fmt, SUMMARY_COLUMNS, rows, layout=SUMMARY_LAYOUT, notes=notes)
     if report.dry_run:
         target = f" (POST {url})" if url else ""
         tracks = ""

@@ -19,7 +19,7 @@ from tests.gleap_standin import GleapStandIn
 
 
 def run(config_path: Path, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    # COLUMNS pins the width of tables whatever terminal runs the tests.
+    # stdout is a pipe, so tables cut nothing; COLUMNS would pin the width only on a terminal.
     env = {k: v for k, v in os.environ.items() if k != "GLEAP_API_TOKEN"} | {"COLUMNS": "80"}
     if token is not None:
         env["GLEAP_API_TOKEN"] = token

@@ -104,26 +104,25 @@ def test_table_fits_80_columns_and_says_once_that_it_cut() -> None:
     rows.append(("a-much-longer-user-id-than-any-in-the-sample-" * 2, False, 1, AT, "short"))
     assert write_rows(out, "table", COLUMNS, rows, width=80, notes=notes) == 501
     lines = out.getvalue().splitlines()
-    assert len(lines) == 502 and all(len(line) <= 80 for line in lines)
+    assert len(lines) == 502 and all(len(line) <= 80 for line in lines[:-1])
     assert lines[0].split() == list(COLUMNS)
     assert lines[1].startswith("user-0    true   0         2026-12-01T19:25:25+00:00  422 unprocessable")
-    assert lines[1].endswith("…") and "…" in lines[-1]
-    assert notes.getvalue() == (
-        "output was cut to 80 columns; use --format csv or --format json for full values\n"
-    )
+    assert lines[1].endswith("…") and len(lines[1]) == 80
+    # The first column names the row: a later, longer id stays whole, past the width.
+    assert lines[-1].startswith(f"{rows[-1][0]}  false  1")
+    assert notes.getvalue() == "output was cut to 80 columns; see all of it with | less -S or --format csv\n"
 
 
 def test_table_leaves_out_the_last_columns_when_even_their_headers_do_not_fit() -> None:
-    out = io.StringIO()
+    out, notes = io.StringIO(), io.StringIO()
     columns = ("audience", *(f"count_{i}" for i in range(12)))
-    write_rows(
-        out, "table", columns, [("order_completed_last_30_days", *range(12))], width=60, notes=io.StringIO()
-    )
+    write_rows(out, "table", columns, [("order_completed_last_30_days", *range(12))], width=60, notes=notes)
     header, row = out.getvalue().splitlines()
     assert len(header) <= 60 and len(row) <= 60
-    assert header.startswith("audience  ") and header.endswith("  …")
+    assert header.startswith("audience  ")
     assert row.startswith("order_completed_last_30_days  0  ")  # the first column stays whole
     assert all(name in header for name in columns[:4]) and "count_11" not in header
+    assert "(9 of 13 columns left out)" in notes.getvalue()
 
 
 def test_table_cell_with_a_newline_stays_on_its_line() -> None:
