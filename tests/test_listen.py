@@ -177,3 +177,29 @@ def test_a_standby_keeps_the_address_behind_another_host_and_lets_go_of_it_for_t
     finally:
         engine.dispose()
     assert daemon.stop() == 0
+
+
+def test_the_systemd_status_line_says_the_active_daemon_is_not_serving_its_address(
+    make_config: ConfigFactory, taken: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    from audiencesync.listener import Listener
+    from audiencesync.scheduler import Daemon as DaemonCore
+
+    port = port_of(taken)
+    core = DaemonCore(make_config(extra=listen(port)))
+    try:
+        core.listener = Listener("127.0.0.1", port, core._web(), retry_seconds=0)
+        core.active = True
+        assert not core.listener.open(active=True) and not core.listener.open(active=True)
+        assert (
+            core.service_status()
+            == f"active; not serving on 127.0.0.1:{port} (in use or refused), trying again"
+        )
+        assert caplog.text.count("not serving the status pages") == 1  # once, not at each attempt
+        taken.close()
+        assert core.listener.open(active=True)
+        assert core.service_status() == "active"
+    finally:
+        if core.listener is not None:
+            core.listener.close()
+        core.engine.dispose()
