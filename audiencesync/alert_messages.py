@@ -7,12 +7,13 @@ never rename or drop one.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from audiencesync.errors import iso_time
+from audiencesync.secret import scrub
 
 FIRING, RESOLVED, NOTICE = "firing", "resolved", "notice"
 _SLACK_MARK = {FIRING: ":rotating_light:", RESOLVED: ":white_check_mark:", NOTICE: ":information_source:"}
@@ -57,7 +58,19 @@ class Alert:
         return text
 
 
-def render(alert: Alert, fmt: str) -> bytes:
-    """The request body for a webhook of this format."""
+def render(alert: Alert, fmt: str, secrets: Sequence[str] = ()) -> bytes:
+    """The request body for a webhook of this format, without the ``secrets`` (the Gleap token),
+    whatever an error quoted: every string value is scrubbed of their whole occurrences before it
+    is encoded (secret.py), so the keys, the timestamps and the JSON itself stay as they are."""
     body = {"text": alert.slack_text()} if fmt == "slack" else alert.as_json()
-    return json.dumps(body, ensure_ascii=False).encode()
+    return json.dumps(_scrubbed(body, secrets), ensure_ascii=False).encode()
+
+
+def _scrubbed(value: Any, secrets: Sequence[str]) -> Any:
+    if isinstance(value, str):
+        return scrub(value, secrets)
+    if isinstance(value, Mapping):
+        return {key: _scrubbed(item, secrets) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(item, secrets) for item in value]
+    return value

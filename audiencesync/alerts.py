@@ -334,7 +334,5 @@ class Alerts:
         for sender in self._senders if senders is None else senders:
             if not subscribed(alert.event, sender.webhook.events):
                 continue
-            body = render(alert, sender.webhook.format)
-            for secret in self._secrets:
-                body = body.replace(secret.encode(), b"***")  # never the Gleap token, whatever an error said
+            body = render(alert, sender.webhook.format, self._secrets)  # never the Gleap token
             sender.put(body)

@@ -43,6 +43,7 @@ from audiencesync.errors import (
     GleapAuthError,
     HistoryPrunedError,
     LeaseLostError,
+    ListenError,
     MissingTokenError,
     StoreBusyError,
     StoreError,
@@ -58,6 +59,7 @@ EXIT_STATUS: tuple[tuple[type[AudienceSyncError], int], ...] = (
     (UnknownAudienceError, EXIT_CONFIG),
     (HistoryPrunedError, EXIT_CONFIG),  # a TIME the store can no longer answer for
     (MissingTokenError, EXIT_CONFIG),
+    (ListenError, EXIT_CONFIG),  # an address `serve` can't listen on: pick another
     (StoreBusyError, EXIT_BUSY),
     (LeaseLostError, EXIT_INCOMPLETE),
     (StoreError, EXIT_STORE),

@@ -61,9 +61,7 @@ def cmd_alert_test(args: argparse.Namespace, config: Config) -> int:
     status = EXIT_OK
     token = config.gleap.api_token
     for number, webhook in enumerate(config.alerts, start=1):
-        body = render(alert, webhook.format)
-        if token is not None:
-            body = body.replace(token.reveal().encode(), b"***")
+        body = render(alert, webhook.format, [token.reveal()] if token is not None else [])
         answer = WebhookSender(webhook, timeout=args.timeout).send(body)
         print(f"[[alerts]] #{number} {webhook.shown_url} ({webhook.format}): {answer}")
         if not answer.ok:

@@ -20,7 +20,7 @@ from audiencesync.cli_output import EXIT_OK
 from audiencesync.config import Config
 from audiencesync.config_sections import ENV_SERVER_TOKEN, MIN_SERVER_TOKEN, parse_listen, server_token
 from audiencesync.errors import ConfigError, StoreError, brief
-from audiencesync.server import Server
+from audiencesync.server import Server, address
 from audiencesync.urls import is_loopback
 from audiencesync.web import WebApp
 
@@ -73,6 +73,17 @@ def listen_address(args: argparse.Namespace, config: Config) -> tuple[str, int]:
     return host, port
 
 
+def _another_address(args: argparse.Namespace, host: str, port: int) -> str:
+    """How to serve elsewhere: beside a daemon, serve's default ([server] listen) is the daemon's own."""
+    other = f"--listen {address(host, port + 1 if port < 65535 else 8080)}"
+    if args.listen is None:
+        return (
+            f"serve's default address is [server] listen, which a running daemon serves on already "
+            f"(the same pages): pick another with --listen HOST:PORT, e.g. {other}"
+        )
+    return f"pick another with --listen HOST:PORT, e.g. {other}, or stop what listens there"
+
+
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     host, port = listen_address(args, config)
     token = config.server.auth_token if config.server is not None else server_token(os.environ)
@@ -122,7 +133,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             clock=store.utc_now,
             mode="serve",
         )
-        server = Server(host, port, app)
+        server = Server(host, port, app, fix=_another_address(args, host, port))
 
         def stop(signum: int, frame: FrameType | None) -> None:
             # shutdown() waits for serve_forever to return: from the signal handler on the same

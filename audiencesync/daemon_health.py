@@ -17,6 +17,7 @@ from audiencesync import attention as attention_mod, lifecycle, store as store_m
 from audiencesync.config import Config
 from audiencesync.errors import brief, iso_time
 from audiencesync.health import Outage, Progress
+from audiencesync.listener import Listener
 from audiencesync.notify import Notifier
 
 
@@ -35,6 +36,7 @@ class DaemonHealth:
     _due: Callable[[], int]  # the delivery loop's: changes due now
     notifier: Notifier
     standing: str  # what the daemon does while not active (standby, a retry)
+    listener: Listener | None
 
     def dead(self) -> str | None:
         """Why a loop of the active daemon is gone, or None: what a restart would cure, so
@@ -103,9 +105,16 @@ class DaemonHealth:
         self.notifier.alive()
 
     def service_status(self) -> str:
-        """One line for `systemctl status`: active or standby, and what comes next."""
+        """One line for `systemctl status`: active or standby, what comes next, and whether its
+        [server] listen can't be served (listener.py)."""
         if not self.active:
             return self.standing
+        line = self._active_status()
+        if self.listener is not None and self.listener.problem is not None:
+            line += f"; not serving on {self.listener.address} (in use or refused), trying again"
+        return line
+
+    def _active_status(self) -> str:
         if self.outage.open:
             probe = iso_time(self.outage.next_probe_at) if self.outage.next_probe_at else "soon"
             return f"active: Gleap is unavailable, delivery paused; next probe {probe}"

@@ -115,6 +115,15 @@ class LeaseLostError(StoreError):
         )
 
 
+class ListenError(AudienceSyncError):
+    """The HTTP endpoint can't listen on its address: in use, not this host's, or not allowed."""
+
+    def __init__(self, address: str, reason: str, fix: str, *, in_use: bool = False) -> None:
+        self.address = address
+        self.in_use = in_use
+        super().__init__(f"can't listen on {address}: {reason}. Fix: {fix}")
+
+
 class SourceError(AudienceSyncError):
     """An audience's source query failed; the audience's snapshot is left untouched."""
 

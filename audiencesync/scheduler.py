@@ -11,7 +11,8 @@ It wires the parts together:
 - signals: SIGTERM and SIGINT stop it gracefully, a second one exits at once,
   and SIGHUP reloads the config (``daemon_reload.py``);
 - the optional HTTP endpoint: the status pages (``web.py``), /healthz (what it answers:
-  ``daemon_health.py``) and /metrics.
+  ``daemon_health.py``) and /metrics, on [server] listen while it may serve there
+  (``listener.py``).
 """
 
 from __future__ import annotations
@@ -48,13 +49,13 @@ from audiencesync.forget_requests import ForgetDesk, ForgetQueue
 from audiencesync.gleap import GleapClient
 from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
+from audiencesync.listener import Listener
 from audiencesync.metrics import Metrics
 from audiencesync.notify import Notifier
 from audiencesync.pass_gate import PassGate
 from audiencesync.prune import Pruner
 from audiencesync.requests import AdminRequests
 from audiencesync.retention import Retention
-from audiencesync.server import Server
 from audiencesync.sources import Sources
 from audiencesync.sync import Run, Syncer
 from audiencesync.web import WebApp
@@ -139,7 +140,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
         # Read at each look, so that a reload turns retention on, off or changes it.
         self.retention = Retention(pruner, lambda: self.config.retention.keep_seconds, self.metrics)
         self._retention: threading.Thread | None = None
-        self.server: Server | None = None
+        self.listener: Listener | None = None  # [server] listen, while it may serve there (listener.py)
         self._died: str | None = None  # why a loop thread ended, when it did
         self.blocked: GleapError | None = None  # the delivery loop's last pass: Gleap refused it
 
@@ -190,12 +191,11 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
         """Serve until stopped. Returns the exit status."""
         store_mod.upgrade(self.engine)
         if self.config.server is not None:
-            self.server = Server(self.config.server.host, self.config.server.port, self._web())
-            self.server.start()
-            log.info(
-                "serving the status pages, /healthz and /metrics on http://%s:%d/",
+            self.listener = Listener(
                 self.config.server.host,
-                self.server.port,
+                self.config.server.port,
+                self._web(),
+                retry_seconds=self.lease.ttl.total_seconds() / 3,
             )
         errors = Backoff(*self.error_backoff)
         try:
@@ -221,8 +221,8 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
                     self.standing = f"standby: the active period ended on an error; retrying in {delay:.0f} s"
                     self._pause(delay)
         finally:
-            if self.server is not None:
-                self.server.stop()
+            if self.listener is not None:
+                self.listener.close()
             self.alerts.close()
             self.syncer.sources.dispose()
             self.engine.dispose()
@@ -265,6 +265,8 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
                 self.alerts.lease_held(self.lease.took_over)
                 return True
             self.standing = f"standby: the store is held by {holder.host} pid {holder.pid}"
+            if self.listener is not None:
+                self.listener.beside(holder, self.lease.host)
             self.notifier.ready(self.standing)
             if announced is None or time.monotonic() - announced > 300:
                 log.info(
@@ -297,6 +299,8 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
         self.metrics.breaker_open.set(0)
         with self.lease.kept(release=lambda: self._refreshing == 0):
             self.active = True
+            if self.listener is not None:
+                self.listener.open(active=True)
             self.progress.start()
             interrupted = self.store.mark_interrupted()
             if interrupted:
@@ -326,6 +330,8 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
             self.notifier.ready(self.service_status())
             try:
                 while not self.halt.is_set() and not self.lease.lost.is_set():
+                    if self.listener is not None:
+                        self.listener.open(active=True)  # again, while the address was in use
                     self.beat()
                     if self._reload.is_set():
                         self.reload()

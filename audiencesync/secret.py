@@ -1,6 +1,9 @@
-"""The Gleap token, wrapped so that it never shows itself."""
+"""The Gleap token, wrapped so that it never shows itself, and scrubbed from what could quote it."""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterable
 
 
 class Secret:
@@ -24,3 +27,28 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+MASK = "***"
+# What a token occurrence must not touch to be a whole one: letters, digits and "_", of which
+# words, numbers and timestamps are made ("HTTP", "400", "2026-12-06T01:25:56").
+_WORD = "A-Za-z0-9_"
+
+
+def _pattern(secret: str) -> str:
+    """``secret`` as a whole occurrence: not inside a longer run of word characters, on either
+    side where its own end is one (a token ending in "=" is bounded there by itself)."""
+    before = f"(?<![{_WORD}])" if re.match(f"[{_WORD}]", secret[0]) else ""
+    after = f"(?![{_WORD}])" if re.match(f"[{_WORD}]", secret[-1]) else ""
+    return before + re.escape(secret) + after
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every whole occurrence of each secret replaced by ***.
+
+    A plain replacement would mangle every message for a short token ("T" in each timestamp,
+    the 0s of "HTTP 400"): a token inside a longer word or number is not the token there."""
+    for secret in secrets:
+        if secret:
+            text = re.sub(_pattern(secret), MASK, text)
+    return text

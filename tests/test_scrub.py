@@ -1,0 +1,88 @@
+"""The Gleap token is scrubbed from alerts as whole occurrences only (issue 21, item 7): a short token
+must not mangle every message ("2026-12-06***01:25:56", "H******P 400"), a real one never leaves."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+
+from audiencesync import cli, store as store_mod
+from audiencesync.alerts import Alerts
+from audiencesync.config_alerts import AlertConfig
+from audiencesync.secret import Secret, scrub
+from tests.alert_receiver import AlertReceiver
+from tests.conftest import TOKEN, ConfigFactory
+
+MESSAGE = 'HTTP 400: {"error": "bad request"} at 2026-12-06T01:25:56+00:00 (attempt 10 of 20)'
+
+
+@pytest.fixture
+def receiver() -> Iterator[AlertReceiver]:
+    with AlertReceiver() as server:
+        yield server
+
+
+@pytest.mark.parametrize("token", ["T", "0", "H", "P", "06", "_", "a"])
+def test_a_short_token_inside_words_numbers_and_timestamps_leaves_them_as_they_are(token: str) -> None:
+    assert scrub(MESSAGE, [token]) == MESSAGE
+
+
+@pytest.mark.parametrize("token", ["T", "0", TOKEN, "tok.en", "abc=", "-x-"])
+def test_every_whole_occurrence_of_the_token_is_scrubbed(token: str) -> None:
+    text = f'{token} refused; Authorization: Bearer {token}; url ?key={token}&x=1; json ["{token}"] {token}'
+    scrubbed = scrub(text, [token])
+    assert scrubbed == ('*** refused; Authorization: Bearer ***; url ?key=***&x=1; json ["***"] ***'), (
+        scrubbed
+    )
+
+
+def test_a_token_with_non_word_ends_is_scrubbed_even_glued_to_a_word() -> None:
+    # Its own "=" or "-" ends the occurrence: no boundary to ask for on that side.
+    assert scrub("key abc=1 and x-y-z", ["abc=", "-y-"]) == "key ***1 and x***z"
+
+
+def test_every_secret_is_scrubbed_and_an_empty_one_is_ignored() -> None:
+    assert scrub(f"old {TOKEN} new tok2", ["", TOKEN, "tok2"]) == "old *** new ***"
+
+
+def alert_to(receiver: AlertReceiver, store: store_mod.Store, token: str) -> dict[str, object]:
+    alerts = Alerts([AlertConfig(url=Secret(receiver.url()))], store.engine, secrets=[token])
+    alerts.gleap(f"HTTP 400 from Gleap: invalid token {token}")
+    alerts.close(30)
+    (post,) = receiver.posts()
+    body: dict[str, object] = json.loads(post.raw)
+    return body
+
+
+@pytest.mark.parametrize("token", ["T", "0"])
+def test_an_alert_with_a_short_token_keeps_its_timestamps_and_status_codes(
+    receiver: AlertReceiver, store: store_mod.Store, token: str
+) -> None:
+    body = alert_to(receiver, store, token)
+    datetime.fromisoformat(str(body["time"]))  # "2026-12-06T01:25:56+00:00", not "...06***01..."
+    datetime.fromisoformat(str(body["opened_at"]))
+    summary = str(body["summary"])
+    assert "HTTP 400 from Gleap: invalid token ***" in summary, summary
+    assert body["details"] == {"error": "HTTP 400 from Gleap: invalid token ***"}
+    assert set(body) >= {"event", "state", "time", "host", "summary"}  # the keys themselves untouched
+
+
+def test_an_alert_never_holds_a_realistic_token(receiver: AlertReceiver, store: store_mod.Store) -> None:
+    body = alert_to(receiver, store, TOKEN)
+    assert TOKEN not in json.dumps(body)
+    assert "invalid token ***" in str(body["summary"])
+    datetime.fromisoformat(str(body["time"]))
+
+
+def test_alert_test_scrubs_whole_occurrences_of_a_short_token(
+    make_config: ConfigFactory, receiver: AlertReceiver
+) -> None:
+    hook = f'[[alerts]]\nurl = "{receiver.url("/hook")}"\n'
+    config = make_config(token="T", extra=hook, create_store=False)
+    assert cli.main(["--config", str(config.path), "alert-test"]) == 0
+    (post,) = receiver.posts()
+    datetime.fromisoformat(post.body["time"])
+    assert "***" not in post.body["summary"], post.body["summary"]
