@@ -12,7 +12,7 @@ import pytest
 
 from audiencesync.config import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError, GleapError
-from audiencesync.gleap import Answer, GleapClient, identify_body, identify_url
+from audiencesync.gleap import Answer, GleapClient, event_date, identify_body, identify_url
 from audiencesync.gleap_http import parse_retry_after, retryable
 from audiencesync.ratelimit import TokenBucket
 from tests.conftest import TOKEN
@@ -301,3 +301,15 @@ def test_the_stand_in_answers_no_sooner_than_its_latency() -> None:
     assert answer.ok
     assert elapsed >= 0.2
     assert slow.identify_calls == [{"vip": True, "userId": "u1"}]
+
+
+def test_an_events_date_is_utc_whatever_the_hosts_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A host set to another zone (a server in New York) still sends UTC, marked Z.
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        at = datetime(2026, 12, 6, 9, 30, 15, 123456, tzinfo=UTC)
+        assert event_date(at) == "2026-12-06T09:30:15.123Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -247,3 +247,19 @@ def test_a_call_with_no_answer_in_time_ends_on_status_0_and_may_have_been_applie
     answer = asyncio.run(go())
     assert (answer.status, answer.maybe_applied, answer.permanent) == (0, True, False)
     assert answer.error == "gave up after 1 attempts: no answer within 0.2 s"
+
+
+def test_a_call_that_gives_up_counts_its_429s_among_its_attempts(gleap: GleapStandIn) -> None:
+    # 429s don't use up the call's retries, but they are attempts: the message counts every request.
+    gleap.fail_next(2, 429, retry_after="0")
+    gleap.fail_next(4, 503)
+    breaker = _SleepLog()
+
+    async def go() -> Answer:
+        async with _client(gleap, breaker) as client:  # max_retries=3
+            return await client.identify("u1", {"vip": True})
+
+    answer = asyncio.run(go())
+    sent = len(gleap.requests)
+    assert sent == 6
+    assert answer.error is not None and answer.error.startswith("gave up after 6 attempts: ")

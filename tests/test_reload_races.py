@@ -280,6 +280,23 @@ def test_the_pass_gate_lets_a_rename_in_between_two_passes_only() -> None:
     assert order == ["own rename", "pass 1 ends", "rename", "pass 2"]
 
 
+def test_a_rename_before_any_pass_goes_straight_through() -> None:
+    """A gate no pass has used yet: a rename neither waits nor asks a pass to end early."""
+    wake = threading.Event()
+    gate = PassGate(wake)
+    renamed = threading.Event()
+
+    def rename() -> None:
+        with gate.exclusive():
+            renamed.set()
+
+    thread = threading.Thread(target=rename, daemon=True)
+    thread.start()
+    assert renamed.wait(30), "a rename with no pass under way waited"
+    thread.join(timeout=30)
+    assert not wake.is_set()
+
+
 def test_answers_are_moved_to_the_row_that_holds_the_key_their_call_carried(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
