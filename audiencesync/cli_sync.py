@@ -25,7 +25,7 @@ from audiencesync.cli_output import (
     EXIT_TERMINATED,
     daemon_holding,
 )
-from audiencesync.config import Config
+from audiencesync.config import AudienceConfig, Config
 from audiencesync.delivery import Progress
 from audiencesync.errors import (
     ConfigError,
@@ -50,15 +50,25 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError(
             "no [[audiences]] or [[traits]] are configured", path=str(config.path), fix="add at least one"
         )
+    _require_drivers(config, config.active)
     daemon = Daemon(config)
     daemon.install_signal_handlers()
     return daemon.run()
 
 
+def _require_drivers(config: Config, properties: Iterable[AudienceConfig]) -> None:
+    """A source whose driver is not installed is a setup mistake: refused before anything starts
+    (exit 2), not a failed read of each of its audiences."""
+    sources = Sources(config.sources)
+    try:
+        sources.require_drivers(properties)
+    finally:
+        sources.dispose()
+
+
 def cmd_sync(args: argparse.Namespace, config: Config) -> int:
-    if args.audiences:
-        for key in args.audiences:
-            config.runnable(key)  # refuse unknown and paused keys before touching anything
+    # Refuse unknown and paused keys before touching anything.
+    selected = [config.runnable(key) for key in args.audiences] if args.audiences else config.active
     if args.allow_removals and not args.audiences:
         raise ConfigError(
             "--allow-removals releases the guard for named audiences only",
@@ -66,6 +76,7 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
         )
     if not args.dry_run and config.gleap.api_token is None:
         raise MissingTokenError()
+    _require_drivers(config, selected)
     try:
         engine = store.engine_for(config.store)
     except StoreMissingError:

@@ -116,12 +116,33 @@ class LeaseLostError(StoreError):
 
 
 class SourceError(AudienceSyncError):
-    """An audience's source query failed; the audience's snapshot is left untouched."""
+    """An audience's (or a trait's) source query failed; its snapshot is left untouched."""
 
-    def __init__(self, message: str, *, audience: str, source: str) -> None:
+    def __init__(self, message: str, *, audience: str, source: str, kind: str = "audience") -> None:
         self.audience = audience
         self.source = source
-        super().__init__(f"audience {audience!r} (source {source!r}): {message}")
+        self.kind = kind
+        super().__init__(f"{kind} {audience!r} (source {source!r}): {message}")
+
+
+class DriverMissingError(ConfigError):
+    """A database URL's driver (its DBAPI module, or SQLAlchemy's dialect) is not installed.
+
+    A setup mistake, found before anything is read: ``problem`` is the message
+    without the ``where`` it concerns, for a caller that names that itself.
+    """
+
+    def __init__(self, *, scheme: str, module: str | None, install: str, where: str | None = None) -> None:
+        self.scheme = scheme
+        self.module = module
+        self.install = install
+        message = (
+            f"the driver {module} (for {scheme} URLs) is not installed."
+            if module
+            else f"SQLAlchemy has no dialect for {scheme} URLs."
+        )
+        self.problem = f"{message} Fix: {install}"
+        super().__init__(message, where=where, fix=install)
 
 
 class GleapError(AudienceSyncError):
