@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import signal
 import sys
@@ -26,6 +27,7 @@ from audiencesync.cli_output import (
     daemon_holding,
 )
 from audiencesync.config import AudienceConfig, Config
+from audiencesync.config_sections import ENV_SERVER_TOKEN
 from audiencesync.delivery import Progress
 from audiencesync.errors import (
     ConfigError,
@@ -42,6 +44,8 @@ from audiencesync.sync import CycleReport, PlannedCall, PlannedTrack, Syncer
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     if config.gleap.api_token is None:
@@ -51,6 +55,15 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
             "no [[audiences]] or [[traits]] are configured", path=str(config.path), fix="add at least one"
         )
     _require_drivers(config, config.active)
+    if config.server is None and config.pages_token is not None:
+        # Not refused: the same config may serve `serve --listen` elsewhere, with this token.
+        log.warning(
+            "the status pages' token is set ([server] auth_token or $%s) but [server] listen is not, "
+            "so this daemon serves no pages, /healthz or /metrics; the token is used by "
+            '`audiencesync serve --listen HOST:PORT`. Fix: to serve them here, add listen = "127.0.0.1:9464" '
+            "(or the address to serve on) under [server]",
+            ENV_SERVER_TOKEN,
+        )
     daemon = Daemon(config)
     daemon.install_signal_handlers()
     return daemon.run()
