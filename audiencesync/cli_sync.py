@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     if config.gleap.api_token is None:
-        raise MissingTokenError()
+        raise MissingTokenError(MissingTokenError.SYNC_DRY_RUN)  # run has no --dry-run
     if not config.properties:
         raise ConfigError(
             "no [[audiences]] or [[traits]] are configured", path=str(config.path), fix="add at least one"
