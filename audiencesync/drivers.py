@@ -4,7 +4,7 @@ SQLAlchemy imports a URL's DBAPI module (``pymysql`` for ``mysql+pymysql://``)
 when the engine is made; a module that is not installed would surface as a
 bare ``ModuleNotFoundError``. Here it becomes a ``DriverMissingError`` naming
 the URL's scheme (never the URL: it may hold a password), the module and the
-pip command.
+pip command; a driver that is there but fails to load, with its own message.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def install_command(module: str) -> str:
 def create_engine(url: str, *, where: str | None = None, **kwargs: Any) -> Engine:
     """``sqlalchemy.create_engine``, raising ``DriverMissingError`` (about ``where``) when the URL's
     dialect or its driver is not installed."""
-    scheme = make_url(url).drivername
+    parsed = make_url(url)
+    scheme = parsed.drivername
     try:
         return sa.create_engine(url, **kwargs)
     except NoSuchModuleError:
@@ -51,8 +52,13 @@ def create_engine(url: str, *, where: str | None = None, **kwargs: Any) -> Engin
         ) from None
     except ImportError as exc:
         module = (exc.name or "").split(".")[0]
-        if not module:
-            raise
+        if module:  # the module the driver needs is not there
+            raise DriverMissingError(
+                scheme=scheme, module=module, install=install_command(module), where=where
+            ) from None
+        # It is there, but failed to load (psycopg without its binary and no libpq: "no pq
+        # wrapper available"): its own message, and the install that brings what it needs.
+        driver = parsed.get_driver_name()
         raise DriverMissingError(
-            scheme=scheme, module=module, install=install_command(module), where=where
+            scheme=scheme, module=driver, install=install_command(driver), where=where, broken=str(exc)
         ) from None

@@ -136,15 +136,25 @@ class DriverMissingError(ConfigError):
     without the ``where`` it concerns, for a caller that names that itself.
     """
 
-    def __init__(self, *, scheme: str, module: str | None, install: str, where: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        scheme: str,
+        module: str | None,
+        install: str,
+        where: str | None = None,
+        broken: str | None = None,
+    ) -> None:
         self.scheme = scheme
         self.module = module
         self.install = install
-        message = (
-            f"the driver {module} (for {scheme} URLs) is not installed."
-            if module
-            else f"SQLAlchemy has no dialect for {scheme} URLs."
-        )
+        self.broken = broken  # the import's own message, when the module is there but fails to load
+        if module is None:
+            message = f"SQLAlchemy has no dialect for {scheme} URLs."
+        elif broken is not None:
+            message = f"the driver {module} (for {scheme} URLs) cannot be loaded: {broken.rstrip('.')}."
+        else:
+            message = f"the driver {module} (for {scheme} URLs) is not installed."
         self.problem = with_fix(message, install)
         super().__init__(message, where=where, fix=install)
 

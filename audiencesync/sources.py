@@ -164,7 +164,7 @@ class Sources:
             except DriverMissingError as exc:
                 where = f"{audience.kind} {audience.key!r} (source {audience.source!r})"
                 raise DriverMissingError(
-                    scheme=exc.scheme, module=exc.module, install=exc.install, where=where
+                    scheme=exc.scheme, module=exc.module, install=exc.install, where=where, broken=exc.broken
                 ) from None
 
     def dispose(self) -> None:

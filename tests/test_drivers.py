@@ -160,3 +160,25 @@ def test_an_unknown_dialect(tmp_path: Path) -> None:
     ) in check.stdout
     sync = cli(config, "sync", "--dry-run")
     assert sync.returncode == 2 and "SQLAlchemy has no dialect for nosuchdb URLs" in sync.stderr
+
+
+BROKEN_PSYCOPG = """
+import importlib.abc
+
+class Broken(importlib.abc.MetaPathFinder):  # psycopg as without its binary and with no libpq
+    def find_spec(self, name, path, target=None):
+        if name == "psycopg":
+            raise ImportError("no pq wrapper available.")
+
+sys.meta_path.insert(0, Broken())
+"""
+
+
+def test_a_driver_that_is_there_but_fails_to_load_says_why(tmp_path: Path) -> None:
+    config = write_config(tmp_path, store_url=f"postgresql+psycopg://audiencesync:{PASSWORD}@db.invalid/a")
+    result = cli(config, "db", "upgrade", preamble=BROKEN_PSYCOPG)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "audiencesync: error: [store] url: the driver psycopg (for postgresql+psycopg URLs) cannot be "
+        "loaded: no pq wrapper available. Fix: pip install 'audiencesync[postgres]'\n"
+    )
