@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from audiencesync.errors import iso_time
+from audiencesync.errors import iso_time, with_fix
 from audiencesync.secret import scrub
 
 FIRING, RESOLVED, NOTICE = "firing", "resolved", "notice"
@@ -52,7 +52,7 @@ class Alert:
         mark = ":bell:" if self.reminder else _SLACK_MARK.get(self.state, "")
         text = f"{mark} audiencesync on {self.host}: {self.summary}"
         if self.state == FIRING and self.fix and self.fix not in self.summary:
-            text += f" Fix: {self.fix}"
+            text = with_fix(text, self.fix)
         if self.opened_at is not None and (self.reminder or self.state == RESOLVED):
             text += f" (since {iso_time(self.opened_at)})"
         return text

@@ -54,7 +54,8 @@ def cmd_alert_test(args: argparse.Namespace, config: Config) -> int:
         "test",
         NOTICE,
         "test",
-        f"a test message from `audiencesync alert-test` on {host}: this webhook is set up",
+        # The host is the alert's own field: Slack's text starts "audiencesync on HOST:" already.
+        "a test message from `audiencesync alert-test`: this webhook is set up",
         utc_now(),
         host,
     )

@@ -72,13 +72,20 @@ def add_audit_commands(commands: Any) -> None:
         help="who entered and who left between two instants",
         description="Who entered and who left an audience between two instants (the net change per "
         "user), with the counts.",
-        example="audiencesync audit diff pro_users --from 7d --to 1d",
+        example=[
+            "audiencesync audit diff pro_users --from 7d",
+            "audiencesync audit diff pro_users --from 7d --to 1d",
+        ],
     )
     diff.add_argument("audience", metavar="KEY", help="the audience or trait")
-    # Required, so not add_time_option's; parsed in the command all the same (parse_time).
-    for flag, dest in (("--from", "start"), ("--to", "end")):
-        help_ = f"{flag[2:]} this time: {TIME_HELP}"
-        diff.add_argument(flag, dest=dest, metavar="TIME", required=True, help=help_)
+    # Not add_time_option's (--from is required, --to has a default); parsed in the command all the
+    # same (parse_time).
+    diff.add_argument(
+        "--from", dest="start", metavar="TIME", required=True, help=f"from this time: {TIME_HELP}"
+    )
+    diff.add_argument(
+        "--to", dest="end", metavar="TIME", default="now", help=f"to this time (default: now): {TIME_HELP}"
+    )
     diff.set_defaults(handler=cmd_diff)
 
     runs = add_command(

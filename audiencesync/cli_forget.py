@@ -85,7 +85,7 @@ def cmd_forget(args: argparse.Namespace, config: Config) -> int:
         )
     token = config.gleap.api_token
     if args.in_gleap and token is None:
-        raise MissingTokenError()
+        raise MissingTokenError(MissingTokenError.STORE_ONLY)  # forget has no --dry-run
     ids = _user_ids(args.user_ids, _open_ids(args.from_file))  # the file opens before the store
     engine = store.engine_for(config.store)
     try:

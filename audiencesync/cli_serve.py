@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -18,7 +17,7 @@ from audiencesync import attention as attention_mod, audit, lifecycle, store
 from audiencesync.cli_help import add_command
 from audiencesync.cli_output import EXIT_OK
 from audiencesync.config import Config
-from audiencesync.config_sections import ENV_SERVER_TOKEN, MIN_SERVER_TOKEN, parse_listen, server_token
+from audiencesync.config_sections import ENV_SERVER_TOKEN, MIN_SERVER_TOKEN, parse_listen
 from audiencesync.errors import ConfigError, StoreError, brief
 from audiencesync.server import Server, address
 from audiencesync.urls import is_loopback
@@ -86,7 +85,7 @@ def _another_address(args: argparse.Namespace, host: str, port: int) -> str:
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     host, port = listen_address(args, config)
-    token = config.server.auth_token if config.server is not None else server_token(os.environ)
+    token = config.pages_token  # also without [server] listen: --listen gives the address
     if token is None and not is_loopback(host):
         raise ConfigError(
             f"serving on {host}:{port} would show the store to anyone who can reach it, and no token is set",

@@ -60,7 +60,7 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
     sources.dispose()
     token = config.gleap.api_token
     if token is None:
-        results.append(("gleap token", str(MissingTokenError())))
+        results.append(("gleap token", str(MissingTokenError(MissingTokenError.SYNC_DRY_RUN))))
     else:
         try:
             asyncio.run(_check_token(config, token))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import signal
 import sys
@@ -25,7 +26,8 @@ from audiencesync.cli_output import (
     EXIT_TERMINATED,
     daemon_holding,
 )
-from audiencesync.config import Config
+from audiencesync.config import AudienceConfig, Config
+from audiencesync.config_sections import ENV_SERVER_TOKEN
 from audiencesync.delivery import Progress
 from audiencesync.dry_run import Listing
 from audiencesync.errors import (
@@ -44,23 +46,44 @@ from audiencesync.tables import Layout
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     if config.gleap.api_token is None:
-        raise MissingTokenError()
+        raise MissingTokenError(MissingTokenError.SYNC_DRY_RUN)  # run has no --dry-run
     if not config.properties:
         raise ConfigError(
             "no [[audiences]] or [[traits]] are configured", path=str(config.path), fix="add at least one"
+        )
+    _require_drivers(config, config.active)
+    if config.server is None and config.pages_token is not None:
+        # Not refused: the same config may serve `serve --listen` elsewhere, with this token.
+        log.warning(
+            "the status pages' token is set ([server] auth_token or $%s) but [server] listen is not, "
+            "so this daemon serves no pages, /healthz or /metrics; the token is used by "
+            '`audiencesync serve --listen HOST:PORT`. Fix: to serve them here, add listen = "127.0.0.1:9464" '
+            "(or the address to serve on) under [server]",
+            ENV_SERVER_TOKEN,
         )
     daemon = Daemon(config)
     daemon.install_signal_handlers()
     return daemon.run()
 
 
+def _require_drivers(config: Config, properties: Iterable[AudienceConfig]) -> None:
+    """A source whose driver is not installed is a setup mistake: refused before anything starts
+    (exit 2), not a failed read of each of its audiences."""
+    sources = Sources(config.sources)
+    try:
+        sources.require_drivers(properties)
+    finally:
+        sources.dispose()
+
+
 def cmd_sync(args: argparse.Namespace, config: Config) -> int:
-    if args.audiences:
-        for key in args.audiences:
-            config.runnable(key)  # refuse unknown and paused keys before touching anything
+    # Refuse unknown and paused keys before touching anything.
+    selected = [config.runnable(key) for key in args.audiences] if args.audiences else config.active
     if args.allow_removals and not args.audiences:
         raise ConfigError(
             "--allow-removals releases the guard for named audiences only",
@@ -70,6 +93,7 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError("--all-calls lists a dry run's calls. Fix: add --dry-run, or drop --all-calls")
     if not args.dry_run and config.gleap.api_token is None:
         raise MissingTokenError()
+    _require_drivers(config, selected)
     try:
         engine = store.engine_for(config.store)
     except StoreMissingError:

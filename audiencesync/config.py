@@ -87,6 +87,9 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     traits: tuple[AudienceConfig, ...] = ()  # [[traits]]: AudienceConfigs of kind "trait"
     alerts: tuple[AlertConfig, ...] = ()  # [[alerts]]: the webhooks (alerts.py)
+    # The status pages' token ($AUDIENCESYNC_SERVER_TOKEN, else [server] auth_token), also without
+    # [server] listen: `serve --listen` serves with it. With listen, it is server.auth_token.
+    pages_token: Secret | None = None
 
     @property
     def properties(self) -> tuple[AudienceConfig, ...]:
@@ -159,7 +162,7 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
     gleap = gleap_config(section("gleap", GLEAP_KEYS), path, environ)
     sync = sync_config(section("sync", SYNC_KEYS))
     schedule = schedule_config(section("schedule", SCHEDULE_KEYS))
-    server = server_config(section("server", SERVER_KEYS), environ)
+    server, pages_token = server_config(section("server", SERVER_KEYS), environ)
     retention = retention_config(section("retention", RETENTION_KEYS))
     sources = source_configs(root.take("sources", dict, {}), path, environ)
     keys: dict[str, str] = {}
@@ -181,4 +184,5 @@ def _parse(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) -> Confi
         retention=retention,
         traits=traits,
         alerts=alerts,
+        pages_token=pages_token,
     )

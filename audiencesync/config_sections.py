@@ -262,18 +262,14 @@ def source_configs(raw: dict[str, Any], path: Path, environ: Mapping[str, str]) 
     return sources
 
 
-def server_config(table: Table, environ: Mapping[str, str]) -> ServerConfig | None:
+def server_config(table: Table, environ: Mapping[str, str]) -> tuple[ServerConfig | None, Secret | None]:
+    """The daemon's server (None without listen), and the status pages' token: without listen,
+    `serve --listen` still serves with it (and `run` says it serves nothing)."""
     listen = table.take_optional("listen", str)
     file_token = table.take_optional("auth_token", str)
     token = server_token(environ, file_token, table)
     if listen is None:
-        if file_token is not None:
-            raise table.error(
-                "auth_token is set but listen is not, so nothing serves the pages it protects",
-                key="auth_token",
-                fix='add listen = "127.0.0.1:9464" (or the address to serve on), or remove auth_token',
-            )
-        return None
+        return None, token
     host, port = parse_listen(listen)
     if host is None:
         raise table.error(f"{listen!r} is not HOST:PORT", key="listen", fix='write listen = "127.0.0.1:9464"')
@@ -285,7 +281,7 @@ def server_config(table: Table, environ: Mapping[str, str]) -> ServerConfig | No
             fix=f"set {ENV_SERVER_TOKEN} (or auth_token here) to a secret of at least {MIN_SERVER_TOKEN} "
             'characters, e.g. from `openssl rand -hex 16`; or listen on loopback: listen = "127.0.0.1:9464"',
         )
-    return ServerConfig(host, port, stall_after, token)
+    return ServerConfig(host, port, stall_after, token), token
 
 
 def parse_listen(listen: str) -> tuple[str | None, int]:

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
 
+from audiencesync import drivers
 from audiencesync.config import StoreConfig, display_url
 from audiencesync.errors import StoreError, StoreMissingError
 from audiencesync.schema import write_connection
@@ -33,13 +34,14 @@ def create_engine(url: str, *, create: bool = False, busy_timeout_seconds: float
 
     A SQLite file that does not exist is refused unless ``create``: a typo in
     the URL must not start a new, empty store (and re-send every member).
+    A driver that is not installed is a ``DriverMissingError``.
     """
     path = sqlite_file(url)
     if path is not None and not create and not path.exists():
         raise StoreMissingError(str(path))
     if path is not None and create:
         _create_private(path)
-    engine = sa.create_engine(url, pool_pre_ping=True)
+    engine = drivers.create_engine(url, where="[store] url", pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         _tune_sqlite(engine, busy_timeout_seconds)
     return engine

@@ -18,6 +18,12 @@ def iso_time(value: datetime) -> str:
     return aware.isoformat(timespec="seconds")
 
 
+def with_fix(message: str, fix: str) -> str:
+    """``message`` then its ``fix``, as every message writes them: a full stop before "Fix:"."""
+    message = message.rstrip()
+    return (message if message.endswith(".") else message + ".") + " Fix: " + fix
+
+
 class AudienceSyncError(Exception):
     """Root of every error audiencesync raises on purpose."""
 
@@ -43,9 +49,7 @@ class ConfigError(AudienceSyncError):
             parts.append(f"{where}:")
         parts.append(message)
         text = " ".join(parts)
-        if fix:
-            text += f" Fix: {fix}"
-        super().__init__(text)
+        super().__init__(with_fix(text, fix) if fix else text)
 
 
 class AudiencePausedError(ConfigError):
@@ -70,8 +74,8 @@ class BadTimeError(ConfigError):
         self.option = option
         super().__init__(
             f"{option + ' ' if option else ''}{text!r} is not a time.",
-            fix="write ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; no offset means UTC) "
-            "or a span before now (90m, 12h, 3d, 2w)",
+            fix="write ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; no offset means UTC), "
+            "a span before now (90m, 12h, 3d, 2w), or now",
         )
 
 
@@ -125,12 +129,43 @@ class ListenError(AudienceSyncError):
 
 
 class SourceError(AudienceSyncError):
-    """An audience's source query failed; the audience's snapshot is left untouched."""
+    """An audience's (or a trait's) source query failed; its snapshot is left untouched."""
 
-    def __init__(self, message: str, *, audience: str, source: str) -> None:
+    def __init__(self, message: str, *, audience: str, source: str, kind: str = "audience") -> None:
         self.audience = audience
         self.source = source
-        super().__init__(f"audience {audience!r} (source {source!r}): {message}")
+        self.kind = kind
+        super().__init__(f"{kind} {audience!r} (source {source!r}): {message}")
+
+
+class DriverMissingError(ConfigError):
+    """A database URL's driver (its DBAPI module, or SQLAlchemy's dialect) is not installed.
+
+    A setup mistake, found before anything is read: ``problem`` is the message
+    without the ``where`` it concerns, for a caller that names that itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        scheme: str,
+        module: str | None,
+        install: str,
+        where: str | None = None,
+        broken: str | None = None,
+    ) -> None:
+        self.scheme = scheme
+        self.module = module
+        self.install = install
+        self.broken = broken  # the import's own message, when the module is there but fails to load
+        if module is None:
+            message = f"SQLAlchemy has no dialect for {scheme} URLs."
+        elif broken is not None:
+            message = f"the driver {module} (for {scheme} URLs) cannot be loaded: {broken.rstrip('.')}."
+        else:
+            message = f"the driver {module} (for {scheme} URLs) is not installed."
+        self.problem = with_fix(message, install)
+        super().__init__(message, where=where, fix=install)
 
 
 class GleapError(AudienceSyncError):
@@ -140,7 +175,18 @@ class GleapError(AudienceSyncError):
 class GleapAuthError(GleapError):
     """Gleap refused the token (401/403): nothing more can be delivered this cycle."""
 
-    def __init__(self, status: int, *, maybe_applied: bool = False, tries: tuple[Any, ...] = ()) -> None:
+    # What became of the changes: a refused delivery marked nothing; a check (`check`) sent none.
+    PENDING = "Nothing was marked delivered; the next run sends the pending changes."
+    CHECKED = "Only the token was checked: nothing was sent."
+
+    def __init__(
+        self,
+        status: int,
+        *,
+        maybe_applied: bool = False,
+        tries: tuple[Any, ...] = (),
+        outcome: str = PENDING,
+    ) -> None:
         self.status = status
         # An earlier attempt of the same call got no verdict (a lost answer, a 5xx): Gleap may
         # have applied it, so the call's outcome is unknown, not "not sent".
@@ -150,19 +196,26 @@ class GleapAuthError(GleapError):
         super().__init__(
             f"Gleap answered {status}: the API token {reason}. "
             "Fix: copy the secret API token from Gleap (Project > Settings > Security) "
-            "into the GLEAP_API_TOKEN environment variable. "
-            "Nothing was marked delivered; the next run sends the pending changes."
+            f"into the GLEAP_API_TOKEN environment variable. {outcome}"
         )
 
 
 class MissingTokenError(GleapError):
     """No Gleap token is configured and the command needs one."""
 
-    def __init__(self) -> None:
+    # What a command can do without a token, for one that has --dry-run (sync, retire).
+    DRY_RUN = "pass --dry-run to see the calls without sending them"
+    # For one that has none (check, run): the command that shows the calls without a token.
+    SYNC_DRY_RUN = "`audiencesync sync --dry-run` shows the calls a sync would make without one"
+
+    # For `forget --in-gleap`: what it does without one.
+    STORE_ONLY = "leave out --in-gleap to forget the users in the store only"
+
+    def __init__(self, instead: str | None = DRY_RUN) -> None:
         super().__init__(
             "no Gleap API token is set. Fix: export GLEAP_API_TOKEN=<secret token> "
             "(Gleap: Project > Settings > Security), or set api_token under [gleap] in the "
-            "config file; or pass --dry-run to see the calls without sending them."
+            f"config file{'; or ' + instead if instead else ''}."
         )
 
 

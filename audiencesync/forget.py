@@ -181,7 +181,7 @@ class Forgetter:
         acknowledged = user_ids
         if in_gleap and user_ids:
             if self.client is None:
-                raise MissingTokenError()
+                raise MissingTokenError(MissingTokenError.STORE_ONLY)
             acknowledged, done.kept, done.refused = asyncio.run(self._delete_in_gleap(user_ids))
         with write_connection(self.engine) as conn, conn.begin():
             if self.fence is not None:

@@ -359,7 +359,7 @@ class GleapClient:
                 "Fix: check [gleap] base_url and the network"
             ) from None
         if response.status_code in (401, 403):
-            raise GleapAuthError(response.status_code)
+            raise GleapAuthError(response.status_code, outcome=GleapAuthError.CHECKED)
         if not 200 <= response.status_code < 300:
             raise GleapError(
                 f"Gleap answered {response.status_code} to {AUTH_PATH}: {response.text.strip()[:200]}"

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +17,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from audiencesync import pushdown, values
+from audiencesync import drivers, pushdown, values
 from audiencesync.config import AudienceConfig, SourceConfig, display_url
-from audiencesync.errors import SourceError
+from audiencesync.errors import DriverMissingError, SourceError
+from audiencesync.source_watchdog import Stopped, TimedOut, Watchdog
 from audiencesync.urls import sqlite_file
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class Sources:
         self._configs = configs
         self._engines: dict[str, Engine] = {}
         self.batch_size = batch_size
-        self._running: set[_Watchdog] = set()
+        self._running: set[Watchdog] = set()
         self._lock = threading.Lock()
         self.cancelled = threading.Event()  # stopping: running queries were cancelled, new ones refused
 
@@ -147,9 +148,24 @@ class Sources:
         self.cancelled.clear()
 
     def engine(self, name: str) -> Engine:
+        """The source's engine; ``DriverMissingError`` when its driver is not installed."""
         if name not in self._engines:
-            self._engines[name] = sa.create_engine(self._configs[name].url, pool_pre_ping=True)
+            self._engines[name] = drivers.create_engine(
+                self._configs[name].url, where=f"[sources.{name}] url", pool_pre_ping=True
+            )
         return self._engines[name]
+
+    def require_drivers(self, properties: Iterable[AudienceConfig]) -> None:
+        """Refuse, before anything is read, properties whose source's driver is not installed:
+        ``DriverMissingError`` naming the first of them, as a read of it would."""
+        for audience in properties:
+            try:
+                self.engine(audience.source)
+            except DriverMissingError as exc:
+                where = f"{audience.kind} {audience.key!r} (source {audience.source!r})"
+                raise DriverMissingError(
+                    scheme=exc.scheme, module=exc.module, install=exc.install, where=where, broken=exc.broken
+                ) from None
 
     def dispose(self) -> None:
         for engine in self._engines.values():
@@ -185,7 +201,13 @@ class Sources:
         source = self._configs[audience.source]
         _refuse_missing_file(audience, source)
         deadline = time.monotonic() + source.timeout_seconds
-        with self._guarded(audience, source, self.engine(source.name).connect) as conn:
+        try:
+            engine = self.engine(source.name)
+        except DriverMissingError as exc:
+            raise SourceError(
+                exc.problem, audience=audience.key, source=source.name, kind=audience.kind
+            ) from None
+        with self._guarded(audience, source, engine.connect) as conn:
             yield from self._stream(conn, audience, source, stats, deadline, reader)
 
     def pushable(self, audience: AudienceConfig, conn: Connection) -> bool:
@@ -196,7 +218,7 @@ class Sources:
         if not source.pushdown or audience.kind == "trait" or not pushdown.applies(source.url, conn):
             return False
         # Only planned (LIMIT 0), but under the source's timeout all the same.
-        with _Watchdog(conn, source.timeout_seconds):
+        with Watchdog(conn, source.timeout_seconds):
             return pushdown.ids_only(conn, audience.query)
 
     def push_down(self, audience: AudienceConfig, conn: Connection, stage: str, stats: ReadStats) -> bool:
@@ -233,36 +255,38 @@ class Sources:
         (its URL with the password masked)."""
         try:
             if self.cancelled.is_set():
-                raise _Stopped()
-            with connect() as conn, _Watchdog(conn, source.timeout_seconds) as watchdog:
+                raise Stopped()
+            with connect() as conn, Watchdog(conn, source.timeout_seconds) as watchdog:
                 with self._lock:
                     if self.cancelled.is_set():
-                        raise _Stopped()
+                        raise Stopped()
                     self._running.add(watchdog)
                 try:
                     yield conn
                 except SQLAlchemyError:
                     if self.cancelled.is_set():
-                        raise _Stopped() from None
+                        raise Stopped() from None
                     if watchdog.fired:
-                        raise _TimedOut() from None
+                        raise TimedOut() from None
                     raise
                 finally:
                     with self._lock:
                         self._running.discard(watchdog)
-        except _Stopped:
+        except Stopped:
             raise SourceError(
                 "the query was cancelled because audiencesync is stopping. The snapshot is untouched; "
                 "the next run reads the source again",
                 audience=audience.key,
                 source=source.name,
+                kind=audience.kind,
             ) from None
-        except _TimedOut:
+        except TimedOut:
             raise SourceError(
                 f"the query ran past timeout_seconds = {source.timeout_seconds:g} and was cancelled. "
                 f"Fix: make the query faster, or raise [sources.{source.name}] timeout_seconds",
                 audience=audience.key,
                 source=source.name,
+                kind=audience.kind,
             ) from None
         except SQLAlchemyError as exc:
             detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
@@ -270,6 +294,7 @@ class Sources:
                 f"the query failed on {display_url(source.url)}: {detail}",
                 audience=audience.key,
                 source=source.name,
+                kind=audience.kind,
             ) from exc
 
     def check(self, audience: AudienceConfig) -> None:
@@ -297,6 +322,7 @@ class Sources:
                 "Fix: alias the id column, e.g. SELECT id AS user_id FROM ...",
                 audience=audience.key,
                 source=source.name,
+                kind=audience.kind,
             )
         index = columns.index("user_id")
         value_of: RowValue | None = None
@@ -304,14 +330,16 @@ class Sources:
             try:
                 value_of = reader(columns)
             except ValueError as exc:
-                raise SourceError(str(exc), audience=audience.key, source=source.name) from None
+                raise SourceError(
+                    str(exc), audience=audience.key, source=source.name, kind=audience.kind
+                ) from None
         keep_none = audience.kind != "trait"  # an audience member with no fields is still a member
         for partition in result.partitions(self.batch_size):
             # Drivers that can't be cancelled are still stopped between batches.
             if self.cancelled.is_set():
-                raise _Stopped()
+                raise Stopped()
             if time.monotonic() > deadline:
-                raise _TimedOut()
+                raise TimedOut()
             stats.rows += len(partition)
             ids = checked_ids([row[index] for row in partition], stats)
             if value_of is None:
@@ -391,58 +419,5 @@ def _refuse_missing_file(audience: AudienceConfig, source: SourceConfig) -> None
             "creates a source",
             audience=audience.key,
             source=source.name,
+            kind=audience.kind,
         )
-
-
-class _TimedOut(Exception):
-    pass
-
-
-class _Stopped(Exception):
-    pass
-
-
-class _Watchdog:
-    """Cancels the connection's running statement once the source's time is up."""
-
-    def __init__(self, conn: Connection, seconds: float) -> None:
-        self._driver = conn.connection.driver_connection
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self.fired = False
-        self._done = threading.Event()
-
-    def cancel_until_done(self) -> None:
-        """Cancel now and again every 0.1 s until the read ends: a cancel that lands just
-        before the statement starts is a no-op for the driver, and must not be lost."""
-
-        def repeat() -> None:
-            while not self._done.is_set():
-                self.cancel()
-                self._done.wait(0.1)
-
-        threading.Thread(target=repeat, name="cancel-source-query", daemon=True).start()
-
-    def _expire(self) -> None:
-        self.fired = True
-        self.cancel()
-
-    def cancel(self) -> None:
-        """Interrupt the connection's running statement, if any."""
-        # sqlite3 has interrupt(); psycopg has cancel_safe() (3.2+) or cancel().
-        for name in ("interrupt", "cancel_safe", "cancel"):
-            method = getattr(self._driver, name, None)
-            if callable(method):
-                try:
-                    method()
-                except Exception as exc:  # the statement may have just finished
-                    log.debug("cancelling the source query failed: %s", exc)
-                return
-
-    def __enter__(self) -> _Watchdog:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._done.set()
-        self._timer.cancel()

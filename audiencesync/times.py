@@ -14,15 +14,20 @@ from datetime import UTC, datetime, timedelta
 from audiencesync.errors import BadTimeError
 from audiencesync.tomltable import parse_duration
 
-TIME_HELP = "ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; no offset means UTC) or a span before now (90m, 3d)"
+TIME_HELP = (
+    "ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; no offset means UTC), a span before now (90m, 3d), or now"
+)
 
 
 def parse_time(text: str, now: datetime, *, option: str | None = None) -> datetime:
-    """The aware UTC time ``text`` means; spans count back from ``now``. A future time is allowed.
+    """The aware UTC time ``text`` means; spans count back from ``now``, and "now" is ``now``.
+    A future time is allowed.
 
     ``option`` (e.g. "--at") only names the option in the error.
     """
     written = text.strip()
+    if written.lower() == "now":
+        return _utc(now)
     try:
         span = _span(written)
         if span is not None:

@@ -167,6 +167,24 @@ def test_diff_gives_the_net_change_per_user_with_counts(run_audit: Audit) -> Non
     ]
 
 
+def test_diff_runs_to_now_by_default_and_takes_now_as_a_time(run_audit: Audit) -> None:
+    start = iso(s.half_past(1))
+    # The scenario's last cycle is hours after T[6]... and long before now: the same net change.
+    status, upto_last, err = run_audit(
+        "diff", s.A, "--from", start, "--to", iso(s.half_past(6)), "--format", "csv"
+    )
+    assert status == 0, err
+    for to in ([], ["--to", "now"], ["--to", "NOW"]):
+        status, out, err = run_audit("diff", s.A, "--from", start, *to, "--format", "csv")
+        assert status == 0, err
+        assert out == upto_last and "2 entered, 2 left segment_a between" in err
+        until = datetime.fromisoformat(err.strip().rsplit(" and ", 1)[1])
+        assert abs(until - store_mod.utc_now()) < timedelta(minutes=5)  # "now" is the command's now
+    status, at_now, err = run_audit("members", s.A, "--at", "now", "--format", "csv")
+    assert status == 0, err
+    assert at_now == run_audit("members", s.A, "--format", "csv")[1]
+
+
 def test_diff_from_after_to_is_refused(run_audit: Audit) -> None:
     status, out, err = run_audit("diff", s.A, "--from", iso(s.T[3]), "--to", iso(s.T[2]))
     assert status == 2 and out == "" and "is after --to" in err and "Fix: swap them" in err

@@ -213,5 +213,5 @@ def test_members_at_a_span_and_a_bad_time(
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr == (
         "audiencesync: error: --at '2026-13-01' is not a time. Fix: write ISO 8601 (2026-11-01, "
-        "2026-11-01T12:00:00Z; no offset means UTC) or a span before now (90m, 12h, 3d, 2w)\n"
+        "2026-11-01T12:00:00Z; no offset means UTC), a span before now (90m, 12h, 3d, 2w), or now\n"
     )

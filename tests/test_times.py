@@ -28,6 +28,8 @@ NOW = datetime(2026, 12, 1, 19, 25, 25, tzinfo=UTC)
         ("3d", NOW - timedelta(days=3)),
         ("2w", NOW - timedelta(weeks=2)),
         ("1w2d12h", NOW - timedelta(days=9, hours=12)),
+        ("now", NOW),
+        (" NOW ", NOW),
     ],
 )
 def test_every_accepted_form(text: str, expected: datetime) -> None:
@@ -49,5 +51,5 @@ def test_a_bad_time_says_which_option_and_how_to_write_one(text: str) -> None:
     assert isinstance(caught.value, ConfigError)  # exit status 2
     assert str(caught.value) == (
         f"--at {text!r} is not a time. Fix: write ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; "
-        "no offset means UTC) or a span before now (90m, 12h, 3d, 2w)"
+        "no offset means UTC), a span before now (90m, 12h, 3d, 2w), or now"
     )
