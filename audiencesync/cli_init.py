@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             path=str(path),
             fix="pass a PATH in an existing directory you may write to",
         ) from None
-    run = f"audiencesync --config {shlex.quote(str(path))}"
+    run = f"{program()} --config {shlex.quote(str(path))}"
     print(
         f"Wrote {path}: a starter config, every option with its default.\n"
         "Next:\n"
@@ -68,3 +70,17 @@ def cmd_init(args: argparse.Namespace) -> int:
         f"     {run} sync"
     )
     return EXIT_OK
+
+
+def program() -> str:
+    """The command that runs this audiencesync again, as the next steps should print it: plain
+    ``audiencesync`` when that name on PATH is this install's, else the path it was run by (a
+    venv not activated: ``.venv/bin/audiencesync``), else ``python -m audiencesync``."""
+    here = Path(sys.executable).parent
+    found = shutil.which("audiencesync")
+    if found is not None and Path(found).parent.resolve() == here.resolve():
+        return "audiencesync"
+    typed = sys.argv[0]
+    if Path(typed).name == "audiencesync":
+        return shlex.quote(typed)
+    return f"{shlex.quote(sys.executable)} -m audiencesync"

@@ -43,7 +43,9 @@ def audiencesync(cwd: Path, *args: str, token: str | None = None) -> subprocess.
         cwd=cwd,
         capture_output=True,
         text=True,
-        env=env | {"COLUMNS": "100"},
+        # This install's scripts on PATH, as in an activated venv: init prints plain `audiencesync`.
+        env=env
+        | {"COLUMNS": "100", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"},
         timeout=120,
         check=False,
     )
@@ -244,3 +246,26 @@ def test_version_and_help_need_no_config(tmp_path: Path) -> None:
     helped = audiencesync(tmp_path, "prune", "--help")
     assert helped.returncode == 0 and "example:" in helped.stdout
     assert "(default 5000)" in " ".join(helped.stdout.split())
+
+
+@pytest.mark.parametrize("activated", [True, False])
+def test_init_prints_the_command_as_it_can_be_run(tmp_path: Path, activated: bool) -> None:
+    """A venv not activated: the next steps name the script by the path it was run by."""
+    script = Path(sys.executable).parent / "audiencesync"
+    path = f"{script.parent}{os.pathsep}/usr/bin:/bin" if activated else "/usr/bin:/bin"
+    env = {k: v for k, v in os.environ.items() if k not in ("GLEAP_API_TOKEN", "AUDIENCESYNC_CONFIG")}
+    done = subprocess.run(
+        [str(script), "init"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env | {"PATH": path},
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    program = "audiencesync" if activated else str(script)
+    steps = [line.strip() for line in done.stdout.splitlines() if "--config" in line]
+    assert len(steps) == 4 and all(
+        step.startswith(f"{program} --config audiencesync.toml ") for step in steps
+    )

@@ -143,3 +143,16 @@ def test_alert_test_names_the_host_once(
         "this webhook is set up"
     )
     assert plain.body["host"] == host and host not in plain.body["summary"]
+
+
+def test_failures_on_a_store_with_no_schema_says_to_upgrade_it(
+    make_config: ConfigFactory, store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An empty database (a PostgreSQL one just made, a SQLite file made by hand): no tables yet.
+    config = make_config(create_store=False)
+    if store_url.startswith("sqlite"):
+        Path(store_url.removeprefix("sqlite:///")).touch()
+    assert cli.main(["--config", str(config.path), "failures"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no such table" not in err
+    assert "schema revision none" in err and "Fix: run `audiencesync db upgrade`" in err
