@@ -27,12 +27,21 @@ ROOT = Path(__file__).resolve().parent.parent
 NOT_RUN = {"not checked", "check was interrupted by user"}
 
 
+KILLED = 1  # mutmut's exit code for a mutant a test failed on
+
+
 def results() -> dict[str, dict[str, int | None]]:
-    """Module path -> {mutant name: exit code, or None when not run yet}."""
+    """Module path -> {mutant name: exit code, or None when not run yet}. A survivor of the
+    SQLite run that scripts/mutate_postgres.py saw killed on PostgreSQL counts as killed."""
+    verdicts_file = ROOT / "mutants" / "postgres-verdicts.json"
+    verdicts = json.loads(verdicts_file.read_text()) if verdicts_file.is_file() else {}
     out = {}
     for meta in sorted((ROOT / "mutants" / "audiencesync").glob("*.py.meta")):
-        data = json.loads(meta.read_text())
-        out[meta.name.removesuffix(".meta")] = data.get("exit_code_by_key", {})
+        codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+        out[meta.name.removesuffix(".meta")] = {
+            name: KILLED if code == 0 and verdicts.get(name) == "killed" else code
+            for name, code in codes.items()
+        }
     if not out:
         sys.exit("scripts/mutation_score.py: no mutants/ yet; run scripts/mutate first")
     return out
