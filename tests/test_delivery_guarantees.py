@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
+from audiencesync import store as store_mod, values
 from audiencesync.config import Config
 from audiencesync.forget import Forgetter
 from audiencesync.gleap import GleapClient
@@ -23,6 +23,7 @@ from audiencesync.record_batches import RECORD_BATCH, next_batch
 from audiencesync.secret import Secret
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
+from tests.test_contact_fields import audience, people
 from tests.test_outcomes import KEY, cycle, row
 from tests.test_sync import only
 
@@ -266,3 +267,21 @@ def test_answers_are_recorded_in_batches_of_record_batch_until_the_pass_ends() -
         (["z"], True),
         ([], True),
     ]
+
+
+def test_the_call_log_records_the_value_each_request_of_an_identify_carried(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    people(source, [{"user_id": "u1", "plan": "pro"}])
+    config = make_config(gleap.base_url, audiences=audience("Segment A", "user_id, plan"))
+    gleap.fail_next(1, 503)  # two requests: the 503 and its retry, each logged with what it carried
+    cycle(config)
+    assert gleap.contacts["u1"]["plan"] == "pro"
+    engine = store_mod.engine_for(config.store)
+    with engine.connect() as conn:
+        logged = conn.execute(
+            sa.text("SELECT attempt, value, data FROM call_log WHERE user_id = 'u1' ORDER BY attempt")
+        ).all()
+    engine.dispose()
+    carried = values.encode({"plan": "pro"})
+    assert [(r.attempt, bool(r.value), r.data) for r in logged] == [(1, True, carried), (2, True, carried)]

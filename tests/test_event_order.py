@@ -266,3 +266,43 @@ def test_0011_parks_the_owed_events_an_older_store_left_behind_a_parked_one(
     ]
     assert store.event_counts(store.ensure_audience("segment_a", "Segment A").id) == (0, 2)
     engine.dispose()
+
+
+def test_a_page_of_only_a_failed_users_events_does_not_end_the_pass_before_the_others(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    """Pages of one event: u1's entry is refused, the next page holds only u1's exit (held
+    behind it in this pass), and u3's entry on the page after it still goes in the same pass."""
+    source.set(["u1"])
+    extra = "[sync]\nmax_attempts = 3\nmax_removal_fraction = 1.0\n"
+    config = make_config(gleap.base_url, audiences=EVENTS_ON, extra=extra, extra_gleap="track_batch_size = 1")
+    gleap.fail_user("u1", 503, times=4)  # u1's true: no verdict this cycle, so its entry waits
+    cycle(config)
+    assert told(gleap) == []
+    source.set(["u3"])  # u1 leaves (its false goes, then both its events), u3 enters
+    gleap.reset_log()
+    gleap.fail_track_next(1, 400)  # u1's entry, alone on the first page: a verdict
+    report = cycle(config)
+    assert [r.body["events"][0]["userId"] for r in track_requests(gleap)] == ["u1", "u3"]
+    assert told(gleap) == [("u3", "segment_a", "Audience Entered")]
+    assert only(report).events_pending == 2  # u1's two, in order next time
+
+    cycle(config)
+    assert told(gleap)[1:] == IN_AND_OUT
+
+
+def test_a_users_event_backing_off_in_one_audience_holds_back_no_event_of_another(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    config = make_config(
+        gleap.base_url, audiences=TWO_AUDIENCES.format(a_extra=""), sync='retry_backoff = "1h"'
+    )
+    gleap.fail_track_next(4, 503)  # u1's entry in A and its retries: no verdict, backing off for 1 h
+    cycle(config)
+    assert told(gleap) == []
+    source.set(["u1"], segment="b")
+    report = cycle(config)  # u1's later entry in B is due: it goes now, A's backoff is A's alone
+    assert told(gleap) == [("u1", "segment_b", "Audience Entered")]
+    assert only(report, "segment_b").events_pending == 0
+    assert only(report).events_pending == 1
