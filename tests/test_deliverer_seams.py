@@ -7,23 +7,29 @@ on both stores (issue 19, D: mutation survivors of the delivery core)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
+import sqlalchemy as sa
 
 from audiencesync import store as store_mod
 from audiencesync.config import Config
 from audiencesync.delivery import Deliverer
 from audiencesync.errors import LeaseLostError
 from audiencesync.lease import WriterLease
+from audiencesync.schema_views import call_log_view
 from audiencesync.store import Outcome, Store
 from audiencesync.sync import Run, Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_contact_fields import audience, people
 from tests.test_events import EVENTS_ON, event_rows, track_requests
+from tests.test_outcomes import row
 from tests.test_sync import cycle
 
 
@@ -114,3 +120,95 @@ def test_a_reorder_of_the_audiences_sends_the_new_winner_of_a_field(
     cycle(make_config(gleap.base_url, audiences=B + X, create_store=False))  # no row changed
     assert gleap.identify_calls == [{"userId": "u1", "b": True, "plan": "basic"}]
     assert gleap.contacts["u1"]["plan"] == "basic"
+
+
+class _Counting(httpx.AsyncBaseTransport):
+    """A real HTTP transport that counts the requests handed to it (a unit seam)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.paths: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_the_client_goes_through_the_given_transport_and_logs_on_the_stores_clock(
+    make_config: ConfigFactory,
+    source: SourceDB,
+    gleap: GleapStandIn,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source.set(["u1", "u2"])
+    gleap.fail_user("u2", 422)
+    config = make_config(gleap.base_url)
+    engine = store_mod.engine_for(config.store)
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)  # the store's clock, far from the wall clock
+    transport = _Counting()
+    caplog.set_level("WARNING", logger="audiencesync.delivery")
+    try:
+        syncer, run = refreshed(config, Store(engine, clock=lambda: at))
+        assert config.gleap.api_token is not None
+        deliverer = Deliverer(
+            syncer.store,
+            config.gleap,
+            config.gleap.api_token,
+            max_attempts=config.sync.max_attempts,
+            backoff_initial=0.01,
+            transport=transport,
+        )
+        drain(deliverer, run)
+        syncer.sources.dispose()
+        with engine.connect() as conn:
+            log = call_log_view
+            logged = conn.execute(sa.select(log.c.user_id, log.c.at).order_by(log.c.user_id)).all()
+    finally:
+        engine.dispose()
+    assert sorted(transport.paths) == ["/admin/identify", "/admin/identify"]
+    assert [(r.user_id, r.at) for r in logged] == [("u1", at), ("u2", at)]
+    # Only the refusal is worth a warning, not the call Gleap took.
+    assert [r.getMessage() for r in caplog.records] == ["identify u2 refused: HTTP 422"]
+
+
+def test_a_stop_mid_call_cancels_it_after_the_grace_and_the_user_stays_owed(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    source.set(["u1"])
+    config = make_config(gleap.base_url)
+    gleap.delay_next(1, 60)  # the identify call hangs, far past the grace
+    engine = store_mod.engine_for(config.store)
+    stop, done = threading.Event(), []
+    try:
+        syncer, run = refreshed(config, Store(engine))
+
+        def deliver() -> None:
+            deliverer = syncer.deliverer()
+            drain = deliverer.drain(
+                [run.audience.id],
+                {run.audience.id: run.audience.key},
+                lambda _: run.run_id,
+                stop=stop,
+                grace_seconds=0.5,
+            )
+            done.append(asyncio.run(drain))
+
+        thread = threading.Thread(target=deliver, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not (row(config, "u1") or {}).get("unknown"):  # marked: the call is leaving
+            assert time.monotonic() < deadline, "the call never left"
+            time.sleep(0.05)
+        stop.set()
+        thread.join(timeout=20)  # the grace, not the 60 s the call would take
+        assert not thread.is_alive(), "the call in flight was not cancelled after the grace"
+        assert done == [1], "the pass did not end normally"  # it returns the requests it made
+        syncer.sources.dispose()
+    finally:
+        engine.dispose()
+    assert gleap.identify_calls == []
+    found = row(config, "u1")  # it may have reached Gleap: marked unknown, still owed
+    assert found is not None and found["unknown"] and found["acked"] is None
