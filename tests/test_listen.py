@@ -89,7 +89,8 @@ def test_a_second_daemon_on_the_host_stands_by_without_the_address_then_takes_it
     active.process.wait()
     wait_for(lambda: "active:" in standby.output, timeout=15, what="the takeover")
     wait_for(lambda: healthz(port).startswith("ok"), timeout=15, what="the new active daemon's /healthz")
-    assert "serving the status pages, /healthz and /metrics on http://127.0.0.1:" in standby.output
+    served = "serving the status pages, /healthz and /metrics on http://127.0.0.1:"
+    wait_for(lambda: served in standby.output, timeout=15, what="the log line")  # logged after the start
     source.set(["u1", "u2"])
     wait_for(lambda: members_true(gleap) == {"u1", "u2"}, timeout=15, what="the new daemon's cycle")
     assert standby.stop() == 0
