@@ -153,7 +153,9 @@ def taken(row: Any, until: datetime | None) -> LeaseLostError:
             "the store's lease row is gone (deleted by hand?): this process stopped writing and "
             "calling Gleap. Fix: none needed; the daemon takes the lease again when it stands by."
         )
-    after = f", after this process's expired at {iso_time(until)}" if until is not None else ""
+    after = ""
+    if until is not None and row.acquired_at >= until:  # else it judged this process dead (same host)
+        after = f", after this process's expired at {iso_time(until)}"
     return LeaseLostError(
         f"another process took over the store's lease: {row.host} pid {row.pid} holds it since "
         f"{iso_time(row.acquired_at)}{after}. This process stopped writing and calling Gleap. "

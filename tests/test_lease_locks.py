@@ -14,10 +14,12 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.pool import QueuePool
 
 from audiencesync import store as store_mod
 from audiencesync.errors import LeaseLostError
@@ -244,3 +246,19 @@ def test_the_daemon_says_its_lease_expired_in_a_lock_and_takes_it_back(
     assert len(lost) == 1 and lost[0].levelname == "ERROR", text
     assert "could not be renewed for" in lost[0].getMessage()
     assert "no other process has taken it" in lost[0].getMessage()
+
+
+def test_a_renewal_puts_the_pooled_connections_busy_timeout_back(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = store_mod.create_engine(url, create=True, busy_timeout_seconds=30)
+    store_mod.upgrade(engine)
+    lease = WriterLease(engine, store_mod.utc_now, ttl_seconds=TTL)
+    try:
+        lease.acquire()
+        lease.renew(timeout=0.1)
+        pool = engine.pool
+        assert isinstance(pool, QueuePool) and pool.checkedin() == 1  # the one connection, back in the pool
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 30_000
+    finally:
+        engine.dispose()
