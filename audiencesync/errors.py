@@ -113,9 +113,10 @@ class LeaseLostError(StoreError):
     def __init__(self, message: str | None = None) -> None:
         super().__init__(
             message
-            or "this process lost the store's writer lease (it stalled past the lease's expiry and "
-            "another process took over). Nothing more was written; the next run carries on. "
-            "Fix: check for long pauses (swap, suspended VM) or a clock jump on this host."
+            or "this process no longer holds the store's writer lease (it expired unrenewed, or "
+            "another process holds it now). Nothing more was written; the next run carries on. "
+            "Fix: check for long pauses (swap, suspended VM), a clock jump on this host, or a store "
+            "locked for longer than [sync] lease_seconds."
         )
 
 

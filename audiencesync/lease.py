@@ -1,8 +1,10 @@
 """The writer lease: one process at a time changes a store.
 
 A row in ``leases`` names the holder and when its claim expires. The holder
-renews it from a heartbeat thread every third of the TTL. A holder that dies
-stops renewing, so its claim runs out and the next process takes over. Every
+renews it from a heartbeat thread every eighth of the TTL, and, while the store is
+locked, tries again every few seconds, each try waiting only a little for the lock
+(``lease_renewal.py``): a lock shorter than ~80% of the TTL never costs the lease. A
+holder that dies stops renewing, so its claim runs out and the next process takes over. Every
 write transaction checks that the lease is still ours (fencing), so a holder
 that stalled past its expiry can't write over its successor's work.
 
@@ -36,6 +38,15 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from audiencesync.errors import LeaseLostError, StoreBusyError
+from audiencesync.lease_renewal import (
+    Cadence,
+    Failing,
+    LeaseUnrenewedError,
+    bounded,
+    expired,
+    heartbeat,
+    taken,
+)
 from audiencesync.schema import UtcDateTime, leases, write_connection
 
 log = logging.getLogger(__name__)
@@ -111,8 +122,12 @@ class WriterLease:
         self._bound: contextvars.ContextVar[str | None] = contextvars.ContextVar(
             f"lease-{id(self)}", default=None
         )
-        self._stop = threading.Event()
+        self.stopping = threading.Event()  # the heartbeat is to end
         self.lost = threading.Event()
+        self.loss: LeaseLostError | None = None  # why ``lost`` was set, this term
+        self._losing = threading.Lock()
+        self.failing: Failing | None = None  # renewals failing since the last that went through
+        self.cadence = Cadence.of(ttl_seconds)
         # Set by the try_acquire that took the lease from another holder ("host pid N, why").
         self.took_over: str | None = None
 
@@ -195,6 +210,8 @@ class WriterLease:
     def _begin_term(self, now: datetime) -> None:
         self._in_term = True
         self.valid_until = now + self.ttl
+        self.failing = None
+        self.loss = None
 
     def bind(self) -> str:
         """This thread (and what it starts: asyncio tasks, ``to_thread``) works for the current
@@ -235,12 +252,31 @@ class WriterLease:
 
     def require(self, term: str, margin: float | None = None) -> None:
         """Raise unless ``term``'s lease is surely held for ``margin`` (``send_margin``)
-        seconds more (``sure``): called before each request to Gleap."""
-        if not self.sure(term, self.send_margin if margin is None else margin):
+        seconds more (``sure``): called before each request to Gleap.
+
+        ``LeaseLostError`` when the term's lease is gone (lost, or expired unrenewed);
+        ``LeaseUnrenewedError`` while it is only close to its expiry, the store not letting it be
+        renewed (locked): the caller pauses its calls, and the lease is not lost for that."""
+        if self.sure(term, self.send_margin if margin is None else margin):
+            return
+        if not self.current(term):
             raise LeaseLostError(
-                "the store's lease is not surely held any more (lost, or about to expire "
-                "unrenewed): no more calls to Gleap from this term."
+                "this thread's term of the store's lease has ended: no more calls to Gleap from it."
             )
+        if self.lost.is_set():
+            raise self.loss or LeaseLostError()
+        now, until = self.clock(), self.valid_until
+        if until is None or now >= until:
+            raise self.lose(expired(until or now, now, self.failing, still_ours=False))
+        raise LeaseUnrenewedError(until, self.failing)
+
+    def lose(self, error: LeaseLostError) -> LeaseLostError:
+        """Mark the term's lease lost, for the first reason found (returned)."""
+        with self._losing:
+            if self.loss is None:
+                self.loss = error
+            self.lost.set()
+            return self.loss
 
     def acquire(
         self,
@@ -264,28 +300,25 @@ class WriterLease:
                 )
             sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))
 
-    def renew(self) -> None:
+    def renew(self, *, timeout: float | None = None, health: dict[str, object] | None = None) -> None:
+        """Push the expiry a TTL on, waiting at most ``timeout`` seconds for the store's lock.
+        ``LeaseLostError`` when the row names another holder (or is gone)."""
         now = self.clock()
-        values: dict[str, object] = {"renewed_at": now, "expires_at": now + self.ttl}
-        if self.health is not None:
-            try:
-                values["health"], values["progress_at"] = self.health()
-            except Exception as exc:  # a failing health probe must never stop the renewal
-                values["health"] = f"unknown: {exc}"
-        with write_connection(self.engine) as conn, conn.begin():
+        values: dict[str, object] = {"renewed_at": now, "expires_at": now + self.ttl, **(health or {})}
+        with write_connection(self.engine) as conn, bounded(conn, timeout):
             renewed = conn.execute(
                 sa.update(leases)
                 .where(leases.c.name == self.name, leases.c.holder == self.holder)
                 .values(**values)
             ).rowcount
-        if not renewed:
-            self.lost.set()
-            raise LeaseLostError()
+            if not renewed:
+                row = conn.execute(sa.select(leases).where(leases.c.name == self.name)).one_or_none()
+                raise self.lose(taken(row, self.valid_until))
         self.valid_until = now + self.ttl
 
-    def release(self) -> None:
+    def release(self, *, timeout: float | None = None) -> None:
         self._in_term = False
-        with write_connection(self.engine) as conn, conn.begin():
+        with write_connection(self.engine) as conn, bounded(conn, timeout):
             conn.execute(sa.delete(leases).where(leases.c.name == self.name, leases.c.holder == self.holder))
 
     def check(self, conn: Connection) -> None:
@@ -303,13 +336,17 @@ class WriterLease:
         term = self._bound.get() or self.holder
         if term != self.holder:
             raise LeaseLostError("this thread's term of the store's lease has ended: it stops writing.")
-        query = sa.select(leases.c.holder, leases.c.expires_at).where(leases.c.name == self.name)
+        if self.lost.is_set():
+            raise self.loss or LeaseLostError()
+        query = sa.select(leases).where(leases.c.name == self.name)
         if conn.dialect.name == "postgresql":
             query = query.with_for_update(read=True)
         row = conn.execute(query).one_or_none()
-        if row is None or row.holder != term or row.expires_at < self.clock():
-            self.lost.set()
-            raise LeaseLostError()
+        if row is None or row.holder != term:
+            raise self.lose(taken(row, self.valid_until))
+        now = self.clock()
+        if row.expires_at < now:
+            raise self.lose(expired(row.expires_at, now, self.failing, still_ours=True))
 
     @contextlib.contextmanager
     def held(self, wait_seconds: float = 0.0) -> Iterator[WriterLease]:
@@ -322,29 +359,20 @@ class WriterLease:
     def kept(self, *, release: Callable[[], bool] = lambda: True) -> Iterator[WriterLease]:
         """Renew the acquired lease in the background for the block; release it after,
         unless ``release()`` says no (work may still be running)."""
-        self._stop.clear()
+        self.stopping.clear()
         self.lost.clear()
         beat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         beat.start()
         try:
             yield self
         finally:
-            self._stop.set()
+            self.stopping.set()
             beat.join()
             self._in_term = False  # the next acquisition is a new term, under a new token
             if release():
                 with contextlib.suppress(sa.exc.SQLAlchemyError):
-                    self.release()
+                    # Bounded: a store locked past the lease's end must not hold the stop up.
+                    self.release(timeout=self.cadence.attempt)
 
     def _heartbeat(self) -> None:
-        interval = self.ttl.total_seconds() / 3
-        while not self._stop.wait(interval):
-            try:
-                self.renew()
-            except LeaseLostError:
-                log.error("lost the store's lease; this process will stop writing")
-                return
-            except Exception as exc:
-                # A passing database hiccup (locked, connection lost): try again next
-                # beat, the TTL leaves room. The heartbeat thread must never die of it.
-                log.warning("could not renew the store's lease: %s", exc)
+        heartbeat(self)

@@ -346,7 +346,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
             finally:
                 self._shutdown_work()
             if self.lease.lost.is_set():
-                raise LeaseLostError()
+                raise self.lease.loss or LeaseLostError()  # why: expired while locked, or taken over
 
     def _alert_if_stalled(self) -> None:
         """Delivery stalled (as /healthz judges it), or moves again. Not while Gleap's breaker is

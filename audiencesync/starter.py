@@ -168,7 +168,7 @@ def sections() -> list[Section]:
                 Option(
                     "lease_seconds",
                     sync.lease_seconds,
-                    "the writer lease's time to live, renewed every third",
+                    "the writer lease's time to live, renewed every eighth",
                 ),
                 Option(
                     "retry_backoff", duration(sync.retry_backoff_seconds), "a failed user waits this long..."
