@@ -1,11 +1,23 @@
-"""The circuit breaker: stop a delivery pass when Gleap is down for everyone.
+"""The circuit breaker: stop a delivery pass when Gleap is down for everyone, resume when it is back.
 
 Without it, an unreachable Gleap costs every pending user its full retry
-budget, one after the other: hours of warnings with the lease held. The
-breaker counts failed calls (no answer, or a 5xx) across users; one success
-resets the count. It opens after ``threshold`` failures in a row that span at
-least two users, so a single poisoned user can't open it. Once open, every
-call stops retrying at once and the pass ends with everything still pending.
+budget, one after the other: hours of warnings with the lease held. Three states:
+
+- closed: it counts failed requests (no answer, or a 5xx) across users; one
+  success resets the count. It opens after ``threshold`` failures in a row that
+  span at least two users, so a single poisoned user can't open it.
+- open: every call stops retrying at once and the pass ends with everything
+  still pending (the daemon waits, then probes).
+- half-open: how the daemon's first pass after an outage starts. Up to
+  ``trial_calls`` requests go out (the trials); every other request waits for
+  the verdict, so a probe never floods a Gleap that is still down. As soon as
+  the trials' outcome is certain, it closes (at most ``trial_failure_rate`` of
+  them failed) or opens again. Closed, the normal rule applies at once for the
+  rest of the same pass. A single user's failures (its retries) don't reopen it
+  while other users were tried, for the same reason as when closed.
+
+A pass that ends before its trials are all answered is judged on the answered
+ones (``settle``). The breaker lives on one event loop (a delivery pass): no locks.
 """
 
 from __future__ import annotations
@@ -15,43 +27,166 @@ import contextlib
 import time
 from collections.abc import Callable
 
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+# The state gauge's values (metrics.py): 0 closed, 1 open, 2 half-open.
+STATE_VALUES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+# Floating point slack, so that 0.3 of 10 trials allows 3 failures, not 2.
+_EPSILON = 1e-9
+
 
 class CircuitBreaker:
     def __init__(
-        self, threshold: int, *, min_users: int = 2, clock: Callable[[], float] = time.monotonic
+        self,
+        threshold: int,
+        *,
+        min_users: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        half_open: bool = False,
+        trial_calls: int = 10,
+        trial_failure_rate: float = 0.5,
+        on_change: Callable[[CircuitBreaker], None] | None = None,
     ) -> None:
         self.threshold = threshold
         self.min_users = min(min_users, threshold)
         self.clock = clock
+        self.trial_calls = trial_calls
+        self.trial_failure_rate = trial_failure_rate
+        self.on_change = on_change  # told each change of state (the daemon's health and alerts)
+        self.state = HALF_OPEN if half_open else CLOSED
+        # Closed: the failures in a row and their users. Half-open: the trials' failures, their users.
         self.failures = 0
         self.users: set[str] = set()
         self.last_error: str | None = None
         self.opened_at: float | None = None
+        # Half-open: requests let out as trials (a trial that got no verdict gives its place back),
+        # those answered well, and the users tried.
+        self.admitted = 0
+        self.successes = 0
+        self.tried: set[str] = set()
+        # The half-open breaker's verdict: (trials failed, trials answered) when it closed or reopened.
+        self.verdict: tuple[int, int] | None = None
         self._opened = asyncio.Event()
+        self._changed = asyncio.Event()
 
     @classmethod
-    def probing(cls, clock: Callable[[], float] = time.monotonic) -> CircuitBreaker:
-        """A half-open breaker, for the first pass after an outage: one failure opens it again."""
-        return cls(1, min_users=1, clock=clock)
+    def probing(
+        cls,
+        threshold: int,
+        *,
+        trial_calls: int = 10,
+        trial_failure_rate: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[CircuitBreaker], None] | None = None,
+    ) -> CircuitBreaker:
+        """A half-open breaker, for the first pass after an outage: ``threshold`` rules once it closes."""
+        return cls(
+            threshold,
+            clock=clock,
+            half_open=True,
+            trial_calls=trial_calls,
+            trial_failure_rate=trial_failure_rate,
+            on_change=on_change,
+        )
 
     @property
     def is_open(self) -> bool:
-        return self.opened_at is not None
+        return self.state == OPEN
+
+    @property
+    def answered(self) -> int:
+        """Half-open: the trials answered so far (well or not)."""
+        return self.successes + self.failures if self.state == HALF_OPEN else 0
+
+    async def admit(self) -> bool:
+        """Whether a request may go out: False once open. Half-open, it is one of the trials,
+        or waits for their verdict once they are all out. Each request admitted is then told
+        once: ``success``, ``failure`` or ``void``."""
+        while self.state == HALF_OPEN and self.admitted >= self.trial_calls:
+            await self._changed.wait()
+        if self.state == OPEN:
+            return False
+        if self.state == HALF_OPEN:
+            self.admitted += 1
+        return True
 
     def failure(self, user_id: str, error: str) -> None:
         self.failures += 1
         self.users.add(user_id)
         self.last_error = error
-        if not self.is_open and self.failures >= self.threshold and len(self.users) >= self.min_users:
-            self.opened_at = self.clock()
-            self._opened.set()
+        if self.state == HALF_OPEN:
+            self.tried.add(user_id)
+            self._judge()
+        elif self.state == CLOSED and self.failures >= self.threshold and len(self.users) >= self.min_users:
+            self._open()
 
-    def success(self) -> None:
-        if not self.is_open:
+    def success(self, user_id: str | None = None) -> None:
+        if self.state == HALF_OPEN:
+            self.successes += 1
+            if user_id is not None:
+                self.tried.add(user_id)
+            self._judge()
+        elif self.state == CLOSED:
             self.failures = 0
             self.users.clear()
+
+    def void(self) -> None:
+        """A request admitted went without a verdict on Gleap (a 429, a refused token, never
+        sent): half-open, its trial goes to another request."""
+        if self.state == HALF_OPEN and self.admitted > self.answered:
+            self.admitted -= 1
+            self._notify(state_changed=False)
+
+    def settle(self) -> None:
+        """The pass ends: a half-open breaker is judged on the trials answered, if any."""
+        if self.state == HALF_OPEN and self.answered:
+            if self._too_many(self.failures, self.answered, min(self.min_users, len(self.tried))):
+                self._open()
+            else:
+                self._close()
 
     async def sleep(self, seconds: float) -> None:
         """A retry's backoff sleep, cut short when the breaker opens."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._opened.wait(), seconds)
+
+    def _too_many(self, failures: int, out_of: int, min_users: int) -> bool:
+        """More than the trial failure rate, from enough different users."""
+        rate = failures > self.trial_failure_rate * out_of + _EPSILON
+        return rate and len(self.users) >= min_users
+
+    def _judge(self) -> None:
+        """Open or close as soon as the trials' outcome is certain, whatever the rest answer."""
+        if self.answered >= self.trial_calls:
+            failing = self._too_many(self.failures, self.answered, min(self.min_users, len(self.tried)))
+        elif self._too_many(self.failures, self.trial_calls, self.min_users):
+            failing = True  # too many already, from two users
+        elif self._too_many(self.trial_calls - self.successes, self.trial_calls, 0):
+            return  # the trials still to be answered could still reopen it
+        else:
+            failing = False  # even if every other trial failed, it would close
+        if failing:
+            self._open()
+        else:
+            self._close()
+
+    def _open(self) -> None:
+        # Reopened by its trials, or opened by failures in a row (after closing, the verdict is old).
+        self.verdict = (self.failures, self.answered) if self.state == HALF_OPEN else None
+        self.state = OPEN
+        self.opened_at = self.clock()
+        self._opened.set()
+        self._notify()
+
+    def _close(self) -> None:
+        self.verdict = (self.failures, self.answered)
+        # The trials' failures are no part of the next run of failures in a row.
+        self.state = CLOSED
+        self.failures = 0
+        self.users.clear()
+        self._notify()
+
+    def _notify(self, state_changed: bool = True) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()  # wakes the requests waiting for a trial or the verdict
+        if state_changed and self.on_change is not None:
+            self.on_change(self)
