@@ -9,9 +9,9 @@ budget, one after the other: hours of warnings with the lease held. Three states
 - open: every call stops retrying at once and the pass ends with everything
   still pending (the daemon waits, then probes).
 - half-open: how the daemon's first pass after an outage starts. Up to
-  ``trial_calls`` requests go out (the trials); every other request waits for
+  ``trials.calls`` requests go out (the trials); every other request waits for
   the verdict, so a probe never floods a Gleap that is still down. As soon as
-  the trials' outcome is certain, it closes (at most ``trial_failure_rate`` of
+  the trials' outcome is certain, it closes (at most ``trials.failure_rate`` of
   them failed) or opens again. Closed, the normal rule applies at once for the
   rest of the same pass. A single user's failures (its retries) don't reopen it
   while other users were tried, for the same reason as when closed.
@@ -26,12 +26,25 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 # The state gauge's values (metrics.py): 0 closed, 1 open, 2 half-open.
 STATE_VALUES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
-# Floating point slack, so that 0.3 of 10 trials allows 3 failures, not 2.
-_EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class Trials:
+    """A half-open breaker's rule: ``calls`` trial requests, at most ``failure_rate`` of them failed
+    to close ([gleap] breaker_trial_calls and breaker_trial_failure_rate)."""
+
+    calls: int
+    failure_rate: float
+
+    def too_many(self, failures: int, out_of: int) -> bool:
+        # Exact: 0.3 of 10 trials allows 3 failures, where float arithmetic could allow 2.
+        return failures > Fraction(str(self.failure_rate)) * out_of
 
 
 class CircuitBreaker:
@@ -41,25 +54,22 @@ class CircuitBreaker:
         *,
         min_users: int = 2,
         clock: Callable[[], float] = time.monotonic,
-        half_open: bool = False,
-        trial_calls: int = 10,
-        trial_failure_rate: float = 0.5,
+        trials: Trials | None = None,
         on_change: Callable[[CircuitBreaker], None] | None = None,
     ) -> None:
         self.threshold = threshold
         self.min_users = min(min_users, threshold)
         self.clock = clock
-        self.trial_calls = trial_calls
-        self.trial_failure_rate = trial_failure_rate
+        self.trials = trials or Trials(0, 0.0)  # None: closed (a fresh pass, or `sync`)
         self.on_change = on_change  # told each change of state (the daemon's health and alerts)
-        self.state = HALF_OPEN if half_open else CLOSED
+        self.state = HALF_OPEN if trials is not None else CLOSED
         # Closed: the failures in a row and their users. Half-open: the trials' failures, their users.
         self.failures = 0
         self.users: set[str] = set()
         self.last_error: str | None = None
         self.opened_at: float | None = None
-        # Half-open: requests let out as trials (a trial that got no verdict gives its place back),
-        # those answered well, and the users tried.
+        # Half-open: requests let out as trials (each told once; one with no verdict gives its
+        # place back), those answered well, and the users tried.
         self.admitted = 0
         self.successes = 0
         self.tried: set[str] = set()
@@ -72,21 +82,13 @@ class CircuitBreaker:
     def probing(
         cls,
         threshold: int,
+        trials: Trials,
         *,
-        trial_calls: int = 10,
-        trial_failure_rate: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[CircuitBreaker], None] | None = None,
     ) -> CircuitBreaker:
         """A half-open breaker, for the first pass after an outage: ``threshold`` rules once it closes."""
-        return cls(
-            threshold,
-            clock=clock,
-            half_open=True,
-            trial_calls=trial_calls,
-            trial_failure_rate=trial_failure_rate,
-            on_change=on_change,
-        )
+        return cls(threshold, clock=clock, trials=trials, on_change=on_change)
 
     @property
     def is_open(self) -> bool:
@@ -101,7 +103,7 @@ class CircuitBreaker:
         """Whether a request may go out: False once open. Half-open, it is one of the trials,
         or waits for their verdict once they are all out. Each request admitted is then told
         once: ``success``, ``failure`` or ``void``."""
-        while self.state == HALF_OPEN and self.admitted >= self.trial_calls:
+        while self.state == HALF_OPEN and self.admitted >= self.trials.calls:
             await self._changed.wait()
         if self.state == OPEN:
             return False
@@ -132,39 +134,35 @@ class CircuitBreaker:
     def void(self) -> None:
         """A request admitted went without a verdict on Gleap (a 429, a refused token, never
         sent): half-open, its trial goes to another request."""
-        if self.state == HALF_OPEN and self.admitted > self.answered:
+        if self.state == HALF_OPEN:
             self.admitted -= 1
             self._notify(state_changed=False)
 
     def settle(self) -> None:
         """The pass ends: a half-open breaker is judged on the trials answered, if any."""
         if self.state == HALF_OPEN and self.answered:
-            if self._too_many(self.failures, self.answered, min(self.min_users, len(self.tried))):
-                self._open()
-            else:
-                self._close()
+            self._verdict()
 
     async def sleep(self, seconds: float) -> None:
         """A retry's backoff sleep, cut short when the breaker opens."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._opened.wait(), seconds)
 
-    def _too_many(self, failures: int, out_of: int, min_users: int) -> bool:
-        """More than the trial failure rate, from enough different users."""
-        rate = failures > self.trial_failure_rate * out_of + _EPSILON
-        return rate and len(self.users) >= min_users
-
     def _judge(self) -> None:
         """Open or close as soon as the trials' outcome is certain, whatever the rest answer."""
-        if self.answered >= self.trial_calls:
-            failing = self._too_many(self.failures, self.answered, min(self.min_users, len(self.tried)))
-        elif self._too_many(self.failures, self.trial_calls, self.min_users):
-            failing = True  # too many already, from two users
-        elif self._too_many(self.trial_calls - self.successes, self.trial_calls, 0):
-            return  # the trials still to be answered could still reopen it
-        else:
-            failing = False  # even if every other trial failed, it would close
-        if failing:
+        calls = self.trials.calls
+        if self.answered >= calls:
+            self._verdict()
+        elif self.trials.too_many(self.failures, calls) and len(self.users) >= self.min_users:
+            self._open()  # too many already, from two users
+        elif not self.trials.too_many(calls - self.successes, calls):
+            self._close()  # even if every other trial failed, it would close
+        # else the trials still to be answered decide
+
+    def _verdict(self) -> None:
+        """On the trials answered: one user's failures reopen it only if no other user was tried."""
+        enough_users = len(self.users) >= min(self.min_users, len(self.tried))
+        if self.trials.too_many(self.failures, self.answered) and enough_users:
             self._open()
         else:
             self._close()

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audiencesync.alerts import Alerts
 from audiencesync.backoff import Backoff
-from audiencesync.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from audiencesync.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Trials
 from audiencesync.config import Config
 from audiencesync.errors import (
     AudienceSyncError,
@@ -208,8 +208,7 @@ class DeliveryLoop:
             gleap = self.config.gleap
             deliverer.breaker = CircuitBreaker.probing(
                 gleap.breaker_failures,
-                trial_calls=gleap.breaker_trial_calls,
-                trial_failure_rate=gleap.breaker_trial_failure_rate,
+                Trials(gleap.breaker_trial_calls, gleap.breaker_trial_failure_rate),
                 on_change=self._breaker_changed,
             )
             self.outage.probe()

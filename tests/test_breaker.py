@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from audiencesync.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from audiencesync.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Trials
 
 
 def test_it_opens_on_exactly_the_threshold_th_failure_once_two_users_failed() -> None:
@@ -84,8 +84,7 @@ def _probing(trials: int = 10, rate: float = 0.5, threshold: int = 3) -> tuple[C
     changes: list[str] = []
     breaker = CircuitBreaker.probing(
         threshold,
-        trial_calls=trials,
-        trial_failure_rate=rate,
+        Trials(trials, rate),
         clock=lambda: 42.0,
         on_change=lambda b: changes.append(b.state),
     )
@@ -149,6 +148,7 @@ def test_it_reopens_as_soon_as_more_than_the_rate_of_trials_failed() -> None:
     for i in range(5):
         breaker.failure(f"u{i}", "HTTP 500")
     assert breaker.state == HALF_OPEN
+    assert breaker.opened_at is None  # half-open is not open
     breaker.failure("u5", "HTTP 502")  # 6 of 10: certain now, whatever the other 4 answer
     assert breaker.is_open and breaker.opened_at == 42.0 and changes == [OPEN]
     assert breaker.verdict == (6, 7) and breaker.last_error == "HTTP 502"
@@ -196,14 +196,16 @@ def test_one_users_retries_do_not_reopen_it_while_others_were_tried() -> None:
 
 def test_a_trial_without_a_verdict_gives_its_place_to_a_waiting_request() -> None:
     async def scenario() -> tuple[bool, int]:
-        breaker, _ = _probing(trials=1)
+        breaker, seen = _probing(trials=1)
+        changes.extend(seen)
         assert await breaker.admit()
         waiting = asyncio.create_task(breaker.admit())
         await asyncio.sleep(0)
         breaker.void()  # a 429, a refused token, cancelled: no word on Gleap's health
         admitted = await asyncio.wait_for(waiting, 5)
-        return admitted and breaker.state == HALF_OPEN, breaker.admitted
+        return admitted and breaker.state == HALF_OPEN and not changes, breaker.admitted
 
+    changes: list[str] = []
     assert asyncio.run(scenario()) == (True, 1)
 
 
@@ -249,3 +251,10 @@ def test_a_backoff_sleep_ends_when_the_trials_reopen_it() -> None:
         return breaker.is_open
 
     assert asyncio.run(scenario())
+
+
+def test_the_trial_failure_rate_is_exact() -> None:
+    # In floats 0.57 * 100 is 56.99999999999999: 57 failures of 100 would reopen it.
+    assert not Trials(100, 0.57).too_many(57, 100) and Trials(100, 0.57).too_many(58, 100)
+    assert not Trials(10, 0.5).too_many(5, 10) and Trials(10, 0.5).too_many(6, 10)
+    assert Trials(10, 0.0).too_many(1, 10) and not Trials(10, 0.0).too_many(0, 10)

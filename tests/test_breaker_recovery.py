@@ -12,7 +12,7 @@ from typing import cast
 import pytest
 
 from audiencesync import store as store_mod
-from audiencesync.breaker import CLOSED, CircuitBreaker
+from audiencesync.breaker import CLOSED, CircuitBreaker, Trials
 from audiencesync.config import Config, GleapConfig
 from audiencesync.daemon_health import DaemonHealth
 from audiencesync.errors import GleapUnavailableError
@@ -58,7 +58,7 @@ def test_a_probe_pass_with_a_tenth_of_calls_failing_closes_and_delivers_everythi
 ) -> None:
     config = _pending_after_an_outage(make_config, source, gleap)
     gleap.fail_every(10, 500)
-    breaker = CircuitBreaker.probing(5, trial_calls=10, trial_failure_rate=0.5)
+    breaker = CircuitBreaker.probing(5, Trials(10, 0.5))
     calls = _probe_pass(config, breaker)
     assert breaker.state == CLOSED and breaker.verdict is not None and breaker.verdict[0] <= 1
     assert calls == len(MEMBERS) and members_true(gleap) == set(MEMBERS)
@@ -70,7 +70,7 @@ def test_a_probe_pass_while_gleap_is_still_down_sends_no_more_than_the_trial_cal
 ) -> None:
     config = _pending_after_an_outage(make_config, source, gleap)
     gleap.fail_next(1_000_000, 503)
-    breaker = CircuitBreaker.probing(5, trial_calls=4, trial_failure_rate=0.5)
+    breaker = CircuitBreaker.probing(5, Trials(4, 0.5))
     with pytest.raises(GleapUnavailableError, match=r"of [1-4] trial calls after an outage"):
         _probe_pass(config, breaker)
     # The other senders waited for the verdict, then went home: Gleap is not flooded.

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from httpx._transports import default as httpx_transports
 
 from audiencesync import cli, failpoints, store as store_mod
-from audiencesync.breaker import CircuitBreaker
+from audiencesync.breaker import CircuitBreaker, Trials
 from audiencesync.config import Config, StoreConfig, load_config
 from audiencesync.delivery import Deliverer
 from audiencesync.gleap import GleapClient
@@ -237,7 +237,7 @@ allow_empty = true
             def probing(store: Store | None = None) -> Deliverer:
                 deliverer = Syncer.deliverer(syncer, store)
                 deliverer.breaker = CircuitBreaker.probing(
-                    gleap.breaker_failures, trial_calls=3, trial_failure_rate=gleap.breaker_trial_failure_rate
+                    gleap.breaker_failures, Trials(3, gleap.breaker_trial_failure_rate)
                 )
                 return deliverer
 
