@@ -47,6 +47,11 @@ class GleapConfig:
     # The circuit breaker: this many failed calls in a row (no answer or a 5xx),
     # for at least two different users, with no success between, stop delivery.
     breaker_failures: int = 20
+    # After an outage the breaker is half-open: this many trial calls go out, and it closes
+    # when at most this share of them failed (else it opens again). Not 0: with 10% of
+    # calls still failing, one unlucky 500 would keep delivery paused (issue 22).
+    breaker_trial_calls: int = 10
+    breaker_trial_failure_rate: float = 0.5
     # Contact deletion (`forget --in-gleap`): from Segment's destination code, not
     # Gleap's docs (GLEAP_API.md), hence a setting. {user_id} is the URL-encoded id.
     delete_path: str = "/admin/contacts/{user_id}"
@@ -121,6 +126,8 @@ GLEAP_KEYS = (
     "allow_http",
     "prevent_last_activity_update",
     "breaker_failures",
+    "breaker_trial_calls",
+    "breaker_trial_failure_rate",
     "delete_path",
     "events",
     "entered_event",
@@ -162,6 +169,8 @@ def gleap_config(gleap_t: Table, path: Path, environ: Mapping[str, str]) -> Glea
             "prevent_last_activity_update", bool, defaults.prevent_last_activity_update
         ),
         breaker_failures=gleap_t.take_positive("breaker_failures", int, defaults.breaker_failures),
+        breaker_trial_calls=gleap_t.take_positive("breaker_trial_calls", int, defaults.breaker_trial_calls),
+        breaker_trial_failure_rate=trial_failure_rate(gleap_t, defaults.breaker_trial_failure_rate),
         delete_path=delete_path(gleap_t, defaults.delete_path),
         events=gleap_t.take("events", bool, defaults.events),
         entered_event=_event_name(gleap_t, "entered_event", defaults.entered_event),
@@ -330,6 +339,17 @@ def fraction(table: Table, default: float) -> float:
             "must be between 0 and 1",
             key="max_removal_fraction",
             fix="write the largest share of members one cycle may remove, e.g. 0.5",
+        )
+    return value
+
+
+def trial_failure_rate(table: Table, default: float) -> float:
+    value = table.take("breaker_trial_failure_rate", float, default)
+    if not 0.0 <= value < 1.0:
+        raise table.error(
+            "must be at least 0 and less than 1",
+            key="breaker_trial_failure_rate",
+            fix="write the largest share of the trial calls after an outage that may fail, e.g. 0.5",
         )
     return value
 

@@ -70,6 +70,12 @@ class DaemonHealth:
     def _outage_reason(self) -> str | None:
         if not self.outage.open or self.outage.opened_at is None:
             return None
+        if self.outage.probing:
+            return (
+                f"Gleap was unavailable; probing (circuit breaker half-open: delivery resumes if at "
+                f"most {self.config.gleap.breaker_trial_failure_rate:.0%} of "
+                f"{self.config.gleap.breaker_trial_calls} trial calls fail): {self.outage.reason}"
+            )
         probe = self.outage.next_probe_at
         return (
             f"Gleap is unavailable; delivery paused (circuit breaker open, next probe "
@@ -115,6 +121,8 @@ class DaemonHealth:
         return line
 
     def _active_status(self) -> str:
+        if self.outage.open and self.outage.probing:
+            return "active: Gleap was unavailable, probing with trial calls (circuit breaker half-open)"
         if self.outage.open:
             probe = iso_time(self.outage.next_probe_at) if self.outage.next_probe_at else "soon"
             return f"active: Gleap is unavailable, delivery paused; next probe {probe}"

@@ -330,12 +330,16 @@ class Deliverer:
             )
         if refused is not None:
             raise refused
+        # A probe pass that ran out of calls before its trials were all answered: judged on those.
+        self.breaker.settle()
         if self.breaker.is_open:
+            verdict = self.breaker.verdict  # reopened by its trials, not by failures in a row
             raise GleapUnavailableError(
                 base_url=self.gleap.base_url,
-                failures=self.breaker.failures,
+                failures=verdict[0] if verdict is not None else self.breaker.failures,
                 users=len(self.breaker.users),
                 last_error=self.breaker.last_error or "unknown",
+                trials=verdict[1] if verdict is not None else None,
             )
         return calls
 

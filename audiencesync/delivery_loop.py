@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audiencesync.alerts import Alerts
 from audiencesync.backoff import Backoff
-from audiencesync.breaker import CircuitBreaker
+from audiencesync.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Trials
 from audiencesync.config import Config
 from audiencesync.errors import (
     AudienceSyncError,
@@ -115,7 +115,7 @@ class DeliveryLoop:
                     log.error("%s Pausing delivery; probing again in %g s.", exc, delay)
                 else:
                     log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
-                self.metrics.breaker_open.set(1)
+                self.metrics.breaker(OPEN)
                 self.blocked = exc
                 self.alerts.gleap(str(exc))
                 halt.wait(delay)
@@ -142,13 +142,17 @@ class DeliveryLoop:
                 )
                 halt.wait(delay)
                 continue
+            if calls and self.outage.probing:
+                # The pass ended (new work, a stop) before any trial call was answered: no
+                # verdict yet, so the next pass probes again, at once.
+                continue
             self.blocked = None  # a pass went through without Gleap refusing it
             if errors.reset():
                 log.info("delivery: the store answers again")
             probes.reset()
-            if self.outage.close():
+            if self.outage.close():  # a probe pass with nothing to send
                 log.info("Gleap answers again; delivery resumed")
-                self.metrics.breaker_open.set(0)
+                self.metrics.breaker(CLOSED)
             if calls:
                 self.alerts.gleap(None)  # calls went through: ends an outage, even a previous process's
             if not calls:
@@ -200,8 +204,15 @@ class DeliveryLoop:
         deliverer.events.on_acknowledged = self.progress.acknowledged
         deliverer.events.on_answer = self.metrics.track
         if self.outage.open:
-            # The first pass after an outage is the probe: one more failure opens it again.
-            deliverer.breaker = CircuitBreaker.probing()
+            # The first pass after an outage is the probe: a few trial calls decide (breaker.py).
+            gleap = self.config.gleap
+            deliverer.breaker = CircuitBreaker.probing(
+                gleap.breaker_failures,
+                Trials(gleap.breaker_trial_calls, gleap.breaker_trial_failure_rate),
+                on_change=self._breaker_changed,
+            )
+            self.outage.probe()
+            self.metrics.breaker(HALF_OPEN)
         keys = {audience_id: run.audience.key for audience_id, run in runs.items()}
         # A renamed property's old keys go out with it, logged under its run.
         owners = {r.id: audience_id for audience_id, run in runs.items() for r in run.retired}
@@ -235,6 +246,22 @@ class DeliveryLoop:
             except (AudienceSyncError, SQLAlchemyError) as exc:
                 # Only a count: the pass's own outcome (or error) is what matters.
                 log.warning("could not count the field conflicts of a delivery pass: %s", exc)
+
+    def _breaker_changed(self, breaker: CircuitBreaker) -> None:
+        """A probe pass's breaker closed (its trial calls went well enough): delivery resumes in
+        this same pass, so /healthz, `status`, the page, /metrics and the alert say so now, not
+        when the pass ends. Reopened, the pass ends and the loop records it (GleapUnavailableError)."""
+        if breaker.state != CLOSED or not self.outage.close():
+            return
+        failed, answered = breaker.verdict or (0, 0)
+        log.info("Gleap answers again (%d of %d trial calls failed); delivery resumed", failed, answered)
+        self.metrics.breaker(CLOSED)
+        self.blocked = None  # Gleap takes calls: a run this pass closes did not end "aborted"
+        # Called on the pass's event loop: the alert's store write goes to a thread.
+        try:
+            asyncio.get_running_loop().run_in_executor(None, self.alerts.gleap, None)
+        except RuntimeError:  # no loop running: a unit test's direct call
+            self.alerts.gleap(None)
 
     def _observe(self, outcomes: Sequence[Outcome]) -> None:
         self.metrics.outcomes(outcomes)

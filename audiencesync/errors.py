@@ -235,16 +235,23 @@ class StoreMissingError(StoreError):
 class GleapUnavailableError(GleapError):
     """The circuit breaker opened: Gleap failed for many users in a row (unreachable or 5xx)."""
 
-    def __init__(self, *, base_url: str, failures: int, users: int, last_error: str) -> None:
+    def __init__(
+        self, *, base_url: str, failures: int, users: int, last_error: str, trials: int | None = None
+    ) -> None:
         self.base_url = base_url
         self.failures = failures
         self.users = users
         self.last_error = last_error
+        self.trials = trials  # the half-open breaker's trial calls answered, when it reopened
+        failed = (
+            f"{failures} of {trials} trial calls after an outage, for {users} different users,"
+            if trials
+            else f"{failures} calls in a row for {users} different users"
+        )
         super().__init__(
-            f"Gleap at {base_url} is failing: {failures} calls in a row for {users} different users "
-            f"got no answer or a 5xx (last: {last_error}). Delivery stopped; every change is still "
-            "pending. Fix: check the network and Gleap's status page, or [gleap] base_url; "
-            "the next run carries on."
+            f"Gleap at {base_url} is failing: {failed} got no answer or a 5xx (last: {last_error}). "
+            "Delivery stopped; every change is still pending. Fix: check the network and Gleap's "
+            "status page, or [gleap] base_url; the next run carries on."
         )
 
 

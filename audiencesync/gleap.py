@@ -269,30 +269,42 @@ class GleapClient:
         return Answer(answer.status, answer.error, tries=(tries[0],))
 
     async def _attempt(self, user_id: str, send: Callable[[], Awaitable[Answer]], tries: list[Try]) -> Answer:
-        """One request through the limiter, noted in ``tries`` and told to the breaker."""
-        await self.limiter.acquire()
-        # The wait can be long (a 429's pause, a slowed rate): a breaker that opened meanwhile
-        # stops this request too, not only those that start after it.
-        if self.breaker.is_open:
+        """One request through the breaker and the limiter, noted in ``tries`` and told to the breaker."""
+        # Before the limiter: a request waiting for a half-open breaker's verdict takes no token.
+        if not await self.breaker.admit():
             raise _Halted()
-        if self.before_send is not None:
-            self.before_send()  # after the limiter's wait, which may be long
-        # Timed from when the request may go out, not from the wait for the limiter.
-        at, started = self._now(), time.monotonic()
+        told = False
         try:
-            answer = await send()
-        except _Transient as exc:
-            tries.append(Try(at, exc.status, exc.outcome, str(exc), _ms(started)))
-            if exc.status != 429:
-                self.breaker.failure(user_id, str(exc))
-            raise
-        except GleapAuthError as exc:
-            tries.append(Try(at, exc.status, "rejected", f"HTTP {exc.status}", _ms(started)))
-            raise
-        outcome = "acknowledged" if answer.ok else "rejected"
-        tries.append(Try(at, answer.status, outcome, answer.error, _ms(started)))
-        self.breaker.success()
-        return answer
+            await self.limiter.acquire()
+            # The wait can be long (a 429's pause, a slowed rate): a breaker that opened meanwhile
+            # stops this request too, not only those that start after it.
+            if self.breaker.is_open:
+                raise _Halted()
+            if self.before_send is not None:
+                self.before_send()  # after the limiter's wait, which may be long
+            # Timed from when the request may go out, not from the wait for the limiter.
+            at, started = self._now(), time.monotonic()
+            try:
+                answer = await send()
+            except _Transient as exc:
+                tries.append(Try(at, exc.status, exc.outcome, str(exc), _ms(started)))
+                if exc.status != 429:
+                    told = True
+                    self.breaker.failure(user_id, str(exc))
+                raise
+            except GleapAuthError as exc:
+                tries.append(Try(at, exc.status, "rejected", f"HTTP {exc.status}", _ms(started)))
+                raise
+            outcome = "acknowledged" if answer.ok else "rejected"
+            tries.append(Try(at, answer.status, outcome, answer.error, _ms(started)))
+            told = True
+            self.breaker.success(user_id)
+            return answer
+        finally:
+            if not told:
+                # No verdict on Gleap's health (a 429, a refused token, never sent, cancelled):
+                # a half-open breaker's trial goes to another request.
+                self.breaker.void()
 
     async def _retry(
         self, user_id: str, send: Callable[[], Awaitable[Answer]], tries: list[Try], first: _Transient

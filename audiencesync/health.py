@@ -19,7 +19,9 @@ Clock = Callable[[], datetime]
 class Outage:
     """The daemon's view of Gleap's circuit breaker.
 
-    Open after a drain gave up on Gleap; closed by the next pass that didn't.
+    Open after a drain gave up on Gleap; probing (the breaker half-open) while the
+    next pass's trial calls go out; closed as soon as their verdict is good, or by a
+    pass with nothing to send.
     """
 
     def __init__(self, clock: Clock) -> None:
@@ -27,6 +29,7 @@ class Outage:
         self.opened_at: datetime | None = None
         self.reason = ""
         self.next_probe_at: datetime | None = None
+        self.probing = False
 
     @property
     def open(self) -> bool:
@@ -38,12 +41,18 @@ class Outage:
         if opened:
             self.opened_at = self.clock()
         self.reason = reason
+        self.probing = False
         self.next_probe_at = self.clock() + timedelta(seconds=retry_in)
         return opened
+
+    def probe(self) -> None:
+        """A probe pass starts: the breaker is half-open until its trial calls' verdict."""
+        self.probing, self.next_probe_at = True, None
 
     def close(self) -> bool:
         """True when it was open (log the recovery once)."""
         was_open, self.opened_at, self.next_probe_at = self.opened_at is not None, None, None
+        self.probing = False
         return was_open
 
 

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from audiencesync import attention as attention_mod, lifecycle
+from audiencesync.breaker import CLOSED, STATE_VALUES
 from audiencesync.gleap import Answer
 from audiencesync.prune import PruneRecord
 from audiencesync.store import AudienceStatus, Clock, Outcome, utc_now
@@ -39,7 +40,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.breaker_open = Gauge(
             "audiencesync_gleap_breaker_open",
-            "1 while delivery is paused because Gleap is unavailable (circuit breaker open), else 0.",
+            "1 while delivery is paused because Gleap is unavailable (circuit breaker open or "
+            "half-open, probing), else 0.",
+            registry=self.registry,
+        )
+        self.breaker_state = Gauge(
+            "audiencesync_gleap_breaker_state",
+            "Gleap's circuit breaker: 0 closed, 1 open, 2 half-open (trial calls after an outage).",
             registry=self.registry,
         )
         self.cycles = Counter(
@@ -96,6 +103,11 @@ class Metrics:
         self.registry.register(_PruneCollector(prunes))
         if attention is not None:
             self.registry.register(_AttentionCollector(attention))
+
+    def breaker(self, state: str) -> None:
+        """The daemon's circuit breaker changed state (breaker.CLOSED, OPEN or HALF_OPEN)."""
+        self.breaker_open.set(0 if state == CLOSED else 1)
+        self.breaker_state.set(STATE_VALUES[state])
 
     def outcomes(self, outcomes: Iterable[Outcome]) -> None:
         for outcome in outcomes:

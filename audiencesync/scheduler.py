@@ -34,6 +34,7 @@ from audiencesync import lifecycle, store as store_mod
 from audiencesync.admin import AdminDesk
 from audiencesync.alerts import Alerts
 from audiencesync.backoff import Backoff
+from audiencesync.breaker import CLOSED
 from audiencesync.config import Config
 from audiencesync.daemon_health import DaemonHealth
 from audiencesync.daemon_reload import ConfigReload
@@ -75,7 +76,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         backoff_initial: float = 0.5,
-        breaker_backoff: tuple[float, float] = (30.0, 600.0),
+        breaker_backoff: tuple[float, float] = (15.0, 60.0),
         error_backoff: tuple[float, float] = (1.0, 60.0),
         clock: store_mod.Clock = store_mod.utc_now,
         notifier: Notifier | None = None,
@@ -85,9 +86,10 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
         self.standing = "starting"
         self.transport = transport
         self.backoff_initial = backoff_initial
-        self.breaker_backoff = (
-            breaker_backoff  # Gleap unavailable: probe again after 30 s, doubling to 10 min
-        )
+        # Gleap unavailable: probe again after 15 s, doubling to 1 min, so that delivery resumes
+        # within a minute of Gleap answering again. A probe costs at most breaker_trial_calls
+        # requests (and a pass with nothing due makes none).
+        self.breaker_backoff = breaker_backoff
         self.error_backoff = error_backoff  # a store error in a loop: retry after 1 s, doubling to 1 min
         self.engine = store_mod.engine_for(config.store)
         self.lease = WriterLease(
@@ -296,7 +298,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
         self.gate = PassGate(self.wake)
         self.syncer.sources.resume()
         self.outage.close()
-        self.metrics.breaker_open.set(0)
+        self.metrics.breaker(CLOSED)
         with self.lease.kept(release=lambda: self._refreshing == 0):
             self.active = True
             if self.listener is not None:

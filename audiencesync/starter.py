@@ -140,6 +140,16 @@ def sections() -> list[Section]:
                 Option(
                     "breaker_failures", gleap.breaker_failures, "failed calls in a row that pause delivery"
                 ),
+                Option(
+                    "breaker_trial_calls",
+                    gleap.breaker_trial_calls,
+                    "after an outage: trial calls that decide whether delivery resumes",
+                ),
+                Option(
+                    "breaker_trial_failure_rate",
+                    gleap.breaker_trial_failure_rate,
+                    "...resumes when at most this share of them failed",
+                ),
                 Option("delete_path", gleap.delete_path, "`forget --in-gleap`: the contact deletion path"),
                 Option(
                     "events", gleap.events, "post Audience Entered/Exited events (each audience may override)"

@@ -309,6 +309,8 @@ class GleapStandIn:
         self._lose_rules: deque[list[Any]] = deque()
         self._user_faults: dict[str, deque[_UserFault]] = {}
         self._script: deque[int | str] = deque()  # script_next(): one step per identify or DELETE
+        self._every: tuple[int, _Reply] | None = None  # fail_every(): (n, the failure), until cleared
+        self._every_seen = 0  # requests counted by fail_every()
         self._cookie: str | None = None  # set_cookie(): a Set-Cookie header on every answer
         self._window: deque[float] = deque()
         self._connections: set[socket.socket] = set()
@@ -430,6 +432,12 @@ class GleapStandIn:
         with self._lock:
             self._fail_rules.append([count, _text_reply(status, body, headers)])
 
+    def fail_every(self, n: int, status: int, *, body: str = "") -> None:
+        """From now until clear_faults(), every ``n``-th identify, track or DELETE request (after
+        the other failure rules) is answered ``status``: a Gleap failing a share of its calls."""
+        with self._lock:
+            self._every, self._every_seen = (n, _text_reply(status, body)), 0
+
     def fail_user(self, user_id: str, status: int, *, body: str = "", times: int | None = None) -> None:
         with self._lock:
             self._user_faults.setdefault(user_id, deque()).append(_UserFault(status, body, times))
@@ -488,6 +496,7 @@ class GleapStandIn:
             self._lose_rules.clear()
             self._user_faults.clear()
             self._script.clear()
+            self._every = None
             self._bad_event_users.clear()
             self._track_fail_rules.clear()
             self._track_lose_rules.clear()
@@ -590,6 +599,10 @@ class GleapStandIn:
                 return _Faults(delay, drop, failure, lost, ok, {}, False)
             drop = _take(self._drop_rules) is not None
             failure = None if drop else next((f for f in map(_take, fail) if f is not None), None)
+            if not drop and failure is None and self._every is not None:
+                self._every_seen += 1
+                if self._every_seen % self._every[0] == 0:
+                    failure = self._every[1]
             limit_headers, limited = ({}, False) if drop or failure else self._admit()
             lost = not (drop or failure or limited) and any(_take(rules) is not None for rules in lose)
             return _Faults(delay, drop, failure, lost, 200, limit_headers, limited)

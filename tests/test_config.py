@@ -231,11 +231,13 @@ def test_cli_without_token_refuses_and_says_how(
 def test_new_settings_parse(tmp_path: Path) -> None:
     text = BASE.replace('url = "sqlite:///store.db"', 'url = "sqlite:///store.db"\nbusy_timeout_seconds = 5')
     text += "[gleap]\nprevent_last_activity_update = false\nbreaker_failures = 3\n"
+    text += "breaker_trial_calls = 4\nbreaker_trial_failure_rate = 0\n"
     text += '[sync]\nretry_backoff = "30s"\nretry_backoff_max = "1h30m"\n'
     text += '[server]\nlisten = "127.0.0.1:9464"\nstall_after = "5m"\n' + AUDIENCE
     config = load_config(write(tmp_path, text))
     assert config.store.busy_timeout_seconds == 5.0
     assert config.gleap.prevent_last_activity_update is False and config.gleap.breaker_failures == 3
+    assert (config.gleap.breaker_trial_calls, config.gleap.breaker_trial_failure_rate) == (4, 0.0)
     assert (config.sync.retry_backoff_seconds, config.sync.retry_backoff_max_seconds) == (30, 5400)
     assert config.server is not None and config.server.stall_after_seconds == 300
 
@@ -244,6 +246,7 @@ def test_new_settings_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, BASE + '[server]\nlisten = "127.0.0.1:9464"\n' + AUDIENCE))
     assert config.store.busy_timeout_seconds == 30.0
     assert config.gleap.prevent_last_activity_update is True and config.gleap.breaker_failures == 20
+    assert (config.gleap.breaker_trial_calls, config.gleap.breaker_trial_failure_rate) == (10, 0.5)
     assert (config.sync.retry_backoff_seconds, config.sync.retry_backoff_max_seconds) == (60, 3600)
     assert config.server is not None and config.server.stall_after_seconds == 900
 
@@ -256,6 +259,12 @@ def test_new_settings_defaults(tmp_path: Path) -> None:
         ('[gleap]\nprevent_last_activity_update = "no"\n', ["prevent_last_activity_update", "bool"]),
         ("[gleap]\nbreaker_failures = 0\n", ["[gleap].breaker_failures", "greater than zero"]),
         ("[gleap]\nbreaker_failures = 2.5\n", ["[gleap].breaker_failures", "must be a int"]),
+        ("[gleap]\nbreaker_trial_calls = 0\n", ["[gleap].breaker_trial_calls", "greater than zero"]),
+        (
+            "[gleap]\nbreaker_trial_failure_rate = 1\n",
+            ["[gleap].breaker_trial_failure_rate", "less than 1", "e.g. 0.5"],
+        ),
+        ("[gleap]\nbreaker_trial_failure_rate = -0.1\n", ["breaker_trial_failure_rate", "at least 0"]),
         ("[sync]\nretry_backoff = 60\n", ["[sync].retry_backoff", "must be a str"]),
         ('[sync]\nretry_backoff = "1 minute"\n', ["[sync].retry_backoff", "is not a duration"]),
         ('[sync]\nretry_backoff_max = "1x"\n', ["[sync].retry_backoff_max", "is not a duration"]),

@@ -18,7 +18,8 @@ from tests.model.world import TOKEN, Templates, World, workdir
 users = st.sampled_from(USERS)
 picks = st.integers(0, 7)  # an index into whatever candidates there are, modulo their number
 # Faults that leave a call's outcome unknown (it may have been applied), and verdicts.
-MAYBE_APPLIED = ("drop", "lose", "5xx", "408", "track_lose", "kill")
+# "flaky": every third request answers 503 until the faults are cleared (Gleap back from an outage).
+MAYBE_APPLIED = ("drop", "lose", "5xx", "408", "track_lose", "flaky", "kill")
 VERDICTS = ("4xx", "401")
 # Scripted (GleapStandIn.script_next): one step per request, in order, so one call's retry meets
 # the second step (A2: an outcome unknown, then a verdict on the retry, keeps its unknown mark).
@@ -154,6 +155,8 @@ class EngineMachine(RuleBasedStateMachine):
         elif kind in ("5xx", "408", "429"):
             status = 503 if kind == "5xx" else int(kind)
             gleap.fail_next(count, status, retry_after="0" if kind != "5xx" else None)
+        elif kind == "flaky":
+            gleap.fail_every(3, 503)
         elif kind == "4xx":
             gleap.fail_user(user, 422, body="unprocessable", times=1)
         elif kind == "401":
@@ -192,6 +195,15 @@ class EngineMachine(RuleBasedStateMachine):
             self.armed.add("kill")
         self._prepare()
         self.world.sync(full=full, failpoint=f"{kill[0]}:{kill[1]}:raise" if kill else None)
+        self.model.refresh()
+
+    @precondition(lambda self: self.model.slots)
+    @rule()
+    def probe_sync(self) -> None:
+        """A pass as the daemon's first after an outage: its breaker half-open, a few trial calls
+        decide whether it closes (and the pass goes on) or opens again (everything stays pending)."""
+        self._prepare()
+        self.world.sync(probe=True)
         self.model.refresh()
 
     @precondition(lambda self: self.model.configured())

@@ -23,7 +23,9 @@ import sqlalchemy as sa
 from httpx._transports import default as httpx_transports
 
 from audiencesync import cli, failpoints, store as store_mod
+from audiencesync.breaker import CircuitBreaker, Trials
 from audiencesync.config import Config, StoreConfig, load_config
+from audiencesync.delivery import Deliverer
 from audiencesync.gleap import GleapClient
 from audiencesync.store import Store
 from audiencesync.sync import Syncer
@@ -223,11 +225,23 @@ allow_empty = true
 
     # -- the engine ------------------------------------------------------------------------------
 
-    def sync(self, *, full: bool = False, failpoint: str | None = None) -> Ran:
-        """One `sync` cycle in-process: refresh every active property, then deliver."""
+    def sync(self, *, full: bool = False, failpoint: str | None = None, probe: bool = False) -> Ran:
+        """One `sync` cycle in-process: refresh every active property, then deliver. ``probe``: its
+        breaker starts half-open, as the daemon's first pass after an outage (a few trial calls)."""
         assert self.config is not None
         engine = store_mod.engine_for(self.config.store)
         syncer = Syncer(self.config, Store(engine), backoff_initial=0.01)
+        if probe:
+            gleap = self.config.gleap
+
+            def probing(store: Store | None = None) -> Deliverer:
+                deliverer = Syncer.deliverer(syncer, store)
+                deliverer.breaker = CircuitBreaker.probing(
+                    gleap.breaker_failures, Trials(3, gleap.breaker_trial_failure_rate)
+                )
+                return deliverer
+
+            syncer.deliverer = probing  # type: ignore[method-assign]
         with armed(failpoint):
             try:
                 report = syncer.run_cycle(full=full)
