@@ -6,8 +6,11 @@ read (and tested) apart from the processes and the clock.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -125,3 +128,29 @@ def rss_slope(samples: Sequence[Sample], warmup: float) -> tuple[float | None, i
     if denominator == 0:
         return None, count
     return numerator / denominator * 3600, count
+
+
+def mb(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def write_samples(path: Path, samples: Sequence[Sample]) -> None:
+    """Every sample, for a plot of the run (RSS, health, pending, acknowledged calls over time)."""
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow([f.name for f in dataclasses.fields(Sample)])
+        writer.writerows(dataclasses.astuple(x) for x in samples)
+
+
+def first_signs(samples: Sequence[Sample], end: float, until: float) -> list[str]:
+    """When /healthz first answered ok, and an identify was first acknowledged, after ``end``:
+    what to read a recovery that was missed (or came late) by."""
+    window = [x for x in samples if end <= x.at <= until]
+    if not window:
+        return []
+    notes = []
+    ok = next((x.at for x in window if healthy(x)), None)
+    acked = next((x.at for x in window if x.acked > window[0].acked), None)
+    notes.append(f"/healthz ok after {ok - end:.0f} s" if ok is not None else "/healthz never ok")
+    notes.append(f"first ack after {acked - end:.0f} s" if acked is not None else "no ack")
+    return notes

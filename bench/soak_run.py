@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import soak_world as world
-from bench.soak_analysis import Outage, Sample, healthy, recovery, rss_at, rss_slope
+from bench.soak_analysis import Outage, Sample, first_signs, mb, recovery, rss_at, rss_slope, write_samples
 from tests.gleap_standin import BackgroundFaults, GleapStandIn
 
 # The outages, in their order, and how long each lasts (Settings' field; None: a signal).
@@ -332,6 +332,7 @@ class Soak:
             summary.daemon_events.append(f"final SIGTERM: exit status {status} after {seconds:.1f} s")
         self.standin.stop()
         samples = self.samples
+        write_samples(self.workdir / "samples.csv", samples)
         for n, outage in enumerate(outages):
             if outage.end is None:
                 continue
@@ -353,9 +354,9 @@ class Soak:
         # The start: once the daemon serves (before, the interpreter is still importing).
         serving = next((x.at for x in samples if x.healthz is not None), 0.0)
         summary.rss = {
-            "start": _mb(rss_at(samples, serving)),
-            "warm": _mb(rss_at(samples, s.warmup)),
-            "end": _mb(last),
+            "start": mb(rss_at(samples, serving)),
+            "warm": mb(rss_at(samples, s.warmup)),
+            "end": mb(last),
             "slope_mb_per_hour": None if slope is None else round(slope, 2),
             "samples": count,
         }
@@ -377,24 +378,6 @@ class Soak:
         for daemon in self.daemons:
             daemon.kill()
         self.standin.stop()
-
-
-def _mb(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
-
-
-def first_signs(samples: list[Sample], end: float, until: float) -> list[str]:
-    """When /healthz first answered ok, and an identify was first acknowledged, after ``end``:
-    what to read a recovery that was missed (or came late) by."""
-    window = [x for x in samples if end <= x.at <= until]
-    if not window:
-        return []
-    notes = []
-    ok = next((x.at for x in window if healthy(x)), None)
-    acked = next((x.at for x in window if x.acked > window[0].acked), None)
-    notes.append(f"/healthz ok after {ok - end:.0f} s" if ok is not None else "/healthz never ok")
-    notes.append(f"first ack after {acked - end:.0f} s" if acked is not None else "no ack")
-    return notes
 
 
 def run(settings: Settings, workdir: Path, progress: Callable[[str], None] = lambda _: None) -> Summary:
