@@ -83,6 +83,8 @@ def print_summary(summary: Summary) -> None:
         f"{'' if summary.drained else ', deadline reached'})"
         + (f"; e.g. {summary.mismatch_examples}" if summary.mismatches else "")
     )
+    for event in summary.daemon_events:
+        print(event)
     print(f"tracebacks: {len(summary.tracebacks)}")
     for line in summary.tracebacks[:10]:
         print(f"  {line}")

@@ -97,6 +97,7 @@ class Summary:
             "enforce_rss": self.settings.enforce_rss,
         }
         data["workdir"] = str(self.workdir)
+        data["passed"] = not self.problems
         for outage, raw in zip(self.outages, data["outages"], strict=True):
             raw["recovery"] = outage.recovery
         return data
@@ -127,6 +128,7 @@ class Soak:
         self.say = progress
         self.summary = Summary(settings, workdir)
         self.t0 = time.monotonic()
+        self.wall0 = time.time()  # to place the daemon's log lines on the run's clock
         self.samples: list[Sample] = []
         self.stop = threading.Event()  # the samplers and the churn
         self.churning = threading.Event()
@@ -330,9 +332,14 @@ class Soak:
                 self.stopping_daemon = True
             status, seconds = self.daemon.terminate(s.shutdown_grace_seconds + 60)
             summary.daemon_events.append(f"final SIGTERM: exit status {status} after {seconds:.1f} s")
+            if status != 0:
+                summary.problems.append(f"the daemon's final SIGTERM exit status was {status}, not 0")
         self.standin.stop()
         samples = self.samples
         write_samples(self.workdir / "samples.csv", samples)
+        logged = [
+            (at - self.wall0, line) for at, line in world.problems_logged([d.log for d in self.daemons])
+        ]
         for n, outage in enumerate(outages):
             if outage.end is None:
                 continue
@@ -340,6 +347,9 @@ class Soak:
             until = following if following is not None else summary.seconds
             outage.recovered, outage.relapses = recovery(samples, outage.end, until, s.stable_seconds)
             outage.notes += first_signs(samples, outage.end, until)
+            during = [line for at, line in logged if (outage.start or outage.end) <= at <= until]
+            if during:
+                outage.notes.append(f"{len(during)} warnings/errors logged, first: {during[0][:160]}")
             if outage.recovery is None or outage.recovery > s.recovery_target:
                 shown = (
                     f"{outage.recovery:.0f} s"

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,22 @@ class Daemon:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (WARNING|ERROR|CRITICAL) (.*)$")
+
+
+def problems_logged(logs: list[Path]) -> list[tuple[float, str]]:
+    """The daemon's WARNING and ERROR lines: (Unix time, the line from its level on). The log's
+    times are the host's local time, as the daemon's logging writes them."""
+    found = []
+    for log in logs:
+        for line in log.read_text(errors="replace").splitlines():
+            match = _LOG_LINE.match(line)
+            if match:
+                at = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S").timestamp() + int(match[2]) / 1000
+                found.append((at, f"{match[3]} {match[4]}"))
+    return sorted(found)
 
 
 def tracebacks(log: Path) -> list[str]:
