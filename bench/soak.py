@@ -46,7 +46,8 @@ import json
 import os
 import tempfile
 
-from bench.soak_run import Settings, Summary, run
+from bench.soak_plan import Settings
+from bench.soak_run import Summary, run
 from tests import postgres_guard
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/soak_test"

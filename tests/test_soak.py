@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from bench.soak_analysis import Sample, recovery, rss_slope
-from bench.soak_run import Settings, run
+from bench.soak_plan import Settings, plan
+from bench.soak_run import run
 from bench.soak_world import problems_logged, tracebacks
 from tests.gleap_standin import BackgroundFaults, GleapStandIn
 
@@ -149,3 +150,15 @@ def test_tracebacks_and_problems_are_read_from_the_daemons_log(tmp_path: Path) -
     logged = problems_logged([log])
     assert [line.split(" ", 1)[0] for _, line in logged] == ["ERROR", "WARNING"]
     assert logged[1][0] - logged[0][0] == pytest.approx(0.75)
+
+
+def test_the_outages_are_spread_after_the_warm_up_with_equal_gaps() -> None:
+    outages = plan(Settings(minutes=120))
+    assert outages[0].planned == 600  # after 10 minutes
+    ends = [o.planned + o.seconds for o in outages]
+    gaps = [b.planned - a for a, b in zip(ends, outages[1:], strict=False)]
+    assert len(set(round(g, 6) for g in gaps)) == 1 and gaps[0] > 20 * 60
+    assert [o.seconds for o in outages] == [180, 120, 40, 0, 0]
+    assert ends[-1] + gaps[0] == pytest.approx(120 * 60)
+    short = plan(SHORT)
+    assert short[0].planned == 25 and short[-1].planned < SHORT.minutes * 60
