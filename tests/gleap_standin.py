@@ -18,6 +18,7 @@ import copy
 import hmac
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -47,6 +48,7 @@ CONTACT_FIELDS: Final = frozenset(
      "createdAt", "lastActivity", "lastPageView"}
 )  # fmt: skip
 _JSON: Final = "application/json"
+_ROUTE_KINDS: Final = {IDENTIFY_PATH: "identify", TRACK_PATH: "track", AUTH_PATH: "auth"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,20 @@ class _Faults:
     ok: int  # the success status (a script may ask for 201 or 204)
     limit_headers: dict[str, str]
     limited: bool
+
+
+@dataclass(frozen=True)
+class BackgroundFaults:
+    """Faults drawn at random for every identify, track and DELETE that no other rule answered
+    (``GleapStandIn.set_background_faults``): a flaky Gleap, as a soak test wants it. Shares are
+    of all such requests, from 0 to 1; ``seed`` makes a run repeatable."""
+
+    server_error: float = 0.0  # answered a 5xx (one of ``statuses``), unapplied
+    rate_limited: float = 0.0  # answered 429 with ``Retry-After: retry_after``, unapplied
+    lost: float = 0.0  # applied, then the connection dropped: the answer is lost
+    statuses: tuple[int, ...] = (500, 502, 503, 504)
+    retry_after: str = "1"
+    seed: int | None = None
 
 
 @dataclass
@@ -272,9 +288,12 @@ class GleapStandIn:
     with fault injection.
 
     Fault rules are consumed per kind in FIFO order, and only by identify requests
-    carrying a valid token. For one identify the order of evaluation is: script_next (which,
-    while it has steps, replaces drop_next, fail_next, lose_answer_next and the rate limit),
-    drop_next, fail_next, rate limit, body validation (400), fail_user, success. delay_next is
+    carrying a valid token. For one identify the order of evaluation is: set_down (Gleap down:
+    every call answered the same status), script_next (which, while it has steps, replaces
+    drop_next, fail_next, lose_answer_next, the background faults and the rate limit),
+    drop_next, fail_next, the background faults' 5xx and 429 (set_background_faults), rate limit,
+    body validation (400), fail_user, success (its answer lost by lose_answer_next, else by the
+    background faults' share of lost answers). delay_next is
     orthogonal: it postpones whatever the answer turns out to be (a drop included).
     ``latency_seconds`` postpones every identify's answer the same way, as a distant
     Gleap would (the benchmark's "50 ms per answer").
@@ -286,8 +305,17 @@ class GleapStandIn:
         *,
         rate_limit_per_minute: int | None = None,
         latency_seconds: float = 0.0,
+        keep_log: bool = True,
     ) -> None:
         self._lock = threading.Lock()
+        # False: no request log and no identify bodies kept (a long soak run would grow them
+        # without bound); the counts (answer_counts, last_ack_at) and the contacts are kept.
+        self._keep_log = keep_log
+        self._answer_counts: Counter[tuple[str, int]] = Counter()
+        self._last_ack_at: float | None = None  # time.monotonic() of the last 2xx identify answered
+        self._background: BackgroundFaults | None = None
+        self._rng = random.Random()
+        self._down: _Reply | None = None  # set_down(): every call answered this
         self._token = token
         self.rate_limit_per_minute = rate_limit_per_minute
         self.latency_seconds = latency_seconds
@@ -417,6 +445,18 @@ class GleapStandIn:
         """Every event accepted, in arrival order."""
         return [event for batch in self.track_calls for event in batch]
 
+    def answer_counts(self) -> dict[tuple[str, int], int]:
+        """How many requests got each answer, by (route, status): route is ``identify``,
+        ``track``, ``delete``, ``auth`` or ``other``; status 0 is a dropped or lost answer."""
+        with self._lock:
+            return dict(self._answer_counts)
+
+    @property
+    def last_ack_at(self) -> float | None:
+        """When (``time.monotonic()``) an identify was last answered a 2xx; None before any."""
+        with self._lock:
+            return self._last_ack_at
+
     def reset_log(self) -> None:
         with self._lock:
             self._requests.clear()
@@ -482,6 +522,21 @@ class GleapStandIn:
         """Every answer from now on carries ``Set-Cookie: <cookie>`` (None: no more)."""
         with self._lock:
             self._cookie = cookie
+
+    def set_background_faults(self, faults: BackgroundFaults | None) -> None:
+        """From now on, draw ``faults`` for every identify, track and DELETE that no rule above
+        answers (None: no more). The explicit rules (script_next, drop_next, fail_next, ...)
+        come first, the sliding-window rate limit after."""
+        with self._lock:
+            self._background = faults
+            if faults is not None:
+                self._rng = random.Random(faults.seed)
+
+    def set_down(self, status: int | None) -> None:
+        """Gleap down: every identify, track, DELETE and token check is answered ``status``
+        (e.g. 503), unapplied, before any other rule, until ``set_down(None)``."""
+        with self._lock:
+            self._down = None if status is None else _json_reply(status, {"message": "Service unavailable"})
 
     def drop_next(self, count: int) -> None:
         with self._lock:
@@ -557,8 +612,13 @@ class GleapStandIn:
 
     def _record(self, seq: int, request: RecordedRequest) -> None:
         # Recorded before the answer goes out, so a test that has its response can assert on the log.
+        route = urlsplit(request.path).path
+        kind = _ROUTE_KINDS.get(route, "delete" if route.startswith(CONTACTS_PATH) else "other")
         with self._lock:
-            if seq >= self._log_epoch:
+            self._answer_counts[(kind, request.status)] += 1
+            if kind == "identify" and 200 <= request.status < 300:
+                self._last_ack_at = time.monotonic()
+            if seq >= self._log_epoch and self._keep_log:
                 self._requests[seq] = request
 
     def _answer(self, method: str, path: str, headers: dict[str, str], body: Any) -> _Reply:
@@ -572,7 +632,7 @@ class GleapStandIn:
             if method != "GET":
                 return _json_reply(405, {"message": "Method not allowed"}, {"Allow": "GET"})
             with self._lock:
-                failure = _take(self._auth_fail_rules)
+                failure = self._down or _take(self._auth_fail_rules)
             return failure if failure is not None else _json_reply(200, {"ok": True})
         if route == IDENTIFY_PATH:
             if method != "POST":
@@ -594,6 +654,8 @@ class GleapStandIn:
         rate limit, then a lost answer (the first of ``lose`` that has one)."""
         with self._lock:
             delay: float | None = _take(self._delay_rules)
+            if self._down is not None:
+                return _Faults(delay, False, self._down, False, 200, {}, False)
             if self._script:
                 drop, failure, lost, ok = self._scripted()
                 return _Faults(delay, drop, failure, lost, ok, {}, False)
@@ -603,9 +665,24 @@ class GleapStandIn:
                 self._every_seen += 1
                 if self._every_seen % self._every[0] == 0:
                     failure = self._every[1]
+            background = self._background
+            if background is not None and not drop and failure is None:
+                failure = self._background_failure(background)
             limit_headers, limited = ({}, False) if drop or failure else self._admit()
-            lost = not (drop or failure or limited) and any(_take(rules) is not None for rules in lose)
+            lost = not (drop or failure or limited) and (
+                any(_take(rules) is not None for rules in lose)
+                or (background is not None and self._rng.random() < background.lost)
+            )
             return _Faults(delay, drop, failure, lost, 200, limit_headers, limited)
+
+    def _background_failure(self, background: BackgroundFaults) -> _Reply | None:
+        """A drawn 5xx or 429, or None (under the lock)."""
+        roll = self._rng.random()
+        if roll < background.server_error:
+            return _text_reply(self._rng.choice(background.statuses), "")
+        if roll < background.server_error + background.rate_limited:
+            return _json_reply(429, {"message": "Too many requests"}, {"Retry-After": background.retry_after})
+        return None
 
     def _early(self, faults: _Faults, latency: float = 0.0) -> _Reply | None:
         """The answer a fault gives before the request is looked at, or None to go on."""
@@ -682,7 +759,8 @@ class GleapStandIn:
             fault = self._user_fault(user_id)
             if fault is None:
                 self._contacts.setdefault(user_id, {}).update(copy.deepcopy(body))
-                self._identify_calls.append(copy.deepcopy(body))
+                if self._keep_log:
+                    self._identify_calls.append(copy.deepcopy(body))
         if fault is not None:
             return _text_reply(fault.status, fault.body, limit_headers)
         self._contacts_changed()
