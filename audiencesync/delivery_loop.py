@@ -30,10 +30,12 @@ from audiencesync.errors import (
     GleapUnavailableError,
     LeaseLostError,
     brief,
+    foreseen,
 )
 from audiencesync.forget_requests import ForgetDesk
 from audiencesync.health import Outage, Progress
 from audiencesync.lease import WriterLease
+from audiencesync.lease_renewal import LeaseUnrenewedError
 from audiencesync.metrics import Metrics
 from audiencesync.pass_gate import PassGate
 from audiencesync.store import Outcome, Store
@@ -47,6 +49,8 @@ IDLE_SECONDS = 5.0
 # After Gleap refused the token, wait this long before trying again (a rotated token
 # can be fixed with a SIGHUP reload meanwhile).
 AUTH_BACKOFF_SECONDS = 300.0
+# While the lease waits for a locked store to let it be renewed, look again this often.
+UNRENEWED_WAIT_SECONDS = 1.0
 
 
 class DeliveryLoop:
@@ -132,13 +136,19 @@ class DeliveryLoop:
                     self.lease.lost.set()
                     halt.set()
                 return
+            except LeaseUnrenewedError as exc:
+                # The store is locked and the heartbeat is still trying: calls pause until it
+                # renews (its retries come every twentieth of the TTL), the lease is not lost.
+                log.warning("delivery paused: %s", exc)
+                halt.wait(UNRENEWED_WAIT_SECONDS)
+                continue
             except Exception as exc:
                 delay = errors.next()
                 log.error(
                     "delivery failed: %s. Everything unacknowledged stays pending; retrying in %.0f s.",
                     brief(exc),
                     delay,
-                    exc_info=errors.failures == 1,
+                    exc_info=errors.failures == 1 and not foreseen(exc),
                 )
                 halt.wait(delay)
                 continue

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 
 def iso_time(value: datetime) -> str:
     """How every message shows a time: ISO 8601 to the second with its offset (naive means UTC)."""
@@ -297,6 +299,13 @@ class PruneTimeError(ConfigError):
             "last day, so that runs still going and answers still arriving keep their history.",
             fix="pass a time at least a day ago, e.g. --before 90d or --before 2026-01-01",
         )
+
+
+def foreseen(exc: BaseException) -> bool:
+    """Whether a loop's failure was foreseen, its one-line ``brief`` saying all there is: the
+    project's own errors, and the store's operational ones (locked, connection lost). Only the
+    rest is worth a traceback in the log."""
+    return isinstance(exc, (AudienceSyncError, OperationalError))
 
 
 def brief(exc: BaseException) -> str:

@@ -123,7 +123,8 @@ class LeaseUnrenewedError(StoreError):
         super().__init__(
             f"the store's lease has not been renewed lately{why} and expires at {iso_time(until)} "
             "unless it is: no calls to Gleap until it is renewed. Fix: none needed if the store is "
-            "only locked for a moment; the heartbeat keeps trying. " + FIX_LOCK.removeprefix("Fix: ")
+            "only locked for a moment; the heartbeat keeps trying. Otherwise "
+            + FIX_LOCK.removeprefix("Fix: ")
         )
 
 

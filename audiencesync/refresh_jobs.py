@@ -21,7 +21,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from audiencesync import store as store_mod
 from audiencesync.config import AudienceConfig, Config
-from audiencesync.errors import ConfigError, GleapError, LeaseLostError, brief
+from audiencesync.errors import ConfigError, GleapError, LeaseLostError, brief, foreseen
 from audiencesync.lease import WriterLease
 from audiencesync.metrics import Metrics
 from audiencesync.sync import Run, Syncer
@@ -99,8 +99,13 @@ class RefreshJobs:
     def _refresh_job(self, key: str) -> None:
         try:
             self._refresh(key)
-        except Exception:
-            log.exception("refreshing %s failed; its next scheduled run tries again", key)
+        except Exception as exc:
+            log.error(
+                "refreshing %s failed: %s; its next scheduled run tries again",
+                key,
+                brief(exc),
+                exc_info=not foreseen(exc),
+            )
 
     def _refresh(self, key: str, *, full: bool = False, allow_removals: bool = False) -> Run | None:
         """Refresh one audience's snapshot and hand its run to the delivery loop.

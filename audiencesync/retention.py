@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from audiencesync.backoff import Backoff
-from audiencesync.errors import brief, iso_time
+from audiencesync.errors import brief, foreseen, iso_time
 from audiencesync.metrics import Metrics
 from audiencesync.prune import Pruner
 
@@ -78,7 +78,7 @@ class Retention:
                     f"pruning the history before {iso_time(before)}" if before else "reading the last prune",
                     brief(exc),
                     delay,
-                    exc_info=errors.failures == 1,
+                    exc_info=errors.failures == 1 and not foreseen(exc),
                 )
             self.looks += 1
             halt.wait(delay)

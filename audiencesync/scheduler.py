@@ -43,6 +43,7 @@ from audiencesync.errors import (
     GleapError,
     LeaseLostError,
     brief,
+    foreseen,
     iso_time,
 )
 from audiencesync.forget import Forgetter
@@ -218,7 +219,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
                         "the active period ended on an error: %s. Retrying in %.0f s.",
                         brief(exc),
                         delay,
-                        exc_info=errors.failures == 1,
+                        exc_info=errors.failures == 1 and not foreseen(exc),
                     )
                     self.standing = f"standby: the active period ended on an error; retrying in {delay:.0f} s"
                     self._pause(delay)

@@ -125,6 +125,8 @@ def test_a_locked_store_does_not_kill_the_daemon(
     locker.close()
     wait_for(lambda: members_true(gleap) == {"u2", "u3"}, timeout=60, what="convergence after the lock")
     assert daemon.stop() == 0
+    # A locked store is foreseen: each loop says so in a line, with no traceback.
+    assert "Traceback" not in daemon.output, daemon.output
 
 
 def with_store_setting(config: Config, line: str) -> Config:
