@@ -7,9 +7,11 @@ count names what grows. bench/memory_probe.py is the tool that found them.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from audiencesync import values
+from audiencesync import pending, values
 from audiencesync.alerts import Alerts
 from audiencesync.events import EventNames
 from audiencesync.store import Store
@@ -50,3 +52,14 @@ def test_reloads_with_the_same_token_keep_one_secret_to_scrub() -> None:
     alerts.configure([], ["token-2"])  # rotated: both are scrubbed
     alerts.configure([], ["token-2"])
     assert alerts._secrets == ["token-1", "token-2"]
+
+
+def test_pages_of_the_same_audiences_in_another_order_share_one_statement(store: Store) -> None:
+    """A pass's audiences come in the order their runs opened: each order was one more statement
+    built, kept and compiled, though IN does not care."""
+    ids = [store.ensure_audience(key, key, kind="audience", missing=None).id for key in ("a", "b", "c")]
+    pending._page_statement.cache_clear()
+    for order in itertools.permutations(ids):
+        for audience_id in ids:
+            store.pending_page(audience_id, list(order), "", 10)
+    assert pending._page_statement.cache_info().currsize == 1
