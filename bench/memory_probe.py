@@ -331,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     from audiencesync.config import load_config
     from audiencesync.scheduler import Daemon
 
+    if args.store_url:
+        from tests import postgres_guard
+
+        refusal = postgres_guard.refusal(args.store_url)
+        if refusal is not None:
+            parser.error(refusal)
     if not args.no_trace:
         tracemalloc.start(25)
     tmp = Path(tempfile.mkdtemp(prefix="memory-probe-"))
