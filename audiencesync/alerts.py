@@ -91,7 +91,8 @@ class Alerts:
     def configure(self, webhooks: Sequence[AlertConfig], secrets: Sequence[str] | None = None) -> None:
         """(Re)load the webhooks, as on a SIGHUP; queued messages of the old ones still go out."""
         if secrets is not None:
-            self._secrets = [*self._secrets, *(s for s in secrets if s)]  # a rotated token: scrub both
+            # A rotated token: scrub both. The same one again (every reload) is not added again.
+            self._secrets = list(dict.fromkeys([*self._secrets, *(s for s in secrets if s)]))
         backoff = self._backoff or BACKOFF
         senders = [WebhookSender(w, transport=self._transport, backoff=backoff) for w in webhooks]
         old, self._senders = getattr(self, "_senders", []), senders

@@ -49,7 +49,9 @@ def _statement(
     shape = tuple(sorted((other, c is None) for other, c in cursors.items()))
     params: dict[str, Any] = {"audience_id": audience_id, "after": after, "now": now}
     params |= {f"passed_{other}": c for other, c in cursors.items() if c is not None}
-    return _page_statement(tuple(audience_ids), limit, shape), params
+    # Sorted: the order of a pass's audiences means nothing to IN, and each order would be one
+    # more statement kept here and in the engine's compiled cache (issue 22).
+    return _page_statement(tuple(sorted(set(audience_ids))), limit, shape), params
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,0 +1,485 @@
+"""Where the daemon's memory goes: the daemon in-process, on an accelerated schedule, with
+tracemalloc snapshots, RSS and live-object counts at intervals (issue 22, item 3).
+
+Not the soak (bench/soak.py runs the real process for an hour and judges it): this is the
+investigation tool. It runs ``scheduler.Daemon`` in its main thread, as `audiencesync run`
+does (signal handlers included, so the SIGHUPs it sends are the real thing), against the
+Gleap stand-in in a subprocess of its own (so that the stand-in's memory is not counted)
+answering with random faults, and a SQLite source whose memberships churn. Every
+``--snap-every`` seconds it prints RSS, tracemalloc's total, threads and gc's object count,
+then the top growers since the last snapshot (``compare_to(previous, 'traceback')``) and
+the object types whose count grew. At the end: the slope of RSS and of tracemalloc's total
+after the warm-up, in MB/h of wall time.
+
+    nice -n 15 .venv/bin/python -m bench.memory_probe --minutes 15
+    nice -n 15 .venv/bin/python -m bench.memory_probe --minutes 15 --no-trace   # RSS alone
+    ... --store-url postgresql+psycopg://postgres@127.0.0.1:5432/memory_test
+
+The stand-in's mode: ``python -m bench.memory_probe standin --token T`` prints READY <url>;
+SIGUSR1 starts an outage (stops answering), SIGUSR2 ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import json
+import linecache
+import logging
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+TOKEN = "probe-token-4c1e"
+
+
+# --- the stand-in, in its own process ---------------------------------------------------------
+
+
+def run_standin(argv: list[str]) -> int:
+    from tests.gleap_standin import GleapStandIn, _Faults, _text_reply
+
+    parser = argparse.ArgumentParser(prog="memory_probe standin")
+    parser.add_argument("--token", default=TOKEN)
+    parser.add_argument("--latency", type=float, default=0.02)
+    parser.add_argument("--fail", type=float, default=0.10, help="share of 5xx answers")
+    parser.add_argument("--limit", type=float, default=0.05, help="share of 429 answers")
+    parser.add_argument("--lose", type=float, default=0.02, help="share of lost answers (applied)")
+    args = parser.parse_args(argv)
+
+    class Faulty(GleapStandIn):
+        """Random faults on top of the scripted ones; keeps no request log (an hour would grow it)."""
+
+        def _faults(self, fail: tuple[deque[Any], ...], lose: tuple[deque[Any], ...]) -> _Faults:
+            faults = super()._faults(fail, lose)
+            if faults.drop or faults.failure or faults.limited or faults.lost:
+                return faults
+            r = random.random()
+            if r < args.fail:
+                return _Faults(faults.delay, False, _text_reply(503, "busy"), False, 200, {}, False)
+            if r < args.fail + args.limit:
+                return _Faults(faults.delay, False, None, False, 200, {}, True)
+            if r < args.fail + args.limit + args.lose:
+                return _Faults(faults.delay, False, None, True, 200, {}, False)
+            return faults
+
+        def _record(self, seq: int, request: Any) -> None:
+            pass
+
+        def _contacts_changed(self) -> None:
+            with self._lock:
+                self._identify_calls.clear()
+                self._track_calls.clear()
+
+    standin = Faulty(args.token, latency_seconds=args.latency).start()
+    outage = threading.Event()
+
+    def on_usr(signum: int, frame: object) -> None:
+        if signum == signal.SIGUSR1 and not outage.is_set():
+            outage.set()
+            standin.stop()
+        elif signum == signal.SIGUSR2 and outage.is_set():
+            outage.clear()
+            standin.start()
+
+    signal.signal(signal.SIGUSR1, on_usr)
+    signal.signal(signal.SIGUSR2, on_usr)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"READY {standin.base_url}", flush=True)
+    while True:
+        signal.pause()
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+_MALLINFO_FIELDS: tuple[str, ...] = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks")
+_MALLINFO_FIELDS += ("fsmblks", "uordblks", "fordblks", "keepcost")
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO_FIELDS]
+
+
+def c_heap() -> dict[str, float]:
+    """What the C heap holds, which tracemalloc does not see: glibc's malloc (in use, and free
+    but kept: fragmentation), and SQLite's own allocator (page caches, prepared statements)."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+        info = libc.mallinfo2()
+        out["malloc_used_mb"] = round((info.uordblks + info.hblkhd) / 2**20, 2)
+        out["malloc_free_mb"] = round(info.fordblks / 2**20, 2)
+    with contextlib.suppress(OSError, AttributeError):
+        sqlite = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+        sqlite.sqlite3_memory_used.restype = ctypes.c_int64
+        out["sqlite_mb"] = round(sqlite.sqlite3_memory_used() / 2**20, 2)
+    return out
+
+
+def trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def type_counts() -> collections.Counter[str]:
+    return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+
+
+def cache_sizes(daemon: Any) -> dict[str, int]:
+    """The sizes of the caches that fill as shapes of statements appear: SQLAlchemy's compiled
+    cache of the store's engine and the source engines', and every functools cache of audiencesync."""
+    sizes = {"sa_store": len(daemon.engine._compiled_cache or ())}
+    engines = getattr(daemon.syncer.sources, "_engines", {})
+    sizes["sa_sources"] = sum(len(e._compiled_cache or ()) for e in engines.values())
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("audiencesync"):
+            continue
+        for attr, value in list(vars(module).items()):
+            info = getattr(value, "cache_info", None)
+            if callable(info):
+                sizes[f"{name.rsplit('.', 1)[-1]}.{attr}"] = info().currsize
+    return sizes
+
+
+def dump_cache(daemon: Any) -> None:
+    """The store engine's cached compiled statements, grouped by their first words: which
+    statements come in many shapes."""
+    cache = daemon.engine._compiled_cache or {}
+    shapes = collections.Counter(" ".join(str(compiled).split())[:150] for compiled in list(cache.values()))
+    print(f"\n{len(cache)} compiled statements cached; most repeated starts:")
+    for text, n in shapes.most_common(15):
+        print(f"  {n:4d}  {text}")
+
+
+def slope_mb_per_hour(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MB) points, in MB per hour."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mx = sum(t for t, _ in points) / n
+    my = sum(v for _, v in points) / n
+    sxx = sum((t - mx) ** 2 for t, _ in points)
+    sxy = sum((t - mx) * (v - my) for t, v in points)
+    return 3600 * sxy / sxx if sxx else 0.0
+
+
+def show_growth(snapshot: tracemalloc.Snapshot, previous: tracemalloc.Snapshot, top: int) -> None:
+    stats = snapshot.compare_to(previous, "traceback")
+    for stat in [s for s in stats if s.size_diff > 0][:top]:
+        now = stat.size / 1024
+        print(f"  +{stat.size_diff / 1024:8.1f} KiB  +{stat.count_diff:6d} blocks (now {now:.1f} KiB)")
+        frames = [f for f in stat.traceback if "/tracemalloc.py" not in f.filename]
+        ours = [f for f in frames if "audiencesync" in f.filename] or frames
+        for frame in ours[-6:]:
+            line = linecache.getline(frame.filename, frame.lineno).strip()
+            print(f"      {short(frame.filename)}:{frame.lineno}  {line[:90]}")
+
+
+def short(path: str) -> str:
+    for marker in ("site-packages/", "/audiencesync/", "/lib/python3"):
+        if marker in path:
+            return (
+                path.split(marker, 1)[1]
+                if marker != "/audiencesync/"
+                else "audiencesync/" + path.split(marker, 1)[1]
+            )
+    return path
+
+
+# --- the scenario -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(
+    path: Path, store_url: str, source: Path, base_url: str, args: argparse.Namespace, port: int
+) -> None:
+    audiences = "".join(
+        f"""
+[[audiences]]
+name = "Segment {s.upper()}"
+source = "main"
+query = "SELECT user_id, email FROM members WHERE segment = '{s}'"
+"""
+        for s in "abc"[: args.audiences]
+    )
+    path.write_text(
+        f"""
+[store]
+url = "{store_url}"
+
+[gleap]
+base_url = "{base_url}"
+api_token = "{TOKEN}"
+requests_per_minute = {args.rpm}
+max_concurrency = 4
+timeout_seconds = 5
+max_retries = 3
+events = true
+
+[sync]
+retry_backoff = "1s"
+retry_backoff_max = "10s"
+lease_seconds = 15
+
+[schedule]
+interval = "{args.refresh}s"
+jitter = "1s"
+shutdown_grace_seconds = 5
+
+[server]
+listen = "127.0.0.1:{port}"
+
+[sources.main]
+url = "sqlite:///{source}"
+{audiences}"""
+    )
+    path.chmod(0o600)
+
+
+class Source:
+    """A SQLite source whose memberships move: ``churn`` of them every call of ``move``."""
+
+    def __init__(self, path: Path, users: int, audiences: int) -> None:
+        self.path = path
+        self.users = users
+        self.segments = "abc"[:audiences]
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("CREATE TABLE members (user_id TEXT, email TEXT, segment TEXT)")
+            conn.executemany(
+                "INSERT INTO members VALUES (?, ?, ?)",
+                [
+                    (f"u{i}", f"u{i}@example.com", s)
+                    for s in self.segments
+                    for i in range(users)
+                    if random.random() < 0.5
+                ],
+            )
+
+    def move(self, share: float) -> None:
+        with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
+            for s in self.segments:
+                for _ in range(max(1, int(self.users * share))):
+                    user = f"u{random.randrange(self.users)}"
+                    gone = conn.execute(
+                        "DELETE FROM members WHERE segment = ? AND user_id = ?", (s, user)
+                    ).rowcount
+                    if not gone:
+                        conn.execute("INSERT INTO members VALUES (?, ?, ?)", (user, f"{user}@example.com", s))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["standin"]:
+        return run_standin(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=15)
+    parser.add_argument("--warmup", type=float, default=3, help="minutes left out of the slope")
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--audiences", type=int, default=3)
+    parser.add_argument("--refresh", type=float, default=3, help="seconds between an audience's refreshes")
+    parser.add_argument("--churn", type=float, default=0.02, help="share of memberships moved per churn")
+    parser.add_argument("--churn-every", type=float, default=5)
+    parser.add_argument("--rpm", type=int, default=1200)
+    parser.add_argument("--snap-every", type=float, default=60)
+    parser.add_argument("--hup-every", type=float, default=120, help="seconds between SIGHUPs (0: none)")
+    parser.add_argument("--outage-every", type=float, default=180, help="seconds between outages (0: none)")
+    parser.add_argument("--outage-seconds", type=float, default=15)
+    parser.add_argument(
+        "--scrape-every", type=float, default=5, help="GET /metrics, /healthz and / (0: none)"
+    )
+    parser.add_argument("--store-url", default=None, help="default: a SQLite file in a temporary directory")
+    parser.add_argument("--no-trace", action="store_true", help="RSS and object counts only")
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--trim", action="store_true", help="malloc_trim(0) before each measure")
+    parser.add_argument(
+        "--dump-cache", action="store_true", help="at the end, the store engine's compiled statements"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the series here")
+    args = parser.parse_args(argv)
+
+    from audiencesync import store as store_mod
+    from audiencesync.config import load_config
+    from audiencesync.scheduler import Daemon
+
+    if args.store_url:
+        from tests import postgres_guard
+
+        refusal = postgres_guard.refusal(args.store_url)
+        if refusal is not None:
+            parser.error(refusal)
+    if not args.no_trace:
+        tracemalloc.start(25)
+    tmp = Path(tempfile.mkdtemp(prefix="memory-probe-"))
+    logging.basicConfig(
+        level=logging.INFO,
+        handlers=[logging.FileHandler(tmp / "daemon.log")],
+        format="%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s",
+    )
+    standin = subprocess.Popen(
+        [sys.executable, "-m", "bench.memory_probe", "standin", "--token", TOKEN],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert standin.stdout is not None
+    ready = standin.stdout.readline().split()
+    base_url = ready[1]
+    source = Source(tmp / "source.db", args.users, args.audiences)
+    store_url = args.store_url or f"sqlite:///{tmp / 'store.db'}"
+    if args.store_url:
+        engine = store_mod.create_engine(store_url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+            conn.exec_driver_sql("CREATE SCHEMA public")
+        engine.dispose()
+    port = free_port()
+    write_config(tmp / "audiencesync.toml", store_url, tmp / "source.db", base_url, args, port)
+    config = load_config(tmp / "audiencesync.toml")
+    engine = store_mod.create_engine(config.store.url, create=True)
+    store_mod.upgrade(engine)
+    engine.dispose()
+
+    # Quick backoffs, as the tests' in-process daemon has: an outage must not pause delivery
+    # for minutes (the production default probes again after 30 s, doubling), cycles are what count.
+    daemon = Daemon(config, breaker_backoff=(2.0, 10.0), error_backoff=(0.5, 5.0))
+    daemon.install_signal_handlers()
+    print(
+        f"probe: {tmp}, store {store_url.split('@')[-1]}, stand-in {base_url}, pid {os.getpid()}", flush=True
+    )
+    series: list[dict[str, Any]] = []
+
+    def monitor() -> None:
+        started = time.monotonic()
+        end = started + args.minutes * 60
+        next_snap = started
+        next_churn = started + args.churn_every
+        next_hup = started + args.hup_every if args.hup_every else float("inf")
+        next_outage = started + args.outage_every if args.outage_every else float("inf")
+        outage_ends = float("inf")
+        next_scrape = started + args.scrape_every if args.scrape_every else float("inf")
+        previous: tracemalloc.Snapshot | None = None
+        counts = type_counts()
+        while time.monotonic() < end and not daemon.stop.is_set():
+            now = time.monotonic()
+            if now >= next_churn:
+                next_churn += args.churn_every
+                source.move(args.churn)
+            if now >= next_hup:
+                next_hup += args.hup_every
+                os.kill(os.getpid(), signal.SIGHUP)
+            if now >= next_outage:
+                next_outage += args.outage_every
+                outage_ends = now + args.outage_seconds
+                standin.send_signal(signal.SIGUSR1)
+            if now >= outage_ends:
+                outage_ends = float("inf")
+                standin.send_signal(signal.SIGUSR2)
+            if now >= next_scrape:
+                next_scrape += args.scrape_every
+                for path in ("/metrics", "/healthz", "/"):
+                    with contextlib.suppress(OSError):
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).read()
+            if now >= next_snap:
+                next_snap += args.snap_every
+                gc.collect()
+                if args.trim:
+                    trim()
+                point: dict[str, Any] = {
+                    "t": round(now - started, 1),
+                    "rss_mb": round(rss_mb(), 2),
+                    "threads": threading.active_count(),
+                    "objects": len(gc.get_objects()),
+                }
+                snapshot = None
+                if not args.no_trace:
+                    snapshot = tracemalloc.take_snapshot().filter_traces(
+                        [
+                            tracemalloc.Filter(False, tracemalloc.__file__),
+                            tracemalloc.Filter(False, linecache.__file__),
+                        ]
+                    )
+                    point["traced_mb"] = round(
+                        sum(s.size for s in snapshot.statistics("filename")) / 2**20, 2
+                    )
+                with contextlib.suppress(Exception), daemon.engine.connect() as conn:
+                    point["calls"] = conn.exec_driver_sql("SELECT count(*) FROM calls").scalar()
+                point |= c_heap() | cache_sizes(daemon)
+                series.append(point)
+                print(
+                    f"[{point['t']:7.0f}s] " + "  ".join(f"{k}={v}" for k, v in point.items() if k != "t"),
+                    flush=True,
+                )
+                fresh = type_counts()
+                grown = [(name, n - counts[name]) for name, n in fresh.items() if n - counts[name] > 50]
+                if grown:
+                    print(
+                        "  objects: "
+                        + ", ".join(f"{name} +{d}" for name, d in sorted(grown, key=lambda x: -x[1])[:10])
+                    )
+                counts = fresh
+                if snapshot is not None and previous is not None:
+                    show_growth(snapshot, previous, args.top)
+                previous = snapshot
+            time.sleep(0.2)
+        if outage_ends != float("inf"):
+            standin.send_signal(signal.SIGUSR2)
+        daemon.request_stop()
+
+    def watch() -> None:
+        try:
+            monitor()
+        finally:
+            daemon.request_stop()  # a probe that failed must not leave the daemon running
+
+    watcher = threading.Thread(target=watch, name="probe", daemon=True)
+    watcher.start()
+    try:
+        daemon.run()
+    finally:
+        standin.terminate()
+        standin.wait()
+    if args.dump_cache:
+        dump_cache(daemon)
+    warm = [p for p in series if p["t"] >= args.warmup * 60]
+    print(f"\nafter {args.warmup:g} min of warm-up, {len(warm)} points:")
+    print(f"  RSS slope       {slope_mb_per_hour([(p['t'], p['rss_mb']) for p in warm]):7.2f} MB/h")
+    if not args.no_trace:
+        print(f"  traced slope    {slope_mb_per_hour([(p['t'], p['traced_mb']) for p in warm]):7.2f} MB/h")
+    objects = slope_mb_per_hour([(p["t"], p["objects"]) for p in warm])
+    print(f"  objects slope   {objects:9.0f} /h")
+    if args.json is not None:
+        args.json.write_text(json.dumps(series, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

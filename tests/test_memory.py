@@ -1,0 +1,65 @@
+"""What a daemon running for months must not accumulate (issue 22, item 3).
+
+Each test repeats what the daemon does for ever (a refresh, a reload) many times and
+counts what stays behind: cache entries, list items. Counts, not RSS: RSS is noisy, and a
+count names what grows. bench/memory_probe.py is the tool that found them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from audiencesync import pending, values
+from audiencesync.alerts import Alerts
+from audiencesync.events import EventNames
+from audiencesync.store import Store
+
+
+@pytest.mark.parametrize("valued", [False, True], ids=["ids", "values"])
+def test_refreshes_leave_nothing_in_the_engines_compiled_cache(store: Store, valued: bool) -> None:
+    """Each refresh stages the source under a new name, so its statements' texts are new each
+    time: compiled and cached, they filled the engine's cache over hours (~12 KB each)."""
+    audience = store.ensure_audience("seg", "Seg", kind="audience", missing=None)
+    names = EventNames("Audience Entered", "Audience Exited")
+
+    def refresh(i: int) -> None:
+        run_id = store.start_run(f"cycle-{i}", audience, "incremental")
+        ids = [f"u{j}" for j in range(i % 5, 60, 2 + i % 3)]  # users enter and leave each time
+        pairs: list[tuple[str, str | None]] = [(user, values.encode({"plan": f"p{i % 2}"})) for user in ids]
+        batches = iter([pairs]) if valued else iter([ids])
+        counts = store.refresh(audience, run_id, batches, full=False, valued=valued, events=names).counts
+        assert counts.entered + counts.left > 0
+        store.finish_run(run_id, "succeeded")
+
+    for i in range(4):  # every statement a refresh runs has been seen
+        refresh(i)
+    cache = store.engine._compiled_cache
+    assert cache is not None
+    seen = len(cache)
+    for i in range(4, 30):
+        refresh(i)
+    assert len(cache) == seen
+
+
+def test_reloads_with_the_same_token_keep_one_secret_to_scrub() -> None:
+    """A reload adds the config's token to what alerts scrub (an old token is still scrubbed
+    after a rotation): the same token again is not a new one."""
+    alerts = Alerts([], None, secrets=["token-1"])
+    for _ in range(50):
+        alerts.configure([], ["token-1"])
+    alerts.configure([], ["token-2"])  # rotated: both are scrubbed
+    alerts.configure([], ["token-2"])
+    assert alerts._secrets == ["token-1", "token-2"]
+
+
+def test_pages_of_the_same_audiences_in_another_order_share_one_statement(store: Store) -> None:
+    """A pass's audiences come in the order their runs opened: each order was one more statement
+    built, kept and compiled, though IN does not care."""
+    ids = [store.ensure_audience(key, key, kind="audience", missing=None).id for key in ("a", "b", "c")]
+    pending._page_statement.cache_clear()
+    for order in itertools.permutations(ids):
+        for audience_id in ids:
+            store.pending_page(audience_id, list(order), "", 10)
+    assert pending._page_statement.cache_info().currsize == 1
