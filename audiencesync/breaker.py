@@ -60,7 +60,7 @@ class CircuitBreaker:
         self.threshold = threshold
         self.min_users = min(min_users, threshold)
         self.clock = clock
-        self.trials = trials or Trials(0, 0.0)  # None: closed (a fresh pass, or `sync`)
+        self.trials = trials  # None: closed from the start (a pass not after an outage, `sync`)
         self.on_change = on_change  # told each change of state (the daemon's health and alerts)
         self.state = HALF_OPEN if trials is not None else CLOSED
         # Closed: the failures in a row and their users. Half-open: the trials' failures, their users.
@@ -103,7 +103,7 @@ class CircuitBreaker:
         """Whether a request may go out: False once open. Half-open, it is one of the trials,
         or waits for their verdict once they are all out. Each request admitted is then told
         once: ``success``, ``failure`` or ``void``."""
-        while self.state == HALF_OPEN and self.admitted >= self.trials.calls:
+        while self.state == HALF_OPEN and self.admitted >= self._trials().calls:
             await self._changed.wait()
         if self.state == OPEN:
             return False
@@ -136,7 +136,7 @@ class CircuitBreaker:
         sent): half-open, its trial goes to another request."""
         if self.state == HALF_OPEN:
             self.admitted -= 1
-            self._notify(state_changed=False)
+            self._wake()
 
     def settle(self) -> None:
         """The pass ends: a half-open breaker is judged on the trials answered, if any."""
@@ -150,19 +150,19 @@ class CircuitBreaker:
 
     def _judge(self) -> None:
         """Open or close as soon as the trials' outcome is certain, whatever the rest answer."""
-        calls = self.trials.calls
-        if self.answered >= calls:
+        trials = self._trials()
+        if self.answered >= trials.calls:
             self._verdict()
-        elif self.trials.too_many(self.failures, calls) and len(self.users) >= self.min_users:
+        elif trials.too_many(self.failures, trials.calls) and len(self.users) >= self.min_users:
             self._open()  # too many already, from two users
-        elif not self.trials.too_many(calls - self.successes, calls):
+        elif not trials.too_many(trials.calls - self.successes, trials.calls):
             self._close()  # even if every other trial failed, it would close
         # else the trials still to be answered decide
 
     def _verdict(self) -> None:
         """On the trials answered: one user's failures reopen it only if no other user was tried."""
         enough_users = len(self.users) >= min(self.min_users, len(self.tried))
-        if self.trials.too_many(self.failures, self.answered) and enough_users:
+        if self._trials().too_many(self.failures, self.answered) and enough_users:
             self._open()
         else:
             self._close()
@@ -183,8 +183,16 @@ class CircuitBreaker:
         self.users.clear()
         self._notify()
 
-    def _notify(self, state_changed: bool = True) -> None:
+    def _trials(self) -> Trials:
+        assert self.trials is not None, "only a breaker made half-open has trials"
+        return self.trials
+
+    def _wake(self) -> None:
+        """Wake the requests waiting for a trial or the verdict."""
         changed, self._changed = self._changed, asyncio.Event()
-        changed.set()  # wakes the requests waiting for a trial or the verdict
-        if state_changed and self.on_change is not None:
+        changed.set()
+
+    def _notify(self) -> None:
+        self._wake()
+        if self.on_change is not None:
             self.on_change(self)

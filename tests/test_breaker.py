@@ -154,6 +154,15 @@ def test_it_reopens_as_soon_as_more_than_the_rate_of_trials_failed() -> None:
     assert breaker.verdict == (6, 7) and breaker.last_error == "HTTP 502"
 
 
+def test_two_users_failing_are_enough_to_reopen_it_before_every_trial_is_answered() -> None:
+    breaker, _ = _probing()
+    _admit(breaker, 10)
+    for _ in range(3):
+        breaker.failure("u1", "HTTP 503")
+        breaker.failure("u2", "HTTP 503")
+    assert breaker.is_open and breaker.verdict == (6, 6)
+
+
 def test_it_closes_as_soon_as_the_failures_to_come_could_not_reopen_it() -> None:
     breaker, _ = _probing()
     _admit(breaker, 10)
@@ -195,9 +204,9 @@ def test_one_users_retries_do_not_reopen_it_while_others_were_tried() -> None:
 
 
 def test_a_trial_without_a_verdict_gives_its_place_to_a_waiting_request() -> None:
+    breaker, changes = _probing(trials=1)
+
     async def scenario() -> tuple[bool, int]:
-        breaker, seen = _probing(trials=1)
-        changes.extend(seen)
         assert await breaker.admit()
         waiting = asyncio.create_task(breaker.admit())
         await asyncio.sleep(0)
@@ -205,7 +214,6 @@ def test_a_trial_without_a_verdict_gives_its_place_to_a_waiting_request() -> Non
         admitted = await asyncio.wait_for(waiting, 5)
         return admitted and breaker.state == HALF_OPEN and not changes, breaker.admitted
 
-    changes: list[str] = []
     assert asyncio.run(scenario()) == (True, 1)
 
 
