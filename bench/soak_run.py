@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from bench import soak_world as world
 from bench.soak_analysis import Outage, Sample, first_signs, mb, recovery, rss_at, rss_slope, write_samples
 from bench.soak_plan import Settings, plan
@@ -43,6 +45,9 @@ class Summary:
         data["settings"] = dataclasses.asdict(self.settings) | {
             "warmup": self.settings.warmup,
             "enforce_rss": self.settings.enforce_rss,
+            # A password in the URL stays out of a file that may be shared.
+            "postgres_url": self.settings.postgres_url
+            and sa.make_url(self.settings.postgres_url).render_as_string(hide_password=True),
         }
         data["workdir"] = str(self.workdir)
         data["passed"] = not self.problems
