@@ -45,7 +45,7 @@ class Settings:
     recovery_target: float = 60.0
     recovery_wait: float = 600.0  # the next outage waits this long at most for this one's recovery
     stable_seconds: float = 30.0
-    drain_seconds: float = 900.0
+    drain_seconds: float = 1800.0  # ends as soon as Gleap equals the source
     enforce_rss_flag: bool = False
     rss_target: float = 1.0
     seed: int = 1

@@ -28,6 +28,8 @@ import sqlalchemy as sa
 
 TOKEN = "soak-token-5f1e0c"
 TRACEBACK = "Traceback (most recent call last)"
+# What Python prints between an exception and the one it caused (or that came while handling it).
+_CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
 
 
 def audience_key(index: int) -> str:
@@ -241,6 +243,9 @@ def tracebacks(log: Path) -> list[str]:
     for n, line in enumerate(lines):
         if TRACEBACK not in line:
             continue
+        earlier = next((lines[k] for k in range(n - 1, -1, -1) if lines[k].strip()), "")
+        if earlier.startswith(_CHAINED):
+            continue  # the cause of the same error, printed with it: one traceback, not two
         before = lines[n - 1] if n and TRACEBACK not in lines[n - 1] else line
         end = n + 1
         while end < len(lines) and (lines[end].startswith((" ", "\t")) or not lines[end].strip()):

@@ -143,6 +143,12 @@ def test_tracebacks_and_problems_are_read_from_the_daemons_log(tmp_path: Path) -
         '  File "x.py", line 1, in f\n'
         "    g()\n"
         "sqlite3.OperationalError: database is locked\n"
+        "\n"
+        "The above exception was the direct cause of the following exception:\n"
+        "\n"
+        "Traceback (most recent call last):\n"
+        '  File "y.py", line 2, in h\n'
+        "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) database is locked\n"
         "2026-12-06 12:00:02,000 WARNING audiencesync.lease: renewal late\n"
     )
     [found] = tracebacks(log)
