@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from audiencesync import store
 from audiencesync.alerts import Alerts
+from audiencesync.arenas import limit_arenas
 from audiencesync.cli_ask import ask_daemon
 from audiencesync.cli_output import (
     EXIT_GLEAP_DOWN,
@@ -66,6 +67,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
             "(or the address to serve on) under [server]",
             ENV_SERVER_TOKEN,
         )
+    limit_arenas()  # before the daemon's threads start: they would each take an arena of their own
     daemon = Daemon(config)
     daemon.install_signal_handlers()
     return daemon.run()
