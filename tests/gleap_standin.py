@@ -246,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         standin = self.server.standin
-        seq = standin._arrived()
+        seq = standin._arrived(self.path)
         headers: dict[str, str] = {}
         for name, value in self.headers.items():
             key = name.lower()
@@ -321,6 +321,10 @@ class GleapStandIn:
         self.latency_seconds = latency_seconds
         self._requests: dict[int, RecordedRequest] = {}
         self._next_seq = 0
+        # Requests by route as they arrive, before any fault or answer: wait_arrived() lets a
+        # test know a call has left the client, which no mark in the store can say.
+        self._arrivals: Counter[str] = Counter()
+        self._arrived_changed = threading.Condition(self._lock)
         # Requests that arrived before reset_log() belong to the old log even if they finish later.
         self._log_epoch = 0
         self._identify_calls: list[dict[str, Any]] = []
@@ -604,11 +608,23 @@ class GleapStandIn:
             return False, None, False, step
         return False, _text_reply(step, ""), False, 200
 
-    def _arrived(self) -> int:
-        with self._lock:
+    def _arrived(self, path: str) -> int:
+        with self._arrived_changed:
             seq = self._next_seq
             self._next_seq += 1
+            self._arrivals[urlsplit(path).path] += 1
+            self._arrived_changed.notify_all()
             return seq
+
+    def arrivals(self, route: str) -> int:
+        """How many requests to ``route`` (a path) have arrived, answered or not."""
+        with self._lock:
+            return self._arrivals[route]
+
+    def wait_arrived(self, route: str, count: int, timeout: float = 30) -> bool:
+        """Block until ``count`` requests to ``route`` have arrived in all (see arrivals())."""
+        with self._arrived_changed:
+            return self._arrived_changed.wait_for(lambda: self._arrivals[route] >= count, timeout)
 
     def _record(self, seq: int, request: RecordedRequest) -> None:
         # Recorded before the answer goes out, so a test that has its response can assert on the log.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -26,7 +25,7 @@ from audiencesync.store import Store
 from audiencesync.sync import PlannedCall, PlannedTrack, Syncer
 from audiencesync.track import EventSender
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
-from tests.gleap_standin import GleapStandIn, RecordedRequest, _track_problem
+from tests.gleap_standin import TRACK_PATH, GleapStandIn, RecordedRequest, _track_problem
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for
 from tests.test_sync import cycle, only
 
@@ -392,6 +391,7 @@ def test_a_stop_mid_event_batch_cancels_it_after_the_grace_and_the_events_stay_o
     cycle(config)  # identify acknowledged, both events refused once and owed
     gleap.clear_faults()
     gleap.delay_next(1, 60)  # the next request, the track call, hangs
+    tracks = gleap.arrivals(TRACK_PATH)
 
     engine = store_mod.create_engine(config.store.url)
     store = Store(engine)
@@ -410,10 +410,9 @@ def test_a_stop_mid_event_batch_cancels_it_after_the_grace_and_the_events_stay_o
 
     thread = threading.Thread(target=deliver)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not all(row["unknown"] for row in event_rows(config)):  # marked: the batch is leaving
-        assert time.monotonic() < deadline, "the event batch never left"
-        time.sleep(0.05)
+    # Wait until the batch has reached Gleap, not just until it is marked: the mark is written
+    # before the request leaves, and a stop in between sends nothing.
+    assert gleap.wait_arrived(TRACK_PATH, tracks + 1), "the event batch never reached Gleap"
     stop.set()
     thread.join(timeout=20)
     assert not thread.is_alive() and done == [0]
