@@ -10,7 +10,9 @@ import ctypes
 import ctypes.util
 import gc
 import linecache
+import os
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,44 @@ class _Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO_FIELDS]
 
 
+def rss_parts() -> dict[str, float]:
+    """RSS split: anonymous (heaps, pymalloc's arenas, stacks) and file-backed (code, mmapped
+    files); and tracemalloc's own memory (its traces and interned tracebacks, which grow as new
+    tracebacks appear), to subtract from RSS when tracing."""
+    out: dict[str, float] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssFile:")):
+            out[line.split(":")[0].lower() + "_mb"] = round(int(line.split()[1]) / 1024, 2)
+    if tracemalloc.is_tracing():
+        out["tracemalloc_own_mb"] = round(tracemalloc.get_tracemalloc_memory() / 2**20, 2)
+    return out
+
+
+def pymalloc() -> dict[str, float]:
+    """Python's own allocator (its 1 MiB arenas are mmapped: not in glibc's counts): arenas held,
+    and of their bytes, how many are in use by objects. An arena is given back only when all of it
+    is free, so arenas held while the bytes in use stay flat is fragmentation."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryFile() as f, contextlib.suppress(OSError, AttributeError):
+        saved = os.dup(2)  # _debugmallocstats writes to C's stderr
+        try:
+            sys.stderr.flush()
+            os.dup2(f.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        for line in f.read().decode(errors="replace").splitlines():
+            key, _, value = line.partition("=")
+            key = key.strip()
+            if key == "# arenas allocated current":
+                out["pymalloc_arenas"] = int(value.replace(",", ""))
+            elif key.startswith("# bytes in allocated blocks"):
+                out["pymalloc_used_mb"] = round(int(value.replace(",", "")) / 2**20, 2)
+    return out
+
+
 def c_heap() -> dict[str, float]:
     """What the C heap holds, which tracemalloc does not see: glibc's malloc (in use, and free
     but kept: fragmentation), and SQLite's own allocator (page caches, prepared statements)."""
@@ -41,11 +81,93 @@ def c_heap() -> dict[str, float]:
         info = libc.mallinfo2()
         out["malloc_used_mb"] = round((info.uordblks + info.hblkhd) / 2**20, 2)
         out["malloc_free_mb"] = round(info.fordblks / 2**20, 2)
+        out["malloc_mmapped_mb"] = round(info.hblkhd / 2**20, 2)
     with contextlib.suppress(OSError, AttributeError):
         sqlite = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
         sqlite.sqlite3_memory_used.restype = ctypes.c_int64
         out["sqlite_mb"] = round(sqlite.sqlite3_memory_used() / 2**20, 2)
+        sqlite.sqlite3_memory_highwater.restype = ctypes.c_int64
+        out["sqlite_high_mb"] = round(sqlite.sqlite3_memory_highwater(0) / 2**20, 2)
     return out
+
+
+def store_sizes(engine: Any) -> dict[str, Any]:
+    """What the store holds, which decides how much of it SQLite's page caches (up to
+    ``cache_size`` per pooled connection) can fill: the rows of its growing tables, the file
+    and its WAL, and the pool's connections (each with a page cache of its own)."""
+    out: dict[str, Any] = {}
+    pool = engine.pool
+    for name in ("checkedin", "checkedout", "overflow"):
+        with contextlib.suppress(Exception):
+            out[f"pool_{name}"] = getattr(pool, name)()
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if path:
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                out[f"file{suffix or ''}_mb"] = round(Path(path + suffix).stat().st_size / 2**20, 2)
+    with contextlib.suppress(Exception), engine.connect() as conn:
+        for table in ("calls", "call_values", "membership_changes", "sync_runs", "memberships"):
+            with contextlib.suppress(Exception):
+                out[f"rows_{table}"] = conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
+            conn.rollback()
+        if engine.dialect.name == "sqlite":
+            out["cache_size"] = conn.exec_driver_sql("PRAGMA cache_size").scalar()
+    return out
+
+
+_DBSTATUS = {"cache": 1, "schema": 2, "stmt": 3}  # SQLITE_DBSTATUS_CACHE_USED, _SCHEMA_USED, _STMT_USED
+
+
+def sqlite_connections(engines: dict[str, Any]) -> dict[str, Any]:
+    """SQLite's memory per pooled connection that is checked in (page cache, schema, prepared
+    statements: sqlite3_db_status), summed per engine, with the connection count. The handle is
+    read from the sqlite3 module's connection object (its first field after the object header,
+    CPython 3.11's Modules/_sqlite/connection.h): a probe's trick, not the daemon's."""
+    out: dict[str, Any] = {}
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+    except OSError:
+        return out
+    for label, engine in engines.items():
+        if engine.dialect.name != "sqlite":
+            continue
+        queue = getattr(engine.pool, "_pool", None)
+        records = list(getattr(queue, "queue", ()))
+        totals = dict.fromkeys(_DBSTATUS, 0)
+        for record in records:
+            raw = getattr(record, "dbapi_connection", None)
+            if raw is None:
+                continue
+            handle = ctypes.c_void_p.from_address(id(raw) + sys.getsizeof(object())).value
+            for name, op in _DBSTATUS.items():
+                cur, high = ctypes.c_int(), ctypes.c_int()
+                db = ctypes.c_void_p(handle)
+                if lib.sqlite3_db_status(db, op, ctypes.byref(cur), ctypes.byref(high), 0) == 0:
+                    totals[name] += cur.value
+            stmts, stage = _statements(lib, handle)
+            totals["stmts"] = totals.get("stmts", 0) + stmts
+            totals["stage_stmts"] = totals.get("stage_stmts", 0) + stage
+        out[f"{label}_conns"] = len(records)
+        out[f"{label}_stmts"] = totals.pop("stmts", 0)
+        out[f"{label}_stage_stmts"] = totals.pop("stage_stmts", 0)
+        out |= {f"{label}_{name}_mb": round(v / 2**20, 2) for name, v in totals.items()}
+    return out
+
+
+def _statements(lib: Any, handle: int | None) -> tuple[int, int]:
+    """How many prepared statements a connection holds (the sqlite3 module keeps up to
+    ``cached_statements``, 128, per connection), and how many of them name a refresh's stage."""
+    lib.sqlite3_next_stmt.restype = ctypes.c_void_p
+    lib.sqlite3_next_stmt.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.sqlite3_sql.restype = ctypes.c_char_p
+    lib.sqlite3_sql.argtypes = [ctypes.c_void_p]
+    count = stage = 0
+    stmt = lib.sqlite3_next_stmt(handle, None)
+    while stmt:
+        count += 1
+        stage += b"stage_" in (lib.sqlite3_sql(stmt) or b"")
+        stmt = lib.sqlite3_next_stmt(handle, stmt)
+    return count, stage
 
 
 def trim() -> None:

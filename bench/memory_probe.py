@@ -47,9 +47,13 @@ from bench.memory_measure import (
     c_heap,
     cache_sizes,
     dump_cache,
+    pymalloc,
     rss_mb,
+    rss_parts,
     show_growth,
     slope_mb_per_hour,
+    sqlite_connections,
+    store_sizes,
     trim,
     type_counts,
 )
@@ -240,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         refusal = postgres_guard.refusal(args.store_url)
         if refusal is not None:
             parser.error(refusal)
+    from audiencesync.arenas import limit_arenas
+
+    limit_arenas()  # as `audiencesync run` does, before any thread starts
     if not args.no_trace:
         tracemalloc.start(25)
     tmp = Path(tempfile.mkdtemp(prefix="memory-probe-"))
@@ -333,9 +340,12 @@ def main(argv: list[str] | None = None) -> int:
                     point["traced_mb"] = round(
                         sum(s.size for s in snapshot.statistics("filename")) / 2**20, 2
                     )
-                with contextlib.suppress(Exception), daemon.engine.connect() as conn:
-                    point["calls"] = conn.exec_driver_sql("SELECT count(*) FROM calls").scalar()
-                point |= c_heap() | cache_sizes(daemon)
+                point |= store_sizes(daemon.engine)
+                engines = {"store": daemon.engine}
+                for n, e in getattr(daemon.syncer.sources, "_engines", {}).items():
+                    engines[f"src_{n}"] = e
+                point |= sqlite_connections(engines)
+                point |= rss_parts() | pymalloc() | c_heap() | cache_sizes(daemon)
                 series.append(point)
                 print(
                     f"[{point['t']:7.0f}s] " + "  ".join(f"{k}={v}" for k, v in point.items() if k != "t"),
