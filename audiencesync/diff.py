@@ -9,7 +9,6 @@ users are found with NOT EXISTS anti-joins against ``memberships``.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,22 +34,20 @@ class DiffCounts:
         return self.members - self.entered + self.left
 
 
+STAGE = "audiencesync_stage"
+
+
 def new_stage_name() -> str:
-    # Unique per refresh so that a stage left behind by an error on a pooled
-    # connection can never be mistaken for the next audience's.
-    return f"stage_{uuid.uuid4().hex[:12]}"
+    """The name of a refresh's stage: the same every time (a TEMP table is its connection's own).
 
-
-def uncached(conn: Connection) -> Connection:
-    """``conn``, compiling its statements afresh rather than keeping them in the engine's cache.
-
-    A stage's statements name it, and its name is new each refresh: each of their texts
-    is seen once. SQLAlchemy would keep every one's compiled form (~12 KB, measured) until
-    the engine's cache is full (500 entries, pruned at 750): a daemon's RSS grew by tens
-    of MB over its first hours (issue 22). A refresh's few statements compile in well
-    under a millisecond.
+    With one name, a refresh's statements are the same texts each time, so the drivers' caches
+    of prepared statements (the sqlite3 module keeps 128 per connection, psycopg counts texts to
+    prepare) and SQLAlchemy's compiled cache keep reusing them. A new name per refresh filled
+    them with statements never used again (~13 KB each, ~8 MB over a SQLite pool): a daemon's
+    RSS grew for its first hours (issue 22). A stage that an error left behind on a pooled
+    connection is dropped before the next is made (``create_stage``).
     """
-    return conn.execution_options(compiled_cache=None)
+    return STAGE
 
 
 def ids_type(conn: Connection) -> str:
@@ -64,6 +61,7 @@ def ids_type(conn: Connection) -> str:
 
 
 def create_stage(conn: Connection, name: str) -> None:
+    drop_stage(conn, name)  # one that an error left on this pooled connection
     # ``value``: the canonical JSON a user's row must carry (values.encode); NULL for ids only.
     # No key while loading: appending to a heap is several times faster than inserting
     # shuffled ids into a B-tree (measured on SQLite: 4 s against 17 s per 1M ids, with the
@@ -72,9 +70,11 @@ def create_stage(conn: Connection, name: str) -> None:
 
 
 def drop_stage(conn: Connection, name: str) -> None:
-    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
-    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}_keyed")  # seal_stage's, if it failed midway
-    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}_changes")  # _apply_joined's
+    # Qualified by the connection's temporary schema: a store table of the same name is never
+    # the one dropped.
+    temp = "pg_temp" if conn.dialect.name == "postgresql" else "temp"
+    for table in (name, f"{name}_keyed", f"{name}_changes"):  # seal_stage's, _apply_joined's
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {temp}.{table}")
 
 
 def load_batch(conn: Connection, name: str, batch: list[str]) -> None:

@@ -183,7 +183,6 @@ class Store:
         name = diff.new_stage_name()
         held: str | None = None
         with self.engine.connect() as conn:
-            diff.uncached(conn)  # the stage's statements are new texts each refresh
             try:
                 with conn.begin():
                     diff.create_stage(conn, name)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from audiencesync.arenas import ARENAS, M_ARENA_MAX, limit_arenas
+from audiencesync.arenas import ARENAS, M_ARENA_MAX, Trimmer, limit_arenas
 
 
 def recorder(result: int) -> tuple[list[tuple[int, int]], Callable[[], Callable[[int, int], int]]]:
@@ -43,3 +43,52 @@ def test_without_glibc_nothing_is_set() -> None:
 def test_the_real_libc_takes_it() -> None:
     # This machine's glibc accepts the cap (mallopt answers 1): what `audiencesync run` does.
     assert limit_arenas(environ={}) == ARENAS
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_the_trimmer_gives_memory_back_at_most_once_a_period() -> None:
+    trims: list[int] = []
+
+    def malloc_trim(pad: int) -> int:
+        trims.append(pad)
+        return 1
+
+    clock = FakeClock()
+    trimmer = Trimmer(60.0, clock=clock, malloc_trim=lambda: malloc_trim)
+    assert not trimmer()  # the first look only starts the period
+    clock.now = 59.9
+    assert not trimmer()
+    clock.now = 60.0
+    assert trimmer()
+    assert trims == [0]  # no padding kept at the heap's top
+    for now in (60.1, 100.0, 119.9):
+        clock.now = now
+        assert not trimmer()
+    clock.now = 120.0
+    assert trimmer()
+    assert trims == [0, 0] and trimmer.trims == 2
+
+
+def test_without_glibc_the_trimmer_does_nothing() -> None:
+    clock = FakeClock()
+    trimmer = Trimmer(1.0, clock=clock, malloc_trim=lambda: None)
+    clock.now = 10.0
+    assert not trimmer()
+    assert trimmer.trims == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_the_real_libc_trims() -> None:
+    clock = FakeClock()
+    trimmer = Trimmer(1.0, clock=clock)
+    trimmer()
+    clock.now = 1.0
+    assert trimmer() and trimmer.trims == 1

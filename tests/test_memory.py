@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import sqlalchemy as sa
 
 from audiencesync import pending, values
 from audiencesync.alerts import Alerts
@@ -19,7 +20,7 @@ from audiencesync.store import Store
 
 @pytest.mark.parametrize("valued", [False, True], ids=["ids", "values"])
 def test_refreshes_leave_nothing_in_the_engines_compiled_cache(store: Store, valued: bool) -> None:
-    """Each refresh stages the source under a new name, so its statements' texts are new each
+    """Each refresh staged the source under a new name, so its statements' texts were new each
     time: compiled and cached, they filled the engine's cache over hours (~12 KB each)."""
     audience = store.ensure_audience("seg", "Seg", kind="audience", missing=None)
     names = EventNames("Audience Entered", "Audience Exited")
@@ -41,6 +42,33 @@ def test_refreshes_leave_nothing_in_the_engines_compiled_cache(store: Store, val
     for i in range(4, 30):
         refresh(i)
     assert len(cache) == seen
+
+
+@pytest.mark.parametrize("valued", [False, True], ids=["ids", "values"])
+def test_refreshes_run_the_same_statement_texts_each_time(store: Store, valued: bool) -> None:
+    """The drivers keep prepared statements by their text (the sqlite3 module 128 per
+    connection, psycopg counts texts to prepare them): a text seen once is a dead entry kept,
+    ~13 KB each. A refresh's statements are the same texts each time, whatever it stages."""
+    audience = store.ensure_audience("seg", "Seg", kind="audience", missing=None)
+    texts: set[str] = set()
+
+    @sa.event.listens_for(store.engine, "before_cursor_execute")
+    def _seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        texts.add(statement)
+
+    def refresh(i: int) -> None:
+        run_id = store.start_run(f"cycle-{i}", audience, "incremental")
+        ids = [f"u{j}" for j in range(i % 5, 60, 2 + i % 3)]
+        pairs: list[tuple[str, str | None]] = [(user, values.encode({"plan": f"p{i % 2}"})) for user in ids]
+        store.refresh(audience, run_id, iter([pairs]) if valued else iter([ids]), full=False, valued=valued)
+        store.finish_run(run_id, "succeeded")
+
+    for i in range(4):
+        refresh(i)
+    seen = set(texts)
+    for i in range(4, 20):
+        refresh(i)
+    assert texts - seen == set()
 
 
 def test_reloads_with_the_same_token_keep_one_secret_to_scrub() -> None:

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from audiencesync import store as store_mod
+from audiencesync import diff, store as store_mod
 from audiencesync.call_turns import plan_calls
 from audiencesync.errors import StoreError
 from audiencesync.schema import membership_changes, metadata
@@ -210,6 +210,38 @@ def test_failing_source_mid_read_leaves_the_snapshot_untouched(store: Store) -> 
     with pytest.raises(RuntimeError):
         store.refresh(audience, run_id, broken(), full=False)  # type: ignore[arg-type]
     assert store.memberships_of("a") == {"u1": (True, None), "u2": (True, None)}
+
+
+def test_a_stage_left_on_a_pooled_connection_is_dropped_before_the_next(store: Store) -> None:
+    """A stage has the same name every refresh (so its statements are the same texts): one
+    that an error left on a pooled connection must not be mixed into the next refresh."""
+    refresh(store, "a", ["u1", "u2"])
+    with store.engine.connect() as conn:  # the pool's connection, as a failed drop would leave it
+        with conn.begin():
+            diff.create_stage(conn, diff.new_stage_name())
+            diff.load_batch(conn, diff.new_stage_name(), ["stale1", "stale2"])
+        conn.exec_driver_sql(f"CREATE TEMP TABLE {diff.new_stage_name()}_changes (user_id TEXT)")
+        conn.commit()
+    refresh(store, "a", ["u2", "u3"])
+    assert store.memberships_of("a") == {"u2": (True, None), "u3": (True, None)}  # no stale1, stale2
+
+
+def test_a_store_table_named_like_the_stage_is_never_dropped(store: Store) -> None:
+    """The stage is dropped by its temporary schema's name: a table of the store's own with
+    the same name (made by someone else) is left alone."""
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {diff.new_stage_name()} (note TEXT)")
+        conn.exec_driver_sql(f"INSERT INTO {diff.new_stage_name()} VALUES ('kept')")
+    try:
+        refresh(store, "a", ["u1", "u2"])
+        refresh(store, "a", ["u2"])
+        with store.engine.connect() as conn:
+            kept = conn.exec_driver_sql(f"SELECT note FROM {diff.new_stage_name()}").scalars().all()
+            assert kept == ["kept"]
+        assert store.memberships_of("a") == {"u2": (True, None)}
+    finally:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE {diff.new_stage_name()}")
 
 
 def test_pending_page_query_walks_the_primary_key_in_order(store: Store) -> None:
