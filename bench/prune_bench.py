@@ -32,9 +32,9 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.prune import BATCH_SIZE, Pruner
-from audiencesync.schema import (
+from audiencesync.lifecycle.prune import BATCH_SIZE, Pruner
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import (
     audiences,
     call_values,
     calls,

@@ -9,11 +9,11 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from audiencesync import diff, store as store_mod
-from audiencesync.call_turns import plan_calls
+from audiencesync.delivery.call_turns import plan_calls
 from audiencesync.errors import StoreError
-from audiencesync.schema import membership_changes, metadata
-from audiencesync.store import Outcome, PendingChange, Store
+from audiencesync.store import diff, store as store_mod
+from audiencesync.store.schema import membership_changes, metadata
+from audiencesync.store.store import Outcome, PendingChange, Store
 
 
 def refresh(
