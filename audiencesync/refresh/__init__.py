@@ -1,1 +1,10 @@
-"""refresh."""
+"""Reading an audience's members from its source: the refresh's side of a cycle.
+
+Owns reading a source in batches (``sources``), cancelling a query at its timeout
+(``source_watchdog``), running the query inside the store when the source is the store's
+own database (``pushdown``), and the mass-removal guard (``guard``). The stage and diff
+themselves run in the store's transaction (``store.diff``).
+
+May import store, config and the top-level leaves; never delivery. Imported by sync,
+the daemon and the cli.
+"""
