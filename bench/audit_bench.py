@@ -344,7 +344,7 @@ def phase_members(url: str, form: str, at: str | None) -> Figures:
     import sqlalchemy as sa
 
     from audiencesync.store import audit
-    from audiencesync.store.schema import UtcDateTime
+    from audiencesync.store.utc_time import UtcDateTime
 
     engine = _engine(url)
     when = datetime.fromisoformat(at) if at else None

@@ -41,8 +41,8 @@ from audiencesync.store.schema import (
     membership_changes,
     memberships,
     sync_runs,
-    write_connection,
 )
+from audiencesync.store.writes import write_connection
 from bench.perf_data import fresh_store
 from bench.report import chunks
 from tests import postgres_guard

@@ -25,7 +25,7 @@ from audiencesync.daemon import scheduler
 from audiencesync.errors import ConfigError
 from audiencesync.store import store as store_mod
 from audiencesync.store.diff import DiffCounts
-from audiencesync.store.schema import UtcDateTime
+from audiencesync.store.utc_time import UtcDateTime
 from tests.alert_receiver import AlertReceiver, Post
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn

@@ -17,8 +17,8 @@ from audiencesync.config.loading import Config
 from audiencesync.delivery.field_winners import moved, reconcile
 from audiencesync.gleap.client import identify_body
 from audiencesync.store import database, store as store_mod
-from audiencesync.store.schema import UtcDateTime
 from audiencesync.store.store import Store
+from audiencesync.store.utc_time import UtcDateTime
 from audiencesync.sync.cycle import PlannedCall
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn

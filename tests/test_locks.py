@@ -20,8 +20,8 @@ from alembic import command
 from audiencesync.config.loading import Config
 from audiencesync.gleap.client import identify_body
 from audiencesync.store import database, store as store_mod
-from audiencesync.store.schema import SQLITE_STORAGE_FORMAT
 from audiencesync.store.store import Store
+from audiencesync.store.utc_time import SQLITE_STORAGE_FORMAT
 from audiencesync.sync.cycle import CycleReport, PlannedCall, Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn

@@ -15,7 +15,9 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from audiencesync.store.schema import UtcDateTime, alert_conditions, write_connection
+from audiencesync.store.schema import alert_conditions
+from audiencesync.store.utc_time import UtcDateTime
+from audiencesync.store.writes import write_connection
 
 Clock = Callable[[], datetime]
 

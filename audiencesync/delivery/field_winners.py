@@ -36,7 +36,8 @@ from audiencesync.fields import merge_fields
 from audiencesync.store.database import utc_now
 from audiencesync.store.member_fields import held_fields
 from audiencesync.store.pending_since import since
-from audiencesync.store.schema import audiences, contact_fields, fenced_write, memberships
+from audiencesync.store.schema import audiences, contact_fields, memberships
+from audiencesync.store.writes import fenced_write
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from audiencesync.store.schema import (
     events,
     membership_changes,
     memberships,
-    write_connection,
 )
+from audiencesync.store.writes import write_connection
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from audiencesync.errors import StoreError, brief
 from audiencesync.lifecycle.forget import Forgetter, Forgotten, Kept
 from audiencesync.store.requests import AdminRequest, AdminRequests, Clock, Fence
-from audiencesync.store.schema import admin_requests, forget_users, write_connection
+from audiencesync.store.schema import admin_requests, forget_users
+from audiencesync.store.writes import write_connection
 
 log = logging.getLogger(__name__)
 

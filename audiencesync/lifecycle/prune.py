@@ -54,8 +54,8 @@ from audiencesync.store.schema import (
     membership_changes,
     prunes,
     sync_runs,
-    write_connection,
 )
+from audiencesync.store.writes import write_connection
 
 log = logging.getLogger(__name__)
 

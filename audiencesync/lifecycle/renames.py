@@ -34,7 +34,9 @@ from sqlalchemy import Connection, Engine
 from audiencesync.errors import StoreError
 from audiencesync.store.database import utc_now
 from audiencesync.store.pending_since import since
-from audiencesync.store.schema import UtcDateTime, audiences, fenced_write, memberships
+from audiencesync.store.schema import audiences, memberships
+from audiencesync.store.utc_time import UtcDateTime
+from audiencesync.store.writes import fenced_write
 
 log = logging.getLogger(__name__)
 

@@ -39,19 +39,19 @@ from audiencesync.delivery.deliverer import Deliverer, Progress
 from audiencesync.store.database import utc_now
 from audiencesync.store.pending_since import since
 from audiencesync.store.schema import (
-    UtcDateTime,
     admin_requests,
     audience_counts,
     audiences,
     call_values,
     calls,
     events,
-    fenced_write,
     membership_changes,
     memberships,
     sync_runs,
 )
 from audiencesync.store.store import Audience, Store
+from audiencesync.store.utc_time import UtcDateTime
+from audiencesync.store.writes import fenced_write
 
 # Rows per transaction when deleting (the state of a big audience, a purge).
 BATCH_SIZE = 5_000

@@ -22,7 +22,7 @@ from audiencesync.config.loading import StoreConfig, display_url
 from audiencesync.config.urls import sqlite_file
 from audiencesync.errors import StoreError, StoreMissingError
 from audiencesync.store import drivers
-from audiencesync.store.schema import write_connection
+from audiencesync.store.writes import write_connection
 
 
 def utc_now() -> datetime:

@@ -30,15 +30,9 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from audiencesync.backoff import doubling
-from audiencesync.store.schema import (
-    UtcDateTime,
-    audience_counts,
-    audiences,
-    events,
-    fenced_write,
-    memberships,
-    sync_runs,
-)
+from audiencesync.store.schema import audience_counts, audiences, events, memberships, sync_runs
+from audiencesync.store.utc_time import UtcDateTime
+from audiencesync.store.writes import fenced_write
 
 Clock = Callable[[], datetime]
 

@@ -15,7 +15,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from audiencesync.store.schema import UtcDateTime
+from audiencesync.store.utc_time import UtcDateTime
 
 UPSERT = (
     "INSERT INTO contact_fields (user_id, field, value, acked_at) {rows} "

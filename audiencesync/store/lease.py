@@ -47,7 +47,9 @@ from audiencesync.store.lease_renewal import (
     heartbeat,
     taken,
 )
-from audiencesync.store.schema import UtcDateTime, leases, write_connection
+from audiencesync.store.schema import leases
+from audiencesync.store.utc_time import UtcDateTime
+from audiencesync.store.writes import write_connection
 
 log = logging.getLogger(__name__)
 

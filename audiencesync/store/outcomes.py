@@ -20,7 +20,8 @@ from audiencesync.backoff import doubling
 from audiencesync.gleap.client import Try
 from audiencesync.store.field_acks import acknowledge_fields
 from audiencesync.store.pending_since import SINCE, since_sql
-from audiencesync.store.schema import UtcDateTime, call_values, calls, sync_runs
+from audiencesync.store.schema import call_values, calls, sync_runs
+from audiencesync.store.utc_time import UtcDateTime
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from sqlalchemy import Connection
 from audiencesync import values
 from audiencesync.store.database import utc_now
 from audiencesync.store.outcomes import PendingChange
-from audiencesync.store.schema import UtcDateTime, audiences, due, memberships
+from audiencesync.store.schema import audiences, due, memberships
+from audiencesync.store.utc_time import UtcDateTime
 
 
 def pending_page_query(

@@ -18,7 +18,8 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from audiencesync.store.schema import UtcDateTime, memberships
+from audiencesync.store.schema import memberships
+from audiencesync.store.utc_time import UtcDateTime
 
 
 def since_sql(new: str = ":t", table: str = "memberships", *, stays_parked: bool = False) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from audiencesync.store.schema import admin_requests, write_connection
+from audiencesync.store.schema import admin_requests
+from audiencesync.store.writes import write_connection
 
 REFRESH = "refresh"  # refresh now, as its schedule would (`sync --audience KEY`)
 RELEASE = "release"  # refresh once with the mass-removal guard released

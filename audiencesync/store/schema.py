@@ -7,35 +7,11 @@ the two agree.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import sqlite
-from sqlalchemy.engine import Dialect
 
-
-def write_connection(engine: sa.Engine) -> sa.Connection:
-    """A connection whose transactions take SQLite's write lock up front (BEGIN IMMEDIATE).
-
-    A deferred transaction that reads and then writes fails at once with
-    "database is locked" when another connection wrote meanwhile; an immediate
-    one waits for the lock (busy_timeout) instead. Every other transaction is
-    deferred, so readers never take the lock. No effect on PostgreSQL.
-    """
-    return engine.connect().execution_options(sqlite_begin="IMMEDIATE")
-
-
-@contextlib.contextmanager
-def fenced_write(engine: sa.Engine, fence: Callable[[sa.Connection], None] | None) -> Iterator[sa.Connection]:
-    """A write transaction, its ``fence`` (the lease's check, which raises to roll it back) first."""
-    with write_connection(engine) as conn, conn.begin():
-        if fence is not None:
-            fence(conn)
-        yield conn
-
+from audiencesync.store.utc_time import UtcDateTime
 
 metadata = sa.MetaData(
     naming_convention={
@@ -45,66 +21,6 @@ metadata = sa.MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
-
-
-# SQLite has no timestamp type: store ISO 8601 text that carries its offset, so an
-# analyst reading the file sees UTC said plainly, and string order is time order.
-SQLITE_STORAGE_FORMAT = (
-    "%(year)04d-%(month)02d-%(day)02d %(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d+00:00"
-)
-
-
-class UtcDateTime(sa.TypeDecorator[datetime]):
-    """Aware UTC datetimes in and out, on both databases.
-
-    PostgreSQL keeps them as ``timestamptz``. SQLite keeps text such as
-    ``2026-12-01 19:25:25.123456+00:00``: one fixed format, so comparisons in
-    SQL stay correct.
-    """
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
-        if dialect.name == "sqlite":
-            return dialect.type_descriptor(sqlite.DATETIME(storage_format=SQLITE_STORAGE_FORMAT))  # type: ignore[no-untyped-call]
-        return dialect.type_descriptor(sa.DateTime(timezone=True))
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to the store; use an aware UTC datetime")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        return _read_aware_time(value)
-
-    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
-        # Streaming a million members with their times, the reading of the times was the
-        # biggest cost. SQLite: the text is always ISO 8601, which the C fromisoformat reads
-        # several times faster than SQLAlchemy's regular expression (3 s of 6). PostgreSQL:
-        # the driver hands out datetimes already, and one plain function instead of
-        # TypeDecorator's chain around process_result_value saved 1 s of 5.
-        if dialect.name == "sqlite":
-            return _read_sqlite_time
-        if self.load_dialect_impl(dialect).result_processor(dialect, coltype) is None:
-            return _read_aware_time
-        return super().result_processor(dialect, coltype)
-
-
-def _as_utc(value: datetime) -> datetime:
-    if value.tzinfo is UTC:  # what the store writes, and what a session in UTC reads
-        return value
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _read_sqlite_time(value: str | None) -> datetime | None:
-    return None if value is None else _as_utc(datetime.fromisoformat(value))
-
-
-def _read_aware_time(value: datetime | None) -> datetime | None:
-    return None if value is None else _as_utc(value)
 
 
 # A change is pending while Gleap has not acknowledged the current value, while

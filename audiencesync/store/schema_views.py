@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from audiencesync.store.schema import UtcDateTime
+from audiencesync.store.utc_time import UtcDateTime
 
 # ``sa.table`` keeps them out of ``metadata``: the migrations create them, and
 # nothing may ever try to create a table by their names.

@@ -19,7 +19,14 @@ from sqlalchemy import Connection, Engine
 
 from audiencesync import failpoints
 from audiencesync.errors import StoreError
-from audiencesync.store import diff, events as events_mod, outcomes, runs, status as status_mod
+from audiencesync.store import (
+    diff,
+    events as events_mod,
+    outcomes,
+    runs,
+    stage as stage_mod,
+    status as status_mod,
+)
 from audiencesync.store.carried_keys import as_carried
 from audiencesync.store.database import (
     create_engine as create_engine,
@@ -34,15 +41,9 @@ from audiencesync.store.diff import DiffCounts
 from audiencesync.store.member_fields import PageFields, holds_fields, read_page_fields
 from audiencesync.store.outcomes import Backoff as Backoff, Outcome as Outcome, PendingChange as PendingChange
 from audiencesync.store.pending import pending_page, pending_page_query as pending_page_query
-from audiencesync.store.schema import (
-    DELIVERABLE,
-    audience_counts,
-    audiences,
-    fenced_write,
-    leases,
-    memberships,
-)
+from audiencesync.store.schema import DELIVERABLE, audience_counts, audiences, leases, memberships
 from audiencesync.store.status import AudienceStatus as AudienceStatus, ParkedChange as ParkedChange
+from audiencesync.store.writes import fenced_write
 
 Clock = Callable[[], datetime]
 
@@ -181,24 +182,24 @@ class Store:
         the same transaction. ``push`` loads the stage inside the store instead of
         ``batches`` (``Sources.push_down``: the query runs where the data is).
         """
-        name = diff.new_stage_name()
+        name = stage_mod.new_stage_name()
         held: str | None = None
         with self.engine.connect() as conn:
             try:
                 with conn.begin():
-                    diff.create_stage(conn, name)
+                    stage_mod.create_stage(conn, name)
                 if push is not None:
                     with conn.begin():
                         push(conn, name)
                 for batch in batches:
                     with conn.begin():
                         if valued:
-                            diff.load_values(conn, name, batch)  # type: ignore[arg-type]
+                            stage_mod.load_values(conn, name, batch)  # type: ignore[arg-type]
                         else:
-                            diff.load_batch(conn, name, batch)  # type: ignore[arg-type]
+                            stage_mod.load_batch(conn, name, batch)  # type: ignore[arg-type]
                     failpoints.reach("stage-batch")
                 with conn.begin():
-                    members = diff.seal_for_apply(conn, name, valued=valued)
+                    members = stage_mod.seal_for_apply(conn, name, valued=valued)
                 failpoints.reach("after-stage")
                 with conn.execution_options(sqlite_begin="IMMEDIATE").begin() as transaction:
                     if self.fence is not None:
@@ -231,7 +232,7 @@ class Store:
                 if conn.in_transaction():
                     conn.rollback()
                 with conn.begin():
-                    diff.drop_stage(conn, name)
+                    stage_mod.drop_stage(conn, name)
         if held is None and counts.entered + counts.left + counts.changed > ANALYZE_AFTER_CHANGES:
             self._analyze()
         self.update_run(

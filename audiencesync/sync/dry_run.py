@@ -27,7 +27,7 @@ from audiencesync.gleap.client import MAX_CUSTOM_KEYS
 from audiencesync.lifecycle import renames
 from audiencesync.refresh.guard import removal_guard
 from audiencesync.refresh.sources import ReadStats
-from audiencesync.store import diff
+from audiencesync.store import stage as stage_mod
 from audiencesync.store.events import EventNames
 from audiencesync.store.schema import audiences
 from audiencesync.store.store import Store, empty_store, schema_revisions
@@ -129,7 +129,7 @@ class DryRun:
         now = self.store.clock()
         try:
             with engine.connect() as conn, conn.begin():
-                diff.steer_planner(conn)
+                stage_mod.steer_planner(conn)
                 table = plan.create_plan(conn)
                 event_table = plan_events.create_event_plan(conn)
                 for place, config in enumerate(selected):
@@ -235,16 +235,16 @@ class DryRun:
         fields = FieldReader(self.property_keys)
         # An audience's place in the config, for the merge of its members' fields.
         rank = next((i for i, a in enumerate(self.config.audiences) if a.key == config.key), None)
-        stage = diff.new_stage_name()
-        diff.create_stage(conn, stage)
+        stage = stage_mod.new_stage_name()
+        stage_mod.create_stage(conn, stage)
         try:
             pushed = self.push is not None and self.push(config, conn, stage, stats)
             for batch in () if pushed else self.read(config, stats, fields):
                 if config.kind == "trait" or fields.has_fields:
-                    diff.load_values(conn, stage, batch)
+                    stage_mod.load_values(conn, stage, batch)
                 else:  # no values to keep: the plain insert is about twice as fast
-                    diff.load_batch(conn, stage, [user_id for user_id, _ in batch])
-            members = diff.seal_stage(conn, stage)
+                    stage_mod.load_batch(conn, stage, [user_id for user_id, _ in batch])
+            members = stage_mod.seal_stage(conn, stage)
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
             log.error("%s", exc)
@@ -252,7 +252,7 @@ class DryRun:
             if rank is not None:
                 plan.add_stored_fields(conn, table, rank=rank, key=config.key, audience_id=audience_id)
             add_events(None)
-            diff.drop_stage(conn, stage)
+            stage_mod.drop_stage(conn, stage)
             return report
         counts = plan.preview_counts(conn, stage, audience_id, members=members, valued=True)
         held = None if allow_removals else removal_guard(config)(counts)
@@ -281,7 +281,7 @@ class DryRun:
             add_events(stage)
             if rank is not None:
                 plan.add_staged_fields(conn, table, rank=rank, key=config.key, stage=stage)
-        diff.drop_stage(conn, stage)
+        stage_mod.drop_stage(conn, stage)
         return report
 
 

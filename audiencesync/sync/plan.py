@@ -24,10 +24,10 @@ from sqlalchemy import BindParameter, Connection, bindparam, text
 
 from audiencesync import values
 from audiencesync.delivery.identify_calls import user_calls
-from audiencesync.store import diff
+from audiencesync.store import stage as stage_mod
 from audiencesync.store.diff import DiffCounts
 from audiencesync.store.outcomes import PendingChange
-from audiencesync.store.schema import UtcDateTime
+from audiencesync.store.utc_time import UtcDateTime
 
 _NOW: BindParameter[object] = bindparam("now", type_=UtcDateTime)
 
@@ -43,7 +43,7 @@ def create_plan(conn: Connection) -> str:
     # ``<plan>_fields``: every member's fields after the plan, for the merge (``rank``:
     # the audience's place in the config).
     name = f"plan_{uuid.uuid4().hex[:12]}"
-    ids = diff.ids_type(conn)
+    ids = stage_mod.ids_type(conn)
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE {name} (key {ids} NOT NULL, user_id {ids} NOT NULL, "
         "kind TEXT NOT NULL DEFAULT 'audience', value BOOLEAN, data TEXT, acked_data TEXT, "

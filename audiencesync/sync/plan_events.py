@@ -13,8 +13,8 @@ from datetime import datetime
 
 from sqlalchemy import BindParameter, Connection, String, bindparam, text
 
-from audiencesync.store import diff
-from audiencesync.store.schema import UtcDateTime
+from audiencesync.store import stage as stage_mod
+from audiencesync.store.utc_time import UtcDateTime
 
 _NOW: BindParameter[object] = bindparam("now", type_=UtcDateTime)
 
@@ -33,7 +33,7 @@ def create_event_plan(conn: Connection) -> str:
     # make (seq: the audience's place in the cycle; sub: exits first, as the refresh logs them).
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE {name} (rank INTEGER NOT NULL, seq INTEGER NOT NULL, sub INTEGER NOT NULL, "
-        f"user_id {diff.ids_type(conn)} NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, "
+        f"user_id {stage_mod.ids_type(conn)} NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, "
         "audience_name TEXT NOT NULL, "
         f"at {at_type} NOT NULL)"
     )
