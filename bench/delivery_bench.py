@@ -96,7 +96,8 @@ def write_config(path: Path, store_url: str, source: Path, gleap_url: str, audie
 
 def phase_refresh(config_path: Path, _: argparse.Namespace) -> Figures:
     from audiencesync.config.loading import load_config
-    from audiencesync.refresh.sources import ReadStats, Sources
+    from audiencesync.refresh.sources import Sources
+    from audiencesync.refresh.user_ids import ReadStats
     from audiencesync.store import store as store_mod
 
     config = load_config(config_path)

@@ -19,7 +19,8 @@ import sqlalchemy as sa
 
 from audiencesync.config.loading import Config
 from audiencesync.refresh import pushdown
-from audiencesync.refresh.sources import ReadStats, Sources
+from audiencesync.refresh.sources import Sources
+from audiencesync.refresh.user_ids import ReadStats
 from audiencesync.store import store as store_mod
 from audiencesync.store.store import Store
 from audiencesync.sync.cycle import Syncer

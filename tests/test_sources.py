@@ -11,7 +11,8 @@ import sqlalchemy as sa
 
 from audiencesync.config.loading import AudienceConfig, SourceConfig
 from audiencesync.errors import SourceError
-from audiencesync.refresh.sources import ReadStats, Sources, canonical_user_id
+from audiencesync.refresh.sources import Sources
+from audiencesync.refresh.user_ids import ReadStats, canonical_user_id
 from tests.conftest import POSTGRES_URL
 
 

@@ -23,7 +23,7 @@ from audiencesync.errors import ConfigError, ForgetIncompleteError, GleapAuthErr
 from audiencesync.gleap.client import GleapClient
 from audiencesync.lifecycle.forget import BATCH_SIZE, Forgetter, Forgotten, Kept, batches
 from audiencesync.lifecycle.forget_requests import ForgetQueue
-from audiencesync.refresh.sources import canonical_user_id
+from audiencesync.refresh.user_ids import canonical_user_id
 from audiencesync.store import store
 from audiencesync.store.lease import WriterLease
 

@@ -8,7 +8,7 @@ the query where the data is, and the anti-join follows in the same database.
 It applies only where the result is exactly the streamed read's (``sources``):
 a PostgreSQL store, a source URL naming the same server and database, and a
 query that returns ``user_id`` alone as text, an integer or a UUID, whose
-canonical form (``sources.canonical_user_id``) is its text. Any other query
+canonical form (``user_ids.canonical_user_id``) is its text. Any other query
 (contact fields, traits, numeric or float ids) is streamed as before. The checks
 of the streamed read are made in SQL: blank ids are skipped and counted, ids
 longer than 255 characters or holding control characters are skipped and

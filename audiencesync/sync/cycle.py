@@ -27,7 +27,8 @@ from audiencesync.errors import (
 from audiencesync.fields import FieldReader
 from audiencesync.lifecycle.renames import RenameReport, Renames, Retired
 from audiencesync.refresh.guard import removal_guard as removal_guard
-from audiencesync.refresh.sources import ReadStats, Sources
+from audiencesync.refresh.sources import Sources
+from audiencesync.refresh.user_ids import ReadStats
 from audiencesync.store.events import EventNames
 from audiencesync.store.store import Audience, Backoff, Store
 from audiencesync.sync.dry_run import DryRun

@@ -26,7 +26,7 @@ from audiencesync.fields import FieldReader
 from audiencesync.gleap.client import MAX_CUSTOM_KEYS
 from audiencesync.lifecycle import renames
 from audiencesync.refresh.guard import removal_guard
-from audiencesync.refresh.sources import ReadStats
+from audiencesync.refresh.user_ids import ReadStats
 from audiencesync.store import stage as stage_mod
 from audiencesync.store.events import EventNames
 from audiencesync.store.schema import audiences

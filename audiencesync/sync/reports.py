@@ -11,7 +11,7 @@ from typing import Any
 from audiencesync.errors import GleapError
 from audiencesync.fields import FieldReader
 from audiencesync.gleap.client import track_event
-from audiencesync.refresh.sources import ReadStats
+from audiencesync.refresh.user_ids import ReadStats
 from audiencesync.store.diff import DiffCounts
 
 log = logging.getLogger(__name__)
