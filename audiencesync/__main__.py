@@ -1,5 +1,5 @@
 import sys
 
-from audiencesync.cli import main
+from audiencesync.cli.main import main
 
 sys.exit(main())

@@ -223,8 +223,8 @@ MEMBERSHIP_COLUMNS = (
 def build(url: str, members: int, cycles: int, churn: float) -> Figures:
     import sqlalchemy as sa
 
-    from audiencesync import store as store_mod
-    from audiencesync.schema import audiences, sync_runs
+    from audiencesync.store import store as store_mod
+    from audiencesync.store.schema import audiences, sync_runs
 
     started = time.perf_counter()
     engine = store_mod.create_engine(url, create=True)
@@ -334,7 +334,7 @@ def build(url: str, members: int, cycles: int, churn: float) -> Figures:
 
 
 def _engine(url: str) -> Any:
-    from audiencesync import store as store_mod
+    from audiencesync.store import store as store_mod
 
     return store_mod.create_engine(url)
 
@@ -343,8 +343,8 @@ def phase_members(url: str, form: str, at: str | None) -> Figures:
     """Stream one answer to "the members at `at`" and count it; ``form`` says which query."""
     import sqlalchemy as sa
 
-    from audiencesync import audit
-    from audiencesync.schema import UtcDateTime
+    from audiencesync.store import audit
+    from audiencesync.store.utc_time import UtcDateTime
 
     engine = _engine(url)
     when = datetime.fromisoformat(at) if at else None
@@ -390,8 +390,8 @@ def phase_members(url: str, form: str, at: str | None) -> Figures:
 def phase_user(url: str, users: list[str]) -> Figures:
     import sqlalchemy as sa
 
-    from audiencesync import audit
-    from audiencesync.schema import memberships
+    from audiencesync.store import audit
+    from audiencesync.store.schema import memberships
 
     engine = _engine(url)
 

@@ -95,9 +95,10 @@ def write_config(path: Path, store_url: str, source: Path, gleap_url: str, audie
 
 
 def phase_refresh(config_path: Path, _: argparse.Namespace) -> Figures:
-    from audiencesync import store as store_mod
-    from audiencesync.config import load_config
-    from audiencesync.sources import ReadStats, Sources
+    from audiencesync.config.loading import load_config
+    from audiencesync.refresh.sources import Sources
+    from audiencesync.refresh.user_ids import ReadStats
+    from audiencesync.store import store as store_mod
 
     config = load_config(config_path)
     store = store_mod.Store(store_mod.create_engine(config.store.url))
@@ -110,9 +111,9 @@ def phase_refresh(config_path: Path, _: argparse.Namespace) -> Figures:
 
 
 def phase_deliver(config_path: Path, args: argparse.Namespace) -> Figures:
-    from audiencesync import store as store_mod
-    from audiencesync.config import load_config
-    from audiencesync.sync import Syncer
+    from audiencesync.config.loading import load_config
+    from audiencesync.store import store as store_mod
+    from audiencesync.sync.cycle import Syncer
 
     config = load_config(config_path)
     syncer = Syncer(config, store_mod.Store(store_mod.create_engine(config.store.url)))
@@ -143,7 +144,7 @@ def phase_deliver(config_path: Path, args: argparse.Namespace) -> Figures:
 def phase_bare(config_path: Path, _: argparse.Namespace) -> Figures:
     import httpx
 
-    from audiencesync.config import load_config
+    from audiencesync.config.loading import load_config
 
     config = load_config(config_path)
     with contextlib.closing(sqlite3.connect(config.sources["src"].url.removeprefix("sqlite:///"))) as conn:
@@ -234,7 +235,7 @@ def answered(proc: subprocess.Popen[str]) -> list[tuple[float, int]]:
 def fresh_store(args: argparse.Namespace, path: Path) -> str:
     import sqlalchemy as sa
 
-    from audiencesync import store as store_mod
+    from audiencesync.store import store as store_mod
 
     if args.store == "sqlite":
         url = f"sqlite:///{path}"

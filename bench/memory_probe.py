@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the series here")
     args = parser.parse_args(argv)
 
-    from audiencesync import store as store_mod
-    from audiencesync.config import load_config
-    from audiencesync.scheduler import Daemon
+    from audiencesync.config.loading import load_config
+    from audiencesync.daemon.scheduler import Daemon
+    from audiencesync.store import store as store_mod
 
     if args.store_url:
         from tests import postgres_guard
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         refusal = postgres_guard.refusal(args.store_url)
         if refusal is not None:
             parser.error(refusal)
-    from audiencesync.arenas import limit_arenas
+    from audiencesync.daemon.arenas import limit_arenas
 
     limit_arenas()  # as `audiencesync run` does, before any thread starts
     if not args.no_trace:

@@ -101,7 +101,7 @@ def fresh_store(url: str) -> str:
     schema public is dropped first."""
     import sqlalchemy as sa
 
-    from audiencesync import store as store_mod
+    from audiencesync.store import store as store_mod
 
     if url.startswith("postgresql"):
         engine = sa.create_engine(url)
@@ -127,7 +127,7 @@ def ack_all(url: str) -> int:
     """Mark every pending membership acknowledged, as a sync that delivered everything leaves it."""
     import sqlalchemy as sa
 
-    from audiencesync.schema import memberships
+    from audiencesync.store.schema import memberships
 
     engine = sa.create_engine(url)
     m = memberships.c

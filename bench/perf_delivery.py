@@ -91,9 +91,9 @@ def standin_process(rate_limit: int | None = None, latency: float = 0.0) -> Iter
 
 def phase_deliver(spec: Spec) -> Figures:
     """A real Syncer cycle: a no-change refresh, then the delivery of every pending call."""
-    from audiencesync import store as store_mod
-    from audiencesync.config import load_config
-    from audiencesync.sync import Syncer
+    from audiencesync.config.loading import load_config
+    from audiencesync.store import store as store_mod
+    from audiencesync.sync.cycle import Syncer
 
     config = load_config(Path(spec["config"]))
     syncer = Syncer(config, store_mod.Store(store_mod.create_engine(config.store.url)))
@@ -117,7 +117,7 @@ def phase_bare(spec: Spec) -> Figures:
     """The same bodies posted by a bare httpx loop at the same concurrency, with no store."""
     import httpx
 
-    from audiencesync.config import load_config
+    from audiencesync.config.loading import load_config
 
     config = load_config(Path(spec["config"]))
     user_ids = [r[0] for r in data_ids(spec["source_path"], spec["table"])]
@@ -155,9 +155,9 @@ def data_ids(path: str, table: str) -> list[tuple[str]]:
 
 def phase_coalesce(spec: Spec) -> Figures:
     """A first sync of 3 overlapping audiences: users 1..N/2, N/4..3N/4 and N/2..N."""
-    from audiencesync import store as store_mod
-    from audiencesync.config import load_config
-    from audiencesync.sync import Syncer
+    from audiencesync.config.loading import load_config
+    from audiencesync.store import store as store_mod
+    from audiencesync.sync.cycle import Syncer
     from tests.gleap_standin import GleapStandIn
 
     n, work = spec["users"], Path(spec["work"])

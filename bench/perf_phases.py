@@ -121,9 +121,9 @@ def phase_naive(spec: Spec) -> Figures:
 
 def phase_refresh(spec: Spec) -> Figures:
     """A real sync's refresh of the audience (source, stage, diff, apply, change log), delivering nothing."""
-    from audiencesync import store as store_mod
-    from audiencesync.config import load_config
-    from audiencesync.sync import Syncer
+    from audiencesync.config.loading import load_config
+    from audiencesync.store import store as store_mod
+    from audiencesync.sync.cycle import Syncer
 
     config = load_config(Path(spec["config"]))
     syncer = Syncer(config, store_mod.Store(store_mod.create_engine(config.store.url)))
@@ -148,7 +148,7 @@ def phase_refresh(spec: Spec) -> Figures:
 
 def phase_pending_pages(spec: Spec) -> Figures:
     """A page of pending changes with the cursor at the start, and near the end, of the audience."""
-    from audiencesync import store as store_mod
+    from audiencesync.store import store as store_mod
 
     store = store_mod.Store(store_mod.create_engine(spec["store_url"]))
     audience = store.ensure_audience(data.KEY, data.KEY)
@@ -172,7 +172,7 @@ def phase_pending_pages(spec: Spec) -> Figures:
 
 def _pg_plan(store: Any, audience_id: int, after: str, size: int) -> str:
     """The plan of the page at the end, as PostgreSQL ran it."""
-    from audiencesync.store import pending_page_query
+    from audiencesync.store.store import pending_page_query
 
     query = pending_page_query(audience_id, [audience_id], after, size)
     sql = str(query.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True}))

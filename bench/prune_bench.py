@@ -32,17 +32,17 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.prune import BATCH_SIZE, Pruner
-from audiencesync.schema import (
+from audiencesync.lifecycle.prune import BATCH_SIZE, Pruner
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import (
     audiences,
     call_values,
     calls,
     membership_changes,
     memberships,
     sync_runs,
-    write_connection,
 )
+from audiencesync.store.writes import write_connection
 from bench.perf_data import fresh_store
 from bench.report import chunks
 from tests import postgres_guard

@@ -43,9 +43,9 @@ from typing import Any
 import sqlalchemy as sa
 from prometheus_client import generate_latest
 
-from audiencesync import status as status_mod, store as store_mod
-from audiencesync.metrics import Metrics
-from audiencesync.schema import audiences, due, memberships
+from audiencesync.daemon.metrics import Metrics
+from audiencesync.store import status as status_mod, store as store_mod
+from audiencesync.store.schema import audiences, due, memberships
 from bench.perf_data import fresh_store
 from bench.report import chunks
 from tests import postgres_guard

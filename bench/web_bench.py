@@ -25,10 +25,11 @@ from datetime import timedelta
 import httpx
 import sqlalchemy as sa
 
-from audiencesync import attention, store as store_mod
-from audiencesync.schema import sync_runs
-from audiencesync.server import Server
-from audiencesync.web import WebApp
+from audiencesync.alerts import attention
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import sync_runs
+from audiencesync.web.app import WebApp
+from audiencesync.web.server import Server
 from bench.perf_data import fresh_store
 from bench.status_bench import NOW, fill
 from tests import postgres_guard

@@ -7,7 +7,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from audiencesync.schema import metadata
+from audiencesync.store.schema import metadata
 
 
 def _run(connection: Connection) -> None:

@@ -2,7 +2,7 @@
 """The SQLite run's survivors again, on PostgreSQL: for the branches only PostgreSQL takes.
 
     AUDIENCESYNC_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:5432/mut_test \\
-        python scripts/mutate_postgres.py 'audiencesync.outcomes.x__acknowledge__*'
+        python scripts/mutate_postgres.py 'audiencesync.store.outcomes.x__acknowledge__*'
 
 `scripts/mutate` runs on SQLite, so it needs no server; a mutant in a branch only PostgreSQL
 takes (``outcomes._acknowledge``'s arrays) survives it unseen. This runs each survivor whose

@@ -49,11 +49,11 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from audiencesync import store as store_mod  # noqa: E402
-from audiencesync.config import load_config  # noqa: E402
-from audiencesync.schema import audiences  # noqa: E402
-from audiencesync.sources import Sources  # noqa: E402
-from audiencesync.sync import Syncer  # noqa: E402
+from audiencesync.config.loading import load_config  # noqa: E402
+from audiencesync.refresh.sources import Sources  # noqa: E402
+from audiencesync.store import store as store_mod  # noqa: E402
+from audiencesync.store.schema import audiences  # noqa: E402
+from audiencesync.sync.cycle import Syncer  # noqa: E402
 from examples.make_demo_source import build  # noqa: E402
 from tests.gleap_standin import GleapStandIn  # noqa: E402
 

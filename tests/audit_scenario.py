@@ -22,9 +22,9 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
-from audiencesync.schema import audiences, sync_runs
+from audiencesync.config.loading import Config
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import audiences, sync_runs
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_outcomes import Clock, cycle

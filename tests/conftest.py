@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config, load_config
+from audiencesync.config.loading import Config, load_config
+from audiencesync.store import store as store_mod
 from tests import postgres_guard
 
 if TYPE_CHECKING:

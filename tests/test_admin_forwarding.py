@@ -19,9 +19,9 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
-from audiencesync.schema import leases
+from audiencesync.config.loading import Config
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import leases
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SYNC, Daemon, cli, daemons, members_true, wait_for

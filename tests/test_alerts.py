@@ -14,15 +14,18 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import alerts as alerts_mod, cli, scheduler, store as store_mod
-from audiencesync.alert_sender import WebhookSender
-from audiencesync.alerts import Alerts
-from audiencesync.config import Config
-from audiencesync.config_alerts import AlertConfig
-from audiencesync.diff import DiffCounts
+from audiencesync.alerts import alerts as alerts_mod
+from audiencesync.alerts.alerts import Alerts
+from audiencesync.alerts.sender import WebhookSender
+from audiencesync.cli import main as cli
+from audiencesync.config.alerts import AlertConfig
+from audiencesync.config.loading import Config
+from audiencesync.config.secret import Secret
+from audiencesync.daemon import scheduler
 from audiencesync.errors import ConfigError
-from audiencesync.schema import UtcDateTime
-from audiencesync.secret import Secret
+from audiencesync.store import store as store_mod
+from audiencesync.store.diff import DiffCounts
+from audiencesync.store.utc_time import UtcDateTime
 from tests.alert_receiver import AlertReceiver, Post
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
@@ -518,7 +521,7 @@ url = "sqlite:///store.db"
 def test_config_errors_name_the_file_the_key_and_the_fix(
     tmp_path: Path, table: str, where: str, fix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from audiencesync.config import load_config
+    from audiencesync.config.loading import load_config
 
     monkeypatch.delenv("NO_SUCH_HOOK", raising=False)
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
@@ -533,7 +536,7 @@ def test_config_errors_name_the_file_the_key_and_the_fix(
 def test_config_reads_webhooks_with_secrets_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from audiencesync.config import load_config
+    from audiencesync.config.loading import load_config
 
     monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.slack.com/services/T0/B0/XYZ")
     path = tmp_path / "audiencesync.toml"

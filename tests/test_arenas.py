@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from audiencesync.arenas import ARENAS, M_ARENA_MAX, Trimmer, limit_arenas
+from audiencesync.daemon.arenas import ARENAS, M_ARENA_MAX, Trimmer, limit_arenas
 
 
 def recorder(result: int) -> tuple[list[tuple[int, int]], Callable[[], Callable[[int, int], int]]]:

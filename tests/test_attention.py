@@ -9,9 +9,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from audiencesync import attention, lifecycle
-from audiencesync.alert_conditions import Condition
-from audiencesync.status import AudienceStatus
+from audiencesync.alerts import attention
+from audiencesync.alerts.conditions import Condition
+from audiencesync.lifecycle import states as lifecycle
+from audiencesync.store.status import AudienceStatus
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 LIVE = {"seg": lifecycle.LIVE, "other": lifecycle.LIVE}

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from audiencesync import attention
-from audiencesync.config import Config
+from audiencesync.alerts import attention
+from audiencesync.config.loading import Config
 from tests.alert_receiver import AlertReceiver
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn

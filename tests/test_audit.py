@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import audit, cli, store as store_mod
-from audiencesync.formats import FORMATS
-from audiencesync.prune import Pruner
-from audiencesync.schema import call_values, calls, membership_changes, prunes, sync_runs
-from audiencesync.schema_views import run_history_view
+from audiencesync.cli import main as cli
+from audiencesync.cli.formats import FORMATS
+from audiencesync.lifecycle.prune import Pruner
+from audiencesync.store import audit, store as store_mod
+from audiencesync.store.schema import call_values, calls, membership_changes, prunes, sync_runs
+from audiencesync.store.schema_views import run_history_view
 from tests import audit_scenario as s
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn

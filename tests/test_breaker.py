@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from audiencesync.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Trials
+from audiencesync.gleap.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Trials
 
 
 def test_it_opens_on_exactly_the_threshold_th_failure_once_two_users_failed() -> None:

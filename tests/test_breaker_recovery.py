@@ -11,14 +11,14 @@ from typing import cast
 
 import pytest
 
-from audiencesync import store as store_mod
-from audiencesync.breaker import CLOSED, CircuitBreaker, Trials
-from audiencesync.config import Config, GleapConfig
-from audiencesync.daemon_health import DaemonHealth
+from audiencesync.config.loading import Config, GleapConfig
+from audiencesync.daemon.health import DaemonHealth
+from audiencesync.daemon.health_report import Outage
 from audiencesync.errors import GleapUnavailableError
-from audiencesync.health import Outage
-from audiencesync.store import Store
-from audiencesync.sync import Syncer
+from audiencesync.gleap.breaker import CLOSED, CircuitBreaker, Trials
+from audiencesync.store import store as store_mod
+from audiencesync.store.store import Store
+from audiencesync.sync.cycle import Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, members_true, wait_for
@@ -111,7 +111,7 @@ def test_the_daemon_resumes_mid_pass_after_an_outage_with_a_tenth_of_calls_faili
         wait_for(lambda: members_true(gleap) == set(MEMBERS), what="every change held back by the outage")
     # At most one probe was already under way when Gleap came back; none reopened it after.
     assert reopened() - before <= 1
-    resumed = [r.getMessage() for r in caplog.records if r.name == "audiencesync.delivery_loop"]
+    resumed = [r.getMessage() for r in caplog.records if r.name == "audiencesync.daemon.delivery_loop"]
     resumed = [m for m in resumed if "Gleap answers again" in m]
     assert len(resumed) == 1 and "trial calls failed" in resumed[0]
     # The run that delivered them ended well, not "aborted" by the outage it outlived.

@@ -117,7 +117,7 @@ def test_json_logs_are_one_object_per_line(
     result = run(config.path, "--log-format", "json", "--log-level", "INFO", "sync", token=TOKEN)
     assert result.returncode == 0, result.stderr
     entries = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
-    summary = [e for e in entries if e["logger"] == "audiencesync.sync"]
+    summary = [e for e in entries if e["logger"] == "audiencesync.sync.cycle"]
     assert (
         summary and summary[0]["level"] == "INFO" and summary[0]["message"].startswith("segment_a: succeeded")
     )

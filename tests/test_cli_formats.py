@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from audiencesync import attention
+from audiencesync.alerts import attention
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_cli import run, sync_with_u2_parked

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from audiencesync import cli
+from audiencesync.cli import main as cli
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_cli import run, sync_with_u2_parked

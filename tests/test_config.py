@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from audiencesync.cli import main
-from audiencesync.config import display_url, find_config, load_config, parse_duration
+from audiencesync.cli.main import main
+from audiencesync.config.loading import display_url, find_config, load_config, parse_duration
 from audiencesync.errors import ConfigError
 
 BASE = """

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync.config import Config
+from audiencesync.config.loading import Config
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_contact_fields import audience, people

@@ -10,10 +10,10 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync import database, store as store_mod
-from audiencesync.gleap import identify_body
-from audiencesync.schema import UtcDateTime
-from audiencesync.sync import PlannedCall
+from audiencesync.gleap.client import identify_body
+from audiencesync.store import database, store as store_mod
+from audiencesync.store.utc_time import UtcDateTime
+from audiencesync.sync.cycle import PlannedCall
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_sync import calls, cycle, only

@@ -8,11 +8,12 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync import database, events as events_mod, status as status_mod, store as store_mod
-from audiencesync.forget import Forgetter
-from audiencesync.renames import Renames
-from audiencesync.schema import UtcDateTime, audience_counts, audiences, events
-from audiencesync.store import Audience, Backoff, Outcome, Store
+from audiencesync.lifecycle.forget import Forgetter
+from audiencesync.lifecycle.renames import Renames
+from audiencesync.store import database, events as events_mod, status as status_mod, store as store_mod
+from audiencesync.store.schema import audience_counts, audiences, events
+from audiencesync.store.store import Audience, Backoff, Outcome, Store
+from audiencesync.store.utc_time import UtcDateTime
 from audiencesync.values import encode
 
 COUNTERS = ("members", "pending", "parked", "unknown", "fields_pending", "events_pending", "events_parked")

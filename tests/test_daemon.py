@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync.config import Config
-from audiencesync.schema import leases
+from audiencesync.config.loading import Config
+from audiencesync.store.schema import leases
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_sync import TWO_AUDIENCES
@@ -337,7 +337,7 @@ def test_a_second_signal_exits_at_once_and_the_store_stays_consistent(
 
 
 def test_health_reports_standby_and_what_is_wrong(make_config: ConfigFactory) -> None:
-    from audiencesync.scheduler import Daemon as DaemonCore
+    from audiencesync.daemon.scheduler import Daemon as DaemonCore
 
     core = DaemonCore(make_config())
     try:
@@ -354,14 +354,15 @@ def test_standby_says_so_at_once_even_just_after_boot(
 ) -> None:
     # time.monotonic() counts from about boot on Linux: a host up for under 5 minutes
     # must not keep a standby daemon silent.
-    from audiencesync import scheduler, store as store_mod
-    from audiencesync.lease import WriterLease
+    from audiencesync.daemon import scheduler
+    from audiencesync.store import store as store_mod
+    from audiencesync.store.lease import WriterLease
 
     core = scheduler.Daemon(make_config())
     real = time.monotonic
     booted = real() - 10.0
-    monkeypatch.setattr("audiencesync.scheduler.time.monotonic", lambda: real() - booted)
-    caplog.set_level(logging.INFO, logger="audiencesync.scheduler")
+    monkeypatch.setattr("audiencesync.daemon.scheduler.time.monotonic", lambda: real() - booted)
+    caplog.set_level(logging.INFO, logger="audiencesync.daemon.scheduler")
     try:
         store_mod.upgrade(core.engine)
         assert WriterLease(core.engine, store_mod.utc_now, ttl_seconds=600).try_acquire() is None

@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
+from audiencesync.config.loading import Config
+from audiencesync.daemon.scheduler import Daemon as DaemonCore
 from audiencesync.errors import GleapUnavailableError, LeaseLostError
-from audiencesync.lease import WriterLease, instance_id
-from audiencesync.scheduler import Daemon as DaemonCore
-from audiencesync.schema import leases
+from audiencesync.store import store as store_mod
+from audiencesync.store.lease import WriterLease, instance_id
+from audiencesync.store.schema import leases
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, cli, daemons, free_port, members_true, wait_for
@@ -130,7 +130,7 @@ def test_a_locked_store_does_not_kill_the_daemon(
 
 
 def with_store_setting(config: Config, line: str) -> Config:
-    from audiencesync.config import load_config
+    from audiencesync.config.loading import load_config
 
     config.path.write_text(config.path.read_text().replace("[store]\n", f"[store]\n{line}\n", 1))
     return load_config(config.path)

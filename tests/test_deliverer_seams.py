@@ -16,14 +16,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
-from audiencesync.delivery import Deliverer
+from audiencesync.config.loading import Config
+from audiencesync.delivery.deliverer import Deliverer
 from audiencesync.errors import LeaseLostError
-from audiencesync.lease import WriterLease
-from audiencesync.schema_views import call_log_view
-from audiencesync.store import Outcome, Store
-from audiencesync.sync import Run, Syncer
+from audiencesync.store import store as store_mod
+from audiencesync.store.lease import WriterLease
+from audiencesync.store.schema_views import call_log_view
+from audiencesync.store.store import Outcome, Store
+from audiencesync.sync.cycle import Run, Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_contact_fields import audience, people
@@ -148,7 +148,7 @@ def test_the_client_goes_through_the_given_transport_and_logs_on_the_stores_cloc
     engine = store_mod.engine_for(config.store)
     at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)  # the store's clock, far from the wall clock
     transport = _Counting()
-    caplog.set_level("WARNING", logger="audiencesync.delivery")
+    caplog.set_level("WARNING", logger="audiencesync.delivery.deliverer")
     try:
         syncer, run = refreshed(config, Store(engine, clock=lambda: at))
         assert config.gleap.api_token is not None

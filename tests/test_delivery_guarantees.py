@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod, values
-from audiencesync.config import Config
-from audiencesync.forget import Forgetter
-from audiencesync.gleap import GleapClient
-from audiencesync.record_batches import RECORD_BATCH, next_batch
-from audiencesync.secret import Secret
+from audiencesync import values
+from audiencesync.config.loading import Config
+from audiencesync.config.secret import Secret
+from audiencesync.delivery.record_batches import RECORD_BATCH, next_batch
+from audiencesync.gleap.client import GleapClient
+from audiencesync.lifecycle.forget import Forgetter
+from audiencesync.store import store as store_mod
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_contact_fields import audience, people

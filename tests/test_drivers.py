@@ -77,7 +77,7 @@ def write_config(tmp_path: Path, store_url: str | None = None, shop_url: str | N
 def cli(config: Path, *args: str, preamble: str = "") -> subprocess.CompletedProcess[str]:
     """The console script; ``preamble`` runs first in the same process (to hide an installed module)."""
     env = {k: v for k, v in os.environ.items() if k != "GLEAP_API_TOKEN"} | {"GLEAP_API_TOKEN": "tok-1"}
-    code = f"import sys\n{preamble}\nfrom audiencesync.cli import main\nsys.exit(main(sys.argv[1:]))"
+    code = f"import sys\n{preamble}\nfrom audiencesync.cli.main import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, "--config", str(config), *args],
         capture_output=True,

@@ -13,7 +13,7 @@ import termios
 import threading
 from pathlib import Path
 
-from audiencesync.dry_run import LISTED_ON_A_TERMINAL, Listing
+from audiencesync.sync.dry_run import LISTED_ON_A_TERMINAL, Listing
 from tests.conftest import ConfigFactory, SourceDB
 
 USERS = [f"u{i:02d}" for i in range(12)]

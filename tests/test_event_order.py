@@ -12,12 +12,12 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync import database, store as store_mod
-from audiencesync.config import Config
-from audiencesync.events import HELD_BEHIND_PARKED
-from audiencesync.schema import events
-from audiencesync.store import Store
-from audiencesync.sync import PlannedCall, PlannedTrack, Syncer
+from audiencesync.config.loading import Config
+from audiencesync.store import database, store as store_mod
+from audiencesync.store.events import HELD_BEHIND_PARKED
+from audiencesync.store.schema import events
+from audiencesync.store.store import Store
+from audiencesync.sync.cycle import PlannedCall, PlannedTrack, Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_events import EVENTS_ON, event_rows, track_requests

@@ -14,16 +14,16 @@ from typing import cast
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import audit, store as store_mod
-from audiencesync.config import Config
+from audiencesync.config.loading import Config
+from audiencesync.delivery.track import EventSender
 from audiencesync.errors import GleapAuthError
-from audiencesync.events import DueEvent, EventOutcome, Outbox
-from audiencesync.gleap import Answer, GleapClient, Try, event_date
-from audiencesync.prune import Pruner
-from audiencesync.schema import events, sync_runs
-from audiencesync.store import Store
-from audiencesync.sync import PlannedCall, PlannedTrack, Syncer
-from audiencesync.track import EventSender
+from audiencesync.gleap.client import Answer, GleapClient, Try, event_date
+from audiencesync.lifecycle.prune import Pruner
+from audiencesync.store import audit, store as store_mod
+from audiencesync.store.events import DueEvent, EventOutcome, Outbox
+from audiencesync.store.schema import events, sync_runs
+from audiencesync.store.store import Store
+from audiencesync.sync.cycle import PlannedCall, PlannedTrack, Syncer
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import TRACK_PATH, GleapStandIn, RecordedRequest, _track_problem
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for

@@ -10,10 +10,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
-from audiencesync.metrics import Metrics
-from audiencesync.store import Store
+from audiencesync.config.loading import Config
+from audiencesync.daemon.metrics import Metrics
+from audiencesync.store import store as store_mod
+from audiencesync.store.store import Store
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_cli import run

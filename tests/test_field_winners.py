@@ -13,13 +13,13 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync import database, store as store_mod
-from audiencesync.config import Config
-from audiencesync.field_winners import moved, reconcile
-from audiencesync.gleap import identify_body
-from audiencesync.schema import UtcDateTime
-from audiencesync.store import Store
-from audiencesync.sync import PlannedCall
+from audiencesync.config.loading import Config
+from audiencesync.delivery.field_winners import moved, reconcile
+from audiencesync.gleap.client import identify_body
+from audiencesync.store import database, store as store_mod
+from audiencesync.store.store import Store
+from audiencesync.store.utc_time import UtcDateTime
+from audiencesync.sync.cycle import PlannedCall
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_contact_fields import audience, people

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from audiencesync.errors import AudienceSyncError, foreseen
-from audiencesync.lease_renewal import LeaseUnrenewedError
+from audiencesync.store.lease_renewal import LeaseUnrenewedError
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, members_true, wait_for
@@ -52,7 +52,7 @@ def test_a_delivery_pass_that_meets_a_locked_store_logs_a_line_and_delivers_afte
     until = datetime(2026, 1, 1, tzinfo=UTC)
     errors: list[BaseException] = [LOCKED, LeaseUnrenewedError(until, None)]
     monkeypatch.setattr(running.core, "_drain", failing_once(errors, running.core._drain))
-    caplog.set_level(logging.WARNING, "audiencesync.delivery_loop")
+    caplog.set_level(logging.WARNING, "audiencesync.daemon.delivery_loop")
     with running:
         wait_for(lambda: members_true(gleap) == {"u1", "u2"}, timeout=60, what="delivery after the failures")
     records = {r.getMessage().split(":")[0]: r for r in caplog.records}
@@ -76,7 +76,7 @@ def test_a_refresh_that_meets_a_locked_store_logs_a_line(
     running = InProcess(make_config(gleap.base_url, sync=SYNC, extra=SCHEDULE))
     real = running.core._refresh
     monkeypatch.setattr(running.core, "_refresh", failing_once([LOCKED, KeyError("a bug")], real))
-    caplog.set_level(logging.ERROR, "audiencesync.refresh_jobs")
+    caplog.set_level(logging.ERROR, "audiencesync.daemon.refresh_jobs")
     running.core._refresh_job("segment_a")
     running.core._refresh_job("segment_a")
     failed = [r for r in caplog.records if r.getMessage().startswith("refreshing segment_a failed")]

@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import cli, store as store_mod
-from audiencesync.config import Config
+from audiencesync.cli import main as cli
+from audiencesync.config.loading import Config
+from audiencesync.config.secret import Secret
 from audiencesync.errors import ConfigError
-from audiencesync.forget import NOT_PER_USER, PER_USER_TABLES, Forgetter, table_names
-from audiencesync.forget_requests import ForgetDesk, ForgetQueue
-from audiencesync.gleap import GleapClient
-from audiencesync.schema import metadata
-from audiencesync.secret import Secret
+from audiencesync.gleap.client import GleapClient
+from audiencesync.lifecycle.forget import NOT_PER_USER, PER_USER_TABLES, Forgetter, table_names
+from audiencesync.lifecycle.forget_requests import ForgetDesk, ForgetQueue
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import metadata
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, members_true, wait_for

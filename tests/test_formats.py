@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from audiencesync.formats import FORMATS, write_rows
+from audiencesync.cli.formats import FORMATS, write_rows
 
 COLUMNS = ("user_id", "value", "attempts", "at", "error")
 AT = datetime(2026, 12, 1, 19, 25, 25, 123456, tzinfo=UTC)

@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from audiencesync.config import GleapConfig, Secret
+from audiencesync.config.loading import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError, GleapError
-from audiencesync.gleap import Answer, GleapClient, event_date, identify_body, identify_url
-from audiencesync.gleap_http import parse_retry_after, retryable
-from audiencesync.ratelimit import TokenBucket
+from audiencesync.gleap.client import Answer, GleapClient, event_date, identify_body, identify_url
+from audiencesync.gleap.http import parse_retry_after, retryable
+from audiencesync.gleap.ratelimit import TokenBucket
 from tests.conftest import TOKEN
 from tests.gleap_standin import GleapStandIn
 
@@ -229,7 +229,7 @@ def test_secret_hides_itself() -> None:
 
 
 def test_progress_lines_come_at_least_every_interval(caplog: pytest.LogCaptureFixture) -> None:
-    from audiencesync.progress_log import ProgressLog
+    from audiencesync.delivery.progress_log import ProgressLog
 
     class FakeStore:
         def pending_count(self, audience_ids: object) -> int:
@@ -248,7 +248,7 @@ def test_progress_lines_come_at_least_every_interval(caplog: pytest.LogCaptureFi
 def test_progress_asks_for_its_audiences_counts_the_rate_and_the_end_of_the_pass(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from audiencesync.progress_log import ProgressLog
+    from audiencesync.delivery.progress_log import ProgressLog
 
     class Remaining:
         def __init__(self) -> None:
@@ -286,7 +286,7 @@ def test_progress_asks_for_its_audiences_counts_the_rate_and_the_end_of_the_pass
 
 
 def test_a_progress_duration_reads_in_minutes_then_in_hours() -> None:
-    from audiencesync.progress_log import _duration
+    from audiencesync.delivery.progress_log import _duration
 
     texts = [_duration(s) for s in (0, 59.9, 61, 3599, 3600, 3725, 7199, 90000, float("inf"))]
     assert texts == ["0m00s", "0m59s", "1m01s", "59m59s", "1h00m", "1h02m", "1h59m", "25h00m", "unknown"]

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from audiencesync.breaker import CircuitBreaker
-from audiencesync.config import GleapConfig, Secret
+from audiencesync.config.loading import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError
-from audiencesync.gleap import Answer, GleapClient
-from audiencesync.ratelimit import TokenBucket
+from audiencesync.gleap.breaker import CircuitBreaker
+from audiencesync.gleap.client import Answer, GleapClient
+from audiencesync.gleap.ratelimit import TokenBucket
 from tests.conftest import TOKEN
 from tests.gleap_standin import GleapStandIn
 from tests.test_gleap import identify

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from audiencesync import values
-from audiencesync.identify_calls import custom_keys, owed_fields, pack, row_part, user_calls
-from audiencesync.outcomes import PendingChange
+from audiencesync.delivery.identify_calls import custom_keys, owed_fields, pack, row_part, user_calls
+from audiencesync.store.outcomes import PendingChange
 
 
 def test_a_member_row_carries_the_winning_values_of_the_fields_it_gives() -> None:

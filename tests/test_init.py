@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from audiencesync import __version__, starter
-from audiencesync.cli import build_parser
-from audiencesync.config import ROOT_KEYS, load_config
-from audiencesync.config_alerts import ALERT_KEYS
-from audiencesync.config_audiences import AUDIENCE_KEYS
-from audiencesync.config_sections import (
+from audiencesync import __version__
+from audiencesync.cli.main import build_parser
+from audiencesync.config import starter
+from audiencesync.config.alerts import ALERT_KEYS
+from audiencesync.config.audiences import AUDIENCE_KEYS
+from audiencesync.config.loading import ROOT_KEYS, load_config
+from audiencesync.config.sections import (
     GLEAP_KEYS,
     RETENTION_KEYS,
     SCHEDULE_KEYS,
@@ -28,8 +29,8 @@ from audiencesync.config_sections import (
     STORE_KEYS,
     SYNC_KEYS,
 )
-from audiencesync.config_traits import TRAIT_KEYS
-from audiencesync.tomltable import parse_duration
+from audiencesync.config.tomltable import parse_duration
+from audiencesync.config.traits import TRAIT_KEYS
 from tests.conftest import TOKEN
 from tests.gleap_standin import GleapStandIn
 

@@ -21,11 +21,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import QueuePool
 
-from audiencesync import store as store_mod
 from audiencesync.errors import LeaseLostError
-from audiencesync.lease import WriterLease
-from audiencesync.lease_renewal import LeaseUnrenewedError
-from audiencesync.schema import leases
+from audiencesync.store import store as store_mod
+from audiencesync.store.lease import WriterLease
+from audiencesync.store.lease_renewal import LeaseUnrenewedError
+from audiencesync.store.schema import leases
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, members_true, wait_for

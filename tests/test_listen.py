@@ -13,10 +13,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import cli
-from audiencesync.config import Config
+from audiencesync.cli import main as cli
+from audiencesync.config.loading import Config
 from audiencesync.errors import ListenError
-from audiencesync.server import Server
+from audiencesync.web.server import Server
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, free_port, healthz, members_true, wait_for
@@ -187,8 +187,8 @@ def test_a_standby_keeps_the_address_behind_another_host_and_lets_go_of_it_for_t
 def test_the_systemd_status_line_says_the_active_daemon_is_not_serving_its_address(
     make_config: ConfigFactory, taken: socket.socket, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from audiencesync.listener import Listener
-    from audiencesync.scheduler import Daemon as DaemonCore
+    from audiencesync.daemon.listener import Listener
+    from audiencesync.daemon.scheduler import Daemon as DaemonCore
 
     port = port_of(taken)
     core = DaemonCore(make_config(extra=listen(port)))

@@ -17,12 +17,12 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync import database, store as store_mod
-from audiencesync.config import Config
-from audiencesync.gleap import identify_body
-from audiencesync.schema import SQLITE_STORAGE_FORMAT
-from audiencesync.store import Store
-from audiencesync.sync import CycleReport, PlannedCall, Syncer
+from audiencesync.config.loading import Config
+from audiencesync.gleap.client import identify_body
+from audiencesync.store import database, store as store_mod
+from audiencesync.store.store import Store
+from audiencesync.store.utc_time import SQLITE_STORAGE_FORMAT
+from audiencesync.sync.cycle import CycleReport, PlannedCall, Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_sync import cycle, only

@@ -12,10 +12,11 @@ import itertools
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import pending, values
-from audiencesync.alerts import Alerts
-from audiencesync.events import EventNames
-from audiencesync.store import Store
+from audiencesync import values
+from audiencesync.alerts.alerts import Alerts
+from audiencesync.store import pending
+from audiencesync.store.events import EventNames
+from audiencesync.store.store import Store
 
 
 @pytest.mark.parametrize("valued", [False, True], ids=["ids", "values"])

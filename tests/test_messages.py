@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import audiencesync
-from audiencesync import cli
-from audiencesync.alert_messages import FIRING, Alert
+from audiencesync.alerts.messages import FIRING, Alert
+from audiencesync.cli import main as cli
 from audiencesync.errors import ConfigError, MissingTokenError
 from tests.alert_receiver import AlertReceiver
 from tests.conftest import ConfigFactory, SourceDB

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
-from audiencesync.metrics import Metrics
-from audiencesync.store import Store
-from audiencesync.sync import Syncer
+from audiencesync.config.loading import Config
+from audiencesync.daemon.metrics import Metrics
+from audiencesync.store import store as store_mod
+from audiencesync.store.store import Store
+from audiencesync.sync.cycle import Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_contact_fields import audience, people

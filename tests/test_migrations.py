@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync import database, store as store_mod
-from audiencesync.schema import UtcDateTime
+from audiencesync.store import database, store as store_mod
+from audiencesync.store.utc_time import UtcDateTime
 
 T1 = datetime(2026, 11, 30, 10, 0, 0, tzinfo=UTC)
 T2 = datetime(2026, 11, 30, 11, 0, 0, tzinfo=UTC)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from audiencesync.config import Config
-from audiencesync.notify import Notifier
+from audiencesync.config.loading import Config
+from audiencesync.daemon.notify import Notifier
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, members_true, wait_for

@@ -15,15 +15,17 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from audiencesync import attention, lifecycle, store as store_mod
-from audiencesync.config import Config
-from audiencesync.gleap_http import retryable
-from audiencesync.metrics import Metrics
-from audiencesync.schema import contact_fields, memberships, sync_runs
-from audiencesync.store import PendingChange, Store
-from audiencesync.sync import CycleReport, Syncer
-from audiencesync.unknown_marks import UnknownMarks
-from audiencesync.web import WebApp
+from audiencesync.alerts import attention
+from audiencesync.config.loading import Config
+from audiencesync.daemon.metrics import Metrics
+from audiencesync.delivery.unknown_marks import UnknownMarks
+from audiencesync.gleap.http import retryable
+from audiencesync.lifecycle import states as lifecycle
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import contact_fields, memberships, sync_runs
+from audiencesync.store.store import PendingChange, Store
+from audiencesync.sync.cycle import CycleReport, Syncer
+from audiencesync.web.app import WebApp
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import cli

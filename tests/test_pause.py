@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
+from audiencesync.config.loading import Config
+from audiencesync.daemon.metrics import Metrics
 from audiencesync.errors import AudiencePausedError, ConfigError
-from audiencesync.metrics import Metrics
-from audiencesync.store import Store
-from audiencesync.sync import Syncer
+from audiencesync.store import store as store_mod
+from audiencesync.store.store import Store
+from audiencesync.sync.cycle import Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, cli, daemons, free_port, healthz, wait_for
@@ -125,7 +125,7 @@ def test_pause_keeps_the_rows_and_sends_nothing_then_resume_sends_only_what_chan
 
 
 def test_metrics_label_a_paused_property(make_config: ConfigFactory, source: SourceDB) -> None:
-    from audiencesync import lifecycle
+    from audiencesync.lifecycle import states as lifecycle
 
     source.set(["u1"], "a")
     config = make_config(audiences=two())

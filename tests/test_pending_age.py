@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync import database, store as store_mod
-from audiencesync.schema import UtcDateTime, memberships
-from audiencesync.store import Audience, Store
+from audiencesync.store import database, store as store_mod
+from audiencesync.store.schema import memberships
+from audiencesync.store.store import Audience, Store
+from audiencesync.store.utc_time import UtcDateTime
 from audiencesync.values import encode
 from tests.test_counters import answer, assert_counters_exact, refresh_values
 

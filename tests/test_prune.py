@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import failpoints, store as store_mod
-from audiencesync.config import Config
+from audiencesync import failpoints
+from audiencesync.config.loading import Config
 from audiencesync.errors import PruneTimeError
-from audiencesync.prune import Pruner
-from audiencesync.prune_rules import Counts
-from audiencesync.requests import AdminRequests
-from audiencesync.schema import (
+from audiencesync.lifecycle.prune import Pruner
+from audiencesync.lifecycle.prune_rules import Counts
+from audiencesync.store import store as store_mod
+from audiencesync.store.requests import AdminRequests
+from audiencesync.store.schema import (
     admin_requests,
     audiences,
     call_values,

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import pushdown, store as store_mod
-from audiencesync.config import Config
-from audiencesync.sources import ReadStats, Sources
-from audiencesync.store import Store
-from audiencesync.sync import Syncer
+from audiencesync.config.loading import Config
+from audiencesync.refresh import pushdown
+from audiencesync.refresh.sources import Sources
+from audiencesync.refresh.user_ids import ReadStats
+from audiencesync.store import store as store_mod
+from audiencesync.store.store import Store
+from audiencesync.sync.cycle import Syncer
 from tests import test_reliability, test_sync
 from tests.conftest import POSTGRES_URL, ConfigFactory, SourceDB, _reset_postgres
 from tests.gleap_standin import GleapStandIn

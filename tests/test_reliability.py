@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
-from audiencesync.lease import WriterLease
-from audiencesync.record_batches import RECORD_WINDOW
-from audiencesync.schema import leases
+from audiencesync.config.loading import Config
+from audiencesync.delivery.record_batches import RECORD_WINDOW
+from audiencesync.store import store as store_mod
+from audiencesync.store.lease import WriterLease
+from audiencesync.store.schema import leases
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 
@@ -381,7 +381,7 @@ def test_source_query_past_its_timeout_is_cancelled(
     config = make_config(gleap.base_url, audiences=audiences)
     text = config.path.read_text().replace("[sources.main]\n", "[sources.main]\ntimeout_seconds = 0.5\n")
     config.path.write_text(text)
-    from audiencesync.config import load_config
+    from audiencesync.config.loading import load_config
 
     started = time.monotonic()
     report = cycle(load_config(config.path))

@@ -21,16 +21,16 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.carried_keys import as_carried
-from audiencesync.config import Config
+from audiencesync.config.loading import Config
+from audiencesync.delivery.pass_gate import PassGate
 from audiencesync.errors import LeaseLostError
-from audiencesync.lease import WriterLease
-from audiencesync.pass_gate import PassGate
-from audiencesync.renames import Renames
-from audiencesync.schema import audiences
-from audiencesync.store import Outcome, PendingChange, Store
-from audiencesync.sync import Syncer
+from audiencesync.lifecycle.renames import Renames
+from audiencesync.store import store as store_mod
+from audiencesync.store.carried_keys import as_carried
+from audiencesync.store.lease import WriterLease
+from audiencesync.store.schema import audiences
+from audiencesync.store.store import Outcome, PendingChange, Store
+from audiencesync.sync.cycle import Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for

@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
-from audiencesync.delivery import Deliverer
+from audiencesync.config.loading import Config
+from audiencesync.delivery.deliverer import Deliverer
 from audiencesync.errors import ConfigError, StoreError
-from audiencesync.renames import RenameReport, Renames
-from audiencesync.schema import audiences, call_values, membership_changes, memberships
-from audiencesync.store import Backoff, Store
-from audiencesync.sync import CycleReport, PlannedCall, Syncer
+from audiencesync.lifecycle.renames import RenameReport, Renames
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import audiences, call_values, membership_changes, memberships
+from audiencesync.store.store import Backoff, Store
+from audiencesync.sync.cycle import CycleReport, PlannedCall, Syncer
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config, load_config
+from audiencesync.config.loading import Config, load_config
 from audiencesync.errors import ConfigError, iso_time
-from audiencesync.prune import Pruner, PruneRecord
-from audiencesync.schema import calls, membership_changes, prunes, sync_runs
+from audiencesync.lifecycle.prune import Pruner, PruneRecord
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import calls, membership_changes, prunes, sync_runs
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, wait_for
@@ -142,7 +142,7 @@ def test_a_failing_prune_is_logged_counted_and_retried_while_delivery_goes_on(
         return real_prune(before, **kwargs)
 
     monkeypatch.setattr(pruner, "prune", flaky)
-    caplog.set_level(logging.ERROR, "audiencesync.retention")
+    caplog.set_level(logging.ERROR, "audiencesync.daemon.retention")
     source.set(["u1", "u2"])
     with running:
         wait_for(lambda: len(finished(engine)) == 1, what="the prune after two failures")

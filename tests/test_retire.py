@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import lifecycle, store as store_mod
-from audiencesync.config import Config
-from audiencesync.lease import WriterLease
-from audiencesync.metrics import Metrics
-from audiencesync.store import Store
+from audiencesync.config.loading import Config
+from audiencesync.daemon.metrics import Metrics
+from audiencesync.lifecycle import states as lifecycle
+from audiencesync.store import store as store_mod
+from audiencesync.store.lease import WriterLease
+from audiencesync.store.store import Store
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import cli

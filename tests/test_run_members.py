@@ -8,11 +8,12 @@ import sqlite3
 
 import sqlalchemy as sa
 
-from audiencesync import lifecycle, store as store_mod
-from audiencesync.schema import sync_runs
-from audiencesync.store import Store
-from audiencesync.sync import Syncer
-from audiencesync.web import WebApp
+from audiencesync.lifecycle import states as lifecycle
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import sync_runs
+from audiencesync.store.store import Store
+from audiencesync.sync.cycle import Syncer
+from audiencesync.web.app import WebApp
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_outcomes import cycle, wsgi_get

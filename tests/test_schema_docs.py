@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import audit, cli, store as store_mod
-from audiencesync.schema_views import VIEWS
+from audiencesync.cli import main as cli
+from audiencesync.store import audit, store as store_mod
+from audiencesync.store.schema_views import VIEWS
 from tests import audit_scenario as s
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn

@@ -9,10 +9,11 @@ from datetime import datetime
 
 import pytest
 
-from audiencesync import cli, store as store_mod
-from audiencesync.alerts import Alerts
-from audiencesync.config_alerts import AlertConfig
-from audiencesync.secret import Secret, scrub
+from audiencesync.alerts.alerts import Alerts
+from audiencesync.cli import main as cli
+from audiencesync.config.alerts import AlertConfig
+from audiencesync.config.secret import Secret, scrub
+from audiencesync.store import store as store_mod
 from tests.alert_receiver import AlertReceiver
 from tests.conftest import TOKEN, ConfigFactory
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from audiencesync.config_sections import ScheduleConfig
+from audiencesync.config.sections import ScheduleConfig
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, free_port, healthz, wait_for

@@ -169,7 +169,9 @@ os.execv(sys.argv[1], sys.argv[1:])
 _DAEMON_IMPORTS = """
 import mmap, ssl, sys
 import httpx, jinja2, prometheus_client, psycopg, sqlalchemy
-from audiencesync import cli, scheduler, server
+from audiencesync.cli import main as cli
+from audiencesync.daemon import scheduler
+from audiencesync.web import server
 ssl.create_default_context()
 try:
     mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)

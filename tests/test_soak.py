@@ -137,8 +137,9 @@ def test_the_rss_slope_is_per_process_after_each_ones_warm_up() -> None:
 def test_tracebacks_and_problems_are_read_from_the_daemons_log(tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
     log.write_text(
-        "2026-12-06 12:00:00,100 INFO audiencesync.scheduler: active\n"
-        "2026-12-06 12:00:01,250 ERROR audiencesync.delivery_loop: the store failed. Retrying in 1 s.\n"
+        "2026-12-06 12:00:00,100 INFO audiencesync.daemon.scheduler: active\n"
+        "2026-12-06 12:00:01,250 ERROR audiencesync.daemon.delivery_loop: "
+        "the store failed. Retrying in 1 s.\n"
         "Traceback (most recent call last):\n"
         '  File "x.py", line 1, in f\n'
         "    g()\n"
@@ -149,7 +150,7 @@ def test_tracebacks_and_problems_are_read_from_the_daemons_log(tmp_path: Path) -
         "Traceback (most recent call last):\n"
         '  File "y.py", line 2, in h\n'
         "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) database is locked\n"
-        "2026-12-06 12:00:02,000 WARNING audiencesync.lease: renewal late\n"
+        "2026-12-06 12:00:02,000 WARNING audiencesync.store.lease: renewal late\n"
     )
     [found] = tracebacks(log)
     assert found.startswith("2026-12-06 12:00:01,250 ERROR") and found.endswith("database is locked")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from audiencesync.config import AudienceConfig, SourceConfig
+from audiencesync.config.loading import AudienceConfig, SourceConfig
 from audiencesync.errors import SourceError
-from audiencesync.sources import ReadStats, Sources, canonical_user_id
+from audiencesync.refresh.sources import Sources
+from audiencesync.refresh.user_ids import ReadStats, canonical_user_id
 from tests.conftest import POSTGRES_URL
 
 

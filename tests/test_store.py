@@ -9,11 +9,11 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from audiencesync import diff, store as store_mod
-from audiencesync.call_turns import plan_calls
+from audiencesync.delivery.call_turns import plan_calls
 from audiencesync.errors import StoreError
-from audiencesync.schema import membership_changes, metadata
-from audiencesync.store import Outcome, PendingChange, Store
+from audiencesync.store import stage as stage_mod, store as store_mod
+from audiencesync.store.schema import membership_changes, metadata
+from audiencesync.store.store import Outcome, PendingChange, Store
 
 
 def refresh(
@@ -218,9 +218,9 @@ def test_a_stage_left_on_a_pooled_connection_is_dropped_before_the_next(store: S
     refresh(store, "a", ["u1", "u2"])
     with store.engine.connect() as conn:  # the pool's connection, as a failed drop would leave it
         with conn.begin():
-            diff.create_stage(conn, diff.new_stage_name())
-            diff.load_batch(conn, diff.new_stage_name(), ["stale1", "stale2"])
-        conn.exec_driver_sql(f"CREATE TEMP TABLE {diff.new_stage_name()}_changes (user_id TEXT)")
+            stage_mod.create_stage(conn, stage_mod.new_stage_name())
+            stage_mod.load_batch(conn, stage_mod.new_stage_name(), ["stale1", "stale2"])
+        conn.exec_driver_sql(f"CREATE TEMP TABLE {stage_mod.new_stage_name()}_changes (user_id TEXT)")
         conn.commit()
     refresh(store, "a", ["u2", "u3"])
     assert store.memberships_of("a") == {"u2": (True, None), "u3": (True, None)}  # no stale1, stale2
@@ -230,18 +230,18 @@ def test_a_store_table_named_like_the_stage_is_never_dropped(store: Store) -> No
     """The stage is dropped by its temporary schema's name: a table of the store's own with
     the same name (made by someone else) is left alone."""
     with store.engine.begin() as conn:
-        conn.exec_driver_sql(f"CREATE TABLE {diff.new_stage_name()} (note TEXT)")
-        conn.exec_driver_sql(f"INSERT INTO {diff.new_stage_name()} VALUES ('kept')")
+        conn.exec_driver_sql(f"CREATE TABLE {stage_mod.new_stage_name()} (note TEXT)")
+        conn.exec_driver_sql(f"INSERT INTO {stage_mod.new_stage_name()} VALUES ('kept')")
     try:
         refresh(store, "a", ["u1", "u2"])
         refresh(store, "a", ["u2"])
         with store.engine.connect() as conn:
-            kept = conn.exec_driver_sql(f"SELECT note FROM {diff.new_stage_name()}").scalars().all()
+            kept = conn.exec_driver_sql(f"SELECT note FROM {stage_mod.new_stage_name()}").scalars().all()
             assert kept == ["kept"]
         assert store.memberships_of("a") == {"u2": (True, None)}
     finally:
         with store.engine.begin() as conn:
-            conn.exec_driver_sql(f"DROP TABLE {diff.new_stage_name()}")
+            conn.exec_driver_sql(f"DROP TABLE {stage_mod.new_stage_name()}")
 
 
 def test_pending_page_query_walks_the_primary_key_in_order(store: Store) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import database
+from audiencesync.store import database
 
 ROOT = Path(__file__).resolve().parent.parent
 

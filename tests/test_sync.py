@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
+from audiencesync.config.loading import Config
+from audiencesync.delivery.record_batches import RECORD_BATCH, RECORD_WINDOW
 from audiencesync.errors import MissingTokenError
-from audiencesync.gleap import identify_body
-from audiencesync.record_batches import RECORD_BATCH, RECORD_WINDOW
-from audiencesync.store import Outcome, Store
-from audiencesync.sync import AudienceReport, CycleReport, PlannedCall, Syncer
+from audiencesync.gleap.client import identify_body
+from audiencesync.store import store as store_mod
+from audiencesync.store.store import Outcome, Store
+from audiencesync.sync.cycle import AudienceReport, CycleReport, PlannedCall, Syncer
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from audiencesync.cli_store import FAILURE_COLUMNS, FAILURE_LAYOUT, STATUS_LAYOUT, TABLE_COLUMNS
-from audiencesync.formats import FORMATS, write_rows
-from audiencesync.tables import TABLE_SAMPLE_ROWS, Layout, table_width
+from audiencesync.cli.formats import FORMATS, write_rows
+from audiencesync.cli.store import FAILURE_COLUMNS, FAILURE_LAYOUT, STATUS_LAYOUT, TABLE_COLUMNS
+from audiencesync.cli.tables import TABLE_SAMPLE_ROWS, Layout, table_width
 
 AT = datetime(2026, 12, 6, 1, 25, 56, tzinfo=UTC)
 WHOLE_AT = "2026-12-06T01:25:56+00:00"

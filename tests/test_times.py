@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from audiencesync.cli.times import parse_time
 from audiencesync.errors import BadTimeError, ConfigError
-from audiencesync.times import parse_time
 
 NOW = datetime(2026, 12, 1, 19, 25, 25, tzinfo=UTC)
 

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod
-from audiencesync.config import Config
+from audiencesync.config.loading import Config
 from audiencesync.errors import ConfigError
-from audiencesync.gleap import identify_body
-from audiencesync.schema import memberships
-from audiencesync.store import Store
-from audiencesync.sync import CycleReport, PlannedCall, Syncer
+from audiencesync.gleap.client import identify_body
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import memberships
+from audiencesync.store.store import Store
+from audiencesync.sync.cycle import CycleReport, PlannedCall, Syncer
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_reliability import resend_bound, resent, start, sync
@@ -312,7 +312,7 @@ def test_the_dry_run_prints_trait_calls_as_they_would_be_sent(
 def test_the_audit_shows_a_users_trait_values_over_time(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
 ) -> None:
-    from audiencesync import audit
+    from audiencesync.store import audit
 
     source.set([])
     set_trait(source, {"u1": "pro"})

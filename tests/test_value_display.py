@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import re
 
-from audiencesync import lifecycle, store as store_mod
-from audiencesync.web import WebApp
+from audiencesync.lifecycle import states as lifecycle
+from audiencesync.store import store as store_mod
+from audiencesync.web.app import WebApp
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import cli

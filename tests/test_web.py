@@ -19,14 +19,16 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import attention, audit, lifecycle, store as store_mod
-from audiencesync.config import load_config
+from audiencesync.alerts import attention
+from audiencesync.config.loading import load_config
+from audiencesync.config.secret import Secret
 from audiencesync.errors import ConfigError
-from audiencesync.lease import WriterLease
-from audiencesync.schema import audience_counts, audiences, sync_runs
-from audiencesync.secret import Secret
-from audiencesync.server import Server
-from audiencesync.web import WebApp
+from audiencesync.lifecycle import states as lifecycle
+from audiencesync.store import audit, store as store_mod
+from audiencesync.store.lease import WriterLease
+from audiencesync.store.schema import audience_counts, audiences, sync_runs
+from audiencesync.web.app import WebApp
+from audiencesync.web.server import Server
 from tests import web_scenario as w
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn

@@ -13,8 +13,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from audiencesync import store as store_mod, web_attention
-from audiencesync.schema import audiences, sync_runs
+from audiencesync.store import store as store_mod
+from audiencesync.store.schema import audiences, sync_runs
+from audiencesync.web import attention as web_attention
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.web_states import HOLD, KEY, RETRY, States, serve

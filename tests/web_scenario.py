@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from audiencesync.config import Config
+from audiencesync.config.loading import Config
 from tests import audit_scenario as s
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn

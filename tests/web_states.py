@@ -13,13 +13,15 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from audiencesync import cli, lifecycle, store as store_mod
-from audiencesync.alerts import Alerts
-from audiencesync.config import Config
-from audiencesync.lease import WriterLease
-from audiencesync.schema import audiences
-from audiencesync.server import Server
-from audiencesync.web import WebApp
+from audiencesync.alerts.alerts import Alerts
+from audiencesync.cli import main as cli
+from audiencesync.config.loading import Config
+from audiencesync.lifecycle import states as lifecycle
+from audiencesync.store import store as store_mod
+from audiencesync.store.lease import WriterLease
+from audiencesync.store.schema import audiences
+from audiencesync.web.app import WebApp
+from audiencesync.web.server import Server
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 

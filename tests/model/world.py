@@ -22,13 +22,15 @@ from typing import Any
 import sqlalchemy as sa
 from httpx._transports import default as httpx_transports
 
-from audiencesync import cli, failpoints, store as store_mod
-from audiencesync.breaker import CircuitBreaker, Trials
-from audiencesync.config import Config, StoreConfig, load_config
-from audiencesync.delivery import Deliverer
-from audiencesync.gleap import GleapClient
-from audiencesync.store import Store
-from audiencesync.sync import Syncer
+from audiencesync import failpoints
+from audiencesync.cli import main as cli
+from audiencesync.config.loading import Config, StoreConfig, load_config
+from audiencesync.delivery.deliverer import Deliverer
+from audiencesync.gleap.breaker import CircuitBreaker, Trials
+from audiencesync.gleap.client import GleapClient
+from audiencesync.store import store as store_mod
+from audiencesync.store.store import Store
+from audiencesync.sync.cycle import Syncer
 from tests.gleap_standin import GleapStandIn
 from tests.model.expect import MISSING, TRAIT_KEY, Model
 

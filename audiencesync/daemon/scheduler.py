@@ -1,0 +1,405 @@
+"""The daemon: `audiencesync run`.
+
+It wires the parts together:
+- the writer lease, and a standby loop until this process holds it;
+- one APScheduler job per audience, which only refreshes the snapshot (quick;
+  ``refresh_jobs.py``);
+- a single delivery thread, which drains every audience's pending changes in
+  turns through the shared rate limiter;
+- a retention thread, which prunes old history once a day when
+  ``[retention] keep`` is set (``retention.py``);
+- signals: SIGTERM and SIGINT stop it gracefully, a second one exits at once,
+  and SIGHUP reloads the config (``daemon_reload.py``);
+- the optional HTTP endpoint: the status pages (``web.py``), /healthz (what it answers:
+  ``daemon_health.py``) and /metrics, on [server] listen while it may serve there
+  (``listener.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import UTC
+from types import FrameType
+
+import httpx
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import make_wsgi_app
+
+from audiencesync.alerts.alerts import Alerts
+from audiencesync.backoff import Backoff
+from audiencesync.config.loading import Config
+from audiencesync.daemon.admin import AdminDesk
+from audiencesync.daemon.arenas import Trimmer
+from audiencesync.daemon.delivery_loop import DeliveryLoop
+from audiencesync.daemon.health import DaemonHealth
+from audiencesync.daemon.health_report import Outage, Progress
+from audiencesync.daemon.listener import Listener
+from audiencesync.daemon.metrics import Metrics
+from audiencesync.daemon.notify import Notifier
+from audiencesync.daemon.reload import ConfigReload
+from audiencesync.daemon.retention import Retention
+from audiencesync.delivery.pass_gate import PassGate
+from audiencesync.errors import (
+    GleapError,
+    LeaseLostError,
+    brief,
+    foreseen,
+    iso_time,
+)
+from audiencesync.gleap.breaker import CLOSED
+from audiencesync.gleap.client import GleapClient
+from audiencesync.lifecycle import states as lifecycle
+from audiencesync.lifecycle.forget import Forgetter
+from audiencesync.lifecycle.forget_requests import ForgetDesk, ForgetQueue
+from audiencesync.lifecycle.prune import Pruner
+from audiencesync.refresh.sources import Sources
+from audiencesync.store import store as store_mod
+from audiencesync.store.lease import WriterLease
+from audiencesync.store.requests import AdminRequests
+from audiencesync.sync.cycle import Run, Syncer
+from audiencesync.web.app import WebApp
+
+log = logging.getLogger(__name__)
+
+# How often the daemon looks for admin requests (sync --allow-removals / --full).
+REQUEST_POLL_SECONDS = 2.0
+# How often it looks whether delivery stalled, for the alerts.
+STALL_POLL_SECONDS = 10.0
+
+
+class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        backoff_initial: float = 0.5,
+        breaker_backoff: tuple[float, float] = (15.0, 30.0),
+        error_backoff: tuple[float, float] = (1.0, 60.0),
+        clock: store_mod.Clock = store_mod.utc_now,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.notifier = notifier if notifier is not None else Notifier()  # systemd's, from the environment
+        self.standing = "starting"
+        self.transport = transport
+        self.backoff_initial = backoff_initial
+        # Gleap unavailable: probe again after 15 s, then every 30 s, so that delivery resumes
+        # within a minute of Gleap answering again (a cap of 60 s took 51-54 s in the soaks).
+        # A probe costs at most breaker_trial_calls requests (a pass with nothing due, none).
+        self.breaker_backoff = breaker_backoff
+        self.error_backoff = error_backoff  # a store error in a loop: retry after 1 s, doubling to 1 min
+        self.engine = store_mod.engine_for(config.store)
+        self.lease = WriterLease(
+            self.engine, store_mod.utc_now, ttl_seconds=config.sync.lease_seconds, role="daemon"
+        )
+        self.lease.health = self._lease_health
+        # The store's clock (a seam for tests): every time the store writes, and what retention
+        # finds due. The lease keeps the real clock: its expiry is judged across processes.
+        self.store = store_mod.Store(self.engine, clock=clock, fence=self.lease.check)
+        self.admin = AdminDesk(
+            AdminRequests(self.engine, store_mod.utc_now, fence=self.lease.check),
+            refresh=self._refresh,
+            busy=self._is_busy,
+            submit=self._submit,
+            pending_count=lambda audience_id: self.store.pending_count([audience_id]),
+            lease_lost=lambda: self.halt.set(),
+        )
+        # `forget` while this daemon holds the store: carried out on the delivery thread, between passes.
+        self.forgets = ForgetDesk(
+            ForgetQueue(self.engine, store_mod.utc_now, fence=self.lease.check), self._forgetter
+        )
+        self.outage = Outage(store_mod.utc_now)
+        stall_after = config.server.stall_after_seconds if config.server is not None else 900.0
+        self.progress = Progress(store_mod.utc_now, stall_after)
+        self._ids: dict[str, int] = {}  # audience key -> id, for the configured audiences seen
+        self.alerts = Alerts.of(config, self.engine, clock=clock)
+        self._busy: set[str] = set()  # audiences refreshing now
+        self.syncer = self._syncer(config)
+        self.stop = threading.Event()  # the process is to stop
+        self.halt = threading.Event()  # the current active period is to end (stop, or the lease lost)
+        self.wake = threading.Event()
+        # A rename waits for the delivery pass under way (pass_gate.py); one per active period.
+        self.gate = PassGate(self.wake)
+        self._reload = threading.Event()
+        self._signals = 0
+        self._lock = threading.Lock()
+        self._open: dict[int, Run] = {}  # audience id -> its run still delivering
+        self._refreshing = 0
+        self._started = store_mod.utc_now()
+        self.active = False
+        self.scheduler: BackgroundScheduler | None = None
+        self._delivery: threading.Thread | None = None
+        pruner = Pruner(self.engine, clock)
+        self.metrics = Metrics(
+            self.store.status,
+            prunes=lambda: (pruner.last(finished=True), pruner.exact_from()),
+            states=lambda: lifecycle.states(self.config),
+            attention=self.attention,
+        )
+        # Read at each look, so that a reload turns retention on, off or changes it.
+        self.retention = Retention(pruner, lambda: self.config.retention.keep_seconds, self.metrics)
+        self._retention: threading.Thread | None = None
+        self.listener: Listener | None = None  # [server] listen, while it may serve there (listener.py)
+        self._died: str | None = None  # why a loop thread ended, when it did
+        self.trim = Trimmer()  # malloc's free pages back to the system, once a minute (arenas.py)
+        self.blocked: GleapError | None = None  # the delivery loop's last pass: Gleap refused it
+
+    def _forgetter(self) -> Forgetter:
+        config, transport = self.config.gleap, self.transport
+        token = config.api_token
+        client = (
+            (lambda: GleapClient(config, token, transport=transport, backoff_initial=self.backoff_initial))
+            if token is not None
+            else None
+        )
+        return Forgetter(self.engine, fence=self.lease.check, client=client)
+
+    def _syncer(self, config: Config) -> Syncer:
+        return Syncer(
+            config, self.store, sources=Sources(config.sources), transport=self.transport,
+            backoff_initial=self.backoff_initial, alerts=self.alerts,
+            renaming=lambda: self.gate.exclusive(),  # the current active period's gate
+        )  # fmt: skip
+
+    # --- the process ----------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # Every write is a transaction, so dying here leaves the store consistent;
+            # unacknowledged changes stay pending.
+            os.write(2, b"audiencesync: second signal, exiting now\n")
+            os._exit(1)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """Stop gracefully, as on SIGTERM (thread-safe; tests call it directly)."""
+        self.stop.set()
+        self.halt.set()
+        self.wake.set()
+        self.notifier.stopping()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._reload.set()
+
+    def run(self) -> int:
+        """Serve until stopped. Returns the exit status."""
+        store_mod.upgrade(self.engine)
+        if self.config.server is not None:
+            self.listener = Listener(
+                self.config.server.host,
+                self.config.server.port,
+                self._web(),
+                retry_seconds=self.lease.ttl.total_seconds() / 3,
+            )
+        errors = Backoff(*self.error_backoff)
+        try:
+            while not self.stop.is_set():
+                if not self._standby():
+                    break
+                try:
+                    self._serve()
+                    errors.reset()
+                except LeaseLostError as exc:
+                    log.error("%s Going back to standby.", exc)
+                    self.alerts.lease_lost(str(exc))
+                except Exception as exc:
+                    # The store failed while starting or running the active period
+                    # (locked, connection lost): not a reason to exit. Stand by and retry.
+                    delay = errors.next()
+                    log.error(
+                        "the active period ended on an error: %s. Retrying in %.0f s.",
+                        brief(exc),
+                        delay,
+                        exc_info=errors.failures == 1 and not foreseen(exc),
+                    )
+                    self.standing = f"standby: the active period ended on an error; retrying in {delay:.0f} s"
+                    self._pause(delay)
+        finally:
+            if self.listener is not None:
+                self.listener.close()
+            self.alerts.close()
+            self.syncer.sources.dispose()
+            self.engine.dispose()
+        log.info("stopped")
+        return 0
+
+    def _web(self) -> WebApp:
+        assert self.config.server is not None
+        return WebApp(
+            self.engine,
+            token=self.config.server.auth_token,
+            configured=lambda: lifecycle.states(self.config),  # a reload changes them
+            health=self.health,
+            attention=self.attention,
+            clock=store_mod.utc_now,
+            metrics=make_wsgi_app(self.metrics.registry),
+            this_process=lambda: "active" if self.active else "standby",
+        )
+
+    def _standby(self) -> bool:
+        """Wait until this process holds the lease; False if told to stop first."""
+        self.standing = "standby: waiting for the store's lease"
+        announced: float | None = None  # not 0.0: the monotonic clock may start near 0 at boot
+        errors = Backoff(*self.error_backoff)
+        while not self.stop.is_set():
+            try:
+                holder = self.lease.try_acquire()
+            except Exception as exc:
+                delay = errors.next()
+                log.error(
+                    "standby: can't reach the store's lease: %s. Retrying in %.0f s.", brief(exc), delay
+                )
+                self._pause(delay)
+                continue
+            if errors.reset():
+                log.info("standby: the store answers again")
+            if holder is None:
+                log.info("active: holding the store's lease as %s", self.lease.holder)
+                self.alerts.forget_cache()  # other processes may have opened or ended conditions
+                self.alerts.lease_held(self.lease.took_over)
+                return True
+            self.standing = f"standby: the store is held by {holder.host} pid {holder.pid}"
+            if self.listener is not None:
+                self.listener.beside(holder, self.lease.host)
+            self.notifier.ready(self.standing)
+            if announced is None or time.monotonic() - announced > 300:
+                log.info(
+                    "standby: the store is held by %s pid %d (lease to %s); waiting to take over",
+                    holder.host,
+                    holder.pid,
+                    iso_time(holder.expires_at),
+                )
+                announced = time.monotonic()
+            self._pause(self.lease.ttl.total_seconds() / 3)
+        return False
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            if self._reload.is_set():
+                self.reload()
+            self.beat()
+            self.stop.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _serve(self) -> None:
+        # A new event, not the last one cleared: threads the last period left behind keep theirs, set.
+        self.halt = threading.Event()
+        if self.stop.is_set():
+            self.halt.set()
+        # Not the last period's: a delivery thread it left behind must not hold renames up.
+        self.gate = PassGate(self.wake)
+        self.syncer.sources.resume()
+        self.outage.close()
+        self.metrics.breaker(CLOSED)
+        with self.lease.kept(release=lambda: self._refreshing == 0):
+            self.active = True
+            if self.listener is not None:
+                self.listener.open(active=True)
+            self.progress.start()
+            interrupted = self.store.mark_interrupted()
+            if interrupted:
+                log.warning("%d run(s) of an earlier process were left open; marked interrupted", interrupted)
+            self.scheduler = BackgroundScheduler(
+                timezone=UTC,
+                executors={"default": ThreadPoolExecutor(max_workers=4)},
+                job_defaults={
+                    "coalesce": True,  # missed runs collapse into one
+                    "max_instances": 1,  # an audience never refreshes twice at once
+                    "misfire_grace_time": int(self.config.schedule.misfire_grace_seconds),
+                },
+            )
+            # Started first, so that each job gets its next run time as it is added.
+            self.scheduler.start()
+            for audience in self.config.active:  # a paused one is not scheduled
+                self._schedule(audience, start_now=self._due_now(audience))
+            self._delivery = threading.Thread(target=self._deliver_forever, name="delivery", daemon=True)
+            self._delivery.start()
+            # Only while active: a prune needs no lease (see prune.py), but a standby pruning
+            # beside the active daemon would only do the same work twice.
+            self._retention = threading.Thread(
+                target=self.retention.run, args=(self.halt,), name="retention", daemon=True
+            )
+            self._retention.start()
+            polled = looked = 0.0
+            self.notifier.ready(self.service_status())
+            try:
+                while not self.halt.is_set() and not self.lease.lost.is_set():
+                    if self.listener is not None:
+                        self.listener.open(active=True)  # again, while the address was in use
+                    self.beat()
+                    if self._reload.is_set():
+                        self.reload()
+                    if time.monotonic() - polled >= REQUEST_POLL_SECONDS:
+                        polled = time.monotonic()
+                        self.admin.poll()
+                        self._wake_for_forgets()
+                    if time.monotonic() - looked >= STALL_POLL_SECONDS:
+                        looked = time.monotonic()
+                        self._alert_if_stalled()
+                    self.trim()
+                    self.halt.wait(0.2)
+            finally:
+                self._shutdown_work()
+            if self.lease.lost.is_set():
+                raise self.lease.loss or LeaseLostError()  # why: expired while locked, or taken over
+
+    def _alert_if_stalled(self) -> None:
+        """Delivery stalled (as /healthz judges it), or moves again. Not while Gleap's breaker is
+        open: that has its own alert, and no call can be acknowledged meanwhile."""
+        if not self.alerts.enabled or self.outage.open:
+            return
+        try:
+            stalled = self.progress.stalled(self._due())
+        except Exception as exc:
+            log.warning("can't tell whether delivery stalled: %s", brief(exc))
+            return
+        self.alerts.stalled(stalled)
+
+    def _wake_for_forgets(self) -> None:
+        """A queued forget ends the delivery pass early: it is carried out between two passes."""
+        try:
+            if self.forgets.queue.waiting():
+                self.wake.set()
+        except Exception as exc:
+            log.warning("can't read forget requests: %s", brief(exc))
+
+    def _shutdown_work(self) -> None:
+        """Stop starting work, give in-flight calls their grace, close the open runs."""
+        self.halt.set()
+        self.wake.set()
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        # A slow source query would hold the stop for as long as it runs: cancel it.
+        # Its refresh fails before applying anything, so the snapshot is untouched.
+        self.syncer.sources.cancel()
+        grace = self.config.schedule.shutdown_grace_seconds
+        if self._delivery is not None:
+            self._delivery.join(timeout=grace + 5)
+        if self._retention is not None:
+            self._retention.join(timeout=grace + 5)  # a prune stops after its current batch
+        deadline = time.monotonic() + grace
+        while self._refreshing and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._refreshing:
+            log.warning("a source query is still running; leaving the lease to expire rather than release it")
+        with self._lock:
+            runs = list(self._open.values())
+            self._open.clear()
+        for run in runs:
+            try:
+                self._close(run)
+            except Exception as exc:  # the next process marks it interrupted
+                log.warning("could not close the run of %s: %s", run.report.key, brief(exc))
+        self.active = False
