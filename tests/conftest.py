@@ -22,6 +22,19 @@ if TYPE_CHECKING:
     from tests.gleap_standin import GleapStandIn
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "long: minutes of wall-clock time, mostly waiting on a real daemon; collected first"
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first: under `-n 2` the other worker's tests then run beside them, where
+    collected in file order one would start late and run on alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _root_logging() -> Iterator[None]:
     """`cli.main` points the root logger at the sys.stderr of its test, which pytest closes after
