@@ -58,16 +58,18 @@ def _worker_url(url: str | None) -> str | None:
     target = base.set(database=name).render_as_string(hide_password=False)
     if postgres_guard.refusal(target) is not None:
         return target  # _reset_postgres fails the tests with the reason; nothing is made
-    engine = fresh_stores.admin_engine(target)
-    try:
-        with engine.connect() as conn:
-            exists = conn.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).first()
-            if exists is None:
-                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError:
-        pass  # unreachable: _reset_postgres fails the tests with the reason
-    finally:
-        engine.dispose()
+    # From the maintenance database; where that is closed to us, from the URL's own (as before).
+    for admin in (fresh_stores.admin_engine(target), sa.create_engine(base, isolation_level="AUTOCOMMIT")):
+        try:
+            with admin.connect() as conn:
+                exists = conn.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).first()
+                if exists is None:
+                    conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            break
+        except sa.exc.OperationalError:
+            continue  # unreachable: _reset_postgres fails the tests with the reason
+        finally:
+            admin.dispose()
     return target
 
 

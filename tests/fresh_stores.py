@@ -76,7 +76,8 @@ class Templates:
 
     def __init__(self) -> None:
         self._sqlite: Path | None = None
-        self._postgres: dict[str, str] = {}  # server (URL without database) -> template's URL
+        # server (URL without database) -> the template's URL, None where none can be made
+        self._postgres: dict[str, str | None] = {}
 
     def migrate(self, url: str) -> None:
         """Leave ``url``'s store exactly as a fresh one migrated to head."""
@@ -114,6 +115,8 @@ class Templates:
         finally:
             engine.dispose()
         template = self._postgres_template(url)
+        if template is None:
+            return False
         admin = admin_engine(url)
         try:
             with admin.connect() as conn:
@@ -130,7 +133,9 @@ class Templates:
             admin.dispose()
         return True
 
-    def _postgres_template(self, url: str) -> str:
+    def _postgres_template(self, url: str) -> str | None:
+        """The template's name, or None where it can't be made (no CREATEDB right, no access to the
+        maintenance database): the stores are then migrated in place, as before."""
         parsed = sa.make_url(url)
         server = parsed.set(database="").render_as_string(hide_password=False)
         if server not in self._postgres:
@@ -138,17 +143,23 @@ class Templates:
             # so each xdist worker has its own; a leftover of a crashed run is replaced.
             template = parsed.set(database=f"{parsed.database}_template")
             rendered = template.render_as_string(hide_password=False)
-            recreate_database(rendered)
+            try:
+                recreate_database(rendered)
+            except sa.exc.DBAPIError:
+                self._postgres[server] = None
+                return None
             _migrate(rendered)
             self._postgres[server] = rendered
-        return str(sa.make_url(self._postgres[server]).database)
+        made = self._postgres[server]
+        return None if made is None else str(sa.make_url(made).database)
 
     def close(self) -> None:
         if self._sqlite is not None:
             shutil.rmtree(self._sqlite.parent, ignore_errors=True)
             self._sqlite = None
         for template in self._postgres.values():
-            drop_database(template)
+            if template is not None:
+                drop_database(template)
         self._postgres.clear()
 
 
