@@ -24,14 +24,15 @@ if TYPE_CHECKING:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "long: minutes of wall-clock time, mostly waiting on a real daemon; collected first"
+        "markers", "long: a minute or more of wall-clock time on its own; collected first"
     )
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The long tests first: under `-n 2` the other worker's tests then run beside them, where
-    collected in file order one would start late and run on alone at the end."""
+    collected in file order one could start late and run on alone at the end (the soak test waits
+    three minutes on a real daemon; the model test's budget is a minute per store)."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
 
 
