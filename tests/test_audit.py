@@ -8,7 +8,7 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,7 +22,7 @@ from audiencesync.store import audit, store as store_mod
 from audiencesync.store.schema import call_values, calls, membership_changes, prunes, sync_runs
 from audiencesync.store.schema_views import run_history_view
 from tests import audit_scenario as s
-from tests.conftest import ConfigFactory, SourceDB
+from tests.conftest import ConfigFactory, SourceDB, unchanged
 from tests.gleap_standin import GleapStandIn
 from tests.test_outcomes import Clock
 from tests.test_sync import TWO_AUDIENCES
@@ -30,13 +30,23 @@ from tests.test_sync import TWO_AUDIENCES
 Audit = Callable[..., tuple[int, str, str]]
 
 
+@pytest.fixture(scope="module")
+def scenario(
+    shared_make_config: ConfigFactory, shared_source: SourceDB, shared_gleap: GleapStandIn
+) -> Iterator[s.Scenario]:
+    """Played once per store for this module's tests, which only read it (checked at the end)."""
+    played = s.play(shared_make_config, shared_source, shared_gleap)
+    with unchanged(played.config.store.url, "the audit scenario"):
+        yield played
+
+
 @pytest.fixture
-def scenario(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) -> s.Scenario:
+def own_scenario(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) -> s.Scenario:
+    """The scenario played again for a test that writes into its store (or configures it anew)."""
     return s.play(make_config, source, gleap)
 
 
-@pytest.fixture
-def run_audit(scenario: s.Scenario, capsys: pytest.CaptureFixture[str]) -> Audit:
+def auditor(scenario: s.Scenario, capsys: pytest.CaptureFixture[str]) -> Audit:
     """`audiencesync audit ARGS...` in this process: (exit status, stdout, stderr)."""
 
     def run(*args: str) -> tuple[int, str, str]:
@@ -45,6 +55,16 @@ def run_audit(scenario: s.Scenario, capsys: pytest.CaptureFixture[str]) -> Audit
         return status, out.out, out.err
 
     return run
+
+
+@pytest.fixture
+def run_audit(scenario: s.Scenario, capsys: pytest.CaptureFixture[str]) -> Audit:
+    return auditor(scenario, capsys)
+
+
+@pytest.fixture
+def own_run_audit(own_scenario: s.Scenario, capsys: pytest.CaptureFixture[str]) -> Audit:
+    return auditor(own_scenario, capsys)
 
 
 def parse(fmt: str, text: str) -> list[dict[str, Any]]:
@@ -94,8 +114,9 @@ def test_members_at_each_chosen_instant_are_exact(run_audit: Audit) -> None:
 
 
 def test_members_stay_exact_after_the_history_before_a_prune_is_deleted(
-    scenario: s.Scenario, run_audit: Audit
+    own_scenario: s.Scenario, own_run_audit: Audit
 ) -> None:
+    scenario, run_audit = own_scenario, own_run_audit  # the history is pruned
     horizon = s.half_past(3)
     before = {at: members_of(run_audit, "--at", iso(at)) for at in s.MEMBERS_AT if at >= horizon}
 
@@ -123,7 +144,8 @@ def test_members_stay_exact_after_the_history_before_a_prune_is_deleted(
     check({"u2", "u3"})
 
 
-def test_a_time_before_the_prune_horizon_is_refused(scenario: s.Scenario, run_audit: Audit) -> None:
+def test_a_time_before_the_prune_horizon_is_refused(own_scenario: s.Scenario, own_run_audit: Audit) -> None:
+    scenario, run_audit = own_scenario, own_run_audit  # prunes are recorded
     engine = store_mod.engine_for(scenario.config.store)
     with engine.begin() as conn:
         for before in (s.T[2], s.T[3]):  # the latest `before` is the horizon, whatever the order
@@ -347,8 +369,12 @@ def test_bad_times_and_unknown_audiences_are_clear_errors(run_audit: Audit) -> N
 
 
 def test_an_audience_removed_from_the_config_stays_auditable(
-    scenario: s.Scenario, make_config: ConfigFactory, gleap: GleapStandIn, capsys: pytest.CaptureFixture[str]
+    own_scenario: s.Scenario,
+    make_config: ConfigFactory,
+    gleap: GleapStandIn,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    # Its own: make_config configures the test's store (the scenario's), not the shared one.
     only_b = TWO_AUDIENCES[TWO_AUDIENCES.index('[[audiences]]\nname = "Segment B"') :]
     config = make_config(gleap.base_url, audiences=only_b)
     status = cli.main(["--config", str(config.path), "audit", "members", s.A, "--format", "csv"])

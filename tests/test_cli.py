@@ -14,7 +14,7 @@ from typing import NamedTuple
 import pytest
 
 from audiencesync.errors import StoreBusyError
-from tests.conftest import TOKEN, ConfigFactory, SourceDB
+from tests.conftest import SQLITE_ONLY, TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 
 
@@ -84,9 +84,9 @@ def test_dry_run_prints_the_calls_on_stdout_and_the_summary_on_stderr(
     assert "1 call" not in result.stderr and "2 call(s) would be made" in result.stderr
 
 
+# One store is enough to show the mapping.
+@SQLITE_ONLY
 def test_unreachable_store_exits_3(tmp_path: Path, make_config: ConfigFactory, store_url: str) -> None:
-    if not store_url.startswith("sqlite"):
-        pytest.skip("one store is enough to show the mapping")
     config = make_config()
     text = config.path.read_text().replace(store_url, f"sqlite:///{tmp_path}/missing/dir/store.db")
     config.path.write_text(text)
@@ -293,11 +293,11 @@ def test_check_reports_a_missing_store_and_leaves_no_file(
     assert not store_path.exists()
 
 
+# The source, not the store, is under test.
+@SQLITE_ONLY
 def test_a_missing_sqlite_source_is_an_error_and_is_never_created(
     tmp_path: Path, make_config: ConfigFactory, store_url: str
 ) -> None:
-    if not store_url.startswith("sqlite"):
-        pytest.skip("the source, not the store, is under test")
     config = make_config()
     missing = tmp_path / "no_such_source.db"
     config.path.write_text(

@@ -30,7 +30,7 @@ from audiencesync.errors import GleapUnavailableError, LeaseLostError
 from audiencesync.store import store as store_mod
 from audiencesync.store.lease import WriterLease, instance_id
 from audiencesync.store.schema import leases
-from tests.conftest import TOKEN, ConfigFactory, SourceDB
+from tests.conftest import SQLITE_ONLY, TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, cli, daemons, free_port, members_true, wait_for
 from tests.test_sync import cycle
@@ -95,6 +95,8 @@ def query(url: str, sql: str) -> list[Any]:
 # --- 4. one failure never kills a loop ----------------------------------------------------
 
 
+# BEGIN EXCLUSIVE is SQLite's lock.
+@SQLITE_ONLY
 def test_a_locked_store_does_not_kill_the_daemon(
     make_config: ConfigFactory,
     source: SourceDB,
@@ -102,8 +104,6 @@ def test_a_locked_store_does_not_kill_the_daemon(
     daemons: Callable[[Config], Daemon],
     store_url: str,
 ) -> None:
-    if not store_url.startswith("sqlite"):
-        pytest.skip("BEGIN EXCLUSIVE is SQLite's lock")
     source.set(["u1", "u2"])
     config = make_config(gleap.base_url, token=None, sync=SYNC.replace("= 3", "= 6"), extra=SCHEDULE)
     config = with_store_setting(config, "busy_timeout_seconds = 0.2")

@@ -22,7 +22,7 @@ from audiencesync.lifecycle.forget import NOT_PER_USER, PER_USER_TABLES, Forgett
 from audiencesync.lifecycle.forget_requests import ForgetDesk, ForgetQueue
 from audiencesync.store import store as store_mod
 from audiencesync.store.schema import metadata
-from tests.conftest import TOKEN, ConfigFactory, SourceDB
+from tests.conftest import SQLITE_ONLY, TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, members_true, wait_for
 from tests.test_daemon_hardening import query
@@ -326,10 +326,10 @@ def test_in_gleap_needs_a_token_and_delete_path_is_checked(
             make_config(extra_gleap=f'delete_path = "{bad}"')
 
 
+# Only a SQLite store can be missing.
+@SQLITE_ONLY
 def test_the_store_must_exist(make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]) -> None:
     config = make_config(create_store=False)
-    if not config.store.url.startswith("sqlite"):
-        pytest.skip("only a SQLite store can be missing")
     status, _, err = run(config, capsys, "forget", "u1")
     assert status == 3 and "does not exist" in err
 

@@ -23,7 +23,7 @@ from audiencesync.store import database, store as store_mod
 from audiencesync.store.store import Store
 from audiencesync.store.utc_time import SQLITE_STORAGE_FORMAT
 from audiencesync.sync.cycle import CycleReport, PlannedCall, Syncer
-from tests.conftest import ConfigFactory, SourceDB
+from tests.conftest import SQLITE_ONLY, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_sync import cycle, only
 
@@ -130,11 +130,11 @@ def test_dry_run_sends_unknown_outcomes_whatever_the_source_says_and_a_held_audi
     assert gleap.contacts["u3"]["segment_a"] is False
 
 
+# A missing file is SQLite's case.
+@SQLITE_ONLY
 def test_dry_run_of_a_store_that_does_not_exist_leaves_no_file(
     tmp_path: Path, make_config: ConfigFactory, source: SourceDB, store_url: str
 ) -> None:
-    if not store_url.startswith("sqlite"):
-        pytest.skip("a missing file is SQLite's case")
     source.set(["u1"])
     config = make_config(create_store=False)
     path = Path(store_url.removeprefix("sqlite:///"))
@@ -160,11 +160,11 @@ def test_dry_run_of_a_store_that_does_not_exist_leaves_no_file(
     assert not path.exists() and not Path(f"{path}-wal").exists()
 
 
+# SQLite's write lock; PostgreSQL readers never lock (MVCC).
+@SQLITE_ONLY
 def test_a_slow_reader_never_blocks_a_sync(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str
 ) -> None:
-    if not store_url.startswith("sqlite"):
-        pytest.skip("SQLite's write lock; PostgreSQL readers never lock (MVCC)")
     members = [f"member-{i:07d}" for i in range(30_000)]  # far more than a pipe buffer holds
     config = make_config(gleap.base_url)
     engine = store_mod.engine_for(config.store)

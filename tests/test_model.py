@@ -45,6 +45,7 @@ def run_machine(store_url: str, examples: int, profile: str = "ci") -> None:
         templates.close()
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("store_kind", STORE_KINDS)
 def test_the_engine_converges_to_the_model(store_kind: str, tmp_path: Path) -> None:
     if store_kind == "sqlite":

@@ -311,9 +311,8 @@ def test_pushable_only_where_the_result_is_the_same(
         ("sqlite:///{db}.db", False),
     ],
 )
+@pytest.mark.parametrize("path", ["pushed"], indirect=True)  # a property of the URLs alone: one path
 def test_the_same_database_is_recognised(store_url: str, source_url: str, same: bool, path: str) -> None:
-    if path == "streamed":
-        pytest.skip("a property of the URLs alone")
     engine = sa.create_engine(store_url)
     database = engine.url.database
     assert engine.url.host == "127.0.0.1", "the cases assume the suite's PostgreSQL on 127.0.0.1:5432"

@@ -31,7 +31,7 @@ from audiencesync.store.lease import WriterLease
 from audiencesync.store.schema import audiences
 from audiencesync.store.store import Outcome, PendingChange, Store
 from audiencesync.sync.cycle import Syncer
-from tests.conftest import ConfigFactory, SourceDB
+from tests.conftest import SQLITE_ONLY, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for
 from tests.test_renames import NEW, OLD, cycle, rename_and_deliver, rows
@@ -112,14 +112,14 @@ def test_answers_landing_after_a_rename_are_recorded_under_the_key_their_call_ca
     assert rows(new_config, "seg_old") == {}
 
 
+# SQLite's deferred transactions.
+@SQLITE_ONLY
 def test_a_rename_beside_another_write_waits_for_the_lock_on_sqlite(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str
 ) -> None:
     """B: a rename's transaction takes SQLite's write lock up front. Deferred, it failed at once
     with "database is locked" when another connection (the daemon's delivery) committed a write
     between its first read and its first write, and the refresh behind it was skipped."""
-    if not store_url.startswith("sqlite"):
-        pytest.skip("SQLite's deferred transactions")
     source.set(["u1", "u2"])
     cycle(make_config(gleap.base_url, audiences=OLD))
     config = make_config(gleap.base_url, audiences=NEW)

@@ -5,6 +5,7 @@ databases."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from audiencesync.cli import main as cli
 from audiencesync.store import audit, store as store_mod
 from audiencesync.store.schema_views import VIEWS
 from tests import audit_scenario as s
-from tests.conftest import ConfigFactory, SourceDB
+from tests.conftest import ConfigFactory, SourceDB, unchanged
 from tests.gleap_standin import GleapStandIn
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "schema.md"
@@ -98,12 +99,18 @@ def test_the_views_exist_after_db_upgrade_with_the_documented_columns(
     engine.dispose()
 
 
-@pytest.fixture
-def scenario(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) -> s.Scenario:
-    return s.play(make_config, source, gleap)
+@pytest.fixture(scope="module")
+def scenario(
+    shared_make_config: ConfigFactory, shared_source: SourceDB, shared_gleap: GleapStandIn
+) -> Iterator[s.Scenario]:
+    """Played once per store for this module's tests, which only read it (checked at the end)."""
+    played = s.play(shared_make_config, shared_source, shared_gleap)
+    with unchanged(played.config.store.url, "the audit scenario"):
+        yield played
 
 
-def test_the_documented_queries_answer_the_scripted_store(scenario: s.Scenario, store_url: str) -> None:
+def test_the_documented_queries_answer_the_scripted_store(scenario: s.Scenario) -> None:
+    store_url = scenario.config.store.url
     a = f"'{s.A}'"
     for at, expected in s.MEMBERS_AT.items():
         rows = run_sql(store_url, query("members_at", audience=a, start=literal(at)))
@@ -131,7 +138,8 @@ def test_the_documented_queries_answer_the_scripted_store(scenario: s.Scenario, 
     assert len(rows[0]) == len(audit.RUN_COLUMNS)
 
 
-def test_the_documented_timeline_is_the_one_audit_user_shows(scenario: s.Scenario, store_url: str) -> None:
+def test_the_documented_timeline_is_the_one_audit_user_shows(scenario: s.Scenario) -> None:
+    store_url = scenario.config.store.url
     engine = store_mod.engine_for(scenario.config.store)
     for user in ("u1", "u3", "u4", "u5", "u6"):
         rows = run_sql(store_url, query("timeline", user=f"'{user}'"))

@@ -47,6 +47,7 @@ SHORT = Settings(
 )
 
 
+@pytest.mark.long
 def test_the_daemon_survives_three_minutes_of_faults_and_outages(tmp_path: Path) -> None:
     summary = run(SHORT, tmp_path, progress=print)
     if summary.problems:  # the figures beside the targets missed, not a repr of the summary

@@ -14,6 +14,7 @@ from audiencesync.errors import StoreError
 from audiencesync.store import stage as stage_mod, store as store_mod
 from audiencesync.store.schema import membership_changes, metadata
 from audiencesync.store.store import Outcome, PendingChange, Store
+from tests.conftest import SQLITE_ONLY
 
 
 def refresh(
@@ -244,9 +245,9 @@ def test_a_store_table_named_like_the_stage_is_never_dropped(store: Store) -> No
             conn.exec_driver_sql(f"DROP TABLE {stage_mod.new_stage_name()}")
 
 
+# SQLite's query plan.
+@SQLITE_ONLY
 def test_pending_page_query_walks_the_primary_key_in_order(store: Store) -> None:
-    if store.engine.dialect.name != "sqlite":
-        pytest.skip("SQLite query plan")
     query = store_mod.pending_page_query(1, [1, 2], "u1", 100)
     sql = query.compile(store.engine, compile_kwargs={"literal_binds": True})
     with store.engine.connect() as conn:

@@ -30,7 +30,7 @@ from audiencesync.store.schema import audience_counts, audiences, sync_runs
 from audiencesync.web.app import WebApp
 from audiencesync.web.server import Server
 from tests import web_scenario as w
-from tests.conftest import ConfigFactory, SourceDB
+from tests.conftest import ConfigFactory, SourceDB, unchanged
 from tests.gleap_standin import GleapStandIn
 
 WEB_TOKEN = "web-token-0123456789abcdef"
@@ -65,15 +65,32 @@ def serve(scenario: w.WebScenario, token: Secret | None = None) -> Iterator[str]
         engine.dispose()
 
 
+@pytest.fixture(scope="module")
+def scenario(
+    shared_make_config: ConfigFactory, shared_source: SourceDB, shared_gleap: GleapStandIn
+) -> Iterator[w.WebScenario]:
+    """Played once per store for this module's tests, which only read it (checked at the end)."""
+    played = w.play(shared_make_config, shared_source, shared_gleap)
+    with unchanged(played.config.store.url, "the web scenario"):
+        yield played
+
+
 @pytest.fixture
-def scenario(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) -> w.WebScenario:
+def own_scenario(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn) -> w.WebScenario:
+    """The scenario played again for a test that writes into its store."""
     return w.play(make_config, source, gleap)
+
+
+@contextlib.contextmanager
+def client(scenario: w.WebScenario) -> Iterator[Get]:
+    with serve(scenario) as base, httpx.Client(base_url=base, timeout=10) as http:
+        yield http.get
 
 
 @pytest.fixture
 def get(scenario: w.WebScenario) -> Iterator[Get]:
-    with serve(scenario) as base, httpx.Client(base_url=base, timeout=10) as client:
-        yield client.get
+    with client(scenario) as get:
+        yield get
 
 
 def rows(page: str, css: str) -> list[str]:
@@ -151,7 +168,8 @@ def test_audience_page_escapes_the_html_id_and_gleaps_html_answer(get: Get) -> N
     assert html.escape(w.HTML_ERROR, quote=False) in parked
 
 
-def test_a_delivery_in_progress_shows_sent_remaining_rate_and_eta(get: Get, scenario: w.WebScenario) -> None:
+def test_a_delivery_in_progress_shows_sent_remaining_rate_and_eta(own_scenario: w.WebScenario) -> None:
+    scenario = own_scenario  # a run is added
     engine = store_mod.engine_for(scenario.config.store)
     with engine.begin() as conn:
         audience_id = conn.execute(
@@ -167,7 +185,8 @@ def test_a_delivery_in_progress_shows_sent_remaining_rate_and_eta(get: Get, scen
             )
         )  # fmt: skip
     engine.dispose()
-    [row] = rows(get("/").text, "delivery")
+    with client(scenario) as get:
+        [row] = rows(get("/").text, "delivery")
     cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
     assert ">segment_a<" in cells[0]
     assert "stale" in cells[0]  # no process holds the store: a run a dead process left open
@@ -296,8 +315,9 @@ def test_serve_refuses_a_public_address_without_a_token(scenario: w.WebScenario)
 
 
 def test_serve_reads_the_store_beside_the_lease_holder_and_never_takes_the_lease(
-    scenario: w.WebScenario,
+    own_scenario: w.WebScenario,
 ) -> None:
+    scenario = own_scenario  # the lease is taken
     engine = store_mod.engine_for(scenario.config.store)
     lease = WriterLease(engine, store_mod.utc_now, ttl_seconds=120, role="daemon")
     assert lease.try_acquire() is None

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests import web_scenario as w
-from tests.conftest import ConfigFactory, SourceDB
+from tests.conftest import SQLITE_ONLY, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
 from tests.test_web import serve
 from tests.web_states import HOLD, KEY, RETRY, States, serve as serve_states
@@ -38,6 +38,9 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+# The browser sees the same HTML on both stores; test_web and test_web_attention cover PostgreSQL.
+pytestmark = SQLITE_ONLY
+
 
 @pytest.fixture
 def browser() -> Iterator[webdriver.Chrome]:
@@ -56,8 +59,6 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 @pytest.fixture
 def base(make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str) -> Iterator[str]:
-    if not store_url.startswith("sqlite"):
-        pytest.skip("the browser sees the same HTML on both stores; the page tests cover PostgreSQL")
     with serve(w.play(make_config, source, gleap)) as url:
         yield url
 
@@ -164,8 +165,6 @@ def test_runs_page_in_a_browser_filters_by_status(browser: webdriver.Chrome, bas
 def states(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str
 ) -> Iterator[States]:
-    if not store_url.startswith("sqlite"):
-        pytest.skip("the browser sees the same HTML on both stores; test_web_attention covers PostgreSQL")
     made = States(make_config, source, gleap)
     try:
         yield made
