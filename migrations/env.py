@@ -1,6 +1,6 @@
 """Alembic environment. audiencesync runs migrations through ``audiencesync.migrate``,
 which hands over an open connection; the ``alembic`` CLI works too, given
-``-x url=...`` (see README)."""
+``-x url=...`` (see docs/development.md)."""
 
 from __future__ import annotations
 

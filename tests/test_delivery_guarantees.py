@@ -1,6 +1,6 @@
-"""The README's delivery guarantees, each pinned by a test that fails when the code breaks it (issue 19,
-parts A.2 and D): the unknown mark after a verdict on a retry, the circuit breaker's two rules, any 2xx
-acknowledges, no cookies, answers recorded at once, the removal guard at its boundary. Against the
+"""The delivery guarantees (docs/guarantees.md), each pinned by a test that fails when the code breaks it
+(issue 19, parts A.2 and D): the unknown mark after a verdict on a retry, the circuit breaker's two rules,
+any 2xx acknowledges, no cookies, answers recorded at once, the removal guard at its boundary. Against the
 loopback stand-in, on both stores."""
 
 from __future__ import annotations

@@ -114,7 +114,9 @@ def test_all_calls_is_refused_without_dry_run(make_config: ConfigFactory, source
     assert "--all-calls lists a dry run's calls. Fix: add --dry-run, or drop --all-calls" in run.stderr
 
 
-def test_the_readme_states_how_many_calls_a_terminal_shows() -> None:
-    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+def test_the_readme_and_the_docs_state_how_many_calls_a_terminal_shows() -> None:
+    root = Path(__file__).resolve().parent.parent
+    readme = " ".join((root / "README.md").read_text().split())
+    commands = " ".join((root / "docs" / "commands.md").read_text().split())  # the command reference
     assert f"On a terminal it lists the first {LISTED_ON_A_TERMINAL} of the calls it would make" in readme
-    assert f"a dry run's table lists its first {LISTED_ON_A_TERMINAL} calls" in readme
+    assert f"a dry run's table lists its first {LISTED_ON_A_TERMINAL} calls" in commands

@@ -124,7 +124,7 @@ def snapshot(engine: sa.Engine) -> dict[str, dict[Any, dict[str, Any]]]:
 
 
 def expected_after(before: dict[str, dict[Any, dict[str, Any]]], cut: datetime) -> dict[str, Any]:
-    """The rules of README's Retention section, applied in Python to the unpruned store."""
+    """The rules of docs/retention.md, applied in Python to the unpruned store."""
     held = {
         key
         for key, m in before["memberships"].items()

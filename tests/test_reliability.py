@@ -68,7 +68,7 @@ def resent(gleap: GleapStandIn) -> int:
 def resend_bound(config: Config, seen: int) -> int:
     """What the run after a kill may send again, given the ``seen`` identify calls Gleap counted
     before it: the calls whose answers the store had not recorded (logged in ``calls``), and
-    the calls in flight, which Gleap may not have counted. The README's bound is checked too:
+    the calls in flight, which Gleap may not have counted. The bound of docs/guarantees.md is checked too:
     at most ``max_concurrency`` in flight plus ``RECORD_WINDOW`` answers waiting for their batch."""
     engine = sa.create_engine(config.store.url)
     with engine.connect() as conn:

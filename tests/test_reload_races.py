@@ -198,7 +198,7 @@ def test_a_holder_stalled_past_its_lease_sends_no_more_calls_and_records_no_answ
     """B: a holder that stalls past its lease while calls are in flight: its successor takes over;
     the stalled holder's late answers are not recorded (the fence), and it starts no further call
     (the daemon's check before each request, lease.require). The calls in flight when it stalled
-    can still land after the successor's: the README's residual risk."""
+    can still land after the successor's: the residual risk docs/guarantees.md names."""
     users = [f"u{i:02d}" for i in range(12)]
     source.set(users)
     config = make_config(gleap.base_url, timeout_seconds=120)  # max_concurrency = 4

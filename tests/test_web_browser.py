@@ -27,7 +27,7 @@ MISSING = [path for path in (CHROMIUM, CHROMEDRIVER) if not (os.path.exists(path
 
 if MISSING:
     reason = (
-        f"{' and '.join(MISSING)} missing: apt-get install chromium chromium-driver (see README, Development)"
+        f"{' and '.join(MISSING)} missing: apt-get install chromium chromium-driver (see docs/development.md)"
     )
     if os.environ.get("CI") == "true":
         pytest.fail(f"under CI the browser tests must run: {reason}", pytrace=False)
