@@ -18,7 +18,7 @@ from audiencesync.config.secret import Secret
 from audiencesync.config.tomltable import Table
 from audiencesync.config.urls import expand_env
 
-# Every event a webhook can subscribe to (alerts.py raises them; the README describes each).
+# Every event a webhook can subscribe to (alerts.py raises them; docs/alerts.md describes each).
 EVENTS = ("held", "source_failed", "parked", "gleap_down", "token_refused", "stalled", "lease")
 FORMATS = ("json", "slack")
 ALERT_KEYS = ["url", "format", "events", "headers", "remind_every"]
@@ -77,7 +77,7 @@ def _alert(table: Table, environ: Mapping[str, str]) -> AlertConfig:
         raise table.error(
             f"{fmt!r} is not a format",
             key="format",
-            fix='write format = "json" (a JSON object, see the README) or format = "slack" '
+            fix='write format = "json" (a JSON object, see docs/alerts.md) or format = "slack" '
             '(Slack\'s incoming webhook: {"text": ...})',
         )
     events = table.take("events", list, list(EVENTS))

@@ -296,8 +296,8 @@ def sections() -> list[Section]:
         Section(
             "[[alerts]]",
             [
-                "A webhook told once when a condition starts and once when it ends (the README's",
-                '"Alerts"); repeat [[alerts]] for more. `audiencesync alert-test` tries each one.',
+                "A webhook told once when a condition starts and once when it ends (docs/alerts.md);",
+                "repeat [[alerts]] for more. `audiencesync alert-test` tries each one.",
             ],
             [
                 Option(
@@ -306,7 +306,9 @@ def sections() -> list[Section]:
                     'the webhook; a secret one from the environment: url = "${SLACK_WEBHOOK_URL}"',
                     default=False,
                 ),
-                Option("format", alert.format, 'json (an object, see the README) or "slack" ({"text": ...})'),
+                Option(
+                    "format", alert.format, 'json (an object, see docs/alerts.md) or "slack" ({"text": ...})'
+                ),
                 Option("events", list(alert.events), "the events this webhook hears (default: all)"),
                 Option(
                     "headers",
@@ -350,7 +352,7 @@ def render() -> str:
     lines = [
         f"# audiencesync configuration, written by `audiencesync init` (audiencesync {__version__}).",
         "# Every option is listed with its default; a commented-out option is at its default.",
-        '# Reference: the README\'s "Configuration reference".',
+        '# Reference: the docs\' "Configuration reference" (docs/configuration.md).',
     ]
     for section in sections():
         off = "# " if section.commented else ""
