@@ -11,11 +11,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from audiencesync.alerts import attention
 from audiencesync.config.loading import Config
+from audiencesync.store.schema import memberships
 from tests.alert_receiver import AlertReceiver
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
@@ -173,6 +176,45 @@ def test_a_refused_token_shows_everywhere_then_clears(
     assert seen.status_daemon == "ok" and seen.conditions_column == {"segment_a": "ok"}
     resolved = receiver.wait_for(2)[1]
     assert (resolved.body["event"], resolved.body["state"]) == ("token_refused", "resolved")
+
+
+def test_runs_closed_while_the_token_is_refused_end_aborted_even_when_nothing_is_due(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, daemons: Callable[[Config], Daemon]
+) -> None:
+    """A pass that makes no call (everything owed waits out a backoff) is no sign that Gleap
+    takes the token again: the runs closed after it still end "aborted" with the reason, not
+    "partial" as if Gleap had been answering (failed once in CI, when the refused calls' retries
+    were not yet due)."""
+    source.set(["u1", "u2"])
+    gleap.set_token("a-token-rotated-in-gleap")
+    config, _ = start(make_config, gleap, daemons)
+
+    def runs() -> list[dict[str, object]]:
+        listed = cli(config, "audit", "runs", "--format", "json")
+        assert listed.returncode == 0, listed.stderr
+        return list(json.loads(listed.stdout))
+
+    wait_for(lambda: any(r["status"] == "aborted" for r in runs()), what="a run closed while refused")
+    # What the refused calls owe waits an hour: the passes that follow have nothing due.
+    engine = sa.create_engine(config.store.url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.update(memberships)
+                .where(memberships.c.pending == sa.true())
+                .values(next_attempt_at=datetime.now(UTC) + timedelta(hours=1))
+            )
+    finally:
+        engine.dispose()
+
+    def closed() -> int:
+        return len([r for r in runs() if r["status"] != "running"])
+
+    before = closed()
+    # The daemon refreshes every 2 s: several runs close with nothing due.
+    wait_for(lambda: closed() >= before + 3, what="more runs closed")
+    assert {r["status"] for r in runs()} <= {"aborted", "running"}
+    assert members_true(gleap) == set()
 
 
 def test_a_held_audience_is_listed_everywhere_and_the_daemon_stays_healthy(

@@ -156,11 +156,15 @@ class DeliveryLoop:
                 # The pass ended (new work, a stop) before any trial call was answered: no
                 # verdict yet, so the next pass probes again, at once.
                 continue
-            self.blocked = None  # a pass went through without Gleap refusing it
+            if self.blocked is not None and (calls or not self._owed()):
+                # Gleap took this pass's calls, or nothing is owed that it could refuse. A pass
+                # that made no call (what is owed waits out a backoff) says nothing of the token.
+                self.blocked = None
             if errors.reset():
                 log.info("delivery: the store answers again")
             probes.reset()
             if self.outage.close():  # a probe pass with nothing to send
+                self.blocked = None
                 log.info("Gleap answers again; delivery resumed")
                 self.metrics.breaker(CLOSED)
             if calls:
@@ -170,6 +174,9 @@ class DeliveryLoop:
 
     def _due(self) -> int:
         return self.store.due_count(list(self._ids.values())) if self._ids else 0
+
+    def _owed(self) -> int:
+        return self.store.pending_count(list(self._ids.values())) if self._ids else 0
 
     def _close_inactive(self) -> None:
         """Close the runs of properties paused or removed by a reload: their rows must not go out
