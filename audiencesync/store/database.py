@@ -29,6 +29,14 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+# Prepared statements the sqlite3 module keeps per connection (its default: 128). The store's
+# are large, ~14 KB each (an UPDATE of memberships carries the triggers that keep the counters),
+# and a connection kept them all: 5 pooled connections filled towards 9 MB over the first hours
+# as each met the rarer statements (issue 22). The hot ones (a delivery pass's, a refresh's)
+# stay cached; a rare one is prepared again, well under a millisecond.
+SQLITE_CACHED_STATEMENTS = 32
+
+
 def create_engine(url: str, *, create: bool = False, busy_timeout_seconds: float = 30.0) -> Engine:
     """An engine for the store, with SQLite set up for one writer and many readers.
 
@@ -41,7 +49,9 @@ def create_engine(url: str, *, create: bool = False, busy_timeout_seconds: float
         raise StoreMissingError(str(path))
     if path is not None and create:
         _create_private(path)
-    engine = drivers.create_engine(url, where="[store] url", pool_pre_ping=True)
+    sqlite = url.partition(":")[0].partition("+")[0] == "sqlite"  # sqlite, sqlite+pysqlite
+    connect_args = {"cached_statements": SQLITE_CACHED_STATEMENTS} if sqlite else {}
+    engine = drivers.create_engine(url, where="[store] url", pool_pre_ping=True, connect_args=connect_args)
     if engine.dialect.name == "sqlite":
         _tune_sqlite(engine, busy_timeout_seconds)
     return engine
