@@ -23,7 +23,7 @@ from audiencesync.config.loading import AudienceConfig, Config
 from audiencesync.delivery import field_winners
 from audiencesync.errors import SourceError, StoreError
 from audiencesync.fields import FieldReader
-from audiencesync.gleap.client import MAX_CUSTOM_KEYS
+from audiencesync.gleap.api import MAX_CUSTOM_KEYS
 from audiencesync.lifecycle import renames
 from audiencesync.refresh.guard import removal_guard
 from audiencesync.refresh.user_ids import ReadStats
