@@ -9,6 +9,8 @@ The plan mirrors what ``diff.apply_stage`` followed by a delivery pass would
 do: a new member, a leaver Gleap may think is a member, a resend, and a row
 whose earlier call's outcome is unknown are sent; parked rows and rows still
 waiting out their backoff are not, unless the value changes.
+
+The rows are read back into the calls themselves by ``plan_calls``.
 """
 
 from __future__ import annotations
