@@ -1,5 +1,7 @@
 """The membership store: every query on audiences, memberships and runs.
 
+What a delivery pass asks of it (pages of due changes, the unknown marks, recording
+Gleap's answers, the counts owed and due) is its mixin ``delivery_queries.DeliveryQueries``.
 The runs' SQL lives in ``runs``, engines and migrations in ``database``,
 the bookkeeping of Gleap's answers in ``outcomes``, and what `status` and
 `failures` read in ``status``; their names are re-exported here for the
