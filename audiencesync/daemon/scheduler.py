@@ -1,17 +1,18 @@
 """The daemon: `audiencesync run`.
 
 It wires the parts together:
-- the writer lease, and a standby loop until this process holds it;
+- the writer lease, and a standby loop until this process holds it; while it does,
+  the active period (``active_period.py``) runs the rest;
 - one APScheduler job per audience, which only refreshes the snapshot (quick;
   ``refresh_jobs.py``);
 - a single delivery thread, which drains every audience's pending changes in
-  turns through the shared rate limiter;
+  turns through the shared rate limiter (``delivery_loop.py``);
 - a retention thread, which prunes old history once a day when
   ``[retention] keep`` is set (``retention.py``);
 - signals: SIGTERM and SIGINT stop it gracefully, a second one exits at once,
-  and SIGHUP reloads the config (``daemon_reload.py``);
-- the optional HTTP endpoint: the status pages (``web.py``), /healthz (what it answers:
-  ``daemon_health.py``) and /metrics, on [server] listen while it may serve there
+  and SIGHUP reloads the config (``reload.py``);
+- the optional HTTP endpoint: the status pages (``web/app.py``), /healthz (what it answers:
+  ``health.py``) and /metrics, on [server] listen while it may serve there
   (``listener.py``).
 """
 
