@@ -21,7 +21,7 @@ from audiencesync.cli import main as cli
 from audiencesync.config.alerts import AlertConfig
 from audiencesync.config.loading import Config
 from audiencesync.config.secret import Secret
-from audiencesync.daemon import scheduler
+from audiencesync.daemon import active_period
 from audiencesync.errors import ConfigError
 from audiencesync.store import store as store_mod
 from audiencesync.store.diff import DiffCounts
@@ -396,7 +396,7 @@ def test_the_daemon_alerts_on_gleap_down_and_a_stall_and_their_recovery(
     receiver: AlertReceiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(scheduler, "STALL_POLL_SECONDS", 0.2)
+    monkeypatch.setattr(active_period, "STALL_POLL_SECONDS", 0.2)
     source.set(["u1", "u2", "u3"])
     extra = SCHEDULE + f'[server]\nlisten = "127.0.0.1:{free_port()}"\n' + hooks(receiver)
     config = make_config(gleap.base_url, extra_gleap="breaker_failures = 2", sync=SYNC, extra=extra)

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync.gleap.client import identify_body
+from audiencesync.gleap.api import identify_body
 from audiencesync.store import database, store as store_mod
 from audiencesync.store.utc_time import UtcDateTime
 from audiencesync.sync.cycle import PlannedCall

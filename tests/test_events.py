@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from audiencesync.config.loading import Config
 from audiencesync.delivery.track import EventSender
 from audiencesync.errors import GleapAuthError
-from audiencesync.gleap.client import Answer, GleapClient, Try, event_date
+from audiencesync.gleap.api import event_date
+from audiencesync.gleap.client import Answer, GleapClient, Try
 from audiencesync.lifecycle.prune import Pruner
 from audiencesync.store import audit, store as store_mod
 from audiencesync.store.events import DueEvent, EventOutcome, Outbox

@@ -12,7 +12,8 @@ import pytest
 
 from audiencesync.config.loading import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError, GleapError
-from audiencesync.gleap.client import Answer, GleapClient, event_date, identify_body, identify_url
+from audiencesync.gleap.api import event_date, identify_body, identify_url
+from audiencesync.gleap.client import Answer, GleapClient
 from audiencesync.gleap.http import parse_retry_after, retryable
 from audiencesync.gleap.ratelimit import TokenBucket
 from tests.conftest import TOKEN

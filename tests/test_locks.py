@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from audiencesync.config.loading import Config
-from audiencesync.gleap.client import identify_body
+from audiencesync.gleap.api import identify_body
 from audiencesync.store import database, store as store_mod
 from audiencesync.store.store import Store
 from audiencesync.store.utc_time import SQLITE_STORAGE_FORMAT

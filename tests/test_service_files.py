@@ -39,7 +39,7 @@ def test_the_unit_is_notify_with_a_watchdog_and_a_stop_timeout_that_fits_the_gra
     assert unit["User"] == "audiencesync" and unit["EnvironmentFile"] == "/etc/audiencesync/env"
     assert unit["ExecStart"].endswith("--config /etc/audiencesync/audiencesync.toml run")
     # Longer than a store write's default wait for SQLite's lock, and than the wind-down after a
-    # lost lease (scheduler.Daemon._shutdown_work: two joins of grace + 5 s, then the grace).
+    # lost lease (active_period.ActivePeriod._shutdown_work: two joins of grace + 5 s, then the grace).
     grace = ScheduleConfig.shutdown_grace_seconds
     assert float(unit["WatchdogSec"]) > max(30, 3 * grace + 10)
     assert float(unit["TimeoutStopSec"]) >= ScheduleConfig.shutdown_grace_seconds + 15

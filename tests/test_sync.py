@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from audiencesync.config.loading import Config
 from audiencesync.delivery.record_batches import RECORD_BATCH, RECORD_WINDOW
 from audiencesync.errors import MissingTokenError
-from audiencesync.gleap.client import identify_body
+from audiencesync.gleap.api import identify_body
 from audiencesync.store import store as store_mod
 from audiencesync.store.store import Outcome, Store
 from audiencesync.sync.cycle import AudienceReport, CycleReport, PlannedCall, Syncer

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from audiencesync.config.loading import Config
 from audiencesync.errors import ConfigError
-from audiencesync.gleap.client import identify_body
+from audiencesync.gleap.api import identify_body
 from audiencesync.store import store as store_mod
 from audiencesync.store.schema import memberships
 from audiencesync.store.store import Store

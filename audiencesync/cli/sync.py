@@ -38,7 +38,7 @@ from audiencesync.errors import (
     MissingTokenError,
     StoreMissingError,
 )
-from audiencesync.gleap.client import identify_url, track_url
+from audiencesync.gleap.api import identify_url, track_url
 from audiencesync.refresh.sources import Sources
 from audiencesync.store import store
 from audiencesync.store.lease import WriterLease

@@ -1,17 +1,18 @@
 """The daemon: `audiencesync run`.
 
 It wires the parts together:
-- the writer lease, and a standby loop until this process holds it;
+- the writer lease, and a standby loop until this process holds it; while it does,
+  the active period (``active_period.py``) runs the rest;
 - one APScheduler job per audience, which only refreshes the snapshot (quick;
   ``refresh_jobs.py``);
 - a single delivery thread, which drains every audience's pending changes in
-  turns through the shared rate limiter;
+  turns through the shared rate limiter (``delivery_loop.py``);
 - a retention thread, which prunes old history once a day when
   ``[retention] keep`` is set (``retention.py``);
 - signals: SIGTERM and SIGINT stop it gracefully, a second one exits at once,
-  and SIGHUP reloads the config (``daemon_reload.py``);
-- the optional HTTP endpoint: the status pages (``web.py``), /healthz (what it answers:
-  ``daemon_health.py``) and /metrics, on [server] listen while it may serve there
+  and SIGHUP reloads the config (``reload.py``);
+- the optional HTTP endpoint: the status pages (``web/app.py``), /healthz (what it answers:
+  ``health.py``) and /metrics, on [server] listen while it may serve there
   (``listener.py``).
 """
 
@@ -22,17 +23,16 @@ import os
 import signal
 import threading
 import time
-from datetime import UTC
 from types import FrameType
 
 import httpx
-from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import make_wsgi_app
 
 from audiencesync.alerts.alerts import Alerts
 from audiencesync.backoff import Backoff
 from audiencesync.config.loading import Config
+from audiencesync.daemon.active_period import ActivePeriod
 from audiencesync.daemon.admin import AdminDesk
 from audiencesync.daemon.arenas import Trimmer
 from audiencesync.daemon.delivery_loop import DeliveryLoop
@@ -51,7 +51,6 @@ from audiencesync.errors import (
     foreseen,
     iso_time,
 )
-from audiencesync.gleap.breaker import CLOSED
 from audiencesync.gleap.client import GleapClient
 from audiencesync.lifecycle import states as lifecycle
 from audiencesync.lifecycle.forget import Forgetter
@@ -66,13 +65,8 @@ from audiencesync.web.app import WebApp
 
 log = logging.getLogger(__name__)
 
-# How often the daemon looks for admin requests (sync --allow-removals / --full).
-REQUEST_POLL_SECONDS = 2.0
-# How often it looks whether delivery stalled, for the alerts.
-STALL_POLL_SECONDS = 10.0
 
-
-class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
+class Daemon(ConfigReload, DeliveryLoop, DaemonHealth, ActivePeriod):
     def __init__(
         self,
         config: Config,
@@ -292,114 +286,3 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth):
                 self.reload()
             self.beat()
             self.stop.wait(min(0.2, max(0.0, deadline - time.monotonic())))
-
-    def _serve(self) -> None:
-        # A new event, not the last one cleared: threads the last period left behind keep theirs, set.
-        self.halt = threading.Event()
-        if self.stop.is_set():
-            self.halt.set()
-        # Not the last period's: a delivery thread it left behind must not hold renames up.
-        self.gate = PassGate(self.wake)
-        self.syncer.sources.resume()
-        self.outage.close()
-        self.metrics.breaker(CLOSED)
-        with self.lease.kept(release=lambda: self._refreshing == 0):
-            self.active = True
-            if self.listener is not None:
-                self.listener.open(active=True)
-            self.progress.start()
-            interrupted = self.store.mark_interrupted()
-            if interrupted:
-                log.warning("%d run(s) of an earlier process were left open; marked interrupted", interrupted)
-            self.scheduler = BackgroundScheduler(
-                timezone=UTC,
-                executors={"default": ThreadPoolExecutor(max_workers=4)},
-                job_defaults={
-                    "coalesce": True,  # missed runs collapse into one
-                    "max_instances": 1,  # an audience never refreshes twice at once
-                    "misfire_grace_time": int(self.config.schedule.misfire_grace_seconds),
-                },
-            )
-            # Started first, so that each job gets its next run time as it is added.
-            self.scheduler.start()
-            for audience in self.config.active:  # a paused one is not scheduled
-                self._schedule(audience, start_now=self._due_now(audience))
-            self._delivery = threading.Thread(target=self._deliver_forever, name="delivery", daemon=True)
-            self._delivery.start()
-            # Only while active: a prune needs no lease (see prune.py), but a standby pruning
-            # beside the active daemon would only do the same work twice.
-            self._retention = threading.Thread(
-                target=self.retention.run, args=(self.halt,), name="retention", daemon=True
-            )
-            self._retention.start()
-            polled = looked = 0.0
-            self.notifier.ready(self.service_status())
-            try:
-                while not self.halt.is_set() and not self.lease.lost.is_set():
-                    if self.listener is not None:
-                        self.listener.open(active=True)  # again, while the address was in use
-                    self.beat()
-                    if self._reload.is_set():
-                        self.reload()
-                    if time.monotonic() - polled >= REQUEST_POLL_SECONDS:
-                        polled = time.monotonic()
-                        self.admin.poll()
-                        self._wake_for_forgets()
-                    if time.monotonic() - looked >= STALL_POLL_SECONDS:
-                        looked = time.monotonic()
-                        self._alert_if_stalled()
-                    self.trim()
-                    self.halt.wait(0.2)
-            finally:
-                self._shutdown_work()
-            if self.lease.lost.is_set():
-                raise self.lease.loss or LeaseLostError()  # why: expired while locked, or taken over
-
-    def _alert_if_stalled(self) -> None:
-        """Delivery stalled (as /healthz judges it), or moves again. Not while Gleap's breaker is
-        open: that has its own alert, and no call can be acknowledged meanwhile."""
-        if not self.alerts.enabled or self.outage.open:
-            return
-        try:
-            stalled = self.progress.stalled(self._due())
-        except Exception as exc:
-            log.warning("can't tell whether delivery stalled: %s", brief(exc))
-            return
-        self.alerts.stalled(stalled)
-
-    def _wake_for_forgets(self) -> None:
-        """A queued forget ends the delivery pass early: it is carried out between two passes."""
-        try:
-            if self.forgets.queue.waiting():
-                self.wake.set()
-        except Exception as exc:
-            log.warning("can't read forget requests: %s", brief(exc))
-
-    def _shutdown_work(self) -> None:
-        """Stop starting work, give in-flight calls their grace, close the open runs."""
-        self.halt.set()
-        self.wake.set()
-        if self.scheduler is not None and self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
-        # A slow source query would hold the stop for as long as it runs: cancel it.
-        # Its refresh fails before applying anything, so the snapshot is untouched.
-        self.syncer.sources.cancel()
-        grace = self.config.schedule.shutdown_grace_seconds
-        if self._delivery is not None:
-            self._delivery.join(timeout=grace + 5)
-        if self._retention is not None:
-            self._retention.join(timeout=grace + 5)  # a prune stops after its current batch
-        deadline = time.monotonic() + grace
-        while self._refreshing and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if self._refreshing:
-            log.warning("a source query is still running; leaving the lease to expire rather than release it")
-        with self._lock:
-            runs = list(self._open.values())
-            self._open.clear()
-        for run in runs:
-            try:
-                self._close(run)
-            except Exception as exc:  # the next process marks it interrupted
-                log.warning("could not close the run of %s: %s", run.report.key, brief(exc))
-        self.active = False

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import groupby
 
 from audiencesync.delivery.identify_calls import Call, user_calls
-from audiencesync.gleap.client import MAX_CUSTOM_KEYS
+from audiencesync.gleap.api import MAX_CUSTOM_KEYS
 from audiencesync.store.member_fields import PageFields
 from audiencesync.store.store import PendingChange, Store
 

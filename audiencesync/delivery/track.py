@@ -21,7 +21,8 @@ from typing import TypeAlias
 
 from audiencesync import failpoints
 from audiencesync.errors import GleapAuthError
-from audiencesync.gleap.client import Answer, GleapClient, track_event
+from audiencesync.gleap.api import track_event
+from audiencesync.gleap.client import Answer, GleapClient
 from audiencesync.store.events import DueEvent, EventOutcome, Outbox
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,17 +17,20 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from audiencesync import __version__
 from audiencesync.config.loading import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError, GleapError
+from audiencesync.gleap.api import (
+    AUTH_PATH,
+    IDENTIFY_PATH,
+    MAX_CUSTOM_KEYS,
+    TRACK_PATH,
+    delete_path,
+    identify_body,
+    identify_params,
+)
 from audiencesync.gleap.breaker import CircuitBreaker
 from audiencesync.gleap.http import AdminClient, parse_retry_after, retryable
 from audiencesync.gleap.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
-
-IDENTIFY_PATH = "/admin/identify"
-TRACK_PATH = "/admin/track"
-AUTH_PATH = "/admin/auth"
-# Gleap's documented limit on custom data keys in one identify call.
-MAX_CUSTOM_KEYS = 35
 
 
 # A 429 says "later", not "wrong": it doesn't use up a call's retries, but a
@@ -116,44 +118,6 @@ def _sent(tries: list[Try]) -> bool:
 
 def _ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
-
-
-def identify_body(user_id: str, attributes: dict[str, Any]) -> dict[str, Any]:
-    # userId last so that no attribute can override it (as Gleap's own SDK does).
-    return {**attributes, "userId": user_id}
-
-
-def event_date(at: datetime) -> str:
-    """An event's ``date``: ISO 8601 in UTC with milliseconds and ``Z``, as Gleap's docs and SDK send."""
-    at = at.astimezone(UTC)
-    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
-
-
-def track_event(
-    user_id: str, name: str, at: datetime, data: dict[str, str | int | float | bool]
-) -> dict[str, Any]:
-    """One event of a track call; ``data`` stays flat, as Gleap documents custom data."""
-    return {"name": name, "date": event_date(at), "userId": user_id, "data": data}
-
-
-def track_url(config: GleapConfig) -> str:
-    """The full track URL, as a dry run prints it."""
-    return config.base_url + TRACK_PATH
-
-
-def identify_params(config: GleapConfig) -> dict[str, str]:
-    """The identify call's query string: by default, leave the contact's last activity alone."""
-    return {"preventLastActivityUpdate": "true"} if config.prevent_last_activity_update else {}
-
-
-def delete_path(config: GleapConfig, user_id: str) -> str:
-    """The contact deletion path for one user: the id URL-encoded whole ("/" too), so it stays one segment."""
-    return config.delete_path.replace("{user_id}", urllib.parse.quote(user_id, safe=""))
-
-
-def identify_url(config: GleapConfig) -> str:
-    """The full identify URL, as a dry run prints it."""
-    return str(httpx.URL(config.base_url + IDENTIFY_PATH, params=identify_params(config)))
 
 
 class GleapClient:

@@ -20,10 +20,8 @@ from audiencesync.errors import DriverMissingError, SourceError
 from audiencesync.refresh import pushdown
 from audiencesync.refresh.source_watchdog import Stopped, TimedOut, Watchdog
 from audiencesync.refresh.user_ids import (
-    CONTROL_CHARACTERS,
     MAX_ID_LENGTH,
     SAMPLE_SIZE,
-    TOO_LONG,
     ReadStats,
     checked_ids,
 )
@@ -170,11 +168,7 @@ class Sources:
             loaded = pushdown.load_stage(
                 conn, stage, audience.query, max_length=MAX_ID_LENGTH, samples=SAMPLE_SIZE
             )
-        stats.rows += loaded.rows
-        stats.skipped_blank += loaded.blank
-        for user_id, too_long in loaded.samples:
-            stats.skip_invalid(user_id, TOO_LONG if too_long else CONTROL_CHARACTERS)
-        stats.skipped_invalid += loaded.bad - len(loaded.samples)
+        stats.count_pushed(loaded.rows, loaded.blank, loaded.bad, loaded.samples)
         return True
 
     @contextlib.contextmanager
@@ -274,17 +268,28 @@ class Sources:
                 raise Stopped()
             if time.monotonic() > deadline:
                 raise TimedOut()
-            stats.rows += len(partition)
-            ids = checked_ids([row[index] for row in partition], stats)
-            if value_of is None:
-                batch: list[Any] = ids if None not in ids else [i for i in ids if i is not None]
-            elif value_of is values.no_value and keep_none:
-                # An audience with no field columns: no call per row (14% of a 1M-member read).
-                batch = [(i, None) for i in ids if i is not None]
-            else:
-                batch = _with_values(partition, ids, value_of, stats, keep_none)
+            batch = _batch(partition, index, value_of, stats, keep_none)
             if batch:
                 yield batch
+
+
+def _batch(
+    partition: Sequence[Sequence[Any]],
+    index: int,
+    value_of: RowValue | None,
+    stats: ReadStats,
+    keep_none: bool,
+) -> list[Any]:
+    """One partition's rows as a batch, for a read of ids alone (``value_of`` None) and of
+    (id, value) pairs alike: each id checked once (``checked_ids``), the rows it skips
+    dropped, and every row counted in ``stats``."""
+    ids = checked_ids([row[index] for row in partition], stats)
+    if value_of is None:
+        return ids if None not in ids else [i for i in ids if i is not None]
+    if value_of is values.no_value and keep_none:
+        # An audience with no field columns: no call per row (14% of a 1M-member read).
+        return [(i, None) for i in ids if i is not None]
+    return _with_values(partition, ids, value_of, stats, keep_none)
 
 
 def _with_values(
@@ -302,9 +307,7 @@ def _with_values(
         try:
             value = value_of(row)
         except values.UnsupportedValue as exc:
-            stats.skipped_values += 1
-            if len(stats.value_samples) < SAMPLE_SIZE:
-                stats.value_samples.append(f"{user_id[:40]!r}: {exc}")
+            stats.skip_value(user_id, exc)
             continue
         if value is None and not keep_none:
             stats.no_value += 1

@@ -85,9 +85,27 @@ class ReadStats:
         if len(self.invalid_samples) < SAMPLE_SIZE:
             self.invalid_samples.append(f"{user_id[:40]!r}: {reason}")
 
+    def skip_value(self, user_id: str, reason: object) -> None:
+        """Count a row skipped for a value no Gleap attribute can hold, keeping the first few
+        as samples."""
+        self.skipped_values += 1
+        if len(self.value_samples) < SAMPLE_SIZE:
+            self.value_samples.append(f"{user_id[:40]!r}: {reason}")
+
+    def count_pushed(self, rows: int, blank: int, bad: int, samples: list[tuple[str, bool]]) -> None:
+        """Count what the checks made in SQL saw (``pushdown.load_stage``): ``rows``, ``blank``
+        and ``bad`` ids, and ``samples`` of the bad ones (id, too long or else control
+        characters), as ``checked_ids`` counts a streamed read."""
+        self.rows += rows
+        self.skipped_blank += blank
+        for user_id, too_long in samples:
+            self.skip_invalid(user_id, TOO_LONG if too_long else CONTROL_CHARACTERS)
+        self.skipped_invalid += bad - len(samples)
+
 
 def checked_ids(raw: list[Any], stats: ReadStats) -> list[str | None]:
-    """The canonical id of each source value, None for a row skipped (and counted in ``stats``).
+    """The canonical id of each source value, None for a row skipped; every row counted in
+    ``stats``, and the skipped ones with why.
 
     Most batches are all text (or all integers) with nothing to skip: they are
     checked a batch at a time in C (one regex over the joined batch, one max of
@@ -95,6 +113,7 @@ def checked_ids(raw: list[Any], stats: ReadStats) -> list[str | None]:
     staging the ids (measured: about 2 s of a 1M-member read). Any other batch is
     checked row by row.
     """
+    stats.rows += len(raw)
     kinds = set(map(type, raw))
     ids: list[Any] | None = raw if kinds <= {str} else list(map(str, raw)) if kinds <= {int} else None
     if (

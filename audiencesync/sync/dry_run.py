@@ -23,7 +23,7 @@ from audiencesync.config.loading import AudienceConfig, Config
 from audiencesync.delivery import field_winners
 from audiencesync.errors import SourceError, StoreError
 from audiencesync.fields import FieldReader
-from audiencesync.gleap.client import MAX_CUSTOM_KEYS
+from audiencesync.gleap.api import MAX_CUSTOM_KEYS
 from audiencesync.lifecycle import renames
 from audiencesync.refresh.guard import removal_guard
 from audiencesync.refresh.user_ids import ReadStats
@@ -31,7 +31,7 @@ from audiencesync.store import stage as stage_mod
 from audiencesync.store.events import EventNames
 from audiencesync.store.schema import audiences
 from audiencesync.store.store import Store, empty_store, schema_revisions
-from audiencesync.sync import plan, plan_events
+from audiencesync.sync import plan, plan_calls, plan_events
 from audiencesync.sync.reports import (
     AudienceReport,
     CycleReport,
@@ -155,7 +155,7 @@ class DryRun:
                 field_winners.add_to_plan(conn, table, field_winners.planned_rows(conn, order, drained))
                 size = self.config.gleap.track_batch_size
                 conflicts: Counter[str] = Counter()  # per losing audience, as the delivery counts them
-                identify = counted(report, plan.planned_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))
+                identify = counted(report, plan_calls.planned_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))
                 planned_tracks = tracks(report, plan_events.planned_events(conn, event_table), size)
                 calls: Iterator[PlannedCall | PlannedTrack] = itertools.chain(identify, planned_tracks)
                 if show is not None:

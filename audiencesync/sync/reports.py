@@ -10,7 +10,7 @@ from typing import Any
 
 from audiencesync.errors import GleapError
 from audiencesync.fields import FieldReader
-from audiencesync.gleap.client import track_event
+from audiencesync.gleap.api import track_event
 from audiencesync.refresh.user_ids import ReadStats
 from audiencesync.store.diff import DiffCounts
 
