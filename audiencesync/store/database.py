@@ -14,7 +14,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, event, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
 
@@ -49,7 +49,8 @@ def create_engine(url: str, *, create: bool = False, busy_timeout_seconds: float
         raise StoreMissingError(str(path))
     if path is not None and create:
         _create_private(path)
-    sqlite = url.partition(":")[0].partition("+")[0] == "sqlite"  # sqlite, sqlite+pysqlite
+    # The backend read as sqlite_file reads it (make_url), before the engine exists to say so.
+    sqlite = make_url(url).get_backend_name() == "sqlite"
     connect_args = {"cached_statements": SQLITE_CACHED_STATEMENTS} if sqlite else {}
     engine = drivers.create_engine(url, where="[store] url", pool_pre_ping=True, connect_args=connect_args)
     if engine.dialect.name == "sqlite":
