@@ -30,7 +30,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests first: under `-n 2` the other worker's tests then run beside them, where
+    """The long tests first: under `-n 4` the other workers' tests then run beside them, where
     collected in file order one could start late and run on alone at the end (the soak test waits
     three minutes on a real daemon; the model test's budget is a minute per store)."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
