@@ -72,18 +72,21 @@ def look(config: Config, port: int) -> Seen:
         and len(line.split()) > len(header) // 2
     }
     needs = table[table.index("needs attention:") + 1 :] if "needs attention:" in table else []
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        scraped = response.read().decode()
-    gauges = set(
-        re.findall(r'audiencesync_condition\{audience="([^"]*)",condition="([^"]+)"\} 1\.0', scraped)
-    )
+    gauges, healthy = scrape(port)
     return Seen(
         code, first, {label_and_fix(line) for line in lines},
         {(c["state"], c["subject"], c["action"]) for c in data["concerns"]}, data["daemon"]["state"],
         {label_and_fix(line) for line in needs}, column,
-        {(state, audience) for audience, state in gauges},
-        "audiencesync_healthy 1.0" in scraped,
+        gauges, healthy,
     )  # fmt: skip
+
+
+def scrape(port: int) -> tuple[set[tuple[str, str]], bool]:
+    """/metrics: the conditions' gauges set to 1, (state, audience), and whether it says healthy."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        scraped = response.read().decode()
+    gauges = re.findall(r'audiencesync_condition\{audience="([^"]*)",condition="([^"]+)"\} 1\.0', scraped)
+    return {(state, audience) for audience, state in gauges}, "audiencesync_healthy 1.0" in scraped
 
 
 def agree(seen: Seen) -> set[tuple[str, str | None]]:
@@ -115,6 +118,10 @@ def start(
 
 def settled(config: Config, port: int, want: set[tuple[str, str | None]]) -> Seen:
     """Poll until every surface shows ``want`` (a daemon's state moves with its cycles)."""
+    # The daemon's /metrics first, an HTTP read: the CLI's two `status` runs (a second of CPU
+    # each, on a loaded CI machine) are then polled only once the daemon has got there.
+    gauges = {(state, subject or "") for state, subject in want}
+    wait_for(lambda: scrape(port)[0] == gauges, timeout=60, what=f"/metrics to show {want}")
     found: list[Seen] = []
 
     def check() -> bool:
@@ -134,6 +141,9 @@ def settled(config: Config, port: int, want: set[tuple[str, str | None]]) -> See
 
 def quiet(config: Config, port: int) -> bool:
     """Nothing open anywhere, and the audience ok: its changes delivered, not only unblocked."""
+    gauges, healthy = scrape(port)
+    if gauges or not healthy:
+        return False  # the daemon's own surface is not quiet yet: no need to run the CLI
     seen = look(config, port)
     try:
         return agree(seen) == set() and seen.conditions_column == {"segment_a": "ok"}

@@ -22,8 +22,6 @@ from audiencesync.config.urls import is_loopback
 from audiencesync.errors import ConfigError, StoreError, brief
 from audiencesync.lifecycle import states as lifecycle
 from audiencesync.store import audit, store
-from audiencesync.web.app import WebApp
-from audiencesync.web.server import Server, address
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +74,8 @@ def listen_address(args: argparse.Namespace, config: Config) -> tuple[str, int]:
 
 def _another_address(args: argparse.Namespace, host: str, port: int) -> str:
     """How to serve elsewhere: beside a daemon, serve's default ([server] listen) is the daemon's own."""
+    from audiencesync.web.server import address  # see cmd_serve
+
     other = f"--listen {address(host, port + 1 if port < 65535 else 8080)}"
     if args.listen is None:
         return (
@@ -86,6 +86,11 @@ def _another_address(args: argparse.Namespace, host: str, port: int) -> str:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    # The web pages (Jinja2) are imported by the command that serves them, not by every command
+    # at start-up (cli/__init__.py).
+    from audiencesync.web.app import WebApp
+    from audiencesync.web.server import Server
+
     host, port = listen_address(args, config)
     token = config.pages_token  # also without [server] listen: --listen gives the address
     if token is None and not is_loopback(host):

@@ -30,7 +30,6 @@ from audiencesync.cli.tables import Layout
 from audiencesync.config.loading import AudienceConfig, Config
 from audiencesync.config.sections import ENV_SERVER_TOKEN
 from audiencesync.daemon.arenas import limit_arenas
-from audiencesync.daemon.scheduler import Daemon
 from audiencesync.delivery.deliverer import Progress
 from audiencesync.errors import (
     ConfigError,
@@ -68,6 +67,10 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
             ENV_SERVER_TOKEN,
         )
     limit_arenas()  # before the daemon's threads start: they would each take an arena of their own
+    # Imported here, not at the top: the daemon brings APScheduler, prometheus_client and the web
+    # pages (Jinja2), a fifth of every other command's start-up (cli/__init__.py).
+    from audiencesync.daemon.scheduler import Daemon
+
     daemon = Daemon(config)
     daemon.install_signal_handlers()
     return daemon.run()
