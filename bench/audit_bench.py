@@ -42,13 +42,13 @@ status is 1. Targets: members --at under 5 s and within 1.2x of the plain export
 ratio), user under 100 ms, CLI csv under 150 MB. The machine is shared and noisy: read the
 ratios to the baselines measured in the same run.
 
-Measured at 1M members under ``nice -n 19`` beside other work (load average 6-10 on 2 cores):
-members --at after cycle 1 / 15 / 29 against the plain export, the median of 3 same-round
-ratios, the rounds alternating the store before migration 0014 (with the query of then) and
-after it. SQLite 1.56 / 1.32 / 0.98 before, 1.36 / 1.26 / 0.95 after; PostgreSQL 1.51 / 1.32 /
-0.74 before, 1.14 / 1.43 / 0.86 after, its single ratios 0.65-2.08 (noise). The query alone
-after cycle 1, PostgreSQL (EXPLAIN ANALYZE): 5.7 s before, 2.4-2.8 s after, the export 0.4 s.
-The 1.2x target is met only for recent instants: see docs/analysts.md for what is left.
+Measured at 1M members under ``nice -n 19``: members --at after cycle 1 / 15 / 29 against the
+plain export, the median of 3 same-round ratios. With the rounds alternating the store before
+migration 0014 (with the query of then) and after it: SQLite 1.56 / 1.32 / 0.98 before, 1.36 /
+1.26 / 0.95 after (load average 6-10 on 2 cores); PostgreSQL 1.66 / 1.36 / 1.08 before, 1.54 /
+1.33 / 1.21 after (load 2-4). This bench after 0014: SQLite 1.29 / 1.09 / 0.86, PostgreSQL
+1.47 / 1.35 / 1.01. The 1.2x target is met only for recent instants: docs/analysts.md says
+what is left.
 """
 
 from __future__ import annotations

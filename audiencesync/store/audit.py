@@ -136,10 +136,11 @@ def _departures(conn: Connection, audience_id: int, at: datetime) -> sa.Subquery
     That departure is the user's first change after ``at`` when its entry is no later (or pruned).
 
     Both read membership_changes from its indexes alone (migration 0014). SQLite looks each
-    entry up along (audience, user, id), 0.4 s of CPU for 290,000 departures. On PostgreSQL the
+    entry up along (audience, user, id), 0.6 s of CPU for 290,000 departures. On PostgreSQL the
     same lookup as a subquery runs once per departure, serially, so there it is a join, the last
     entry before each departure kept by DISTINCT ON: the planner may then hash the entries or
-    split the lookups among parallel workers (1.5 s against 4.4 s for 290,000, EXPLAIN ANALYZE).
+    split the lookups among parallel workers (1.5 s against 4.4 s for 290,000 under load, EXPLAIN
+    ANALYZE; end to end the gain was smaller, docs/analysts.md).
     """
     c, e = membership_changes.alias("c"), membership_changes.alias("e")
     after = sa.and_(c.c.audience_id == audience_id, c.c.at > at, c.c.change == "left")
