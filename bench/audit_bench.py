@@ -25,8 +25,11 @@ What is measured, each in a fresh subprocess, so that its peak RSS (VmHWM) is it
 
 * members --at: ``audit.members`` at three instants (after cycle 1: all the history after it;
   after 15; after 29), rows streamed and counted, against the baseline of a plain export of the
-  current members (one indexed scan of ``memberships``). Also the forward form (each user's last
-  change up to the instant), which is not exact after a prune: kept only for comparison.
+  current members (one indexed scan of ``memberships``). --repeat rounds (3), each the export then
+  the three instants, so that each ratio compares measures a minute apart: the table shows the
+  median times and, in the note, the median and range of the rounds' ratios. Also, once, the
+  forward form (each user's last change up to the instant), which is not exact after a prune:
+  kept only for comparison.
 * user: ``audit.timeline`` of 20 users (10 who churned, with several changes and calls, 10 who
   never did), median and worst, against a primary-key lookup of the same users' memberships.
 * CLI csv: the real ``audiencesync audit members KEY --at T --format csv`` in a subprocess,
@@ -35,8 +38,17 @@ What is measured, each in a fresh subprocess, so that its peak RSS (VmHWM) is it
 
 Each answer is checked (the number of members and the sum of their numbers at each instant, the
 changes and calls of each sampled user): a mismatch is printed under the table and the exit
-status is 1. Targets: members --at under 5 s, user under 100 ms, CLI csv under 150 MB. The
-machine is shared and noisy: read the ratios to the baselines measured in the same run.
+status is 1. Targets: members --at under 5 s and within 1.2x of the plain export (the median
+ratio), user under 100 ms, CLI csv under 150 MB. The machine is shared and noisy: read the
+ratios to the baselines measured in the same run.
+
+Measured at 1M members under ``nice -n 19``: members --at after cycle 1 / 15 / 29 against the
+plain export, the median of 3 same-round ratios. With the rounds alternating the store before
+migration 0014 (with the query of then) and after it: SQLite 1.56 / 1.32 / 0.98 before, 1.36 /
+1.26 / 0.95 after (load average 6-10 on 2 cores); PostgreSQL 1.66 / 1.36 / 1.08 before, 1.54 /
+1.33 / 1.21 after (load 2-4). This bench after 0014: SQLite 1.29 / 1.09 / 0.86, PostgreSQL
+1.47 / 1.35 / 1.01. The 1.2x target is met only for recent instants: docs/analysts.md says
+what is left.
 """
 
 from __future__ import annotations
@@ -72,6 +84,7 @@ CYCLE = timedelta(hours=2)
 CHECKPOINTS = (1, 15, 29)  # members are asked for half an hour after these cycles
 RETRIED = 50  # one call in RETRIED is answered 503 first, then retried
 ENV_POSTGRES = "AUDIENCESYNC_BENCH_POSTGRES_URL"
+RATIO_TARGET = 1.2  # members --at against the plain export of the current members (issue 24)
 
 
 def cycle_time(k: int) -> datetime:
@@ -470,26 +483,59 @@ def write_config(path: Path, url: str) -> Path:
     return path
 
 
+def median_figures(runs: list[Figures]) -> Figures:
+    """The median time of several runs of one measure, and the highest peak RSS among them."""
+    return {
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "rss_mb": max(r["rss_mb"] for r in runs),
+        "count": runs[0]["count"],
+    }
+
+
 def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str]]:
     rows: list[Row] = []
     problems: list[str] = []
     built = run_phase("build", url, json.dumps([args.members, args.cycles, args.churn]))
     note = f"{built['members']:,} members, {built['changes']:,} changes, {built['calls']:,} calls"
     rows.append(row(f"{name}: build the store", built, None, note))
-    scan = run_phase("members", url, "scan", "")
-    if (scan["count"], scan["sum"]) != (built["now"]["count"], built["now"]["sum"]):
-        problems.append(f"{name}: the current members are not what was built: {scan}")
+    # Each round measures the plain export, then each instant: a ratio compares two measures of
+    # the same round (a minute apart), and the median of the rounds' ratios is the figure.
+    scans: list[Figures] = []
+    backward: dict[str, list[Figures]] = {at: [] for at in built["checkpoints"]}
+    for _ in range(args.repeat):
+        scans.append(run_phase("members", url, "scan", ""))
+        for at in built["checkpoints"]:
+            backward[at].append(run_phase("members", url, "backward", at))
+    for scan in scans:
+        if (scan["count"], scan["sum"]) != (built["now"]["count"], built["now"]["sum"]):
+            problems.append(f"{name}: the current members are not what was built: {scan}")
+    base = median_figures(scans)
     worst = 0.0
     for at, expected in built["checkpoints"].items():
         label = at[5:16].replace("T", " ")
-        for form in ("backward", "forward"):
-            got = run_phase("members", url, form, at)
+        for got in backward[at]:
             if (got["count"], got["sum"]) != (expected["count"], expected["sum"]):
-                problems.append(f"{name}: members at {at} ({form}): {got}, expected {expected}")
-            if form == "backward":
-                worst = max(worst, got["seconds"])
-            note = f"{got['count']:,} members" + ("" if form == "backward" else "; not exact after a prune")
-            rows.append(row(f"{name}: members --at {label} ({form})", got, scan, note))
+                problems.append(f"{name}: members at {at} (backward): {got}, expected {expected}")
+        ratios = sorted(
+            got["seconds"] / scan["seconds"] for got, scan in zip(backward[at], scans, strict=True)
+        )
+        ratio = statistics.median(ratios)
+        got = median_figures(backward[at])
+        worst = max(worst, got["seconds"])
+        if ratio > RATIO_TARGET and args.members >= 1_000_000:  # the target is set at 1M; ms are noise
+            problems.append(
+                f"{name}: members --at {label}: {ratio:.2f}x the plain export (target {RATIO_TARGET}x)"
+            )
+        spread = f"; median of {len(ratios)} same-round ratios {ratio:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+        rows.append(
+            row(f"{name}: members --at {label} (backward)", got, base, f"{got['count']:,} members" + spread)
+        )
+        forward = run_phase("members", url, "forward", at)
+        if (forward["count"], forward["sum"]) != (expected["count"], expected["sum"]):
+            problems.append(f"{name}: members at {at} (forward): {forward}, expected {expected}")
+        rows.append(
+            row(f"{name}: members --at {label} (forward)", forward, scans[-1], "not exact after a prune")
+        )
     if worst >= 5:
         problems.append(f"{name}: members --at took {worst:.2f} s (target under 5 s)")
 
@@ -538,6 +584,9 @@ def main() -> int:
     parser.add_argument("--members", type=int, default=1_000_000)
     parser.add_argument("--cycles", type=int, default=30)
     parser.add_argument("--churn", type=float, default=0.01, help="share of the members who leave each cycle")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds of the members measures, whose median ratio is shown"
+    )
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -553,6 +602,8 @@ def main() -> int:
         print(json.dumps(figures))
         return 0
 
+    if args.repeat < 1:
+        parser.error("--repeat at least 1")
     if args.members < 100 or args.cycles < max(CHECKPOINTS) + 1 or not 0 < args.churn < 0.5:
         parser.error(f"--members at least 100, --cycles at least {max(CHECKPOINTS) + 1}, --churn in (0, 0.5)")
     stores = {"sqlite": ""}

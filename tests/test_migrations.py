@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from alembic import command
 
-from audiencesync.store import database, store as store_mod
+from audiencesync.store import audit, database, store as store_mod
 from audiencesync.store.utc_time import UtcDateTime
 
 T1 = datetime(2026, 11, 30, 10, 0, 0, tzinfo=UTC)
@@ -176,4 +176,80 @@ def test_0006_events_adds_an_empty_outbox_and_nothing_is_owed(store_url: str) ->
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM sync_runs")).scalar_one() == 1
         assert "events" not in sa.inspect(conn).get_table_names()
+    engine.dispose()
+
+
+def test_0014_makes_the_change_indexes_covering_and_the_members_at_an_instant_stay_exact(
+    store_url: str,
+) -> None:
+    t = [T1 + timedelta(hours=h) for h in range(6)]  # t[1]..t[5]
+    engine = store_mod.create_engine(store_url, create=True)
+    with engine.begin() as conn:
+        command.upgrade(database._alembic_config(conn), "0013_pending_since")
+        conn.execute(
+            _at("INSERT INTO audiences (id, key, name, created_at) VALUES (1, 'a', 'A', :t1)"), {"t1": T1}
+        )
+        for run in range(1, 6):
+            conn.execute(
+                _at(
+                    "INSERT INTO sync_runs (id, cycle_id, audience_id, mode, status, started_at) "
+                    f"VALUES ({run}, 'c{run}', 1, 'incremental', 'succeeded', :t1)"
+                ),
+                {"t1": t[run]},
+            )
+        # u1 enters, leaves, comes back; u2 enters, gets a new value, leaves; u3 enters and
+        # stays; u4's entry was pruned, so its departure is its first change.
+        changes = [
+            ("u1", 1, "entered"),
+            ("u2", 1, "entered"),
+            ("u3", 1, "entered"),
+            ("u2", 2, "changed"),
+            ("u1", 3, "left"),
+            ("u2", 4, "left"),
+            ("u4", 4, "left"),
+            ("u1", 5, "entered"),
+        ]
+        for user, run, change in changes:
+            conn.execute(
+                _at(
+                    "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "
+                    f"VALUES (1, '{user}', {run}, '{change}', :t1)"
+                ),
+                {"t1": t[run]},
+            )
+        for user, run in (("u1", 5), ("u3", 1)):
+            conn.execute(
+                _at(
+                    "INSERT INTO memberships (audience_id, user_id, desired, acked, changed_at) "
+                    f"VALUES (1, '{user}', true, true, :t1)"
+                ),
+                {"t1": t[run]},
+            )
+    store_mod.upgrade(engine)
+
+    def indexes() -> set[str]:
+        with engine.connect() as conn:
+            return {str(i["name"]) for i in sa.inspect(conn).get_indexes("membership_changes")}
+
+    assert {
+        "ix_membership_changes_audience_id_at_change_user_id_id",
+        "ix_membership_changes_audience_id_user_id_id_at_change",
+    } <= indexes()
+    half = timedelta(minutes=30)
+    expected = {
+        t[2] + half: [("u1", t[1]), ("u2", t[1]), ("u3", t[1]), ("u4", None)],
+        t[3] + half: [("u2", t[1]), ("u3", t[1]), ("u4", None)],
+        t[5] + half: [("u1", t[5]), ("u3", t[1])],
+    }
+    with audit.snapshot(engine) as conn:
+        assert {at: [tuple(r) for r in audit.members(conn, 1, at)] for at in expected} == expected
+
+    with engine.begin() as conn:
+        command.downgrade(database._alembic_config(conn), "0013_pending_since")
+    assert {
+        "ix_membership_changes_audience_id_at",
+        "ix_membership_changes_audience_id_user_id_id_at",
+    } <= indexes()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM membership_changes")).scalar_one() == len(changes)
     engine.dispose()

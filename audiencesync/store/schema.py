@@ -198,6 +198,9 @@ sync_runs = sa.Table(
     sa.Index("ix_sync_runs_audience_id_started_at", "audience_id", "started_at"),
 )
 
+_CHANGES_BY_USER = ("audience_id", "user_id", "id", "at", "change")
+_CHANGES_BY_TIME = ("audience_id", "at", "change", "user_id", "id")
+
 membership_changes = sa.Table(
     "membership_changes",
     metadata,
@@ -209,11 +212,12 @@ membership_changes = sa.Table(
     # The new value (canonical JSON) of an entry or a change; NULL for a departure.
     sa.Column("value", sa.Text, nullable=True),
     sa.Column("at", UtcDateTime, nullable=False),
-    # A user's change before or after another, by id, from the index alone: the members
-    # at an instant read the one before each departure since.
-    sa.Index("ix_membership_changes_audience_id_user_id_id_at", "audience_id", "user_id", "id", "at"),
-    # Members at an instant read the changes after it; a user's timeline reads theirs.
-    sa.Index("ix_membership_changes_audience_id_at", "audience_id", "at"),
+    # A user's change before or after another, by id, from the index alone (its kind too): the
+    # members at an instant read the entry before each departure since (0014).
+    sa.Index("ix_membership_changes_audience_id_user_id_id_at_change", *_CHANGES_BY_USER),
+    # Members at an instant read the departures after it from the index alone (0014).
+    sa.Index("ix_membership_changes_audience_id_at_change_user_id_id", *_CHANGES_BY_TIME),
+    # A user's timeline reads theirs.
     sa.Index("ix_membership_changes_user_id_at", "user_id", "at"),
 )
 
