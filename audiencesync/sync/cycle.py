@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -118,15 +119,18 @@ class Syncer:
         *,
         full: bool = False,
         dry_run: bool = False,
-        show_calls: Callable[[Iterator[PlannedCall | PlannedTrack]], object] | None = None,
+        show_calls: Callable[[Iterator[Any]], object] | None = None,
         progress: Callable[[int], Progress] | None = None,
         allow_removals: bool = False,
         stop: threading.Event | None = None,
+        rows: bool = False,
     ) -> CycleReport:
         """Refresh then deliver the selected audiences (all but the paused when ``keys`` is None).
 
         ``show_calls`` gets the dry run's calls as they are read from the plan
-        (the rest are still counted if it stops early). ``progress`` is called
+        (the rest are still counted if it stops early): ``PlannedCall`` and ``PlannedTrack``, and
+        with ``rows`` blocks of plain calls as the plan's rows (``PlannedRows``) instead of a
+        ``PlannedCall`` each. ``progress`` is called
         with the number of calls to make and returns a callback for each call done.
         ``allow_removals`` releases the mass-removal guard for this cycle.
         """
@@ -144,7 +148,9 @@ class Syncer:
                 property_keys=self.property_keys,
                 push=self.sources.push_down,
             )
-            planner.plan(report, selected, full=full, allow_removals=allow_removals, show=show_calls)
+            planner.plan(
+                report, selected, full=full, allow_removals=allow_removals, show=show_calls, rows=rows
+            )
             for audience_report in report.audiences:
                 log.info("%s", audience_report.summary())
             return report
