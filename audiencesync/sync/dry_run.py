@@ -14,6 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -269,7 +270,7 @@ class DryRun:
                 if config.kind == "trait" or fields.has_fields:
                     stage_mod.load_values(conn, stage, batch)
                 else:  # no values to keep: the plain insert is about twice as fast
-                    stage_mod.load_batch(conn, stage, [user_id for user_id, _ in batch])
+                    stage_mod.load_batch(conn, stage, list(map(itemgetter(0), batch)))
             members = stage_mod.seal_stage(conn, stage)
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
