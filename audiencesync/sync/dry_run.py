@@ -14,8 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from operator import itemgetter
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -98,7 +97,8 @@ class Listing:
 class DryRun:
     """Plans a cycle of the selected properties. Seams: the store, and the syncer's reads.
 
-    ``read`` gives a property's batches as (id, value) pairs; ``event_names``
+    ``read`` gives a property's batches as (id, value) pairs (ids alone for an audience with no
+    field columns: ``FieldReader.has_fields`` false once read); ``event_names``
     its events' names, or None when it has none; ``push`` loads the stage inside
     the store instead, where it can (``Sources.push_down``).
     """
@@ -108,7 +108,10 @@ class DryRun:
         config: Config,
         store: Store,
         *,
-        read: Callable[[AudienceConfig, ReadStats, FieldReader], Iterator[list[tuple[str, str | None]]]],
+        read: Callable[
+            [AudienceConfig, ReadStats, FieldReader],
+            Iterator[list[tuple[str, str | None]]] | Iterator[list[str]],
+        ],
         event_names: Callable[[AudienceConfig], EventNames | None],
         property_keys: Sequence[str],
         push: Callable[[AudienceConfig, Connection, str, ReadStats], bool] | None = None,
@@ -268,9 +271,9 @@ class DryRun:
             pushed = self.push is not None and self.push(config, conn, stage, stats)
             for batch in () if pushed else self.read(config, stats, fields):
                 if config.kind == "trait" or fields.has_fields:
-                    stage_mod.load_values(conn, stage, batch)
-                else:  # no values to keep: the plain insert is about twice as fast
-                    stage_mod.load_batch(conn, stage, list(map(itemgetter(0), batch)))
+                    stage_mod.load_values(conn, stage, cast("list[tuple[str, str | None]]", batch))
+                else:  # no field columns: ids alone, and the plain insert is about twice as fast
+                    stage_mod.load_batch(conn, stage, cast("list[str]", batch))
             members = stage_mod.seal_stage(conn, stage)
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
