@@ -111,7 +111,7 @@ def _json_value(value: object) -> object:
     return str(value)  # Decimal, UUID...: as the database would print them
 
 
-def _csv_value(value: object) -> object:
+def csv_value(value: object) -> object:
     if isinstance(value, bool):
         return "true" if value else "false"  # as JSON writes them, not Python's True
     return "" if value is None else _json_value(value)
@@ -123,12 +123,12 @@ def _write_csv(out: IO[str], columns: Sequence[str], rows: Iterable[Row]) -> int
     writer.writerow(columns)
     count = 0
     for count, row in enumerate(rows, 1):
-        writer.writerow([_csv_value(v) for v in _checked(columns, row)])
+        writer.writerow([csv_value(v) for v in _checked(columns, row)])
         _flush_now_and_then(out, count)
     return count
 
 
-def _object(columns: Sequence[str], row: Row) -> str:
+def json_object(columns: Sequence[str], row: Row) -> str:
     return json.dumps({c: _json_value(v) for c, v in zip(columns, _checked(columns, row), strict=True)})
 
 
@@ -137,7 +137,7 @@ def _write_json(out: IO[str], columns: Sequence[str], rows: Iterable[Row]) -> in
     out.write("[")
     count = 0
     for count, row in enumerate(rows, 1):
-        out.write(("\n" if count == 1 else ",\n") + _object(columns, row))
+        out.write(("\n" if count == 1 else ",\n") + json_object(columns, row))
         _flush_now_and_then(out, count)
     out.write("\n]\n" if count else "]\n")
     return count
@@ -146,6 +146,6 @@ def _write_json(out: IO[str], columns: Sequence[str], rows: Iterable[Row]) -> in
 def _write_jsonl(out: IO[str], columns: Sequence[str], rows: Iterable[Row]) -> int:
     count = 0
     for count, row in enumerate(rows, 1):
-        out.write(_object(columns, row) + "\n")
+        out.write(json_object(columns, row) + "\n")
         _flush_now_and_then(out, count)
     return count

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import IO, Any, TypeVar
 
 from tqdm import tqdm
 
 from audiencesync.alerts.alerts import Alerts
 from audiencesync.cli.ask import ask_daemon
+from audiencesync.cli.call_listing import write_calls
 from audiencesync.cli.formats import write_rows
 from audiencesync.cli.output import (
     EXIT_GLEAP_DOWN,
@@ -41,7 +41,7 @@ from audiencesync.gleap.api import identify_url, track_url
 from audiencesync.refresh.sources import Sources
 from audiencesync.store import store
 from audiencesync.store.lease import WriterLease
-from audiencesync.sync.cycle import CycleReport, PlannedCall, PlannedTrack, Syncer
+from audiencesync.sync.cycle import CycleReport, Syncer
 from audiencesync.sync.dry_run import Listing
 
 T = TypeVar("T")
@@ -240,13 +240,10 @@ def _run_cycle(
             args.audiences,
             full=args.full,
             dry_run=args.dry_run,
-            show_calls=lambda calls: write_rows(
-                sys.stdout,
-                args.format,
-                CALL_COLUMNS,
-                _call_rows((listing or Listing(None)).take(calls)),
-                layout=CALL_LAYOUT,
+            show_calls=lambda calls: write_calls(
+                sys.stdout, args.format, (listing or Listing(None)).take(calls)
             ),
+            rows=True,  # the plain calls as the plan's rows: written a block at a time
             progress=progress_bar if sys.stderr.isatty() else None,
             allow_removals=args.allow_removals,
             stop=interrupt.stop,
@@ -264,25 +261,6 @@ def progress_bar(total: int) -> Progress:
             bar.close()
 
     return tick
-
-
-# A call's rows share its number: POST to the identify URL with {"userId": user_id, audience: value...}.
-CALL_COLUMNS = ("call", "user_id", "audience", "value")
-CALL_LAYOUT = Layout(keep=("call", "user_id", "audience"))
-
-
-def _call_rows(calls: Iterable[PlannedCall | PlannedTrack]) -> Iterator[tuple[object, ...]]:
-    for number, call in enumerate(calls, 1):
-        if isinstance(call, PlannedTrack):
-            # A track call's rows: one per event, its name as the value (see the README).
-            for event in call.events:
-                data = event["data"]
-                assert isinstance(data, dict)
-                yield number, event["userId"], data["audience_key"], event["name"]
-            continue
-        for audience, value in call.attributes.items():
-            # lastPageView is an object: shown as the JSON it is sent as.
-            yield number, call.user_id, audience, json.dumps(value) if isinstance(value, dict) else value
 
 
 SUMMARY_COLUMNS = (

@@ -114,7 +114,12 @@ class Sources:
         yield from self._read(audience, stats, None)  # type: ignore[misc]
 
     def read_values(
-        self, audience: AudienceConfig, stats: ReadStats, reader: ValueReader = trait_values
+        self,
+        audience: AudienceConfig,
+        stats: ReadStats,
+        reader: ValueReader = trait_values,
+        *,
+        ids_alone: bool = False,
     ) -> Iterator[list[tuple[str, str | None]]]:
         """Yield batches of (canonical user id, value JSON or None) from the query.
 
@@ -124,11 +129,15 @@ class Sources:
         A row whose value can't be sent (``values.UnsupportedValue``) is skipped
         and counted, with samples, in ``stats``; the read goes on. Every check
         of ``read_ids`` holds (bad ids, timeouts, cancelling).
+
+        ``ids_alone``: an audience whose query has no value columns (``reader`` gives
+        ``values.no_value``) is read as ``read_ids`` reads it, ids alone rather than (id, None)
+        pairs that the caller would take apart again (a million tuples in a first sync).
         """
-        yield from self._read(audience, stats, reader)  # type: ignore[misc]
+        yield from self._read(audience, stats, reader, ids_alone)  # type: ignore[misc]
 
     def _read(
-        self, audience: AudienceConfig, stats: ReadStats, reader: ValueReader | None
+        self, audience: AudienceConfig, stats: ReadStats, reader: ValueReader | None, ids_alone: bool = False
     ) -> Iterator[list[str] | list[tuple[str, str | None]]]:
         source = self._configs[audience.source]
         _refuse_missing_file(audience, source)
@@ -140,7 +149,7 @@ class Sources:
                 exc.problem, audience=audience.key, source=source.name, kind=audience.kind
             ) from None
         with self._guarded(audience, source, engine.connect) as conn:
-            yield from self._stream(conn, audience, source, stats, deadline, reader)
+            yield from self._stream(conn, audience, source, stats, deadline, reader, ids_alone)
 
     def pushable(self, audience: AudienceConfig, conn: Connection) -> bool:
         """Whether the audience's query can run inside the store ``conn`` is connected to
@@ -239,6 +248,7 @@ class Sources:
         stats: ReadStats,
         deadline: float,
         reader: ValueReader | None = None,
+        ids_alone: bool = False,
     ) -> Iterator[list[str] | list[tuple[str, str | None]]]:
         result = conn.execution_options(stream_results=True, yield_per=self.batch_size).execute(
             sa.text(audience.query)
@@ -262,6 +272,8 @@ class Sources:
                     str(exc), audience=audience.key, source=source.name, kind=audience.kind
                 ) from None
         keep_none = audience.kind != "trait"  # an audience member with no fields is still a member
+        if ids_alone and keep_none and value_of is values.no_value:
+            value_of = None  # no value columns: ids alone, as read_ids gives them
         for partition in result.partitions(self.batch_size):
             # Drivers that can't be cancelled are still stopped between batches.
             if self.cancelled.is_set():

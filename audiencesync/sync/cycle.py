@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import httpx
 
@@ -118,15 +119,18 @@ class Syncer:
         *,
         full: bool = False,
         dry_run: bool = False,
-        show_calls: Callable[[Iterator[PlannedCall | PlannedTrack]], object] | None = None,
+        show_calls: Callable[[Iterator[Any]], object] | None = None,
         progress: Callable[[int], Progress] | None = None,
         allow_removals: bool = False,
         stop: threading.Event | None = None,
+        rows: bool = False,
     ) -> CycleReport:
         """Refresh then deliver the selected audiences (all but the paused when ``keys`` is None).
 
         ``show_calls`` gets the dry run's calls as they are read from the plan
-        (the rest are still counted if it stops early). ``progress`` is called
+        (the rest are still counted if it stops early): ``PlannedCall`` and ``PlannedTrack``, and
+        with ``rows`` blocks of plain calls as the plan's rows (``PlannedRows``) instead of a
+        ``PlannedCall`` each. ``progress`` is called
         with the number of calls to make and returns a callback for each call done.
         ``allow_removals`` releases the mass-removal guard for this cycle.
         """
@@ -144,7 +148,9 @@ class Syncer:
                 property_keys=self.property_keys,
                 push=self.sources.push_down,
             )
-            planner.plan(report, selected, full=full, allow_removals=allow_removals, show=show_calls)
+            planner.plan(
+                report, selected, full=full, allow_removals=allow_removals, show=show_calls, rows=rows
+            )
             for audience_report in report.audiences:
                 log.info("%s", audience_report.summary())
             return report
@@ -275,20 +281,25 @@ class Syncer:
         """
         if valued(config):
             return self.sources.read_values(config, stats), True
-        pairs = self.sources.read_values(config, stats, fields)
-        first = next(pairs, None)  # the query's columns are known from here
-        batches = itertools.chain([first] if first is not None else [], pairs)
-        if fields.has_fields or self.store.holds_fields(audience.id):
+        read = self.sources.read_values(config, stats, fields, ids_alone=True)
+        first = next(read, None)  # the query's columns are known from here
+        batches = itertools.chain([first] if first is not None else [], read)
+        if fields.has_fields:
             return batches, True
-        return ([user_id for user_id, _ in batch] for batch in batches), False
+        ids = cast("Iterator[list[str]]", batches)  # no field columns: ids alone (ids_alone)
+        if self.store.holds_fields(audience.id):  # the stored fields are diffed away
+            pairs: Iterator[list[tuple[str, str | None]]] = ([(i, None) for i in batch] for batch in ids)
+            return pairs, True
+        return ids, False
 
     def read_planned(
         self, config: AudienceConfig, stats: ReadStats, fields: FieldReader
-    ) -> Iterator[list[tuple[str, str | None]]]:
-        """The dry run's batches: always (id, value) pairs, a trait's value or an audience's fields."""
+    ) -> Iterator[list[tuple[str, str | None]]] | Iterator[list[str]]:
+        """The dry run's batches: (id, value) pairs, a trait's value or an audience's fields; or
+        ids alone, for an audience whose query has no field columns (``fields.has_fields`` false)."""
         if valued(config):
             return self.sources.read_values(config, stats)
-        return self.sources.read_values(config, stats, fields)
+        return self.sources.read_values(config, stats, fields, ids_alone=True)
 
     def finish(
         self,

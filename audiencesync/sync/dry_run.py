@@ -14,7 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -31,14 +31,16 @@ from audiencesync.store import stage as stage_mod
 from audiencesync.store.events import EventNames
 from audiencesync.store.schema import audiences
 from audiencesync.store.store import Store, empty_store, schema_revisions
-from audiencesync.sync import plan, plan_calls, plan_events
+from audiencesync.sync import plan, plan_calls, plan_events, plan_listing
 from audiencesync.sync.reports import (
     AudienceReport,
     CycleReport,
     PlannedCall,
+    PlannedRows,
     PlannedTrack,
     count_refresh,
     counted,
+    counted_rows,
     note_fields,
     tracks,
 )
@@ -64,8 +66,21 @@ class Listing:
         return cls(LISTED_ON_A_TERMINAL if table and terminal and not all_calls else None)
 
     def take(self, calls: Iterable[T]) -> Iterator[T]:
-        """The calls to list, counted; what it leaves unread, ``DryRun.plan`` still reads and counts."""
-        for call in calls if self.limit is None else itertools.islice(calls, self.limit):
+        """The calls to list, counted; what it leaves unread, ``DryRun.plan`` still reads and counts.
+
+        A block of plain calls' rows (``PlannedRows``) counts as the calls it holds, and is cut
+        to the calls the limit leaves room for.
+        """
+        calls = iter(calls)
+        while self.limit is None or self.listed < self.limit:
+            call = next(calls, None)
+            if call is None:
+                return
+            if isinstance(call, PlannedRows):
+                block = _first_calls(call, None if self.limit is None else self.limit - self.listed)
+                self.listed += block.calls
+                yield block  # type: ignore[misc]  # a T: a PlannedRows (cut)
+                continue
             self.listed += 1
             yield call
 
@@ -82,7 +97,8 @@ class Listing:
 class DryRun:
     """Plans a cycle of the selected properties. Seams: the store, and the syncer's reads.
 
-    ``read`` gives a property's batches as (id, value) pairs; ``event_names``
+    ``read`` gives a property's batches as (id, value) pairs (ids alone for an audience with no
+    field columns: ``FieldReader.has_fields`` false once read); ``event_names``
     its events' names, or None when it has none; ``push`` loads the stage inside
     the store instead, where it can (``Sources.push_down``).
     """
@@ -92,7 +108,10 @@ class DryRun:
         config: Config,
         store: Store,
         *,
-        read: Callable[[AudienceConfig, ReadStats, FieldReader], Iterator[list[tuple[str, str | None]]]],
+        read: Callable[
+            [AudienceConfig, ReadStats, FieldReader],
+            Iterator[list[tuple[str, str | None]]] | Iterator[list[str]],
+        ],
         event_names: Callable[[AudienceConfig], EventNames | None],
         property_keys: Sequence[str],
         push: Callable[[AudienceConfig, Connection, str, ReadStats], bool] | None = None,
@@ -111,9 +130,14 @@ class DryRun:
         *,
         full: bool,
         allow_removals: bool,
-        show: Callable[[Iterator[PlannedCall | PlannedTrack]], object] | None,
+        show: Callable[[Iterator[Any]], object] | None,
+        rows: bool = False,
     ) -> None:
-        """Plan the calls a sync would make now and hand them to ``show``, writing nothing to the store."""
+        """Plan the calls a sync would make now and hand them to ``show``, writing nothing to the store.
+
+        ``rows``: ``show`` takes the plain calls as blocks of the plan's rows (``PlannedRows``,
+        read by the store: a listing's fast path) rather than one ``PlannedCall`` each.
+        """
         current, head = schema_revisions(self.store.engine)
         engine = self.store.engine
         if current is None:
@@ -155,9 +179,15 @@ class DryRun:
                 field_winners.add_to_plan(conn, table, field_winners.planned_rows(conn, order, drained))
                 size = self.config.gleap.track_batch_size
                 conflicts: Counter[str] = Counter()  # per losing audience, as the delivery counts them
-                identify = counted(report, plan_calls.planned_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))
+                identify: Iterator[PlannedCall | PlannedRows] = (
+                    counted_rows(report, plan_listing.listed_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))
+                    if rows
+                    else counted(report, plan_calls.planned_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))
+                )
                 planned_tracks = tracks(report, plan_events.planned_events(conn, event_table), size)
-                calls: Iterator[PlannedCall | PlannedTrack] = itertools.chain(identify, planned_tracks)
+                calls: Iterator[PlannedCall | PlannedRows | PlannedTrack] = itertools.chain(
+                    identify, planned_tracks
+                )
                 if show is not None:
                     show(calls)
                 for _ in calls:  # what show left unread still counts
@@ -241,9 +271,9 @@ class DryRun:
             pushed = self.push is not None and self.push(config, conn, stage, stats)
             for batch in () if pushed else self.read(config, stats, fields):
                 if config.kind == "trait" or fields.has_fields:
-                    stage_mod.load_values(conn, stage, batch)
-                else:  # no values to keep: the plain insert is about twice as fast
-                    stage_mod.load_batch(conn, stage, [user_id for user_id, _ in batch])
+                    stage_mod.load_values(conn, stage, cast("list[tuple[str, str | None]]", batch))
+                else:  # no field columns: ids alone, and the plain insert is about twice as fast
+                    stage_mod.load_batch(conn, stage, cast("list[str]", batch))
             members = stage_mod.seal_stage(conn, stage)
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
@@ -283,6 +313,19 @@ class DryRun:
                 plan.add_staged_fields(conn, table, rank=rank, key=config.key, stage=stage)
         stage_mod.drop_stage(conn, stage)
         return report
+
+
+def _first_calls(block: PlannedRows, room: int | None) -> PlannedRows:
+    """The block's rows of its first ``room`` calls (None: all of them)."""
+    if room is None or block.calls <= room:
+        return block
+    starts, previous = 0, block.rows[0][0] if block.continues else None
+    for end, (user_id, _, _) in enumerate(block.rows):
+        if user_id != previous:
+            if starts == room:
+                return PlannedRows(block.rows[:end], room, block.continues)
+            starts, previous = starts + 1, user_id
+    return block
 
 
 def _audience_id(conn: Connection, key: str) -> int | None:

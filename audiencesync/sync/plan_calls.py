@@ -22,7 +22,12 @@ from audiencesync.store.outcomes import PendingChange
 
 
 def planned_calls(
-    conn: Connection, plan: str, max_keys: int, conflicts: Counter[str] | None = None
+    conn: Connection,
+    plan: str,
+    max_keys: int,
+    conflicts: Counter[str] | None = None,
+    *,
+    only: str | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(user id, attributes) per call, built as the delivery builds them (``identify_calls``):
     a user's planned values with their winning fields, at most ``max_keys`` custom keys a call.
@@ -31,11 +36,16 @@ def planned_calls(
 
     The plan and the members' fields are both streamed in user order and walked
     side by side, so the plan is never held in memory.
+
+    ``only``: a table of the users to build the calls of (``store.plan_rows.python_users``: the
+    listing reads the others' from the plan as rows); None for every planned user.
     """
     stream = {"stream_results": True, "yield_per": 10_000}
+    chosen = f" WHERE user_id IN (SELECT user_id FROM {only})" if only is not None else ""
     rows = conn.execute(
         text(
-            f"SELECT user_id, key, kind, value, data, acked_data, unknown FROM {plan} ORDER BY user_id, key"
+            f"SELECT user_id, key, kind, value, data, acked_data, unknown FROM {plan}{chosen} "
+            "ORDER BY user_id, key"
         ),
         execution_options=stream,
     )
@@ -45,13 +55,13 @@ def planned_calls(
     streams = (
         [
             conn.execute(
-                text(f"SELECT user_id, key, data FROM {plan}_fields ORDER BY user_id, rank"),
+                text(f"SELECT user_id, key, data FROM {plan}_fields{chosen} ORDER BY user_id, rank"),
                 execution_options=stream,
             ),
             conn.execute(
                 text(
                     "SELECT c.user_id, c.field, c.value FROM contact_fields c WHERE c.user_id IN "
-                    f"(SELECT user_id FROM {plan}) ORDER BY c.user_id{collate}"
+                    f"(SELECT user_id FROM {only or plan}) ORDER BY c.user_id{collate}"
                 ),
                 execution_options=stream,
             ),

@@ -92,6 +92,21 @@ class PlannedTrack:
     events: list[dict[str, object]]  # gleap.track_event()s, in the order they would go
 
 
+@dataclass(frozen=True)
+class PlannedRows:
+    """Plain identify calls (a user's audiences' booleans alone) as the plan's rows, read by the
+    store (``store.plan_rows``) rather than built as ``PlannedCall``s: (user id, key, value) in
+    user order, a call per user, a row per key, as the listing shows a call's attributes.
+
+    ``calls``: the users whose first row is here; ``continues``: the first row's user's call began
+    in the block before (a user's rows may span two blocks).
+    """
+
+    rows: list[tuple[str, str, Any]]
+    calls: int
+    continues: bool = False
+
+
 @dataclass
 class CycleReport:
     cycle_id: str
@@ -128,6 +143,15 @@ def counted(report: CycleReport, planned: Iterator[tuple[str, dict[str, Any]]]) 
     for user_id, attributes in planned:
         report.calls += 1
         yield PlannedCall(user_id, attributes)
+
+
+def counted_rows(
+    report: CycleReport, planned: Iterator[PlannedCall | PlannedRows]
+) -> Iterator[PlannedCall | PlannedRows]:
+    """``counted`` for a listing that takes the plain calls as rows: a block counts its calls."""
+    for call in planned:
+        report.calls += call.calls if isinstance(call, PlannedRows) else 1
+        yield call
 
 
 def tracks(
