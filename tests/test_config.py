@@ -79,7 +79,10 @@ def test_config_path_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
         (AUDIENCE + 'key = "plan"\n', ["contact field 'plan'"]),
         (AUDIENCE.replace('query = "SELECT user_id FROM t"', 'query = "  "'), ["the query is empty"]),
         (AUDIENCE + "[gleap]\nmax_concurrency = 0\n", ["[gleap].max_concurrency", "greater than zero"]),
-        (AUDIENCE + '[gleap]\nrequests_per_minute = "fast"\n', ["must be a int"]),
+        (
+            AUDIENCE + '[gleap]\nrequests_per_minute = "fast"\n',
+            ["must be an integer, not a string", "(without quotes)"],
+        ),
         (AUDIENCE + '[gleap]\nbase_url = "api.gleap.io"\n', ["http(s) URL"]),
         (AUDIENCE + "[extra]\nx = 1\n", ["unknown key 'extra'"]),
         (AUDIENCE + "[sources.other]\n", ["'url' is required", "[sources.other]"]),
@@ -255,17 +258,23 @@ def test_new_settings_defaults(tmp_path: Path) -> None:
     ("extra", "expected"),
     [
         ("[store]\nbusy_timeout_seconds = 0\n", ["[store].busy_timeout_seconds", "greater than zero"]),
-        ('[store]\nbusy_timeout_seconds = "30s"\n', ["[store].busy_timeout_seconds", "must be a float"]),
-        ('[gleap]\nprevent_last_activity_update = "no"\n', ["prevent_last_activity_update", "bool"]),
+        (
+            '[store]\nbusy_timeout_seconds = "30s"\n',
+            ["[store].busy_timeout_seconds", "must be a number, not"],
+        ),
+        (
+            '[gleap]\nprevent_last_activity_update = "no"\n',
+            ["prevent_last_activity_update", "must be true or false"],
+        ),
         ("[gleap]\nbreaker_failures = 0\n", ["[gleap].breaker_failures", "greater than zero"]),
-        ("[gleap]\nbreaker_failures = 2.5\n", ["[gleap].breaker_failures", "must be a int"]),
+        ("[gleap]\nbreaker_failures = 2.5\n", ["[gleap].breaker_failures", "must be an integer, not a"]),
         ("[gleap]\nbreaker_trial_calls = 0\n", ["[gleap].breaker_trial_calls", "greater than zero"]),
         (
             "[gleap]\nbreaker_trial_failure_rate = 1\n",
             ["[gleap].breaker_trial_failure_rate", "less than 1", "e.g. 0.5"],
         ),
         ("[gleap]\nbreaker_trial_failure_rate = -0.1\n", ["breaker_trial_failure_rate", "at least 0"]),
-        ("[sync]\nretry_backoff = 60\n", ["[sync].retry_backoff", "must be a str"]),
+        ("[sync]\nretry_backoff = 60\n", ["[sync].retry_backoff", "must be a string, not an integer"]),
         ('[sync]\nretry_backoff = "1 minute"\n', ["[sync].retry_backoff", "is not a duration"]),
         ('[sync]\nretry_backoff_max = "1x"\n', ["[sync].retry_backoff_max", "is not a duration"]),
         (

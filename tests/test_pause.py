@@ -69,7 +69,7 @@ def test_config_reads_enabled(make_config: ConfigFactory) -> None:
         config.runnable("segment_a")
     assert "'segment_a' is paused (enabled = false)" in str(caught.value)
     assert "set enabled = true on 'segment_a'" in str(caught.value)
-    with pytest.raises(ConfigError, match=r"enabled.*must be a bool"):
+    with pytest.raises(ConfigError, match=r"enabled.*must be true or false"):
         make_config(audiences=two().replace("segment = 'a'\"", 'segment = \'a\'"\nenabled = "no"', 1))
 
 

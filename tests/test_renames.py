@@ -360,7 +360,7 @@ def test_config_reads_previous_keys(make_config: ConfigFactory, gleap: GleapStan
         ('["email"]', "", "collides with Gleap's contact field 'email'"),
         ('["seg_new"]', "", "the previous key 'seg_new' is the current key"),
         ('["a_b", "a_b"]', "", "the previous key 'a_b' is listed twice"),
-        ('"seg_old"', "", "must be a list"),
+        ('"seg_old"', "", "must be an array, not a string"),
         ("[1]", "", "must be a list of strings"),
         (
             '["other"]',

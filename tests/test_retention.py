@@ -196,7 +196,7 @@ def test_retention_settings(tmp_path: Path, table: str, expected: float | None) 
     [
         ('[retention]\nkeep = "23h"\n', ["[retention].keep", "less than a day", 'keep = "90d"']),
         ('[retention]\nkeep = "90 days"\n', ["[retention].keep", "is not a duration", '"3d"']),
-        ("[retention]\nkeep = 90\n", ["[retention].keep", "must be a str"]),
+        ("[retention]\nkeep = 90\n", ["[retention].keep", "must be a string, not an integer"]),
         ('[retention]\nkeeep = "90d"\n', ["[retention]", "did you mean 'keep'"]),
     ],
 )

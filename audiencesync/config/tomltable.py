@@ -24,6 +24,21 @@ def parse_duration(text: str) -> float | None:
     return sum(int(n or 0) * unit for n, unit in zip(whole, _UNIT_SECONDS, strict=True)) + float(seconds or 0)
 
 
+# What a TOML file's author calls each type (Python's names, "int" or "str", are not theirs).
+TOML_TYPES: dict[type, str] = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def toml_type(kind: type) -> str:
+    return TOML_TYPES.get(kind, f"a {kind.__name__}")
+
+
 class Table:
     """One TOML table being read: type-checks each key and reports leftovers as typos."""
 
@@ -59,9 +74,10 @@ class Table:
             value = float(value)
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise self.error(
-                f"must be a {kind.__name__}, not {type(value).__name__}",
+                f"must be {toml_type(kind)}, not {toml_type(type(value))}",
                 key=key,
-                fix=f"write {key} as a TOML {kind.__name__}",
+                fix=f"write {key} as {toml_type(kind)}"
+                + (" (without quotes)" if isinstance(value, str) else ""),
             )
         return value
 
