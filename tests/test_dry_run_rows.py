@@ -5,6 +5,7 @@ modules must quote or escape between them, on both stores."""
 
 from __future__ import annotations
 
+import csv
 import io
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -170,3 +171,24 @@ def test_the_listing_writes_a_plain_block_as_the_csv_and_json_modules_would() ->
     empty = io.StringIO()
     write_calls(empty, "json", [])
     assert empty.getvalue() == "[]\n"
+
+
+def test_an_id_the_source_gives_twice_is_planned_once_as_the_sync_sends_it(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    # The stage of ids alone is made distinct by the dry run itself (store.stage.seal_for_plan
+    # on PostgreSQL): a plain user, an odd id and a wide user given twice are each one call.
+    rows = members(0)
+    rows += [row for row in rows if row[0] in ("u03", "a,b", "w1")]
+    people(source, rows)
+    config = make_config(base_url=gleap.base_url, audiences=audiences())
+    same_listing(config)
+    text, planned, _ = listed(config, "csv", rows=True)
+    listed_rows = list(csv.reader(io.StringIO(text)))[1:]
+    assert len({tuple(row[1:3]) for row in listed_rows}) == len(listed_rows)  # no (user, key) twice
+    gleap.reset_log()
+    sent = cycle(config)
+    assert planned.calls == sent.calls == len(gleap.identify_calls)
+    assert [(a.key, a.members, a.entered) for a in planned.audiences] == [
+        (a.key, a.members, a.entered) for a in sent.audiences
+    ]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import decimal
+import sqlite3
 import uuid
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,29 @@ def test_a_missing_sqlite_file_is_refused_and_not_created(tmp_path: Path) -> Non
     assert f"(source 'dw'): the source file {missing} does not exist" in str(info.value)
     assert "[sources.dw] url" in str(info.value)
     assert not missing.exists()
+
+
+def test_a_sqlite_source_read_through_its_driver_fails_and_ends_as_through_sqlalchemy(tmp_path: Path) -> None:
+    # A SQLite source's rows come through the sqlite3 cursor (refresh.query_rows): its errors
+    # are still SourceErrors naming the audience, and a read stopped early ends its statement.
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (user_id TEXT)")
+        conn.executemany("INSERT INTO t VALUES (?)", [(f"u{i}",) for i in range(25)])
+    conn.close()
+    sources = Sources({"src": SourceConfig("src", f"sqlite:///{path}")}, batch_size=10)
+    with pytest.raises(SourceError) as info:
+        list(sources.read_ids(audience("SELECT user_id FROM t WHERE nope = 1"), ReadStats()))
+    assert "'a'" in str(info.value) and "no such column: nope" in str(info.value)
+    with pytest.raises(SourceError) as info:
+        list(sources.read_ids(audience("SELECT user_id FROM t WHERE user_id = :u"), ReadStats()))
+    assert "bind parameter 'u'" in str(info.value)  # SQLAlchemy's refusal, as before
+    reads = sources.read_ids(audience("SELECT user_id AS user_id FROM t"), ReadStats())
+    assert next(reads) == [f"u{i}" for i in range(10)]
+    assert isinstance(reads, Generator)
+    reads.close()
+    # No statement is left reading: the file can be written (sqlite3 would wait on its lock).
+    with sqlite3.connect(path, timeout=0) as conn:
+        conn.execute("DELETE FROM t")
+    conn.close()
+    sources.dispose()

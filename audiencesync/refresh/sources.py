@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -18,6 +17,7 @@ from audiencesync.config.loading import AudienceConfig, SourceConfig, display_ur
 from audiencesync.config.urls import sqlite_file
 from audiencesync.errors import DriverMissingError, SourceError
 from audiencesync.refresh import pushdown
+from audiencesync.refresh.query_rows import query_rows
 from audiencesync.refresh.source_watchdog import Stopped, TimedOut, Watchdog
 from audiencesync.refresh.user_ids import (
     MAX_ID_LENGTH,
@@ -250,39 +250,36 @@ class Sources:
         reader: ValueReader | None = None,
         ids_alone: bool = False,
     ) -> Iterator[list[str] | list[tuple[str, str | None]]]:
-        result = conn.execution_options(stream_results=True, yield_per=self.batch_size).execute(
-            sa.text(audience.query)
-        )
-        columns = list(result.keys())
-        if "user_id" not in columns:
-            raise SourceError(
-                f"the query returned the columns {columns} but no 'user_id'. "
-                "Fix: alias the id column, e.g. SELECT id AS user_id FROM ...",
-                audience=audience.key,
-                source=source.name,
-                kind=audience.kind,
-            )
-        index = columns.index("user_id")
-        value_of: RowValue | None = None
-        if reader is not None:
-            try:
-                value_of = reader(columns)
-            except ValueError as exc:
+        with query_rows(conn, audience.query, self.batch_size) as (columns, partitions):
+            if "user_id" not in columns:
                 raise SourceError(
-                    str(exc), audience=audience.key, source=source.name, kind=audience.kind
-                ) from None
-        keep_none = audience.kind != "trait"  # an audience member with no fields is still a member
-        if ids_alone and keep_none and value_of is values.no_value:
-            value_of = None  # no value columns: ids alone, as read_ids gives them
-        for partition in result.partitions(self.batch_size):
-            # Drivers that can't be cancelled are still stopped between batches.
-            if self.cancelled.is_set():
-                raise Stopped()
-            if time.monotonic() > deadline:
-                raise TimedOut()
-            batch = _batch(partition, index, value_of, stats, keep_none)
-            if batch:
-                yield batch
+                    f"the query returned the columns {columns} but no 'user_id'. "
+                    "Fix: alias the id column, e.g. SELECT id AS user_id FROM ...",
+                    audience=audience.key,
+                    source=source.name,
+                    kind=audience.kind,
+                )
+            index = columns.index("user_id")
+            value_of: RowValue | None = None
+            if reader is not None:
+                try:
+                    value_of = reader(columns)
+                except ValueError as exc:
+                    raise SourceError(
+                        str(exc), audience=audience.key, source=source.name, kind=audience.kind
+                    ) from None
+            keep_none = audience.kind != "trait"  # an audience member with no fields is still a member
+            if ids_alone and keep_none and value_of is values.no_value:
+                value_of = None  # no value columns: ids alone, as read_ids gives them
+            for partition in partitions:
+                # Drivers that can't be cancelled are still stopped between batches.
+                if self.cancelled.is_set():
+                    raise Stopped()
+                if time.monotonic() > deadline:
+                    raise TimedOut()
+                batch = _batch(partition, index, value_of, stats, keep_none)
+                if batch:
+                    yield batch
 
 
 def _batch(

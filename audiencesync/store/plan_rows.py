@@ -25,10 +25,13 @@ from audiencesync.store import stage as stage_mod
 BLOCK_ROWS = 10_000
 
 
-def python_users(conn: Connection, plan: str, max_keys: int) -> str:
+def python_users(conn: Connection, plan: str, max_keys: int, most_keys: int | None = None) -> str:
     """A TEMP table (returned) of the planned users whose calls are not plain: a trait's row, a
     row with a value, members' fields in ``<plan>_fields`` (which ride their calls), or more rows
-    than ``max_keys`` (split into several calls). It may also hold users with fields and no call."""
+    than ``max_keys`` (split into several calls). It may also hold users with fields and no call.
+
+    ``most_keys``: at most how many distinct keys the plan holds, when the caller knows (it
+    gave them); otherwise they are counted, a scan of the whole plan (0.5 s at 1M rows)."""
     name = f"{plan}_py"
     conn.exec_driver_sql(f"CREATE TEMP TABLE {name} (user_id {stage_mod.ids_type(conn)} PRIMARY KEY)")
     parts = [f"SELECT user_id FROM {plan} WHERE kind <> 'audience' OR data IS NOT NULL"]
@@ -36,7 +39,9 @@ def python_users(conn: Connection, plan: str, max_keys: int) -> str:
         parts.append(f"SELECT user_id FROM {plan}_fields")
     # A user has a row per key: only a plan of more keys than the cap can hold a user over it
     # (the grouping costs a sort of the plan, which a plan of few keys is spared).
-    keys = conn.execute(text(f"SELECT count(*) FROM (SELECT DISTINCT key FROM {plan}) k")).scalar_one()
+    keys = most_keys
+    if keys is None or keys > max_keys:  # a bound over the cap may still hold fewer: count them
+        keys = conn.execute(text(f"SELECT count(*) FROM (SELECT DISTINCT key FROM {plan}) k")).scalar_one()
     if keys > max_keys:
         parts.append(f"SELECT user_id FROM {plan} GROUP BY user_id HAVING count(*) > {int(max_keys)}")
     conn.exec_driver_sql(f"INSERT INTO {name} (user_id) " + " UNION ".join(parts))

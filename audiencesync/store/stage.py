@@ -133,8 +133,37 @@ def seal_for_apply(conn: Connection, name: str, *, valued: bool) -> int | None:
     return seal_stage(conn, name)
 
 
-def seal_stage(conn: Connection, name: str) -> int:
+def seal_for_plan(conn: Connection, name: str, *, valued: bool, rows: int | None = None) -> int:
+    """``seal_stage`` for the dry run's plan (``sync.plan``); returns the stage's number of users.
+
+    On PostgreSQL a stage of ids alone is rewritten as its distinct ids, sorted, with no key:
+    one sort, where the unique index took one and the plan's ordered read (``store.plan_rows``)
+    a second one of its million rows. The plan is filled in the stage's order, so that read
+    finds its rows already in order and its sort merely checks them (measured at 1M ids, in
+    the backend's CPU time: 0.4 s against 1.9-2.8 s; the rewrite costs 0.7-1 s more than the
+    index). Nothing relies on that order but the speed: every read that needs an order asks
+    for it. The plan's statements join the stage by hashing it (``steer_planner``), and never
+    read it through a key.
+    """
+    if conn.dialect.name != "postgresql" or valued:
+        return seal_stage(conn, name, rows=rows)
+    steer_planner(conn)
+    sorted_name = f"{name}_keyed"
+    members = conn.exec_driver_sql(
+        f"CREATE TEMP TABLE {sorted_name} AS "
+        f"SELECT DISTINCT user_id, NULL::text AS value FROM {name} ORDER BY user_id"
+    ).rowcount
+    conn.exec_driver_sql(f"DROP TABLE {name}")
+    conn.exec_driver_sql(f"ALTER TABLE {sorted_name} RENAME TO {name}")
+    conn.exec_driver_sql(f"ANALYZE {name}")
+    return int(members)
+
+
+def seal_stage(conn: Connection, name: str, *, rows: int | None = None) -> int:
     """Make the loaded stage one keyed row per user, with statistics; returns its number of users.
+
+    ``rows``: the rows loaded, when the caller counted them: a stage whose ids all prove
+    distinct holds that many users, and is not counted again (a scan of it: 0.4 s at 1M).
 
     A stage whose ids are all distinct just gets a unique index (PostgreSQL);
     otherwise its rows are grouped once into a table with a primary key (a user
@@ -151,7 +180,9 @@ def seal_stage(conn: Connection, name: str) -> int:
             # Most sources give each id once: then a unique index is all the stage needs.
             with conn.begin_nested():
                 conn.exec_driver_sql(f"CREATE UNIQUE INDEX {name}_user_id ON {name} (user_id)")
+            distinct = True
         except IntegrityError:
+            distinct = False
             conn.exec_driver_sql(
                 f"CREATE TEMP TABLE {keyed_name} AS "
                 f"SELECT user_id, min(value) AS value FROM {name} GROUP BY user_id"
@@ -160,6 +191,8 @@ def seal_stage(conn: Connection, name: str) -> int:
             conn.exec_driver_sql(f"DROP TABLE {name}")
             conn.exec_driver_sql(f"ALTER TABLE {keyed_name} RENAME TO {name}")
         conn.exec_driver_sql(f"ANALYZE {name}")
+        if distinct and rows is not None:
+            return rows
         return int(conn.execute(text(f"SELECT count(*) FROM {name}")).scalar_one())
     # The grouping comes out sorted, so the keyed table is filled by appends, and the
     # diff's inserts into memberships come in key order too.

@@ -156,6 +156,7 @@ class DryRun:
                 stage_mod.steer_planner(conn)
                 table = plan.create_plan(conn)
                 event_table = plan_events.create_event_plan(conn)
+                keys: set[str] = set()  # every key the plan's rows are given
                 for place, config in enumerate(selected):
                     report.audiences.append(
                         self._plan_audience(
@@ -165,6 +166,7 @@ class DryRun:
                             full=full,
                             allow_removals=allow_removals,
                             now=now,
+                            keys=keys,
                         )
                     )
                 chosen = {config.key for config in selected}
@@ -176,11 +178,16 @@ class DryRun:
                 # As the delivery's first step (``field_winners.reconcile``), read only.
                 drained = [i for i in (_audience_id(conn, c.key) for c in selected) if i is not None]
                 order = [a.key for a in self.config.audiences]
-                field_winners.add_to_plan(conn, table, field_winners.planned_rows(conn, order, drained))
+                winners = field_winners.planned_rows(conn, order, drained)
+                field_winners.add_to_plan(conn, table, winners)
+                # At most a key per name given above and per audience a winner's row is of.
+                most_keys = len(keys) + len({audience for audience, _ in winners})
                 size = self.config.gleap.track_batch_size
                 conflicts: Counter[str] = Counter()  # per losing audience, as the delivery counts them
                 identify: Iterator[PlannedCall | PlannedRows] = (
-                    counted_rows(report, plan_listing.listed_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))
+                    counted_rows(
+                        report, plan_listing.listed_calls(conn, table, MAX_CUSTOM_KEYS, conflicts, most_keys)
+                    )
                     if rows
                     else counted(report, plan_calls.planned_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))
                 )
@@ -209,7 +216,9 @@ class DryRun:
         full: bool,
         allow_removals: bool,
         now: datetime,
+        keys: set[str],
     ) -> AudienceReport:
+        """Plan one audience; the keys it gives the plan's rows are added to ``keys``."""
         table, event_table, place = tables  # the plan's calls, its events, the audience's place
 
         def add_events(stage: str | None) -> None:
@@ -236,7 +245,9 @@ class DryRun:
         initial = row is None or row.refreshed_at is None
         rekeyed = audience_id is not None and not rename.renamed
         plan_id = None if rekeyed else audience_id  # the stored state the new key's values diff against
+        keys.add(config.key)  # every row of its own (applied, current, re-keyed) has it
         for old_key, old_id, retired in rename.owed:
+            keys.add(old_key)
             plan.add_retired(conn, table, key=old_key, audience_id=old_id, retired=retired, now=now)
 
         def current() -> int:
@@ -269,12 +280,19 @@ class DryRun:
         stage_mod.create_stage(conn, stage)
         try:
             pushed = self.push is not None and self.push(config, conn, stage, stats)
+            loaded = 0
             for batch in () if pushed else self.read(config, stats, fields):
                 if config.kind == "trait" or fields.has_fields:
                     stage_mod.load_values(conn, stage, cast("list[tuple[str, str | None]]", batch))
                 else:  # no field columns: ids alone, and the plain insert is about twice as fast
                     stage_mod.load_batch(conn, stage, cast("list[str]", batch))
-            members = stage_mod.seal_stage(conn, stage)
+                loaded += len(batch)
+            members = stage_mod.seal_for_plan(
+                conn,
+                stage,
+                valued=config.kind == "trait" or fields.has_fields,
+                rows=None if pushed else loaded,
+            )
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
             log.error("%s", exc)

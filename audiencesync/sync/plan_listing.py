@@ -27,11 +27,16 @@ _user = itemgetter(0)
 
 
 def listed_calls(
-    conn: Connection, plan: str, max_keys: int, conflicts: Counter[str] | None = None
+    conn: Connection,
+    plan: str,
+    max_keys: int,
+    conflicts: Counter[str] | None = None,
+    most_keys: int | None = None,
 ) -> Iterator[PlannedCall | PlannedRows]:
     """The plan's identify calls in user order: blocks of plain calls' rows, and the other users'
-    calls (``plan_calls.planned_calls``) in between, where their users sort."""
-    python = plan_rows.python_users(conn, plan, max_keys)
+    calls (``plan_calls.planned_calls``) in between, where their users sort. ``most_keys``: at
+    most how many distinct keys the plan holds, when the caller knows (``plan_rows.python_users``)."""
+    python = plan_rows.python_users(conn, plan, max_keys, most_keys)
     special = plan_rows.has_users(conn, python)
     built = plan_calls.planned_calls(conn, plan, max_keys, conflicts, only=python) if special else iter(())
     blocks = plan_rows.plain_rows(conn, plan, python if special else None)
