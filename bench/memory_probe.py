@@ -22,6 +22,7 @@ against writes as the soak does (bench/soak_world.StoreLock), to see what an out
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import json
@@ -230,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         f"probe: {tmp}, store {store_url.split('@')[-1]}, stand-in {base_url}, pid {os.getpid()}", flush=True
     )
     series: list[dict[str, Any]] = []
+    # gc's object counts by type at the end of the warm-up and at the last snapshot: what the
+    # run kept on net, not what each minute's churn grew.
+    at_warmup: list[collections.Counter[str]] = []
+    last_counts: list[collections.Counter[str]] = []
 
     def monitor() -> None:
         started = time.monotonic()
@@ -313,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(f"{name} +{d}" for name, d in sorted(grown, key=lambda x: -x[1])[:10])
                     )
                 counts = fresh
+                if not at_warmup and point["t"] >= args.warmup * 60:
+                    at_warmup.append(fresh)
+                last_counts[:] = [fresh]
                 if snapshot is not None and previous is not None:
                     show_growth(snapshot, previous, args.top)
                 previous = snapshot
@@ -343,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  traced slope    {slope_mb_per_hour([(p['t'], p['traced_mb']) for p in warm]):7.2f} MB/h")
     objects = slope_mb_per_hour([(p["t"], p["objects"]) for p in warm])
     print(f"  objects slope   {objects:9.0f} /h")
+    if at_warmup and last_counts:
+        net = last_counts[0] - at_warmup[0]
+        print("  kept on net since the warm-up: " + ", ".join(f"{n} +{d}" for n, d in net.most_common(15)))
     if args.json is not None:
         args.json.write_text(json.dumps(series, indent=1))
     return 0
