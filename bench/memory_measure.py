@@ -195,11 +195,13 @@ def cache_sizes(daemon: Any) -> dict[str, int]:
     return sizes
 
 
-def dump_cache(daemon: Any) -> None:
+def dump_cache(daemon: Any, texts: Path | None = None) -> None:
     """The store engine's cached compiled statements, grouped by their first words: which
     statements come in many shapes."""
     cache = daemon.engine._compiled_cache or {}
     shapes = collections.Counter(" ".join(str(compiled).split())[:150] for compiled in list(cache.values()))
+    if texts is not None:  # every statement in full, one a line: which ones come in many shapes
+        texts.write_text("".join(" ".join(str(compiled).split()) + "\n" for compiled in list(cache.values())))
     print(f"\n{len(cache)} compiled statements cached; most repeated starts:")
     for text, n in shapes.most_common(15):
         print(f"  {n:4d}  {text}")

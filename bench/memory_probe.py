@@ -15,13 +15,14 @@ after the warm-up, in MB/h of wall time.
     nice -n 15 .venv/bin/python -m bench.memory_probe --minutes 15 --no-trace   # RSS alone
     ... --store-url postgresql+psycopg://postgres@127.0.0.1:5432/memory_test
 
-The stand-in's mode: ``python -m bench.memory_probe standin --token T`` prints READY <url>;
-SIGUSR1 starts an outage (stops answering), SIGUSR2 ends it.
+The stand-in runs as ``python -m bench.memory_standin`` (see there). ``--lock-every`` locks the store
+against writes as the soak does (bench/soak_world.StoreLock), to see what an outage leaves.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import json
@@ -39,7 +40,6 @@ import threading
 import time
 import tracemalloc
 import urllib.request
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -57,66 +57,7 @@ from bench.memory_measure import (
     trim,
     type_counts,
 )
-
-TOKEN = "probe-token-4c1e"
-
-
-# --- the stand-in, in its own process ---------------------------------------------------------
-
-
-def run_standin(argv: list[str]) -> int:
-    from tests.gleap_standin import GleapStandIn, _Faults, _text_reply
-
-    parser = argparse.ArgumentParser(prog="memory_probe standin")
-    parser.add_argument("--token", default=TOKEN)
-    parser.add_argument("--latency", type=float, default=0.02)
-    parser.add_argument("--fail", type=float, default=0.10, help="share of 5xx answers")
-    parser.add_argument("--limit", type=float, default=0.05, help="share of 429 answers")
-    parser.add_argument("--lose", type=float, default=0.02, help="share of lost answers (applied)")
-    args = parser.parse_args(argv)
-
-    class Faulty(GleapStandIn):
-        """Random faults on top of the scripted ones; keeps no request log (an hour would grow it)."""
-
-        def _faults(self, fail: tuple[deque[Any], ...], lose: tuple[deque[Any], ...]) -> _Faults:
-            faults = super()._faults(fail, lose)
-            if faults.drop or faults.failure or faults.limited or faults.lost:
-                return faults
-            r = random.random()
-            if r < args.fail:
-                return _Faults(faults.delay, False, _text_reply(503, "busy"), False, 200, {}, False)
-            if r < args.fail + args.limit:
-                return _Faults(faults.delay, False, None, False, 200, {}, True)
-            if r < args.fail + args.limit + args.lose:
-                return _Faults(faults.delay, False, None, True, 200, {}, False)
-            return faults
-
-        def _record(self, seq: int, request: Any) -> None:
-            pass
-
-        def _contacts_changed(self) -> None:
-            with self._lock:
-                self._identify_calls.clear()
-                self._track_calls.clear()
-
-    standin = Faulty(args.token, latency_seconds=args.latency).start()
-    outage = threading.Event()
-
-    def on_usr(signum: int, frame: object) -> None:
-        if signum == signal.SIGUSR1 and not outage.is_set():
-            outage.set()
-            standin.stop()
-        elif signum == signal.SIGUSR2 and outage.is_set():
-            outage.clear()
-            standin.start()
-
-    signal.signal(signal.SIGUSR1, on_usr)
-    signal.signal(signal.SIGUSR2, on_usr)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"READY {standin.base_url}", flush=True)
-    while True:
-        signal.pause()
-
+from bench.memory_standin import TOKEN
 
 # --- the scenario -----------------------------------------------------------------------------
 
@@ -206,8 +147,6 @@ class Source:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["standin"]:
-        return run_standin(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=15)
     parser.add_argument("--warmup", type=float, default=3, help="minutes left out of the slope")
@@ -221,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hup-every", type=float, default=120, help="seconds between SIGHUPs (0: none)")
     parser.add_argument("--outage-every", type=float, default=180, help="seconds between outages (0: none)")
     parser.add_argument("--outage-seconds", type=float, default=15)
+    parser.add_argument("--lock-every", type=float, default=0, help="seconds between store locks (0: none)")
+    parser.add_argument("--lock-seconds", type=float, default=40)
     parser.add_argument(
         "--scrape-every", type=float, default=5, help="GET /metrics, /healthz and / (0: none)"
     )
@@ -231,12 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dump-cache", action="store_true", help="at the end, the store engine's compiled statements"
     )
+    parser.add_argument(
+        "--dump-statements", type=Path, default=None, help="at the end, each cached statement's text, there"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the series here")
     args = parser.parse_args(argv)
 
     from audiencesync.config.loading import load_config
     from audiencesync.daemon.scheduler import Daemon
     from audiencesync.store import store as store_mod
+    from bench.soak_world import StoreLock
 
     if args.store_url:
         from tests import postgres_guard
@@ -256,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s",
     )
     standin = subprocess.Popen(
-        [sys.executable, "-m", "bench.memory_probe", "standin", "--token", TOKEN],
+        [sys.executable, "-m", "bench.memory_standin", "--token", TOKEN],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -286,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         f"probe: {tmp}, store {store_url.split('@')[-1]}, stand-in {base_url}, pid {os.getpid()}", flush=True
     )
     series: list[dict[str, Any]] = []
+    # gc's object counts by type at the end of the warm-up and at the last snapshot: what the
+    # run kept on net, not what each minute's churn grew.
+    at_warmup: list[collections.Counter[str]] = []
+    last_counts: list[collections.Counter[str]] = []
 
     def monitor() -> None:
         started = time.monotonic()
@@ -294,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         next_churn = started + args.churn_every
         next_hup = started + args.hup_every if args.hup_every else float("inf")
         next_outage = started + args.outage_every if args.outage_every else float("inf")
+        next_lock = started + args.lock_every if args.lock_every else float("inf")
         outage_ends = float("inf")
         next_scrape = started + args.scrape_every if args.scrape_every else float("inf")
         previous: tracemalloc.Snapshot | None = None
@@ -310,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
                 next_outage += args.outage_every
                 outage_ends = now + args.outage_seconds
                 standin.send_signal(signal.SIGUSR1)
+            if now >= next_lock:
+                next_lock += args.lock_every
+                print(f"[{now - started:7.0f}s] store lock for {args.lock_seconds:g} s", flush=True)
+                threading.Thread(
+                    target=StoreLock(store_url).hold,
+                    args=(args.lock_seconds, threading.Event()),
+                    name="store-lock",
+                    daemon=True,
+                ).start()
             if now >= outage_ends:
                 outage_ends = float("inf")
                 standin.send_signal(signal.SIGUSR2)
@@ -359,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(f"{name} +{d}" for name, d in sorted(grown, key=lambda x: -x[1])[:10])
                     )
                 counts = fresh
+                if not at_warmup and point["t"] >= args.warmup * 60:
+                    at_warmup.append(fresh)
+                last_counts[:] = [fresh]
                 if snapshot is not None and previous is not None:
                     show_growth(snapshot, previous, args.top)
                 previous = snapshot
@@ -380,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         standin.terminate()
         standin.wait()
-    if args.dump_cache:
-        dump_cache(daemon)
+    if args.dump_cache or args.dump_statements:
+        dump_cache(daemon, args.dump_statements)
     warm = [p for p in series if p["t"] >= args.warmup * 60]
     print(f"\nafter {args.warmup:g} min of warm-up, {len(warm)} points:")
     print(f"  RSS slope       {slope_mb_per_hour([(p['t'], p['rss_mb']) for p in warm]):7.2f} MB/h")
@@ -389,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  traced slope    {slope_mb_per_hour([(p['t'], p['traced_mb']) for p in warm]):7.2f} MB/h")
     objects = slope_mb_per_hour([(p["t"], p["objects"]) for p in warm])
     print(f"  objects slope   {objects:9.0f} /h")
+    if at_warmup and last_counts:
+        net = last_counts[0] - at_warmup[0]
+        print("  kept on net since the warm-up: " + ", ".join(f"{n} +{d}" for n, d in net.most_common(15)))
     if args.json is not None:
         args.json.write_text(json.dumps(series, indent=1))
     return 0

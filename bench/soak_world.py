@@ -280,6 +280,9 @@ def pending(port: int, timeout: float = 5) -> int | None:
     return round(sum(float(v) for v in values)) if values else None
 
 
+DEADLOCK_DETECTED = "40P01"  # PostgreSQL's SQLSTATE
+
+
 class StoreLock:
     """The store locked against writes for a while, as a stuck migration or a backup would:
     SQLite, another connection's ``BEGIN EXCLUSIVE`` (readers go on, in WAL); PostgreSQL, a
@@ -302,15 +305,29 @@ class StoreLock:
             return
         engine = sa.create_engine(url)
         try:
-            with engine.connect() as conn, conn.begin() as transaction:
-                tables = conn.exec_driver_sql(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
-                ).scalars()
-                names = ", ".join(f'public."{t}"' for t in tables)
-                conn.exec_driver_sql(f"LOCK TABLE {names} IN EXCLUSIVE MODE")
-                acquired.set()
-                time.sleep(seconds)
-                transaction.rollback()
+            with engine.connect() as conn:
+                while True:
+                    with conn.begin() as transaction:
+                        tables = conn.exec_driver_sql(
+                            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
+                        ).scalars()
+                        names = ", ".join(f'public."{t}"' for t in tables)
+                        try:
+                            conn.exec_driver_sql(f"LOCK TABLE {names} IN EXCLUSIVE MODE")
+                        except sa.exc.OperationalError as error:
+                            # LOCK TABLE takes the tables one by one: a daemon's transaction that
+                            # holds a later one and waits on an earlier one is a deadlock, and
+                            # PostgreSQL may cancel either side. A stuck migration would retry;
+                            # so does the soak, or its outage would never happen.
+                            if getattr(error.orig, "sqlstate", None) != DEADLOCK_DETECTED:
+                                raise
+                            transaction.rollback()
+                            time.sleep(0.05)
+                            continue
+                        acquired.set()
+                        time.sleep(seconds)
+                        transaction.rollback()
+                        return
         finally:
             engine.dispose()
 

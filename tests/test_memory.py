@@ -112,3 +112,22 @@ def test_a_sqlite_store_connection_keeps_few_prepared_statements(tmp_path: Path)
     finally:
         engine.dispose()
     assert asked["cached_statements"] == database.SQLITE_CACHED_STATEMENTS < 128
+
+
+def test_pages_share_one_statement_however_far_the_passs_cursors_have_gone(store: Store) -> None:
+    """How far each of a pass's other cursors has gone (not started, up to a user, past every
+    user) was a part of the page's statement: three audiences made dozens of shapes, each met
+    for the first time hours into a run and kept (~100 KB each, here and in the engine's
+    compiled cache). It is a parameter now: one statement, one compiled entry."""
+    ids = [store.ensure_audience(key, key, kind="audience", missing=None).id for key in ("a", "b", "c")]
+    pending._page_statement.cache_clear()
+    store.pending_page(ids[0], ids, "", 10)
+    cache = store.engine._compiled_cache
+    assert cache is not None
+    seen = len(cache)
+    for audience_id in ids:
+        others = [other for other in ids if other != audience_id]
+        for states in itertools.product(["", "u5", None], repeat=len(others)):
+            store.pending_page(audience_id, ids, "", 10, passed=dict(zip(others, states, strict=True)))
+    assert pending._page_statement.cache_info().currsize == 1
+    assert len(cache) == seen

@@ -7,18 +7,22 @@ samples are read to say (recovery, relapses, the RSS slope across a restart).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from bench.soak_analysis import Sample, recovery, rss_slope
 from bench.soak_plan import Settings, plan
 from bench.soak_run import run
-from bench.soak_world import problems_logged, tracebacks
+from bench.soak_world import StoreLock, problems_logged, tracebacks
 from tests.gleap_standin import BackgroundFaults, GleapStandIn
 
 # The 2-hour run's faults and rate, on a schedule shrunk to fit ~3 minutes: 300 users, a refresh
@@ -170,3 +174,43 @@ def test_the_outages_are_spread_after_the_warm_up_with_equal_gaps() -> None:
     assert ends[-1] + gaps[0] == pytest.approx(120 * 60)
     short = plan(SHORT)
     assert short[0].planned == 25 and short[-1].planned < SHORT.minutes * 60
+
+
+def test_the_store_lock_is_taken_even_when_a_writer_deadlocks_with_it(store_url: str) -> None:
+    """On PostgreSQL the lock takes the tables one by one: a writer holding a later table and
+    writing an earlier one deadlocks with it, and PostgreSQL cancels one side. A 2-hour soak
+    lost its store-lock outage so (the harness was cancelled, the outage never happened): the
+    lock now retries until it holds every table. On SQLite it waits for the writer."""
+    engine = sa.create_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE a (x INTEGER)")
+            conn.exec_driver_sql("CREATE TABLE b (x INTEGER)")
+        acquired = threading.Event()
+        with engine.connect() as writer, writer.begin():
+            writer.exec_driver_sql("INSERT INTO b VALUES (1)")
+            holder = threading.Thread(target=StoreLock(store_url).hold, args=(0.2, acquired))
+            holder.start()
+            if engine.dialect.name == "postgresql":
+                # The lock holds a, and waits for the writer's b.
+                deadline = time.monotonic() + 30
+                while not _waiting_for_b(engine) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                # Waits for a: the deadlock. PostgreSQL cancels the side whose wait began
+                # first (the lock's) but may cancel either: both leave the lock taken.
+                with contextlib.suppress(sa.exc.OperationalError):
+                    writer.exec_driver_sql("INSERT INTO a VALUES (1)")
+        holder.join(60)
+        assert not holder.is_alive()
+        assert acquired.is_set()
+    finally:
+        engine.dispose()
+
+
+def _waiting_for_b(engine: sa.Engine) -> bool:
+    with engine.connect() as conn:
+        # pg_locks is the server's: only a wait for this database's b is the lock's.
+        waiting = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'b'::regclass"
+        ).scalar()
+    return bool(waiting)

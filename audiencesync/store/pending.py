@@ -44,21 +44,33 @@ def _statement(
     now: datetime,
     passed: Mapping[int, str | None] | None,
 ) -> tuple[sa.Select[Any], dict[str, Any]]:
-    """The page's statement, built once per shape (a pass reads thousands of pages of one shape:
-    building it each time cost more than running it), and its parameters."""
-    cursors = {other: c for other, c in (passed or {}).items() if other != audience_id and c != ""}
-    shape = tuple(sorted((other, c is None) for other, c in cursors.items()))
+    """The page's statement, built once per set of audiences (a pass reads thousands of pages
+    of one set: building it each time cost more than running it), and its parameters.
+
+    How far each cursor has gone is a parameter, not a part of the statement: when it was
+    (a CASE branch for each cursor started, one shape for each cursor done), a pass over three
+    audiences came in dozens of shapes, each met for the first time hours into a run and each
+    kept, ~100 KB, here and in the engine's compiled cache, a slow rise of the daemon's memory
+    (issue 22). Now there is one statement for each set of audiences.
+    """
+    ids = tuple(sorted(set(audience_ids)))
+    cursors = passed or {}
     params: dict[str, Any] = {"audience_id": audience_id, "after": after, "now": now}
-    params |= {f"passed_{other}": c for other, c in cursors.items() if c is not None}
-    # Sorted: the order of a pass's audiences means nothing to IN, and each order would be one
-    # more statement kept here and in the engine's compiled cache (issue 22).
-    return _page_statement(tuple(sorted(set(audience_ids))), limit, shape), params
+    for other in ids:
+        cursor = "" if other == audience_id else cursors.get(other, "")
+        # NOT_PASSED: a page's own audience, or a cursor not started; TO_CURSOR: passed the
+        # users up to the cursor; PASSED_ALL: passed every user.
+        state = NOT_PASSED if cursor == "" else PASSED_ALL if cursor is None else TO_CURSOR
+        params[f"state_{other}"] = state
+        params[f"passed_{other}"] = cursor or None
+    return _page_statement(ids, limit), params
 
 
-@functools.lru_cache(maxsize=256)
-def _page_statement(
-    audience_ids: tuple[int, ...], limit: int, passed: tuple[tuple[int, bool], ...]
-) -> sa.Select[Any]:
+NOT_PASSED, TO_CURSOR, PASSED_ALL = 0, 1, 2
+
+
+@functools.lru_cache(maxsize=64)
+def _page_statement(audience_ids: tuple[int, ...], limit: int) -> sa.Select[Any]:
     now = sa.bindparam("now", type_=UtcDateTime)
     users = (
         sa.select(memberships.c.user_id)
@@ -72,11 +84,17 @@ def _page_statement(
         .subquery("next_users")
     )
     m = memberships.alias("m")
-    whens = [
-        (m.c.audience_id == other, sa.true() if done else m.c.user_id <= sa.bindparam(f"passed_{other}"))
-        for other, done in passed
-    ]
-    carried = sa.case(*whens, else_=sa.false()) if whens else sa.false()
+
+    def carried_in(audience: int) -> sa.ColumnElement[bool]:
+        state = sa.bindparam(f"state_{audience}", type_=sa.Integer)
+        # The cursor compared in SQL, so that the database's collation, which ordered the pages,
+        # decides; NULL (no cursor) makes the AND false, not unknown, as state is then not 1.
+        return sa.or_(
+            state == PASSED_ALL,
+            sa.and_(state == TO_CURSOR, m.c.user_id <= sa.bindparam(f"passed_{audience}")),
+        )
+
+    carried = sa.case(*[(m.c.audience_id == a, carried_in(a)) for a in audience_ids], else_=sa.false())
     return (
         sa.select(
             m.c.audience_id,
