@@ -7,6 +7,8 @@ Run from the repository root (about 10-15 minutes by default on 2 cores)::
                                                 # AUDIENCESYNC_TEST_POSTGRES_URL is set
     python bench/perf.py --quick                # 100k only, no enforced-limit run (e2): ~2 min
     python bench/perf.py --huge                 # adds 10M members
+    python bench/perf.py --all                  # every figure on both stores: 100k, 1M and 10M
+                                                # members, e2 on PostgreSQL too (hours)
     python bench/perf.py --members 2000 --postgres-url postgresql+psycopg://postgres@127.0.0.1:5432/bench_test
 
 PostgreSQL runs start with DROP SCHEMA public CASCADE (and bench_src): point them only at a
@@ -254,6 +256,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="100k only, without the enforced-limit run (e2)")
     parser.add_argument("--huge", action="store_true", help="add 10M members")
     parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every figure on both stores: --huge --full, and a PostgreSQL URL is required",
+    )
+    parser.add_argument(
         "--churn", type=float, default=0.01, help="fraction of members replaced (default 0.01)"
     )
     parser.add_argument(
@@ -286,12 +293,21 @@ def main() -> int:
         "b, c, d and g also run the first refresh b0 they need",
     )
     parser.add_argument(
-        "--phase-timeout", type=float, default=1800, help="seconds before a phase is given up"
+        "--phase-timeout",
+        type=float,
+        help="seconds before a phase is given up (default 1800; 7200 with 10M members or more)",
     )
     parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help=f"where the figures go (default {DEFAULT_JSON})"
     )
     args = parser.parse_args()
+    if args.all:
+        every_row = set(args.rows) == set(BULK_ROWS + DELIVERY_ROWS)
+        if args.quick or args.stores != "all" or args.members or not every_row:
+            parser.error("--all runs every figure: it takes no --quick, --stores, --members or --rows")
+        if not args.postgres_url:
+            parser.error("--all needs PostgreSQL too: --postgres-url or AUDIENCESYNC_TEST_POSTGRES_URL")
+        args.huge = args.full = True
 
     sizes = args.members or ([100_000] if args.quick else [100_000, 1_000_000])
     if args.huge:
@@ -316,7 +332,9 @@ def main() -> int:
 
     wanted = frozenset(args.rows)
     started = time.perf_counter()
-    run = Runner(args.phase_timeout)
+    # A 10M first refresh on PostgreSQL took 20-30 minutes on the shared 2-core machine.
+    timeout = args.phase_timeout or (7200 if max(sizes) >= 10_000_000 else 1800)
+    run = Runner(timeout)
     rows: list[Figures] = []
     problems: list[str] = []
     notes: list[str] = []

@@ -15,7 +15,7 @@ from audiencesync.errors import GleapAuthError, GleapError
 from audiencesync.gleap.api import event_date, identify_body, identify_url
 from audiencesync.gleap.client import Answer, GleapClient
 from audiencesync.gleap.http import parse_retry_after, retryable
-from audiencesync.gleap.ratelimit import TokenBucket
+from audiencesync.gleap.ratelimit import LATENESS_SECONDS, TokenBucket
 from tests.conftest import TOKEN
 from tests.gleap_standin import GleapStandIn
 
@@ -190,21 +190,30 @@ def test_token_bucket_paces_and_pauses() -> None:
         for _ in range(n):
             await bucket.acquire()
 
-    asyncio.run(take(4))  # 2 from the burst, then one each 60/58 s: the burst is within the minute
-    assert now[0] == pytest.approx(2 * 60 / 58)
+    # 2 from the burst, then one each 61/58 s: the burst is within the minute, spread over one
+    # more second for the calls' lateness (LATENESS_SECONDS)
+    asyncio.run(take(4))
+    assert now[0] == pytest.approx(2 * 61 / 58)
     bucket.pause(5)
     bucket.pause(5)  # a second 429 in the same moment does not add up
     before = now[0]
     asyncio.run(take(1))
-    assert now[0] == pytest.approx(before + 5 + 60 / 58)
+    assert now[0] == pytest.approx(before + 5 + 61 / 58)
     assert slept
 
 
+@pytest.mark.parametrize("late", [False, True])
 @pytest.mark.parametrize(("per_minute", "burst"), [(1200, None), (1000, None), (60, 2), (7, None), (1, None)])
-def test_no_minute_ever_holds_more_than_the_limit(per_minute: int, burst: int | None) -> None:
+def test_no_minute_ever_holds_more_than_the_limit(per_minute: int, burst: int | None, late: bool) -> None:
     # A sliding minute, as Gleap's limit and the stand-in count it; fed from the bucket's
-    # first moment (a full burst) for ten minutes of a fake clock.
+    # first moment (a full burst) for ten minutes of a fake clock. ``late``: a busy client that
+    # stalls for LATENESS_SECONDS every 90 s: the calls that took their token in a stall reach
+    # the server together at its end, on the heels of the ones before them.
     now = [0.0]
+
+    def arrival(taken: float) -> float:
+        into = taken % 90
+        return taken - into + LATENESS_SECONDS if late and into < LATENESS_SECONDS else taken
 
     async def sleep(seconds: float) -> None:
         now[0] += seconds
@@ -215,7 +224,7 @@ def test_no_minute_ever_holds_more_than_the_limit(per_minute: int, burst: int | 
     async def take_for(seconds: float) -> None:
         while now[0] < seconds:
             await bucket.acquire()
-            times.append(now[0])
+            times.append(arrival(now[0]))
 
     asyncio.run(take_for(600))
     busiest = max(bisect.bisect_left(times, start + 60) - i for i, start in enumerate(times))
