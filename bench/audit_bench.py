@@ -48,8 +48,8 @@ plain export, the median of 3 same-round ratios. With the rounds alternating the
 migration 0014 (with the query of then) and after it: SQLite 1.56 / 1.32 / 0.98 before, 1.36 /
 1.26 / 0.95 after (load average 6-10 on 2 cores); PostgreSQL 1.66 / 1.36 / 1.08 before, 1.54 /
 1.33 / 1.21 after (load 2-4). This bench after 0014: SQLite 1.29 / 1.09 / 0.86, PostgreSQL
-1.47 / 1.35 / 1.01. After 0015 (each departure with its entry's time; 3 rounds of these phases):
-SQLite 1.11 / 1.35 / 1.11 at load 9, PostgreSQL 1.07 / 1.02 / 1.00: docs/analysts.md.
+1.47 / 1.35 / 1.01. After 0015 (each departure with its entry's time), --repeat 5 at load 13-17: SQLite
+1.22 / 1.15 / 1.13, PostgreSQL 1.08 / 0.96 / 0.76: docs/analysts.md.
 """
 
 from __future__ import annotations
