@@ -15,7 +15,8 @@ in each of which --churn of them (1%) leave and as many enter: half of those are
 coming back, half are new. It is written in bulk (executemany on SQLite, COPY on PostgreSQL),
 shaped exactly like what the sync writes: an ``audiences`` row; a ``sync_runs`` row per cycle
 with its counters; each cycle's ``membership_changes`` (the departures, then the entries, each in
-user id order, at the cycle's time); one identify call per change in ``calls`` and
+user id order, at the cycle's time, each departure with the time of the entry it closes); one
+identify call per change in ``calls`` and
 ``call_values``, 2% of them answered 503 first and retried (attempt 2) at once; and
 ``memberships`` as delivery leaves them (members acknowledged, ex-members dropped). PostgreSQL
 is then vacuumed and analyzed (but the tiny audiences table), as autovacuum soon would; SQLite is
@@ -47,8 +48,8 @@ plain export, the median of 3 same-round ratios. With the rounds alternating the
 migration 0014 (with the query of then) and after it: SQLite 1.56 / 1.32 / 0.98 before, 1.36 /
 1.26 / 0.95 after (load average 6-10 on 2 cores); PostgreSQL 1.66 / 1.36 / 1.08 before, 1.54 /
 1.33 / 1.21 after (load 2-4). This bench after 0014: SQLite 1.29 / 1.09 / 0.86, PostgreSQL
-1.47 / 1.35 / 1.01. The 1.2x target is met only for recent instants: docs/analysts.md says
-what is left.
+1.47 / 1.35 / 1.01. After 0015 (each departure with its entry's time), --repeat 5 at load 13-17: SQLite
+1.22 / 1.15 / 1.13, PostgreSQL 1.08 / 0.96 / 0.76: docs/analysts.md.
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ class History:
         ):
             self.change_id += 1
             self.changes[user] += 1
+            # A departure carries the time of the entry it closes (migration 0015).
+            entered_at = text_time(cycle_time(self.entered_in[user])) if change == "left" else None
             if change == "entered":
                 self.entered_in[user] = k
             sent = text_time(cycle_time(k) + timedelta(seconds=1, milliseconds=index))
@@ -196,7 +199,7 @@ class History:
                 self.calls[user] += 1
                 calls.append((self.call_id, user_id(user), attempt, sent, 40, status, outcome, error))
                 values.append((self.call_id, AUDIENCE_ID, run_id, change == "entered"))
-            yield (self.change_id, AUDIENCE_ID, user_id(user), run_id, change, at), calls, values
+            yield (self.change_id, AUDIENCE_ID, user_id(user), run_id, change, at, entered_at), calls, values
 
     def memberships(self) -> Iterator[tuple[Any, ...]]:
         """Each member's row as delivery leaves it: the last entry acknowledged a second later."""
@@ -278,7 +281,7 @@ def build(url: str, members: int, cycles: int, churn: float) -> Figures:
                 for chunk in chunks(history.rows(k, k + 1, leaving, entering)):
                     bulk.load(
                         "membership_changes",
-                        ("id", "audience_id", "user_id", "run_id", "change", "at"),
+                        ("id", "audience_id", "user_id", "run_id", "change", "at", "entered_at"),
                         (change for change, _, _ in chunk),
                     )
                     bulk.load(

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from audiencesync.cli import main as cli
 from audiencesync.cli.formats import FORMATS
+from audiencesync.lifecycle import prune_rules
 from audiencesync.lifecycle.prune import Pruner
 from audiencesync.store import audit, store as store_mod
 from audiencesync.store.schema import call_values, calls, membership_changes, prunes, sync_runs
@@ -134,12 +135,20 @@ def test_members_stay_exact_after_the_history_before_a_prune_is_deleted(
     result = Pruner(engine, store_mod.utc_now, pause_seconds=0).prune(horizon, by="cli")
     assert result.finished and result.deleted.membership_changes > 0
     check({"u2"})
-    # The worst a prune may do: everything before its `before` deleted (u3's entry too).
+    # The worst a prune may do: everything before its `before` deleted (u3's entry too), each
+    # deleted entry's departure forgetting its time as a prune's batch makes it.
     with engine.begin() as conn:
         old_calls = sa.select(calls.c.id).where(calls.c.at < horizon)
         conn.execute(sa.delete(call_values).where(call_values.c.call_id.in_(old_calls)))
         conn.execute(sa.delete(calls).where(calls.c.at < horizon))
-        conn.execute(sa.delete(membership_changes).where(membership_changes.c.at < horizon))
+        c = membership_changes.c
+        deleted = conn.execute(
+            sa.delete(membership_changes)
+            .where(c.at < horizon)
+            .returning(c.audience_id, c.user_id, c.id, c.change)
+        ).all()
+        entries = [{"b_a": a, "b_u": u, "b_id": i} for a, u, i, change in deleted if change == "entered"]
+        conn.execute(prune_rules.FORGET_ENTRY_TIME, entries)
     engine.dispose()
     check({"u2", "u3"})
 

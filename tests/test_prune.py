@@ -135,6 +135,17 @@ def expected_after(before: dict[str, dict[Any, dict[str, Any]]], cut: datetime) 
         for i, c in before["changes"].items()
         if c["at"] >= cut or (c["audience_id"], c["user_id"]) in held
     }
+    # A departure kept whose entry went forgets that entry's time (entered_at, migration 0015).
+    for i, c in changes.items():
+        entries = [
+            j
+            for j, e in before["changes"].items()
+            if j < i
+            and e["change"] == "entered"
+            and (e["audience_id"], e["user_id"]) == (c["audience_id"], c["user_id"])
+        ]
+        if c["change"] == "left" and entries and max(entries) not in changes:
+            changes[i] = {**c, "entered_at": None}
     held_calls = {
         v["call_id"]
         for v in before["values"].values()

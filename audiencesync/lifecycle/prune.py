@@ -15,13 +15,15 @@ wait for SQLite's lock at most one batch. No writer lease is needed to run
 beside the daemon:
 - every row deleted is one no writer changes any more: calls, call values and
   changes are only ever inserted; a run is updated only while it runs, and a
-  request only until it is finished;
+  request only until it is finished. The one update, a kept departure's
+  ``entered_at`` blanked as its entry goes (prune_rules), is of a row no writer
+  touches either;
 - nothing new refers to what goes: new changes and calls name a running run,
   and a finished request names a run that has only just finished, while
   ``before`` is at least a day ago (``MIN_AGE``);
 - whether a row must be kept is read again inside each batch's transaction;
 - the lease fences writers that would overwrite a successor's state, and a
-  prune writes no state, only deletes history.
+  prune writes no state, only deletes history (and blanks what pointed at it).
 A prune's own row is written first, before anything is deleted, so the audit
 can tell from ``prunes`` alone how far back it is exact even after an
 interrupted prune. An interrupted prune leaves a consistent store (every batch

@@ -143,8 +143,42 @@ def delete_calls(conn: Connection, ids: Sequence[int], before: datetime) -> Coun
 
 
 def delete_changes(conn: Connection, ids: Sequence[int], before: datetime) -> Counts:
-    where = sa.and_(membership_changes.c.id.in_(ids), changes_deletable(before))
-    return Counts(membership_changes=conn.execute(sa.delete(membership_changes).where(where)).rowcount)
+    c = membership_changes.c
+    where = sa.and_(c.id.in_(ids), changes_deletable(before))
+    # RETURNING: the entries this very statement deleted, whatever a daemon commits meanwhile.
+    deleted = conn.execute(
+        sa.delete(membership_changes).where(where).returning(c.audience_id, c.user_id, c.id, c.change)
+    ).all()
+    entries = [
+        {"b_a": row.audience_id, "b_u": row.user_id, "b_id": row.id}
+        for row in deleted
+        if row.change == "entered"
+    ]
+    if entries:
+        conn.execute(FORGET_ENTRY_TIME, entries)
+    return Counts(membership_changes=len(deleted))
+
+
+# A departure keeps the time of the entry it closes (entered_at, migration 0015) while that
+# entry is stored: the audit shows it as the ex-member's `since`, empty once the entry is gone,
+# as when it looked the entry up. The departure closing an entry is the user's first one after
+# it (entries and departures alternate).
+_later = membership_changes.alias("later")
+FORGET_ENTRY_TIME = (
+    sa.update(membership_changes)
+    .where(
+        membership_changes.c.id
+        == sa.select(sa.func.min(_later.c.id))
+        .where(
+            _later.c.audience_id == sa.bindparam("b_a"),
+            _later.c.user_id == sa.bindparam("b_u"),
+            _later.c.id > sa.bindparam("b_id"),
+            _later.c.change == "left",
+        )
+        .scalar_subquery()
+    )
+    .values(entered_at=None)
+)
 
 
 def delete_requests(conn: Connection, ids: Sequence[int], before: datetime) -> Counts:

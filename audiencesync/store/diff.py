@@ -38,6 +38,13 @@ def _distinct(conn: Connection) -> str:
 ENTRY_SINCE = since_sql("excluded.pending_since")
 
 
+# A departure records the time of the entry it closes (migration 0015), so that the members at
+# an instant read one range of one index. It is the leaver's memberships.changed_at, read
+# before the statement that sets it to the departure's time: a member's changed_at is the time
+# of their entry (a new value leaves it alone).
+LEFT_COLUMNS = "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at, entered_at)"
+
+
 def _timed(sql: str) -> TextClause:
     # Typed, so that SQLite stores the same text format as every other write.
     return text(sql).bindparams(bindparam("t", type_=UtcDateTime))
@@ -80,8 +87,8 @@ def apply_stage(
     )
     left = conn.execute(
         _timed(
-            "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "
-            "SELECT m.audience_id, m.user_id, :r, 'left', :t FROM memberships m "
+            f"{LEFT_COLUMNS} SELECT m.audience_id, m.user_id, :r, 'left', :t, m.changed_at "
+            "FROM memberships m "
             f"WHERE m.audience_id = :a AND m.desired = true AND {not_in_stage('m')}"
         ),
         params,
@@ -158,12 +165,21 @@ def _apply_joined(
     # memberships through the primary key: nested loops are the right plan. Even were
     # the planner to start from a million memberships, each would probe a keyed table.
     conn.exec_driver_sql("SET LOCAL enable_nestloop = on")
-    logged = (
-        "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "
-        f"SELECT :a, c.user_id, :r, '{{change}}', :t FROM {changes} c WHERE {{which}} ORDER BY c.user_id"
-    )
-    left = conn.execute(_timed(logged.format(change="left", which="NOT c.entered")), params).rowcount
-    entered = conn.execute(_timed(logged.format(change="entered", which="c.entered")), params).rowcount
+    left = conn.execute(
+        _timed(
+            f"{LEFT_COLUMNS} SELECT :a, c.user_id, :r, 'left', :t, m.changed_at FROM {changes} c "
+            "JOIN memberships m ON m.audience_id = :a AND m.user_id = c.user_id "
+            "WHERE NOT c.entered ORDER BY c.user_id"
+        ),
+        params,
+    ).rowcount
+    entered = conn.execute(
+        _timed(
+            "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "
+            f"SELECT :a, c.user_id, :r, 'entered', :t FROM {changes} c WHERE c.entered ORDER BY c.user_id"
+        ),
+        params,
+    ).rowcount
     if left:
         conn.execute(
             _timed(
@@ -209,8 +225,8 @@ def _apply_values(
     )
     left = conn.execute(
         _timed(
-            "INSERT INTO membership_changes (audience_id, user_id, run_id, change, at) "
-            "SELECT m.audience_id, m.user_id, :r, 'left', :t FROM memberships m "
+            f"{LEFT_COLUMNS} SELECT m.audience_id, m.user_id, :r, 'left', :t, m.changed_at "
+            "FROM memberships m "
             f"WHERE m.audience_id = :a AND m.desired = true AND {not_in_stage.format(n=name, a='m')}"
         ),
         params,

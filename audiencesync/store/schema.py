@@ -199,7 +199,7 @@ sync_runs = sa.Table(
 )
 
 _CHANGES_BY_USER = ("audience_id", "user_id", "id", "at", "change")
-_CHANGES_BY_TIME = ("audience_id", "at", "change", "user_id", "id")
+_CHANGES_BY_TIME = ("audience_id", "at", "change", "user_id", "id", "entered_at")
 
 membership_changes = sa.Table(
     "membership_changes",
@@ -212,11 +212,17 @@ membership_changes = sa.Table(
     # The new value (canonical JSON) of an entry or a change; NULL for a departure.
     sa.Column("value", sa.Text, nullable=True),
     sa.Column("at", UtcDateTime, nullable=False),
+    # A departure's entry: the ``at`` of the ``entered`` it closes (migration 0015); NULL for any
+    # other change, and once that entry is pruned. The members at an instant T are the members
+    # now who entered by T and the departures after T whose entry is no later: one range.
+    sa.Column("entered_at", UtcDateTime, nullable=True),
     # A user's change before or after another, by id, from the index alone (its kind too): the
-    # members at an instant read the entry before each departure since (0014).
+    # membership_history view's next change, a prune's departure closing an entry (0014).
     sa.Index("ix_membership_changes_audience_id_user_id_id_at_change", *_CHANGES_BY_USER),
-    # Members at an instant read the departures after it from the index alone (0014).
-    sa.Index("ix_membership_changes_audience_id_at_change_user_id_id", *_CHANGES_BY_TIME),
+    # Members at an instant read the departures after it, with their entries' times, from the
+    # index alone (0014, 0015); the audit's diff reads the changes in between from it. Named,
+    # as the convention's name would pass PostgreSQL's 63 characters.
+    sa.Index("ix_membership_changes_by_time", *_CHANGES_BY_TIME),
     # A user's timeline reads theirs.
     sa.Index("ix_membership_changes_user_id_at", "user_id", "at"),
 )
