@@ -153,8 +153,7 @@ def seal_for_plan(conn: Connection, name: str, *, valued: bool, rows: int | None
         f"CREATE TEMP TABLE {sorted_name} AS "
         f"SELECT DISTINCT user_id, NULL::text AS value FROM {name} ORDER BY user_id"
     ).rowcount
-    conn.exec_driver_sql(f"DROP TABLE {name}")
-    conn.exec_driver_sql(f"ALTER TABLE {sorted_name} RENAME TO {name}")
+    _replace(conn, name, sorted_name)
     conn.exec_driver_sql(f"ANALYZE {name}")
     return int(members)
 
@@ -188,8 +187,7 @@ def seal_stage(conn: Connection, name: str, *, rows: int | None = None) -> int:
                 f"SELECT user_id, min(value) AS value FROM {name} GROUP BY user_id"
             )
             conn.exec_driver_sql(f"ALTER TABLE {keyed_name} ADD PRIMARY KEY (user_id)")
-            conn.exec_driver_sql(f"DROP TABLE {name}")
-            conn.exec_driver_sql(f"ALTER TABLE {keyed_name} RENAME TO {name}")
+            _replace(conn, name, keyed_name)
         conn.exec_driver_sql(f"ANALYZE {name}")
         if distinct and rows is not None:
             return rows
@@ -202,9 +200,14 @@ def seal_stage(conn: Connection, name: str, *, rows: int | None = None) -> int:
     members = conn.exec_driver_sql(
         f"INSERT INTO {keyed_name} SELECT user_id, min(value) FROM {name} GROUP BY user_id"
     ).rowcount
-    conn.exec_driver_sql(f"DROP TABLE {name}")
-    conn.exec_driver_sql(f"ALTER TABLE {keyed_name} RENAME TO {name}")
+    _replace(conn, name, keyed_name)
     return int(members)
+
+
+def _replace(conn: Connection, name: str, rebuilt: str) -> None:
+    """The stage ``name`` becomes the table ``rebuilt`` (its keyed or sorted copy)."""
+    conn.exec_driver_sql(f"DROP TABLE {name}")
+    conn.exec_driver_sql(f"ALTER TABLE {rebuilt} RENAME TO {name}")
 
 
 def steer_planner(conn: Connection) -> None:
