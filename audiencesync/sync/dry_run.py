@@ -184,21 +184,30 @@ class DryRun:
                 most_keys = len(keys) + len({audience for audience, _ in winners})
                 size = self.config.gleap.track_batch_size
                 conflicts: Counter[str] = Counter()  # per losing audience, as the delivery counts them
-                identify: Iterator[PlannedCall | PlannedRows] = (
-                    counted_rows(
-                        report, plan_listing.listed_calls(conn, table, MAX_CUSTOM_KEYS, conflicts, most_keys)
-                    )
-                    if rows
-                    else counted(report, plan_calls.planned_calls(conn, table, MAX_CUSTOM_KEYS, conflicts))
-                )
-                planned_tracks = tracks(report, plan_events.planned_events(conn, event_table), size)
+                identify: Iterator[PlannedCall | PlannedRows]
+                events = plan_events.planned_events(conn, event_table)
+                streams: list[Iterator[Any]] = [events]  # closed below, however the reading ends
+                if rows:
+                    listed = plan_listing.listed_calls(conn, table, MAX_CUSTOM_KEYS, conflicts, most_keys)
+                    identify = counted_rows(report, listed)
+                    streams.append(listed)
+                else:
+                    built = plan_calls.planned_calls(conn, table, MAX_CUSTOM_KEYS, conflicts)
+                    identify = counted(report, built)
+                    streams.append(built)
                 calls: Iterator[PlannedCall | PlannedRows | PlannedTrack] = itertools.chain(
-                    identify, planned_tracks
+                    identify, tracks(report, events, size)
                 )
-                if show is not None:
-                    show(calls)
-                for _ in calls:  # what show left unread still counts
-                    pass
+                try:
+                    if show is not None:
+                        show(calls)
+                    for _ in calls:  # what show left unread still counts
+                        pass
+                finally:
+                    # A reader that stopped early (its pipe closed) leaves the streams open: they
+                    # end here, while their connection is open, not when collected after it closed.
+                    for stream in streams:
+                        getattr(stream, "close", lambda: None)()
                 for audience_report in report.audiences:
                     audience_report.field_conflicts = conflicts[audience_report.key]
                 plan.drop_plan(conn, table)
