@@ -89,6 +89,23 @@ def test_a_held_audience_needs_action_and_leaves_the_daemon_healthy() -> None:
     assert body.splitlines()[1].startswith("held: seg: audience 'seg' is held")
 
 
+def test_a_reason_with_its_own_fix_gives_one_fix_not_two() -> None:
+    """The guard's alert message carries its own "Fix:": the line gives one fix, the action
+    that every surface shows, with the time before it, not the message's and then a second."""
+    held = condition(
+        "held", "seg", "audience 'seg' is held: the source returned no rows. Nothing was applied. "
+        "Fix: check the source; if it is right, release it once with `audiencesync sync --audience "
+        "seg --allow-removals`, or set allow_empty = true on the audience",
+    )  # fmt: skip
+    line = attention.assess([row()], [held], LIVE, HOLDER, NOW).concerns[0].line()
+    assert line.count("Fix:") == 1
+    head = "held: seg: audience 'seg' is held: the source returned no rows. Nothing was applied (since "
+    assert line.startswith(head)
+    assert line.endswith(
+        ". Fix: audiencesync sync --audience seg --allow-removals (if the removals are right)"
+    )
+
+
 def test_a_held_last_run_is_held_without_its_condition() -> None:
     """A store whose hold was seen before conditions were kept without a webhook."""
     seen = attention.assess(

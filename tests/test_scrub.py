@@ -31,7 +31,17 @@ def test_a_short_token_inside_words_numbers_and_timestamps_leaves_them_as_they_a
     assert scrub(MESSAGE, [token]) == MESSAGE
 
 
-@pytest.mark.parametrize("token", ["T", "0", TOKEN, "tok.en", "abc=", "-x-"])
+# A token of digits only, joined by ".", ":" or "-" to more digits, is part of a longer number, a
+# time or an address: "0" in 0.5 and 127.0.0.1, "12" in 2026-12-06, "00" in +00:00.
+NUMBERS = "fraction 0.5 at 2026-12-06T01:25:56+00:00 on 127.0.0.1:9464, version 3.0.1, 12.5% done"
+
+
+@pytest.mark.parametrize("token", ["0", "00", "12", "2026", "25", "1", "5", "9464", "3"])
+def test_a_token_of_digits_inside_a_number_a_time_or_an_address_leaves_it_as_it_is(token: str) -> None:
+    assert scrub(NUMBERS, [token]) == NUMBERS
+
+
+@pytest.mark.parametrize("token", ["T", "0", "12", TOKEN, "tok.en", "abc=", "-x-"])
 def test_every_whole_occurrence_of_the_token_is_scrubbed(token: str) -> None:
     text = f'{token} refused; Authorization: Bearer {token}; url ?key={token}&x=1; json ["{token}"] {token}'
     scrubbed = scrub(text, [token])
@@ -58,7 +68,7 @@ def alert_to(receiver: AlertReceiver, store: store_mod.Store, token: str) -> dic
     return body
 
 
-@pytest.mark.parametrize("token", ["T", "0"])
+@pytest.mark.parametrize("token", ["T", "0", "00"])  # "00": every time's +00:00
 def test_an_alert_with_a_short_token_keeps_its_timestamps_and_status_codes(
     receiver: AlertReceiver, store: store_mod.Store, token: str
 ) -> None:

@@ -99,7 +99,10 @@ class Concern:
         """``status``'s and /healthz's line for it."""
         where = f"{self.subject}: " if self.subject is not None else ""
         since = f" (since {iso_time(self.since)})" if self.since is not None else ""
-        return f"{self.label}: {where}{self.reason}{since}. Fix: {self.action}"
+        # Some reasons are a whole alert message with its own "Fix:" (the guard's): the line gives
+        # one fix, the action, which every surface shows alike, not the message's and then a second.
+        reason = self.reason.partition(" Fix: ")[0].rstrip(".")
+        return f"{self.label}: {where}{reason}{since}. Fix: {self.action}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
