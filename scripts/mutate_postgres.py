@@ -34,7 +34,8 @@ CODES = {0: "survived", 1: "killed", 5: "no tests"}  # pytest's exit codes
 
 def survivors() -> list[str]:
     names = []
-    for meta in sorted((MUTANTS / "audiencesync").glob("*.py.meta")):
+    # rglob: the modules live in subpackages (delivery/, gleap/, store/) since the move by concept.
+    for meta in sorted((MUTANTS / "audiencesync").rglob("*.py.meta")):
         codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
         names += [name for name, code in codes.items() if code == SURVIVED]
     return names
