@@ -36,9 +36,11 @@ def results() -> dict[str, dict[str, int | None]]:
     verdicts_file = ROOT / "mutants" / "postgres-verdicts.json"
     verdicts = json.loads(verdicts_file.read_text()) if verdicts_file.is_file() else {}
     out = {}
-    for meta in sorted((ROOT / "mutants" / "audiencesync").glob("*.py.meta")):
+    package = ROOT / "mutants" / "audiencesync"
+    # rglob: the modules live in subpackages (delivery/, gleap/, store/) since the move by concept.
+    for meta in sorted(package.rglob("*.py.meta")):
         codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
-        out[meta.name.removesuffix(".meta")] = {
+        out[meta.relative_to(package).as_posix().removesuffix(".meta")] = {
             name: KILLED if code == 0 and verdicts.get(name) == "killed" else code
             for name, code in codes.items()
         }
