@@ -76,6 +76,11 @@ class DeliveryLoop:
     # Why Gleap took no call in the last pass (the token refused, or Gleap down), or None: a
     # run closed meanwhile ended "aborted" with it, as a plain `sync` records it.
     blocked: GleapError | None
+    # Runs a refresh took over from (``_take_over``), each with the number of the pass whose
+    # verdict it waits for; and the passes taken so far, the last one's runs.
+    _superseded: list[tuple[int, Run]]
+    _passes: int
+    _pass_runs: dict[int, Run]
     forgets: ForgetDesk
     gate: PassGate
 
@@ -106,8 +111,7 @@ class DeliveryLoop:
                     self.forgets.carry_out_waiting()
                     self._close_inactive()
                     self._open_delivery_runs()
-                    with self._lock:
-                        runs = dict(self._open)
+                    runs = self._take_runs()
                     if runs:
                         calls = self._drain(runs, halt, term)
                         self._close_drained(runs)
@@ -121,12 +125,14 @@ class DeliveryLoop:
                     log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
                 self.metrics.breaker(OPEN)
                 self.blocked = exc
+                self._close_superseded()
                 self.alerts.gleap(str(exc))
                 halt.wait(delay)
                 continue
             except GleapAuthError as exc:
                 log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
                 self.blocked = exc
+                self._close_superseded()
                 self.alerts.refused(str(exc))
                 self.wake.clear()
                 self.wake.wait(AUTH_BACKOFF_SECONDS)
@@ -167,6 +173,7 @@ class DeliveryLoop:
                 self.blocked = None
                 log.info("Gleap answers again; delivery resumed")
                 self.metrics.breaker(CLOSED)
+            self._close_superseded()  # the pass's verdict is in ``blocked``
             if calls:
                 self.alerts.gleap(None)  # calls went through: ends an outage, even a previous process's
             if not calls:
@@ -177,6 +184,44 @@ class DeliveryLoop:
 
     def _owed(self) -> int:
         return self.store.pending_count(list(self._ids.values())) if self._ids else 0
+
+    def _take_runs(self) -> dict[int, Run]:
+        """The open runs, for the pass about to start: the pass's number goes with them."""
+        with self._lock:
+            self._passes += 1
+            self._pass_runs = dict(self._open)
+            return self._pass_runs
+
+    def _take_over(self, audience_id: int) -> None:
+        """A refresh takes the audience over from its open run, if any (on the refresh's thread).
+
+        The run is not closed here: its calls may still be out, and its status (``aborted``
+        while Gleap refuses them) depends on their verdict. It closes after the pass that
+        took it; or, if no pass took it, after the next one, which carries what it left
+        pending under its successor. Closed here, the first run of a daemon whose token
+        Gleap refuses ended ``partial`` whenever the refresh came before the first 401.
+        """
+        with self._lock:
+            run = self._open.pop(audience_id, None)
+            if run is not None:
+                taken = any(r is run for r in self._pass_runs.values())
+                self._superseded.append((self._passes if taken else self._passes + 1, run))
+
+    def _close_superseded(self) -> None:
+        """Close the runs taken over whose pass has ended: its verdict is in ``blocked`` now.
+        Not after a pass that ended without one (a store error, a probe cut short)."""
+        with self._lock:
+            due = [run for n, run in self._superseded if n <= self._passes]
+            self._superseded = [(n, run) for n, run in self._superseded if n > self._passes]
+        for i, run in enumerate(due):
+            try:
+                self._close(run)
+            except Exception as exc:
+                # The store failed: the rest close after a later pass (or at the stop).
+                log.warning("could not close the run of %s: %s", run.report.key, brief(exc))
+                with self._lock:
+                    self._superseded[:0] = [(0, r) for r in due[i:]]
+                return
 
     def _close_inactive(self) -> None:
         """Close the runs of properties paused or removed by a reload: their rows must not go out
