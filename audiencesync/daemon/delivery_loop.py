@@ -81,6 +81,8 @@ class DeliveryLoop:
     _superseded: list[tuple[int, Run]]
     _passes: int
     _pass_runs: dict[int, Run]
+    # Gleap acknowledged a call of the pass under way (a 2xx): it takes the token.
+    _acked: bool
     forgets: ForgetDesk
     gate: PassGate
 
@@ -103,6 +105,7 @@ class DeliveryLoop:
         while not halt.is_set() and not self.lease.lost.is_set() and self.lease.current(term):
             self.wake.clear()
             calls = 0
+            self._acked = False
             try:
                 # No rename runs meanwhile (pass_gate.py): every answer of the pass is recorded
                 # under the key its call carried, before any row can change its key.
@@ -162,9 +165,10 @@ class DeliveryLoop:
                 # The pass ended (new work, a stop) before any trial call was answered: no
                 # verdict yet, so the next pass probes again, at once.
                 continue
-            if self.blocked is not None and (calls or not self._owed()):
-                # Gleap took this pass's calls, or nothing is owed that it could refuse. A pass
-                # that made no call (what is owed waits out a backoff) says nothing of the token.
+            if self.blocked is not None and (self._acked or not self._owed()):
+                # Gleap acknowledged a call of this pass, or nothing is owed that it could refuse.
+                # A pass that made no call (what is owed waits out a backoff), or whose calls got
+                # no verdict (timeouts, 5xx below the breaker's threshold), says nothing of the token.
                 self.blocked = None
             if errors.reset():
                 log.info("delivery: the store answers again")
@@ -263,7 +267,7 @@ class DeliveryLoop:
         # recorded: the fence). The margin leaves a request time to reach Gleap before expiry.
         deliverer.before_send = functools.partial(self.lease.require, term)
         deliverer.observe = self._observe
-        deliverer.events.on_acknowledged = self.progress.acknowledged
+        deliverer.events.on_acknowledged = self._acknowledged
         deliverer.events.on_answer = self.metrics.track
         if self.outage.open:
             # The first pass after an outage is the probe: a few trial calls decide (breaker.py).
@@ -328,7 +332,12 @@ class DeliveryLoop:
     def _observe(self, outcomes: Sequence[Outcome]) -> None:
         self.metrics.outcomes(outcomes)
         if any(outcome.acknowledged for outcome in outcomes):
-            self.progress.acknowledged()
+            self._acknowledged()
+
+    def _acknowledged(self) -> None:
+        """Gleap acknowledged a call (identify or track) of the pass under way."""
+        self._acked = True
+        self.progress.acknowledged()
 
     def _close_drained(self, runs: dict[int, Run]) -> None:
         for audience_id, run in runs.items():

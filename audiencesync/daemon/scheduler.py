@@ -127,6 +127,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth, ActivePeriod):
         self._superseded: list[tuple[int, Run]] = []  # taken over by a refresh (delivery_loop._take_over)
         self._passes = 0  # delivery passes taken so far
         self._pass_runs: dict[int, Run] = {}  # the last pass's runs
+        self._acked = False  # the pass under way had a call acknowledged
         self._refreshing = 0
         self._started = store_mod.utc_now()
         self.active = False
