@@ -14,7 +14,6 @@ import functools
 import logging
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -302,13 +301,10 @@ class DeliveryLoop:
                 )
             )
         finally:
-            # The pass's field conflicts, into the runs open for their (losing) audiences.
-            # Summed: a renamed property's old keys share its run.
-            conflicts: Counter[int] = Counter()
-            for audience_id, key in keys.items():
-                conflicts[run_id(audience_id)] += deliverer.conflicts[key]
+            # The field conflicts of the pass's acknowledged calls, into the runs their (losing)
+            # audiences' answers were recorded under.
             try:
-                self.store.add_field_conflicts(conflicts)
+                self.store.add_field_conflicts(deliverer.run_conflicts)
             except (AudienceSyncError, SQLAlchemyError) as exc:
                 # Only a count: the pass's own outcome (or error) is what matters.
                 log.warning("could not count the field conflicts of a delivery pass: %s", exc)
