@@ -292,9 +292,14 @@ def test_a_long_first_sync_does_not_hold_back_another_audiences_changes(
         requests_per_minute=3000,
     )
     daemon = daemons(config)
-    wait_for(lambda: members_true(gleap, "segment_b") == {"s1", "s2"}, timeout=20, what="the small audience")
+    # Each refresh (every 2-3 s, each audience) ends the pass under way; the audiences take
+    # turns from a different one each pass (delivery_loop._take_runs), so the small one's
+    # changes go out at the start of one of the next passes, not after a page of the big
+    # one that those refreshes kept cutting short (this timed out under load). The first
+    # wait also covers the process's start, several seconds on a loaded 2-core machine.
+    wait_for(lambda: members_true(gleap, "segment_b") == {"s1", "s2"}, timeout=60, what="the small audience")
     source.set(["s1", "s2", "s3"], "b")
-    wait_for(lambda: "s3" in members_true(gleap, "segment_b"), timeout=20, what="the small audience's change")
+    wait_for(lambda: "s3" in members_true(gleap, "segment_b"), timeout=30, what="the small audience's change")
     assert len(members_true(gleap, "segment_a")) < len(big)  # ...while the big first sync still runs
     wait_for(lambda: members_true(gleap, "segment_a") == set(big), timeout=120, what="the big first sync")
     assert daemon.stop() == 0

@@ -80,6 +80,7 @@ class DeliveryLoop:
     _superseded: list[tuple[int, Run]]
     _passes: int
     _pass_runs: dict[int, Run]
+    _opened_by: int  # the audience whose turn came first in the last pass
     # Gleap acknowledged a call of the pass under way (a 2xx): it takes the token.
     _acked: bool
     forgets: ForgetDesk
@@ -189,10 +190,24 @@ class DeliveryLoop:
         return self.store.pending_count(list(self._ids.values())) if self._ids else 0
 
     def _take_runs(self) -> dict[int, Run]:
-        """The open runs, for the pass about to start: the pass's number goes with them."""
+        """The open runs, for the pass about to start (its number goes with them), in the order
+        their audiences take turns: by audience id, from the one after the audience that went
+        first in the last pass.
+
+        A refresh ends the pass under way (new work), and the next pass starts the turns again.
+        Started from the same audience every time, the ones behind a long first sync got theirs
+        only when a whole page of it went out between two refreshes: with refreshes a second
+        apart (test_daemon, under load), never. Now each open audience goes first in one of any
+        few passes in a row, and its changes then go out first.
+        """
         with self._lock:
             self._passes += 1
-            self._pass_runs = dict(self._open)
+            ids = sorted(self._open)
+            if ids:
+                first = next((i for i, audience_id in enumerate(ids) if audience_id > self._opened_by), 0)
+                ids = ids[first:] + ids[:first]
+                self._opened_by = ids[0]
+            self._pass_runs = {audience_id: self._open[audience_id] for audience_id in ids}
             return self._pass_runs
 
     def _take_over(self, audience_id: int) -> None:
