@@ -68,6 +68,7 @@ class ActivePeriod:
     _reload: threading.Event
     _lock: threading.Lock
     _open: dict[int, Run]
+    _superseded: list[tuple[int, Run]]
     _refreshing: int
     _delivery: threading.Thread | None
     _retention: threading.Thread | None
@@ -182,7 +183,9 @@ class ActivePeriod:
         if self._refreshing:
             log.warning("a source query is still running; leaving the lease to expire rather than release it")
         with self._lock:
-            runs = list(self._open.values())
+            # The runs refreshes took over first: no verdict is coming for them any more.
+            runs = [run for _, run in self._superseded] + list(self._open.values())
+            self._superseded.clear()
             self._open.clear()
         for run in runs:
             try:

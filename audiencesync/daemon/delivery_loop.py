@@ -14,7 +14,6 @@ import functools
 import logging
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -76,6 +75,14 @@ class DeliveryLoop:
     # Why Gleap took no call in the last pass (the token refused, or Gleap down), or None: a
     # run closed meanwhile ended "aborted" with it, as a plain `sync` records it.
     blocked: GleapError | None
+    # Runs a refresh took over from (``_take_over``), each with the number of the pass whose
+    # verdict it waits for; and the passes taken so far, the last one's runs.
+    _superseded: list[tuple[int, Run]]
+    _passes: int
+    _pass_runs: dict[int, Run]
+    _opened_by: int  # the audience whose turn came first in the last pass
+    # Gleap acknowledged a call of the pass under way (a 2xx): it takes the token.
+    _acked: bool
     forgets: ForgetDesk
     gate: PassGate
 
@@ -98,6 +105,7 @@ class DeliveryLoop:
         while not halt.is_set() and not self.lease.lost.is_set() and self.lease.current(term):
             self.wake.clear()
             calls = 0
+            self._acked = False
             try:
                 # No rename runs meanwhile (pass_gate.py): every answer of the pass is recorded
                 # under the key its call carried, before any row can change its key.
@@ -106,8 +114,7 @@ class DeliveryLoop:
                     self.forgets.carry_out_waiting()
                     self._close_inactive()
                     self._open_delivery_runs()
-                    with self._lock:
-                        runs = dict(self._open)
+                    runs = self._take_runs()
                     if runs:
                         calls = self._drain(runs, halt, term)
                         self._close_drained(runs)
@@ -121,12 +128,14 @@ class DeliveryLoop:
                     log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
                 self.metrics.breaker(OPEN)
                 self.blocked = exc
+                self._close_superseded()
                 self.alerts.gleap(str(exc))
                 halt.wait(delay)
                 continue
             except GleapAuthError as exc:
                 log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
                 self.blocked = exc
+                self._close_superseded()
                 self.alerts.refused(str(exc))
                 self.wake.clear()
                 self.wake.wait(AUTH_BACKOFF_SECONDS)
@@ -156,9 +165,10 @@ class DeliveryLoop:
                 # The pass ended (new work, a stop) before any trial call was answered: no
                 # verdict yet, so the next pass probes again, at once.
                 continue
-            if self.blocked is not None and (calls or not self._owed()):
-                # Gleap took this pass's calls, or nothing is owed that it could refuse. A pass
-                # that made no call (what is owed waits out a backoff) says nothing of the token.
+            if self.blocked is not None and (self._acked or not self._owed()):
+                # Gleap acknowledged a call of this pass, or nothing is owed that it could refuse.
+                # A pass that made no call (what is owed waits out a backoff), or whose calls got
+                # no verdict (timeouts, 5xx below the breaker's threshold), says nothing of the token.
                 self.blocked = None
             if errors.reset():
                 log.info("delivery: the store answers again")
@@ -167,6 +177,7 @@ class DeliveryLoop:
                 self.blocked = None
                 log.info("Gleap answers again; delivery resumed")
                 self.metrics.breaker(CLOSED)
+            self._close_superseded()  # the pass's verdict is in ``blocked``
             if calls:
                 self.alerts.gleap(None)  # calls went through: ends an outage, even a previous process's
             if not calls:
@@ -177,6 +188,58 @@ class DeliveryLoop:
 
     def _owed(self) -> int:
         return self.store.pending_count(list(self._ids.values())) if self._ids else 0
+
+    def _take_runs(self) -> dict[int, Run]:
+        """The open runs, for the pass about to start (its number goes with them), in the order
+        their audiences take turns: by audience id, from the one after the audience that went
+        first in the last pass.
+
+        A refresh ends the pass under way (new work), and the next pass starts the turns again.
+        Started from the same audience every time, the ones behind a long first sync got theirs
+        only when a whole page of it went out between two refreshes: with refreshes a second
+        apart (test_daemon, under load), never. Now each open audience goes first in one of any
+        few passes in a row, and its changes then go out first.
+        """
+        with self._lock:
+            self._passes += 1
+            ids = sorted(self._open)
+            if ids:
+                first = next((i for i, audience_id in enumerate(ids) if audience_id > self._opened_by), 0)
+                ids = ids[first:] + ids[:first]
+                self._opened_by = ids[0]
+            self._pass_runs = {audience_id: self._open[audience_id] for audience_id in ids}
+            return self._pass_runs
+
+    def _take_over(self, audience_id: int) -> None:
+        """A refresh takes the audience over from its open run, if any (on the refresh's thread).
+
+        The run is not closed here: its calls may still be out, and its status (``aborted``
+        while Gleap refuses them) depends on their verdict. It closes after the pass that
+        took it; or, if no pass took it, after the next one, which carries what it left
+        pending under its successor. Closed here, the first run of a daemon whose token
+        Gleap refuses ended ``partial`` whenever the refresh came before the first 401.
+        """
+        with self._lock:
+            run = self._open.pop(audience_id, None)
+            if run is not None:
+                taken = any(r is run for r in self._pass_runs.values())
+                self._superseded.append((self._passes if taken else self._passes + 1, run))
+
+    def _close_superseded(self) -> None:
+        """Close the runs taken over whose pass has ended: its verdict is in ``blocked`` now.
+        Not after a pass that ended without one (a store error, a probe cut short)."""
+        with self._lock:
+            due = [run for n, run in self._superseded if n <= self._passes]
+            self._superseded = [(n, run) for n, run in self._superseded if n > self._passes]
+        for i, run in enumerate(due):
+            try:
+                self._close(run)
+            except Exception as exc:
+                # The store failed: the rest close after a later pass (or at the stop).
+                log.warning("could not close the run of %s: %s", run.report.key, brief(exc))
+                with self._lock:
+                    self._superseded[:0] = [(0, r) for r in due[i:]]
+                return
 
     def _close_inactive(self) -> None:
         """Close the runs of properties paused or removed by a reload: their rows must not go out
@@ -218,7 +281,7 @@ class DeliveryLoop:
         # recorded: the fence). The margin leaves a request time to reach Gleap before expiry.
         deliverer.before_send = functools.partial(self.lease.require, term)
         deliverer.observe = self._observe
-        deliverer.events.on_acknowledged = self.progress.acknowledged
+        deliverer.events.on_acknowledged = self._acknowledged
         deliverer.events.on_answer = self.metrics.track
         if self.outage.open:
             # The first pass after an outage is the probe: a few trial calls decide (breaker.py).
@@ -253,13 +316,10 @@ class DeliveryLoop:
                 )
             )
         finally:
-            # The pass's field conflicts, into the runs open for their (losing) audiences.
-            # Summed: a renamed property's old keys share its run.
-            conflicts: Counter[int] = Counter()
-            for audience_id, key in keys.items():
-                conflicts[run_id(audience_id)] += deliverer.conflicts[key]
+            # The field conflicts of the pass's acknowledged calls, into the runs their (losing)
+            # audiences' answers were recorded under.
             try:
-                self.store.add_field_conflicts(conflicts)
+                self.store.add_field_conflicts(deliverer.run_conflicts)
             except (AudienceSyncError, SQLAlchemyError) as exc:
                 # Only a count: the pass's own outcome (or error) is what matters.
                 log.warning("could not count the field conflicts of a delivery pass: %s", exc)
@@ -283,7 +343,12 @@ class DeliveryLoop:
     def _observe(self, outcomes: Sequence[Outcome]) -> None:
         self.metrics.outcomes(outcomes)
         if any(outcome.acknowledged for outcome in outcomes):
-            self.progress.acknowledged()
+            self._acknowledged()
+
+    def _acknowledged(self) -> None:
+        """Gleap acknowledged a call (identify or track) of the pass under way."""
+        self._acked = True
+        self.progress.acknowledged()
 
     def _close_drained(self, runs: dict[int, Run]) -> None:
         for audience_id, run in runs.items():

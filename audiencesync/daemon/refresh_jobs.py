@@ -47,6 +47,7 @@ class RefreshJobs:
     _busy: set[str]
     _ids: dict[str, int]
     _refreshing: int
+    _take_over: Callable[[int], None]  # the delivery loop's: hands it the audience's open run to close
     blocked: GleapError | None  # the delivery loop's: why Gleap took no call in its last pass
 
     def _due_now(self, audience: AudienceConfig) -> bool:
@@ -138,10 +139,7 @@ class RefreshJobs:
                 audience.key, audience.name, kind=audience.kind, missing=audience.missing
             )
             self._ids[key] = existing.id
-            with self._lock:
-                previous = self._open.pop(existing.id, None)
-            if previous is not None:
-                self._close(previous)
+            self._take_over(existing.id)  # its run closes once its calls have Gleap's verdict
             run = self.syncer.refresh(audience, str(uuid.uuid4()), full=full, allow_removals=allow_removals)
             self.metrics.cycle_duration.labels(key).observe(time.monotonic() - started)
             if run.report.status == "failed" and self.syncer.sources.cancelled.is_set():

@@ -124,6 +124,11 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth, ActivePeriod):
         self._signals = 0
         self._lock = threading.Lock()
         self._open: dict[int, Run] = {}  # audience id -> its run still delivering
+        self._superseded: list[tuple[int, Run]] = []  # taken over by a refresh (delivery_loop._take_over)
+        self._passes = 0  # delivery passes taken so far
+        self._pass_runs: dict[int, Run] = {}  # the last pass's runs, in the order of their turns
+        self._opened_by = 0  # the audience that went first in the last pass
+        self._acked = False  # the pass under way had a call acknowledged
         self._refreshing = 0
         self._started = store_mod.utc_now()
         self.active = False

@@ -9,7 +9,6 @@ and keyset cursors keep a pass finite even when calls fail.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import groupby
 
@@ -26,7 +25,6 @@ def plan_calls(
     *,
     keys: Mapping[int, str],
     field_order: Sequence[str] = (),
-    conflicts: Counter[str] | None = None,
     on_page: Callable[[list[PendingChange]], None] | None = None,
 ) -> Iterator[tuple[str, Call[PendingChange]]]:
     """(user id, one call) for one pass over these audiences, in turns.
@@ -36,8 +34,9 @@ def plan_calls(
     calls when they carry more than Gleap's 35 custom keys. Keyset cursors per
     audience make the pass finite even when calls fail. ``on_page`` sees each
     page's changes before any of them is yielded (the write-ahead mark of calls
-    about to go out). ``conflicts`` counts, per losing audience key, the fields
-    that went out with another audience's value.
+    about to go out). Each call names the losing audiences of the field conflicts
+    it carries (``Call.conflicts``): counted once Gleap acknowledges it, not here,
+    as a call planned may never go out (the pass ends early) or be refused.
 
     Each user is called once per pass, with no per-user memory: a pass reads
     what was due when it started (one ``now`` for every page), and a user's
@@ -64,12 +63,10 @@ def plan_calls(
             fields = store.page_fields([u for u, _ in users], field_order) if field_order else PageFields()
             calls: list[tuple[str, Call[PendingChange]]] = []
             for user_id, changes in users:
-                made, lost = user_calls(
+                made, _ = user_calls(
                     changes, keys, fields.members.get(user_id, ()), fields.held.get(user_id), MAX_CUSTOM_KEYS
                 )
                 calls.extend((user_id, call) for call in made)
-                if conflicts is not None:
-                    conflicts.update(conflict.loser for conflict in lost)
             if on_page is not None and calls:
                 on_page([change for _, call in calls for change in call.changes])
             yield from calls

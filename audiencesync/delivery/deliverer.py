@@ -85,7 +85,10 @@ class Deliverer:
         # Called before each request to Gleap; raises to stop the pass (the daemon's lease check).
         self.before_send: Callable[[], None] | None = None
         self.field_order = field_order  # the configured audiences' keys, first wins a field
-        self.conflicts: Counter[str] = Counter()  # fields sent with another audience's value, by loser
+        # Fields Gleap acknowledged with another audience's value: by losing audience's key, and
+        # by the run each loser's answers were recorded under when the call's were (run id).
+        self.conflicts: Counter[str] = Counter()
+        self.run_conflicts: Counter[int] = Counter()
 
     async def drain(
         self,
@@ -134,6 +137,7 @@ class Deliverer:
         calls = 0
         progress = ProgressLog(self.store, audience_ids, self.clock, self.progress_every)
         marked = UnknownMarks(self.store)
+        ids_of = {key: audience_id for audience_id, key in keys.items()}
 
         async def write_answers() -> None:
             done = False
@@ -150,6 +154,7 @@ class Deliverer:
                         backoff=self.backoff,
                         keys=keys,  # what the calls carried: a row renamed meanwhile is not acknowledged
                     )
+                    self._count_conflicts(batch, ids, ids_of, run_ids)
                     progress.sent(len(batch))
                     if self.observe is not None:
                         self.observe(batch)
@@ -203,6 +208,7 @@ class Deliverer:
                     maybe_applied=answer.maybe_applied,
                     tries=answer.tries,
                     fields=tuple((name, values.encode(v)) for name, v in call.fields.items()),
+                    conflicts=tuple(call.conflicts),
                 )
             )
             if not answer.ok and not self.breaker.is_open:
@@ -236,7 +242,6 @@ class Deliverer:
             self.page_size,
             keys=keys,
             field_order=self.field_order,
-            conflicts=self.conflicts,
             on_page=marked.mark,
         )
         # The planner keeps up to a page of calls ahead of the senders, reading the next
@@ -342,6 +347,26 @@ class Deliverer:
                 trials=verdict[1] if verdict is not None else None,
             )
         return calls
+
+    def _count_conflicts(
+        self,
+        batch: Sequence[Outcome],
+        ids: Mapping[int, int],
+        ids_of: Mapping[str, int],
+        run_ids: Callable[[int], int],
+    ) -> None:
+        """The field conflicts of a recorded batch's acknowledged calls, each into the run its
+        loser's answers were just recorded under (``ids``), or else its open run; a loser with
+        no row in this pass has no run here, and is only logged."""
+        for outcome in batch:
+            if not outcome.acknowledged:
+                continue
+            for loser in outcome.conflicts:
+                self.conflicts[loser] += 1
+                audience_id = ids_of.get(loser)
+                if audience_id is not None:
+                    run_id = ids[audience_id] if audience_id in ids else run_ids(audience_id)
+                    self.run_conflicts[run_id] += 1
 
 
 def _take(plan: Iterator[tuple[str, Call[PendingChange]]], n: int) -> list[tuple[str, Call[PendingChange]]]:

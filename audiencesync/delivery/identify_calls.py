@@ -74,6 +74,8 @@ class Call(Generic[C]):
     # The contact fields among the attributes (neither a property's key nor its value):
     # what a 2xx tells Gleap holds for the user (``contact_fields``).
     fields: Fields = dataclasses.field(default_factory=dict)
+    # The losing audience of each field conflict this call is the first of the user's to carry.
+    conflicts: list[str] = dataclasses.field(default_factory=list)
 
 
 def pack(parts: Sequence[tuple[C, Mapping[str, Any]]], max_keys: int = 35) -> list[Call[C]]:
@@ -122,7 +124,11 @@ def user_calls(
     for call in calls:
         call.fields = {name: value for name, value in call.attributes.items() if name not in property_keys}
     sent = {name for call in calls for name in call.fields}
-    return calls, [conflict for conflict in conflicts if conflict.field in sent]
+    lost = [conflict for conflict in conflicts if conflict.field in sent]
+    for conflict in lost:
+        # On one call, so that a user's conflict counts once however many calls carry the field.
+        next(call for call in calls if conflict.field in call.fields).conflicts.append(conflict.loser)
+    return calls, lost
 
 
 def owed_fields(merged: Mapping[str, Any], held: Mapping[str, str], *, everything: bool = False) -> set[str]:

@@ -62,6 +62,9 @@ class Outcome:
     # The contact fields the call carried, (name, canonical JSON): a 2xx records them as what
     # Gleap holds for the user (``contact_fields``).
     fields: tuple[tuple[str, str], ...] = ()
+    # The losing audiences (keys) of the contact fields the call carried with another audience's
+    # value: a 2xx counts them into those audiences' runs (``sync_runs.field_conflicts``).
+    conflicts: tuple[str, ...] = ()
 
     @property
     def acknowledged(self) -> bool:

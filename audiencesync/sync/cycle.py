@@ -180,10 +180,8 @@ class Syncer:
                 self.alerts.refused(str(report.aborted))
             elif report.aborted is None and report.calls:
                 self.alerts.gleap(None)  # calls went through: Gleap answers
-            # Conflicts are counted per losing audience as calls go out; the run keeps its own.
-            self.store.add_field_conflicts(
-                {run.run_id: deliverer.conflicts[run.audience.key] for run in runs}
-            )
+            # Conflicts are counted per losing audience as Gleap acknowledges the calls.
+            self.store.add_field_conflicts(deliverer.run_conflicts)
             self._finish(self.store, runs, report)
         for run in runs:
             log.info("%s", run.report.summary())
