@@ -193,6 +193,9 @@ def test_a_refused_batch_is_split_to_find_the_bad_event(
     report = cycle(config)  # the second rejection parks it
     assert (only(report).events_pending, only(report).events_parked) == (0, 1)
     engine = store_mod.create_engine(config.store.url)
+    with engine.connect() as conn:  # each run counts its events acknowledged and refused (run_history)
+        counted = sa.select(sync_runs.c.events_sent, sync_runs.c.events_failed).order_by(sync_runs.c.id)
+        assert conn.execute(counted).all() == [(4, 1), (0, 1)]
     store = store_mod.Store(engine)
     (parked,) = store.parked()
     assert (parked.audience, parked.user_id, parked.value, parked.attempts) == (
