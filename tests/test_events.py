@@ -275,8 +275,10 @@ def test_prune_deletes_acknowledged_events_and_keeps_the_unsent(
     assert [e["userId"] for e in gleap.events] == ["u1", "u2"]
 
     pruner = Pruner(engine, lambda: datetime.now(UTC), pause_seconds=0)
-    # Acknowledged after the cut: kept (only what Gleap acknowledged before it goes).
+    # Acknowledged after the cut, or at its very instant: kept (only what Gleap acknowledged
+    # before it goes).
     assert pruner.plan(long_ago - timedelta(days=1)).events == 0
+    assert pruner.plan(long_ago).events == 0
     cut = datetime.now(UTC) - timedelta(days=5)
     assert pruner.plan(cut).events == 2
     result = pruner.prune(cut, by="cli")
