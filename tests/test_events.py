@@ -502,6 +502,16 @@ def test_every_track_answer_is_told_with_the_number_of_events_it_carried() -> No
     assert [(o.status, [e.id for e in o.events]) for o in outbox.recorded] == [(200, [1, 2, 3])]
 
 
+def test_an_answered_call_is_recorded_as_sent_by_its_last_request() -> None:
+    # The call log's sent time is when the request went out, not when the outbox stored the answer.
+    went = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    tries = (Try(went, 503, "unknown"), Try(went + timedelta(seconds=3), 200, "acknowledged"))
+    outbox = _Outbox(_due(1, 2))
+    _send(outbox, Answer(200, retries=1, tries=tries), lambda s: None)
+    [outcome] = outbox.recorded
+    assert (outcome.status, outcome.sends, outcome.retries, outcome.sent_at) == (200, 2, 1, tries[-1].at)
+
+
 def test_a_refused_call_that_may_have_been_applied_is_recorded_as_sent_by_its_last_request() -> None:
     # The call log's sent time is when the refused request went out, not when the answer was stored.
     went = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
