@@ -531,17 +531,21 @@ def test_a_refused_call_that_may_have_been_applied_is_recorded_as_sent_by_its_la
     assert (outcome.status, outcome.sends, outcome.retries, outcome.sent_at) == (401, 2, 1, tries[-1].at)
 
 
-def test_a_split_batch_counts_every_request_it_took() -> None:
+class _RefusingU3:
+    """Refuses (400) every batch that carries an event of u3."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[object]] = []
+
+    async def track(self, bodies: list[dict[str, object]]) -> Answer:
+        self.batches.append([b["userId"] for b in bodies])
+        return Answer(400, "HTTP 400") if any(b["userId"] == "u3" for b in bodies) else Answer(200)
+
+
+def test_a_split_batch_counts_every_request_it_took(caplog: pytest.LogCaptureFixture) -> None:
     # [1 2 3 4] refused, [1 2] sent, [3 4] refused, [3] refused alone, [4] sent: five requests.
-    class RefusingU3:
-        def __init__(self) -> None:
-            self.batches: list[list[object]] = []
-
-        async def track(self, bodies: list[dict[str, object]]) -> Answer:
-            self.batches.append([b["userId"] for b in bodies])
-            return Answer(400, "HTTP 400") if any(b["userId"] == "u3" for b in bodies) else Answer(200)
-
-    outbox, client = _Outbox(_due(1, 2, 3, 4)), RefusingU3()
+    caplog.set_level("INFO", logger="audiencesync.delivery.track")
+    outbox, client = _Outbox(_due(1, 2, 3, 4)), _RefusingU3()
     sender = EventSender(cast(Outbox, outbox), batch_size=10, max_attempts=3, backoff=(1.0, 60.0))
     requests = asyncio.run(sender.send_due(cast(GleapClient, client), [1], lambda _: 1, halted=lambda: False))
     assert client.batches == [["u1", "u2", "u3", "u4"], ["u1", "u2"], ["u3", "u4"], ["u3"], ["u4"]]
@@ -551,6 +555,25 @@ def test_a_split_batch_counts_every_request_it_took() -> None:
         (400, [3]),
         (200, [4]),
     ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "a batch of 4 events was refused (HTTP 400); splitting it",
+        "a batch of 2 events was refused (HTTP 400); splitting it",
+        "track: 1 event(s) refused: HTTP 400",
+    ]
+
+
+def test_a_half_held_behind_its_users_refused_event_costs_no_request() -> None:
+    # [3 3' 3'' 4] refused, [3 3'] refused, [3] refused alone: u3's later events are held, so
+    # [3'] is never sent, nor is 3'' beside 4: four requests, not one more for the held half.
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    due = [DueEvent(i, 1, "gold", f"u{n}", "Audience Entered", "Gold", at) for i, n in enumerate("3334", 1)]
+    outbox, client = _Outbox(due), _RefusingU3()
+    sender = EventSender(cast(Outbox, outbox), batch_size=10, max_attempts=3, backoff=(1.0, 60.0))
+    requests = asyncio.run(sender.send_due(cast(GleapClient, client), [1], lambda _: 1, halted=lambda: False))
+    assert client.batches == [["u3", "u3", "u3", "u4"], ["u3", "u3"], ["u3"], ["u4"]]
+    assert requests == 4
+    assert outbox.restored == [[2], [3]]  # held: their marks back, still owed
+    assert [(o.status, [e.id for e in o.events]) for o in outbox.recorded] == [(400, [1]), (200, [4])]
 
 
 @pytest.mark.parametrize(
