@@ -49,7 +49,11 @@ def events_of(store: Store, key: str) -> tuple[int, int]:
         counted = assert_counters_exact(store)
         assert key in counted
         audience_id = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar_one()
-        return events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0))
+        kept = events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0))
+        # Its rows scanned, this audience's alone, say the same (an audience with none has no row).
+        scanned = events_mod.counts_by_audience(conn, [audience_id], scan=True)
+        assert set(scanned) <= {audience_id} and scanned.get(audience_id, (0, 0)) == kept
+        return kept
 
 
 def refresh(store: Store, audience: Audience, ids: list[str], *, full: bool = False) -> None:
@@ -120,6 +124,9 @@ def test_every_write_path_keeps_the_counters_exact(store: Store) -> None:
 def test_the_events_writes_keep_their_counters_exact(store: Store) -> None:
     a = store.ensure_audience("a", "A")
     names = events_mod.EventNames("Audience Entered", "Audience Exited")
+    b = store.ensure_audience("b", "B")  # another audience's event, which a's counts leave out
+    store.refresh(b, store.start_run("cycle", b, "initial"), iter([["u9"]]), full=False, events=names)
+    assert events_of(store, "b") == (1, 0)
     run_id = store.start_run("cycle", a, "initial")
     store.refresh(a, run_id, iter([["u1", "u2", "u3", "u4"]]), full=False, events=names)
     assert events_of(store, "a") == (4, 0)
