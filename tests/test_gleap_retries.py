@@ -11,6 +11,7 @@ import pytest
 
 from audiencesync.config.loading import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError
+from audiencesync.gleap.api import track_event
 from audiencesync.gleap.breaker import CircuitBreaker
 from audiencesync.gleap.client import Answer, GleapClient
 from audiencesync.gleap.ratelimit import TokenBucket
@@ -263,3 +264,19 @@ def test_a_call_that_gives_up_counts_its_429s_among_its_attempts(gleap: GleapSta
     sent = len(gleap.requests)
     assert sent == 6
     assert answer.error is not None and answer.error.startswith("gave up after 6 attempts: ")
+
+
+def test_failed_track_calls_of_two_users_open_the_breaker(gleap: GleapStandIn) -> None:
+    # A track call counts for its first event's user, so Gleap failing the events of two users
+    # opens the breaker as identify calls would (one user's failures alone would not).
+    gleap.fail_track_next(2, 503)
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=1, max_retries=0)
+    breaker = _SleepLog(threshold=2)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    async def go() -> list[Answer]:
+        async with GleapClient(settings, Secret(TOKEN), breaker=breaker) as client:
+            return [await client.track([track_event(u, "Audience Entered", at, {})]) for u in ("u1", "u2")]
+
+    assert [a.status for a in asyncio.run(go())] == [503, 503]
+    assert breaker.is_open and breaker.users == {"track:u1", "track:u2"}
