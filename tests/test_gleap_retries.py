@@ -33,6 +33,16 @@ class _SleepLog(CircuitBreaker):
         self.sleeping.set()
 
 
+async def _reached(event: asyncio.Event, call: asyncio.Task[Answer]) -> None:
+    """Wait until the call sets ``event``. A call that ends first (a bug raising in its retry
+    loop) fails the test at once with its error, rather than leaving the test waiting for ever."""
+    reached = asyncio.create_task(event.wait())
+    await asyncio.wait([reached, call], return_when=asyncio.FIRST_COMPLETED)
+    if not reached.done():
+        reached.cancel()
+        raise AssertionError(f"the call ended before it got there: {call.result()!r}")
+
+
 def _client(gleap: GleapStandIn, breaker: CircuitBreaker, limiter: TokenBucket | None = None) -> GleapClient:
     settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=1, max_retries=3)
     return GleapClient(settings, Secret(TOKEN), breaker=breaker, limiter=limiter, backoff_initial=0.01)
@@ -66,7 +76,7 @@ def test_a_retry_the_breaker_stopped_during_its_backoff_is_not_sent(gleap: Gleap
     async def go() -> Answer:
         async with _client(gleap, breaker) as client:
             call = asyncio.create_task(client.identify("u1", {"vip": True}))
-            await breaker.sleeping.wait()  # the 503 is in; the retry waits
+            await _reached(breaker.sleeping, call)  # the 503 is in; the retry waits
             breaker.failure("u2", "HTTP 503")  # another user's failure opens the breaker
             return await call
 
@@ -93,7 +103,7 @@ def test_a_call_waiting_on_the_limiter_when_the_breaker_opens_is_not_sent(gleap:
     async def go() -> Answer:
         async with _client(gleap, breaker, gate) as client:
             call = asyncio.create_task(client.identify("u1", {"vip": True}))
-            await gate.waiting.wait()
+            await _reached(gate.waiting, call)
             breaker.failure("u2", "HTTP 503")  # Gleap is down for everyone meanwhile
             gate.open.set()
             return await call
@@ -169,7 +179,7 @@ def test_a_retry_stopped_by_the_breaker_at_the_limiter_counts_the_attempts_made(
     async def go() -> Answer:
         async with _client(gleap, breaker, gate) as client:
             call = asyncio.create_task(client.identify("u1", {"vip": True}))
-            await gate.waiting.wait()  # a 429, a 503, and the second retry waits on the limiter
+            await _reached(gate.waiting, call)  # a 429, a 503, and the second retry waits on the limiter
             breaker.failure("u2", "HTTP 503")  # another user's failure opens the breaker
             gate.open.set()
             return await call
