@@ -265,3 +265,29 @@ def test_once_told_to_stop_a_pass_starts_no_new_call(
         engine.dispose()
     owed = [row(config, u) for u in users]
     assert sum(1 for r in owed if r is not None and r["acked"] is None) == len(users) - n
+
+
+def test_a_pass_marks_its_calls_unknown_a_page_at_a_time(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    # The write-ahead marks (and the calls held in memory) run at most about a page ahead of the
+    # calls in flight, not over the whole audience at once.
+    users = [f"u{i:02d}" for i in range(30)]
+    source.set(users)
+    config = make_config(gleap.base_url)
+    gleap.hold()
+    engine = store_mod.engine_for(config.store)
+    stop = threading.Event()
+    try:
+        syncer, thread, done = _held_pass(config, Store(engine), stop, page_size=2)
+        n = config.gleap.max_concurrency
+        assert gleap.wait_held(n, timeout=30), "the calls never reached Gleap"
+        # In flight, a page queued for the senders, and the next one being read at most.
+        assert n <= _marked(engine) <= n + 2 * 2
+        gleap.release()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        syncer.sources.dispose()
+    finally:
+        engine.dispose()
+    assert done == [len(users)] and len(gleap.identify_calls) == len(users)
