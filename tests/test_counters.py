@@ -1,5 +1,6 @@
 """audience_counts (migration 0008) equals the memberships rows after every kind of write, on both
-databases, and `status` reads the same from the counters as from a scan of every row."""
+databases, and `status` reads the same from the counters as from a scan of every row; a run counts
+every answer of a batch recorded at once."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from alembic import command
 from audiencesync.lifecycle.forget import Forgetter
 from audiencesync.lifecycle.renames import Renames
 from audiencesync.store import database, events as events_mod, status as status_mod, store as store_mod
-from audiencesync.store.schema import audience_counts, audiences, events
+from audiencesync.store.schema import audience_counts, audiences, events, sync_runs
 from audiencesync.store.store import Audience, Backoff, Outcome, Store
 from audiencesync.store.utc_time import UtcDateTime
 from audiencesync.values import encode
@@ -119,6 +120,28 @@ def test_every_write_path_keeps_the_counters_exact(store: Store) -> None:
     Forgetter(store.engine).forget(["u0", "u4", "u9"])
     counts = assert_counters_exact(store)
     assert counts["a"][0] == 2
+
+
+def test_a_run_counts_every_answer_of_a_batch_recorded_at_once(store: Store) -> None:
+    # The deliverer records up to RECORD_BATCH answers in one transaction: each counts in the
+    # run (the summary's sent, failed, unknown and retries; run_history), not only the last.
+    a = store.ensure_audience("a", "A")
+    run_id = store.start_run("cycle", a, "initial")
+    store.refresh(a, run_id, iter([["u1", "u2", "u3", "u4"]]), full=False)
+    due = {c.user_id: c for c in store.pending_page(a.id, [a.id], "", 100)}
+    # u2 and u3 got no verdict (unknown); u4 a verdict, last, so it is not unknown.
+    answers = {"u1": 200, "u2": 503, "u3": 0, "u4": 400}
+    store.record(
+        [Outcome((due[u],), s, None if s == 200 else "bad", s == 400, retries=1) for u, s in answers.items()],
+        {a.id: run_id},
+        max_attempts=3,
+        backoff=Backoff(),
+    )
+    tallies = (sync_runs.c.sent, sync_runs.c.failed, sync_runs.c.unknown, sync_runs.c.retries)
+    with store.engine.connect() as conn:
+        counted = conn.execute(sa.select(*tallies).where(sync_runs.c.id == run_id)).one()
+    assert tuple(counted) == (1, 3, 2, 4)
+    assert assert_counters_exact(store) == {"a": (4, 3, 0, 2, 0)}
 
 
 def test_the_events_writes_keep_their_counters_exact(store: Store) -> None:
