@@ -124,7 +124,7 @@ def test_every_write_path_keeps_the_counters_exact(store: Store) -> None:
 
 def test_a_run_counts_every_answer_of_a_batch_recorded_at_once(store: Store) -> None:
     # The deliverer records up to RECORD_BATCH answers in one transaction: each counts in the
-    # run (the summary's sent, failed, unknown and retries; run_history), not only the last.
+    # run (the summary's sent, failed, unknown, retries and 429s; run_history), not only the last.
     a = store.ensure_audience("a", "A")
     run_id = store.start_run("cycle", a, "initial")
     store.refresh(a, run_id, iter([["u1", "u2", "u3", "u4"]]), full=False)
@@ -132,15 +132,19 @@ def test_a_run_counts_every_answer_of_a_batch_recorded_at_once(store: Store) -> 
     # u2 and u3 got no verdict (unknown); u4 a verdict, last, so it is not unknown.
     answers = {"u1": 200, "u2": 503, "u3": 0, "u4": 400}
     store.record(
-        [Outcome((due[u],), s, None if s == 200 else "bad", s == 400, retries=1) for u, s in answers.items()],
+        [
+            Outcome((due[u],), s, None if s == 200 else "bad", s == 400, retries=1, rate_limited=i)
+            for i, (u, s) in enumerate(answers.items())
+        ],
         {a.id: run_id},
         max_attempts=3,
         backoff=Backoff(),
     )
-    tallies = (sync_runs.c.sent, sync_runs.c.failed, sync_runs.c.unknown, sync_runs.c.retries)
+    c = sync_runs.c
+    tallies = (c.sent, c.failed, c.unknown, c.retries, c.rate_limited)
     with store.engine.connect() as conn:
         counted = conn.execute(sa.select(*tallies).where(sync_runs.c.id == run_id)).one()
-    assert tuple(counted) == (1, 3, 2, 4)
+    assert tuple(counted) == (1, 3, 2, 4, 0 + 1 + 2 + 3)
     assert assert_counters_exact(store) == {"a": (4, 3, 0, 2, 0)}
 
 
