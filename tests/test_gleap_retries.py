@@ -299,3 +299,19 @@ def test_failed_track_calls_of_two_users_open_the_breaker(gleap: GleapStandIn) -
 
     assert [a.status for a in asyncio.run(go())] == [503, 503]
     assert breaker.is_open and breaker.users == {"track:u1", "track:u2"}
+
+
+def test_a_calls_retries_back_off_from_half_a_second_by_default(gleap: GleapStandIn) -> None:
+    # Doubling from 0.5 s, each wait plus up to 0.5 s of jitter: what `forget`'s deletions get
+    # (a delivery pass hands the client the syncer's own setting, 0.5 s too).
+    gleap.fail_next(2, 503)
+    breaker = _SleepLog()
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=30, max_retries=3)
+
+    async def go() -> Answer:
+        async with GleapClient(settings, Secret(TOKEN), breaker=breaker) as client:
+            return await client.identify("u1", {"vip": True})
+
+    assert asyncio.run(go()).ok
+    first, second = breaker.slept
+    assert 0.5 <= first <= 1.0 and 1.0 <= second <= 1.5
