@@ -15,7 +15,7 @@ from audiencesync.config.loading import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError
 from audiencesync.gleap import client as client_mod
 from audiencesync.gleap.api import track_event
-from audiencesync.gleap.breaker import CircuitBreaker
+from audiencesync.gleap.breaker import HALF_OPEN, CircuitBreaker, Trials
 from audiencesync.gleap.client import Answer, GleapClient
 from audiencesync.gleap.ratelimit import TokenBucket
 from tests.conftest import TOKEN
@@ -315,3 +315,19 @@ def test_a_calls_retries_back_off_from_half_a_second_by_default(gleap: GleapStan
     assert asyncio.run(go()).ok
     first, second = breaker.slept
     assert 0.5 <= first <= 1.0 and 1.0 <= second <= 1.5
+
+
+def test_a_trial_request_answered_keeps_its_place_among_the_trials(gleap: GleapStandIn) -> None:
+    # Half-open, a request that got a verdict on Gleap's health (a failure or a success) is one
+    # of the trials for good; only one with no verdict (a 429, never sent) gives its place back.
+    # Otherwise a probe would let out more than its trial calls.
+    gleap.fail_next(1, 503)
+    breaker = CircuitBreaker.probing(3, Trials(calls=4, failure_rate=0.5))
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=30, max_retries=0)
+
+    async def go() -> list[int]:
+        async with GleapClient(settings, Secret(TOKEN), breaker=breaker) as client:
+            return [(await client.identify(u, {"vip": True})).status for u in ("u1", "u2")]
+
+    assert asyncio.run(go()) == [503, 200]
+    assert breaker.state == HALF_OPEN and breaker.admitted == 2  # undecided: 1 of 2 failed
