@@ -1,5 +1,6 @@
 """audience_counts (migration 0008) equals the memberships rows after every kind of write, on both
-databases, and `status` reads the same from the counters as from a scan of every row."""
+databases, and `status` reads the same from the counters as from a scan of every row; a run counts
+every answer of a batch recorded at once."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from alembic import command
 from audiencesync.lifecycle.forget import Forgetter
 from audiencesync.lifecycle.renames import Renames
 from audiencesync.store import database, events as events_mod, status as status_mod, store as store_mod
-from audiencesync.store.schema import audience_counts, audiences, events
+from audiencesync.store.schema import audience_counts, audiences, events, sync_runs
 from audiencesync.store.store import Audience, Backoff, Outcome, Store
 from audiencesync.store.utc_time import UtcDateTime
 from audiencesync.values import encode
@@ -49,7 +50,11 @@ def events_of(store: Store, key: str) -> tuple[int, int]:
         counted = assert_counters_exact(store)
         assert key in counted
         audience_id = conn.execute(sa.select(audiences.c.id).where(audiences.c.key == key)).scalar_one()
-        return events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0))
+        kept = events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0))
+        # Its rows scanned, this audience's alone, say the same (an audience with none has no row).
+        scanned = events_mod.counts_by_audience(conn, [audience_id], scan=True)
+        assert set(scanned) <= {audience_id} and scanned.get(audience_id, (0, 0)) == kept
+        return kept
 
 
 def refresh(store: Store, audience: Audience, ids: list[str], *, full: bool = False) -> None:
@@ -117,9 +122,38 @@ def test_every_write_path_keeps_the_counters_exact(store: Store) -> None:
     assert counts["a"][0] == 2
 
 
+def test_a_run_counts_every_answer_of_a_batch_recorded_at_once(store: Store) -> None:
+    # The deliverer records up to RECORD_BATCH answers in one transaction: each counts in the
+    # run (the summary's sent, failed, unknown, retries and 429s; run_history), not only the last.
+    a = store.ensure_audience("a", "A")
+    run_id = store.start_run("cycle", a, "initial")
+    store.refresh(a, run_id, iter([["u1", "u2", "u3", "u4"]]), full=False)
+    due = {c.user_id: c for c in store.pending_page(a.id, [a.id], "", 100)}
+    # u2 and u3 got no verdict (unknown); u4 a verdict, last, so it is not unknown.
+    answers = {"u1": 200, "u2": 503, "u3": 0, "u4": 400}
+    store.record(
+        [
+            Outcome((due[u],), s, None if s == 200 else "bad", s == 400, retries=1, rate_limited=i)
+            for i, (u, s) in enumerate(answers.items())
+        ],
+        {a.id: run_id},
+        max_attempts=3,
+        backoff=Backoff(),
+    )
+    c = sync_runs.c
+    tallies = (c.sent, c.failed, c.unknown, c.retries, c.rate_limited)
+    with store.engine.connect() as conn:
+        counted = conn.execute(sa.select(*tallies).where(sync_runs.c.id == run_id)).one()
+    assert tuple(counted) == (1, 3, 2, 4, 0 + 1 + 2 + 3)
+    assert assert_counters_exact(store) == {"a": (4, 3, 0, 2, 0)}
+
+
 def test_the_events_writes_keep_their_counters_exact(store: Store) -> None:
     a = store.ensure_audience("a", "A")
     names = events_mod.EventNames("Audience Entered", "Audience Exited")
+    b = store.ensure_audience("b", "B")  # another audience's event, which a's counts leave out
+    store.refresh(b, store.start_run("cycle", b, "initial"), iter([["u9"]]), full=False, events=names)
+    assert events_of(store, "b") == (1, 0)
     run_id = store.start_run("cycle", a, "initial")
     store.refresh(a, run_id, iter([["u1", "u2", "u3", "u4"]]), full=False, events=names)
     assert events_of(store, "a") == (4, 0)

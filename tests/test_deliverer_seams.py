@@ -1,8 +1,9 @@
 """What a delivery pass (``delivery.Deliverer``) hands its parts, each seen from outside: the
 observer (the daemon's metrics and stall detection) gets every recorded batch of answers, the
 events' outbox writes under the writer lease's fence, and the configured order of audiences
-decides who wins a contact field after a reorder. In-process, against the loopback stand-in,
-on both stores (issue 19, D: mutation survivors of the delivery core)."""
+decides who wins a contact field after a reorder, a stop starts no new call, and the write-ahead
+marks run about a page ahead of the calls. In-process, against the loopback stand-in, on both
+stores (issue 19, D: mutation survivors of the delivery core)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from audiencesync.delivery.deliverer import Deliverer
 from audiencesync.errors import LeaseLostError
 from audiencesync.store import store as store_mod
 from audiencesync.store.lease import WriterLease
+from audiencesync.store.schema import memberships
 from audiencesync.store.schema_views import call_log_view
 from audiencesync.store.store import Outcome, Store
 from audiencesync.sync.cycle import Run, Syncer
@@ -210,3 +212,82 @@ def test_a_stop_mid_call_cancels_it_after_the_grace_and_the_user_stays_owed(
     assert gleap.identify_calls == []
     found = row(config, "u1")  # it may have reached Gleap: marked unknown, still owed
     assert found is not None and found["unknown"] and found["acked"] is None
+
+
+def _held_pass(
+    config: Config, store: Store, stop: threading.Event, *, page_size: int = 100
+) -> tuple[Syncer, threading.Thread, list[int]]:
+    """A pass in a thread, its calls held by the stand-in (``gleap.hold()``); returns its requests."""
+    syncer = Syncer(config, store, backoff_initial=0.01, page_size=page_size)
+    (one,) = config.properties
+    run = syncer.refresh(one, str(uuid.uuid4()))
+    done: list[int] = []
+
+    def deliver() -> None:
+        drain = syncer.deliverer().drain(
+            [run.audience.id], {run.audience.id: run.audience.key}, lambda _: run.run_id, stop=stop
+        )
+        done.append(asyncio.run(drain))
+
+    thread = threading.Thread(target=deliver, daemon=True)
+    thread.start()
+    return syncer, thread, done
+
+
+def _marked(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).where(memberships.c.unknown)).scalar_one())
+
+
+def test_once_told_to_stop_a_pass_starts_no_new_call(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    users = [f"u{i:02d}" for i in range(10)]
+    source.set(users)
+    config = make_config(gleap.base_url)
+    gleap.hold()
+    engine = store_mod.engine_for(config.store)
+    stop = threading.Event()
+    try:
+        syncer, thread, done = _held_pass(config, Store(engine), stop)
+        n = config.gleap.max_concurrency
+        assert gleap.wait_held(n, timeout=30), "the calls never reached Gleap"
+        stop.set()
+        gleap.release()  # the calls in flight are answered well within the grace (30 s)...
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        syncer.sources.dispose()
+        assert done == [n]  # ...and no other call starts after them
+        assert len(gleap.identify_calls) == n
+        # The others stay owed, with the mark they had: none of them went out.
+        assert _marked(engine) == 0
+    finally:
+        engine.dispose()
+    owed = [row(config, u) for u in users]
+    assert sum(1 for r in owed if r is not None and r["acked"] is None) == len(users) - n
+
+
+def test_a_pass_marks_its_calls_unknown_a_page_at_a_time(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn
+) -> None:
+    # The write-ahead marks (and the calls held in memory) run at most about a page ahead of the
+    # calls in flight, not over the whole audience at once.
+    users = [f"u{i:02d}" for i in range(30)]
+    source.set(users)
+    config = make_config(gleap.base_url)
+    gleap.hold()
+    engine = store_mod.engine_for(config.store)
+    stop = threading.Event()
+    try:
+        syncer, thread, done = _held_pass(config, Store(engine), stop, page_size=2)
+        n = config.gleap.max_concurrency
+        assert gleap.wait_held(n, timeout=30), "the calls never reached Gleap"
+        # In flight, a page queued for the senders, and the next one being read at most.
+        assert n <= _marked(engine) <= n + 2 * 2
+        gleap.release()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        syncer.sources.dispose()
+    finally:
+        engine.dispose()
+    assert done == [len(users)] and len(gleap.identify_calls) == len(users)

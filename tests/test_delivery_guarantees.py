@@ -73,6 +73,9 @@ def test_a_verdict_on_the_retry_of_a_call_that_may_have_been_applied_keeps_it_un
     marked = row(config, "u1")
     assert marked is not None and marked["unknown"], "the verdict cleared the unknown mark"
     assert only(report).unknown == 1
+    # What the audit and the run's counts show: the verdict, two requests, one of them a retry.
+    assert marked["last_status"] == verdict and str(verdict) in str(marked["last_error"])
+    assert only(report).retries == 1
     # The call log agrees with the store: a request with no verdict, then the verdict.
     assert call_log(config, "u1")[-2:] == [
         (False, 1, 0 if first == "lose" else 500, "unknown"),

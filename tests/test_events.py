@@ -193,6 +193,9 @@ def test_a_refused_batch_is_split_to_find_the_bad_event(
     report = cycle(config)  # the second rejection parks it
     assert (only(report).events_pending, only(report).events_parked) == (0, 1)
     engine = store_mod.create_engine(config.store.url)
+    with engine.connect() as conn:  # each run counts its events acknowledged and refused (run_history)
+        counted = sa.select(sync_runs.c.events_sent, sync_runs.c.events_failed).order_by(sync_runs.c.id)
+        assert conn.execute(counted).all() == [(4, 1), (0, 1)]
     store = store_mod.Store(engine)
     (parked,) = store.parked()
     assert (parked.audience, parked.user_id, parked.value, parked.attempts) == (
@@ -272,8 +275,10 @@ def test_prune_deletes_acknowledged_events_and_keeps_the_unsent(
     assert [e["userId"] for e in gleap.events] == ["u1", "u2"]
 
     pruner = Pruner(engine, lambda: datetime.now(UTC), pause_seconds=0)
-    # Acknowledged after the cut: kept (only what Gleap acknowledged before it goes).
+    # Acknowledged after the cut, or at its very instant: kept (only what Gleap acknowledged
+    # before it goes).
     assert pruner.plan(long_ago - timedelta(days=1)).events == 0
+    assert pruner.plan(long_ago).events == 0
     cut = datetime.now(UTC) - timedelta(days=5)
     assert pruner.plan(cut).events == 2
     result = pruner.prune(cut, by="cli")
@@ -497,6 +502,16 @@ def test_every_track_answer_is_told_with_the_number_of_events_it_carried() -> No
     assert [(o.status, [e.id for e in o.events]) for o in outbox.recorded] == [(200, [1, 2, 3])]
 
 
+def test_an_answered_call_is_recorded_as_sent_by_its_last_request() -> None:
+    # The call log's sent time is when the request went out, not when the outbox stored the answer.
+    went = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    tries = (Try(went, 503, "unknown"), Try(went + timedelta(seconds=3), 200, "acknowledged"))
+    outbox = _Outbox(_due(1, 2))
+    _send(outbox, Answer(200, retries=1, tries=tries), lambda s: None)
+    [outcome] = outbox.recorded
+    assert (outcome.status, outcome.sends, outcome.retries, outcome.sent_at) == (200, 2, 1, tries[-1].at)
+
+
 def test_a_refused_call_that_may_have_been_applied_is_recorded_as_sent_by_its_last_request() -> None:
     # The call log's sent time is when the refused request went out, not when the answer was stored.
     went = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -516,17 +531,21 @@ def test_a_refused_call_that_may_have_been_applied_is_recorded_as_sent_by_its_la
     assert (outcome.status, outcome.sends, outcome.retries, outcome.sent_at) == (401, 2, 1, tries[-1].at)
 
 
-def test_a_split_batch_counts_every_request_it_took() -> None:
+class _RefusingU3:
+    """Refuses (400) every batch that carries an event of u3."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[object]] = []
+
+    async def track(self, bodies: list[dict[str, object]]) -> Answer:
+        self.batches.append([b["userId"] for b in bodies])
+        return Answer(400, "HTTP 400") if any(b["userId"] == "u3" for b in bodies) else Answer(200)
+
+
+def test_a_split_batch_counts_every_request_it_took(caplog: pytest.LogCaptureFixture) -> None:
     # [1 2 3 4] refused, [1 2] sent, [3 4] refused, [3] refused alone, [4] sent: five requests.
-    class RefusingU3:
-        def __init__(self) -> None:
-            self.batches: list[list[object]] = []
-
-        async def track(self, bodies: list[dict[str, object]]) -> Answer:
-            self.batches.append([b["userId"] for b in bodies])
-            return Answer(400, "HTTP 400") if any(b["userId"] == "u3" for b in bodies) else Answer(200)
-
-    outbox, client = _Outbox(_due(1, 2, 3, 4)), RefusingU3()
+    caplog.set_level("INFO", logger="audiencesync.delivery.track")
+    outbox, client = _Outbox(_due(1, 2, 3, 4)), _RefusingU3()
     sender = EventSender(cast(Outbox, outbox), batch_size=10, max_attempts=3, backoff=(1.0, 60.0))
     requests = asyncio.run(sender.send_due(cast(GleapClient, client), [1], lambda _: 1, halted=lambda: False))
     assert client.batches == [["u1", "u2", "u3", "u4"], ["u1", "u2"], ["u3", "u4"], ["u3"], ["u4"]]
@@ -536,6 +555,25 @@ def test_a_split_batch_counts_every_request_it_took() -> None:
         (400, [3]),
         (200, [4]),
     ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "a batch of 4 events was refused (HTTP 400); splitting it",
+        "a batch of 2 events was refused (HTTP 400); splitting it",
+        "track: 1 event(s) refused: HTTP 400",
+    ]
+
+
+def test_a_half_held_behind_its_users_refused_event_costs_no_request() -> None:
+    # [3 3' 3'' 4] refused, [3 3'] refused, [3] refused alone: u3's later events are held, so
+    # [3'] is never sent, nor is 3'' beside 4: four requests, not one more for the held half.
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    due = [DueEvent(i, 1, "gold", f"u{n}", "Audience Entered", "Gold", at) for i, n in enumerate("3334", 1)]
+    outbox, client = _Outbox(due), _RefusingU3()
+    sender = EventSender(cast(Outbox, outbox), batch_size=10, max_attempts=3, backoff=(1.0, 60.0))
+    requests = asyncio.run(sender.send_due(cast(GleapClient, client), [1], lambda _: 1, halted=lambda: False))
+    assert client.batches == [["u3", "u3", "u3", "u4"], ["u3", "u3"], ["u3"], ["u4"]]
+    assert requests == 4
+    assert outbox.restored == [[2], [3]]  # held: their marks back, still owed
+    assert [(o.status, [e.id for e in o.events]) for o in outbox.recorded] == [(400, [1]), (200, [4])]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 
 from audiencesync.config.loading import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError, GleapError
-from audiencesync.gleap.api import event_date, identify_body, identify_url
+from audiencesync.gleap.api import MAX_CUSTOM_KEYS, event_date, identify_body, identify_url
 from audiencesync.gleap.client import Answer, GleapClient
 from audiencesync.gleap.http import parse_retry_after, retryable
 from audiencesync.gleap.ratelimit import LATENESS_SECONDS, TokenBucket
@@ -38,6 +38,25 @@ def test_identify_sends_the_token_and_the_body(gleap: GleapStandIn) -> None:
     assert request.method == "POST" and request.path == "/admin/identify?preventLastActivityUpdate=true"
     assert request.headers["api-token"] == TOKEN
     assert request.body == {"vip": True, "userId": "u1"}
+
+
+def test_identify_takes_exactly_gleaps_limit_of_custom_keys_and_refuses_one_more(gleap: GleapStandIn) -> None:
+    # The planner splits a user's attributes into calls of at most MAX_CUSTOM_KEYS; one that
+    # carries exactly that many goes out (the stand-in enforces Gleap's limit too).
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=30, max_retries=3)
+    full = {f"k{i:02d}": True for i in range(MAX_CUSTOM_KEYS)}
+
+    async def go() -> Answer:
+        async with GleapClient(settings, Secret(TOKEN)) as client:
+            with pytest.raises(
+                ValueError, match=f"36 custom keys in one call; Gleap takes {MAX_CUSTOM_KEYS}"
+            ):
+                await client.identify("u1", full | {"one_more": True})
+            return await client.identify("u1", full)
+
+    assert asyncio.run(go()).ok
+    [request] = gleap.requests  # the refused one never went out
+    assert len(request.body) == MAX_CUSTOM_KEYS + 1  # and userId
 
 
 def test_429_is_retried_after_the_pause_it_asks_for(gleap: GleapStandIn) -> None:

@@ -4,14 +4,18 @@ each request of it records (the call log's time, status, outcome and text)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 
 from audiencesync.config.loading import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError
-from audiencesync.gleap.breaker import CircuitBreaker
+from audiencesync.gleap import client as client_mod
+from audiencesync.gleap.api import track_event
+from audiencesync.gleap.breaker import HALF_OPEN, CircuitBreaker, Trials
 from audiencesync.gleap.client import Answer, GleapClient
 from audiencesync.gleap.ratelimit import TokenBucket
 from tests.conftest import TOKEN
@@ -30,6 +34,16 @@ class _SleepLog(CircuitBreaker):
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.sleeping.set()
+
+
+async def _reached(event: asyncio.Event, call: asyncio.Task[Answer]) -> None:
+    """Wait until the call sets ``event``. A call that ends first (a bug raising in its retry
+    loop) fails the test at once with its error, rather than leaving the test waiting for ever."""
+    reached = asyncio.create_task(event.wait())
+    await asyncio.wait([reached, call], return_when=asyncio.FIRST_COMPLETED)
+    if not reached.done():
+        reached.cancel()
+        raise AssertionError(f"the call ended before it got there: {call.result()!r}")
 
 
 def _client(gleap: GleapStandIn, breaker: CircuitBreaker, limiter: TokenBucket | None = None) -> GleapClient:
@@ -65,7 +79,7 @@ def test_a_retry_the_breaker_stopped_during_its_backoff_is_not_sent(gleap: Gleap
     async def go() -> Answer:
         async with _client(gleap, breaker) as client:
             call = asyncio.create_task(client.identify("u1", {"vip": True}))
-            await breaker.sleeping.wait()  # the 503 is in; the retry waits
+            await _reached(breaker.sleeping, call)  # the 503 is in; the retry waits
             breaker.failure("u2", "HTTP 503")  # another user's failure opens the breaker
             return await call
 
@@ -92,7 +106,7 @@ def test_a_call_waiting_on_the_limiter_when_the_breaker_opens_is_not_sent(gleap:
     async def go() -> Answer:
         async with _client(gleap, breaker, gate) as client:
             call = asyncio.create_task(client.identify("u1", {"vip": True}))
-            await gate.waiting.wait()
+            await _reached(gate.waiting, call)
             breaker.failure("u2", "HTTP 503")  # Gleap is down for everyone meanwhile
             gate.open.set()
             return await call
@@ -168,7 +182,7 @@ def test_a_retry_stopped_by_the_breaker_at_the_limiter_counts_the_attempts_made(
     async def go() -> Answer:
         async with _client(gleap, breaker, gate) as client:
             call = asyncio.create_task(client.identify("u1", {"vip": True}))
-            await gate.waiting.wait()  # a 429, a 503, and the second retry waits on the limiter
+            await _reached(gate.waiting, call)  # a 429, a 503, and the second retry waits on the limiter
             breaker.failure("u2", "HTTP 503")  # another user's failure opens the breaker
             gate.open.set()
             return await call
@@ -181,9 +195,15 @@ def test_a_retry_stopped_by_the_breaker_at_the_limiter_counts_the_attempts_made(
     )
 
 
-def test_each_request_of_a_call_is_noted_with_its_time_status_outcome_and_text(gleap: GleapStandIn) -> None:
+def test_each_request_of_a_call_is_noted_with_its_time_status_outcome_and_text(
+    gleap: GleapStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # What the call log keeps, and what the breaker is told (a 429 is no failure of Gleap's).
     went = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    # The client's own monotonic clock (only its timing of requests reads it): each request
+    # takes 2 s by it, read once as it goes out and once as its answer comes.
+    ticks = itertools.count(step=2.0)
+    monkeypatch.setattr(client_mod, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
     settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=30, max_retries=3)
     breaker = _SleepLog()
     gleap.fail_next(1, 503, body="overloaded")
@@ -202,7 +222,7 @@ def test_each_request_of_a_call_is_noted_with_its_time_status_outcome_and_text(g
         (went, 429, "rate_limited", "HTTP 429"),
         (went, 401, "rejected", "HTTP 401"),
     ]
-    assert all(isinstance(t.elapsed_ms, int) and t.elapsed_ms >= 0 for t in tries)
+    assert [t.elapsed_ms for t in tries] == [2000, 2000, 2000]  # in milliseconds
     assert breaker.last_error == "HTTP 503 overloaded" and not breaker.is_open
 
 
@@ -263,3 +283,51 @@ def test_a_call_that_gives_up_counts_its_429s_among_its_attempts(gleap: GleapSta
     sent = len(gleap.requests)
     assert sent == 6
     assert answer.error is not None and answer.error.startswith("gave up after 6 attempts: ")
+
+
+def test_failed_track_calls_of_two_users_open_the_breaker(gleap: GleapStandIn) -> None:
+    # A track call counts for its first event's user, so Gleap failing the events of two users
+    # opens the breaker as identify calls would (one user's failures alone would not).
+    gleap.fail_track_next(2, 503)
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=1, max_retries=0)
+    breaker = _SleepLog(threshold=2)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    async def go() -> list[Answer]:
+        async with GleapClient(settings, Secret(TOKEN), breaker=breaker) as client:
+            return [await client.track([track_event(u, "Audience Entered", at, {})]) for u in ("u1", "u2")]
+
+    assert [a.status for a in asyncio.run(go())] == [503, 503]
+    assert breaker.is_open and breaker.users == {"track:u1", "track:u2"}
+
+
+def test_a_calls_retries_back_off_from_half_a_second_by_default(gleap: GleapStandIn) -> None:
+    # Doubling from 0.5 s, each wait plus up to 0.5 s of jitter: what `forget`'s deletions get
+    # (a delivery pass hands the client the syncer's own setting, 0.5 s too).
+    gleap.fail_next(2, 503)
+    breaker = _SleepLog()
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=30, max_retries=3)
+
+    async def go() -> Answer:
+        async with GleapClient(settings, Secret(TOKEN), breaker=breaker) as client:
+            return await client.identify("u1", {"vip": True})
+
+    assert asyncio.run(go()).ok
+    first, second = breaker.slept
+    assert 0.5 <= first <= 1.0 and 1.0 <= second <= 1.5
+
+
+def test_a_trial_request_answered_keeps_its_place_among_the_trials(gleap: GleapStandIn) -> None:
+    # Half-open, a request that got a verdict on Gleap's health (a failure or a success) is one
+    # of the trials for good; only one with no verdict (a 429, never sent) gives its place back.
+    # Otherwise a probe would let out more than its trial calls.
+    gleap.fail_next(1, 503)
+    breaker = CircuitBreaker.probing(3, Trials(calls=4, failure_rate=0.5))
+    settings = GleapConfig(base_url=gleap.base_url, timeout_seconds=30, max_retries=0)
+
+    async def go() -> list[int]:
+        async with GleapClient(settings, Secret(TOKEN), breaker=breaker) as client:
+            return [(await client.identify(u, {"vip": True})).status for u in ("u1", "u2")]
+
+    assert asyncio.run(go()) == [503, 200]
+    assert breaker.state == HALF_OPEN and breaker.admitted == 2  # undecided: 1 of 2 failed
