@@ -12,6 +12,7 @@ from typing import Any
 from audiencesync.alerts import attention
 from audiencesync.alerts.conditions import Condition
 from audiencesync.lifecycle import states as lifecycle
+from audiencesync.store.lease_renewal import Failing
 from audiencesync.store.status import AudienceStatus
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -209,3 +210,80 @@ def test_a_lost_lease_fails_only_while_no_daemon_holds_the_store() -> None:
     # Another daemon holds it and serves: standing by is healthy.
     other = attention.assess([row()], lost, LIVE, HOLDER, NOW, standby)
     assert other.healthy and other.daemon.state == "standby" and other.concerns == ()
+
+
+# --- store_unwritable: the lease's renewals failing ----------------------------------------------
+
+
+def test_renewals_failing_past_a_third_of_the_ttl_are_store_unwritable_until_one_goes_through() -> None:
+    ttl = 60.0  # the grace: 20 s
+    failing = Failing(NOW, "database is locked", warned=0.0)
+    clock = [NOW]
+
+    def seen(unrenewed: Failing | None) -> attention.Attention:
+        local = attention.Local(active=True, started_at=NOW, unrenewed=unrenewed, lease_seconds=ttl)
+        expires = HOLDER | {"expires_at": NOW + timedelta(seconds=40)}
+        return attention.assess([row(pending=2)], [], LIVE, expires, clock[0], local)
+
+    clock[0] = NOW + timedelta(seconds=20)  # a lock as long as the grace is not worth a page
+    assert seen(failing).healthy and seen(failing).concerns == ()
+    assert seen(failing).properties["seg"].state == "delivering"
+    clock[0] = NOW + timedelta(seconds=21)
+    past = seen(failing)
+    healthy, body = past.health()
+    assert not healthy and past.daemon.state == "store_unwritable" and past.daemon.severity == "failing"
+    assert body.splitlines()[0] == (
+        "the store can't be written: the lease's renewals have been failing for 21 s (database is "
+        "locked); delivery pauses before the lease would expire at 2026-12-06T12:00:40+00:00"
+    )
+    (concern,) = past.concerns
+    assert (concern.subject, concern.since) == (None, NOW)
+    assert "another process's long write transaction" in concern.action and "pg_locks" in concern.action
+    assert "a full disk" in concern.action and "lease_seconds" in concern.action
+    # What waits for the store is blocked, not delivering.
+    assert past.properties["seg"].state == "store_unwritable"
+    assert past.properties["seg"].reason.startswith("2 change(s) wait: the store can't be written")
+    # A renewal went through: the heartbeat's failing is gone, and so is the state, at once.
+    assert seen(None).healthy and seen(None).concerns == ()
+    # Only an active daemon's heartbeat renews: a standby's leftover says nothing.
+    standby = attention.Local(active=False, unrenewed=failing, lease_seconds=ttl)
+    assert attention.assess([row()], [], LIVE, HOLDER, clock[0], standby).daemon.state == "standby"
+
+
+def test_a_dead_loop_comes_first_then_the_store_then_gleap() -> None:
+    local = attention.Local(
+        active=True, dead="the delivery loop is not running", outage="Gleap is unavailable",
+        unrenewed=Failing(NOW - timedelta(minutes=1), "database is locked", warned=0.0),
+    )  # fmt: skip
+    conditions = [condition("token_refused", "gleap")]
+    seen = attention.assess([row()], conditions, LIVE, HOLDER, NOW, local)
+    assert [c.state for c in seen.concerns] == ["dead", "store_unwritable", "token_refused", "gleap_down"]
+    assert seen.daemon.state == "dead"
+
+
+def test_another_process_reads_a_holder_unrenewed_past_the_grace_as_store_unwritable() -> None:
+    """It can't be told (the heartbeat that would say so is a renewal): the row stands still.
+    A 60 s lease renews every 7.5 s; past that and the 20 s grace, the store can't be written."""
+
+    def holder(unrenewed_for: float) -> dict[str, Any]:
+        renewed = NOW - timedelta(seconds=unrenewed_for)
+        return HOLDER | {"renewed_at": renewed, "expires_at": renewed + timedelta(seconds=60)}
+
+    assert attention.assess([row()], [], LIVE, holder(27), NOW).healthy
+    seen = attention.assess([row()], [], LIVE, holder(28), NOW)
+    assert not seen.healthy and seen.daemon.state == "store_unwritable"
+    assert seen.daemon.reason == (
+        "the store can't be written, or h1 pid 42 is stuck: it has not renewed the store's lease "
+        "for 28 s (it renews every 7.5 s); delivery pauses before the lease would expire at "
+        "2026-12-06T12:00:32+00:00"
+    )
+    (concern,) = seen.concerns
+    assert concern.since == NOW - timedelta(seconds=28)
+    # Its stale heartbeat ("ok" here, or an older failing state) is not what it is now.
+    stale = holder(28) | {"health": "unhealthy (stalled): delivery stalled"}
+    assert [c.state for c in attention.assess([row()], [], LIVE, stale, NOW).concerns] == ["store_unwritable"]
+    # Renewed again: ok at once.
+    assert attention.assess([row()], [], LIVE, holder(0), NOW).concerns == ()
+    # The daemon itself goes by its heartbeat, not by its own row.
+    mine = attention.assess([row()], [], LIVE, holder(28), NOW, attention.Local(active=True))
+    assert mine.healthy

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import cast
 
@@ -17,6 +18,7 @@ from audiencesync.daemon.health_report import Outage
 from audiencesync.errors import GleapUnavailableError
 from audiencesync.gleap.breaker import CLOSED, CircuitBreaker, Trials
 from audiencesync.store import store as store_mod
+from audiencesync.store.lease import WriterLease
 from audiencesync.store.store import Store
 from audiencesync.sync.cycle import Syncer
 from tests.conftest import ConfigFactory, SourceDB
@@ -124,6 +126,10 @@ def test_while_its_trial_calls_are_out_the_daemon_says_probing_not_paused() -> N
             self.config = cast(Config, SimpleNamespace(gleap=GleapConfig(breaker_trial_calls=4)))
             self.outage = Outage(store_mod.utc_now)
             self.scheduler = None
+            # Renewed lately: the STATUS line goes on to Gleap's breaker (store_unwritable first).
+            self.lease = cast(
+                WriterLease, SimpleNamespace(failing=None, ttl=timedelta(seconds=60), valid_until=None)
+            )
 
     daemon = Health()
     daemon.outage.trip("Gleap at http://gleap is failing", 15)

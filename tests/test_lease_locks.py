@@ -10,8 +10,10 @@ may be configured, so that a renewal cannot simply wait the whole lock out.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sqlite3
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,8 +30,8 @@ from audiencesync.store.lease_renewal import LeaseUnrenewedError
 from audiencesync.store.schema import leases
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
-from tests.test_daemon import SCHEDULE, members_true, wait_for
-from tests.test_daemon_hardening import InProcess, with_store_setting
+from tests.test_daemon import SCHEDULE, cli, free_port, members_true, wait_for
+from tests.test_daemon_hardening import InProcess, healthz, metrics, with_store_setting
 
 TTL = 15.0  # long enough that the renewal after the lock has seconds to spare on a busy machine
 EDGE = 0.8  # the lock ends this fraction of the TTL after the last renewal
@@ -192,9 +194,11 @@ def interrupted_runs(store_url: str) -> int:
         engine.dispose()
 
 
-def daemon_config(make_config: ConfigFactory, gleap: GleapStandIn, store_url: str, ttl: float) -> Any:
+def daemon_config(
+    make_config: ConfigFactory, gleap: GleapStandIn, store_url: str, ttl: float, extra: str = SCHEDULE
+) -> Any:
     sync = f'lease_seconds = {ttl:g}\nretry_backoff = "0s"'
-    config = make_config(gleap.base_url, sync=sync, extra=SCHEDULE)
+    config = make_config(gleap.base_url, sync=sync, extra=extra)
     if store_url.startswith("sqlite"):
         config = with_store_setting(config, "busy_timeout_seconds = 0.2")
     return config
@@ -262,3 +266,67 @@ def test_a_renewal_puts_the_pooled_connections_busy_timeout_back(tmp_path: Path)
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 30_000
     finally:
         engine.dispose()
+
+
+def test_a_lock_past_the_grace_is_store_unwritable_on_every_surface_until_a_renewal_goes_through(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, store_url: str
+) -> None:
+    """(attention.py's store_unwritable.) Renewals failing for longer than a third of the TTL make
+    /healthz answer 503 with the state, and /metrics, the page, systemd's STATUS and `status` (in
+    another process: by the row standing still) say it too; a lock ending before 0.8 of the TTL
+    keeps the lease, and the first renewal after it ends the state."""
+    ttl = 30.0  # the state opens ~17 s after the last renewal: ~7 s to see it before the lock ends
+    source.set(["u1"])
+    port = free_port()
+    # Refreshes a minute apart: the lock fails those due meanwhile, and with 2 s apart the audience
+    # would soon be stalled (no successful cycle within twice the interval), failing /healthz too.
+    schedule = SCHEDULE.replace('interval = "2s"', 'interval = "60s"')
+    server = f'[server]\nlisten = "127.0.0.1:{port}"\n'
+    config = daemon_config(make_config, gleap, store_url, ttl, extra=schedule + server)
+    with InProcess(config) as daemon:
+        wait_for(lambda: members_true(gleap) == {"u1"}, what="the first sync")
+        wait_for(lambda: healthz(port)[0] == 200, what="/healthz to answer")
+        lease, engine = daemon.core.lease, daemon.core.engine
+        term = lease.holder
+        last = next_renewal(engine, after=lease_row(engine).renewed_at)
+        edge = last.renewed_at + timedelta(seconds=EDGE * ttl)  # the lock ends by then, at the latest
+        answers: list[tuple[datetime, int, str]] = []
+
+        def unwritable() -> bool:
+            code, body = healthz(port)
+            answers.append((store_mod.utc_now(), code, body))  # the time after the daemon judged
+            return code == 503 and body.startswith("the store can't be written")
+
+        def left() -> float:
+            return float((edge - store_mod.utc_now()).total_seconds())
+
+        with locked(store_url):
+            wait_for(unwritable, timeout=left(), what="/healthz to say store_unwritable")
+            failing = lease.failing
+            assert failing is not None
+            grace = ttl / 3
+            early = [(at - failing.since, code, body) for at, code, body in answers if code != 200]
+            assert all(waited.total_seconds() > grace for waited, _, _ in early), early
+            first, *lines = answers[-1][2].splitlines()
+            assert "renewals have been failing for" in first
+            assert ("database is locked" if store_url.startswith("sqlite") else "lock timeout") in first
+            (line,) = [x for x in lines if x.startswith("store unwritable: ")]
+            assert "Fix: find what keeps the store from being written" in line and "pg_locks" in line
+            assert 'audiencesync_condition{audience="",condition="store_unwritable"} 1.0' in metrics(port)
+            assert "audiencesync_healthy 0.0" in metrics(port)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                assert 'data-state="store_unwritable" data-subject=""' in response.read().decode()
+            # systemd's STATUS line (sent by the main loop when it changes; test_notify.py)
+            assert daemon.core.service_status().startswith("active: the store can't be written: ")
+
+            def status_says() -> bool:
+                data = json.loads(cli(config, "status", "--format", "json").stdout)
+                return bool(data["daemon"]["state"] == "store_unwritable")
+
+            wait_for(status_says, timeout=left(), what="`status` in another process to say so")
+        wait_for(lambda: healthz(port)[1].splitlines()[0] == "ok", timeout=ttl, what="/healthz ok again")
+        assert 'condition="store_unwritable"} 0.0' in metrics(port)
+        after = next_renewal(engine, after=last.renewed_at)
+        assert after.renewed_at < last.expires_at  # renewed in time: the same term throughout
+        assert lease.holder == term and not lease.lost.is_set(), lease.loss
+        assert json.loads(cli(config, "status", "--format", "json").stdout)["daemon"]["state"] == "ok"

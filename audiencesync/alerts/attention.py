@@ -11,8 +11,8 @@ loop gone, the circuit breaker's next probe).
 Each state has a severity, the colour of its badge: ``ok``; ``progress`` (delivering);
 ``neutral`` (paused, retired, standby); ``action`` (a person must act: held, parked,
 overdue); ``failing`` (nothing gets through: the token refused, Gleap down, stalled, a
-dead loop, the lease lost). Each concern says what happened and what to do, with the
-exact command where there is one.
+dead loop, the store unwritable, the lease lost). Each concern says what happened and what
+to do, with the exact command where there is one.
 
 A daemon-wide concern (``subject`` None) of severity ``failing`` makes the daemon
 unhealthy (`/healthz` 503); a property's own concerns (held, a failing source, parked)
@@ -30,6 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from audiencesync.alerts import store_unwritable
 from audiencesync.alerts.attention_states import (
     ACTIONS,
     BLOCKING,
@@ -51,14 +52,17 @@ from audiencesync.alerts.attention_states import (
     SOURCE_FAILING,
     STALLED,
     STANDBY,
+    STORE_UNWRITABLE,
     TOKEN_REFUSED,
     Concern,
     Verdict,
     label,
 )
 from audiencesync.alerts.conditions import Condition
+from audiencesync.config.sections import SyncConfig
 from audiencesync.errors import iso_time
 from audiencesync.lifecycle import states as lifecycle
+from audiencesync.store.lease_renewal import Failing
 from audiencesync.store.schema import alert_conditions, leases
 from audiencesync.store.status import AudienceStatus, audience_status
 
@@ -84,6 +88,7 @@ __all__ = [
     "SOURCE_FAILING",
     "STALLED",
     "STANDBY",
+    "STORE_UNWRITABLE",
     "TOKEN_REFUSED",
     "Attention",
     "Concern",
@@ -107,6 +112,8 @@ class Local:
     stalled: str | None = None
     started_at: datetime | None = None
     intervals: Mapping[str, float] = field(default_factory=dict)  # seconds, of the active properties
+    unrenewed: Failing | None = None  # the lease's renewals failing (a copy of the heartbeat's)
+    lease_seconds: float = SyncConfig.lease_seconds  # its TTL: a third of it is their grace
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,12 @@ def _daemon_concerns(
         out.append(Concern(GLEAP_DOWN, None, local.outage, ACTIONS[GLEAP_DOWN], local.outage_since))
     if local is not None and local.stalled:
         out.append(Concern(STALLED, None, local.stalled, ACTIONS[STALLED]))
+    if local is not None and local.active:
+        # The row is this daemon's own, which its failing renewals can't update: its expiry stands.
+        expires = holder["expires_at"] if holder is not None else None
+        unwritable = store_unwritable.of_daemon(local.unrenewed, local.lease_seconds, expires, now)
+        if unwritable is not None:
+            out.append(unwritable)
     seen = {c.state for c in out}
     for condition in conditions:
         state = FROM_CONDITION.get(condition.kind)
@@ -230,12 +243,17 @@ def _daemon_concerns(
         seen.add(state)
         out.append(Concern(state, None, condition.summary, ACTIONS[state], condition.opened_at))
     if local is None and daemon_live and holder is not None:
-        # Another process's daemon: what its heartbeat last said of itself, when nothing above does.
+        # Another process's daemon. A store it can't write stops its renewals, and with them
+        # the heartbeat's word on its health (store_unwritable.py): its row says so by standing still.
+        unwritable = store_unwritable.of_holder(holder, now)
+        if unwritable is not None:
+            out.append(unwritable)
+        # What its heartbeat last said of itself, when nothing above does.
         said = HEARTBEAT.fullmatch(str(holder.get("health") or ""))
         if said is not None and not any(c.severity == "failing" for c in out):
             state = said["state"] if said["state"] in DAEMON_CONDITIONS else DEAD
             out.append(Concern(state, None, said["reason"], ACTIONS[state]))
-    # Token refused before Gleap down: the token is the cause a person can fix.
+    # In the order of DAEMON_CONDITIONS (attention_states.py): why, there.
     return sorted(out, key=lambda c: DAEMON_CONDITIONS.index(c.state))
 
 

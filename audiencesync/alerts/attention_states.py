@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from audiencesync.errors import iso_time
+from audiencesync.store.lease_renewal import LOCK_CULPRITS
 
 OK = "ok"
 DELIVERING = "delivering"
@@ -25,6 +26,7 @@ GLEAP_DOWN = "gleap_down"
 STALLED = "stalled"
 DEAD = "dead"
 LEASE_LOST = "lease_lost"
+STORE_UNWRITABLE = "store_unwritable"
 
 SEVERITY = {
     OK: "ok",
@@ -42,6 +44,7 @@ SEVERITY = {
     STALLED: "failing",
     DEAD: "failing",
     LEASE_LOST: "failing",
+    STORE_UNWRITABLE: "failing",
 }
 
 
@@ -60,10 +63,16 @@ FROM_CONDITION = {
     "source_failed": SOURCE_FAILING,
 }
 # Every condition a gauge of /metrics reports, open (1) or not (0): daemon-wide, then a property's.
-DAEMON_CONDITIONS = (TOKEN_REFUSED, GLEAP_DOWN, STALLED, DEAD, LEASE_LOST, OVERDUE)
+# The daemon-wide ones in the order they are listed, the first failing one being why /healthz
+# fails: a loop gone first (whatever else that daemon says of itself may be stale, and a restart
+# cures it); then the store it can't write (its lease is at stake within the TTL); the refused
+# token, a cause a person can fix, before Gleap down, which only waiting cures; stalled, a
+# symptom of any of those or of none; then no daemon working the store at all.
+DAEMON_CONDITIONS = (DEAD, STORE_UNWRITABLE, TOKEN_REFUSED, GLEAP_DOWN, STALLED, LEASE_LOST, OVERDUE)
 PROPERTY_CONDITIONS = (HELD, SOURCE_FAILING, PARKED, OVERDUE)
-# Gleap refuses everything: what waits for it is blocked, not delivering.
-BLOCKING = (TOKEN_REFUSED, GLEAP_DOWN)
+# Gleap refuses everything, or the store takes no write (not even a call's outcome): what
+# waits is blocked, not delivering.
+BLOCKING = (STORE_UNWRITABLE, TOKEN_REFUSED, GLEAP_DOWN)
 
 ACTIONS = {
     TOKEN_REFUSED: "set a valid token in GLEAP_API_TOKEN (or [gleap] api_token), then `audiencesync check`",
@@ -72,6 +81,9 @@ ACTIONS = {
     DEAD: "restart the service (systemd's watchdog does after WatchdogSec); the log says why the loop ended",
     LEASE_LOST: "check that the store answers (`audiencesync check`); the daemon takes the lease back "
     "when it can",
+    STORE_UNWRITABLE: f"find what keeps the store from being written ({LOCK_CULPRITS}; or a full "
+    "disk), or raise [sync] lease_seconds above the longest such lock; delivery resumes by itself "
+    "once a renewal goes through",
     OVERDUE: "start the daemon (`audiencesync run`, or its service), or run `audiencesync sync`",
     SOURCE_FAILING: "check the source and the query, then `audiencesync check`",
 }

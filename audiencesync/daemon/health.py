@@ -7,13 +7,14 @@ circuit breaker, progress stalled, audiences late) and only reads.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from audiencesync.alerts import attention as attention_mod
+from audiencesync.alerts import attention as attention_mod, store_unwritable
 from audiencesync.config.loading import Config
 from audiencesync.daemon.health_report import Outage, Progress
 from audiencesync.daemon.listener import Listener
@@ -21,12 +22,14 @@ from audiencesync.daemon.notify import Notifier
 from audiencesync.errors import brief, iso_time
 from audiencesync.lifecycle import states as lifecycle
 from audiencesync.store import store as store_mod
+from audiencesync.store.lease import WriterLease
 
 
 class DaemonHealth:
     # Provided by the daemon.
     config: Config
     store: store_mod.Store
+    lease: WriterLease
     outage: Outage
     progress: Progress
     scheduler: BackgroundScheduler | None
@@ -55,7 +58,8 @@ class DaemonHealth:
 
     def attention(self) -> attention_mod.Attention:
         """The daemon's and each property's state (attention.py), with what only this process
-        knows: its loops, Gleap's circuit breaker, whether delivery stalled."""
+        knows: its loops, Gleap's circuit breaker, whether delivery stalled, whether the lease's
+        renewals fail."""
         local = attention_mod.Local(
             active=self.active,
             stopping=self.stop.is_set(),
@@ -65,6 +69,9 @@ class DaemonHealth:
             stalled=self.progress.stalled(self._due()) if self.active else None,
             started_at=self._started,
             intervals={a.key: a.interval for a in self.config.active},
+            # A copy: the heartbeat's thread updates its reason, and clears it with a renewal.
+            unrenewed=copy.copy(self.lease.failing) if self.active else None,
+            lease_seconds=self.lease.ttl.total_seconds(),
         )
         with self.store.engine.connect() as conn:
             return attention_mod.read(conn, lifecycle.states(self.config), store_mod.utc_now(), local)
@@ -123,6 +130,12 @@ class DaemonHealth:
         return line
 
     def _active_status(self) -> str:
+        # In attention's order (DAEMON_CONDITIONS): the store before Gleap. No store read here.
+        lease = self.lease
+        ttl, until = lease.ttl.total_seconds(), lease.valid_until
+        unwritable = store_unwritable.of_daemon(copy.copy(lease.failing), ttl, until, store_mod.utc_now())
+        if unwritable is not None:
+            return f"active: {unwritable.reason}"
         if self.outage.open and self.outage.probing:
             return "active: Gleap was unavailable, probing with trial calls (circuit breaker half-open)"
         if self.outage.open:
@@ -136,7 +149,9 @@ class DaemonHealth:
 
     def _lease_health(self) -> tuple[str, datetime | None]:
         """What the heartbeat writes into the lease row, for `status` in other processes."""
-        # "unhealthy (STATE): REASON", which attention.py reads back in other processes.
+        # "unhealthy (STATE): REASON", which attention.py reads back in other processes. Never
+        # "unhealthy (store_unwritable)": that state is renewals failing, and this is written by
+        # a renewal; other processes see it by the row's renewed_at standing still instead.
         try:
             failing = self.attention().failing if self.active else None
         except Exception as exc:

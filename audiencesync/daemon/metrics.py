@@ -265,8 +265,8 @@ class _AttentionCollector(Collector):
         condition = GaugeMetricFamily(
             "audiencesync_condition",
             "1 while a condition that needs a person is open, else 0 (attention.py): per audience "
-            '(held, source_failing, parked, overdue), and with audience="" for the whole daemon '
-            "(token_refused, gleap_down, stalled, dead, lease_lost, overdue).",
+            f'({", ".join(attention_mod.PROPERTY_CONDITIONS)}), and with audience="" for the whole '
+            f"daemon ({', '.join(attention_mod.DAEMON_CONDITIONS)}).",
             labels=["condition", "audience"],
         )
         open_ = seen.open()

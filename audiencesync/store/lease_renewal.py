@@ -40,11 +40,16 @@ RENEWALS_PER_TTL = 8
 ATTEMPT_SECONDS = 5.0  # at most, for one renewal to wait for the store's lock
 RETRY_SECONDS = 2.0  # at most, between a failed renewal and the next try
 
+# What holds a store locked against the lease's renewal: named by the fixes here and by
+# attention's store_unwritable (alerts/store_unwritable.py), in the same words.
+LOCK_CULPRITS = (
+    "on SQLite, another process's long write transaction on the file; on PostgreSQL, a lock on "
+    "the leases table or row: see pg_locks"
+)
 FIX_LOCK = (
-    "Fix: find what held the store locked that long (on SQLite, another process's long write "
-    "transaction on the file; on PostgreSQL, a lock on the leases table or row: see pg_locks), "
-    "or raise [sync] lease_seconds above the longest such lock. The daemon takes the lease back "
-    "by itself once the store answers."
+    f"Fix: find what held the store locked that long ({LOCK_CULPRITS}), or raise [sync] "
+    "lease_seconds above the longest such lock. The daemon takes the lease back by itself once "
+    "the store answers."
 )
 
 

@@ -87,7 +87,8 @@ def verdict(seen: attention.Attention, key: str) -> attention.Verdict:
 
 
 def blocked(seen: attention.Attention, key: str) -> attention.Verdict | None:
-    """What stops a delivery, when Gleap refuses everything (the token, or Gleap down)."""
+    """What stops a delivery: Gleap refuses everything (the token, or Gleap down), or the store
+    takes no write (store_unwritable)."""
     found = seen.properties.get(key)
     return found if found is not None and found.state in attention.BLOCKING else None
 
