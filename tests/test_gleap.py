@@ -59,6 +59,30 @@ def test_identify_takes_exactly_gleaps_limit_of_custom_keys_and_refuses_one_more
     assert len(request.body) == MAX_CUSTOM_KEYS + 1  # and userId
 
 
+def test_the_client_keeps_a_connection_for_each_call_it_may_have_in_flight(gleap: GleapStandIn) -> None:
+    # Its pool is max_concurrency connections, all kept between calls: no call waits for a
+    # connection (PoolTimeout), and none is opened anew. httpx's default keeps only 20.
+    n = 25
+    settings = GleapConfig(
+        base_url=gleap.base_url, timeout_seconds=30, max_concurrency=n, requests_per_minute=600_000
+    )
+
+    async def burst(client: GleapClient) -> None:
+        gleap.hold()  # every call waits at the stand-in until all n are there at once
+        calls = [asyncio.create_task(client.identify(f"u{i}", {"vip": True})) for i in range(n)]
+        assert await asyncio.to_thread(gleap.wait_held, n, 30), "not every call got a connection"
+        gleap.release()
+        assert all(answer.ok for answer in await asyncio.gather(*calls))
+
+    async def go() -> None:
+        async with GleapClient(settings, Secret(TOKEN)) as client:
+            await burst(client)
+            await burst(client)
+
+    asyncio.run(go())
+    assert len(gleap.identify_calls) == 2 * n and gleap.connections_opened == n
+
+
 def test_429_is_retried_after_the_pause_it_asks_for(gleap: GleapStandIn) -> None:
     gleap.fail_next(1, 429, retry_after="1")
     started = time.monotonic()
