@@ -346,6 +346,7 @@ class GleapStandIn:
         self._cookie: str | None = None  # set_cookie(): a Set-Cookie header on every answer
         self._window: deque[float] = deque()
         self._connections: set[socket.socket] = set()
+        self._connections_opened = 0  # ever, since start(): how many the clients' pools opened
         self._stopping = threading.Event()
         # hold(): identify requests wait here, unanswered, until release().
         self._gate = threading.Event()
@@ -448,6 +449,13 @@ class GleapStandIn:
     def events(self) -> list[dict[str, Any]]:
         """Every event accepted, in arrival order."""
         return [event for batch in self.track_calls for event in batch]
+
+    @property
+    def connections_opened(self) -> int:
+        """The connections clients opened to the stand-in, all told (a pool that keeps its
+        connections between calls opens each once)."""
+        with self._lock:
+            return self._connections_opened
 
     def answer_counts(self) -> dict[tuple[str, int], int]:
         """How many requests got each answer, by (route, status): route is ``identify``,
@@ -587,6 +595,7 @@ class GleapStandIn:
     def _connection_opened(self, conn: socket.socket) -> None:
         with self._lock:
             self._connections.add(conn)
+            self._connections_opened += 1
 
     def _connection_closed(self, conn: socket.socket) -> None:
         with self._lock:

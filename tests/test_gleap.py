@@ -8,11 +8,12 @@ import socket
 import time
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 
 from audiencesync.config.loading import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError, GleapError
-from audiencesync.gleap.api import MAX_CUSTOM_KEYS, event_date, identify_body, identify_url
+from audiencesync.gleap.api import MAX_CUSTOM_KEYS, event_date, identify_body, identify_url, track_event
 from audiencesync.gleap.client import Answer, GleapClient
 from audiencesync.gleap.http import parse_retry_after, retryable
 from audiencesync.gleap.ratelimit import LATENESS_SECONDS, TokenBucket
@@ -57,6 +58,30 @@ def test_identify_takes_exactly_gleaps_limit_of_custom_keys_and_refuses_one_more
     assert asyncio.run(go()).ok
     [request] = gleap.requests  # the refused one never went out
     assert len(request.body) == MAX_CUSTOM_KEYS + 1  # and userId
+
+
+def test_the_client_keeps_a_connection_for_each_call_it_may_have_in_flight(gleap: GleapStandIn) -> None:
+    # Its pool is max_concurrency connections, all kept between calls: no call waits for a
+    # connection (PoolTimeout), and none is opened anew. httpx's default keeps only 20.
+    n = 25
+    settings = GleapConfig(
+        base_url=gleap.base_url, timeout_seconds=30, max_concurrency=n, requests_per_minute=600_000
+    )
+
+    async def burst(client: GleapClient) -> None:
+        gleap.hold()  # every call waits at the stand-in until all n are there at once
+        calls = [asyncio.create_task(client.identify(f"u{i}", {"vip": True})) for i in range(n)]
+        assert await asyncio.to_thread(gleap.wait_held, n, 30), "not every call got a connection"
+        gleap.release()
+        assert all(answer.ok for answer in await asyncio.gather(*calls))
+
+    async def go() -> None:
+        async with GleapClient(settings, Secret(TOKEN)) as client:
+            await burst(client)
+            await burst(client)
+
+    asyncio.run(go())
+    assert len(gleap.identify_calls) == 2 * n and gleap.connections_opened == n
 
 
 def test_429_is_retried_after_the_pause_it_asks_for(gleap: GleapStandIn) -> None:
@@ -161,6 +186,35 @@ def test_identify_url_is_the_base_url_the_path_and_the_query() -> None:
     )
     plain = GleapConfig(base_url="https://gleap.example", prevent_last_activity_update=False)
     assert identify_url(plain) == "https://gleap.example/admin/identify"
+
+
+def test_a_base_url_with_a_path_keeps_it_in_every_call() -> None:
+    # An on-premise Gleap (or a proxy) under a path: each call goes below it, with one slash.
+    # A transport seam records the URLs (the stand-in serves no prefix).
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, json={})
+
+    settings = GleapConfig(base_url="https://gleap.example/on-prem", max_retries=0)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    async def go() -> None:
+        async with GleapClient(settings, Secret(TOKEN), transport=httpx.MockTransport(answer)) as client:
+            await client.check_token()
+            assert (await client.identify("u1", {"vip": True})).ok
+            assert (await client.track([track_event("u1", "Audience Entered", at, {})])).ok
+            assert (await client.delete_contact("u1")).ok
+
+    asyncio.run(go())
+    root = "https://gleap.example/on-prem/admin"
+    assert seen == [
+        f"{root}/auth",
+        f"{root}/identify?preventLastActivityUpdate=true",
+        f"{root}/track",
+        f"{root}/contacts/u1",
+    ]
 
 
 def test_identify_body_keeps_user_id_last_and_authoritative() -> None:
