@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from audiencesync.config.loading import Config
 from audiencesync.daemon.scheduler import Daemon as DaemonCore
+from audiencesync.delivery import deliverer as deliverer_mod, field_winners
 from audiencesync.errors import GleapAuthError
 from tests.conftest import ConfigFactory, SourceDB
 from tests.test_daemon import SYNC, wait_for
@@ -102,4 +103,37 @@ def test_calls_that_got_no_verdict_do_not_end_a_refused_token(
         assert core._refresh("segment_a") is not None
         wait_for(lambda: statuses(config)[first] != "running", what="the run taken over to close")
         assert gleap.answered[503] >= 2  # that pass made its calls, and got no verdict
+        assert statuses(config)[first] == "aborted"
+
+
+def test_a_run_taken_over_before_gleap_answered_anything_waits_for_a_verdict(
+    make_config: ConfigFactory, source: SourceDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass that took the first run ends before any call went out (new work came first):
+    nothing is known of the token yet, so the run taken over meanwhile waits for the next
+    pass's 401 rather than close "partial" (the refused-token tests failed so once more)."""
+    source.set(["u1", "u2"])
+    gleap = HeldGleap(401)
+    gleap.answer.set()
+    config = make_config("http://127.0.0.1:9", sync=SYNC, extra=SCHEDULE)
+    running = InProcess(config, transport=gleap)
+    core = running.core
+    under_way, taken_over = threading.Event(), threading.Event()
+    reconcile = field_winners.reconcile
+
+    def first_pass_cut_short(*args: object, **kwargs: object) -> None:
+        if not under_way.is_set():  # the first pass with a run, before it plans a call
+            core.wake.set()  # new work, as a refresh brings: the pass ends with no call made
+            under_way.set()
+            assert taken_over.wait(60)
+        reconcile(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(deliverer_mod, "reconcile", first_pass_cut_short)
+    with running:
+        assert under_way.wait(60), "no pass took the first run"
+        [first] = statuses(config)
+        assert core._refresh("segment_a") is not None  # takes over while that pass is under way
+        taken_over.set()
+        wait_for(lambda: statuses(config)[first] != "running", what="the run taken over to close")
+        assert gleap.answered[401] >= 1
         assert statuses(config)[first] == "aborted"

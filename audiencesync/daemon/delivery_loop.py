@@ -102,6 +102,10 @@ class DeliveryLoop:
     def _delivery_loop(self, halt: threading.Event, term: str) -> None:
         errors = Backoff(*self.error_backoff)
         probes = Backoff(*self.breaker_backoff)
+        # Whether ``blocked`` says how Gleap takes the calls: not before a pass of this period
+        # got Gleap's verdict (a call acknowledged, the token refused, Gleap down). Until then a
+        # run taken over is closed only when nothing is owed: else its status would be a guess.
+        known = False
         while not halt.is_set() and not self.lease.lost.is_set() and self.lease.current(term):
             self.wake.clear()
             calls = 0
@@ -127,14 +131,14 @@ class DeliveryLoop:
                 else:
                     log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
                 self.metrics.breaker(OPEN)
-                self.blocked = exc
+                self.blocked, known = exc, True
                 self._close_superseded()
                 self.alerts.gleap(str(exc))
                 halt.wait(delay)
                 continue
             except GleapAuthError as exc:
                 log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
-                self.blocked = exc
+                self.blocked, known = exc, True
                 self._close_superseded()
                 self.alerts.refused(str(exc))
                 self.wake.clear()
@@ -165,10 +169,12 @@ class DeliveryLoop:
                 # The pass ended (new work, a stop) before any trial call was answered: no
                 # verdict yet, so the next pass probes again, at once.
                 continue
+            known = known or self._acked
             if self.blocked is not None and (self._acked or not self._owed()):
                 # Gleap acknowledged a call of this pass, or nothing is owed that it could refuse.
-                # A pass that made no call (what is owed waits out a backoff), or whose calls got
-                # no verdict (timeouts, 5xx below the breaker's threshold), says nothing of the token.
+                # A pass that made no call (what is owed waits out a backoff, or new work ended it
+                # first), or whose calls got no verdict (timeouts, 5xx below the breaker's
+                # threshold), says nothing of the token.
                 self.blocked = None
             if errors.reset():
                 log.info("delivery: the store answers again")
@@ -177,7 +183,8 @@ class DeliveryLoop:
                 self.blocked = None
                 log.info("Gleap answers again; delivery resumed")
                 self.metrics.breaker(CLOSED)
-            self._close_superseded()  # the pass's verdict is in ``blocked``
+            if known or (self._superseded and not self._owed()):
+                self._close_superseded()  # the verdict is in ``blocked``, or nothing is left to judge
             if calls:
                 self.alerts.gleap(None)  # calls went through: ends an outage, even a previous process's
             if not calls:
@@ -216,7 +223,8 @@ class DeliveryLoop:
         The run is not closed here: its calls may still be out, and its status (``aborted``
         while Gleap refuses them) depends on their verdict. It closes after the pass that
         took it; or, if no pass took it, after the next one, which carries what it left
-        pending under its successor. Closed here, the first run of a daemon whose token
+        pending under its successor; and not before the daemon knows how Gleap takes its
+        calls (``known`` in the loop). Closed here, the first run of a daemon whose token
         Gleap refuses ended ``partial`` whenever the refresh came before the first 401.
         """
         with self._lock:
