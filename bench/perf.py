@@ -8,7 +8,8 @@ Run from the repository root (about 10-15 minutes by default on 2 cores)::
     python bench/perf.py --quick                # 100k only, no enforced-limit run (e2): ~2 min
     python bench/perf.py --huge                 # adds 10M members
     python bench/perf.py --all                  # every figure on both stores: 100k, 1M and 10M
-                                                # members, e2 on PostgreSQL too (hours)
+                                                # members, e2 on PostgreSQL too, then the audit
+                                                # bench (bench/audit_bench.py --repeat 5) (hours)
     python bench/perf.py --members 2000 --postgres-url postgresql+psycopg://postgres@127.0.0.1:5432/bench_test
 
 PostgreSQL runs start with DROP SCHEMA public CASCADE (and bench_src): point them only at a
@@ -285,6 +286,9 @@ def main() -> int:
     )
     parser.add_argument("--full", action="store_true", help="e(2) on PostgreSQL too")
     parser.add_argument(
+        "--audit", action="store_true", help="then bench/audit_bench.py --repeat 5 on the same stores"
+    )
+    parser.add_argument(
         "--rows",
         nargs="+",
         choices=BULK_ROWS + DELIVERY_ROWS,
@@ -307,7 +311,7 @@ def main() -> int:
             parser.error("--all runs every figure: it takes no --quick, --stores, --members or --rows")
         if not args.postgres_url:
             parser.error("--all needs PostgreSQL too: --postgres-url or AUDIENCESYNC_TEST_POSTGRES_URL")
-        args.huge = args.full = True
+        args.huge = args.full = args.audit = True
 
     sizes = args.members or ([100_000] if args.quick else [100_000, 1_000_000])
     if args.huge:
@@ -380,7 +384,20 @@ def main() -> int:
     print(f"figures written to {args.json}")
     for problem in problems:
         print(f"WRONG: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    audited = audit(stores) if args.audit else 0
+    return 1 if problems or audited else 0
+
+
+def audit(stores: list[tuple[str, str]]) -> int:
+    """`audit members --at` at 1M against the plain export (issue 24, item 4): its own bench, its
+    table printed as it runs; a missed target there is its exit status 1, as a wrong count here."""
+    print("\naudit bench: bench/audit_bench.py --repeat 5", flush=True)
+    env = {k: v for k, v in os.environ.items() if k != "AUDIENCESYNC_BENCH_POSTGRES_URL"}
+    for store, url in stores:
+        if store == "postgresql":
+            env["AUDIENCESYNC_BENCH_POSTGRES_URL"] = url
+    bench = str(Path(__file__).with_name("audit_bench.py"))
+    return subprocess.run([sys.executable, bench, "--repeat", "5"], env=env, check=False).returncode
 
 
 if __name__ == "__main__":

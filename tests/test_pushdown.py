@@ -139,6 +139,19 @@ def test_bad_ids_are_skipped_and_counted_alike(
     ]
 
 
+def test_an_id_of_unicode_whitespace_is_blank_to_both_reads(
+    make_config: ConfigFactory, source: StoreSource, gleap: GleapStandIn
+) -> None:
+    # Python's str.strip() takes these for whitespace; PostgreSQL's [[:space:]] in the stage's
+    # "C" collation knows only ASCII's, so the pushed read kept them as ids.
+    source.set(["u1", "\u00a0", "\u2003\u3000", "\x1c", "\x85 ", "\u2028", "a\u00a0b", "\ufeff"])
+    report = cycle(make_config(gleap.base_url))
+    a = only(report)
+    # U+FEFF is not whitespace to Python: an id, as odd as it is.
+    assert set(calls(gleap)) == {"u1", "a\u00a0b", "\ufeff"}
+    assert (a.members, a.skipped_rows, a.invalid_samples) == (3, 5, [])
+
+
 def test_integer_and_uuid_ids_are_their_text(
     make_config: ConfigFactory, source: StoreSource, gleap: GleapStandIn
 ) -> None:

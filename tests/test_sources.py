@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from audiencesync.config.loading import AudienceConfig, SourceConfig
 from audiencesync.errors import SourceError
+from audiencesync.refresh import pushdown
 from audiencesync.refresh.sources import Sources
 from audiencesync.refresh.user_ids import ReadStats, canonical_user_id
 from tests.conftest import POSTGRES_URL
@@ -119,3 +120,9 @@ def test_a_sqlite_source_read_through_its_driver_fails_and_ends_as_through_sqlal
         conn.execute("DELETE FROM t")
     conn.close()
     sources.dispose()
+
+
+def test_the_pushed_reads_whitespace_is_pythons() -> None:
+    # The read pushed into PostgreSQL takes an id of these alone for blank, as str.strip() does.
+    every = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+    assert every == pushdown.WHITESPACE

@@ -227,6 +227,25 @@ def test_a_stage_left_on_a_pooled_connection_is_dropped_before_the_next(store: S
     assert store.memberships_of("a") == {"u2": (True, None), "u3": (True, None)}  # no stale1, stale2
 
 
+@pytest.mark.parametrize("hashagg", ["on", "off"])
+def test_the_plans_seal_is_distinct_sorted_and_leaves_the_planner_as_it_was(
+    store: Store, hashagg: str
+) -> None:
+    # On PostgreSQL the dry run's seal sorts without a hash aggregate for its one statement;
+    # the plan's statements after it get the setting the transaction had.
+    name = stage_mod.new_stage_name()
+    with store.engine.begin() as conn:
+        if store.engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL enable_hashagg = {hashagg}")
+        stage_mod.create_stage(conn, name)
+        stage_mod.load_batch(conn, name, ["u3", "u1", "u3", "u2", "u1"])
+        assert stage_mod.seal_for_plan(conn, name, valued=False) == 3
+        ids = [r[0] for r in conn.exec_driver_sql(f"SELECT user_id FROM {name} ORDER BY user_id")]
+        assert ids == ["u1", "u2", "u3"]
+        if store.engine.dialect.name == "postgresql":
+            assert conn.exec_driver_sql("SHOW enable_hashagg").scalar() == hashagg
+
+
 def test_a_store_table_named_like_the_stage_is_never_dropped(store: Store) -> None:
     """The stage is dropped by its temporary schema's name: a table of the store's own with
     the same name (made by someone else) is left alone."""

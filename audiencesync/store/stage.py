@@ -149,10 +149,16 @@ def seal_for_plan(conn: Connection, name: str, *, valued: bool, rows: int | None
         return seal_stage(conn, name, rows=rows)
     steer_planner(conn)
     sorted_name = f"{name}_keyed"
+    # One sort that drops the repeats as it goes, not a hash table of every id sorted after:
+    # at 1M ids 1.24-1.31 s against 1.70-1.75 s. The planner costs both alike, so it is told.
+    # The setting as it was comes back for the statements after (the plan's may hash).
+    hashagg = conn.exec_driver_sql("SELECT current_setting('enable_hashagg')").scalar()
+    conn.exec_driver_sql("SET LOCAL enable_hashagg = off")
     members = conn.exec_driver_sql(
         f"CREATE TEMP TABLE {sorted_name} AS "
         f"SELECT DISTINCT user_id, NULL::text AS value FROM {name} ORDER BY user_id"
     ).rowcount
+    conn.exec_driver_sql("SELECT set_config('enable_hashagg', %(value)s, true)", {"value": hashagg})
     _replace(conn, name, sorted_name)
     conn.exec_driver_sql(f"ANALYZE {name}")
     return int(members)
