@@ -185,6 +185,13 @@ def cache_sizes(daemon: Any) -> dict[str, int]:
     sizes = {"sa_store": len(daemon.engine._compiled_cache or ())}
     engines = getattr(daemon.syncer.sources, "_engines", {})
     sizes["sa_sources"] = sum(len(e._compiled_cache or ()) for e in engines.values())
+    # psycopg's own: each query text it has parsed (up to 128, each under 4 KB), so each length of
+    # an expanded IN list is one more entry.
+    queries = sys.modules.get("psycopg._queries")
+    for attr in ("_query2pg", "_query2pg_client"):
+        info = getattr(getattr(queries, attr, None), "cache_info", None)
+        if callable(info):
+            sizes[f"psycopg.{attr}"] = info().currsize
     for name, module in list(sys.modules.items()):
         if not name.startswith("audiencesync"):
             continue

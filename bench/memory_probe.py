@@ -287,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
                     "rss_mb": round(rss_mb(), 2),
                     "threads": threading.active_count(),
                     "objects": len(gc.get_objects()),
+                    # Source files read for a traceback or a warning stay in linecache for good.
+                    "linecache_files": len(linecache.cache),
+                    "linecache_mb": round(
+                        sum(sum(map(len, e[2])) for e in linecache.cache.values() if len(e) > 2) / 2**20, 2
+                    ),
                 }
                 snapshot = None
                 if not args.no_trace:

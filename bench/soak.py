@@ -77,6 +77,8 @@ def print_summary(summary: Summary) -> None:
         f"slope after warm-up {rss['slope_mb_per_hour']} MB/h over {rss['samples']} samples "
         f"(target <= {s.rss_target} MB/h, {'enforced' if s.enforce_rss else 'reported only'})"
     )
+    levels = "; ".join(f"{label} {level}" for label, level in rss.get("levels", []))
+    print(f"RSS MB, the median of each stretch from its start to the next one's: {levels}")
     print(f"identify answers at the stand-in: {summary.answers}")
     print(f"churn: {summary.churns} rounds, {summary.moved:,} memberships moved")
     print(

@@ -130,6 +130,33 @@ def rss_slope(samples: Sequence[Sample], warmup: float) -> tuple[float | None, i
     return numerator / denominator * 3600, count
 
 
+def rss_levels(
+    samples: Sequence[Sample], marks: Sequence[tuple[str, float]]
+) -> list[tuple[str, float | None]]:
+    """The median RSS of each stretch between ``marks`` (label, seconds: where a stretch
+    starts; the last runs to the end), per daemon process so that a restart starts its own.
+
+    What a slope can't tell apart: a leak raises every stretch over the one before it; a cost
+    paid once (a cache that fills, the heap's high-water mark at the first outage) raises one
+    and the rest stay level.
+    """
+    levels: list[tuple[str, float | None]] = []
+    bounds = [*(at for _, at in marks[1:]), float("inf")]
+    for (label, start), end in zip(marks, bounds, strict=True):
+        window = [x for x in samples if start <= x.at < end and x.rss_mb is not None]
+        by_pid: dict[int | None, list[float]] = {}
+        for x in window:
+            by_pid.setdefault(x.pid, []).append(x.rss_mb or 0.0)
+        if not by_pid:
+            levels.append((label, None))
+        for n, values in enumerate(by_pid.values()):
+            values.sort()
+            middle = len(values) // 2
+            median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+            levels.append((label if n == 0 else f"{label}, next process", median))
+    return levels
+
+
 def mb(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 

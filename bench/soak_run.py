@@ -17,7 +17,17 @@ from typing import Any
 import sqlalchemy as sa
 
 from bench import soak_world as world
-from bench.soak_analysis import Outage, Sample, first_signs, mb, recovery, rss_at, rss_slope, write_samples
+from bench.soak_analysis import (
+    Outage,
+    Sample,
+    first_signs,
+    mb,
+    recovery,
+    rss_at,
+    rss_levels,
+    rss_slope,
+    write_samples,
+)
 from bench.soak_plan import Settings, plan
 from tests.gleap_standin import BackgroundFaults, GleapStandIn
 
@@ -324,6 +334,14 @@ class Soak:
             "end": mb(last),
             "slope_mb_per_hour": None if slope is None else round(slope, 2),
             "samples": count,
+            # The median of each stretch: the warm-up, then from each outage's start to the next's.
+            "levels": [
+                (label, mb(level))
+                for label, level in rss_levels(
+                    samples,
+                    [("warm-up", 0.0)] + [(o.name, o.start) for o in outages if o.start is not None],
+                )
+            ],
         }
         if s.enforce_rss and (slope is None or slope > s.rss_target):
             summary.problems.append(f"RSS slope {slope} MB/h after warm-up (target <= {s.rss_target})")

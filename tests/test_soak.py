@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bench.soak_analysis import Sample, recovery, rss_slope
+from bench.soak_analysis import Sample, recovery, rss_levels, rss_slope
 from bench.soak_plan import Settings, plan
 from bench.soak_run import run
 from bench.soak_world import StoreLock, problems_logged, tracebacks
@@ -137,6 +137,22 @@ def test_the_rss_slope_is_per_process_after_each_ones_warm_up() -> None:
     slope, count = rss_slope(samples, warmup=60)
     assert slope is not None and abs(slope - 1.0) < 1e-6
     assert count == 2 * (360 - 6)
+
+
+def test_the_rss_levels_are_each_stretchs_median_and_a_restart_starts_its_own() -> None:
+    def at(t: float, rss: float | None, pid: int = 1) -> Sample:
+        return Sample(t, pid, rss, 200, "ok", 0, 0)
+
+    samples = [at(0, 50), at(10, 80), at(20, 82), at(30, 90), at(40, 91), at(50, 89)]
+    samples += [at(60, None, pid=0), at(70, 40, pid=2), at(80, 44, pid=2), at(90, 60, pid=1)]
+    marks = [("warm-up", 0.0), ("gleap down", 25.0), ("restart", 60.0), ("never reached", 200.0)]
+    assert rss_levels(samples, marks) == [
+        ("warm-up", 80),
+        ("gleap down", 90),
+        ("restart", 42),  # the new process's median first, in the order the samples came
+        ("restart, next process", 60),
+        ("never reached", None),
+    ]
 
 
 def test_tracebacks_and_problems_are_read_from_the_daemons_log(tmp_path: Path) -> None:
