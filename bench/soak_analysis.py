@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,10 +151,7 @@ def rss_levels(
         if not by_pid:
             levels.append((label, None))
         for n, values in enumerate(by_pid.values()):
-            values.sort()
-            middle = len(values) // 2
-            median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
-            levels.append((label if n == 0 else f"{label}, next process", median))
+            levels.append((label if n == 0 else f"{label}, next process", statistics.median(values)))
     return levels
 
 

@@ -30,7 +30,7 @@ TEXT_LIKE_TYPES = frozenset({25, 1043, 19, 21, 23, 20, 2950})
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-# Every character ``str.strip()`` takes away (``str.isspace()``; tests/test_pushdown.py checks
+# Every character ``str.strip()`` takes away (``str.isspace()``; tests/test_sources.py checks
 # the list against it), as PostgreSQL's regular expression escapes. Not ``[[:space:]]``: in the
 # stage's "C" collation PostgreSQL knows only ASCII's whitespace, so an id of U+00A0 or U+3000
 # alone was blank to the streamed read and an id to this one.
