@@ -11,6 +11,15 @@ Even in two arenas, what a burst of work frees (a refresh's rows, a delivery pas
 scattered among what stays in use, and glibc gives back to the system only the free memory at
 the top of its heap: the rest stayed in the process, a few MB more after each burst of another
 shape. ``Trimmer`` hands the free pages back (``malloc_trim``), at most once a minute.
+
+glibc also moves its mmap threshold: a block larger than it gets pages of its own, given back
+as soon as it is freed, but freeing one raises the threshold to that block's size (up to
+32 MB), so from then on blocks of that size come from the heap, and the heap's high-water mark
+stays. The first time the daemon met a new shape of burst (the first incremental refresh, the
+first Gleap outage) the threshold rose and 2-4 MB of free memory stayed scattered in the heap
+for good: the soak's RSS stepped up and its slope missed its target (docs/performance.md).
+``pin_mmap_threshold`` sets it to glibc's own starting value, 128 KiB, which turns the
+adjustment off (mallopt(3)).
 """
 
 from __future__ import annotations
@@ -24,8 +33,12 @@ from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
-M_ARENA_MAX = -8  # glibc's <malloc.h>
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+M_ARENA_MAX = -8
 ARENAS = 2
+MMAP_THRESHOLD = 128 * 1024  # glibc's default, before any adjustment
+# The environment's own ways of setting the threshold; either wins over ours.
+MMAP_THRESHOLD_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold")
 
 
 def _mallopt() -> Callable[[int, int], int] | None:
@@ -51,6 +64,34 @@ def limit_arenas(
         return None
     log.debug("malloc arenas capped at %d", count)
     return count
+
+
+def pin_mmap_threshold(
+    size: int = MMAP_THRESHOLD,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    mallopt: Callable[[], Callable[[int, int], int] | None] = _mallopt,
+) -> int | None:
+    """Fix malloc's mmap threshold at ``size`` bytes, which stops glibc from raising it as
+    large blocks are freed. Returns the threshold set, or None when left as it was (set by
+    ``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES``, or no glibc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if MMAP_THRESHOLD_SETTINGS[0] in environ or MMAP_THRESHOLD_SETTINGS[1] in environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
+        return None
+    call = mallopt()
+    if call is None or call(M_MMAP_THRESHOLD, size) != 1:
+        return None
+    log.debug("malloc's mmap threshold fixed at %d bytes", size)
+    return size
+
+
+def tune_malloc(environ: Mapping[str, str] = os.environ) -> None:
+    """What the daemon sets before it starts its threads: the arenas' cap and the threshold."""
+    limit_arenas(environ=environ)
+    pin_mmap_threshold(environ=environ)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
