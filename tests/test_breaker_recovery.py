@@ -84,13 +84,20 @@ def test_a_probe_pass_while_gleap_is_still_down_sends_no_more_than_the_trial_cal
     engine.dispose()
 
 
-def test_the_daemon_resumes_mid_pass_after_an_outage_with_a_tenth_of_calls_failing(
+def _daemon_with_gleap_down(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, caplog: pytest.LogCaptureFixture
-) -> None:
+) -> Config:
+    """A daemon's config, its audience's members all pending, and Gleap answering 503 to all."""
     caplog.set_level(logging.INFO, logger="audiencesync")
     source.set(MEMBERS)
     gleap.fail_next(1_000_000, 503)
-    config = make_config(gleap.base_url, sync=SYNC, extra=SCHEDULE, extra_gleap="breaker_failures = 5")
+    return make_config(gleap.base_url, sync=SYNC, extra=SCHEDULE, extra_gleap="breaker_failures = 5")
+
+
+def test_the_daemon_resumes_mid_pass_after_an_outage_with_a_tenth_of_calls_failing(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _daemon_with_gleap_down(make_config, source, gleap, caplog)
     with InProcess(config) as daemon:
         core = daemon.core
         state = core.metrics.registry.get_sample_value
@@ -157,10 +164,7 @@ def test_while_delivery_waits_out_an_outage_nothing_of_the_failed_pass_is_kept(
     # changes, its calls, its client), and the wait for the next probe lasts minutes: kept through
     # it, each outage held a pass's working set while the rest of the daemon allocated beside it,
     # and the heap kept the high-water mark (issue 22, the soak's RSS).
-    caplog.set_level(logging.INFO, logger="audiencesync")
-    source.set(MEMBERS)
-    gleap.fail_next(1_000_000, 503)
-    config = make_config(gleap.base_url, sync=SYNC, extra=SCHEDULE, extra_gleap="breaker_failures = 5")
+    config = _daemon_with_gleap_down(make_config, source, gleap, caplog)
     with InProcess(config, breaker_backoff=(3600.0, 3600.0)) as daemon:
         wait_for(lambda: daemon.core.outage.open, what="the breaker to open")
         wait_for(lambda: daemon.core.blocked is not None, what="the pass's verdict")

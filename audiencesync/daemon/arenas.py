@@ -58,12 +58,16 @@ def limit_arenas(
     set, or None when left as it was (set by the environment, or no glibc)."""
     if "MALLOC_ARENA_MAX" in environ or not sys.platform.startswith("linux"):
         return None
-    call = mallopt()
-    # glibc returns 1 on success; musl's mallopt is a stub that returns 0.
-    if call is None or call(M_ARENA_MAX, count) != 1:
+    if not _set(M_ARENA_MAX, count, mallopt):
         return None
     log.debug("malloc arenas capped at %d", count)
     return count
+
+
+def _set(param: int, value: int, mallopt: Callable[[], Callable[[int, int], int] | None]) -> bool:
+    call = mallopt()
+    # glibc returns 1 on success; musl's mallopt is a stub that returns 0.
+    return call is not None and call(param, value) == 1
 
 
 def pin_mmap_threshold(
@@ -81,8 +85,7 @@ def pin_mmap_threshold(
         "GLIBC_TUNABLES", ""
     ):
         return None
-    call = mallopt()
-    if call is None or call(M_MMAP_THRESHOLD, size) != 1:
+    if not _set(M_MMAP_THRESHOLD, size, mallopt):
         return None
     log.debug("malloc's mmap threshold fixed at %d bytes", size)
     return size
