@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import OperationalError
 
@@ -24,6 +24,19 @@ def with_fix(message: str, fix: str) -> str:
     """``message`` then its ``fix``, as every message writes them: a full stop before "Fix:"."""
     message = message.rstrip()
     return (message if message.endswith(".") else message + ".") + " Fix: " + fix
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def detached(exc: E) -> E:
+    """``exc`` without its traceback and the errors it was raised from: what to keep of an error
+    past its ``except`` block. Its frames hold the whole failed pass (its pages of changes, its
+    calls, its connections), and an outage's error is kept for minutes; only its class and its
+    message are read later."""
+    exc.__traceback__ = None
+    exc.__cause__ = exc.__context__ = None
+    return exc
 
 
 class AudienceSyncError(Exception):

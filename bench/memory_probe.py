@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         refusal = postgres_guard.refusal(args.store_url)
         if refusal is not None:
             parser.error(refusal)
-    from audiencesync.daemon.arenas import limit_arenas
+    from audiencesync.daemon.arenas import tune_malloc
 
-    limit_arenas()  # as `audiencesync run` does, before any thread starts
+    tune_malloc()  # as `audiencesync run` does, before any thread starts
     if not args.no_trace:
         tracemalloc.start(25)
     tmp = Path(tempfile.mkdtemp(prefix="memory-probe-"))

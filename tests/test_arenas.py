@@ -1,13 +1,24 @@
-"""The daemon caps glibc's malloc arenas itself, unless the environment already does."""
+"""The daemon caps glibc's malloc arenas and fixes its mmap threshold itself, unless the
+environment already does; and it trims the heap."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 
 import pytest
 
-from audiencesync.daemon.arenas import ARENAS, M_ARENA_MAX, Trimmer, limit_arenas
+from audiencesync.daemon.arenas import (
+    ARENAS,
+    M_ARENA_MAX,
+    M_MMAP_THRESHOLD,
+    MMAP_THRESHOLD,
+    Trimmer,
+    limit_arenas,
+    pin_mmap_threshold,
+)
 
 
 def recorder(result: int) -> tuple[list[tuple[int, int]], Callable[[], Callable[[int, int], int]]]:
@@ -43,6 +54,44 @@ def test_without_glibc_nothing_is_set() -> None:
 def test_the_real_libc_takes_it() -> None:
     # This machine's glibc accepts the cap (mallopt answers 1): what `audiencesync run` does.
     assert limit_arenas(environ={}) == ARENAS
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's threshold is Linux's")
+def test_the_mmap_threshold_is_fixed_through_mallopt() -> None:
+    calls, loader = recorder(1)
+    assert pin_mmap_threshold(environ={}, mallopt=loader) == MMAP_THRESHOLD == 128 * 1024
+    assert calls == [(M_MMAP_THRESHOLD, 128 * 1024)]
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"MALLOC_MMAP_THRESHOLD_": "65536"},
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=1048576"},
+    ],
+)
+def test_the_operator_s_own_threshold_wins(environ: dict[str, str]) -> None:
+    calls, loader = recorder(1)
+    assert pin_mmap_threshold(environ=environ, mallopt=loader) is None
+    assert calls == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's threshold is Linux's")
+def test_other_tunables_leave_the_threshold_to_the_daemon() -> None:
+    calls, loader = recorder(1)
+    assert pin_mmap_threshold(environ={"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, mallopt=loader)
+    assert calls == [(M_MMAP_THRESHOLD, MMAP_THRESHOLD)]
+
+
+def test_without_glibc_no_threshold_is_set() -> None:
+    assert pin_mmap_threshold(environ={}, mallopt=lambda: None) is None
+    _, stub = recorder(0)
+    assert pin_mmap_threshold(environ={}, mallopt=stub) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's threshold is Linux's")
+def test_the_real_libc_takes_the_threshold() -> None:
+    assert pin_mmap_threshold(environ={}) == MMAP_THRESHOLD
 
 
 class FakeClock:
@@ -92,3 +141,40 @@ def test_the_real_libc_trims() -> None:
     trimmer()
     clock.now = 1.0
     assert trimmer() and trimmer.trims == 1
+
+
+# In a process of its own: malloc a block above the threshold, free it, then malloc a smaller
+# one still above 128 KiB, and see whether it got pages of its own (mallinfo2's hblkhd).
+_THRESHOLD_PROBE = """
+import ctypes, sys
+from audiencesync.daemon.arenas import pin_mmap_threshold
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = Mallinfo2
+if sys.argv[1] == "pinned":
+    assert pin_mmap_threshold(environ={}) is not None
+libc.free(libc.malloc(8 << 20))
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(512 << 10)
+print(libc.mallinfo2().hblkhd - before >= 512 << 10)
+libc.free(block)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's threshold is Linux's")
+@pytest.mark.parametrize(("mode", "own_pages"), [("glibc's default", "False"), ("pinned", "True")])
+def test_a_freed_large_block_no_longer_moves_the_threshold(mode: str, own_pages: str) -> None:
+    # glibc's default raises the threshold to 8 MB once the 8 MB block is freed, so the next
+    # 512 KiB block comes from the heap; pinned, it still gets pages of its own, given back on free.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    done = subprocess.run(
+        [sys.executable, "-c", _THRESHOLD_PROBE, mode], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == own_pages

@@ -5,6 +5,7 @@ paused for 22 minutes when the probe reopened on any failure; here it must resum
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from datetime import timedelta
 from types import SimpleNamespace
@@ -15,11 +16,12 @@ import pytest
 from audiencesync.config.loading import Config, GleapConfig
 from audiencesync.daemon.health import DaemonHealth
 from audiencesync.daemon.health_report import Outage
+from audiencesync.delivery.identify_calls import Call
 from audiencesync.errors import GleapUnavailableError
 from audiencesync.gleap.breaker import CLOSED, CircuitBreaker, Trials
 from audiencesync.store import store as store_mod
 from audiencesync.store.lease import WriterLease
-from audiencesync.store.store import Store
+from audiencesync.store.store import PendingChange, Store
 from audiencesync.sync.cycle import Syncer
 from tests.conftest import ConfigFactory, SourceDB
 from tests.gleap_standin import GleapStandIn
@@ -82,13 +84,20 @@ def test_a_probe_pass_while_gleap_is_still_down_sends_no_more_than_the_trial_cal
     engine.dispose()
 
 
-def test_the_daemon_resumes_mid_pass_after_an_outage_with_a_tenth_of_calls_failing(
+def _daemon_with_gleap_down(
     make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, caplog: pytest.LogCaptureFixture
-) -> None:
+) -> Config:
+    """A daemon's config, its audience's members all pending, and Gleap answering 503 to all."""
     caplog.set_level(logging.INFO, logger="audiencesync")
     source.set(MEMBERS)
     gleap.fail_next(1_000_000, 503)
-    config = make_config(gleap.base_url, sync=SYNC, extra=SCHEDULE, extra_gleap="breaker_failures = 5")
+    return make_config(gleap.base_url, sync=SYNC, extra=SCHEDULE, extra_gleap="breaker_failures = 5")
+
+
+def test_the_daemon_resumes_mid_pass_after_an_outage_with_a_tenth_of_calls_failing(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _daemon_with_gleap_down(make_config, source, gleap, caplog)
     with InProcess(config) as daemon:
         core = daemon.core
         state = core.metrics.registry.get_sample_value
@@ -146,3 +155,27 @@ def test_while_its_trial_calls_are_out_the_daemon_says_probing_not_paused() -> N
     )
     daemon.outage.close()
     assert daemon._outage_reason() is None and not daemon.outage.probing
+
+
+def test_while_delivery_waits_out_an_outage_nothing_of_the_failed_pass_is_kept(
+    make_config: ConfigFactory, source: SourceDB, gleap: GleapStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The error of a pass that found Gleap down carries every frame of that pass (its pages of
+    # changes, its calls, its client), and the wait for the next probe lasts minutes: kept through
+    # it, each outage held a pass's working set while the rest of the daemon allocated beside it,
+    # and the heap kept the high-water mark (issue 22, the soak's RSS).
+    config = _daemon_with_gleap_down(make_config, source, gleap, caplog)
+    with InProcess(config, breaker_backoff=(3600.0, 3600.0)) as daemon:
+        wait_for(lambda: daemon.core.outage.open, what="the breaker to open")
+        wait_for(lambda: daemon.core.blocked is not None, what="the pass's verdict")
+        blocked = daemon.core.blocked
+        assert isinstance(blocked, GleapUnavailableError) and "Gleap" in str(blocked)
+        assert blocked.__traceback__ is None and blocked.__context__ is None
+
+        def kept() -> list[str]:
+            gc.collect()
+            return [type(x).__name__ for x in gc.get_objects() if isinstance(x, PendingChange | Call)]
+
+        # The loop is in its hour-long wait (or a moment away from it): the pass is gone.
+        wait_for(lambda: not kept(), what="the failed pass's changes and calls to be freed")
+        assert members_true(gleap) == set()

@@ -29,7 +29,7 @@ from audiencesync.cli.output import (
 from audiencesync.cli.tables import Layout
 from audiencesync.config.loading import AudienceConfig, Config
 from audiencesync.config.sections import ENV_SERVER_TOKEN
-from audiencesync.daemon.arenas import limit_arenas
+from audiencesync.daemon.arenas import tune_malloc
 from audiencesync.delivery.deliverer import Progress
 from audiencesync.errors import (
     ConfigError,
@@ -66,7 +66,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
             "(or the address to serve on) under [server]",
             ENV_SERVER_TOKEN,
         )
-    limit_arenas()  # before the daemon's threads start: they would each take an arena of their own
+    # Before the daemon's threads start: they would each take an arena of their own.
+    tune_malloc()
     # Imported here, not at the top: the daemon brings APScheduler, prometheus_client and the web
     # pages (Jinja2), a fifth of every other command's start-up (cli/__init__.py).
     from audiencesync.daemon.scheduler import Daemon

@@ -31,6 +31,7 @@ from audiencesync.errors import (
     GleapUnavailableError,
     LeaseLostError,
     brief,
+    detached,
     foreseen,
 )
 from audiencesync.gleap.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Trials
@@ -110,6 +111,10 @@ class DeliveryLoop:
             self.wake.clear()
             calls = 0
             self._acked = False
+            # A failed pass's wait runs after its except block: inside it, the error being
+            # handled keeps every frame of the pass alive (its pages, calls and connections),
+            # through a wait of up to minutes while an outage lasts (docs/performance.md).
+            pause: Callable[[], object] | None = None
             try:
                 # No rename runs meanwhile (pass_gate.py): every answer of the pass is recorded
                 # under the key its call carried, before any row can change its key.
@@ -131,19 +136,17 @@ class DeliveryLoop:
                 else:
                     log.info("Gleap is still unavailable (%s); next probe in %g s", exc.last_error, delay)
                 self.metrics.breaker(OPEN)
-                self.blocked, known = exc, True
+                self.blocked, known = detached(exc), True
                 self._close_superseded()
                 self.alerts.gleap(str(exc))
-                halt.wait(delay)
-                continue
+                pause = functools.partial(halt.wait, delay)
             except GleapAuthError as exc:
                 log.error("%s Retrying in %d s.", exc, AUTH_BACKOFF_SECONDS)
-                self.blocked, known = exc, True
+                self.blocked, known = detached(exc), True
                 self._close_superseded()
                 self.alerts.refused(str(exc))
                 self.wake.clear()
-                self.wake.wait(AUTH_BACKOFF_SECONDS)
-                continue
+                pause = functools.partial(self.wake.wait, AUTH_BACKOFF_SECONDS)
             except LeaseLostError:
                 if self.lease.current(term):  # else a later period runs: not this thread's to end
                     self.lease.lost.set()
@@ -153,8 +156,7 @@ class DeliveryLoop:
                 # The store is locked and the heartbeat is still trying: calls pause until it
                 # renews (its retries come every twentieth of the TTL), the lease is not lost.
                 log.warning("delivery paused: %s", exc)
-                halt.wait(UNRENEWED_WAIT_SECONDS)
-                continue
+                pause = functools.partial(halt.wait, UNRENEWED_WAIT_SECONDS)
             except Exception as exc:
                 delay = errors.next()
                 log.error(
@@ -163,7 +165,9 @@ class DeliveryLoop:
                     delay,
                     exc_info=errors.failures == 1 and not foreseen(exc),
                 )
-                halt.wait(delay)
+                pause = functools.partial(halt.wait, delay)
+            if pause is not None:
+                pause()
                 continue
             if calls and self.outage.probing:
                 # The pass ended (new work, a stop) before any trial call was answered: no

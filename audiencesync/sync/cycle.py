@@ -24,6 +24,7 @@ from audiencesync.errors import (
     GleapUnavailableError,
     MissingTokenError,
     SourceError,
+    detached,
 )
 from audiencesync.fields import FieldReader
 from audiencesync.lifecycle.renames import RenameReport, Renames, Retired
@@ -173,7 +174,7 @@ class Syncer:
                     deliverer.drain(audience_ids, keys_by_id, run_ids.__getitem__, stop=stop, tick=tick)
                 )
             except (GleapAuthError, GleapUnavailableError) as exc:
-                report.aborted = exc
+                report.aborted = detached(exc)
             if isinstance(report.aborted, GleapUnavailableError):
                 self.alerts.gleap(str(report.aborted))
             elif isinstance(report.aborted, GleapAuthError):
