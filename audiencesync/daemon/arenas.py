@@ -38,7 +38,8 @@ M_ARENA_MAX = -8
 ARENAS = 2
 MMAP_THRESHOLD = 128 * 1024  # glibc's default, before any adjustment
 # The environment's own ways of setting the threshold; either wins over ours.
-MMAP_THRESHOLD_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold")
+ENV_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+TUNABLE_MMAP_THRESHOLD = "glibc.malloc.mmap_threshold"  # in GLIBC_TUNABLES
 
 
 def _mallopt() -> Callable[[int, int], int] | None:
@@ -81,9 +82,7 @@ def pin_mmap_threshold(
     ``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES``, or no glibc)."""
     if not sys.platform.startswith("linux"):
         return None
-    if MMAP_THRESHOLD_SETTINGS[0] in environ or MMAP_THRESHOLD_SETTINGS[1] in environ.get(
-        "GLIBC_TUNABLES", ""
-    ):
+    if ENV_MMAP_THRESHOLD in environ or TUNABLE_MMAP_THRESHOLD in environ.get("GLIBC_TUNABLES", ""):
         return None
     if not _set(M_MMAP_THRESHOLD, size, mallopt):
         return None
