@@ -171,6 +171,30 @@ def pg_prepared(engine: Any) -> dict[str, Any]:
     return {"pg_prepared": names, "pg_counted": counts, "pg_prepared_mb": round(size / 2**20, 2)}
 
 
+def pooled_connections(engine: Any) -> None:
+    """What the store's pooled connections hold in the C heap, beyond what new ones do: glibc's
+    memory in use before and after the pool is emptied, then with as many new connections, each
+    used once. A driver's buffers grow to the largest message a connection has carried (libpq's
+    keep that size for the connection's life), so the difference is what the run made them keep."""
+    gc.collect()
+    count = engine.pool.checkedin()
+    before = c_heap().get("malloc_used_mb", 0.0)
+    engine.dispose()
+    gc.collect()
+    empty = c_heap().get("malloc_used_mb", 0.0)
+    fresh = [engine.connect() for _ in range(count)]
+    for conn in fresh:
+        conn.exec_driver_sql("SELECT 1")
+    for conn in fresh:
+        conn.close()
+    gc.collect()
+    again = c_heap().get("malloc_used_mb", 0.0)
+    print(
+        f"\n{count} pooled connections held {before - empty:.2f} MB of the C heap; "
+        f"{count} new ones, used once, hold {again - empty:.2f} MB"
+    )
+
+
 def _statements(lib: Any, handle: int | None) -> tuple[int, int]:
     """How many prepared statements a connection holds (the sqlite3 module keeps up to
     ``cached_statements``, 128, per connection), and how many of them name a refresh's stage."""

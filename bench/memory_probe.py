@@ -48,6 +48,7 @@ from bench.memory_measure import (
     cache_sizes,
     dump_cache,
     pg_prepared,
+    pooled_connections,
     pymalloc,
     rss_mb,
     rss_parts,
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         standin.wait()
     if args.dump_cache or args.dump_statements:
         dump_cache(daemon, args.dump_statements)
+    pooled_connections(daemon.engine)
     warm = [p for p in series if p["t"] >= args.warmup * 60]
     print(f"\nafter {args.warmup:g} min of warm-up, {len(warm)} points:")
     print(f"  RSS slope       {slope_mb_per_hour([(p['t'], p['rss_mb']) for p in warm]):7.2f} MB/h")
