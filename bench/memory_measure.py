@@ -171,27 +171,37 @@ def pg_prepared(engine: Any) -> dict[str, Any]:
     return {"pg_prepared": names, "pg_counted": counts, "pg_prepared_mb": round(size / 2**20, 2)}
 
 
-def pooled_connections(engine: Any) -> None:
-    """What the store's pooled connections hold in the C heap, beyond what new ones do: glibc's
-    memory in use before and after the pool is emptied, then with as many new connections, each
-    used once. A driver's buffers grow to the largest message a connection has carried (libpq's
-    keep that size for the connection's life), so the difference is what the run made them keep."""
+def _heap_mb() -> float:
     gc.collect()
+    return c_heap().get("malloc_used_mb", 0.0) + pymalloc().get("pymalloc_used_mb", 0.0)
+
+
+def held_by_caches(engine: Any) -> None:
+    """What two things that only grow with the run's variety hold, measured by emptying them
+    (glibc's and pymalloc's memory in use, before and after):
+
+    - psycopg's query cache (128 query texts, each parsed into its parts), where each length of
+      an expanded IN list is a text of its own;
+    - the store's pooled connections, beyond as many new ones used once: a driver's buffers grow
+      to the largest message the connection has carried (libpq keeps that size for its life)."""
+    queries = sys.modules.get("psycopg._queries")
+    if queries is not None:
+        before = _heap_mb()
+        queries._query2pg.cache_clear()
+        queries._query2pg_client.cache_clear()
+        print(f"\npsycopg's query cache held {before - _heap_mb():.2f} MB")
     count = engine.pool.checkedin()
-    before = c_heap().get("malloc_used_mb", 0.0)
-    engine.dispose()
-    gc.collect()
-    empty = c_heap().get("malloc_used_mb", 0.0)
+    before = _heap_mb()
+    engine.dispose()  # the checked-in connections only; a checked-out one goes when returned
+    empty = _heap_mb()
     fresh = [engine.connect() for _ in range(count)]
     for conn in fresh:
         conn.exec_driver_sql("SELECT 1")
     for conn in fresh:
         conn.close()
-    gc.collect()
-    again = c_heap().get("malloc_used_mb", 0.0)
     print(
-        f"\n{count} pooled connections held {before - empty:.2f} MB of the C heap; "
-        f"{count} new ones, used once, hold {again - empty:.2f} MB"
+        f"{count} pooled connections held {before - empty:.2f} MB; {count} new ones, used once, "
+        f"hold {_heap_mb() - empty:.2f} MB"
     )
 
 

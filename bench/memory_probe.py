@@ -47,8 +47,8 @@ from bench.memory_measure import (
     c_heap,
     cache_sizes,
     dump_cache,
+    held_by_caches,
     pg_prepared,
-    pooled_connections,
     pymalloc,
     rss_mb,
     rss_parts,
@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         if outage_ends != float("inf"):
             standin.send_signal(signal.SIGUSR2)
+        held_by_caches(daemon.engine)  # while the daemon still runs: its pool is still full
         daemon.request_stop()
 
     def watch() -> None:
@@ -352,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
         standin.wait()
     if args.dump_cache or args.dump_statements:
         dump_cache(daemon, args.dump_statements)
-    pooled_connections(daemon.engine)
     warm = [p for p in series if p["t"] >= args.warmup * 60]
     print(f"\nafter {args.warmup:g} min of warm-up, {len(warm)} points:")
     print(f"  RSS slope       {slope_mb_per_hour([(p['t'], p['rss_mb']) for p in warm]):7.2f} MB/h")
