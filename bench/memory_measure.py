@@ -154,23 +154,6 @@ def sqlite_connections(engines: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def pg_prepared(engine: Any) -> dict[str, Any]:
-    """psycopg's prepared statements on the store's checked-in PostgreSQL connections: how many
-    each keeps (up to ``prepared_max``, 100) and counts towards preparing (``prepare_threshold``
-    runs), and the bytes of their query texts (read from psycopg's PrepareManager: a probe's trick)."""
-    if engine.dialect.name != "postgresql":
-        return {}
-    names = counts = size = 0
-    for record in list(getattr(getattr(engine.pool, "_pool", None), "queue", ())):
-        manager = getattr(getattr(record, "dbapi_connection", None), "_prepared", None)
-        if manager is None:
-            continue
-        names += len(manager._names)
-        counts += len(manager._counts)
-        size += sum(len(query) for query, _ in [*manager._names, *manager._counts])
-    return {"pg_prepared": names, "pg_counted": counts, "pg_prepared_mb": round(size / 2**20, 2)}
-
-
 def _heap_mb() -> float:
     gc.collect()
     return c_heap().get("malloc_used_mb", 0.0) + pymalloc().get("pymalloc_used_mb", 0.0)

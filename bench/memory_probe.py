@@ -48,7 +48,6 @@ from bench.memory_measure import (
     cache_sizes,
     dump_cache,
     held_by_caches,
-    pg_prepared,
     pymalloc,
     rss_mb,
     rss_parts,
@@ -311,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 engines = {"store": daemon.engine}
                 for n, e in getattr(daemon.syncer.sources, "_engines", {}).items():
                     engines[f"src_{n}"] = e
-                point |= sqlite_connections(engines) | pg_prepared(daemon.engine)
+                point |= sqlite_connections(engines)
                 point |= rss_parts() | pymalloc() | c_heap() | cache_sizes(daemon)
                 series.append(point)
                 print(
