@@ -154,6 +154,40 @@ def sqlite_connections(engines: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _heap_mb() -> float:
+    gc.collect()
+    return c_heap().get("malloc_used_mb", 0.0) + pymalloc().get("pymalloc_used_mb", 0.0)
+
+
+def held_by_caches(engine: Any) -> None:
+    """What two things that only grow with the run's variety hold, measured by emptying them
+    (glibc's and pymalloc's memory in use, before and after):
+
+    - psycopg's query cache (128 query texts, each parsed into its parts), where each length of
+      an expanded IN list is a text of its own;
+    - the store's pooled connections, beyond as many new ones used once: a driver's buffers grow
+      to the largest message the connection has carried (libpq keeps that size for its life)."""
+    queries = sys.modules.get("psycopg._queries")
+    if queries is not None:
+        before = _heap_mb()
+        queries._query2pg.cache_clear()
+        queries._query2pg_client.cache_clear()
+        print(f"\npsycopg's query cache held {before - _heap_mb():.2f} MB")
+    count = engine.pool.checkedin()
+    before = _heap_mb()
+    engine.dispose()  # the checked-in connections only; a checked-out one goes when returned
+    empty = _heap_mb()
+    fresh = [engine.connect() for _ in range(count)]
+    for conn in fresh:
+        conn.exec_driver_sql("SELECT 1")
+    for conn in fresh:
+        conn.close()
+    print(
+        f"{count} pooled connections held {before - empty:.2f} MB; {count} new ones, used once, "
+        f"hold {_heap_mb() - empty:.2f} MB"
+    )
+
+
 def _statements(lib: Any, handle: int | None) -> tuple[int, int]:
     """How many prepared statements a connection holds (the sqlite3 module keeps up to
     ``cached_statements``, 128, per connection), and how many of them name a refresh's stage."""

@@ -47,6 +47,7 @@ from bench.memory_measure import (
     c_heap,
     cache_sizes,
     dump_cache,
+    held_by_caches,
     pymalloc,
     rss_mb,
     rss_parts,
@@ -97,7 +98,7 @@ events = true
 [sync]
 retry_backoff = "1s"
 retry_backoff_max = "10s"
-lease_seconds = 15
+lease_seconds = {args.lease_seconds}
 
 [schedule]
 interval = "{args.refresh}s"
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage-seconds", type=float, default=15)
     parser.add_argument("--lock-every", type=float, default=0, help="seconds between store locks (0: none)")
     parser.add_argument("--lock-seconds", type=float, default=40)
+    parser.add_argument("--lease-seconds", type=int, default=15, help="[sync] lease_seconds (the soak: 60)")
     parser.add_argument(
         "--scrape-every", type=float, default=5, help="GET /metrics, /healthz and / (0: none)"
     )
@@ -332,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         if outage_ends != float("inf"):
             standin.send_signal(signal.SIGUSR2)
+        held_by_caches(daemon.engine)  # while the daemon still runs: its pool is still full
         daemon.request_stop()
 
     def watch() -> None:

@@ -17,6 +17,7 @@ from audiencesync import values
 from audiencesync.alerts.alerts import Alerts
 from audiencesync.store import database, pending
 from audiencesync.store.events import EventNames
+from audiencesync.store.in_lists import padded
 from audiencesync.store.store import Store
 
 
@@ -131,3 +132,52 @@ def test_pages_share_one_statement_however_far_the_passs_cursors_have_gone(store
             store.pending_page(audience_id, ids, "", 10, passed=dict(zip(others, states, strict=True)))
     assert pending._page_statement.cache_info().currsize == 1
     assert len(cache) == seen
+
+
+def test_a_sqlite_store_connection_hands_its_page_cache_back_when_pooled(tmp_path: Path) -> None:
+    """An idle pooled SQLite connection kept up to 2 MB of pages it would throw away at its next
+    use anyway (another connection wrote since): five of them grew with the store for hours. Each
+    store connection releases its cache (PRAGMA shrink_memory) as it goes back to the pool."""
+    engine = database.create_engine(f"sqlite:///{tmp_path / 'store.db'}", create=True)
+    seen: list[str] = []
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x)")
+        with engine.connect() as conn:
+            conn.connection.driver_connection.set_trace_callback(seen.append)  # type: ignore[union-attr]
+            conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one()
+            assert "PRAGMA shrink_memory" not in seen  # not while in use
+        assert seen[-1] == "PRAGMA shrink_memory"
+        with engine.connect() as conn:  # the same pooled connection, still good
+            assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 0
+    finally:
+        engine.dispose()
+
+
+def test_in_lists_are_padded_to_a_power_of_two() -> None:
+    assert padded([]) == []
+    assert padded(["a"]) == ["a"]
+    assert padded(["a", "b", "c"]) == ["a", "b", "c", "c"]
+    assert padded(range(5)) == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert [len(padded(range(n))) for n in (8, 9, 100, 500)] == [8, 16, 128, 512]
+
+
+def test_a_page_of_any_size_reads_its_fields_in_one_of_a_few_statement_texts(store: Store) -> None:
+    """A page's IN list of users was one statement text per length (1 to 100 users): psycopg
+    keeps 128 parsed texts, the sqlite3 module 32 prepared per connection, and both churned
+    through them, psycopg's filling with the longer ones over the first hour. Padded, a page's
+    read has one text per power of two, and the same fields."""
+    store.ensure_audience("seg", "Seg", kind="audience", missing=None)
+    texts: set[str] = set()
+
+    @sa.event.listens_for(store.engine, "before_cursor_execute")
+    def _seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "memberships" in statement and "audiences" in statement:
+            texts.add(statement)
+
+    try:
+        for n in range(1, 101):
+            assert store.page_fields([f"u{i}" for i in range(n)], ["seg"]).members == {}
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", _seen)
+    assert 1 < len(texts) <= 8

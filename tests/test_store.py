@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -272,3 +273,40 @@ def test_pending_page_query_walks_the_primary_key_in_order(store: Store) -> None
     with store.engine.connect() as conn:
         plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}").all()
     assert not any("SCAN" in str(row) and "memberships" in str(row) for row in plan), plan
+
+
+def test_a_large_stage_load_reaches_the_stage_whole_in_small_copy_messages(store: Store) -> None:
+    """libpq grows a connection's output buffer to the largest COPY message and keeps it for the
+    connection's life; the load goes in pieces of at most COPY_PIECE bytes, cut as bytes, so a
+    piece may end inside a character (the ids here are 2-byte "é"s, 3 of them split) and values
+    with them, and COPY still reads every row as it was."""
+    ids = [f"u{i:05d}-" + "é" * (i % 7) for i in range(6000)]
+    rows = [(user_id, '{"plan": "ré"}' if i % 2 else None) for i, user_id in enumerate(ids)]
+    name = stage_mod.new_stage_name()
+    with store.engine.begin() as conn:
+        stage_mod.create_stage(conn, name)
+        stage_mod.load_batch(conn, name, ids)
+        loaded = sorted(r[0] for r in conn.exec_driver_sql(f"SELECT user_id FROM {name}"))
+        stage_mod.drop_stage(conn, name)
+        stage_mod.create_stage(conn, name)
+        stage_mod.load_values(conn, name, rows)
+        valued = sorted(tuple(r) for r in conn.exec_driver_sql(f"SELECT user_id, value FROM {name}"))
+        stage_mod.drop_stage(conn, name)
+    assert loaded == sorted(ids)
+    assert valued == sorted(rows, key=lambda r: r[0])
+
+
+def test_copy_pieces_are_small_and_whole_together() -> None:
+    class Copy:  # the seam: what psycopg's Copy is given, and its connection's encoding
+        def __init__(self) -> None:
+            self.connection = SimpleNamespace(info=SimpleNamespace(encoding="utf-8"))
+            self.pieces: list[bytes] = []
+
+        def write(self, data: memoryview) -> None:
+            self.pieces.append(bytes(data))
+
+    block = "".join(f"u{i}-é\n" for i in range(5000))
+    copy = Copy()
+    stage_mod._write_pieces(copy, block)
+    assert len(copy.pieces) > 1 and max(map(len, copy.pieces)) <= stage_mod.COPY_PIECE
+    assert b"".join(copy.pieces) == block.encode()

@@ -34,6 +34,7 @@ if MISSING:
     pytest.skip(reason, allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402 - only once the browser is known to be there
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -77,13 +78,18 @@ def load(driver: webdriver.Chrome, url: str) -> None:
 
 def navigated(driver: webdriver.Chrome, css: str, text: str | None = None) -> None:
     """Wait for the page a form's submit loads (the submit returns before it does): its ``css``
-    element is there (with ``text``). A deadline, not a race: a loaded machine is slow."""
+    element is there (with ``text``). A deadline, not a race: a loaded machine is slow.
+
+    The page before can still be there when ``arrived`` looks, and go between finding its element
+    and reading the element's text: that stale element is a look to repeat, not a failure."""
 
     def arrived(d: webdriver.Chrome) -> bool:
         found = d.find_elements(By.CSS_SELECTOR, css)
         return bool(found) and (text is None or found[0].text == text)
 
-    WebDriverWait(driver, 60, poll_frequency=0.05).until(arrived)
+    WebDriverWait(
+        driver, 60, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(arrived)
 
 
 def alert_open(driver: webdriver.Chrome) -> bool:

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine
 from audiencesync import failpoints
 from audiencesync.store import events as events_mod, outcomes
 from audiencesync.store.carried_keys import as_carried
+from audiencesync.store.in_lists import padded
 from audiencesync.store.member_fields import PageFields, holds_fields, read_page_fields
 from audiencesync.store.outcomes import Backoff, Outcome, PendingChange
 from audiencesync.store.pending import pending_page
@@ -152,6 +153,6 @@ def _set_unknown(conn: Connection, keys: list[tuple[int, str]], mark: bool) -> N
     for i in range(0, len(keys), 500):
         conn.execute(
             sa.update(memberships)
-            .where(sa.tuple_(memberships.c.audience_id, memberships.c.user_id).in_(keys[i : i + 500]))
+            .where(sa.tuple_(memberships.c.audience_id, memberships.c.user_id).in_(padded(keys[i : i + 500])))
             .values(unknown=mark)
         )

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from audiencesync.backoff import doubling
+from audiencesync.store.in_lists import padded
 from audiencesync.store.schema import audience_counts, audiences, events, memberships, sync_runs
 from audiencesync.store.utc_time import UtcDateTime
 from audiencesync.store.writes import fenced_write
@@ -277,7 +278,8 @@ class Outbox:
     def mark_unknown(self, batch: Sequence[DueEvent]) -> None:
         """Write-ahead, before a request carrying them goes out: Gleap may have them from then on."""
         with self._write() as conn:
-            conn.execute(sa.update(events).where(events.c.id.in_([e.id for e in batch])).values(unknown=True))
+            marked = events.c.id.in_(padded(e.id for e in batch))
+            conn.execute(sa.update(events).where(marked).values(unknown=True))
 
     def restore_unknown(self, batch: Sequence[DueEvent]) -> None:
         """Marked but certainly never sent: the mark they had before."""

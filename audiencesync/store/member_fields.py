@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from audiencesync import values
+from audiencesync.store.in_lists import padded
 from audiencesync.store.schema import audiences, contact_fields, memberships
 
 
@@ -41,7 +42,7 @@ def read_page_fields(conn: Connection, user_ids: Sequence[str], order: Sequence[
         .where(
             audiences.c.kind == "audience",
             audiences.c.key.in_(list(order)),
-            m.c.user_id.in_(list(user_ids)),
+            m.c.user_id.in_(padded(user_ids)),
             m.c.desired == sa.true(),
             m.c.value.is_not(None),
         )
@@ -59,7 +60,7 @@ def held_fields(conn: Connection, user_ids: Sequence[str]) -> dict[str, dict[str
     for i in range(0, len(user_ids), 500):
         rows = conn.execute(
             sa.select(contact_fields.c.user_id, contact_fields.c.field, contact_fields.c.value).where(
-                contact_fields.c.user_id.in_(user_ids[i : i + 500])
+                contact_fields.c.user_id.in_(padded(user_ids[i : i + 500]))
             )
         )
         for user_id, name, value in rows:

@@ -105,15 +105,30 @@ def _copy_rows(copy: Any, rows: Sequence[tuple[str, str | None]]) -> None:
     One block is about 3x faster than psycopg's write_row per row.
     """
     if _COPY_ESCAPES.search("".join(cell for row in rows for cell in row if cell is not None)) is None:
-        copy.write("".join(f"{u}\t{_COPY_NULL if v is None else v}\n" for u, v in rows))
+        _write_pieces(copy, "".join(f"{u}\t{_COPY_NULL if v is None else v}\n" for u, v in rows))
     else:
         for row in rows:
             copy.write_row(row)
 
 
+# The most one COPY message carries. libpq grows a connection's output buffer (16 KB at first) to
+# the largest message it is given and keeps it for the connection's life: a 73 KB block (a soak
+# audience's 2,500 rows) left each pooled connection 113 KB larger for good, a 10,000-id batch
+# more. In pieces of 8 KB the buffer never grows; it costs well under 1% of a refresh.
+COPY_PIECE = 8192
+
+
+def _write_pieces(copy: Any, block: str) -> None:
+    """``block`` into COPY in messages of at most ``COPY_PIECE`` bytes, cut as bytes in the
+    connection's encoding (COPY reads a byte stream: a character may be cut in two)."""
+    data = memoryview(block.encode(copy.connection.info.encoding))
+    for start in range(0, len(data), COPY_PIECE):
+        copy.write(data[start : start + COPY_PIECE])
+
+
 def _copy_ids(copy: Any, batch: list[str]) -> None:
     if _COPY_ESCAPES.search("".join(batch)) is None:
-        copy.write("\n".join(batch) + "\n" if batch else "")
+        _write_pieces(copy, "\n".join(batch) + "\n" if batch else "")
     else:
         for user_id in batch:
             copy.write_row((user_id,))
