@@ -113,7 +113,7 @@ def _copy_rows(copy: Any, rows: Sequence[tuple[str, str | None]]) -> None:
 
 # The most one COPY message carries. libpq grows a connection's output buffer (16 KB at first) to
 # the largest message it is given and keeps it for the connection's life: a 73 KB block (a soak
-# audience's 2,500 rows) left each pooled connection 113 KB larger for good, a 10,000-id batch
+# audience's 2,500 rows) left each pooled connection 112 KB larger for good, a 10,000-id batch
 # more. In pieces of 8 KB the buffer never grows; it costs well under 1% of a refresh.
 COPY_PIECE = 8192
 
