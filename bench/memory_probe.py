@@ -43,6 +43,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from bench.memory_measure import (
     c_heap,
     cache_sizes,
@@ -228,6 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     # Quick backoffs, as the tests' in-process daemon has: an outage must not pause delivery
     # for minutes (the production default probes again after 30 s, doubling), cycles are what count.
     daemon = Daemon(config, breaker_backoff=(2.0, 10.0), error_backoff=(0.5, 5.0))
+    # Connections the store's pool opened, and the most checked out at once: a lock that makes
+    # every thread wait at once shows here as overflow opened and closed.
+    pool_use = {"pool_opened": 0, "pool_peak": 0}
+
+    @sa.event.listens_for(daemon.engine, "connect")
+    def _opened(*_: Any) -> None:
+        pool_use["pool_opened"] += 1
+
+    @sa.event.listens_for(daemon.engine, "checkout")
+    def _out(*_: Any) -> None:
+        pool_use["pool_peak"] = max(pool_use["pool_peak"], daemon.engine.pool.checkedout())  # type: ignore[attr-defined]
+
     daemon.install_signal_handlers()
     print(
         f"probe: {tmp}, store {store_url.split('@')[-1]}, stand-in {base_url}, pid {os.getpid()}", flush=True
@@ -306,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                     point["traced_mb"] = round(
                         sum(s.size for s in snapshot.statistics("filename")) / 2**20, 2
                     )
-                point |= store_sizes(daemon.engine)
+                point |= store_sizes(daemon.engine) | pool_use
                 engines = {"store": daemon.engine}
                 for n, e in getattr(daemon.syncer.sources, "_engines", {}).items():
                     engines[f"src_{n}"] = e

@@ -94,7 +94,7 @@ def engine_for(config: StoreConfig, *, create: bool = False, pool_size: int | No
 
 
 def fill_pool(engine: Engine) -> int:
-    """Open every connection the engine's pool keeps, now, and return how many it holds.
+    """Open every connection the engine's pool keeps, now, and return how many are open.
 
     A long-running process whose threads all wait on the store at once (a store lock holds the
     heartbeat, the delivery pass and every refresh) would otherwise open its last connections
@@ -110,15 +110,16 @@ def fill_pool(engine: Engine) -> int:
     if not isinstance(pool, QueuePool):  # a pool that keeps no set number (one connection, or none)
         return 0
     with contextlib.ExitStack() as held:
-        # All at once: a connection handed back before the next checkout would be reused.
-        for _ in range(pool.size()):
+        # All at once: a connection handed back before the next checkout would be reused. Those
+        # other threads have out are open already; taking their place would open overflow.
+        for _ in range(pool.size() - pool.checkedout()):
             try:
                 conn = held.enter_context(engine.connect())
                 conn.execute(sa.select(sa.func.count()).select_from(leases))
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("could not open the store's connections ahead of need: %s", brief(exc))
                 break
-    return pool.checkedin()
+    return pool.checkedin() + pool.checkedout()  # checked out: every thread's, any overflow
 
 
 def empty_store() -> Engine:
