@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hup-every", type=float, default=120, help="seconds between SIGHUPs (0: none)")
     parser.add_argument("--outage-every", type=float, default=180, help="seconds between outages (0: none)")
     parser.add_argument("--outage-seconds", type=float, default=15)
+    parser.add_argument(
+        "--outage-status", type=int, default=None, help="an outage answers this status (default: refused)"
+    )
     parser.add_argument("--lock-every", type=float, default=0, help="seconds between store locks (0: none)")
     parser.add_argument("--lock-seconds", type=float, default=40)
     parser.add_argument("--lease-seconds", type=int, default=15, help="[sync] lease_seconds (the soak: 60)")
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s",
     )
     standin = subprocess.Popen(
-        [sys.executable, "-m", "bench.memory_standin", "--token", TOKEN],
+        [sys.executable, "-m", "bench.memory_standin", "--token", TOKEN]
+        + ([] if args.outage_status is None else ["--down-status", str(args.outage_status)]),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -264,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         next_scrape = started + args.scrape_every if args.scrape_every else float("inf")
         previous: tracemalloc.Snapshot | None = None
         counts = type_counts()
+        modules_seen: set[str] = set()
         while time.monotonic() < end and not daemon.stop.is_set():
             now = time.monotonic()
             if now >= next_churn:
@@ -305,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                     "objects": len(gc.get_objects()),
                     # Source files read for a traceback or a warning stay in linecache for good.
                     "linecache_files": len(linecache.cache),
+                    # A module first imported late (an error path's) is memory a warm-up did not see.
+                    "modules": len(sys.modules),
                     "linecache_mb": round(
                         sum(sum(map(len, e[2])) for e in linecache.cache.values() if len(e) > 2) / 2**20, 2
                     ),
@@ -331,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"[{point['t']:7.0f}s] " + "  ".join(f"{k}={v}" for k, v in point.items() if k != "t"),
                     flush=True,
                 )
+                imported = sorted(set(sys.modules) - modules_seen)
+                if imported and modules_seen:
+                    print("  imported: " + ", ".join(imported))
+                modules_seen.update(imported)
                 fresh = type_counts()
                 grown = [(name, n - counts[name]) for name, n in fresh.items() if n - counts[name] > 50]
                 if grown:
