@@ -43,6 +43,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from bench.memory_measure import (
     c_heap,
     cache_sizes,
@@ -161,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hup-every", type=float, default=120, help="seconds between SIGHUPs (0: none)")
     parser.add_argument("--outage-every", type=float, default=180, help="seconds between outages (0: none)")
     parser.add_argument("--outage-seconds", type=float, default=15)
+    parser.add_argument(
+        "--outage-status", type=int, default=None, help="an outage answers this status (default: refused)"
+    )
     parser.add_argument("--lock-every", type=float, default=0, help="seconds between store locks (0: none)")
     parser.add_argument("--lock-seconds", type=float, default=40)
     parser.add_argument("--lease-seconds", type=int, default=15, help="[sync] lease_seconds (the soak: 60)")
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s",
     )
     standin = subprocess.Popen(
-        [sys.executable, "-m", "bench.memory_standin", "--token", TOKEN],
+        [sys.executable, "-m", "bench.memory_standin", "--token", TOKEN]
+        + ([] if args.outage_status is None else ["--down-status", str(args.outage_status)]),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -228,6 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     # Quick backoffs, as the tests' in-process daemon has: an outage must not pause delivery
     # for minutes (the production default probes again after 30 s, doubling), cycles are what count.
     daemon = Daemon(config, breaker_backoff=(2.0, 10.0), error_backoff=(0.5, 5.0))
+    # Connections the store's pool opened, and the most checked out at once: a lock that makes
+    # every thread wait at once shows here as overflow opened and closed.
+    pool_use = {"pool_opened": 0, "pool_peak": 0}
+
+    @sa.event.listens_for(daemon.engine, "connect")
+    def _opened(*_: Any) -> None:
+        pool_use["pool_opened"] += 1
+
+    @sa.event.listens_for(daemon.engine, "checkout")
+    def _out(*_: Any) -> None:
+        pool_use["pool_peak"] = max(pool_use["pool_peak"], daemon.engine.pool.checkedout())  # type: ignore[attr-defined]
+
     daemon.install_signal_handlers()
     print(
         f"probe: {tmp}, store {store_url.split('@')[-1]}, stand-in {base_url}, pid {os.getpid()}", flush=True
@@ -250,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         next_scrape = started + args.scrape_every if args.scrape_every else float("inf")
         previous: tracemalloc.Snapshot | None = None
         counts = type_counts()
+        modules_seen: set[str] = set()
         while time.monotonic() < end and not daemon.stop.is_set():
             now = time.monotonic()
             if now >= next_churn:
@@ -291,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                     "objects": len(gc.get_objects()),
                     # Source files read for a traceback or a warning stay in linecache for good.
                     "linecache_files": len(linecache.cache),
+                    # A module first imported late (an error path's) is memory a warm-up did not see.
+                    "modules": len(sys.modules),
                     "linecache_mb": round(
                         sum(sum(map(len, e[2])) for e in linecache.cache.values() if len(e) > 2) / 2**20, 2
                     ),
@@ -306,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                     point["traced_mb"] = round(
                         sum(s.size for s in snapshot.statistics("filename")) / 2**20, 2
                     )
-                point |= store_sizes(daemon.engine)
+                point |= store_sizes(daemon.engine) | pool_use
                 engines = {"store": daemon.engine}
                 for n, e in getattr(daemon.syncer.sources, "_engines", {}).items():
                     engines[f"src_{n}"] = e
@@ -317,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"[{point['t']:7.0f}s] " + "  ".join(f"{k}={v}" for k, v in point.items() if k != "t"),
                     flush=True,
                 )
+                imported = sorted(set(sys.modules) - modules_seen)
+                if imported and modules_seen:
+                    print("  imported: " + ", ".join(imported))
+                modules_seen.update(imported)
                 fresh = type_counts()
                 grown = [(name, n - counts[name]) for name, n in fresh.items() if n - counts[name] > 50]
                 if grown:

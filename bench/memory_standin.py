@@ -1,7 +1,8 @@
 """The memory probe's Gleap stand-in, in a process of its own so that its memory is not the
 daemon's: ``python -m bench.memory_standin --token T`` prints ``READY <url>`` and answers with
 random faults (5xx, 429, answers lost after applying) and keeps no request log (an hour would
-grow it). SIGUSR1 starts an outage (it stops answering), SIGUSR2 ends it; SIGTERM stops it."""
+grow it). SIGUSR1 starts an outage (it stops answering, or with ``--down-status`` answers every
+call with that status, as the soak's "Gleap down"), SIGUSR2 ends it; SIGTERM stops it."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail", type=float, default=0.10, help="share of 5xx answers")
     parser.add_argument("--limit", type=float, default=0.05, help="share of 429 answers")
     parser.add_argument("--lose", type=float, default=0.02, help="share of lost answers (applied)")
+    parser.add_argument("--down-status", type=int, default=None, help="an outage answers it")
     args = parser.parse_args(argv)
 
     class Faulty(GleapStandIn):
@@ -57,10 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     def on_usr(signum: int, frame: object) -> None:
         if signum == signal.SIGUSR1 and not outage.is_set():
             outage.set()
-            standin.stop()
+            if args.down_status is None:
+                standin.stop()
+            else:
+                standin.set_down(args.down_status)
         elif signum == signal.SIGUSR2 and outage.is_set():
             outage.clear()
-            standin.start()
+            if args.down_status is None:
+                standin.start()
+            else:
+                standin.set_down(None)
 
     signal.signal(signal.SIGUSR1, on_usr)
     signal.signal(signal.SIGUSR2, on_usr)

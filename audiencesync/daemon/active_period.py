@@ -32,7 +32,7 @@ from audiencesync.errors import LeaseLostError, brief
 from audiencesync.gleap.breaker import CLOSED
 from audiencesync.lifecycle.forget_requests import ForgetDesk
 from audiencesync.store.lease import WriterLease
-from audiencesync.store.store import Store
+from audiencesync.store.store import Store, fill_pool
 from audiencesync.sync.cycle import Run, Syncer
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 REQUEST_POLL_SECONDS = 2.0
 # How often it looks whether delivery stalled, for the alerts.
 STALL_POLL_SECONDS = 10.0
+# Refreshes that run at once (each audience's one at a time; see max_instances below).
+REFRESH_WORKERS = 4
+# The store connections the daemon keeps (scheduler.Daemon): one for each thread that can wait
+# on the store at the same time (a store lock holds them all at once): the main loop's heartbeat
+# and requests, the delivery pass, retention, every refresh worker, and two web requests. More
+# than that only opens overflow connections, for a burst of web requests.
+STORE_CONNECTIONS = 3 + REFRESH_WORKERS + 2
 
 
 class ActivePeriod:
@@ -96,12 +103,14 @@ class ActivePeriod:
             if self.listener is not None:
                 self.listener.open(active=True)
             self.progress.start()
+            # Now, not when a store lock makes every thread wait at once (database.fill_pool).
+            log.debug("store connections open: %d", fill_pool(self.store.engine))
             interrupted = self.store.mark_interrupted()
             if interrupted:
                 log.warning("%d run(s) of an earlier process were left open; marked interrupted", interrupted)
             self.scheduler = BackgroundScheduler(
                 timezone=UTC,
-                executors={"default": ThreadPoolExecutor(max_workers=4)},
+                executors={"default": ThreadPoolExecutor(max_workers=REFRESH_WORKERS)},
                 job_defaults={
                     "coalesce": True,  # missed runs collapse into one
                     "max_instances": 1,  # an audience never refreshes twice at once

@@ -32,7 +32,7 @@ from prometheus_client import make_wsgi_app
 from audiencesync.alerts.alerts import Alerts
 from audiencesync.backoff import Backoff
 from audiencesync.config.loading import Config
-from audiencesync.daemon.active_period import ActivePeriod
+from audiencesync.daemon.active_period import STORE_CONNECTIONS, ActivePeriod
 from audiencesync.daemon.admin import AdminDesk
 from audiencesync.daemon.arenas import Trimmer
 from audiencesync.daemon.delivery_loop import DeliveryLoop
@@ -88,7 +88,7 @@ class Daemon(ConfigReload, DeliveryLoop, DaemonHealth, ActivePeriod):
         # A probe costs at most breaker_trial_calls requests (a pass with nothing due, none).
         self.breaker_backoff = breaker_backoff
         self.error_backoff = error_backoff  # a store error in a loop: retry after 1 s, doubling to 1 min
-        self.engine = store_mod.engine_for(config.store)
+        self.engine = store_mod.engine_for(config.store, pool_size=STORE_CONNECTIONS)
         self.lease = WriterLease(
             self.engine, store_mod.utc_now, ttl_seconds=config.sync.lease_seconds, role="daemon"
         )

@@ -32,6 +32,7 @@ from audiencesync.store.database import (
     create_engine as create_engine,
     empty_store as empty_store,
     engine_for as engine_for,
+    fill_pool as fill_pool,
     require_head as require_head,
     schema_revisions as schema_revisions,
     upgrade as upgrade,

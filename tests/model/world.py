@@ -36,7 +36,7 @@ from tests.model.expect import MISSING, TRAIT_KEY, Model
 
 TOKEN = "model-token-4b1e"
 # fast_clients' store engines, one per URL and options, for the whole run.
-ENGINES: dict[tuple[str, bool, float], sa.Engine] = {}
+ENGINES: dict[tuple[str, bool, float, int | None], sa.Engine] = {}
 
 
 @dataclass
@@ -62,10 +62,10 @@ def fast_clients() -> Iterator[None]:
     build_parser, engine_for = cli.build_parser, store_mod.engine_for
     parser = build_parser()
 
-    def one_engine(config: StoreConfig, *, create: bool = False) -> sa.Engine:
-        key = (config.url, create, config.busy_timeout_seconds)
+    def one_engine(config: StoreConfig, *, create: bool = False, pool_size: int | None = None) -> sa.Engine:
+        key = (config.url, create, config.busy_timeout_seconds, pool_size)
         if key not in ENGINES:
-            ENGINES[key] = engine = engine_for(config, create=create)
+            ENGINES[key] = engine = engine_for(config, create=create, pool_size=pool_size)
             if engine.dialect.name == "postgresql":
                 sa.event.listen(engine, "connect", _no_commit_flush)
             # A caller's dispose() keeps the pool, as the daemon's one engine keeps it between
