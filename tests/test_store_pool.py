@@ -141,6 +141,30 @@ def test_fill_pool_opens_every_connection_the_pool_keeps(store_url: str) -> None
         engine.dispose()
 
 
+def test_fill_pool_takes_a_connection_handed_back_meanwhile_and_still_opens_them_all(store_url: str) -> None:
+    engine = migrated_engine(store_url, pool_size=3)
+    other = engine.connect()  # another thread's, out when the fill starts
+    opened = Opened(engine)
+    handed_back: list[bool] = []
+
+    def hand_back(*_: Any) -> None:
+        if not handed_back:  # at the fill's first checkout: the other thread is done with it
+            handed_back.append(True)
+            other.close()
+
+    sa.event.listen(engine, "checkout", hand_back)
+    try:
+        assert store_mod.fill_pool(engine) == 3
+        pool = engine.pool
+        assert isinstance(pool, QueuePool) and pool.checkedin() == 3 and pool.checkedout() == 0
+        assert handed_back and opened.count == 2  # the other one's was open already
+    finally:
+        sa.event.remove(engine, "checkout", hand_back)
+        opened.remove()
+        other.close()
+        engine.dispose()
+
+
 def test_fill_pool_leaves_a_pool_of_one_connection_alone() -> None:
     engine = store_mod.empty_store()  # a StaticPool: the one connection it has
     try:

@@ -115,9 +115,13 @@ def fill_pool(engine: Engine) -> int:
     if not isinstance(pool, QueuePool):  # a pool that keeps no set number (one connection, or none)
         return 0
     with contextlib.ExitStack() as held:
-        # All at once: a connection handed back before the next checkout would be reused. Those
-        # other threads have out are open already; taking their place would open overflow.
-        for _ in range(pool.size() - pool.checkedout()):
+        # Held until the pool has them all open (in it or out): one handed back before the next
+        # checkout would be taken again. Those other threads have out count as open, and one they
+        # hand back meanwhile is taken here rather than a new one opened. The bound is only there
+        # for threads that keep handing theirs back.
+        for _ in range(2 * pool.size()):
+            if pool.checkedin() + pool.checkedout() >= pool.size():
+                break
             try:
                 conn = held.enter_context(engine.connect())
                 conn.execute(sa.select(sa.func.count()).select_from(leases))
