@@ -8,6 +8,7 @@ pings that can no longer come.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import tempfile
@@ -118,6 +119,29 @@ def test_a_dead_socket_is_logged_once_and_the_daemon_goes_on(
     gone = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody.sock")})
     gone.ready("active")
     gone.status("active: still")
+    assert len([r for r in caplog.records if "can't notify systemd" in r.getMessage()]) == 1
+
+
+def test_a_socket_nobody_reads_never_blocks_the_caller(
+    listener: Listener, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The systemd side stops reading: its queue fills up.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK) as filler:
+        address = "\0" + listener.name[1:]
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(100_000):
+                filler.sendto(b"STATUS=filler", address)
+    stuck = notifier(listener)
+    sent = threading.Event()
+
+    def send() -> None:
+        stuck.ready("active")
+        stuck.alive()
+        stuck.status("active: still")
+        sent.set()
+
+    threading.Thread(target=send, daemon=True).start()
+    assert sent.wait(timeout=30), "a full notify socket blocked the caller"
     assert len([r for r in caplog.records if "can't notify systemd" in r.getMessage()]) == 1
 
 

@@ -83,9 +83,13 @@ class Notifier:
         if self.address is None:
             return
         # A fresh socket per message, as sd_notify does: no state shared between the
-        # main loop and a signal handler (STOPPING=1 is sent from one).
+        # main loop and a signal handler (STOPPING=1 is sent from one). Never blocking: a socket
+        # whose queue nobody reads would otherwise stall the main loop on its next message, and
+        # with it the heartbeat. Such a message is dropped (BlockingIOError), and said once.
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            with socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            ) as sock:
                 sock.sendto("\n".join(fields).encode(), self.address)
         except OSError as exc:
             if not self._warned:  # once: the socket won't come back, and the daemon works without it
