@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -294,14 +295,22 @@ class StoreLock:
 
     def hold(self, seconds: float, acquired: threading.Event) -> None:
         """Take the lock, set ``acquired``, hold it ``seconds``, release it."""
+        with self.held():
+            acquired.set()
+            time.sleep(seconds)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The lock, held for the block (tests/test_store_pool.py holds it until threads wait)."""
         url = sa.make_url(self.store_url)
         if url.get_backend_name() == "sqlite":
             assert url.database
             with contextlib.closing(sqlite3.connect(url.database, timeout=120, isolation_level=None)) as lite:
                 lite.execute("BEGIN EXCLUSIVE")
-                acquired.set()
-                time.sleep(seconds)
-                lite.execute("ROLLBACK")
+                try:
+                    yield
+                finally:
+                    lite.execute("ROLLBACK")
             return
         engine = sa.create_engine(url)
         try:
@@ -324,9 +333,10 @@ class StoreLock:
                             transaction.rollback()
                             time.sleep(0.05)
                             continue
-                        acquired.set()
-                        time.sleep(seconds)
-                        transaction.rollback()
+                        try:
+                            yield
+                        finally:
+                            transaction.rollback()
                         return
         finally:
             engine.dispose()
