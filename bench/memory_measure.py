@@ -272,6 +272,31 @@ def show_growth(snapshot: tracemalloc.Snapshot, previous: tracemalloc.Snapshot, 
             print(f"      {short(frame.filename)}:{frame.lineno}  {line[:90]}")
 
 
+def survivors(top: int) -> None:
+    """What was allocated since tracemalloc started and is still alive (after a collection),
+    grouped by traceback, then stop tracing: what an event left behind, when tracing the whole
+    run would slow the daemon too much."""
+    gc.collect()
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, linecache.__file__)]
+    )
+    tracemalloc.stop()
+    stats = snapshot.statistics("traceback")
+    total = sum(s.size for s in stats)
+    print(f"  survivors: {total / 1024:.1f} KiB in {sum(s.count for s in stats)} blocks")
+    for stat in stats[:top]:
+        print(f"  {stat.size / 1024:8.1f} KiB  {stat.count:6d} blocks")
+        frames = list(stat.traceback)
+        for frame in frames[-8:]:
+            line = linecache.getline(frame.filename, frame.lineno).strip()
+            print(f"      {short(frame.filename)}:{frame.lineno}  {line[:90]}")
+    by_file = snapshot.statistics("filename")
+    print(
+        "  by file: "
+        + ", ".join(f"{short(str(s.traceback[0].filename))} {s.size // 1024} KiB" for s in by_file[:12])
+    )
+
+
 def short(path: str) -> str:
     for marker in ("site-packages/", "/audiencesync/", "/lib/python3"):
         if marker in path:

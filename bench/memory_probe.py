@@ -57,6 +57,7 @@ from bench.memory_measure import (
     slope_mb_per_hour,
     sqlite_connections,
     store_sizes,
+    survivors,
     trim,
     type_counts,
 )
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--store-url", default=None, help="default: a SQLite file in a temporary directory")
     parser.add_argument("--no-trace", action="store_true", help="RSS and object counts only")
+    parser.add_argument(
+        "--trace-window",
+        default=None,
+        help="FROM:UNTIL seconds: trace allocations only then (with --no-trace), and print what survives",
+    )
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--trim", action="store_true", help="malloc_trim(0) before each measure")
     parser.add_argument(
@@ -269,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         previous: tracemalloc.Snapshot | None = None
         counts = type_counts()
         modules_seen: set[str] = set()
+        window = [float(x) for x in args.trace_window.split(":")] if args.trace_window else None
         while time.monotonic() < end and not daemon.stop.is_set():
             now = time.monotonic()
             if now >= next_churn:
@@ -293,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             if now >= outage_ends:
                 outage_ends = float("inf")
                 standin.send_signal(signal.SIGUSR2)
+            if window and not tracemalloc.is_tracing() and now - started >= window[0]:
+                print(f"[{now - started:7.0f}s] tracing allocations until {window[1]:g} s", flush=True)
+                tracemalloc.start(16)
+            if window and tracemalloc.is_tracing() and now - started >= window[1]:
+                window = None
+                survivors(args.top)
             if now >= next_scrape:
                 next_scrape += args.scrape_every
                 for path in ("/metrics", "/healthz", "/"):
