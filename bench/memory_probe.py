@@ -29,10 +29,7 @@ import json
 import linecache
 import logging
 import os
-import random
 import signal
-import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -50,6 +47,7 @@ from bench.memory_measure import (
     cache_sizes,
     dump_cache,
     held_by_caches,
+    malloc_free_sizes,
     pymalloc,
     rss_mb,
     rss_parts,
@@ -61,92 +59,8 @@ from bench.memory_measure import (
     trim,
     type_counts,
 )
+from bench.memory_scenario import Source, free_port, write_config
 from bench.memory_standin import TOKEN
-
-# --- the scenario -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def write_config(
-    path: Path, store_url: str, source: Path, base_url: str, args: argparse.Namespace, port: int
-) -> None:
-    audiences = "".join(
-        f"""
-[[audiences]]
-name = "Segment {s.upper()}"
-source = "main"
-query = "SELECT user_id, email FROM members WHERE segment = '{s}'"
-"""
-        for s in "abc"[: args.audiences]
-    )
-    path.write_text(
-        f"""
-[store]
-url = "{store_url}"
-
-[gleap]
-base_url = "{base_url}"
-api_token = "{TOKEN}"
-requests_per_minute = {args.rpm}
-max_concurrency = 4
-timeout_seconds = 5
-max_retries = 3
-events = true
-
-[sync]
-retry_backoff = "1s"
-retry_backoff_max = "10s"
-lease_seconds = {args.lease_seconds}
-
-[schedule]
-interval = "{args.refresh}s"
-jitter = "1s"
-shutdown_grace_seconds = 5
-
-[server]
-listen = "127.0.0.1:{port}"
-
-[sources.main]
-url = "sqlite:///{source}"
-{audiences}"""
-    )
-    path.chmod(0o600)
-
-
-class Source:
-    """A SQLite source whose memberships move: ``churn`` of them every call of ``move``."""
-
-    def __init__(self, path: Path, users: int, audiences: int) -> None:
-        self.path = path
-        self.users = users
-        self.segments = "abc"[:audiences]
-        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-            conn.execute("CREATE TABLE members (user_id TEXT, email TEXT, segment TEXT)")
-            conn.executemany(
-                "INSERT INTO members VALUES (?, ?, ?)",
-                [
-                    (f"u{i}", f"u{i}@example.com", s)
-                    for s in self.segments
-                    for i in range(users)
-                    if random.random() < 0.5
-                ],
-            )
-
-    def move(self, share: float) -> None:
-        with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
-            for s in self.segments:
-                for _ in range(max(1, int(self.users * share))):
-                    user = f"u{random.randrange(self.users)}"
-                    gone = conn.execute(
-                        "DELETE FROM members WHERE segment = ? AND user_id = ?", (s, user)
-                    ).rowcount
-                    if not gone:
-                        conn.execute("INSERT INTO members VALUES (?, ?, ?)", (user, f"{user}@example.com", s))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n, e in getattr(daemon.syncer.sources, "_engines", {}).items():
                     engines[f"src_{n}"] = e
                 point |= sqlite_connections(engines)
-                point |= rss_parts() | pymalloc() | c_heap() | cache_sizes(daemon)
+                point |= rss_parts() | pymalloc() | c_heap() | malloc_free_sizes() | cache_sizes(daemon)
                 series.append(point)
                 print(
                     f"[{point['t']:7.0f}s] " + "  ".join(f"{k}={v}" for k, v in point.items() if k != "t"),

@@ -35,7 +35,7 @@ def recorder(result: int) -> tuple[list[tuple[int, int]], Callable[[], Callable[
 def test_the_cap_is_set_through_mallopt() -> None:
     calls, loader = recorder(1)
     assert limit_arenas(environ={}, mallopt=loader) == ARENAS
-    assert calls == [(M_ARENA_MAX, 2)]
+    assert calls == [(M_ARENA_MAX, 1)]
 
 
 def test_the_operator_s_own_setting_wins() -> None:
@@ -178,3 +178,51 @@ def test_a_freed_large_block_no_longer_moves_the_threshold(mode: str, own_pages:
         [sys.executable, "-c", _THRESHOLD_PROBE, mode], env=env, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == own_pages
+
+
+# In a process of its own: cap the arenas (or not), start threads that each allocate from C,
+# and count the arenas malloc_info(3) reports.
+_ARENAS_PROBE = """
+import ctypes, os, sys, tempfile, threading
+from audiencesync.daemon.arenas import limit_arenas
+
+if sys.argv[1] == "capped":
+    assert limit_arenas(environ={}) is not None
+held = []
+def allocate():
+    held.append(bytearray(100_000))  # from C's malloc, in this thread's arena
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+with tempfile.NamedTemporaryFile() as f:
+    fp = libc.fopen(f.name.encode(), b"w")
+    libc.malloc_info(0, fp)
+    libc.fclose(fp)
+    print(open(f.name).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's arenas are Linux's")
+def test_capped_every_thread_allocates_from_the_one_arena() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    counts = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", _ARENAS_PROBE, mode],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for mode in ("glibc's default", "capped")
+    }
+    assert counts["glibc's default"] > 1  # each new thread took an arena of its own
+    assert counts["capped"] == ARENAS == 1

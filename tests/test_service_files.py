@@ -95,6 +95,6 @@ def test_the_healthcheck_asks_healthz_when_the_server_is_configured(
 def test_the_unit_and_the_container_cap_the_malloc_arenas() -> None:
     """glibc's default arenas (8 per core) kept what the daemon's short-lived threads freed:
     RSS crept up while the heap in use stayed flat (docs/performance.md: Memory over time)."""
-    assert unit_settings()["Environment"] == "MALLOC_ARENA_MAX=2"
+    assert unit_settings()["Environment"] == "MALLOC_ARENA_MAX=1"
     env = re.search(r"^ENV ((?:.*\\\n)*.*)$", CONTAINERFILE.read_text(), re.M)
-    assert env is not None and re.search(r"\bMALLOC_ARENA_MAX=2\b", env.group(1))
+    assert env is not None and re.search(r"\bMALLOC_ARENA_MAX=1\b", env.group(1))

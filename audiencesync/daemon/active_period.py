@@ -104,7 +104,8 @@ class ActivePeriod:
                 self.listener.open(active=True)
             self.progress.start()
             # Now, not when a store lock makes every thread wait at once (database.fill_pool).
-            log.debug("store connections open: %d", fill_pool(self.store.engine))
+            opened = fill_pool(self.store.engine)
+            log.debug("store connections open: %d", opened)
             interrupted = self.store.mark_interrupted()
             if interrupted:
                 log.warning("%d run(s) of an earlier process were left open; marked interrupted", interrupted)

@@ -1,13 +1,18 @@
-"""glibc's malloc arenas: at most two in the daemon, however it is started, and trimmed.
+"""glibc's malloc arenas: one in the daemon, however it is started, and trimmed.
 
 glibc gives threads arenas of their own (up to 8 per core). The daemon allocates from a
 dozen threads, some short-lived (a delivery pass's event loop, a source query's timer), and
 the memory they free stays scattered in those arenas, kept by the process: RSS crept up while
-the heap in use stayed flat (README: Memory over time). The systemd unit and the container set
-``MALLOC_ARENA_MAX=2``; this does the same for a daemon started any other way. An operator's own
-``MALLOC_ARENA_MAX`` wins. Elsewhere (not Linux, musl) it does nothing.
+the heap in use stayed flat (docs/performance.md: Memory over time). Two arenas still left each
+outage's burst of work free memory in the arena its threads did not come back to: in 42-minute
+probes at the soak's pace with an outage every 10 minutes, RSS rose 4.2 (SQLite) and 6.7 MB/h
+(PostgreSQL) after the warm-up with two, 0.8 and 2.9 MB/h with one. The GIL already lets one
+thread at a time run Python, and glibc's per-thread cache serves most small blocks without the
+arena's lock, so sharing one costs the daemon nothing measurable. The systemd unit and the
+container set ``MALLOC_ARENA_MAX=1``; this does the same for a daemon started any other way. An
+operator's own ``MALLOC_ARENA_MAX`` wins. Elsewhere (not Linux, musl) it does nothing.
 
-Even in two arenas, what a burst of work frees (a refresh's rows, a delivery pass's calls) is
+Even in one arena, what a burst of work frees (a refresh's rows, a delivery pass's calls) is
 scattered among what stays in use, and glibc gives back to the system only the free memory at
 the top of its heap: the rest stayed in the process, a few MB more after each burst of another
 shape. ``Trimmer`` hands the free pages back (``malloc_trim``), at most once a minute.
@@ -35,7 +40,7 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 M_ARENA_MAX = -8
-ARENAS = 2
+ARENAS = 1
 MMAP_THRESHOLD = 128 * 1024  # glibc's default, before any adjustment
 # The environment's own ways of setting the threshold; either wins over ours.
 ENV_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
