@@ -121,7 +121,13 @@ def test_the_daemon_counts_track_calls_beside_identify_calls(
             lambda: sample(metrics, "audiencesync_track_events_total", status="200") == 5,
             what="the track call counted",
         )
-        assert sample(metrics, "audiencesync_track_calls_total", status="200") == 1
+        # One call, unless a refresh lands mid-pass: the events of the users not yet identified
+        # then go in the next pass's call. Either way the metric counts what Gleap accepted.
+        wait_for(
+            lambda: sample(metrics, "audiencesync_track_calls_total", status="200") == len(gleap.track_calls),
+            what="every track call Gleap accepted counted",
+        )
+        assert len(gleap.track_calls) in (1, 2)
         # Five users, one call each, unless the trait's refresh lands mid-pass: then u1's
         # trait value goes in a call of its own. Either way the metric counts what Gleap got.
         wait_for(
