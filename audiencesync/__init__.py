@@ -12,7 +12,7 @@ The packages, each layer importing only those below it (checked by import-linter
     store      the membership store: schema, engines, queries, lease
     gleap      Gleap's admin API client
     config     the config file
-    errors, values, keys, fields, backoff, failpoints   shared leaves
+    errors, values, keys, fields, backoff, failpoints, tls   shared leaves
 """
 
 __version__ = "0.1.0"

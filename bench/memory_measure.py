@@ -17,6 +17,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from audiencesync.daemon.arenas import malloc_info
+
 
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -97,26 +99,21 @@ def malloc_free_sizes() -> dict[str, float]:
     it can, page by page. ``free_lt1k_mb`` ... ``free_ge64k_mb``."""
     import xml.etree.ElementTree as ET
 
-    out: dict[str, float] = {}
-    with contextlib.suppress(OSError, AttributeError, ET.ParseError), tempfile.NamedTemporaryFile() as f:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.fopen.restype = ctypes.c_void_p
-        libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-        libc.fclose.argtypes = [ctypes.c_void_p]
-        fp = libc.fopen(f.name.encode(), b"w")
-        libc.malloc_info(0, fp)
-        libc.fclose(fp)
-        root = ET.parse(f.name).getroot()
-        buckets = {"lt1k": 1024, "1k_4k": 4096, "4k_64k": 65536, "ge64k": float("inf")}
-        totals = dict.fromkeys(buckets, 0)
-        for heap in root.iter("heap"):
-            for size in heap.iter("size"):
-                low = int(size.get("from", 0))
-                name = next(k for k, top in buckets.items() if low < top)
-                totals[name] += int(size.get("total", 0))
-        out = {f"free_{k}_mb": round(v / 2**20, 2) for k, v in totals.items()}
-    return out
+    info = malloc_info()
+    try:
+        root = ET.fromstring(info) if info else None
+    except ET.ParseError:
+        root = None
+    if root is None:
+        return {}
+    buckets = {"lt1k": 1024, "1k_4k": 4096, "4k_64k": 65536, "ge64k": float("inf")}
+    totals = dict.fromkeys(buckets, 0)
+    for heap in root.iter("heap"):
+        for size in heap.iter("size"):
+            low = int(size.get("from", 0))
+            name = next(k for k, top in buckets.items() if low < top)
+            totals[name] += int(size.get("total", 0))
+    return {f"free_{k}_mb": round(v / 2**20, 2) for k, v in totals.items()}
 
 
 def store_sizes(engine: Any) -> dict[str, Any]:

@@ -183,8 +183,8 @@ def test_a_freed_large_block_no_longer_moves_the_threshold(mode: str, own_pages:
 # In a process of its own: cap the arenas (or not), start threads that each allocate from C,
 # and count the arenas malloc_info(3) reports.
 _ARENAS_PROBE = """
-import ctypes, os, sys, tempfile, threading
-from audiencesync.daemon.arenas import limit_arenas
+import sys, threading
+from audiencesync.daemon.arenas import limit_arenas, malloc_info
 
 if sys.argv[1] == "capped":
     assert limit_arenas(environ={}) is not None
@@ -196,16 +196,7 @@ for t in threads:
     t.start()
 for t in threads:
     t.join()
-libc = ctypes.CDLL(None)
-libc.fopen.restype = ctypes.c_void_p
-libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-libc.fclose.argtypes = [ctypes.c_void_p]
-with tempfile.NamedTemporaryFile() as f:
-    fp = libc.fopen(f.name.encode(), b"w")
-    libc.malloc_info(0, fp)
-    libc.fclose(fp)
-    print(open(f.name).read().count("<heap nr="))
+print(malloc_info().count("<heap nr="))
 """
 
 

@@ -217,13 +217,16 @@ def test_runs_closed_while_the_token_is_refused_end_aborted_even_when_nothing_is
     finally:
         engine.dispose()
 
-    def closed() -> int:
-        return len([r for r in runs() if r["status"] != "running"])
+    def closed() -> dict[object, object]:
+        return {r["run_id"]: r["status"] for r in runs() if r["status"] != "running"}
 
+    # Runs closed before Gleap's first 401 reached the daemon ended "partial": owed, with no
+    # verdict yet (under load, the second refresh can close a run before the first pass's
+    # call is answered). The runs meant here close after it.
     before = closed()
     # The daemon refreshes every 2 s: several runs close with nothing due.
-    wait_for(lambda: closed() >= before + 3, what="more runs closed")
-    assert {r["status"] for r in runs()} <= {"aborted", "running"}
+    wait_for(lambda: len(closed()) >= len(before) + 3, what="more runs closed")
+    assert {status for run_id, status in closed().items() if run_id not in before} == {"aborted"}
     assert members_true(gleap) == set()
 
 

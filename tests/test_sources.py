@@ -63,6 +63,29 @@ def test_reads_in_batches(tmp_path: Path) -> None:
     assert (stats.rows, stats.skipped) == (26, 1)
 
 
+def test_a_sqlite_source_s_connection_hands_its_page_cache_back_after_each_read(tmp_path: Path) -> None:
+    """A source is read once a refresh, and its application writes in between, so the page cache
+    a pooled connection kept (up to 2 MB) was never of use again; it only grew with the source.
+    Each read's connection releases it (PRAGMA shrink_memory) as it goes back to the pool."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    setup = sa.create_engine(url)
+    with setup.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (user_id INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1), (2)")
+    setup.dispose()
+    sources = Sources({"src": SourceConfig("src", url)})
+    seen: list[str] = []
+    try:
+        with sources.engine("src").connect() as conn:  # the connection the pool will hand out again
+            conn.connection.driver_connection.set_trace_callback(seen.append)  # type: ignore[union-attr]
+        seen.clear()
+        assert list(sources.read_ids(audience("SELECT user_id FROM t"), ReadStats())) == [["1", "2"]]
+        reads = [n for n, text in enumerate(seen) if "FROM t" in text]
+        assert reads and seen[-1] == "PRAGMA shrink_memory" and seen.index("PRAGMA shrink_memory") > reads[-1]
+    finally:
+        sources.dispose()
+
+
 def test_sql_error_names_audience_and_source_and_masks_the_password() -> None:
     sources = Sources({"src": SourceConfig("src", "postgresql+psycopg://bob:hunter2@127.0.0.1:1/x")})
     with pytest.raises(SourceError) as info:

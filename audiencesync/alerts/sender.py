@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from audiencesync import __version__
+from audiencesync import __version__, tls
 from audiencesync.config.alerts import AlertConfig
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,11 @@ class WebhookSender:
         headers = {"Content-Type": "application/json", "User-Agent": f"audiencesync/{__version__}"}
         headers |= {name: value.reveal() for name, value in self.webhook.headers}
         return httpx.Client(
-            headers=headers, timeout=self.timeout, transport=self.transport, follow_redirects=False
+            headers=headers,
+            timeout=self.timeout,
+            transport=self.transport,
+            follow_redirects=False,
+            verify=tls.client_context(),  # the process's one (tls.py)
         )
 
     def _describe(self, exc: BaseException) -> str:

@@ -33,6 +33,7 @@ import ctypes
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 
@@ -99,6 +100,27 @@ def tune_malloc(environ: Mapping[str, str] = os.environ) -> None:
     """What the daemon sets before it starts its threads: the arenas' cap and the threshold."""
     limit_arenas(environ=environ)
     pin_mmap_threshold(environ=environ)
+
+
+def malloc_info() -> str | None:
+    """What glibc's arenas hold, as malloc_info(3) writes it (XML: each arena's ``<heap>``, its
+    free chunks by size), or None without glibc. For diagnosis (``bench.memory_probe``) and the
+    tests that count the arenas; it writes through a temporary file, as the call needs a FILE*."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.fopen.restype = ctypes.c_void_p
+        libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    with tempfile.NamedTemporaryFile() as f:
+        fp = libc.fopen(f.name.encode(), b"w")
+        if not fp:
+            return None
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        return f.read().decode()
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from audiencesync import __version__
+from audiencesync import __version__, tls
 from audiencesync.config.loading import GleapConfig, Secret
 from audiencesync.errors import GleapAuthError, GleapError
 from audiencesync.gleap.api import (
@@ -161,6 +161,7 @@ class GleapClient:
             timeout=httpx.Timeout(self.config.timeout_seconds),
             limits=limits,
             transport=self._transport,
+            verify=tls.client_context(),  # not a new one, and its CA bundle, per pass (tls.py)
         )
         # Absolute, with the query string: httpx then neither joins it to base_url nor merges
         # the params again on every call (two URL parses a call, measured).

@@ -82,9 +82,11 @@ class Sources:
     def engine(self, name: str) -> Engine:
         """The source's engine; ``DriverMissingError`` when its driver is not installed."""
         if name not in self._engines:
-            self._engines[name] = drivers.create_engine(
+            engine = drivers.create_engine(
                 self._configs[name].url, where=f"[sources.{name}] url", pool_pre_ping=True
             )
+            drivers.release_idle_sqlite_memory(engine)  # read once a refresh: no cache to keep
+            self._engines[name] = engine
         return self._engines[name]
 
     def require_drivers(self, properties: Iterable[AudienceConfig]) -> None:

@@ -7,7 +7,6 @@ import functools
 import importlib.resources
 import logging
 import os
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -142,6 +141,8 @@ def empty_store() -> Engine:
 
 
 def _tune_sqlite(engine: Engine, busy_timeout_seconds: float) -> None:
+    drivers.release_idle_sqlite_memory(engine)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not pysqlite, decide when transactions begin (see "begin").
@@ -152,18 +153,6 @@ def _tune_sqlite(engine: Engine, busy_timeout_seconds: float) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
-
-    @event.listens_for(engine, "checkin")
-    def _on_checkin(dbapi_connection: Any, _record: Any) -> None:
-        # An idle pooled connection kept its page cache (up to cache_size, 2 MB) until its next
-        # use, and in WAL mode that use throws the cache away first whenever another connection
-        # wrote since: in the daemon, nearly always. So the five pooled connections' caches only
-        # grew with the store, for hours (issue 22). Their pages go back as each is checked in.
-        if dbapi_connection is None:  # invalidated: closed, nothing to hand back
-            return
-        # A connection that can't shrink is no worse for it: its next use says what is wrong.
-        with contextlib.suppress(sqlite3.Error):
-            dbapi_connection.execute("PRAGMA shrink_memory")
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:

@@ -9,9 +9,12 @@ pip command; a driver that is there but fails to load, with its own message.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import NoSuchModuleError
 
@@ -62,3 +65,26 @@ def create_engine(url: str, *, where: str | None = None, **kwargs: Any) -> Engin
         raise DriverMissingError(
             scheme=scheme, module=driver, install=install_command(driver), where=where, broken=str(exc)
         ) from None
+
+
+def release_idle_sqlite_memory(engine: Engine) -> None:
+    """Hand back each SQLite connection's page cache as the pool takes it back.
+
+    An idle pooled connection keeps its page cache (up to ``cache_size``, 2 MB) until its next
+    use, and that use throws the cache away first whenever another connection wrote since: for
+    the store, nearly always; for a source read once per refresh, always (its application wrote
+    in between). So the caches only grew with the databases, for hours (issue 22): the store's
+    pooled connections', and a SQLite source's, by ~0.7 MB in 12 minutes at the soak's pace
+    (heaptrack). ``PRAGMA shrink_memory`` frees them at checkin; an engine of another backend is
+    left alone.
+    """
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection is None:  # invalidated: closed, nothing to hand back
+            return
+        # A connection that can't shrink is no worse for it: its next use says what is wrong.
+        with contextlib.suppress(sqlite3.Error):
+            dbapi_connection.execute("PRAGMA shrink_memory")

@@ -50,14 +50,22 @@ def add_field_conflicts(conn: Connection, counts: dict[int, int]) -> None:
 
 
 def finish_run(
-    conn: Connection, run_id: int, status: str, *, error: str | None, now: datetime
+    conn: Connection,
+    run_id: int,
+    status: str,
+    *,
+    error: str | None,
+    now: datetime,
+    members: int | None = None,
 ) -> dict[str, Any]:
     """Close a run, counting what is still pending for its audience; returns the run's row.
 
     A run that would succeed but leaves changes (or events) pending or parked is recorded
-    as ``partial``. Its ``members`` are the audience's snapshot after it, whatever it did: a
-    held or failed refresh and a delivery-only run changed nothing, so they show the members
-    the store still holds (not 0, nor the count a held refresh would have left).
+    as ``partial``. Its ``members``: those of the snapshot its refresh made, when it applied
+    one (``members``), even if a later refresh of the audience has applied its own since (the
+    daemon closes a run when its delivery ends); else the members the store holds now: a held
+    or failed refresh and a delivery-only run changed nothing (not 0, nor the count a held
+    refresh would have left).
     """
     audience_id = conn.execute(
         sa.select(sync_runs.c.audience_id).where(sync_runs.c.id == run_id)
@@ -68,7 +76,8 @@ def finish_run(
     counts = conn.execute(
         sa.select(c.members, c.pending, c.parked, c.unknown).where(c.audience_id == audience_id)
     ).one_or_none()
-    members, pending, parked, unknown = (int(n) for n in counts) if counts is not None else (0, 0, 0, 0)
+    held, pending, parked, unknown = (int(n) for n in counts) if counts is not None else (0, 0, 0, 0)
+    members = held if members is None else members
     events_owed = sum(events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0)))
     if status == "succeeded" and (pending or parked or events_owed):
         status = "partial"

@@ -141,10 +141,13 @@ class Store(DeliveryQueries):
             with self._write() as conn:
                 runs.add_field_conflicts(conn, counts)
 
-    def finish_run(self, run_id: int, status: str, *, error: str | None = None) -> dict[str, Any]:
-        """Close a run; returns its row, ``partial`` when it left changes owed (see ``runs``)."""
+    def finish_run(
+        self, run_id: int, status: str, *, error: str | None = None, members: int | None = None
+    ) -> dict[str, Any]:
+        """Close a run; returns its row, ``partial`` when it left changes owed (see ``runs``).
+        ``members``: the snapshot its refresh applied, if it applied one."""
         with self._write() as conn:
-            return runs.finish_run(conn, run_id, status, error=error, now=self.clock())
+            return runs.finish_run(conn, run_id, status, error=error, now=self.clock(), members=members)
 
     def mark_interrupted(self) -> int:
         """Close runs a killed process left open; only safe under the writer lease (see ``runs``)."""

@@ -309,18 +309,22 @@ class Syncer:
         """Close the run, recording how it ended and what is still pending."""
         store = self.store
         error: str | None
+        # Its refresh applied a snapshot unless it was held or failed, or there was none.
+        applied = run.report.mode != "delivery" and run.report.status not in ("failed", "held")
         if aborted is not None:
             status, error = "aborted", str(aborted)
         elif run.report.status in ("failed", "held"):
             status, error = run.report.status, run.report.error
         else:
             status, error = "succeeded", None
-        row = store.finish_run(run.run_id, status, error=error)
+        row = store.finish_run(
+            run.run_id, status, error=error, members=run.report.members if applied else None
+        )
         run.report.failed, run.report.pending = row["failed"], row["pending_after"]
         run.report.parked, run.report.unknown = row["parked_after"], row["unknown_after"]
         run.report.retries, run.report.rate_limited = row["retries"], row["rate_limited"]
         run.report.sent = row["sent"]
-        run.report.members = row["members"]  # the snapshot after the run: unchanged if nothing was applied
+        run.report.members = row["members"]  # its own snapshot; the store's if it applied none
         run.report.status = row["status"]
         run.report.events_sent = row["events_sent"]
         run.report.field_conflicts = row["field_conflicts"]
