@@ -161,7 +161,7 @@ class GleapClient:
             timeout=httpx.Timeout(self.config.timeout_seconds),
             limits=limits,
             transport=self._transport,
-            verify=tls.client_context(),  # not a new one, and its CA bundle, per pass (tls.py)
+            verify=tls.client_context(),  # the process's one: no new context and CA bundle per pass (tls.py)
         )
         # Absolute, with the query string: httpx then neither joins it to base_url nor merges
         # the params again on every call (two URL parses a call, measured).

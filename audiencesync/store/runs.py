@@ -76,8 +76,8 @@ def finish_run(
     counts = conn.execute(
         sa.select(c.members, c.pending, c.parked, c.unknown).where(c.audience_id == audience_id)
     ).one_or_none()
-    held, pending, parked, unknown = (int(n) for n in counts) if counts is not None else (0, 0, 0, 0)
-    members = held if members is None else members
+    stored, pending, parked, unknown = (int(n) for n in counts) if counts is not None else (0, 0, 0, 0)
+    members = stored if members is None else members
     events_owed = sum(events_mod.counts_by_audience(conn, [audience_id]).get(audience_id, (0, 0)))
     if status == "succeeded" and (pending or parked or events_owed):
         status = "partial"
