@@ -7,18 +7,15 @@ call with that status, as the soak's "Gleap down"), SIGUSR2 ends it; SIGTERM sto
 from __future__ import annotations
 
 import argparse
-import random
 import signal
 import sys
 import threading
-from collections import deque
-from typing import Any
 
 TOKEN = "probe-token-4c1e"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.gleap_standin import GleapStandIn, _Faults, _text_reply
+    from tests.gleap_standin import BackgroundFaults, GleapStandIn
 
     parser = argparse.ArgumentParser(prog="memory_standin")
     parser.add_argument("--token", default=TOKEN)
@@ -29,31 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--down-status", type=int, default=None, help="an outage answers it")
     args = parser.parse_args(argv)
 
-    class Faulty(GleapStandIn):
-        """Random faults on top of the scripted ones; keeps no request log (an hour would grow it)."""
-
-        def _faults(self, fail: tuple[deque[Any], ...], lose: tuple[deque[Any], ...]) -> _Faults:
-            faults = super()._faults(fail, lose)
-            if faults.drop or faults.failure or faults.limited or faults.lost:
-                return faults
-            r = random.random()
-            if r < args.fail:
-                return _Faults(faults.delay, False, _text_reply(503, "busy"), False, 200, {}, False)
-            if r < args.fail + args.limit:
-                return _Faults(faults.delay, False, None, False, 200, {}, True)
-            if r < args.fail + args.limit + args.lose:
-                return _Faults(faults.delay, False, None, True, 200, {}, False)
-            return faults
-
-        def _record(self, seq: int, request: Any) -> None:
-            pass
-
-        def _contacts_changed(self) -> None:
-            with self._lock:
-                self._identify_calls.clear()
-                self._track_calls.clear()
-
-    standin = Faulty(args.token, latency_seconds=args.latency).start()
+    # The soak's flaky Gleap (bench/soak_run.py), 503 only; no request log, which an hour would grow.
+    standin = GleapStandIn(args.token, latency_seconds=args.latency, keep_log=False).start()
+    standin.set_background_faults(
+        BackgroundFaults(server_error=args.fail, rate_limited=args.limit, lost=args.lose, statuses=(503,))
+    )
     outage = threading.Event()
 
     def on_usr(signum: int, frame: object) -> None:

@@ -1,6 +1,6 @@
 """Delivery (figure e) and coalescing (figure f) of bench/perf.py: phases and their orchestration.
 
-The Gleap stand-in (tests/gleap_standin.py) runs in a process of its own for e: in the client's
+The Gleap stand-in (tests/gleap_standin/) runs in a process of its own for e: in the client's
 process its threads would share the client's GIL. It notes when each identify arrived and how it
 was answered, and hands that log back when its stdin closes.
 """

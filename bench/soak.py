@@ -8,7 +8,7 @@ Run from the repository root::
 
 It starts ``audiencesync run`` as a subprocess, with a generated config (refresh every 2 min, 600
 calls a minute, ``[server] listen`` on a free port), against the Gleap stand-in
-(tests/gleap_standin.py) in this process, whose background faults are 10% 5xx, 5% 429 with
+(tests/gleap_standin/) in this process, whose background faults are 10% 5xx, 5% 429 with
 Retry-After, 2% answers lost after applying, and 20 ms of latency. The source is a SQLite file:
 3 audiences over 5,000 users, 2% of each audience's memberships moved every 2 minutes.
 

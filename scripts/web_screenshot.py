@@ -4,7 +4,7 @@
 
 It builds the demo source (examples/make_demo_source.py) and a store in a scratch directory,
 syncs config.example.toml's audiences against the loopback Gleap stand-in of the tests
-(tests/gleap_standin.py: no real Gleap, no token) for a day of cycles two hours apart, with
+(tests/gleap_standin/: no real Gleap, no token) for a day of cycles two hours apart, with
 orders coming and going between them, then starts the daemon (`audiencesync run`, which catches
 up at once) and photographs the pages it serves in headless Chromium (/usr/bin/chromium,
 chromedriver), one per state, each brought about as it happens in life and ended by its fix:

@@ -26,7 +26,7 @@ from audiencesync.store.schema import events, sync_runs
 from audiencesync.store.store import Store
 from audiencesync.sync.cycle import PlannedCall, PlannedTrack, Syncer
 from tests.conftest import TOKEN, ConfigFactory, SourceDB
-from tests.gleap_standin import TRACK_PATH, GleapStandIn, RecordedRequest, _track_problem
+from tests.gleap_standin import TRACK_PATH, GleapStandIn, RecordedRequest, track_problem
 from tests.test_daemon import SCHEDULE, SYNC, Daemon, daemons, wait_for
 from tests.test_sync import cycle, only
 
@@ -312,7 +312,7 @@ def test_the_dry_run_lists_the_track_calls_after_the_identify_calls(
         [("u3", "Audience Entered"), ("u1", "Audience Exited")],
         [("u4", "Audience Entered")],
     ]
-    assert all(problem is None for t in tracks for problem in [_track_problem({"events": t.events})])
+    assert all(problem is None for t in tracks for problem in [track_problem({"events": t.events})])
     assert (report.calls, report.track_calls, report.events) == (2, 2, 3)
 
     # Exactly what the sync then sends.
