@@ -32,6 +32,9 @@ class Slot:
     keys: list[str]  # the current key last; the earlier ones are its previous_keys
     state: str = "live"  # live | paused | removed | retired_unset | retired_kept
     events: bool = False
+    # Its query returns `user_id` alone, so it gives no plan; on PostgreSQL, where the source is
+    # the store's own database, it is refreshed inside the store (pushdown).
+    bare: bool = False
     members: dict[str, str] = field(default_factory=dict)  # user -> plan, the source now
     seen: set[str] = field(default_factory=set)  # members at the last refresh (the store's view)
     stored_key: str | None = None  # the key of its last refresh: the store has it
@@ -58,10 +61,10 @@ class Model:
     next_slot: int = 0
     renames: int = 0
 
-    def add_slot(self, events: bool = False) -> Slot:
+    def add_slot(self, events: bool = False, bare: bool = False) -> Slot:
         self.next_slot += 1
         name = f"s{self.next_slot}"
-        slot = Slot(name, [f"k_{name}"], events=events)
+        slot = Slot(name, [f"k_{name}"], events=events, bare=bare)
         self.slots[name] = slot
         self.order.append(name)
         return slot
@@ -116,8 +119,11 @@ class Model:
 
     def expected_plan(self, user: str) -> str | None:
         """The first configured audience that gives the user a plan wins; None: not checked
-        (a member of none: Gleap keeps what it had; or a paused audience decides)."""
+        (a member of none: Gleap keeps what it had; or a paused audience decides). A bare
+        audience gives no plan, so it never decides."""
         for slot in self.configured():
+            if slot.bare:
+                continue
             if slot.state != "live":
                 if user in slot.seen:
                     return None  # its frozen rows decide: not modelled

@@ -54,10 +54,10 @@ class EngineMachine(RuleBasedStateMachine):
         self.cuts: dict[str, int] = {}  # user -> index in gleap.events from which their events count
         self.unknown_then: dict[tuple[str, str], int] = {}  # (key, user) -> 2xx carrying it, then
 
-    @initialize(events=st.tuples(st.booleans(), st.booleans()))
-    def start(self, events: tuple[bool, bool]) -> None:
-        for on in events:
-            self.model.add_slot(events=on)
+    @initialize(events=st.tuples(st.booleans(), st.booleans()), bare=st.tuples(st.booleans(), st.booleans()))
+    def start(self, events: tuple[bool, bool], bare: tuple[bool, bool] = (False, False)) -> None:
+        for on, ids_alone in zip(events, bare, strict=True):
+            self.model.add_slot(events=on, bare=ids_alone)
 
     def teardown(self) -> None:
         try:
@@ -128,9 +128,9 @@ class EngineMachine(RuleBasedStateMachine):
             self.model.order.remove(slot.name)
 
     @precondition(lambda self: len(self.model.slots) < 5)
-    @rule(events=st.booleans())
-    def add_audience(self, events: bool) -> None:
-        self.model.add_slot(events=events)
+    @rule(events=st.booleans(), bare=st.booleans())
+    def add_audience(self, events: bool, bare: bool = False) -> None:
+        self.model.add_slot(events=events, bare=bare)
 
     @precondition(lambda self: len(self.model.order) > 1)
     @rule(permutation=st.permutations(range(5)))

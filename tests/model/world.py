@@ -11,9 +11,9 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +24,12 @@ from httpx._transports import default as httpx_transports
 
 from audiencesync import failpoints
 from audiencesync.cli import main as cli
+from audiencesync.config.audiences import AudienceConfig
 from audiencesync.config.loading import Config, StoreConfig, load_config
 from audiencesync.delivery.deliverer import Deliverer
 from audiencesync.gleap.breaker import CircuitBreaker, Trials
 from audiencesync.gleap.client import GleapClient
+from audiencesync.refresh.sources import Sources
 from audiencesync.store import store as store_mod
 from audiencesync.store.store import Store
 from audiencesync.sync.cycle import Syncer
@@ -149,11 +151,20 @@ class World:
         self.gleap = gleap
         self.store_url = store_url
         self.dir = directory
-        self.source = directory / "source.db"
-        with sqlite3.connect(self.source) as conn:
-            conn.execute("CREATE TABLE m (slot TEXT, user_id TEXT, plan TEXT)")
-            conn.execute("CREATE TABLE t (user_id TEXT, value TEXT)")
-        conn.close()
+        # On PostgreSQL the source tables are in the store's own database, as in an application
+        # database that holds both: a bare audience (ids alone) is then refreshed inside the
+        # store (pushdown), the others are streamed. On SQLite, a file of their own.
+        sqlite = store_url.startswith("sqlite")
+        self.source_url = f"sqlite:///{directory / 'source.db'}" if sqlite else store_url
+        # One pooled connection, as the reader's below: a connection per step costs a backend.
+        self._source = sa.create_engine(self.source_url, pool_size=1, max_overflow=0)
+        with self._source.begin() as conn:
+            for table, columns in (
+                ("m", "slot TEXT, user_id TEXT, plan TEXT"),
+                ("t", "user_id TEXT, value TEXT"),
+            ):
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+                conn.exec_driver_sql(f"CREATE TABLE {table} ({columns})")
         self.config_path = directory / "audiencesync.toml"
         self.config: Config | None = None
         # One pooled connection, idle (no transaction, so no lock) between reads: a connection per
@@ -163,15 +174,19 @@ class World:
     # -- the source and the config ---------------------------------------------------------------
 
     def write_source(self, model: Model) -> None:
-        with sqlite3.connect(self.source) as conn:
-            conn.execute("DELETE FROM m")
-            conn.executemany(
-                "INSERT INTO m VALUES (?, ?, ?)",
-                [(s.name, u, p) for s in model.slots.values() for u, p in sorted(s.members.items())],
-            )
-            conn.execute("DELETE FROM t")
-            conn.executemany("INSERT INTO t VALUES (?, ?)", sorted(model.trait.items()))
-        conn.close()
+        members = [
+            {"slot": s.name, "user_id": u, "plan": p}
+            for s in model.slots.values()
+            for u, p in sorted(s.members.items())
+        ]
+        trait = [{"user_id": u, "value": v} for u, v in sorted(model.trait.items())]
+        with self._source.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM m")
+            if members:
+                conn.execute(sa.text("INSERT INTO m VALUES (:slot, :user_id, :plan)"), members)
+            conn.exec_driver_sql("DELETE FROM t")
+            if trait:
+                conn.execute(sa.text("INSERT INTO t VALUES (:user_id, :value)"), trait)
 
     def write_config(self, model: Model) -> Config:
         tables = []
@@ -183,7 +198,7 @@ class World:
 name = "Slot {slot.name}"
 key = "{slot.key}"
 source = "main"
-query = "SELECT user_id, plan FROM m WHERE slot = '{slot.name}'"
+query = "SELECT user_id{"" if slot.bare else ", plan"} FROM m WHERE slot = '{slot.name}'"
 allow_empty = true
 events = {str(slot.events).lower()}
 enabled = {str(slot.state == "live").lower()}
@@ -204,7 +219,7 @@ max_retries = 1
 track_batch_size = 2
 
 [sources.main]
-url = "sqlite:///{self.source}"
+url = "{self.source_url}"
 
 [sync]
 retry_backoff = "0s"
@@ -330,6 +345,26 @@ allow_empty = true
     def close(self) -> None:
         if self._reader is not None:
             self._reader.dispose()
+        self._source.dispose()
+
+
+@contextlib.contextmanager
+def counting_pushdowns() -> Iterator[Counter[str]]:
+    """The refreshes run inside the store (``Sources.push_down`` that did), by audience key, while
+    it is open: a run on PostgreSQL shows with it that the model reached pushdown at all."""
+    pushed: Counter[str] = Counter()
+    push_down = Sources.push_down
+
+    def counted(self: Sources, audience: AudienceConfig, *args: Any, **kwargs: Any) -> bool:
+        done = push_down(self, audience, *args, **kwargs)
+        pushed[audience.key] += done
+        return done
+
+    setattr(Sources, "push_down", counted)  # noqa: B010
+    try:
+        yield pushed
+    finally:
+        setattr(Sources, "push_down", push_down)  # noqa: B010
 
 
 @contextlib.contextmanager
